@@ -1,0 +1,211 @@
+//! The graph: nodes (op + result type + scope path + source span) on a petgraph
+//! `StableGraph`, with ordered operand edges, named outputs and the tensor store.
+
+use crate::op::{Op, TypeError};
+use crate::store::TensorStore;
+use crate::types::Type;
+use petgraph::Direction;
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::{EdgeRef, NodeIndexable};
+use std::collections::BinaryHeap;
+use std::cmp::Reverse;
+
+/// Identifies a node. Indices are stable under removal of other nodes.
+pub type NodeId = NodeIndex<u32>;
+
+/// A byte range in the model source a node came from (for diagnostics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// One value of the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    /// The result type; always equal to `op.infer(operand types)` (the verifier checks).
+    pub ty: Type,
+    /// Dotted path of the layer this node belongs to (`encoder.layer.3.attention.self.query`),
+    /// empty at the top level. Passes and user overrides address layers by it.
+    pub scope: String,
+    pub span: Option<Span>,
+}
+
+/// A model as a dataflow graph. Edge weights are operand positions.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub name: String,
+    graph: StableDiGraph<Node, u32>,
+    outputs: Vec<(String, NodeId)>,
+    /// The tensors that `weight` nodes refer to.
+    pub store: TensorStore,
+}
+
+/// Error from building a graph.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum GraphError {
+    #[error(transparent)]
+    Type(#[from] TypeError),
+    #[error("output `{0}` is defined twice")]
+    DuplicateOutput(String),
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Graph {
+        Graph { name: name.into(), ..Graph::default() }
+    }
+
+    /// Adds a node whose type is inferred from its operands.
+    pub fn add(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        scope: &str,
+        span: Option<Span>,
+    ) -> Result<NodeId, GraphError> {
+        let types: Vec<&Type> = operands.iter().map(|&o| &self.graph[o].ty).collect();
+        let ty = op.infer(&types)?;
+        Ok(self.add_typed(op, operands, ty, scope, span))
+    }
+
+    /// Adds a node with a given type (inputs, weights, and the IR text parser, whose types
+    /// the verifier checks afterwards).
+    pub fn add_typed(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        ty: Type,
+        scope: &str,
+        span: Option<Span>,
+    ) -> NodeId {
+        let id = self.graph.add_node(Node { op, ty, scope: scope.to_string(), span });
+        for (i, &o) in operands.iter().enumerate() {
+            self.graph.add_edge(o, id, i as u32);
+        }
+        id
+    }
+
+    pub fn set_output(&mut self, name: &str, id: NodeId) -> Result<(), GraphError> {
+        if self.outputs.iter().any(|(n, _)| n == name) {
+            return Err(GraphError::DuplicateOutput(name.to_string()));
+        }
+        self.outputs.push((name.to_string(), id));
+        Ok(())
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.graph[id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.graph[id]
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.graph.contains_node(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+
+    /// Operands of `id`, in operand order.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut edges: Vec<(u32, NodeId)> = self
+            .graph
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        edges.sort_unstable();
+        edges.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Nodes that use `id` as an operand (each once), in index order.
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut users: Vec<NodeId> =
+            self.graph.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        users.sort_unstable();
+        users.dedup();
+        users
+    }
+
+    /// Named outputs, in declaration order.
+    pub fn outputs(&self) -> &[(String, NodeId)] {
+        &self.outputs
+    }
+
+    /// Input nodes in declaration (creation) order.
+    pub fn inputs(&self) -> Vec<NodeId> {
+        self.graph.node_indices().filter(|&n| matches!(self.graph[n].op, Op::Input { .. })).collect()
+    }
+
+    /// All nodes in a deterministic topological order: among ready nodes, the one created
+    /// first goes first. Printing, passes and executors all iterate in this order.
+    /// Returns `None` if the graph has a cycle.
+    pub fn topo_order(&self) -> Option<Vec<NodeId>> {
+        let mut indegree: Vec<usize> = vec![0; self.graph.node_bound()];
+        for n in self.graph.node_indices() {
+            indegree[n.index()] = self.graph.edges_directed(n, Direction::Incoming).count();
+        }
+        let mut ready: BinaryHeap<Reverse<NodeId>> =
+            self.graph.node_indices().filter(|n| indegree[n.index()] == 0).map(Reverse).collect();
+        let mut order = Vec::with_capacity(self.graph.node_count());
+        while let Some(Reverse(n)) = ready.pop() {
+            order.push(n);
+            for e in self.graph.edges_directed(n, Direction::Outgoing) {
+                let t = e.target();
+                indegree[t.index()] -= 1;
+                if indegree[t.index()] == 0 {
+                    ready.push(Reverse(t));
+                }
+            }
+        }
+        (order.len() == self.graph.node_count()).then_some(order)
+    }
+
+    /// Makes every user of `old` (and every output naming it) use `new` instead.
+    pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
+        let edges: Vec<_> = self
+            .graph
+            .edges_directed(old, Direction::Outgoing)
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
+        for (e, target, pos) in edges {
+            self.graph.remove_edge(e);
+            self.graph.add_edge(new, target, pos);
+        }
+        for (_, o) in &mut self.outputs {
+            if *o == old {
+                *o = new;
+            }
+        }
+    }
+
+    /// Removes nodes that no output depends on (inputs are kept: they are the interface).
+    /// Returns how many nodes were removed.
+    pub fn remove_dead(&mut self) -> usize {
+        let mut live = vec![false; self.graph.node_bound()];
+        let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
+        stack.extend(self.inputs());
+        while let Some(n) = stack.pop() {
+            if !std::mem::replace(&mut live[n.index()], true) {
+                stack.extend(self.graph.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        let dead: Vec<NodeId> = self.graph.node_indices().filter(|n| !live[n.index()]).collect();
+        for &n in &dead {
+            self.graph.remove_node(n);
+        }
+        dead.len()
+    }
+
+    /// Node ids in index order (not necessarily topological).
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.graph.node_indices()
+    }
+}

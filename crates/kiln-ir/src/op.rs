@@ -1,0 +1,569 @@
+//! Every operation of the IR: operands, attributes, result type and numeric meaning.
+//!
+//! This file is the specification. Each variant of [`Op`] documents
+//! - **operands**, in order (edges of the graph carry the operand index);
+//! - **attributes** (the variant's fields);
+//! - **result** type, as computed by [`Op::infer`] below, which is the single source of
+//!   truth for shapes (the builder, the parser and the verifier all call it);
+//! - **semantics**, in f32 arithmetic. The reference interpreter (`kiln-interp`) implements
+//!   exactly this text; a backend may reorder floating-point reductions but nothing else.
+//!
+//! Conventions:
+//! - Shapes are row-major, outermost first. "`[..., d]`" means any number of leading dims.
+//! - *Broadcasting* is numpy's: shapes align at the right; two dims are compatible when equal
+//!   (a symbol equals only itself) or when one of them is 1.
+//! - Axis attributes are non-negative (the front end resolves `-1`).
+//!
+//! The op set is deliberately small. Layers (`linear` with bias, attention blocks, MLPs)
+//! are written in the model language's prelude over these primitives; the backend fuses.
+//! Weights are ordinary values, so a compression pass rewrites weights by changing a
+//! [`WeightRef`]'s storage format, and factorizations by rewriting the graph (a low-rank
+//! `W ~= U V` is two `linear`s, a tensor train a chain of `reshape`/`matmul`); a tied weight
+//! is one store entry referenced by several layers.
+
+use crate::format::Format;
+use crate::types::{DType, Dim, Shape, ShapeDisplay, Type, symbolic_numel};
+use std::fmt;
+
+/// A reference from a `weight` node to a tensor in the graph's [`crate::TensorStore`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightRef {
+    /// Name of the store entry (the checkpoint tensor name, e.g. `blk.0.attn_q.weight`).
+    pub tensor: String,
+    /// How the entry is stored; the value is `format.dequantize(bytes)`.
+    pub format: Format,
+    /// FNV-1a hash of the stored bytes, when the graph is bound to a checkpoint.
+    pub checksum: Option<u64>,
+}
+
+/// Elementwise binary operations; both operands broadcast (see module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b` (IEEE division; `x / 0` is `±inf`)
+    Div,
+    /// `max(a, b)`
+    Max,
+    /// `min(a, b)`
+    Min,
+    /// `a ^ b` (`powf`)
+    Pow,
+}
+
+/// Elementwise unary operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// `-x`
+    Neg,
+    /// `e^x`
+    Exp,
+    /// natural logarithm
+    Log,
+    /// `sqrt(x)`
+    Sqrt,
+    /// `1 / sqrt(x)`
+    Rsqrt,
+    /// `1 / x`
+    Recip,
+    /// `tanh(x)`
+    Tanh,
+    /// `1 / (1 + e^-x)`
+    Sigmoid,
+    /// `max(x, 0)`
+    Relu,
+    /// `x * sigmoid(x)` (SiLU, "swish")
+    Silu,
+    /// `0.5 x (1 + erf(x / sqrt 2))`: the exact GELU, not the tanh approximation.
+    Gelu,
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// An operation. See the module documentation for conventions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A graph input, bound by `name` when the graph runs.
+    /// - operands: none; result: the declared type (symbols in it are bound from the
+    ///   actual input's shape, and must agree across inputs).
+    Input { name: String },
+
+    /// A parameter. - operands: none. - result: `f32[shape]`, shape fully known.
+    /// - semantics: `weight.format.dequantize(store[weight.tensor])`, reshaped to the
+    ///   result shape. The stored shape must equal the result shape.
+    Weight(WeightRef),
+
+    /// A scalar constant. - operands: none. - result: `f32[]`.
+    Const { value: f32 },
+
+    /// Fully connected layer, PyTorch layout.
+    /// - operands: `x: f32[..., in]`, `w: f32[out, in]`, optionally `b: f32[out]`.
+    /// - result: `f32[..., out]`.
+    /// - semantics: `y[..., o] = sum_i x[..., i] * w[o, i] (+ b[o])`.
+    Linear,
+
+    /// Batched matrix product.
+    /// - operands: `a: f32[..., m, k]`, `b: f32[..., k, n]`, rank >= 2; leading dims broadcast.
+    /// - result: `f32[broadcast(...), m, n]`; `y[.., i, j] = sum_p a[.., i, p] * b[.., p, j]`.
+    MatMul,
+
+    /// Elementwise binary op. - operands: `a`, `b` of the same dtype (f32), broadcast.
+    /// - result: `f32[broadcast(a, b)]`.
+    Binary(BinaryOp),
+
+    /// Elementwise unary op. - operands: `x: f32[s]`. - result: `f32[s]`.
+    Unary(UnaryOp),
+
+    /// Softmax along `axis`: `y = exp(x - max) / sum(exp(x - max))`.
+    /// - operands: `x: f32[s]`. - result: `f32[s]`.
+    Softmax { axis: usize },
+
+    /// Layer normalization over the last axis (biased variance, as PyTorch).
+    /// - operands: `x: f32[..., d]`, `gamma: f32[d]`, `beta: f32[d]`. - result: `f32[..., d]`.
+    /// - semantics: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+    LayerNorm { eps: f32 },
+
+    /// RMS normalization over the last axis.
+    /// - operands: `x: f32[..., d]`, `gamma: f32[d]`. - result: `f32[..., d]`.
+    /// - semantics: `x / sqrt(mean(x^2) + eps) * gamma`.
+    RmsNorm { eps: f32 },
+
+    /// Rotary position embedding.
+    /// - operands: `x: f32[b, s, h, d]`, `d` even. - result: `f32[b, s, h, d]`.
+    /// - semantics: at position `p` (the index along `s`), for each pair index
+    ///   `i < d/2` with angle `p * theta^(-2i/d)`, the pair `(u, v)` becomes
+    ///   `(u cos - v sin, u sin + v cos)`. `interleaved`: pairs are `(x[2i], x[2i+1])`
+    ///   (GPT-J, llama.cpp's layout for GGUF llama weights); otherwise `(x[i], x[i + d/2])`
+    ///   (HF `rotate_half`).
+    Rope { theta: f32, interleaved: bool },
+
+    /// Row lookup (embedding).
+    /// - operands: `table: f32[n, d]`, `ids: i64[s]`. - result: `f32[s, d]`.
+    /// - semantics: `y[s.., :] = table[ids[s..], :]`; an id outside `0..n` is a run-time error.
+    Gather,
+
+    /// Same elements, new shape. - operands: `x`. - result: `x.dtype[shape]`; the element
+    /// counts must be provably equal (same known product and same multiset of symbols).
+    Reshape { shape: Shape },
+
+    /// Axis permutation: result dim `i` is operand dim `perm[i]`.
+    /// - operands: `x` of rank `perm.len()`. - result: permuted shape, same dtype.
+    Transpose { perm: Vec<usize> },
+
+    /// Elements `start..end` along `axis`. - operands: `x`. - result: `x` with that axis of
+    /// size `end - start`. `start` is known; `end` may be a symbol (`slice(pos, 0, seq)`),
+    /// checked against the axis size when the graph runs.
+    Slice { axis: usize, start: u64, end: Dim },
+
+    /// Concatenation along `axis`. - operands: one or more values of one dtype whose other
+    /// dims agree. - result: that shape with `axis` summed (known sizes only).
+    Concat { axis: usize },
+
+    /// Reduction over `axes` (sorted, distinct). - operands: `x: f32`. - result: `x`'s shape
+    /// without those axes, or with them set to 1 when `keepdim`.
+    Reduce { op: ReduceOp, axes: Vec<usize>, keepdim: bool },
+
+    /// Element type conversion (`i64 -> f32` is exact up to 2^24).
+    /// - operands: `x`. - result: `to[x.shape]`.
+    Cast { to: DType },
+
+    /// Scaled dot-product attention with grouped key/value heads.
+    /// - operands: `q: f32[b, hq, s, d]`, `k: f32[b, hkv, t, d]`, `v: f32[b, hkv, t, e]`,
+    ///   optionally `key_mask: [b, t]` (i64 or f32; nonzero = may attend). `hq` must be a
+    ///   multiple of `hkv`; query head `h` reads key/value head `h / (hq / hkv)`.
+    /// - result: `f32[b, hq, s, e]`.
+    /// - semantics: `softmax(scale * q k^T + mask) v` where masked scores are `-inf`:
+    ///   keys with `key_mask == 0`, and with `causal`, keys `j > i + (t - s)` for query `i`.
+    ///   A query row with every key masked yields zeros.
+    Attention { causal: bool, scale: f32 },
+}
+
+/// A shape or type error found by [`Op::infer`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct TypeError {
+    pub op: String,
+    pub message: String,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::Pow => "pow",
+        }
+    }
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 11] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Silu,
+        UnaryOp::Gelu,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Gelu => "gelu",
+        }
+    }
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
+    /// IR text name: `reduce_sum`, `reduce_mean`, `reduce_max`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce_sum",
+            ReduceOp::Mean => "reduce_mean",
+            ReduceOp::Max => "reduce_max",
+        }
+    }
+}
+
+impl Op {
+    /// The op's name in the IR text.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Weight(_) => "weight",
+            Op::Const { .. } => "const",
+            Op::Linear => "linear",
+            Op::MatMul => "matmul",
+            Op::Binary(b) => b.name(),
+            Op::Unary(u) => u.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Rope { .. } => "rope",
+            Op::Gather => "gather",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Reduce { op, .. } => op.name(),
+            Op::Cast { .. } => "cast",
+            Op::Attention { .. } => "attention",
+        }
+    }
+
+    /// Result type from operand types: the shape rules of the specification above.
+    /// `Input` and `Weight` carry their type on the node and are not inferred here.
+    pub fn infer(&self, operands: &[&Type]) -> Result<Type, TypeError> {
+        let err = |message: String| TypeError { op: self.name().to_string(), message };
+        let arity = |lo: usize, hi: usize| {
+            if operands.len() < lo || operands.len() > hi {
+                let want = if lo == hi { format!("{lo}") } else { format!("{lo} to {hi}") };
+                Err(err(format!("takes {want} operands, got {}", operands.len())))
+            } else {
+                Ok(())
+            }
+        };
+        let f32_operand = |i: usize, what: &str| -> Result<&Type, TypeError> {
+            let t = operands[i];
+            if t.dtype != DType::F32 {
+                return Err(err(format!("{what} must be f32, found {t}")));
+            }
+            Ok(t)
+        };
+        let rank_at_least = |t: &Type, r: usize, what: &str| {
+            if t.rank() < r {
+                Err(err(format!("{what} must have rank >= {r}, found {t}")))
+            } else {
+                Ok(())
+            }
+        };
+        let same_dim = |a: &Dim, b: &Dim, what: &str| {
+            if a != b { Err(err(format!("{what} differ: {a} vs {b}"))) } else { Ok(()) }
+        };
+        match self {
+            Op::Input { .. } | Op::Weight(_) => {
+                Err(err("inputs and weights carry their declared type".to_string()))
+            }
+            Op::Const { .. } => {
+                arity(0, 0)?;
+                Ok(Type::f32([]))
+            }
+            Op::Linear => {
+                arity(2, 3)?;
+                let x = f32_operand(0, "input")?;
+                let w = f32_operand(1, "weight")?;
+                rank_at_least(x, 1, "input")?;
+                if w.rank() != 2 {
+                    return Err(err(format!("weight must be [out, in], found {w}")));
+                }
+                let d_in = &x.shape[x.rank() - 1];
+                same_dim(d_in, &w.shape[1], "input width and weight's in dimension")?;
+                if operands.len() == 3 {
+                    let b = f32_operand(2, "bias")?;
+                    if b.shape != [w.shape[0].clone()] {
+                        return Err(err(format!("bias must be f32[{}], found {b}", w.shape[0])));
+                    }
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().expect("rank >= 1") = w.shape[0].clone();
+                Ok(Type::f32(shape))
+            }
+            Op::MatMul => {
+                arity(2, 2)?;
+                let (a, b) = (f32_operand(0, "lhs")?, f32_operand(1, "rhs")?);
+                rank_at_least(a, 2, "lhs")?;
+                rank_at_least(b, 2, "rhs")?;
+                let (ra, rb) = (a.rank(), b.rank());
+                same_dim(&a.shape[ra - 1], &b.shape[rb - 2], "contracted dimensions")?;
+                let mut shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2]).map_err(err)?;
+                shape.push(a.shape[ra - 2].clone());
+                shape.push(b.shape[rb - 1].clone());
+                Ok(Type::f32(shape))
+            }
+            Op::Binary(_) => {
+                arity(2, 2)?;
+                let (a, b) = (f32_operand(0, "lhs")?, f32_operand(1, "rhs")?);
+                Ok(Type::f32(broadcast(&a.shape, &b.shape).map_err(err)?))
+            }
+            Op::Unary(_) => {
+                arity(1, 1)?;
+                Ok(f32_operand(0, "operand")?.clone())
+            }
+            Op::Softmax { axis } => {
+                arity(1, 1)?;
+                let x = f32_operand(0, "operand")?;
+                check_axis(*axis, x).map_err(err)?;
+                Ok(x.clone())
+            }
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+                let n = if matches!(self, Op::LayerNorm { .. }) { 3 } else { 2 };
+                arity(n, n)?;
+                let x = f32_operand(0, "input")?;
+                rank_at_least(x, 1, "input")?;
+                let d = &x.shape[x.rank() - 1];
+                for (i, what) in ["gamma", "beta"].iter().enumerate().take(n - 1) {
+                    let p = f32_operand(i + 1, what)?;
+                    if p.shape != [d.clone()] {
+                        return Err(err(format!("{what} must be f32[{d}], found {p}")));
+                    }
+                }
+                Ok(x.clone())
+            }
+            Op::Rope { .. } => {
+                arity(1, 1)?;
+                let x = f32_operand(0, "input")?;
+                if x.rank() != 4 {
+                    return Err(err(format!("input must be [batch, seq, heads, head_dim], found {x}")));
+                }
+                match x.shape[3].known() {
+                    Some(d) if d % 2 == 0 => Ok(x.clone()),
+                    _ => Err(err(format!("head_dim must be a known even size, found {x}"))),
+                }
+            }
+            Op::Gather => {
+                arity(2, 2)?;
+                let table = f32_operand(0, "table")?;
+                let ids = operands[1];
+                if table.rank() != 2 {
+                    return Err(err(format!("table must be [rows, width], found {table}")));
+                }
+                if ids.dtype != DType::I64 {
+                    return Err(err(format!("ids must be i64, found {ids}")));
+                }
+                let mut shape = ids.shape.clone();
+                shape.push(table.shape[1].clone());
+                Ok(Type::f32(shape))
+            }
+            Op::Reshape { shape } => {
+                arity(1, 1)?;
+                let x = operands[0];
+                if symbolic_numel(&x.shape) != symbolic_numel(shape) {
+                    return Err(err(format!(
+                        "cannot reshape {x} to {}: element counts differ",
+                        ShapeDisplay(shape)
+                    )));
+                }
+                Ok(Type::new(x.dtype, shape.clone()))
+            }
+            Op::Transpose { perm } => {
+                arity(1, 1)?;
+                let x = operands[0];
+                let mut seen = vec![false; perm.len()];
+                let valid = perm.len() == x.rank()
+                    && perm.iter().all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true));
+                if !valid {
+                    return Err(err(format!("{perm:?} is not a permutation of the axes of {x}")));
+                }
+                Ok(Type::new(x.dtype, perm.iter().map(|&p| x.shape[p].clone())))
+            }
+            Op::Slice { axis, start, end } => {
+                arity(1, 1)?;
+                let x = operands[0];
+                check_axis(*axis, x).map_err(err)?;
+                let size = match (end, &x.shape[*axis]) {
+                    (Dim::Known(e), Dim::Known(n)) if *start <= *e && *e <= *n => Dim::Known(e - start),
+                    (Dim::Known(e), Dim::Sym(_)) if start <= e => Dim::Known(e - start),
+                    (Dim::Sym(_), _) if *start == 0 => end.clone(),
+                    _ => {
+                        return Err(err(format!(
+                            "range {start}..{end} does not fit axis {axis} of {x}"
+                        )));
+                    }
+                };
+                let mut shape = x.shape.clone();
+                shape[*axis] = size;
+                Ok(Type::new(x.dtype, shape))
+            }
+            Op::Concat { axis } => {
+                arity(1, usize::MAX)?;
+                let first = operands[0];
+                check_axis(*axis, first).map_err(err)?;
+                let mut total = 0u64;
+                for t in operands {
+                    let same_rest = t.dtype == first.dtype
+                        && t.rank() == first.rank()
+                        && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
+                    if !same_rest {
+                        return Err(err(format!("operands {first} and {t} do not agree off axis {axis}")));
+                    }
+                    total += t.shape[*axis]
+                        .known()
+                        .ok_or_else(|| err(format!("axis {axis} of {t} must have a known size")))?;
+                }
+                let mut shape = first.shape.clone();
+                shape[*axis] = Dim::Known(total);
+                Ok(Type::new(first.dtype, shape))
+            }
+            Op::Reduce { axes, keepdim, .. } => {
+                arity(1, 1)?;
+                let x = f32_operand(0, "operand")?;
+                if axes.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(err(format!("axes {axes:?} must be sorted and distinct")));
+                }
+                for &a in axes {
+                    check_axis(a, x).map_err(err)?;
+                }
+                let shape = x.shape.iter().enumerate().filter_map(|(i, d)| match axes.contains(&i) {
+                    false => Some(d.clone()),
+                    true if *keepdim => Some(Dim::Known(1)),
+                    true => None,
+                });
+                Ok(Type::f32(shape))
+            }
+            Op::Cast { to } => {
+                arity(1, 1)?;
+                Ok(Type::new(*to, operands[0].shape.clone()))
+            }
+            Op::Attention { .. } => {
+                arity(3, 4)?;
+                let q = f32_operand(0, "q")?;
+                let k = f32_operand(1, "k")?;
+                let v = f32_operand(2, "v")?;
+                for (t, what) in [(q, "q"), (k, "k"), (v, "v")] {
+                    if t.rank() != 4 {
+                        return Err(err(format!("{what} must be [batch, heads, seq, head_dim], found {t}")));
+                    }
+                }
+                same_dim(&q.shape[0], &k.shape[0], "batch sizes of q and k")?;
+                same_dim(&k.shape[0], &v.shape[0], "batch sizes of k and v")?;
+                same_dim(&q.shape[3], &k.shape[3], "head sizes of q and k")?;
+                same_dim(&k.shape[1], &v.shape[1], "head counts of k and v")?;
+                same_dim(&k.shape[2], &v.shape[2], "sequence lengths of k and v")?;
+                match (q.shape[1].known(), k.shape[1].known()) {
+                    (Some(hq), Some(hkv)) if hkv > 0 && hq % hkv == 0 => {}
+                    _ => {
+                        return Err(err(format!(
+                            "query heads ({}) must be a known multiple of key/value heads ({})",
+                            q.shape[1], k.shape[1]
+                        )));
+                    }
+                }
+                if let Some(mask) = operands.get(3) {
+                    if mask.shape != [k.shape[0].clone(), k.shape[2].clone()] {
+                        return Err(err(format!(
+                            "key_mask must be [{}, {}], found {mask}",
+                            k.shape[0], k.shape[2]
+                        )));
+                    }
+                }
+                let mut shape = q.shape.clone();
+                shape[3] = v.shape[3].clone();
+                Ok(Type::f32(shape))
+            }
+        }
+    }
+}
+
+fn check_axis(axis: usize, x: &Type) -> Result<(), String> {
+    if axis >= x.rank() { Err(format!("axis {axis} is out of range for {x}")) } else { Ok(()) }
+}
+
+/// Numpy broadcasting of two shapes.
+pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Shape, String> {
+    let rank = a.len().max(b.len());
+    let one = Dim::Known(1);
+    let at = |s: &[Dim], i: usize| -> Dim {
+        if i + s.len() >= rank { s[i + s.len() - rank].clone() } else { one.clone() }
+    };
+    (0..rank)
+        .map(|i| {
+            let (x, y) = (at(a, i), at(b, i));
+            if x == y || y == one {
+                Ok(x)
+            } else if x == one {
+                Ok(y)
+            } else {
+                Err(format!("shapes {} and {} do not broadcast", ShapeDisplay(a), ShapeDisplay(b)))
+            }
+        })
+        .collect()
+}
+
+impl fmt::Display for BinaryOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for UnaryOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

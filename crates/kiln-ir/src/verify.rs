@@ -1,0 +1,83 @@
+//! The verifier: checks every invariant the rest of the compiler relies on. It runs after
+//! the front end, after every pass in debug builds and tests, and on parsed IR text.
+
+use crate::graph::Graph;
+use crate::op::Op;
+use crate::types::{DType, Dim};
+use std::collections::{HashMap, HashSet};
+
+/// A violated invariant, naming the node by its number in the printed IR.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct VerifyError {
+    pub location: String,
+    pub message: String,
+}
+
+/// Checks that
+/// - the graph is acyclic and has at least one output;
+/// - every node's type equals what [`Op::infer`] computes from its operands;
+/// - input names are distinct; inputs are `f32` or `i64` with any shape;
+/// - weights are `f32` with fully known shapes, and where the store holds the tensor, its
+///   shape and storage format match the node's;
+/// - symbols are never used where a known size is required (checked by `infer`).
+pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
+    let order = graph.topo_order().ok_or_else(|| VerifyError {
+        location: format!("graph {}", graph.name),
+        message: "the graph has a cycle".into(),
+    })?;
+    let number: HashMap<_, _> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut input_names = HashSet::new();
+    for &id in &order {
+        let node = graph.node(id);
+        let fail = |message: String| {
+            let scope = if node.scope.is_empty() { String::new() } else { format!(" @{}", node.scope) };
+            VerifyError { location: format!("%{} ({}{scope})", number[&id], node.op.name()), message }
+        };
+        let operands = graph.operands(id);
+        match &node.op {
+            Op::Input { name } => {
+                if !operands.is_empty() {
+                    return Err(fail("an input takes no operands".into()));
+                }
+                if !input_names.insert(name.as_str()) {
+                    return Err(fail(format!("input `{name}` is declared twice")));
+                }
+            }
+            Op::Weight(w) => {
+                if !operands.is_empty() {
+                    return Err(fail("a weight takes no operands".into()));
+                }
+                if node.ty.dtype != DType::F32 || node.ty.shape.iter().any(|d| matches!(d, Dim::Sym(_))) {
+                    return Err(fail(format!("a weight must be f32 with a known shape, found {}", node.ty)));
+                }
+                if let Some(t) = graph.store.get(&w.tensor) {
+                    let shape: Vec<Dim> = t.shape.iter().map(|&n| Dim::Known(n)).collect();
+                    if shape != node.ty.shape {
+                        return Err(fail(format!(
+                            "tensor `{}` is stored as {:?} but used as {}",
+                            w.tensor, t.shape, node.ty
+                        )));
+                    }
+                    if t.format != w.format {
+                        return Err(fail(format!(
+                            "tensor `{}` is stored as {} but referenced as {}",
+                            w.tensor, t.format, w.format
+                        )));
+                    }
+                }
+            }
+            op => {
+                let types: Vec<_> = operands.iter().map(|&o| &graph.node(o).ty).collect();
+                let inferred = op.infer(&types).map_err(|e| fail(e.message))?;
+                if inferred != node.ty {
+                    return Err(fail(format!("type is {} but the operands give {inferred}", node.ty)));
+                }
+            }
+        }
+    }
+    if graph.outputs().is_empty() {
+        return Err(VerifyError { location: format!("graph {}", graph.name), message: "the graph has no outputs".into() });
+    }
+    Ok(())
+}
