@@ -1,6 +1,9 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
+mod eval;
 mod load;
+mod run;
+mod tensors;
 
 use clap::{Parser, Subcommand};
 use miette::Result;
@@ -31,6 +34,58 @@ enum Command {
         #[arg(long, short)]
         weights: Option<PathBuf>,
     },
+    /// Run a model on tensors from a safetensors file (by input name) or on text.
+    #[command(after_help = "Examples:\n  kiln run minilm.kiln -w model.safetensors --text \"A sentence.\"\n  kiln run minilm.kiln -w model.safetensors --input in.safetensors --output out.safetensors")]
+    Run {
+        /// The model spec (.kiln).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF).
+        #[arg(long, short)]
+        weights: PathBuf,
+        /// Input tensors, taken by the model's input names (other tensors are ignored).
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+        /// Where to write every output, by name.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Text to tokenize into input_ids (and attention_mask); repeat for a batch.
+        #[arg(long)]
+        text: Vec<String>,
+        /// tokenizer.json (default: beside the weights).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Execution engine.
+        #[arg(long, value_enum, default_value_t = Engine::Interp)]
+        engine: Engine,
+    },
+    /// Perplexity of a language model on `input_ids`, or agreement with reference outputs.
+    #[command(after_help = "FILE holds the model's inputs by name. For a language model (output `logits`)\nkiln reports perplexity under teacher forcing (and, with an `nll` tensor, the mean\ndifference to it). Reference outputs stored under an output's name (`embeddings`) are\ncompared by cosine per row and max abs difference; `first_logits`/`last_logits` compare\nthe logits at the first/last position.")]
+    Eval {
+        /// The model spec (.kiln).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF).
+        #[arg(long, short)]
+        weights: PathBuf,
+        /// Inputs (and optional references) as safetensors.
+        #[arg(long, short)]
+        data: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Execution engine.
+        #[arg(long, value_enum, default_value_t = Engine::Interp)]
+        engine: Engine,
+    },
+}
+
+/// How a model runs.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Engine {
+    /// The reference interpreter (f32, the numeric oracle).
+    Interp,
 }
 
 fn main() -> Result<()> {
@@ -61,6 +116,12 @@ fn main() -> Result<()> {
         Command::Ir { spec, weights } => {
             let model = load::load(&spec, weights.as_deref())?;
             print!("{}", kiln_ir::print(&model.compiled.graph));
+        }
+        Command::Run { spec, weights, input, output, text, tokenizer, engine: Engine::Interp } => {
+            run::run(run::RunArgs { spec, weights, input, output, text, tokenizer })?;
+        }
+        Command::Eval { spec, weights, data, json, batch, engine: Engine::Interp } => {
+            eval::eval(eval::EvalArgs { spec, weights, data, json, batch })?;
         }
     }
     Ok(())

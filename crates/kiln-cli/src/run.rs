@@ -1,0 +1,119 @@
+//! `kiln run`: tensors (or text) in, every model output out.
+
+use crate::load::{self, Model};
+use crate::tensors;
+use kiln_interp::{Interpreter, Value};
+use kiln_ir::Op;
+use miette::{IntoDiagnostic, Result, miette};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub struct RunArgs {
+    pub spec: PathBuf,
+    pub weights: PathBuf,
+    pub input: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub text: Vec<String>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
+    let graph = &compiled.graph;
+    let interp = Interpreter::new(graph).into_diagnostic()?;
+    let inputs = match (&args.input, args.text.is_empty()) {
+        (Some(path), true) => {
+            let file = tensors::read(path)?;
+            tensors::inputs_from(&file, path, graph)?
+        }
+        (None, false) => {
+            let tok = load::tokenizer(args.tokenizer.as_deref(), Some(&args.weights))?;
+            text_inputs(&tok, &args.text, graph)?
+        }
+        (Some(_), false) => return Err(miette!("give either --input or --text, not both")),
+        (None, true) => return Err(miette!(help = "kiln run SPEC --weights W --input IN.safetensors --output OUT.safetensors", "nothing to run: give --input FILE or --text TEXT")),
+    };
+    let outputs = interp.run(&inputs).into_diagnostic()?;
+    if let Some(path) = &args.output {
+        tensors::write(path, &outputs)?;
+        eprintln!("wrote {} output(s) to {}", outputs.len(), path.display());
+    }
+    if args.output.is_none() || !args.text.is_empty() {
+        print_outputs(&outputs, &args.text);
+    }
+    Ok(())
+}
+
+/// Tokenizes `texts` into the model's `input_ids` (and `attention_mask` if it has one),
+/// padded on the right to the longest text.
+pub fn text_inputs(tok: &tokenizers::Tokenizer, texts: &[String], graph: &kiln_ir::Graph) -> Result<HashMap<String, Value>> {
+    let names: Vec<String> = graph
+        .inputs()
+        .into_iter()
+        .filter_map(|n| match &graph.node(n).op {
+            Op::Input { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    for n in &names {
+        if !matches!(n.as_str(), "input_ids" | "attention_mask" | "token_type_ids") {
+            return Err(miette!("--text cannot fill the model's input `{n}`; use --input"));
+        }
+    }
+    let has_mask = names.iter().any(|n| n == "attention_mask");
+    let encodings = texts
+        .iter()
+        .map(|t| tok.encode(t.as_str(), true).map_err(|e| miette!("cannot tokenize {t:?}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
+    if !has_mask && encodings.iter().any(|e| e.get_ids().len() != len) {
+        return Err(miette!(
+            "the model has no attention_mask input, so texts of different token lengths cannot share a batch; run them one at a time"
+        ));
+    }
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for e in &encodings {
+        let n = e.get_ids().len();
+        ids.extend(e.get_ids().iter().map(|&i| i as i64));
+        ids.extend(std::iter::repeat_n(0, len - n));
+        mask.extend(std::iter::repeat_n(1, n));
+        mask.extend(std::iter::repeat_n(0, len - n));
+    }
+    let shape = vec![texts.len(), len];
+    let mut inputs = HashMap::new();
+    for n in names {
+        let data = match n.as_str() {
+            "input_ids" => ids.clone(),
+            "attention_mask" => mask.clone(),
+            _ => vec![0; ids.len()],
+        };
+        inputs.insert(n, Value::I64 { shape: shape.clone(), data });
+    }
+    Ok(inputs)
+}
+
+fn print_outputs(outputs: &[(String, Value)], texts: &[String]) {
+    for (name, value) in outputs {
+        let shape = value.shape();
+        println!("{name}: {}{:?}", value.dtype(), shape);
+        let Some(t) = value.as_f32() else { continue };
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        let per_row = t.data.len() / rows;
+        for r in 0..rows {
+            let row = &t.data[r * per_row..(r + 1) * per_row];
+            if let Some(text) = texts.get(r) {
+                println!("  [{r}] {text:?}");
+            }
+            println!("  [{r}] {}", preview(row, 16));
+        }
+    }
+}
+
+fn preview(row: &[f32], max: usize) -> String {
+    let shown: Vec<String> = row.iter().take(max).map(|v| format!("{v:.6}")).collect();
+    if row.len() > max {
+        format!("[{}, ... ({} values)]", shown.join(", "), row.len())
+    } else {
+        format!("[{}]", shown.join(", "))
+    }
+}
