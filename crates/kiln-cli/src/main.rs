@@ -89,6 +89,12 @@ enum Engine {
 }
 
 fn main() -> Result<()> {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`kiln ir | head`).
+    // SAFETY: resetting a signal disposition to its default before any threads start.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     miette::set_hook(Box::new(|_| {
         Box::new(miette::MietteHandlerOpts::new().context_lines(1).build())
     }))?;

@@ -1,0 +1,126 @@
+//! The two real models against PyTorch's outputs in `../shared/fixtures` (the outside
+//! truth). Skipped, with a printed reason, only when the checkpoints are not fetched.
+
+use kiln_interp::{Interpreter, Tensor, Value};
+use kiln_tests::*;
+use std::collections::HashMap;
+
+fn read_fixture(name: &str) -> HashMap<String, Value> {
+    let bytes = std::fs::read(fixtures().join(name)).expect("fixture readable");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture parses");
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let shape = v.shape().to_vec();
+            let value = match v.dtype() {
+                safetensors::Dtype::I64 => Value::I64 {
+                    shape,
+                    data: v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+                },
+                safetensors::Dtype::F32 => Value::F32(Tensor::new(
+                    shape,
+                    v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+                )),
+                other => panic!("unexpected fixture dtype {other:?}"),
+            };
+            (n, value)
+        })
+        .collect()
+}
+
+fn rows(v: &Value, start: usize, end: usize) -> Value {
+    let shape = v.shape();
+    let w: usize = shape[1..].iter().product();
+    let mut s = shape.to_vec();
+    s[0] = end - start;
+    match v {
+        Value::F32(t) => Value::F32(Tensor::new(s, t.data[start * w..end * w].to_vec())),
+        Value::I64 { data, .. } => Value::I64 { shape: s, data: data[start * w..end * w].to_vec() },
+    }
+}
+
+fn f32s(v: &Value) -> &Tensor {
+    v.as_f32().expect("f32 value")
+}
+
+#[test]
+fn minilm_embeddings_match_pytorch() {
+    let Some(weights) = real_checkpoint(MINILM_WEIGHTS) else { return };
+    let (graph, _) = compile_bound("minilm/minilm.kiln", &weights);
+    let interp = Interpreter::new(&graph).unwrap();
+    let data = read_fixture("minilm_dev.safetensors");
+    let reference = f32s(&data["embeddings"]);
+    let n = reference.shape[0];
+    let mut worst = (f64::INFINITY, 0);
+    for start in (0..n).step_by(50) {
+        let end = (start + 50).min(n);
+        let inputs = ["input_ids", "attention_mask"].map(|k| (k.to_string(), rows(&data[k], start, end))).into();
+        let out = interp.run(&inputs).unwrap();
+        let got = f32s(&out[0].1);
+        for (i, row) in got.data.chunks(384).enumerate() {
+            let want = &reference.data[(start + i) * 384..(start + i + 1) * 384];
+            let c = cosine(row, want);
+            if c < worst.0 {
+                worst = (c, start + i);
+            }
+        }
+    }
+    eprintln!("MiniLM: worst cosine to PyTorch {:.9} (sentence {})", worst.0, worst.1);
+    assert!(worst.0 >= 0.99999, "sentence {} has cosine {}", worst.1, worst.0);
+}
+
+#[test]
+fn minilm_token_states_match_pytorch() {
+    let Some(weights) = real_checkpoint(MINILM_WEIGHTS) else { return };
+    // The spec's top-level `x` is the last hidden state; expose it as a second output.
+    let source = read_spec("minilm/minilm.kiln") + "\noutput hidden: f32[batch, seq, hidden] = x\n";
+    let ck = kiln_frontend::checkpoint::load(&weights).unwrap();
+    let graph = kiln_frontend::compile(&source, Some(&ck)).map_err(|d| d.message).unwrap().graph;
+    let data = read_fixture("minilm_hidden_first.safetensors");
+    let out = run(&graph, &[("input_ids", data["input_ids"].clone()), ("attention_mask", data["attention_mask"].clone())]);
+    let (got, want) = (f32s(&out["hidden"]), f32s(&data["last_hidden_state"]));
+    assert_eq!(got.shape, want.shape);
+    let diff = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("MiniLM: last hidden state max abs diff {diff:e}");
+    assert!(diff < 1e-4, "max abs diff {diff}");
+}
+
+#[test]
+fn smollm2_logits_and_perplexity_match_pytorch() {
+    let Some(weights) = real_checkpoint(SMOLLM2_WEIGHTS) else { return };
+    let (graph, _) = compile_bound("smollm2/smollm2.kiln", &weights);
+    let interp = Interpreter::new(&graph).unwrap();
+    let data = read_fixture("smollm2_dev.safetensors");
+    let (first, last, nll_ref) = (f32s(&data["first_logits"]), f32s(&data["last_logits"]), f32s(&data["nll"]));
+    let Value::I64 { shape, data: ids } = &data["input_ids"] else { panic!("ids are i64") };
+    let (n, s, v) = (shape[0], shape[1], 49152);
+    let (mut max_diff, mut nll_sum, mut nll_diff) = (0f32, 0f64, 0f64);
+    for start in (0..n).step_by(4) {
+        let end = (start + 4).min(n);
+        let inputs = [("input_ids".to_string(), rows(&data["input_ids"], start, end))].into();
+        let out = interp.run(&inputs).unwrap();
+        let logits = f32s(&out[0].1);
+        for b in 0..end - start {
+            let row = start + b;
+            for (pos, reference) in [(0, first), (s - 1, last)] {
+                let got = &logits.data[(b * s + pos) * v..(b * s + pos + 1) * v];
+                let want = &reference.data[row * v..(row + 1) * v];
+                max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(max_diff, f32::max);
+            }
+            for t in 0..s - 1 {
+                let l = &logits.data[(b * s + t) * v..(b * s + t + 1) * v];
+                let m = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+                let lse = m + l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                let nll = lse - l[ids[row * s + t + 1] as usize] as f64;
+                nll_sum += nll;
+                nll_diff += (nll - nll_ref.data[row * (s - 1) + t] as f64).abs();
+            }
+        }
+    }
+    let tokens = (n * (s - 1)) as f64;
+    let ppl = (nll_sum / tokens).exp();
+    eprintln!("SmolLM2: logits max abs diff {max_diff:e}, mean |nll diff| {:e}, perplexity {ppl:.4}", nll_diff / tokens);
+    assert!(max_diff <= 5e-3, "logits differ by {max_diff}");
+    assert!(nll_diff / tokens <= 1e-3, "per-token NLL differs by {} on average", nll_diff / tokens);
+    assert!((ppl / 67.79 - 1.0).abs() <= 1e-3, "perplexity {ppl} is not within 0.1% of 67.79");
+}
