@@ -58,9 +58,11 @@ pub fn real_checkpoint(rel: &str) -> Option<PathBuf> {
 pub const MINILM_WEIGHTS: &str = "minilm/model.safetensors";
 pub const SMOLLM2_WEIGHTS: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// A fresh empty directory under the system temp dir.
+/// A fresh empty directory under the system temp dir, unique per call.
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
