@@ -1,5 +1,6 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
+mod bench;
 mod eval;
 mod load;
 mod run;
@@ -79,6 +80,30 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Engine::Interp)]
         engine: Engine,
     },
+    /// Time a model on synthetic inputs (median of repeated runs after warm-up).
+    #[command(after_help = "Token ids are spread over the embedding table; masks are all ones.\nExample: kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json")]
+    Bench {
+        /// The model spec (.kiln).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF).
+        #[arg(long, short)]
+        weights: PathBuf,
+        /// Sizes of the symbolic dimensions, e.g. batch=1,seq=128.
+        #[arg(long)]
+        shape: String,
+        /// Timed runs.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Print one JSON object (median_ms, min_ms, tokens_per_s, ...).
+        #[arg(long)]
+        json: bool,
+        /// Execution engine.
+        #[arg(long, value_enum, default_value_t = Engine::Interp)]
+        engine: Engine,
+    },
 }
 
 /// How a model runs.
@@ -128,6 +153,9 @@ fn main() -> Result<()> {
         }
         Command::Eval { spec, weights, data, json, batch, engine: Engine::Interp } => {
             eval::eval(eval::EvalArgs { spec, weights, data, json, batch })?;
+        }
+        Command::Bench { spec, weights, shape, runs, warmup, json, engine: Engine::Interp } => {
+            bench::bench(bench::BenchArgs { spec, weights, shape, runs, warmup, json })?;
         }
     }
     Ok(())

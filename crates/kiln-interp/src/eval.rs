@@ -1,9 +1,9 @@
 //! Evaluating a graph: bind the inputs, run every node in topological order with the
 //! kernels of [`crate::kernels`], return the named outputs.
 
-use crate::kernels::{self, BinaryOp as KBinary, ReduceOp as KReduce, UnaryOp as KUnary};
+use crate::kernels;
 use crate::tensor::Tensor;
-use kiln_ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, UnaryOp};
+use kiln_ir::{DType, Dim, Graph, NodeId, Op};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -223,8 +223,8 @@ fn eval_op<'a>(
             if args.len() > 2 { Some(f(2)?) } else { None },
         ),
         Op::MatMul => kernels::matmul(f(0)?, f(1)?),
-        Op::Binary(b) => kernels::binary(binary(*b), f(0)?, f(1)?),
-        Op::Unary(u) => kernels::unary(unary(*u), f(0)?),
+        Op::Binary(b) => kernels::binary(*b, f(0)?, f(1)?),
+        Op::Unary(u) => kernels::unary(*u, f(0)?),
         Op::Softmax { axis } => kernels::softmax(f(0)?, *axis),
         Op::LayerNorm { eps } => kernels::layer_norm(f(0)?, f(1)?, f(2)?, *eps),
         Op::RmsNorm { eps } => kernels::rms_norm(f(0)?, f(1)?, *eps),
@@ -261,7 +261,7 @@ fn eval_op<'a>(
             let xs = (0..args.len()).map(f).collect::<Result<Vec<_>, _>>()?;
             kernels::concat(&xs, *axis)
         }
-        Op::Reduce { op, axes, keepdim } => kernels::reduce(reduce(*op), f(0)?, axes, *keepdim),
+        Op::Reduce { op, axes, keepdim } => kernels::reduce(*op, f(0)?, axes, *keepdim),
         Op::Cast { to: DType::F32 } => match args[0].as_ref() {
             Value::F32(t) => t.clone(),
             Value::I64 { shape, data } => {
@@ -279,40 +279,4 @@ fn eval_op<'a>(
             kernels::attention(f(0)?, f(1)?, f(2)?, mask.as_deref(), *causal, *scale)
         }
     }))
-}
-
-fn binary(op: BinaryOp) -> KBinary {
-    match op {
-        BinaryOp::Add => KBinary::Add,
-        BinaryOp::Sub => KBinary::Sub,
-        BinaryOp::Mul => KBinary::Mul,
-        BinaryOp::Div => KBinary::Div,
-        BinaryOp::Max => KBinary::Max,
-        BinaryOp::Min => KBinary::Min,
-        BinaryOp::Pow => KBinary::Pow,
-    }
-}
-
-fn unary(op: UnaryOp) -> KUnary {
-    match op {
-        UnaryOp::Neg => KUnary::Neg,
-        UnaryOp::Exp => KUnary::Exp,
-        UnaryOp::Log => KUnary::Log,
-        UnaryOp::Sqrt => KUnary::Sqrt,
-        UnaryOp::Rsqrt => KUnary::Rsqrt,
-        UnaryOp::Recip => KUnary::Recip,
-        UnaryOp::Tanh => KUnary::Tanh,
-        UnaryOp::Sigmoid => KUnary::Sigmoid,
-        UnaryOp::Relu => KUnary::Relu,
-        UnaryOp::Silu => KUnary::Silu,
-        UnaryOp::Gelu => KUnary::Gelu,
-    }
-}
-
-fn reduce(op: ReduceOp) -> KReduce {
-    match op {
-        ReduceOp::Sum => KReduce::Sum,
-        ReduceOp::Mean => KReduce::Mean,
-        ReduceOp::Max => KReduce::Max,
-    }
 }
