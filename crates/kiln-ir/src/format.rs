@@ -89,7 +89,7 @@ impl Format {
     /// Exact byte size of `elements` values in this format.
     pub fn byte_len(self, elements: u64) -> Result<u64, FormatError> {
         let block = self.block_len();
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(FormatError::Blocks { format: self, elements, block });
         }
         Ok(elements / block * self.block_bytes())

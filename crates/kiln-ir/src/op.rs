@@ -515,13 +515,10 @@ impl Op {
                         )));
                     }
                 }
-                if let Some(mask) = operands.get(3) {
-                    if mask.shape != [k.shape[0].clone(), k.shape[2].clone()] {
-                        return Err(err(format!(
-                            "key_mask must be [{}, {}], found {mask}",
-                            k.shape[0], k.shape[2]
-                        )));
-                    }
+                if let Some(mask) = operands.get(3)
+                    && mask.shape != [k.shape[0].clone(), k.shape[2].clone()]
+                {
+                    return Err(err(format!("key_mask must be [{}, {}], found {mask}", k.shape[0], k.shape[2])));
                 }
                 let mut shape = q.shape.clone();
                 shape[3] = v.shape[3].clone();
