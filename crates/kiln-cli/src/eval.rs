@@ -4,7 +4,7 @@ use crate::load::{self, Model};
 use crate::tensors;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_interp::{Interpreter, Value};
-use miette::{IntoDiagnostic, Result, miette};
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde_json::{Map, json};
 use std::path::PathBuf;
 
@@ -36,7 +36,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let inputs = tensors::inputs_from(&file, &args.data, graph)?;
     let rows = tensors::batch_of(&inputs)?;
     let output_names: Vec<String> = graph.outputs().iter().map(|(n, _)| n.clone()).collect();
-    let is_lm = output_names.iter().any(|n| n == "logits") && inputs.contains_key("input_ids");
+    // Perplexity needs next-token logits `[batch, seq, vocab]` for the ids `[batch, seq]`.
+    let is_lm = graph.outputs().iter().any(|(n, id)| n == "logits" && graph.node(*id).ty.rank() == 3)
+        && inputs.get("input_ids").is_some_and(|ids| ids.shape().len() == 2);
     let references: Vec<(String, String)> = output_names
         .iter()
         .flat_map(|o| [o.clone(), format!("first_{o}"), format!("last_{o}")].into_iter().map(move |r| (o.clone(), r)))
@@ -44,16 +46,27 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .collect();
     if !is_lm && references.is_empty() {
         return Err(miette!(
-            help = "a language model (output `logits`, input `input_ids`) gets perplexity; otherwise put reference outputs in the file under the output's name",
+            help = "a language model (output `logits` [batch, seq, vocab], input `input_ids` [batch, seq]) gets perplexity; otherwise put reference outputs in the file under the output's name",
             "{} holds nothing to evaluate against: no reference for the outputs {}",
             args.data.display(),
             output_names.join(", ")
         ));
     }
-    for (_, r) in &references {
-        let rows_of_ref = file.tensors[r].shape().first().copied().unwrap_or(0);
+    if rows == 0 {
+        return Err(miette!("{} has no rows to evaluate: its inputs have batch size 0", args.data.display()));
+    }
+    let nll_reference = if is_lm { file.tensors.get("nll") } else { None };
+    let mut checked: Vec<(&str, &Value)> = references.iter().map(|(_, r)| (r.as_str(), &file.tensors[r])).collect();
+    checked.extend(nll_reference.map(|v| ("nll", v)));
+    for (r, value) in checked {
+        if value.as_f32().is_none() {
+            return Err(miette!("reference `{r}` in {} must be f32, but it is {}{:?}", args.data.display(), value.dtype(), value.shape()));
+        }
+        let Some(&rows_of_ref) = value.shape().first() else {
+            return Err(miette!("reference `{r}` in {} is a scalar; it needs one row per input row ({rows})", args.data.display()));
+        };
         if rows_of_ref != rows {
-            return Err(miette!("reference `{r}` has {rows_of_ref} rows but the inputs have {rows}"));
+            return Err(miette!("reference `{r}` in {} has {rows_of_ref} rows but the inputs have {rows}", args.data.display()));
         }
     }
     let bar = ProgressBar::new(rows as u64).with_style(
@@ -67,14 +80,16 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     for start in (0..rows).step_by(batch) {
         let end = (start + batch).min(rows);
         let chunk = inputs.iter().map(|(k, v)| (k.clone(), tensors::rows(v, start, end))).collect();
-        let outputs = interp.run(&chunk).into_diagnostic()?;
+        let outputs = interp.run(&chunk).into_diagnostic().wrap_err_with(|| {
+            format!("cannot run {} on rows {start}..{end} of {}", args.spec.display(), args.data.display())
+        })?;
         for (name, value) in &outputs {
             let Some(out) = value.as_f32() else { continue };
             if is_lm && name == "logits" {
                 let ids = &chunk["input_ids"];
                 let mask = chunk.get("attention_mask");
-                let nll = next_token_nll(out, ids, mask);
-                if let Some(Value::F32(reference)) = file.tensors.get("nll") {
+                let nll = next_token_nll(out, ids, mask)?;
+                if let Some(Value::F32(reference)) = nll_reference {
                     let r = tensors::rows(&Value::F32(reference.clone()), start, end);
                     let r = r.as_f32().expect("f32 rows");
                     if r.data.len() == nll.iter().filter(|x| x.is_some()).count() {
@@ -119,6 +134,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();
+    if references.is_empty() && m.tokens == 0 {
+        return Err(miette!(
+            "{} has no next-token targets to score: every sequence is shorter than 2 tokens or masked out",
+            args.data.display()
+        ));
+    }
     report(&m, args.json);
     Ok(())
 }
@@ -136,12 +157,20 @@ fn pick(out: &kiln_interp::Tensor, first: bool, last: bool) -> Vec<f32> {
 
 /// Negative log-likelihood of each next token under teacher forcing:
 /// `-log softmax(logits[t])[ids[t + 1]]`, `None` where the mask drops the target.
-fn next_token_nll(logits: &kiln_interp::Tensor, ids: &Value, mask: Option<&Value>) -> Vec<Option<f64>> {
-    let (b, s, v) = (logits.shape[0], logits.shape[1], logits.shape[2]);
-    let Value::I64 { data: ids, .. } = ids else { return vec![] };
+fn next_token_nll(logits: &kiln_interp::Tensor, ids: &Value, mask: Option<&Value>) -> Result<Vec<Option<f64>>> {
+    let [b, s, v] = logits.shape[..] else {
+        return Err(miette!("output `logits` is {:?}, but perplexity needs [batch, seq, vocab]", logits.shape));
+    };
+    let Value::I64 { data: ids, shape: ids_shape } = ids else { return Err(miette!("input `input_ids` must be i64")) };
+    if ids_shape[..] != [b, s] {
+        return Err(miette!("input `input_ids` is {ids_shape:?}, but output `logits` is {:?}", logits.shape));
+    }
     let mask = match mask {
-        Some(Value::I64 { data, .. }) => Some(data),
-        _ => None,
+        Some(Value::I64 { data, shape }) if shape[..] == [b, s] => Some(data),
+        Some(m) => {
+            return Err(miette!("input `attention_mask` is {}{:?}, but perplexity needs i64{:?}", m.dtype(), m.shape(), [b, s]));
+        }
+        None => None,
     };
     let mut out = Vec::with_capacity(b * s.saturating_sub(1));
     for i in 0..b {
@@ -158,7 +187,7 @@ fn next_token_nll(logits: &kiln_interp::Tensor, ids: &Value, mask: Option<&Value
             out.push(Some(max + sum.ln() - logit as f64));
         }
     }
-    out
+    Ok(out)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {

@@ -26,7 +26,8 @@ pub fn load(spec: &Path, weights: Option<&Path>) -> Result<Model> {
     Ok(Model { compiled, checkpoint })
 }
 
-/// The tokenizer for a model: `explicit`, or `tokenizer.json` beside the weights.
+/// The tokenizer for a model: `explicit`, or `tokenizer.json` beside the weights, or else
+/// the tokenizer stored in the metadata of a GGUF weights file.
 pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<tokenizers::Tokenizer> {
     let path: PathBuf = match (explicit, weights) {
         (Some(p), _) => p.to_path_buf(),
@@ -34,6 +35,13 @@ pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<toke
         (None, None) => return Err(miette!("--text needs a tokenizer: pass --tokenizer tokenizer.json")),
     };
     if !path.exists() {
+        if let (None, Some(w)) = (explicit, weights)
+            && is_gguf(w)
+        {
+            let checkpoint = kiln_frontend::checkpoint::load(w)?;
+            return crate::gguf_tokenizer::from_gguf(&checkpoint)
+                .wrap_err_with(|| format!("no tokenizer at {} (looked beside the weights), and none usable in the GGUF", path.display()));
+        }
         return Err(miette!(
             help = "pass --tokenizer PATH/tokenizer.json",
             "no tokenizer at {} (looked beside the weights)",
@@ -41,4 +49,11 @@ pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<toke
         ));
     }
     tokenizers::Tokenizer::from_file(&path).map_err(|e| miette!("cannot read tokenizer {}: {e}", path.display()))
+}
+
+/// Whether the file at `path` starts with the GGUF magic.
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }

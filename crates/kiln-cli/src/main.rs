@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod gguf_tokenizer;
 mod load;
 mod run;
 mod tensors;

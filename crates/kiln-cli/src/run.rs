@@ -4,7 +4,7 @@ use crate::load::{self, Model};
 use crate::tensors;
 use kiln_interp::{Interpreter, Value};
 use kiln_ir::Op;
-use miette::{IntoDiagnostic, Result, miette};
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -33,7 +33,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         (Some(_), false) => return Err(miette!("give either --input or --text, not both")),
         (None, true) => return Err(miette!(help = "kiln run SPEC --weights W --input IN.safetensors --output OUT.safetensors", "nothing to run: give --input FILE or --text TEXT")),
     };
-    let outputs = interp.run(&inputs).into_diagnostic()?;
+    let outputs = interp.run(&inputs).into_diagnostic().wrap_err_with(|| match &args.input {
+        Some(path) => format!("cannot run {} on {}", args.spec.display(), path.display()),
+        None => format!("cannot run {} on the given text", args.spec.display()),
+    })?;
     if let Some(path) = &args.output {
         tensors::write(path, &outputs)?;
         eprintln!("wrote {} output(s) to {}", outputs.len(), path.display());
