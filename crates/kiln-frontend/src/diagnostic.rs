@@ -2,7 +2,7 @@
 //! and a caret under the offending span.
 
 use kiln_ir::Span;
-use miette::{NamedSource, SourceSpan};
+use miette::{LabeledSpan, NamedSource, SourceSpan};
 use std::sync::Arc;
 
 /// An error located in a model file. Attach the source with [`Diagnostic::with_source`]
@@ -11,9 +11,12 @@ use std::sync::Arc;
 #[error("{message}")]
 pub struct Diagnostic {
     pub message: String,
-    #[label("{label}")]
+    #[label(primary, "{label}")]
     pub span: SourceSpan,
     pub label: String,
+    /// Further places that explain the error, such as an earlier definition.
+    #[label(collection)]
+    pub related: Vec<LabeledSpan>,
     #[help]
     pub help: Option<String>,
     #[source_code]
@@ -26,6 +29,7 @@ impl Diagnostic {
             message: message.into(),
             span: (span.start as usize, (span.end - span.start) as usize).into(),
             label: label.into(),
+            related: Vec::new(),
             help: None,
             source_code: None,
         }
@@ -33,6 +37,13 @@ impl Diagnostic {
 
     pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
         self.help = Some(help.into());
+        self
+    }
+
+    /// Adds a secondary label at `span`.
+    pub fn with_label(mut self, span: Span, label: impl Into<String>) -> Diagnostic {
+        let len = (span.end - span.start) as usize;
+        self.related.push(LabeledSpan::new(Some(label.into()), span.start as usize, len));
         self
     }
 

@@ -8,7 +8,7 @@
 //! is given; naming the same tensor twice reuses one node (a tied weight).
 
 use crate::ast::*;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::diagnostic::Diagnostic;
 use kiln_ir::{
     BinaryOp, DType, Dim, Format, Graph, NodeId, Op, ReduceOp, Span, Type, UnaryOp, WeightRef,
@@ -83,11 +83,11 @@ pub struct Compiled {
 
 /// Where code being evaluated comes from: user errors inside prelude blocks are reported
 /// at the user's call.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Origin {
     User,
-    /// Inside the prelude, entered from the user's call at this span.
-    Prelude(Span),
+    /// Inside the prelude, entered from the user's call at this span to this block.
+    Prelude(Span, Rc<str>),
 }
 
 struct Frame {
@@ -131,12 +131,22 @@ pub fn elaborate(file: &File, prelude: &File, checkpoint: Option<&Checkpoint>) -
     for (f, prelude) in [(prelude, true), (file, false)] {
         for item in &f.items {
             if let Item::Block(def) = item {
-                if !prelude && e.blocks.get(&def.name.name).is_some_and(|b| !b.prelude) {
+                if let Some(first) = e.blocks.get(&def.name.name).filter(|b| !prelude && !b.prelude) {
                     return Err(Diagnostic::new(
                         format!("block `{}` is defined twice", def.name.name),
                         def.name.span,
-                        "second definition",
-                    ));
+                        "defined again here",
+                    )
+                    .with_label(first.def.name.span, "first defined here"));
+                }
+                if !prelude && (BUILTINS.contains(&def.name.name.as_str()) || e.blocks.contains_key(&def.name.name)) {
+                    let what = if BUILTINS.contains(&def.name.name.as_str()) { "a builtin" } else { "a prelude block" };
+                    return Err(Diagnostic::new(
+                        format!("block `{}` would replace {what} of the same name", def.name.name),
+                        def.name.span,
+                        "choose another name",
+                    )
+                    .with_help("the prelude's layers are built on the builtins; redefining either would change them silently"));
                 }
                 e.blocks.insert(def.name.name.clone(), Block { def: def.clone(), prelude });
             }
@@ -187,11 +197,13 @@ pub fn elaborate(file: &File, prelude: &File, checkpoint: Option<&Checkpoint>) -
 /// An error that arose at `span` in `frame`; inside the prelude it is reported at the
 /// user's call instead.
 fn diag(frame: &Frame, message: impl Into<String>, span: Span, label: impl Into<String>) -> Diagnostic {
-    let span = match frame.origin {
-        Origin::User => span,
-        Origin::Prelude(call) => call,
-    };
-    Diagnostic::new(message, span, label)
+    match &frame.origin {
+        Origin::User => Diagnostic::new(message, span, label),
+        // The label would describe prelude code the user does not see.
+        Origin::Prelude(call, block) => {
+            Diagnostic::new(message, *call, format!("in this call of the prelude's `{block}`"))
+        }
+    }
 }
 
 fn join(scope: &str, path: &str) -> String {
@@ -291,7 +303,14 @@ impl Elaborator<'_> {
                     let branch = match self.expr(frame, cond)? {
                         Value::Bool(b) => b,
                         v => {
-                            return Err(self.error(frame, format!("a condition must be a boolean, found {}", v.kind()), cond.span, "this condition"));
+                            return Err(self
+                                .error(
+                                    frame,
+                                    format!("a condition must be a boolean, found {}", v.kind()),
+                                    cond.span,
+                                    "this condition",
+                                )
+                                .with_help("`if` is decided at compile time on `true` or `false`: compare the value, e.g. `n > 0`"));
                         }
                     };
                     frame.vars.push(HashMap::new());
@@ -362,6 +381,11 @@ impl Elaborator<'_> {
                 let mut d = self.error(frame, format!("unknown name `{n}`"), x.span, "not defined");
                 if self.blocks.contains_key(n) || BUILTINS.contains(&n.as_str()) {
                     d = d.with_help(format!("`{n}` is a block or builtin; call it: `{n}(...)`"));
+                } else {
+                    let names = frame.vars.iter().flat_map(|v| v.keys()).chain(self.globals.keys());
+                    if let Some(similar) = closest(n, names.map(String::as_str)) {
+                        d = d.with_help(format!("did you mean `{similar}`?"));
+                    }
                 }
                 d
             }),
@@ -377,7 +401,7 @@ impl Elaborator<'_> {
                         let len = items.len() as i64;
                         let at = if i < 0 { i + len } else { i };
                         if at < 0 || at >= len {
-                            return Err(self.error(frame, format!("index {i} is out of range for a list of {len}"), index.span, "this index"));
+                            return Err(self.error(frame, format!("index {i} is out of range for a list of length {len}"), index.span, "this index"));
                         }
                         Ok(items[at as usize].clone())
                     }
@@ -462,10 +486,15 @@ impl Elaborator<'_> {
     fn emit(&mut self, frame: &Frame, op: Op, operands: &[NodeId], span: Span, scope: Option<&str>) -> Result<Value> {
         let scope = scope.map_or_else(|| frame.scope.clone(), |s| join(&frame.scope, s));
         let name = op.name();
-        self.graph
-            .add(op, operands, &scope, Some(span))
-            .map(Value::Tensor)
-            .map_err(|e| self.error(frame, format!("shape error in `{name}`: {}", err_message(&e)), span, "in this operation"))
+        self.graph.add(op, operands, &scope, Some(span)).map(Value::Tensor).map_err(|e| {
+            let types: Vec<String> = operands.iter().map(|&o| self.graph.node(o).ty.to_string()).collect();
+            let help = match types.len() {
+                1 => format!("the operand is {}", types[0]),
+                _ => format!("the operands are {}", and_list(&types)),
+            };
+            self.error(frame, format!("shape error in `{name}`: {}", err_message(&e)), span, "in this operation")
+                .with_help(help)
+        })
     }
 
     fn param(&mut self, frame: &mut Frame, path: &str, dims: &[Expr], span: Span) -> Result<Value> {
@@ -474,7 +503,16 @@ impl Elaborator<'_> {
         for d in dims {
             match self.dim(frame, d)? {
                 Dim::Known(n) => shape.push(n),
-                Dim::Sym(s) => return Err(self.error(frame, format!("a parameter's shape must be known, but `{s}` is symbolic"), d.span, "this dimension")),
+                Dim::Sym(s) => {
+                    return Err(self
+                        .error(
+                            frame,
+                            format!("a parameter's shape must be known, but `{s}` is symbolic"),
+                            d.span,
+                            "this dimension",
+                        )
+                        .with_help(format!("declare a fixed (maximum) size and `slice` the parameter to `{s}`")));
+                }
             }
         }
         let ty = Type::f32(shape.iter().map(|&n| Dim::Known(n)));
@@ -487,11 +525,34 @@ impl Elaborator<'_> {
         }
         let mut weight = WeightRef { tensor: name.clone(), format: Format::F32, checksum: None };
         if let Some(ck) = self.checkpoint {
-            let data = ck.require(&name).map_err(|e| self.error(frame, e.to_string(), span, "this parameter"))?;
+            let data = ck.require(&name).map_err(|e| match e {
+                CheckpointError::MissingTensor { path, name, nearest } => {
+                    let file = path.file_name().map_or(path.to_string_lossy(), |f| f.to_string_lossy());
+                    let d = self.error(
+                        frame,
+                        format!("checkpoint `{file}` has no tensor named `{name}`"),
+                        span,
+                        "this parameter",
+                    );
+                    match nearest.is_empty() {
+                        true => d,
+                        false => {
+                            let names: Vec<String> = nearest.iter().map(|n| format!("`{n}`")).collect();
+                            d.with_help(format!("did you mean {}?", names.join(" or ")))
+                        }
+                    }
+                }
+                e => self.error(frame, e.to_string(), span, "this parameter"),
+            })?;
             if data.shape != shape {
                 return Err(self.error(
                     frame,
-                    format!("parameter `{name}` is declared {:?} but the checkpoint has {:?}", shape, data.shape),
+                    format!(
+                        "parameter `{name}` is declared {:?} but the checkpoint {} has {:?}",
+                        shape,
+                        ck.path.file_name().map_or_else(|| ck.path.display().to_string(), |f| f.to_string_lossy().into_owned()),
+                        data.shape
+                    ),
                     span,
                     format!("declared {:?}", shape),
                 ));
@@ -537,8 +598,12 @@ impl Elaborator<'_> {
         let spec = builtin_spec(&callee.name).ok_or_else(|| {
             let mut known: Vec<&str> = self.blocks.keys().map(String::as_str).chain(BUILTINS.iter().copied()).collect();
             known.sort();
+            let similar = match closest(&callee.name, known.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`? "),
+                None => String::new(),
+            };
             self.error(frame, format!("unknown block or builtin `{}`", callee.name), callee.span, "not defined")
-                .with_help(format!("known: {}", known.join(", ")))
+                .with_help(format!("{similar}known: {}", known.join(", ")))
         })?;
         let values = self.bind(frame, &callee.name, &spec, positional, named, span)?;
         self.builtin(frame, &callee.name, values, span, scope.as_deref())
@@ -558,15 +623,21 @@ impl Elaborator<'_> {
             let ps: Vec<String> = params
                 .iter()
                 .map(|(n, d)| match d {
-                    Some(d) => format!("{n}={d}"),
+                    Some(d) => format!("{n} = {d}"),
                     None => n.to_string(),
                 })
                 .collect();
-            format!("{callee}({})", ps.join(", "))
+            format!("the parameters of `{callee}` are ({})", ps.join(", "))
         };
-        if positional.len() > params.len() {
+        if let Some((_, extra)) = positional.get(params.len()) {
+            let plural = if params.len() == 1 { "" } else { "s" };
             return Err(self
-                .error(frame, format!("`{callee}` takes {} arguments, {} given", params.len(), positional.len()), span, "in this call")
+                .error(
+                    frame,
+                    format!("`{callee}` takes {} argument{plural}, {} given", params.len(), positional.len()),
+                    *extra,
+                    "unexpected argument",
+                )
                 .with_help(signature()));
         }
         let mut slots: Vec<Option<(Value, Span)>> = positional.into_iter().map(Some).collect();
@@ -587,7 +658,12 @@ impl Elaborator<'_> {
                 (Some(v), _) => Ok(v),
                 (None, Some(d)) => Ok((d.clone(), span)),
                 (None, None) => Err(self
-                    .error(frame, format!("missing argument `{name}` of `{callee}`"), span, "in this call")
+                    .error(
+                        frame,
+                        format!("missing argument `{name}` of `{callee}`"),
+                        span,
+                        format!("`{name}` is not given"),
+                    )
                     .with_help(signature())),
             })
             .collect()
@@ -605,14 +681,21 @@ impl Elaborator<'_> {
         span: Span,
     ) -> Result<Value> {
         if self.depth >= MAX_CALL_DEPTH {
-            return Err(self.error(frame, format!("blocks nest deeper than {MAX_CALL_DEPTH} calls (is `{}` recursive?)", def.name.name), span, "in this call"));
+            return Err(self
+                .error(
+                    frame,
+                    format!("blocks nest deeper than {MAX_CALL_DEPTH} calls (is `{}` recursive?)", def.name.name),
+                    span,
+                    "in this call",
+                )
+                .with_help("block calls are inlined at compile time: a recursive block needs an `if` that stops it"));
         }
         // Defaults are evaluated in the block's own (global) context.
         let mut defaults = Vec::new();
         for (p, d) in &def.params {
             let v = match d {
                 Some(d) => {
-                    let mut global = Frame { vars: vec![HashMap::new()], scope: frame.scope.clone(), origin: frame.origin };
+                    let mut global = Frame { vars: vec![HashMap::new()], scope: frame.scope.clone(), origin: frame.origin.clone() };
                     Some(self.expr(&mut global, d)?)
                 }
                 None => None,
@@ -621,9 +704,9 @@ impl Elaborator<'_> {
         }
         let values = self.bind(frame, &def.name.name, &defaults, positional, named, span)?;
         let vars = def.params.iter().zip(values).map(|((p, _), (v, _))| (p.name.clone(), v)).collect();
-        let origin = match (frame.origin, prelude) {
-            (Origin::Prelude(call), _) => Origin::Prelude(call),
-            (Origin::User, true) => Origin::Prelude(span),
+        let origin = match (&frame.origin, prelude) {
+            (Origin::Prelude(..), _) => frame.origin.clone(),
+            (Origin::User, true) => Origin::Prelude(span, def.name.name.as_str().into()),
             (Origin::User, false) => Origin::User,
         };
         let scope = scope.map_or_else(|| frame.scope.clone(), |s| join(&frame.scope, &s));
@@ -801,6 +884,40 @@ fn err_message(e: &kiln_ir::GraphError) -> String {
         kiln_ir::GraphError::Type(t) => t.message.clone(),
         other => other.to_string(),
     }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[String]) -> String {
+    match items.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a typo.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let substitute = diagonal + usize::from(ca != cb);
+                diagonal = row[j + 1];
+                row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+            }
+        }
+        row[b.len()]
+    };
+    let len = name.chars().count();
+    candidates
+        .filter(|&c| c != name)
+        .map(|c| (distance(name, c), c))
+        .filter(|&(d, _)| d <= (len / 3).max(1) && d < len)
+        .min()
+        .map(|(_, c)| c)
 }
 
 fn compare(op: BinOp, x: f64, y: f64) -> bool {

@@ -39,7 +39,11 @@ fn ident(p: Pair<Rule>) -> Ident {
 
 /// Parses a whole model file.
 pub fn parse(source: &str) -> Result<File, Diagnostic> {
-    let mut pairs = KilnParser::parse(Rule::file, source).map_err(|e| syntax_error(&e))?;
+    // Record the literal tokens tried at the furthest position (`=`, `)`, ...), so that
+    // errors can name them; the grammar's rules alone cannot. The setting is global to
+    // pest and only ever switched on.
+    pest::set_error_detail(true);
+    let mut pairs = KilnParser::parse(Rule::file, source).map_err(|e| syntax_error(source, &e))?;
     let file = pairs.next().expect("the grammar's `file` rule matched");
     let mut inner = file.into_inner();
     let model = ident(inner.next().expect("model_decl").into_inner().next().expect("model name"));
@@ -47,7 +51,54 @@ pub fn parse(source: &str) -> Result<File, Diagnostic> {
     Ok(File { model, items })
 }
 
-fn syntax_error(e: &pest::error::Error<Rule>) -> Diagnostic {
+/// Describes a parse failure: what was expected at the furthest point the parser
+/// reached and what was found there. An unterminated string, or a bracket left open on
+/// an earlier line, is pointed at directly.
+fn syntax_error(source: &str, e: &pest::error::Error<Rule>) -> Diagnostic {
+    let at = |start: usize, end: usize| Span { start: start as u32, end: end as u32 };
+    let attempts = e.parse_attempts().filter(|a| !a.expected_tokens().is_empty());
+    let pos = match (&attempts, &e.location) {
+        (Some(a), _) => a.max_position,
+        (None, pest::error::InputLocation::Pos(p)) => *p,
+        (None, pest::error::InputLocation::Span((s, _))) => *s,
+    };
+    let pos = pos.min(source.len());
+    let scan = scan(source, pos);
+    if let Some(open) = scan.unterminated_string {
+        let end = source[open..].find('\n').map_or(source.len(), |n| open + n);
+        return Diagnostic::new("syntax error: unterminated string", at(open, end), "this string is not closed")
+            .with_help("a string ends with `\"` on the same line");
+    }
+    if let Some(attempts) = attempts {
+        // Literals as they are, character ranges as `a..z`.
+        let tokens: Vec<String> = attempts.expected_tokens().iter().map(|t| t.to_string()).collect();
+        let found = found_at(source, pos);
+        let expected = expected_list(&tokens);
+        let message = match expected.is_empty() {
+            true => format!("syntax error: unexpected {found}"),
+            false => format!("syntax error: expected {expected}, found {found}"),
+        };
+        // A bracket still open from an earlier line, whose closer would fit before the
+        // first token of this line (or the end of the file), was most likely never closed:
+        // point at it.
+        let line_start = source[..pos].rfind('\n').map_or(0, |n| n + 1);
+        let open = scan.open.filter(|&(c, o)| {
+            tokens.iter().any(|t| t == closer(c)) && o < line_start && source[line_start..pos].trim().is_empty()
+        });
+        let d = match open {
+            Some((c, o)) => Diagnostic::new(message, at(o, o + 1), format!("this `{c}` is not closed"))
+                .with_help(format!("add `{}` where it should end", closer(c))),
+            None => {
+                // At the end of the file, point just past its last text: that line is shown.
+                let pos = if pos == source.len() { source.trim_end().len() } else { pos };
+                Diagnostic::new(message, at(pos, pos), format!("unexpected {found}"))
+            }
+        };
+        return match found.as_str() {
+            "`;`" => d.with_help("statements end at the end of the line; kiln has no `;`"),
+            _ => d,
+        };
+    }
     let (start, end) = match e.location {
         pest::error::InputLocation::Pos(p) => (p, p),
         pest::error::InputLocation::Span((s, e)) => (s, e),
@@ -68,7 +119,107 @@ fn syntax_error(e: &pest::error::Error<Rule>) -> Diagnostic {
         }
         pest::error::ErrorVariant::CustomError { message } => message.clone(),
     };
-    Diagnostic::new(message, Span { start: start as u32, end: end as u32 }, "here")
+    Diagnostic::new(message, at(start, end), "here")
+}
+
+/// What the lexical scan of a failed parse found before the error position.
+struct Scan {
+    /// The innermost bracket still open, and its offset.
+    open: Option<(char, usize)>,
+    /// The offset of a string's opening `"` that has no closing one on its line.
+    unterminated_string: Option<usize>,
+}
+
+/// Scans `source` up to `end` for open brackets, skipping comments and strings, and to
+/// the end of that line for a string left unterminated (the parser stops inside it).
+fn scan(source: &str, end: usize) -> Scan {
+    let limit = source[end..].find('\n').map_or(source.len(), |n| end + n);
+    let mut open = Vec::new();
+    let mut chars = source[..limit].char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '#' => {
+                chars.by_ref().find(|&(_, c)| c == '\n');
+            }
+            '"' => loop {
+                match chars.next() {
+                    Some((_, '"')) => break,
+                    Some((_, '\n')) | None => return Scan { open: None, unterminated_string: Some(i) },
+                    Some(_) => {}
+                }
+            },
+            '(' | '[' | '{' if i < end => open.push((c, i)),
+            ')' | ']' | '}' if i < end => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    Scan { open: open.pop(), unterminated_string: None }
+}
+
+fn closer(open: char) -> &'static str {
+    match open {
+        '(' => ")",
+        '[' => "]",
+        _ => "}",
+    }
+}
+
+/// The token at `pos`, for "found ..." in messages.
+fn found_at(source: &str, pos: usize) -> String {
+    let rest = &source[pos..];
+    let word = rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len());
+    match rest.chars().next() {
+        None => "end of file".to_string(),
+        Some(_) if word > 0 => format!("`{}`", &rest[..word]),
+        Some(c) if c.is_whitespace() => "end of line".to_string(),
+        Some(c) => match OPERATORS.iter().find(|op| op.len() == 2 && rest.starts_with(*op)) {
+            Some(op) => format!("`{op}`"),
+            None => format!("`{c}`"),
+        },
+    }
+}
+
+const OPERATORS: &[&str] = &["==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "@"];
+const STATEMENTS: &[&str] = &["block", "input", "output", "let", "for", "if", "return"];
+
+/// The tokens the parser tried at the error position, as a reader should see them:
+/// operators, expression starts and statement starts collapse into one entry each, and
+/// the continuations of a name or number just read are left out.
+fn expected_list(tokens: &[String]) -> String {
+    let has = |t: &str| tokens.iter().any(|x| x == t);
+    // `param` is tried exactly where an expression may start.
+    let expression = has("param");
+    // An assignment (`name = ...`) is a statement, too.
+    let statement = STATEMENTS.iter().any(|s| has(s));
+    let closing = has(")") || has("]") || has("}");
+    let mut names: Vec<String> = Vec::new();
+    for t in tokens {
+        let name = match t.as_str() {
+            " " | "\t" | "\r" | "\n" | "#" | "." | "_" => continue,
+            "(" | "[" | "\"" | "-" | "param" | "true" | "false" | "a..z" if expression => "an expression".to_string(),
+            // After a name: it could have been a call or a keyword argument.
+            "(" | "=" if closing => continue,
+            op if OPERATORS.contains(&op) => "an operator".to_string(),
+            s if STATEMENTS.contains(&s) => "a statement".to_string(),
+            "model" => "`model NAME` at the top of the file".to_string(),
+            "\"" => "a string".to_string(),
+            "a..z" if statement => continue,
+            "a..z" => "a name".to_string(),
+            // Other ranges and case-insensitive letters: digits and exponents of a number.
+            r if r.len() > 2 && r.contains("..") || r == "E" => continue,
+            t => format!("`{t}`"),
+        };
+        names.push(name);
+    }
+    names.sort();
+    names.dedup();
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
 }
 
 /// What a user should read for a grammar rule in "expected ..." messages.

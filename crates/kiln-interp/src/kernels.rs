@@ -32,7 +32,7 @@ use rayon::prelude::*;
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum KernelError {
     /// `gather` got a token id outside `0..n`.
-    #[error("gather: id {id} is out of range for a table with {n} rows")]
+    #[error("id {id} is out of range for a table with {n} rows")]
     IdOutOfRange { id: i64, n: usize },
 }
 
