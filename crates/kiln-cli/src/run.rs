@@ -21,6 +21,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
     let graph = &compiled.graph;
     let interp = Interpreter::new(graph).into_diagnostic()?;
+    let mut tokenizer = None;
     let inputs = match (&args.input, args.text.is_empty()) {
         (Some(path), true) => {
             let file = tensors::read(path)?;
@@ -28,7 +29,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         (None, false) => {
             let tok = load::tokenizer(args.tokenizer.as_deref(), Some(&args.weights))?;
-            text_inputs(&tok, &args.text, graph)?
+            let inputs = text_inputs(&tok, &args.text, graph)?;
+            tokenizer = Some(tok);
+            inputs
         }
         (Some(_), false) => return Err(miette!("give either --input or --text, not both")),
         (None, true) => return Err(miette!(help = "kiln run SPEC --weights W --input IN.safetensors --output OUT.safetensors", "nothing to run: give --input FILE or --text TEXT")),
@@ -42,7 +45,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("wrote {} output(s) to {}", outputs.len(), path.display());
     }
     if args.output.is_none() || !args.text.is_empty() {
-        print_outputs(&outputs, &args.text);
+        print_outputs(&outputs, &args.text, tokenizer.as_ref(), &inputs);
     }
     Ok(())
 }
@@ -95,11 +98,20 @@ pub fn text_inputs(tok: &tokenizers::Tokenizer, texts: &[String], graph: &kiln_i
     Ok(inputs)
 }
 
-fn print_outputs(outputs: &[(String, Value)], texts: &[String]) {
+fn print_outputs(
+    outputs: &[(String, Value)],
+    texts: &[String],
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    inputs: &HashMap<String, Value>,
+) {
     for (name, value) in outputs {
         let shape = value.shape();
         println!("{name}: {}{:?}", value.dtype(), shape);
         let Some(t) = value.as_f32() else { continue };
+        if let (Some(tok), "logits", [_, seq, vocab]) = (tokenizer, name.as_str(), shape) {
+            print_next_tokens(tok, t, *seq, *vocab, texts, inputs);
+            continue;
+        }
         let rows = shape.first().copied().unwrap_or(1).max(1);
         let per_row = t.data.len() / rows;
         for r in 0..rows {
@@ -109,6 +121,41 @@ fn print_outputs(outputs: &[(String, Value)], texts: &[String]) {
             }
             println!("  [{r}] {}", preview(row, 16));
         }
+    }
+}
+
+/// For language-model logits: the most likely next tokens after each text's last token.
+fn print_next_tokens(
+    tok: &tokenizers::Tokenizer,
+    logits: &kiln_interp::Tensor,
+    seq: usize,
+    vocab: usize,
+    texts: &[String],
+    inputs: &HashMap<String, Value>,
+) {
+    for (r, text) in texts.iter().enumerate() {
+        // The last real token: padded positions have mask 0.
+        let len = match inputs.get("attention_mask") {
+            Some(Value::I64 { data, .. }) => data[r * seq..(r + 1) * seq].iter().filter(|&&m| m != 0).count(),
+            _ => seq,
+        };
+        let Some(last) = len.checked_sub(1) else { continue };
+        let row = &logits.data[(r * seq + last) * vocab..(r * seq + last + 1) * vocab];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let top: Vec<String> = order
+            .iter()
+            .take(5)
+            .map(|&i| {
+                let p = ((row[i] as f64 - max).exp() / z) * 100.0;
+                let piece = tok.decode(&[i as u32], false).unwrap_or_else(|_| format!("<{i}>"));
+                format!("{piece:?} {p:.1}%")
+            })
+            .collect();
+        println!("  [{r}] {text:?}");
+        println!("  [{r}] next token: {}", top.join(", "));
     }
 }
 
