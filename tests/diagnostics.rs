@@ -18,23 +18,14 @@ fn diagnose(source: &str, checkpoint: Option<&Checkpoint>) -> Diagnostic {
 /// Checks where the diagnostic points and pins its rendering.
 fn check(name: &str, source: &str, checkpoint: Option<&Checkpoint>, at: (usize, usize)) {
     let d = diagnose(source, checkpoint);
-    assert_eq!(
-        d.line_col(source),
-        at,
-        "{name}: wrong location for `{}`",
-        d.message
-    );
+    assert_eq!(d.line_col(source), at, "{name}: wrong location for `{}`", d.message);
     insta::assert_snapshot!(name, render(d, &format!("{name}.kiln"), source));
 }
 
 /// `examples/tiny/tiny.kiln` with one edit (`from` must occur exactly once).
 fn tiny_edited(from: &str, to: &str) -> String {
     let tiny = read_spec("tiny/tiny.kiln");
-    assert_eq!(
-        tiny.matches(from).count(),
-        1,
-        "`{from}` must occur once in tiny.kiln"
-    );
+    assert_eq!(tiny.matches(from).count(), 1, "`{from}` must occur once in tiny.kiln");
     tiny.replace(from, to)
 }
 

@@ -51,10 +51,7 @@ fn bad_inputs_are_errors_naming_the_input() {
     let interp = Interpreter::new(&g).unwrap();
     let err = |i: HashMap<String, Value>| interp.run(&i).unwrap_err().to_string();
     assert_eq!(err(HashMap::new()), "missing input `x` (f32[n, 2])");
-    assert_eq!(
-        err(inputs(&[("x", f32v(&[1, 3], &[0.0; 3]))])),
-        "input `x`: expected f32[n, 2], got size 3 on axis 1"
-    );
+    assert_eq!(err(inputs(&[("x", f32v(&[1, 3], &[0.0; 3]))])), "input `x`: expected f32[n, 2], got size 3 on axis 1");
     assert_eq!(
         err(inputs(&[("x", Value::I64 { shape: vec![1, 2], data: vec![0, 0] })])),
         "input `x`: expected f32[n, 2], got i64[1, 2]"

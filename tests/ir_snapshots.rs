@@ -4,8 +4,8 @@
 use kiln_tests::*;
 
 fn ir_of(rel: &str) -> String {
-    let compiled = kiln_frontend::compile(&read_spec(rel), None)
-        .unwrap_or_else(|d| panic!("{}", render(d, rel, &read_spec(rel))));
+    let compiled =
+        kiln_frontend::compile(&read_spec(rel), None).unwrap_or_else(|d| panic!("{}", render(d, rel, &read_spec(rel))));
     kiln_ir::print(&compiled.graph)
 }
 

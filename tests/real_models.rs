@@ -77,7 +77,8 @@ fn minilm_token_states_match_pytorch() {
     let ck = kiln_frontend::checkpoint::load(&weights).unwrap();
     let graph = kiln_frontend::compile(&source, Some(&ck)).map_err(|d| d.message).unwrap().graph;
     let data = read_fixture("minilm_hidden_first.safetensors");
-    let out = run(&graph, &[("input_ids", data["input_ids"].clone()), ("attention_mask", data["attention_mask"].clone())]);
+    let out =
+        run(&graph, &[("input_ids", data["input_ids"].clone()), ("attention_mask", data["attention_mask"].clone())]);
     let (got, want) = (f32s(&out["hidden"]), f32s(&data["last_hidden_state"]));
     assert_eq!(got.shape, want.shape);
     let diff = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -119,7 +120,10 @@ fn smollm2_logits_and_perplexity_match_pytorch() {
     }
     let tokens = (n * (s - 1)) as f64;
     let ppl = (nll_sum / tokens).exp();
-    eprintln!("SmolLM2: logits max abs diff {max_diff:e}, mean |nll diff| {:e}, perplexity {ppl:.4}", nll_diff / tokens);
+    eprintln!(
+        "SmolLM2: logits max abs diff {max_diff:e}, mean |nll diff| {:e}, perplexity {ppl:.4}",
+        nll_diff / tokens
+    );
     assert!(max_diff <= 5e-3, "logits differ by {max_diff}");
     assert!(nll_diff / tokens <= 1e-3, "per-token NLL differs by {} on average", nll_diff / tokens);
     assert!((ppl / 67.79 - 1.0).abs() <= 1e-3, "perplexity {ppl} is not within 0.1% of 67.79");

@@ -98,9 +98,8 @@ pub fn write_tiny_checkpoint(path: &Path, seed: u64) {
         let shape: Vec<usize> = node.ty.shape.iter().map(|d| d.known().expect("known") as usize).collect();
         let n: usize = shape.iter().product();
         let is_norm = w.tensor.contains("norm");
-        let values: Vec<f32> = (0..n)
-            .map(|_| if is_norm { 1.0 + 0.1 * rng.next_f32() } else { 0.5 * rng.next_f32() })
-            .collect();
+        let values: Vec<f32> =
+            (0..n).map(|_| if is_norm { 1.0 + 0.1 * rng.next_f32() } else { 0.5 * rng.next_f32() }).collect();
         let (dtype, bytes) = if is_norm {
             (Dtype::BF16, values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect())
         } else if w.tensor.ends_with(".bias") {

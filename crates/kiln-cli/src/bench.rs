@@ -71,9 +71,9 @@ fn rayon_threads() -> usize {
 fn parse_shape(s: &str) -> Result<HashMap<String, u64>> {
     s.split(',')
         .map(|kv| {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| miette!("--shape takes NAME=SIZE pairs separated by commas, like batch=1,seq=128; got `{kv}`"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                miette!("--shape takes NAME=SIZE pairs separated by commas, like batch=1,seq=128; got `{kv}`")
+            })?;
             let n = v.trim().parse().map_err(|_| miette!("--shape: `{v}` is not a size"))?;
             Ok((k.trim().to_string(), n))
         })

@@ -60,13 +60,24 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     checked.extend(nll_reference.map(|v| ("nll", v)));
     for (r, value) in checked {
         if value.as_f32().is_none() {
-            return Err(miette!("reference `{r}` in {} must be f32, but it is {}{:?}", args.data.display(), value.dtype(), value.shape()));
+            return Err(miette!(
+                "reference `{r}` in {} must be f32, but it is {}{:?}",
+                args.data.display(),
+                value.dtype(),
+                value.shape()
+            ));
         }
         let Some(&rows_of_ref) = value.shape().first() else {
-            return Err(miette!("reference `{r}` in {} is a scalar; it needs one row per input row ({rows})", args.data.display()));
+            return Err(miette!(
+                "reference `{r}` in {} is a scalar; it needs one row per input row ({rows})",
+                args.data.display()
+            ));
         };
         if rows_of_ref != rows {
-            return Err(miette!("reference `{r}` in {} has {rows_of_ref} rows but the inputs have {rows}", args.data.display()));
+            return Err(miette!(
+                "reference `{r}` in {} has {rows_of_ref} rows but the inputs have {rows}",
+                args.data.display()
+            ));
         }
     }
     let bar = ProgressBar::new(rows as u64).with_style(
@@ -168,7 +179,12 @@ fn next_token_nll(logits: &kiln_interp::Tensor, ids: &Value, mask: Option<&Value
     let mask = match mask {
         Some(Value::I64 { data, shape }) if shape[..] == [b, s] => Some(data),
         Some(m) => {
-            return Err(miette!("input `attention_mask` is {}{:?}, but perplexity needs i64{:?}", m.dtype(), m.shape(), [b, s]));
+            return Err(miette!(
+                "input `attention_mask` is {}{:?}, but perplexity needs i64{:?}",
+                m.dtype(),
+                m.shape(),
+                [b, s]
+            ));
         }
         None => None,
     };

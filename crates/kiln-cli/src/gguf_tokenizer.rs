@@ -73,12 +73,8 @@ impl PreSplit {
 /// `add_bos_token`/`add_eos_token` say so (they default to false, as in llama.cpp).
 pub fn from_gguf(ck: &Checkpoint) -> Result<tokenizers::Tokenizer> {
     let json = tokenizer_json(ck)?;
-    tokenizers::Tokenizer::from_str(&json.to_string()).map_err(|e| {
-        miette!(
-            "cannot build a tokenizer from the metadata of {}: {e}",
-            ck.path.display()
-        )
-    })
+    tokenizers::Tokenizer::from_str(&json.to_string())
+        .map_err(|e| miette!("cannot build a tokenizer from the metadata of {}: {e}", ck.path.display()))
 }
 
 /// The `tokenizer.json` document for the tokenizer in `ck`'s metadata.
@@ -87,17 +83,15 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
     let model = meta_str(ck, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         return Err(miette!(
-            help = "kiln can rebuild only byte-level BPE (\"gpt2\") tokenizers from GGUF; pass --tokenizer tokenizer.json",
+            help =
+                "kiln can rebuild only byte-level BPE (\"gpt2\") tokenizers from GGUF; pass --tokenizer tokenizer.json",
             "the tokenizer in {file} is of type {model:?}, not \"gpt2\" (byte-level BPE)"
         ));
     }
     let pre = match ck.metadata.get("tokenizer.ggml.pre") {
         Some(MetaValue::Str(s)) => s.as_str(),
         Some(other) => {
-            return Err(miette!(
-                "{file}: `tokenizer.ggml.pre` should be a string, found {}",
-                kind(other)
-            ));
+            return Err(miette!("{file}: `tokenizer.ggml.pre` should be a string, found {}", kind(other)));
         }
         None => "default",
     };
@@ -113,10 +107,7 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
         .enumerate()
         .map(|(i, v)| match v {
             MetaValue::Str(s) => Ok(s.as_str()),
-            other => Err(miette!(
-                "{file}: `tokenizer.ggml.tokens`[{i}] should be a string, found {}",
-                kind(other)
-            )),
+            other => Err(miette!("{file}: `tokenizer.ggml.tokens`[{i}] should be a string, found {}", kind(other))),
         })
         .collect::<Result<_>>()?;
     if tokens.is_empty() {
@@ -129,18 +120,12 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
             .enumerate()
             .map(|(i, v)| {
                 as_int(v).ok_or_else(|| {
-                    miette!(
-                        "{file}: `tokenizer.ggml.token_type`[{i}] should be an integer, found {}",
-                        kind(v)
-                    )
+                    miette!("{file}: `tokenizer.ggml.token_type`[{i}] should be an integer, found {}", kind(v))
                 })
             })
             .collect::<Result<_>>()?,
         Some(other) => {
-            return Err(miette!(
-                "{file}: `tokenizer.ggml.token_type` should be an array, found {}",
-                kind(other)
-            ));
+            return Err(miette!("{file}: `tokenizer.ggml.token_type` should be an array, found {}", kind(other)));
         }
     };
     if types.len() != tokens.len() {
@@ -160,7 +145,9 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
             // Byte-level tokens never contain a space (it is `Ġ`), so the split is unambiguous.
             match m.split(' ').collect::<Vec<_>>()[..] {
                 [a, b] if !a.is_empty() && !b.is_empty() => Ok(json!([a, b])),
-                _ => Err(miette!("{file}: `tokenizer.ggml.merges`[{i}] = {m:?} is not two tokens separated by one space")),
+                _ => Err(miette!(
+                    "{file}: `tokenizer.ggml.merges`[{i}] = {m:?} is not two tokens separated by one space"
+                )),
             }
         })
         .collect::<Result<_>>()?;
@@ -192,35 +179,38 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
         let Some(v) = ck.metadata.get(key) else {
             return Ok(None);
         };
-        let id = as_int(v)
-            .ok_or_else(|| miette!("{file}: `{key}` should be an integer, found {}", kind(v)))?;
+        let id = as_int(v).ok_or_else(|| miette!("{file}: `{key}` should be an integer, found {}", kind(v)))?;
         match usize::try_from(id).ok().and_then(|i| tokens.get(i)) {
             Some(t) => Ok(Some((t.to_string(), id as u32))),
-            None => Err(miette!(
-                "{file}: `{key}` = {id} is not a token id (the vocabulary has {} tokens)",
-                tokens.len()
-            )),
+            None => {
+                Err(miette!("{file}: `{key}` = {id} is not a token id (the vocabulary has {} tokens)", tokens.len()))
+            }
         }
     };
     let flag = |key: &str| -> Result<bool> {
         match ck.metadata.get(key) {
             None => Ok(false),
             Some(MetaValue::Bool(b)) => Ok(*b),
-            Some(other) => Err(miette!(
-                "{file}: `{key}` should be a boolean, found {}",
-                kind(other)
-            )),
+            Some(other) => Err(miette!("{file}: `{key}` should be a boolean, found {}", kind(other))),
         }
     };
     let bos = flag("tokenizer.ggml.add_bos_token")?
         .then(|| special("tokenizer.ggml.bos_token_id"))
         .transpose()?
-        .map(|t| t.ok_or_else(|| miette!("{file}: `tokenizer.ggml.add_bos_token` is set but there is no `tokenizer.ggml.bos_token_id`")))
+        .map(|t| {
+            t.ok_or_else(|| {
+                miette!("{file}: `tokenizer.ggml.add_bos_token` is set but there is no `tokenizer.ggml.bos_token_id`")
+            })
+        })
         .transpose()?;
     let eos = flag("tokenizer.ggml.add_eos_token")?
         .then(|| special("tokenizer.ggml.eos_token_id"))
         .transpose()?
-        .map(|t| t.ok_or_else(|| miette!("{file}: `tokenizer.ggml.add_eos_token` is set but there is no `tokenizer.ggml.eos_token_id`")))
+        .map(|t| {
+            t.ok_or_else(|| {
+                miette!("{file}: `tokenizer.ggml.add_eos_token` is set but there is no `tokenizer.ggml.eos_token_id`")
+            })
+        })
         .transpose()?;
     // `tokenizer.ggml.unknown_token_id` is not used: llama.cpp's converter records the
     // transformers-level `unk_token`, but a byte-level BPE `tokenizer.json` has no unknown
@@ -299,11 +289,7 @@ fn template(bos: Option<&(String, u32)>, eos: Option<&(String, u32)>) -> Value {
 fn meta_str<'a>(ck: &'a Checkpoint, key: &str) -> Result<&'a str> {
     match ck.metadata.get(key) {
         Some(MetaValue::Str(s)) => Ok(s),
-        Some(other) => Err(miette!(
-            "{}: `{key}` should be a string, found {}",
-            ck.path.display(),
-            kind(other)
-        )),
+        Some(other) => Err(miette!("{}: `{key}` should be a string, found {}", ck.path.display(), kind(other))),
         None => Err(missing(ck, key)),
     }
 }
@@ -311,11 +297,7 @@ fn meta_str<'a>(ck: &'a Checkpoint, key: &str) -> Result<&'a str> {
 fn meta_array<'a>(ck: &'a Checkpoint, key: &str) -> Result<&'a [MetaValue]> {
     match ck.metadata.get(key) {
         Some(MetaValue::Array(items)) => Ok(items),
-        Some(other) => Err(miette!(
-            "{}: `{key}` should be an array, found {}",
-            ck.path.display(),
-            kind(other)
-        )),
+        Some(other) => Err(miette!("{}: `{key}` should be an array, found {}", ck.path.display(), kind(other))),
         None => Err(missing(ck, key)),
     }
 }
@@ -362,10 +344,7 @@ mod tests {
     fn smollm2() -> Option<Checkpoint> {
         let path = gguf_path();
         if !path.exists() {
-            eprintln!(
-                "skipped: {} is absent (run examples/fetch.sh)",
-                path.display()
-            );
+            eprintln!("skipped: {} is absent (run examples/fetch.sh)", path.display());
             return None;
         }
         Some(kiln_frontend::checkpoint::load(&path).expect("SmolLM2 GGUF loads"))
@@ -374,10 +353,7 @@ mod tests {
     fn i64s(file: &safetensors::SafeTensors, name: &str) -> Vec<u32> {
         let t = file.tensor(name).unwrap();
         assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        t.data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-            .collect()
+        t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
     }
 
     #[test]
@@ -404,10 +380,7 @@ mod tests {
         assert!(decoded.starts_with(text));
         // The greedy continuation decodes to English text.
         let rest = &decoded[text.len()..];
-        assert!(
-            rest.chars().filter(|c| c.is_ascii_alphabetic()).count() > rest.len() / 2,
-            "{rest:?}"
-        );
+        assert!(rest.chars().filter(|c| c.is_ascii_alphabetic()).count() > rest.len() / 2, "{rest:?}");
     }
 
     #[test]
@@ -428,12 +401,7 @@ mod tests {
             "emoji 🙂 and ünïcödé",
         ] {
             let enc = tok.encode(s, true).unwrap();
-            assert_eq!(
-                tok.decode(enc.get_ids(), false).unwrap(),
-                s,
-                "tokens {:?}",
-                enc.get_tokens()
-            );
+            assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), s, "tokens {:?}", enc.get_tokens());
         }
     }
 
@@ -448,50 +416,29 @@ mod tests {
         assert_eq!(enc.get_tokens(), ["x", "Ġ", "2", "0", "2", "4"]);
 
         // The chat markers are single special tokens, at the ids the vocabulary gives them.
-        let MetaValue::Array(tokens) = &ck.metadata["tokenizer.ggml.tokens"] else {
-            panic!()
-        };
-        let id_of = |s: &str| {
-            tokens
-                .iter()
-                .position(|t| *t == MetaValue::Str(s.into()))
-                .unwrap() as u32
-        };
+        let MetaValue::Array(tokens) = &ck.metadata["tokenizer.ggml.tokens"] else { panic!() };
+        let id_of = |s: &str| tokens.iter().position(|t| *t == MetaValue::Str(s.into())).unwrap() as u32;
         let (start, end) = (id_of("<|im_start|>"), id_of("<|im_end|>"));
         assert_eq!((start, end), (1, 2));
         let enc = tok.encode("<|im_start|>user\nHi<|im_end|>", true).unwrap();
         let ids = enc.get_ids();
         assert_eq!(ids.first(), Some(&start));
         assert_eq!(ids.last(), Some(&end));
-        assert_eq!(
-            ids.iter().filter(|&&i| i == start || i == end).count(),
-            2,
-            "{:?}",
-            enc.get_tokens()
-        );
+        assert_eq!(ids.iter().filter(|&&i| i == start || i == end).count(), 2, "{:?}", enc.get_tokens());
         assert_eq!(tok.token_to_id("<|im_start|>"), Some(start));
         // Special tokens go away with skip_special_tokens.
         assert_eq!(tok.decode(ids, true).unwrap(), "user\nHi");
 
         // No BOS is added (add_bos_token = false): encoding with and without special tokens agree.
-        assert_eq!(
-            ck.metadata.get("tokenizer.ggml.add_bos_token"),
-            Some(&MetaValue::Bool(false))
-        );
+        assert_eq!(ck.metadata.get("tokenizer.ggml.add_bos_token"), Some(&MetaValue::Bool(false)));
         let s = "Hello world";
-        assert_eq!(
-            tok.encode(s, true).unwrap().get_ids(),
-            tok.encode(s, false).unwrap().get_ids()
-        );
+        assert_eq!(tok.encode(s, true).unwrap().get_ids(), tok.encode(s, false).unwrap().get_ids());
         assert_eq!(tok.get_vocab_size(true), tokens.len());
 
         // The byte 0xF1 (`ñ` in the byte-level alphabet) is not in SmolLM2's vocabulary; it is
         // dropped, as by the Hugging Face tokenizer (huggingface/smollm#81), not made `<|endoftext|>`.
         assert!(tok.token_to_id("ñ").is_none());
-        assert_eq!(
-            ck.metadata.get("tokenizer.ggml.unknown_token_id"),
-            Some(&MetaValue::UInt(0))
-        );
+        assert_eq!(ck.metadata.get("tokenizer.ggml.unknown_token_id"), Some(&MetaValue::UInt(0)));
         let enc = tok.encode("a\u{46131}b", false).unwrap();
         assert!(!enc.get_ids().contains(&0), "{:?}", enc.get_tokens());
     }
@@ -501,21 +448,13 @@ mod tests {
             path: "fake.gguf".into(),
             kind: kiln_frontend::checkpoint::CheckpointKind::Gguf,
             tensors: Default::default(),
-            metadata: metadata
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             skipped: vec![],
         }
     }
 
     fn strs(items: &[&str]) -> MetaValue {
-        MetaValue::Array(
-            items
-                .iter()
-                .map(|s| MetaValue::Str(s.to_string()))
-                .collect(),
-        )
+        MetaValue::Array(items.iter().map(|s| MetaValue::Str(s.to_string())).collect())
     }
 
     #[test]
@@ -523,15 +462,9 @@ mod tests {
         let ck = fake(vec![
             ("tokenizer.ggml.model", MetaValue::Str("gpt2".into())),
             ("tokenizer.ggml.pre", MetaValue::Str("gpt-2".into())),
-            (
-                "tokenizer.ggml.tokens",
-                strs(&["<s>", "a", "b", "ab", "Ġ", "Ġab"]),
-            ),
+            ("tokenizer.ggml.tokens", strs(&["<s>", "a", "b", "ab", "Ġ", "Ġab"])),
             ("tokenizer.ggml.merges", strs(&["a b", "Ġ ab"])),
-            (
-                "tokenizer.ggml.token_type",
-                MetaValue::Array([3, 1, 1, 1, 1, 1].map(MetaValue::Int).to_vec()),
-            ),
+            ("tokenizer.ggml.token_type", MetaValue::Array([3, 1, 1, 1, 1, 1].map(MetaValue::Int).to_vec())),
             ("tokenizer.ggml.bos_token_id", MetaValue::UInt(0)),
             ("tokenizer.ggml.add_bos_token", MetaValue::Bool(true)),
         ]);
@@ -545,14 +478,8 @@ mod tests {
     fn clear_errors() {
         let err = |ck: Checkpoint| format!("{:?}", from_gguf(&ck).unwrap_err());
         let e = err(fake(vec![]));
-        assert!(
-            e.contains("no tokenizer in its metadata") && e.contains("tokenizer.ggml.model"),
-            "{e}"
-        );
-        let e = err(fake(vec![(
-            "tokenizer.ggml.model",
-            MetaValue::Str("llama".into()),
-        )]));
+        assert!(e.contains("no tokenizer in its metadata") && e.contains("tokenizer.ggml.model"), "{e}");
+        let e = err(fake(vec![("tokenizer.ggml.model", MetaValue::Str("llama".into()))]));
         assert!(e.contains("\"llama\", not \"gpt2\""), "{e}");
         let e = err(fake(vec![
             ("tokenizer.ggml.model", MetaValue::Str("gpt2".into())),

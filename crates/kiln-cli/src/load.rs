@@ -39,8 +39,9 @@ pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<toke
             && is_gguf(w)
         {
             let checkpoint = kiln_frontend::checkpoint::load(w)?;
-            return crate::gguf_tokenizer::from_gguf(&checkpoint)
-                .wrap_err_with(|| format!("no tokenizer at {} (looked beside the weights), and none usable in the GGUF", path.display()));
+            return crate::gguf_tokenizer::from_gguf(&checkpoint).wrap_err_with(|| {
+                format!("no tokenizer at {} (looked beside the weights), and none usable in the GGUF", path.display())
+            });
         }
         return Err(miette!(
             help = "pass --tokenizer PATH/tokenizer.json",

@@ -37,7 +37,9 @@ enum Command {
         weights: Option<PathBuf>,
     },
     /// Run a model on tensors from a safetensors file (by input name) or on text.
-    #[command(after_help = "Examples:\n  kiln run minilm.kiln -w model.safetensors --text \"A sentence.\"\n  kiln run minilm.kiln -w model.safetensors --input in.safetensors --output out.safetensors")]
+    #[command(
+        after_help = "Examples:\n  kiln run minilm.kiln -w model.safetensors --text \"A sentence.\"\n  kiln run minilm.kiln -w model.safetensors --input in.safetensors --output out.safetensors"
+    )]
     Run {
         /// The model spec (.kiln).
         spec: PathBuf,
@@ -61,7 +63,9 @@ enum Command {
         engine: Engine,
     },
     /// Perplexity of a language model on `input_ids`, or agreement with reference outputs.
-    #[command(after_help = "FILE holds the model's inputs by name. For a language model (output `logits`)\nkiln reports perplexity under teacher forcing (and, with an `nll` tensor, the mean\ndifference to it). Reference outputs stored under an output's name (`embeddings`) are\ncompared by cosine per row and max abs difference; `first_logits`/`last_logits` compare\nthe logits at the first/last position.")]
+    #[command(
+        after_help = "FILE holds the model's inputs by name. For a language model (output `logits`)\nkiln reports perplexity under teacher forcing (and, with an `nll` tensor, the mean\ndifference to it). Reference outputs stored under an output's name (`embeddings`) are\ncompared by cosine per row and max abs difference; `first_logits`/`last_logits` compare\nthe logits at the first/last position."
+    )]
     Eval {
         /// The model spec (.kiln).
         spec: PathBuf,
@@ -82,7 +86,9 @@ enum Command {
         engine: Engine,
     },
     /// Time a model on synthetic inputs (median of repeated runs after warm-up).
-    #[command(after_help = "Token ids are spread over the embedding table; masks are all ones.\nExample: kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json")]
+    #[command(
+        after_help = "Token ids are spread over the embedding table; masks are all ones.\nExample: kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json"
+    )]
     Bench {
         /// The model spec (.kiln).
         spec: PathBuf,
@@ -121,9 +127,7 @@ fn main() -> Result<()> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    miette::set_hook(Box::new(|_| {
-        Box::new(miette::MietteHandlerOpts::new().context_lines(1).build())
-    }))?;
+    miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().context_lines(1).build())))?;
     let cli = Cli::parse();
     match cli.command {
         Command::Check { spec, weights } => {
@@ -132,7 +136,9 @@ fn main() -> Result<()> {
             let params: u64 = g
                 .node_ids()
                 .filter_map(|n| match &g.node(n).op {
-                    kiln_ir::Op::Weight(_) => Some(g.node(n).ty.shape.iter().filter_map(|d| d.known()).product::<u64>()),
+                    kiln_ir::Op::Weight(_) => {
+                        Some(g.node(n).ty.shape.iter().filter_map(|d| d.known()).product::<u64>())
+                    }
                     _ => None,
                 })
                 .sum();
@@ -141,7 +147,11 @@ fn main() -> Result<()> {
                 println!("  weights bound from {} ({})", ck.path.display(), ck.kind);
                 let unused = &model.compiled.unused_tensors;
                 if !unused.is_empty() {
-                    println!("  note: {} checkpoint tensors are not used by the model: {}", unused.len(), unused.join(", "));
+                    println!(
+                        "  note: {} checkpoint tensors are not used by the model: {}",
+                        unused.len(),
+                        unused.join(", ")
+                    );
                 }
             }
         }

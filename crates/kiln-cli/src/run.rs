@@ -34,7 +34,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             inputs
         }
         (Some(_), false) => return Err(miette!("give either --input or --text, not both")),
-        (None, true) => return Err(miette!(help = "kiln run SPEC --weights W --input IN.safetensors --output OUT.safetensors", "nothing to run: give --input FILE or --text TEXT")),
+        (None, true) => {
+            return Err(miette!(
+                help = "kiln run SPEC --weights W --input IN.safetensors --output OUT.safetensors",
+                "nothing to run: give --input FILE or --text TEXT"
+            ));
+        }
     };
     let outputs = interp.run(&inputs).into_diagnostic().wrap_err_with(|| match &args.input {
         Some(path) => format!("cannot run {} on {}", args.spec.display(), path.display()),
@@ -52,7 +57,11 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// Tokenizes `texts` into the model's `input_ids` (and `attention_mask` if it has one),
 /// padded on the right to the longest text.
-pub fn text_inputs(tok: &tokenizers::Tokenizer, texts: &[String], graph: &kiln_ir::Graph) -> Result<HashMap<String, Value>> {
+pub fn text_inputs(
+    tok: &tokenizers::Tokenizer,
+    texts: &[String],
+    graph: &kiln_ir::Graph,
+) -> Result<HashMap<String, Value>> {
     let names: Vec<String> = graph
         .inputs()
         .into_iter()

@@ -85,7 +85,9 @@ pub fn write(path: &Path, values: &[(String, Value)]) -> Result<()> {
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = values
         .iter()
         .map(|(name, v)| match v {
-            Value::F32(t) => (name.clone(), Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Value::F32(t) => {
+                (name.clone(), Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+            }
             Value::I64 { shape, data } => {
                 (name.clone(), Dtype::I64, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect())
             }
@@ -118,7 +120,9 @@ pub fn batch_of(inputs: &HashMap<String, Value>) -> Result<usize> {
     for (name, v) in inputs {
         let b = v.shape().first().copied().ok_or_else(|| miette!("input `{name}` is a scalar; expected a batch"))?;
         match batch {
-            Some(other) if other != b => return Err(miette!("inputs disagree on the batch size: {other} vs {b} (`{name}`)")),
+            Some(other) if other != b => {
+                return Err(miette!("inputs disagree on the batch size: {other} vs {b} (`{name}`)"));
+            }
             _ => batch = Some(b),
         }
     }

@@ -24,10 +24,7 @@ fn kiln<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
 }
 
 fn describe<S: AsRef<std::ffi::OsStr>>(args: &[S], out: &Output) -> String {
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
     format!(
         "kiln {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
         args.join(" "),
@@ -43,9 +40,7 @@ fn assert_no_panic<S: AsRef<std::ffi::OsStr>>(args: &[S], out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     for text in [&stderr, &stdout] {
         assert!(
-            !text.contains("panicked")
-                && !text.contains("RUST_BACKTRACE")
-                && !text.contains("stack backtrace"),
+            !text.contains("panicked") && !text.contains("RUST_BACKTRACE") && !text.contains("stack backtrace"),
             "a panic or backtrace:\n{}",
             describe(args, out)
         );
@@ -62,11 +57,7 @@ fn assert_no_panic<S: AsRef<std::ffi::OsStr>>(args: &[S], out: &Output) {
 fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     let out = kiln(args);
     assert_no_panic(args, &out);
-    assert!(
-        out.status.success(),
-        "expected success:\n{}",
-        describe(args, &out)
-    );
+    assert!(out.status.success(), "expected success:\n{}", describe(args, &out));
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
@@ -75,17 +66,9 @@ fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
 fn fails<S: AsRef<std::ffi::OsStr>>(args: &[S], needles: &[&str]) -> String {
     let out = kiln(args);
     assert_no_panic(args, &out);
-    assert!(
-        !out.status.success(),
-        "expected failure:\n{}",
-        describe(args, &out)
-    );
+    assert!(!out.status.success(), "expected failure:\n{}", describe(args, &out));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !stderr.trim().is_empty(),
-        "failure without a message:\n{}",
-        describe(args, &out)
-    );
+    assert!(!stderr.trim().is_empty(), "failure without a message:\n{}", describe(args, &out));
     // The report wraps long messages (continuation lines start with `│`, and a path may
     // be broken after a `/`): compare the needles against the text with the wrapping
     // undone.
@@ -102,9 +85,7 @@ fn fails<S: AsRef<std::ffi::OsStr>>(args: &[S], needles: &[&str]) -> String {
 
 /// `text` without the report's box-drawing margins and without whitespace.
 fn flatten(text: &str) -> String {
-    text.chars()
-        .filter(|c| *c != '│' && !c.is_whitespace())
-        .collect()
+    text.chars().filter(|c| *c != '│' && !c.is_whitespace()).collect()
 }
 
 fn s(p: &Path) -> String {
@@ -154,33 +135,18 @@ type Raw = (String, Dtype, Vec<usize>, Vec<u8>);
 
 fn i64s(name: &str, shape: &[usize], data: &[i64]) -> Raw {
     assert_eq!(shape.iter().product::<usize>(), data.len());
-    (
-        name.into(),
-        Dtype::I64,
-        shape.to_vec(),
-        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
+    (name.into(), Dtype::I64, shape.to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn f32s(name: &str, shape: &[usize], data: &[f32]) -> Raw {
     assert_eq!(shape.iter().product::<usize>(), data.len());
-    (
-        name.into(),
-        Dtype::F32,
-        shape.to_vec(),
-        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )
+    (name.into(), Dtype::F32, shape.to_vec(), data.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn write_safetensors(path: &Path, tensors: &[Raw]) {
     let views: Vec<_> = tensors
         .iter()
-        .map(|(n, d, shape, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, shape.clone(), b).expect("view"),
-            )
-        })
+        .map(|(n, d, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, shape.clone(), b).expect("view")))
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("write safetensors");
 }
@@ -189,21 +155,15 @@ fn write_safetensors(path: &Path, tensors: &[Raw]) {
 fn read_safetensors(path: &Path) -> Vec<Raw> {
     let bytes = std::fs::read(path).expect("read safetensors");
     let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let mut out: Vec<Raw> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
+    let mut out: Vec<Raw> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
 fn as_f32(raw: &Raw) -> Vec<f32> {
     assert_eq!(raw.1, Dtype::F32, "{} is not f32", raw.0);
-    raw.3
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    raw.3.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// A GGUF (version 3) file holding `tensors` (F32, F16 or BF16), with one string
@@ -267,35 +227,19 @@ fn run_tiny_writes_every_output_by_name_deterministically() {
                 "also_unrelated".into(),
                 Dtype::BF16,
                 vec![2],
-                [half::bf16::from_f32(1.0), half::bf16::from_f32(2.0)]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
+                [half::bf16::from_f32(1.0), half::bf16::from_f32(2.0)].iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         ],
     );
     let mut runs = Vec::new();
     for name in ["out1.safetensors", "out2.safetensors"] {
         let out = dir.join(name);
-        let args = [
-            "run",
-            &tiny_spec(),
-            "--weights",
-            &s(&weights),
-            "--input",
-            &s(&input),
-            "--output",
-            &s(&out),
-        ];
+        let args = ["run", &tiny_spec(), "--weights", &s(&weights), "--input", &s(&input), "--output", &s(&out)];
         let o = kiln(&args);
         assert_no_panic(&args, &o);
         assert!(o.status.success(), "{}", describe(&args, &o));
         let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            stderr.contains("wrote 2 output(s)") && stderr.contains(name),
-            "{}",
-            describe(&args, &o)
-        );
+        assert!(stderr.contains("wrote 2 output(s)") && stderr.contains(name), "{}", describe(&args, &o));
         runs.push(std::fs::read(&out).expect("output written"));
     }
     assert_eq!(runs[0], runs[1], "two runs on the same input differ");
@@ -305,21 +249,11 @@ fn run_tiny_writes_every_output_by_name_deterministically() {
     assert_eq!(names, ["hidden", "logits"]);
     let hidden = &tensors[0];
     let logits = &tensors[1];
-    assert_eq!(
-        (hidden.1, hidden.2.as_slice()),
-        (Dtype::F32, &[2usize, 16][..])
-    );
-    assert_eq!(
-        (logits.1, logits.2.as_slice()),
-        (Dtype::F32, &[2usize, 5, 32][..])
-    );
+    assert_eq!((hidden.1, hidden.2.as_slice()), (Dtype::F32, &[2usize, 16][..]));
+    assert_eq!((logits.1, logits.2.as_slice()), (Dtype::F32, &[2usize, 5, 32][..]));
     for t in [hidden, logits] {
         let values = as_f32(t);
-        assert!(
-            values.iter().all(|v| v.is_finite()),
-            "{} has non-finite values",
-            t.0
-        );
+        assert!(values.iter().all(|v| v.is_finite()), "{} has non-finite values", t.0);
         assert!(values.iter().any(|&v| v != 0.0), "{} is all zeros", t.0);
     }
     // The batch rows are independent: the second row's logits differ from the first's.
@@ -327,14 +261,7 @@ fn run_tiny_writes_every_output_by_name_deterministically() {
     assert_ne!(l[..5 * 32], l[5 * 32..]);
 
     // Without --output, the outputs are printed.
-    let stdout = ok(&[
-        "run",
-        &tiny_spec(),
-        "--weights",
-        &s(&weights),
-        "--input",
-        &s(&input),
-    ]);
+    let stdout = ok(&["run", &tiny_spec(), "--weights", &s(&weights), "--input", &s(&input)]);
     assert!(stdout.contains("logits: f32[2, 5, 32]"), "{stdout}");
     assert!(stdout.contains("hidden: f32[2, 16]"), "{stdout}");
 }
@@ -350,60 +277,30 @@ fn run_tiny_from_gguf_matches_safetensors() {
     let input = dir.join("in.safetensors");
     write_safetensors(
         &input,
-        &[
-            i64s("input_ids", &[1, 4], &[3, 1, 4, 1]),
-            i64s("attention_mask", &[1, 4], &[1, 1, 1, 1]),
-        ],
+        &[i64s("input_ids", &[1, 4], &[3, 1, 4, 1]), i64s("attention_mask", &[1, 4], &[1, 1, 1, 1])],
     );
     let mut outs = Vec::new();
     for (w, name) in [(&weights, "a.safetensors"), (&gguf, "b.safetensors")] {
         let out = dir.join(name);
-        ok(&[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &s(w),
-            "-i",
-            &s(&input),
-            "-o",
-            &s(&out),
-        ]);
+        ok(&["run", &tiny_spec(), "-w", &s(w), "-i", &s(&input), "-o", &s(&out)]);
         outs.push(std::fs::read(out).expect("output"));
     }
-    assert_eq!(
-        outs[0], outs[1],
-        "the same weights from GGUF and safetensors give different outputs"
-    );
+    assert_eq!(outs[0], outs[1], "the same weights from GGUF and safetensors give different outputs");
 }
 
 #[test]
 fn check_tiny_counts_parameters() {
     let (_dir, weights) = tiny_setup("check");
-    let expected: usize = read_safetensors(&weights)
-        .iter()
-        .map(|t| t.2.iter().product::<usize>())
-        .sum();
+    let expected: usize = read_safetensors(&weights).iter().map(|t| t.2.iter().product::<usize>()).sum();
 
     let stdout = ok(&["check", &tiny_spec()]);
     assert!(stdout.contains("tiny.kiln: ok ("), "{stdout}");
-    assert!(
-        stdout.contains(&format!(" {expected} parameters)")),
-        "expected {expected} parameters:\n{stdout}"
-    );
+    assert!(stdout.contains(&format!(" {expected} parameters)")), "expected {expected} parameters:\n{stdout}");
     assert!(!stdout.contains("weights bound"), "{stdout}");
 
     let stdout = ok(&["check", &tiny_spec(), "--weights", &s(&weights)]);
-    assert!(
-        stdout.contains(&format!(" {expected} parameters)")),
-        "expected {expected} parameters:\n{stdout}"
-    );
-    assert!(
-        stdout.contains(&format!(
-            "weights bound from {} (safetensors)",
-            weights.display()
-        )),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!(" {expected} parameters)")), "expected {expected} parameters:\n{stdout}");
+    assert!(stdout.contains(&format!("weights bound from {} (safetensors)", weights.display())), "{stdout}");
     assert!(!stdout.contains("not used by the model"), "{stdout}");
 }
 
@@ -415,10 +312,7 @@ fn check_notes_unused_checkpoint_tensors() {
     let extra = dir.join("extra.safetensors");
     write_safetensors(&extra, &tensors);
     let stdout = ok(&["check", &tiny_spec(), "--weights", &s(&extra)]);
-    assert!(
-        stdout.contains("1 checkpoint tensors are not used by the model: lm_head.weight"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("1 checkpoint tensors are not used by the model: lm_head.weight"), "{stdout}");
 }
 
 #[test]
@@ -426,14 +320,8 @@ fn ir_tiny_shows_formats_when_bound() {
     let (_dir, weights) = tiny_setup("ir");
     let unbound = ok(&["ir", &tiny_spec()]);
     assert!(unbound.starts_with("graph tiny {"), "{unbound}");
-    assert!(
-        unbound.contains("input \"input_ids\" : i64[batch, seq]"),
-        "{unbound}"
-    );
-    assert!(
-        !unbound.contains('#'),
-        "an unbound graph has no checksums:\n{unbound}"
-    );
+    assert!(unbound.contains("input \"input_ids\" : i64[batch, seq]"), "{unbound}");
+    assert!(!unbound.contains('#'), "an unbound graph has no checksums:\n{unbound}");
 
     let bound = ok(&["ir", &tiny_spec(), "--weights", &s(&weights)]);
     let weight_lines: Vec<&str> = bound.lines().filter(|l| l.contains("= weight ")).collect();
@@ -451,12 +339,8 @@ fn ir_tiny_shows_formats_when_bound() {
     assert!(weight_lines.iter().any(|l| l.contains("bf16 #")), "{bound}");
     assert!(weight_lines.iter().any(|l| l.contains(" f16 #")), "{bound}");
     // Everything but the weight lines is the same as unbound.
-    let strip = |text: &str| -> Vec<String> {
-        text.lines()
-            .filter(|l| !l.contains("= weight "))
-            .map(String::from)
-            .collect()
-    };
+    let strip =
+        |text: &str| -> Vec<String> { text.lines().filter(|l| !l.contains("= weight ")).map(String::from).collect() };
     assert_eq!(strip(&unbound), strip(&bound));
 }
 
@@ -466,24 +350,8 @@ fn eval_tiny_reports_perplexity() {
     let data = dir.join("data.safetensors");
     // batch 3, seq 6, all mask ones: 3 * 5 predicted tokens.
     let ids: Vec<i64> = (0..18).map(|i| (i * 7 % 32) as i64).collect();
-    write_safetensors(
-        &data,
-        &[
-            i64s("input_ids", &[3, 6], &ids),
-            i64s("attention_mask", &[3, 6], &[1; 18]),
-        ],
-    );
-    let stdout = ok(&[
-        "eval",
-        &tiny_spec(),
-        "--weights",
-        &s(&weights),
-        "--data",
-        &s(&data),
-        "--json",
-        "--batch",
-        "2",
-    ]);
+    write_safetensors(&data, &[i64s("input_ids", &[3, 6], &ids), i64s("attention_mask", &[3, 6], &[1; 18])]);
+    let stdout = ok(&["eval", &tiny_spec(), "--weights", &s(&weights), "--data", &s(&data), "--json", "--batch", "2"]);
     let json: serde_json::Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     assert_eq!(json["tokens"], 15, "{json}");
@@ -493,62 +361,23 @@ fn eval_tiny_reports_perplexity() {
     assert!((nll.exp() - ppl).abs() < 1e-9 * ppl, "{json}");
 
     // The batch size does not change the result.
-    let stdout1 = ok(&[
-        "eval",
-        &tiny_spec(),
-        "--weights",
-        &s(&weights),
-        "--data",
-        &s(&data),
-        "--json",
-        "--batch",
-        "1",
-    ]);
+    let stdout1 = ok(&["eval", &tiny_spec(), "--weights", &s(&weights), "--data", &s(&data), "--json", "--batch", "1"]);
     let json1: serde_json::Value = serde_json::from_str(stdout1.trim()).expect("JSON");
-    assert!(
-        (json1["perplexity"].as_f64().unwrap() - ppl).abs() < 1e-6 * ppl,
-        "{json} vs {json1}"
-    );
+    assert!((json1["perplexity"].as_f64().unwrap() - ppl).abs() < 1e-6 * ppl, "{json} vs {json1}");
 
     // Masked targets are not counted: row 0 keeps 3 of 5 targets, rows 1 and 2 all 5.
     let mut mask = vec![1i64; 18];
     mask[4] = 0;
     mask[5] = 0;
     let masked = dir.join("masked.safetensors");
-    write_safetensors(
-        &masked,
-        &[
-            i64s("input_ids", &[3, 6], &ids),
-            i64s("attention_mask", &[3, 6], &mask),
-        ],
-    );
-    let stdout = ok(&[
-        "eval",
-        &tiny_spec(),
-        "--weights",
-        &s(&weights),
-        "--data",
-        &s(&masked),
-        "--json",
-    ]);
+    write_safetensors(&masked, &[i64s("input_ids", &[3, 6], &ids), i64s("attention_mask", &[3, 6], &mask)]);
+    let stdout = ok(&["eval", &tiny_spec(), "--weights", &s(&weights), "--data", &s(&masked), "--json"]);
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
     assert_eq!(json["tokens"], 13, "{json}");
 
     // Without --json: one line per metric.
-    let stdout = ok(&[
-        "eval",
-        &tiny_spec(),
-        "--weights",
-        &s(&weights),
-        "--data",
-        &s(&data),
-    ]);
-    assert!(
-        stdout
-            .lines()
-            .any(|l| l.trim_start().starts_with("perplexity:")),
-        "{stdout}"
-    );
+    let stdout = ok(&["eval", &tiny_spec(), "--weights", &s(&weights), "--data", &s(&data)]);
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("perplexity:")), "{stdout}");
     assert!(stdout.lines().any(|l| l.trim() == "tokens: 15"), "{stdout}");
 }
 
@@ -556,46 +385,17 @@ fn eval_tiny_reports_perplexity() {
 fn eval_compares_reference_outputs() {
     let (dir, weights) = tiny_setup("eval-ref");
     let input = dir.join("in.safetensors");
-    let ids = [
-        i64s("input_ids", &[2, 4], &[1, 2, 3, 4, 5, 6, 7, 8]),
-        i64s("attention_mask", &[2, 4], &[1; 8]),
-    ];
+    let ids = [i64s("input_ids", &[2, 4], &[1, 2, 3, 4, 5, 6, 7, 8]), i64s("attention_mask", &[2, 4], &[1; 8])];
     write_safetensors(&input, &ids);
     let out = dir.join("out.safetensors");
-    ok(&[
-        "run",
-        &tiny_spec(),
-        "-w",
-        &s(&weights),
-        "-i",
-        &s(&input),
-        "-o",
-        &s(&out),
-    ]);
-    let hidden = read_safetensors(&out)
-        .into_iter()
-        .find(|t| t.0 == "hidden")
-        .expect("hidden");
+    ok(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(&input), "-o", &s(&out)]);
+    let hidden = read_safetensors(&out).into_iter().find(|t| t.0 == "hidden").expect("hidden");
     let data = dir.join("data.safetensors");
     write_safetensors(&data, &[ids[0].clone(), ids[1].clone(), hidden]);
-    let stdout = ok(&[
-        "eval",
-        &tiny_spec(),
-        "-w",
-        &s(&weights),
-        "--data",
-        &s(&data),
-        "--json",
-    ]);
+    let stdout = ok(&["eval", &tiny_spec(), "-w", &s(&weights), "--data", &s(&data), "--json"]);
     let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
-    assert!(
-        json["cosine_min"].as_f64().expect("cosine_min") > 0.999_999,
-        "{json}"
-    );
-    assert!(
-        json["cosine_mean"].as_f64().expect("cosine_mean") > 0.999_999,
-        "{json}"
-    );
+    assert!(json["cosine_min"].as_f64().expect("cosine_min") > 0.999_999, "{json}");
+    assert!(json["cosine_mean"].as_f64().expect("cosine_mean") > 0.999_999, "{json}");
     assert_eq!(json["rows"], 2, "{json}");
     assert_eq!(json["max_abs_diff_hidden"], 0.0, "{json}");
     assert_eq!(json["tokens"], 6, "{json}");
@@ -610,28 +410,12 @@ fn missing_spec_file() {
     let dir = scratch("missing-spec");
     let missing = dir.join("nope.kiln");
     for cmd in ["check", "ir"] {
-        fails(
-            &[cmd, &s(&missing)],
-            &["nope.kiln", "cannot read model spec"],
-        );
+        fails(&[cmd, &s(&missing)], &["nope.kiln", "cannot read model spec"]);
     }
     let weights = dir.join("w.safetensors");
     write_tiny_checkpoint(&weights, 1);
-    fails(
-        &["run", &s(&missing), "-w", &s(&weights), "--text", "hi"],
-        &["nope.kiln"],
-    );
-    fails(
-        &[
-            "eval",
-            &s(&missing),
-            "-w",
-            &s(&weights),
-            "--data",
-            &s(&weights),
-        ],
-        &["nope.kiln"],
-    );
+    fails(&["run", &s(&missing), "-w", &s(&weights), "--text", "hi"], &["nope.kiln"]);
+    fails(&["eval", &s(&missing), "-w", &s(&weights), "--data", &s(&weights)], &["nope.kiln"]);
     // A directory is not a spec either.
     fails(&["check", &s(&dir)], &[&s(&dir)]);
 }
@@ -641,33 +425,10 @@ fn missing_weights_file() {
     let dir = scratch("missing-weights");
     let missing = dir.join("absent.safetensors");
     for cmd in ["check", "ir"] {
-        fails(
-            &[cmd, &tiny_spec(), "--weights", &s(&missing)],
-            &["absent.safetensors", "cannot open"],
-        );
+        fails(&[cmd, &tiny_spec(), "--weights", &s(&missing)], &["absent.safetensors", "cannot open"]);
     }
-    fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "--weights",
-            &s(&missing),
-            "--text",
-            "hi",
-        ],
-        &["absent.safetensors"],
-    );
-    fails(
-        &[
-            "eval",
-            &tiny_spec(),
-            "--weights",
-            &s(&missing),
-            "--data",
-            &s(&missing),
-        ],
-        &["absent.safetensors"],
-    );
+    fails(&["run", &tiny_spec(), "--weights", &s(&missing), "--text", "hi"], &["absent.safetensors"]);
+    fails(&["eval", &tiny_spec(), "--weights", &s(&missing), "--data", &s(&missing)], &["absent.safetensors"]);
 }
 
 #[test]
@@ -676,52 +437,26 @@ fn dsl_syntax_error_shows_file_line_column_and_source() {
     let source = std::fs::read_to_string(spec("tiny/tiny.kiln")).expect("spec");
     let broken = source.replacen("let heads = 4", "let heads = = 4", 1);
     assert_ne!(broken, source);
-    let line = broken
-        .lines()
-        .position(|l| l == "let heads = = 4")
-        .expect("edited line")
-        + 1;
+    let line = broken.lines().position(|l| l == "let heads = = 4").expect("edited line") + 1;
     let path = dir.join("broken_tiny.kiln");
     std::fs::write(&path, &broken).expect("write");
     for cmd in ["check", "ir"] {
-        let stderr = fails(
-            &[cmd, &s(&path)],
-            &[
-                "syntax error",
-                &format!("broken_tiny.kiln:{line}:13"),
-                "let heads = = 4",
-            ],
-        );
+        let stderr =
+            fails(&[cmd, &s(&path)], &["syntax error", &format!("broken_tiny.kiln:{line}:13"), "let heads = = 4"]);
         // The caret sits under column 13 of the source line.
-        let src_line = stderr
-            .lines()
-            .find(|l| l.ends_with("let heads = = 4"))
-            .expect("source line shown");
-        let caret_line = stderr
-            .lines()
-            .skip_while(|l| !l.ends_with("let heads = = 4"))
-            .nth(1)
-            .expect("a line under the source");
+        let src_line = stderr.lines().find(|l| l.ends_with("let heads = = 4")).expect("source line shown");
+        let caret_line =
+            stderr.lines().skip_while(|l| !l.ends_with("let heads = = 4")).nth(1).expect("a line under the source");
         let col0 = src_line.find("let heads").expect("source text");
-        let caret = caret_line
-            .find(['▲', '^'])
-            .unwrap_or_else(|| panic!("no caret under the source line:\n{stderr}"));
+        let caret = caret_line.find(['▲', '^']).unwrap_or_else(|| panic!("no caret under the source line:\n{stderr}"));
         // `▲` is multi-byte; compare columns in chars.
         let chars = |s: &str, byte: usize| s[..byte].chars().count();
-        assert_eq!(
-            chars(caret_line, caret),
-            chars(src_line, col0) + 12,
-            "caret misplaced:\n{stderr}"
-        );
+        assert_eq!(chars(caret_line, caret), chars(src_line, col0) + 12, "caret misplaced:\n{stderr}");
     }
 
     // An unterminated block at the end of the file.
     let path = dir.join("unterminated.kiln");
-    std::fs::write(
-        &path,
-        "model m\ninput x: f32[n]\nblock B(x) {\n    return x\n",
-    )
-    .expect("write");
+    std::fs::write(&path, "model m\ninput x: f32[n]\nblock B(x) {\n    return x\n").expect("write");
     fails(&["check", &s(&path)], &["unterminated.kiln:"]);
     // A file that is not a spec at all (binary bytes, invalid UTF-8).
     let path = dir.join("binary.kiln");
@@ -739,23 +474,12 @@ fn unknown_name_in_spec() {
     let source = std::fs::read_to_string(spec("tiny/tiny.kiln")).expect("spec");
     let path = dir.join("unknown_block.kiln");
     std::fs::write(&path, source.replacen("silu(", "sillu(", 1)).expect("write");
-    fails(
-        &["check", &s(&path)],
-        &[
-            "unknown block or builtin `sillu`",
-            "unknown_block.kiln:",
-            "silu",
-        ],
-    );
+    fails(&["check", &s(&path)], &["unknown block or builtin `sillu`", "unknown_block.kiln:", "silu"]);
 
     let path = dir.join("unknown_var.kiln");
     std::fs::write(
         &path,
-        source.replacen(
-            "RMSNorm(x, hidden, eps) as \"final_norm\"",
-            "RMSNorm(x, hiden, eps) as \"final_norm\"",
-            1,
-        ),
+        source.replacen("RMSNorm(x, hidden, eps) as \"final_norm\"", "RMSNorm(x, hiden, eps) as \"final_norm\"", 1),
     )
     .expect("write");
     fails(&["check", &s(&path)], &["hiden", "unknown_var.kiln:"]);
@@ -775,23 +499,11 @@ fn param_shape_disagrees_with_checkpoint() {
     for cmd in ["check", "ir"] {
         fails(
             &[cmd, &s(&path), "--weights", &s(&weights)],
-            &[
-                "layers.1.mlp.up.weight",
-                "[48, 16]",
-                "[40, 16]",
-                "wide.kiln:",
-            ],
+            &["layers.1.mlp.up.weight", "[48, 16]", "[40, 16]", "wide.kiln:"],
         );
     }
     fails(
-        &[
-            "run",
-            &s(&path),
-            "--weights",
-            &s(&weights),
-            "--input",
-            &s(&weights),
-        ],
+        &["run", &s(&path), "--weights", &s(&weights), "--input", &s(&weights)],
         &["layers.1.mlp.up.weight", "[48, 16]", "[40, 16]"],
     );
 }
@@ -799,31 +511,20 @@ fn param_shape_disagrees_with_checkpoint() {
 #[test]
 fn checkpoint_missing_a_tensor() {
     let (dir, weights) = tiny_setup("missing-tensor");
-    let tensors: Vec<Raw> = read_safetensors(&weights)
-        .into_iter()
-        .filter(|t| t.0 != "layers.1.mlp.down.bias")
-        .collect();
+    let tensors: Vec<Raw> =
+        read_safetensors(&weights).into_iter().filter(|t| t.0 != "layers.1.mlp.down.bias").collect();
     let partial = dir.join("partial.safetensors");
     write_safetensors(&partial, &tensors);
     for cmd in ["check", "ir"] {
-        fails(
-            &[cmd, &tiny_spec(), "--weights", &s(&partial)],
-            &["partial.safetensors", "layers.1.mlp.down.bias"],
-        );
+        fails(&[cmd, &tiny_spec(), "--weights", &s(&partial)], &["partial.safetensors", "layers.1.mlp.down.bias"]);
     }
     // A tensor present with a dtype kiln cannot use.
     let mut tensors = read_safetensors(&weights);
-    let t = tensors
-        .iter_mut()
-        .find(|t| t.0 == "layers.0.attn.o.weight")
-        .expect("o.weight");
+    let t = tensors.iter_mut().find(|t| t.0 == "layers.0.attn.o.weight").expect("o.weight");
     t.1 = Dtype::I32;
     let bad = dir.join("i32.safetensors");
     write_safetensors(&bad, &tensors);
-    fails(
-        &["check", &tiny_spec(), "--weights", &s(&bad)],
-        &["i32.safetensors", "layers.0.attn.o.weight", "I32"],
-    );
+    fails(&["check", &tiny_spec(), "--weights", &s(&bad)], &["i32.safetensors", "layers.0.attn.o.weight", "I32"]);
 }
 
 #[test]
@@ -831,33 +532,14 @@ fn truncated_safetensors() {
     let (dir, weights) = tiny_setup("truncated-st");
     let bytes = std::fs::read(&weights).expect("read");
     let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut lengths = vec![
-        0,
-        1,
-        7,
-        8,
-        9,
-        20,
-        header / 2,
-        header + 7,
-        header + 8,
-        header + 9,
-        header + 100,
-    ];
+    let mut lengths = vec![0, 1, 7, 8, 9, 20, header / 2, header + 7, header + 8, header + 9, header + 100];
     lengths.extend([bytes.len() / 2, bytes.len() - 100, bytes.len() - 1]);
     for len in lengths {
         let path = dir.join(format!("cut_{len}.safetensors"));
         std::fs::write(&path, &bytes[..len]).expect("write");
-        let stderr = fails(
-            &["check", &tiny_spec(), "--weights", &s(&path)],
-            &[&format!("cut_{len}.safetensors")],
-        );
+        let stderr = fails(&["check", &tiny_spec(), "--weights", &s(&path)], &[&format!("cut_{len}.safetensors")]);
         if len > 8 {
-            assert!(
-                stderr.contains("truncated"),
-                "cut at {len} of {}:\n{stderr}",
-                bytes.len()
-            );
+            assert!(stderr.contains("truncated"), "cut at {len} of {}:\n{stderr}", bytes.len());
         }
     }
 }
@@ -875,40 +557,19 @@ fn corrupt_safetensors_header() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", with_header("{this is not json at all", 64)),
         ("not_object", with_header("[1, 2, 3]", 0)),
-        (
-            "bad_dtype",
-            with_header(
-                r#"{"embed.weight":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}"#,
-                8,
-            ),
-        ),
+        ("bad_dtype", with_header(r#"{"embed.weight":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}"#, 8)),
         (
             "shape_vs_offsets",
-            with_header(
-                r#"{"embed.weight":{"dtype":"F32","shape":[32,16],"data_offsets":[0,8]}}"#,
-                8,
-            ),
+            with_header(r#"{"embed.weight":{"dtype":"F32","shape":[32,16],"data_offsets":[0,8]}}"#, 8),
         ),
         (
             "offsets_past_end",
-            with_header(
-                r#"{"embed.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8000000]}}"#,
-                8,
-            ),
+            with_header(r#"{"embed.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8000000]}}"#, 8),
         ),
-        (
-            "reversed_offsets",
-            with_header(
-                r#"{"embed.weight":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#,
-                8,
-            ),
-        ),
+        ("reversed_offsets", with_header(r#"{"embed.weight":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#, 8)),
         (
             "huge_shape",
-            with_header(
-                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#,
-                0,
-            ),
+            with_header(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#, 0),
         ),
         ("huge_header_len", {
             let mut b = u64::MAX.to_le_bytes().to_vec();
@@ -931,10 +592,7 @@ fn corrupt_safetensors_header() {
     for (name, bytes) in cases {
         let path = dir.join(format!("{name}.safetensors"));
         std::fs::write(&path, bytes).expect("write");
-        fails(
-            &["check", &tiny_spec(), "--weights", &s(&path)],
-            &[&format!("{name}.safetensors")],
-        );
+        fails(&["check", &tiny_spec(), "--weights", &s(&path)], &[&format!("{name}.safetensors")]);
     }
 }
 
@@ -948,23 +606,14 @@ fn truncated_and_corrupt_gguf() {
     std::fs::write(&full_path, &full).expect("write");
     ok(&["check", &tiny_spec(), "--weights", &s(&full_path)]);
 
-    let mut lengths: Vec<usize> = vec![
-        1, 3, 4, 6, 8, 12, 16, 23, 24, 30, 40, 60, 100, 200, 500, 1000,
-    ];
+    let mut lengths: Vec<usize> = vec![1, 3, 4, 6, 8, 12, 16, 23, 24, 30, 40, 60, 100, 200, 500, 1000];
     lengths.extend([full.len() / 2, full.len() - 33, full.len() - 1]);
     for len in lengths {
         let path = dir.join(format!("cut_{len}.gguf"));
         std::fs::write(&path, &full[..len]).expect("write");
-        let stderr = fails(
-            &["check", &tiny_spec(), "--weights", &s(&path)],
-            &[&format!("cut_{len}.gguf")],
-        );
+        let stderr = fails(&["check", &tiny_spec(), "--weights", &s(&path)], &[&format!("cut_{len}.gguf")]);
         if len > 4 {
-            assert!(
-                stderr.contains("truncated"),
-                "cut at {len} of {}:\n{stderr}",
-                full.len()
-            );
+            assert!(stderr.contains("truncated"), "cut at {len} of {}:\n{stderr}", full.len());
         }
     }
 
@@ -975,44 +624,19 @@ fn truncated_and_corrupt_gguf() {
     };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("version_1", patch(4, &1u32.to_le_bytes()), "version 1"),
-        (
-            "version_big_endian",
-            patch(4, &3u32.to_be_bytes()),
-            "big-endian",
-        ),
+        ("version_big_endian", patch(4, &3u32.to_be_bytes()), "big-endian"),
         ("huge_tensor_count", patch(8, &u64::MAX.to_le_bytes()), ""),
         ("huge_kv_count", patch(16, &(1u64 << 60).to_le_bytes()), ""),
         ("huge_key_len", patch(24, &u64::MAX.to_le_bytes()), ""),
-        (
-            "bad_value_type",
-            patch(24 + 8 + "general.architecture".len(), &999u32.to_le_bytes()),
-            "",
-        ),
+        ("bad_value_type", patch(24 + 8 + "general.architecture".len(), &999u32.to_le_bytes()), ""),
         // The first tensor info: its name follows the key/value pair.
-        (
-            "huge_dims",
-            patch(
-                24 + 8 + 20 + 4 + 8 + 4 + 8 + "embed.weight".len(),
-                &77u32.to_le_bytes(),
-            ),
-            "",
-        ),
-        (
-            "huge_extent",
-            patch(
-                24 + 8 + 20 + 4 + 8 + 4 + 8 + "embed.weight".len() + 4,
-                &u64::MAX.to_le_bytes(),
-            ),
-            "",
-        ),
+        ("huge_dims", patch(24 + 8 + 20 + 4 + 8 + 4 + 8 + "embed.weight".len(), &77u32.to_le_bytes()), ""),
+        ("huge_extent", patch(24 + 8 + 20 + 4 + 8 + 4 + 8 + "embed.weight".len() + 4, &u64::MAX.to_le_bytes()), ""),
     ];
     for (name, bytes, needle) in cases {
         let path = dir.join(format!("{name}.gguf"));
         std::fs::write(&path, bytes).expect("write");
-        fails(
-            &["check", &tiny_spec(), "--weights", &s(&path)],
-            &[&format!("{name}.gguf"), needle],
-        );
+        fails(&["check", &tiny_spec(), "--weights", &s(&path)], &[&format!("{name}.gguf"), needle]);
     }
 
     if let Some(real) = real_checkpoint(kiln_tests::SMOLLM2_WEIGHTS) {
@@ -1020,20 +644,11 @@ fn truncated_and_corrupt_gguf() {
         let size = std::fs::metadata(&real).expect("metadata").len() as usize;
         for len in [10usize, 1000, 100_000, 1_000_000, size / 2, size - 1] {
             let mut head = Vec::with_capacity(len);
-            std::fs::File::open(&real)
-                .expect("open")
-                .take(len as u64)
-                .read_to_end(&mut head)
-                .expect("read");
+            std::fs::File::open(&real).expect("open").take(len as u64).read_to_end(&mut head).expect("read");
             let path = dir.join(format!("smollm2_cut_{len}.gguf"));
             std::fs::write(&path, head).expect("write");
             fails(
-                &[
-                    "check",
-                    &s(&spec("smollm2/smollm2.kiln")),
-                    "--weights",
-                    &s(&path),
-                ],
+                &["check", &s(&spec("smollm2/smollm2.kiln")), "--weights", &s(&path)],
                 &[&format!("smollm2_cut_{len}.gguf"), "truncated"],
             );
             std::fs::remove_file(&path).ok();
@@ -1045,9 +660,7 @@ fn truncated_and_corrupt_gguf() {
 fn not_a_checkpoint() {
     let dir = scratch("not-checkpoint");
     let mut rng = kiln_tests::Rng::new(3);
-    let random: Vec<u8> = (0..4096)
-        .map(|_| (rng.next_f32() * 127.0) as i8 as u8)
-        .collect();
+    let random: Vec<u8> = (0..4096).map(|_| (rng.next_f32() * 127.0) as i8 as u8).collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("random.bin", random, "not a checkpoint"),
         ("empty.safetensors", vec![], "empty"),
@@ -1056,24 +669,13 @@ fn not_a_checkpoint() {
             b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n".to_vec(),
             "Git LFS",
         ),
-        (
-            "model.pt",
-            b"PK\x03\x04rest of a zip archive".to_vec(),
-            "zip",
-        ),
-        (
-            "spec.safetensors",
-            std::fs::read(spec("tiny/tiny.kiln")).expect("spec"),
-            "not a checkpoint",
-        ),
+        ("model.pt", b"PK\x03\x04rest of a zip archive".to_vec(), "zip"),
+        ("spec.safetensors", std::fs::read(spec("tiny/tiny.kiln")).expect("spec"), "not a checkpoint"),
     ];
     for (name, bytes, needle) in cases {
         let path = dir.join(name);
         std::fs::write(&path, bytes).expect("write");
-        fails(
-            &["check", &tiny_spec(), "--weights", &s(&path)],
-            &[name, needle],
-        );
+        fails(&["check", &tiny_spec(), "--weights", &s(&path)], &[name, needle]);
     }
     // A directory.
     fails(&["check", &tiny_spec(), "--weights", &s(&dir)], &[&s(&dir)]);
@@ -1089,19 +691,7 @@ fn run_fails(name: &str, tensors: &[Raw], needles: &[&str]) -> String {
     let input = dir.join(format!("{name}.safetensors"));
     write_safetensors(&input, tensors);
     let out = dir.join("out.safetensors");
-    let stderr = fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &s(&weights),
-            "-i",
-            &s(&input),
-            "-o",
-            &s(&out),
-        ],
-        needles,
-    );
+    let stderr = fails(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(&input), "-o", &s(&out)], needles);
     assert!(!out.exists(), "a failed run wrote {}", out.display());
     stderr
 }
@@ -1112,45 +702,21 @@ const IDS: [i64; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 fn run_input_missing() {
     run_fails(
         "no_mask",
-        &[
-            i64s("input_ids", &[2, 5], &IDS),
-            i64s("mask", &[2, 5], &[1; 10]),
-        ],
-        &[
-            "attention_mask",
-            "no_mask.safetensors",
-            "i64[batch, seq]",
-            "mask",
-        ],
+        &[i64s("input_ids", &[2, 5], &IDS), i64s("mask", &[2, 5], &[1; 10])],
+        &["attention_mask", "no_mask.safetensors", "i64[batch, seq]", "mask"],
     );
-    run_fails(
-        "nothing",
-        &[f32s("x", &[1], &[0.0])],
-        &["input_ids", "nothing.safetensors"],
-    );
+    run_fails("nothing", &[f32s("x", &[1], &[0.0])], &["input_ids", "nothing.safetensors"]);
 }
 
 #[test]
 fn run_input_wrong_dtype() {
     run_fails(
         "f32_ids",
-        &[
-            f32s("input_ids", &[2, 5], &[1.0; 10]),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
-        &[
-            "input_ids",
-            "f32_ids.safetensors",
-            "f32[2, 5]",
-            "i64[batch, seq]",
-        ],
+        &[f32s("input_ids", &[2, 5], &[1.0; 10]), i64s("attention_mask", &[2, 5], &[1; 10])],
+        &["input_ids", "f32_ids.safetensors", "f32[2, 5]", "i64[batch, seq]"],
     );
-    let i32_ids: Raw = (
-        "input_ids".into(),
-        Dtype::I32,
-        vec![2, 5],
-        IDS.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
-    );
+    let i32_ids: Raw =
+        ("input_ids".into(), Dtype::I32, vec![2, 5], IDS.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect());
     run_fails(
         "i32_ids",
         &[i32_ids, i64s("attention_mask", &[2, 5], &[1; 10])],
@@ -1162,31 +728,17 @@ fn run_input_wrong_dtype() {
 fn run_input_wrong_shape() {
     run_fails(
         "rank1",
-        &[
-            i64s("input_ids", &[5], &IDS[..5]),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
+        &[i64s("input_ids", &[5], &IDS[..5]), i64s("attention_mask", &[2, 5], &[1; 10])],
         &["input_ids", "rank1.safetensors", "i64[batch, seq]", "[5]"],
     );
     run_fails(
         "rank3",
-        &[
-            i64s("input_ids", &[1, 2, 5], &IDS),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
-        &[
-            "input_ids",
-            "rank3.safetensors",
-            "i64[batch, seq]",
-            "[1, 2, 5]",
-        ],
+        &[i64s("input_ids", &[1, 2, 5], &IDS), i64s("attention_mask", &[2, 5], &[1; 10])],
+        &["input_ids", "rank3.safetensors", "i64[batch, seq]", "[1, 2, 5]"],
     );
     run_fails(
         "scalar",
-        &[
-            i64s("input_ids", &[], &[1]),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
+        &[i64s("input_ids", &[], &[1]), i64s("attention_mask", &[2, 5], &[1; 10])],
         &["input_ids", "i64[batch, seq]"],
     );
 }
@@ -1195,24 +747,13 @@ fn run_input_wrong_shape() {
 fn run_inputs_disagree_on_batch() {
     let stderr = run_fails(
         "batch",
-        &[
-            i64s("input_ids", &[2, 5], &IDS),
-            i64s("attention_mask", &[3, 5], &[1; 15]),
-        ],
-        &[
-            "attention_mask",
-            "batch.safetensors",
-            "`batch` is 2",
-            "3 on axis 0",
-        ],
+        &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[3, 5], &[1; 15])],
+        &["attention_mask", "batch.safetensors", "`batch` is 2", "3 on axis 0"],
     );
     assert!(stderr.contains("tiny.kiln"), "{stderr}");
     run_fails(
         "seq",
-        &[
-            i64s("input_ids", &[2, 5], &IDS),
-            i64s("attention_mask", &[2, 4], &[1; 8]),
-        ],
+        &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[2, 4], &[1; 8])],
         &["attention_mask", "`seq` is 5", "4 on axis 1"],
     );
 }
@@ -1223,28 +764,15 @@ fn run_id_out_of_vocabulary() {
     ids[3] = 1000;
     run_fails(
         "oov",
-        &[
-            i64s("input_ids", &[2, 5], &ids),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
+        &[i64s("input_ids", &[2, 5], &ids), i64s("attention_mask", &[2, 5], &[1; 10])],
         &["oov.safetensors", "1000", "32"],
     );
     ids[3] = -1;
-    run_fails(
-        "negative",
-        &[
-            i64s("input_ids", &[2, 5], &ids),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
-        &["-1"],
-    );
+    run_fails("negative", &[i64s("input_ids", &[2, 5], &ids), i64s("attention_mask", &[2, 5], &[1; 10])], &["-1"]);
     ids[3] = i64::MIN;
     run_fails(
         "min",
-        &[
-            i64s("input_ids", &[2, 5], &ids),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
+        &[i64s("input_ids", &[2, 5], &ids), i64s("attention_mask", &[2, 5], &[1; 10])],
         &[&i64::MIN.to_string()],
     );
 }
@@ -1254,22 +782,12 @@ fn run_empty_batch_or_sequence_does_not_panic() {
     let (dir, weights) = tiny_setup("run-empty");
     for (name, shape) in [("zero_batch", [0usize, 5]), ("zero_seq", [2, 0])] {
         let input = dir.join(format!("{name}.safetensors"));
-        write_safetensors(
-            &input,
-            &[
-                i64s("input_ids", &shape, &[]),
-                i64s("attention_mask", &shape, &[]),
-            ],
-        );
+        write_safetensors(&input, &[i64s("input_ids", &shape, &[]), i64s("attention_mask", &shape, &[])]);
         let args = ["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(&input)];
         let out = kiln(&args);
         assert_no_panic(&args, &out);
         if !out.status.success() {
-            assert!(
-                String::from_utf8_lossy(&out.stderr).contains("Error"),
-                "{}",
-                describe(&args, &out)
-            );
+            assert!(String::from_utf8_lossy(&out.stderr).contains("Error"), "{}", describe(&args, &out));
         }
     }
 }
@@ -1279,96 +797,39 @@ fn run_input_file_problems() {
     let (dir, weights) = tiny_setup("run-input-file");
     let w = s(&weights);
     let missing = dir.join("absent_input.safetensors");
-    fails(
-        &["run", &tiny_spec(), "-w", &w, "-i", &s(&missing)],
-        &["absent_input.safetensors"],
-    );
+    fails(&["run", &tiny_spec(), "-w", &w, "-i", &s(&missing)], &["absent_input.safetensors"]);
     // Neither --input nor --text.
     fails(&["run", &tiny_spec(), "-w", &w], &["--input", "--text"]);
     // Both.
     let input = dir.join("in.safetensors");
-    write_safetensors(
-        &input,
-        &[
-            i64s("input_ids", &[2, 5], &IDS),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
-    );
-    fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &w,
-            "-i",
-            &s(&input),
-            "--text",
-            "hi",
-        ],
-        &["--input", "--text"],
-    );
+    write_safetensors(&input, &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[2, 5], &[1; 10])]);
+    fails(&["run", &tiny_spec(), "-w", &w, "-i", &s(&input), "--text", "hi"], &["--input", "--text"]);
     // A corrupt or truncated input file.
     let bytes = std::fs::read(&input).expect("read");
     for len in [0, 5, 8, 20, bytes.len() - 1] {
         let path = dir.join(format!("cut_input_{len}.safetensors"));
         std::fs::write(&path, &bytes[..len]).expect("write");
-        fails(
-            &["run", &tiny_spec(), "-w", &w, "-i", &s(&path)],
-            &[&format!("cut_input_{len}.safetensors")],
-        );
+        fails(&["run", &tiny_spec(), "-w", &w, "-i", &s(&path)], &[&format!("cut_input_{len}.safetensors")]);
     }
     // The output cannot be written.
     let out = dir.join("no_such_dir").join("out.safetensors");
-    fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &w,
-            "-i",
-            &s(&input),
-            "-o",
-            &s(&out),
-        ],
-        &["out.safetensors"],
-    );
+    fails(&["run", &tiny_spec(), "-w", &w, "-i", &s(&input), "-o", &s(&out)], &["out.safetensors"]);
 }
 
 #[test]
 fn run_text_without_tokenizer() {
     let (dir, weights) = tiny_setup("run-text");
-    let stderr = fails(
-        &["run", &tiny_spec(), "-w", &s(&weights), "--text", "hello"],
-        &["tokenizer"],
-    );
+    let stderr = fails(&["run", &tiny_spec(), "-w", &s(&weights), "--text", "hello"], &["tokenizer"]);
     assert!(stderr.contains(&s(&dir.join("tokenizer.json"))), "{stderr}");
     let absent = dir.join("absent_tokenizer.json");
     fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &s(&weights),
-            "--text",
-            "hello",
-            "--tokenizer",
-            &s(&absent),
-        ],
+        &["run", &tiny_spec(), "-w", &s(&weights), "--text", "hello", "--tokenizer", &s(&absent)],
         &["absent_tokenizer.json"],
     );
     let garbage = dir.join("garbage_tokenizer.json");
     std::fs::write(&garbage, "{ not a tokenizer").expect("write");
     fails(
-        &[
-            "run",
-            &tiny_spec(),
-            "-w",
-            &s(&weights),
-            "--text",
-            "hello",
-            "--tokenizer",
-            &s(&garbage),
-        ],
+        &["run", &tiny_spec(), "-w", &s(&weights), "--text", "hello", "--tokenizer", &s(&garbage)],
         &["garbage_tokenizer.json"],
     );
 }
@@ -1386,41 +847,22 @@ fn eval_errors() {
 
     // Data file missing, or without the model's inputs.
     fails(
-        &[
-            "eval",
-            &tiny_spec(),
-            "-w",
-            &w,
-            "--data",
-            &s(&dir.join("absent_data.safetensors")),
-        ],
+        &["eval", &tiny_spec(), "-w", &w, "--data", &s(&dir.join("absent_data.safetensors"))],
         &["absent_data.safetensors"],
     );
     let data = dir.join("no_inputs.safetensors");
     write_safetensors(&data, &[f32s("hidden", &[2, 16], &[0.0; 32])]);
-    fails(
-        &["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)],
-        &["no_inputs.safetensors", "input_ids"],
-    );
+    fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)], &["no_inputs.safetensors", "input_ids"]);
 
     // A model that is not a language model, with nothing to compare its outputs to.
     let source = std::fs::read_to_string(spec("tiny/tiny.kiln")).expect("spec");
     let not_lm = dir.join("not_lm.kiln");
-    std::fs::write(
-        &not_lm,
-        source.replacen("output logits:", "output scores:", 1),
-    )
-    .expect("write");
+    std::fs::write(&not_lm, source.replacen("output logits:", "output scores:", 1)).expect("write");
     let data = dir.join("plain.safetensors");
     write_safetensors(&data, &[ids.clone(), mask.clone()]);
     fails(
         &["eval", &s(&not_lm), "-w", &w, "--data", &s(&data)],
-        &[
-            "plain.safetensors",
-            "nothing to evaluate against",
-            "scores",
-            "hidden",
-        ],
+        &["plain.safetensors", "nothing to evaluate against", "scores", "hidden"],
     );
 
     // References that do not fit the outputs.
@@ -1430,45 +872,18 @@ fn eval_errors() {
             f32s("hidden", &[3, 16], &[0.0; 48]),
             &["hidden", "ref_rows.safetensors", "3 rows", "inputs have 2"],
         ),
-        (
-            "ref_width",
-            f32s("hidden", &[2, 7], &[0.0; 14]),
-            &["hidden", "[2, 7]", "[2, 16]"],
-        ),
-        (
-            "ref_dtype",
-            i64s("hidden", &[2, 16], &[0; 32]),
-            &["hidden", "must be f32", "i64[2, 16]"],
-        ),
-        (
-            "ref_scalar",
-            f32s("hidden", &[], &[0.0]),
-            &["`hidden`", "scalar"],
-        ),
-        (
-            "ref_first",
-            f32s("first_logits", &[2, 31], &[0.0; 62]),
-            &["first_logits"],
-        ),
+        ("ref_width", f32s("hidden", &[2, 7], &[0.0; 14]), &["hidden", "[2, 7]", "[2, 16]"]),
+        ("ref_dtype", i64s("hidden", &[2, 16], &[0; 32]), &["hidden", "must be f32", "i64[2, 16]"]),
+        ("ref_scalar", f32s("hidden", &[], &[0.0]), &["`hidden`", "scalar"]),
+        ("ref_first", f32s("first_logits", &[2, 31], &[0.0; 62]), &["first_logits"]),
         // A reference nll that does not match the data's rows.
-        (
-            "ref_nll_rows",
-            f32s("nll", &[1, 4], &[0.0; 4]),
-            &["`nll`", "1 rows", "inputs have 2"],
-        ),
-        (
-            "ref_nll_scalar",
-            f32s("nll", &[], &[0.0]),
-            &["`nll`", "scalar"],
-        ),
+        ("ref_nll_rows", f32s("nll", &[1, 4], &[0.0; 4]), &["`nll`", "1 rows", "inputs have 2"]),
+        ("ref_nll_scalar", f32s("nll", &[], &[0.0]), &["`nll`", "scalar"]),
     ];
     for (name, reference, needles) in cases {
         let data = dir.join(format!("{name}.safetensors"));
         write_safetensors(&data, &[ids.clone(), mask.clone(), reference]);
-        fails(
-            &["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)],
-            needles,
-        );
+        fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)], needles);
     }
 
     // Ids out of the vocabulary, or disagreeing inputs.
@@ -1476,28 +891,13 @@ fn eval_errors() {
     bad[9] = 32;
     let data = dir.join("oov.safetensors");
     write_safetensors(&data, &[i64s("input_ids", &[2, 5], &bad), mask.clone()]);
-    fails(
-        &["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)],
-        &["32"],
-    );
+    fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)], &["32"]);
     let data = dir.join("batch.safetensors");
-    write_safetensors(
-        &data,
-        &[ids.clone(), i64s("attention_mask", &[3, 5], &[1; 15])],
-    );
-    fails(
-        &["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)],
-        &["batch", "2", "3"],
-    );
+    write_safetensors(&data, &[ids.clone(), i64s("attention_mask", &[3, 5], &[1; 15])]);
+    fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)], &["batch", "2", "3"]);
     let data = dir.join("f32_ids.safetensors");
-    write_safetensors(
-        &data,
-        &[f32s("input_ids", &[2, 5], &[0.0; 10]), mask.clone()],
-    );
-    fails(
-        &["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)],
-        &["input_ids", "f32", "i64[batch, seq]"],
-    );
+    write_safetensors(&data, &[f32s("input_ids", &[2, 5], &[0.0; 10]), mask.clone()]);
+    fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data)], &["input_ids", "f32", "i64[batch, seq]"]);
 }
 
 #[test]
@@ -1506,47 +906,17 @@ fn eval_language_model_with_unusual_logits_does_not_panic() {
     let (dir, weights) = tiny_setup("eval-logits-rank");
     let source = std::fs::read_to_string(spec("tiny/tiny.kiln")).expect("spec");
     let edited = source
-        .replacen(
-            "output logits: f32[batch, seq, vocab]",
-            "output scores: f32[batch, seq, vocab]",
-            1,
-        )
-        .replacen(
-            "output hidden: f32[batch, hidden]",
-            "output logits: f32[batch, hidden]",
-            1,
-        );
+        .replacen("output logits: f32[batch, seq, vocab]", "output scores: f32[batch, seq, vocab]", 1)
+        .replacen("output hidden: f32[batch, hidden]", "output logits: f32[batch, hidden]", 1);
     let path = dir.join("rank2_logits.kiln");
     std::fs::write(&path, edited).expect("write");
     let data = dir.join("data.safetensors");
-    write_safetensors(
-        &data,
-        &[
-            i64s("input_ids", &[2, 5], &IDS),
-            i64s("attention_mask", &[2, 5], &[1; 10]),
-        ],
-    );
-    let args = [
-        "eval",
-        &s(&path),
-        "-w",
-        &s(&weights),
-        "--data",
-        &s(&data),
-        "--json",
-    ];
+    write_safetensors(&data, &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[2, 5], &[1; 10])]);
+    let args = ["eval", &s(&path), "-w", &s(&weights), "--data", &s(&data), "--json"];
     let out = kiln(&args);
     assert_no_panic(&args, &out);
-    assert!(
-        !out.status.success(),
-        "perplexity of non-[batch, seq, vocab] logits:\n{}",
-        describe(&args, &out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("logits"),
-        "{}",
-        describe(&args, &out)
-    );
+    assert!(!out.status.success(), "perplexity of non-[batch, seq, vocab] logits:\n{}", describe(&args, &out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("logits"), "{}", describe(&args, &out));
 }
 
 #[test]
@@ -1557,37 +927,15 @@ fn eval_with_nothing_to_score() {
     let cases: [(&str, [usize; 2], &[i64], &str); 3] = [
         ("zero_rows", [0, 5], &[], "no rows"),
         ("one_token", [2, 1], &[1, 1], "no next-token targets"),
-        (
-            "all_masked",
-            [2, 3],
-            &[1, 0, 0, 1, 0, 0],
-            "no next-token targets",
-        ),
+        ("all_masked", [2, 3], &[1, 0, 0, 1, 0, 0], "no next-token targets"),
     ];
     for (name, shape, mask, message) in cases {
         let n = shape[0] * shape[1];
         let data = dir.join(format!("{name}.safetensors"));
         let ids: Vec<i64> = (0..n as i64).collect();
         let needles = [&format!("{name}.safetensors"), message];
-        write_safetensors(
-            &data,
-            &[
-                i64s("input_ids", &shape, &ids),
-                i64s("attention_mask", &shape, mask),
-            ],
-        );
-        fails(
-            &[
-                "eval",
-                &tiny_spec(),
-                "-w",
-                &w,
-                "--data",
-                &s(&data),
-                "--json",
-            ],
-            &needles,
-        );
+        write_safetensors(&data, &[i64s("input_ids", &shape, &ids), i64s("attention_mask", &shape, mask)]);
+        fails(&["eval", &tiny_spec(), "-w", &w, "--data", &s(&data), "--json"], &needles);
     }
 }
 
@@ -1596,10 +944,7 @@ fn run_text_with_gguf_weights_without_tokenizer() {
     let (dir, weights) = tiny_setup("gguf-text");
     let gguf = dir.join("tiny.gguf");
     std::fs::write(&gguf, gguf_bytes(&read_safetensors(&weights))).expect("write gguf");
-    fails(
-        &["run", &tiny_spec(), "-w", &s(&gguf), "--text", "hello"],
-        &["tokenizer"],
-    );
+    fails(&["run", &tiny_spec(), "-w", &s(&gguf), "--text", "hello"], &["tokenizer"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1624,23 +969,10 @@ fn minilm_run_text_and_eval() {
     ]);
     assert!(stdout.contains("embeddings: f32[2, 384]"), "{stdout}");
     assert!(stdout.contains("\"A first sentence.\""), "{stdout}");
-    assert!(
-        stdout.contains("\"Another, somewhat longer second sentence here.\""),
-        "{stdout}"
-    );
+    assert!(stdout.contains("\"Another, somewhat longer second sentence here.\""), "{stdout}");
 
     let data = fixtures().join("minilm_dev.safetensors");
-    let stdout = ok(&[
-        "eval",
-        &minilm,
-        "--weights",
-        &s(&weights),
-        "--data",
-        &s(&data),
-        "--json",
-        "--batch",
-        "50",
-    ]);
+    let stdout = ok(&["eval", &minilm, "--weights", &s(&weights), "--data", &s(&data), "--json", "--batch", "50"]);
     let json: serde_json::Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     let min = json["cosine_min"].as_f64().expect("cosine_min");

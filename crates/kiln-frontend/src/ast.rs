@@ -81,7 +81,15 @@ pub enum ExprKind {
     Neg(Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
     /// `callee(args, key = value) as "scope"`.
-    Call { callee: Ident, args: Vec<Expr>, kwargs: Vec<(Ident, Expr)>, scope: Option<(String, Span)> },
+    Call {
+        callee: Ident,
+        args: Vec<Expr>,
+        kwargs: Vec<(Ident, Expr)>,
+        scope: Option<(String, Span)>,
+    },
     /// `param path[dims]`: a checkpoint tensor named `scope.path`, of the given shape.
-    Param { path: String, dims: Vec<Expr> },
+    Param {
+        path: String,
+        dims: Vec<Expr>,
+    },
 }

@@ -10,9 +10,7 @@
 use crate::ast::*;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::diagnostic::Diagnostic;
-use kiln_ir::{
-    BinaryOp, DType, Dim, Format, Graph, NodeId, Op, ReduceOp, Span, Type, UnaryOp, WeightRef,
-};
+use kiln_ir::{BinaryOp, DType, Dim, Format, Graph, NodeId, Op, ReduceOp, Span, Type, UnaryOp, WeightRef};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::rc::Rc;
@@ -146,7 +144,9 @@ pub fn elaborate(file: &File, prelude: &File, checkpoint: Option<&Checkpoint>) -
                         def.name.span,
                         "choose another name",
                     )
-                    .with_help("the prelude's layers are built on the builtins; redefining either would change them silently"));
+                    .with_help(
+                        "the prelude's layers are built on the builtins; redefining either would change them silently",
+                    ));
                 }
                 e.blocks.insert(def.name.name.clone(), Block { def: def.clone(), prelude });
             }
@@ -185,10 +185,16 @@ pub fn elaborate(file: &File, prelude: &File, checkpoint: Option<&Checkpoint>) -
     }
     e.graph.remove_dead();
     if let Err(err) = kiln_ir::verify(&e.graph) {
-        return Err(Diagnostic::new(format!("internal compiler error: {err}"), file.model.span, "while compiling this model"));
+        return Err(Diagnostic::new(
+            format!("internal compiler error: {err}"),
+            file.model.span,
+            "while compiling this model",
+        ));
     }
     let unused_tensors = match checkpoint {
-        Some(ck) => ck.tensors.iter().map(|(n, _)| n).filter(|n| e.graph.store.get(n).is_none()).map(String::from).collect(),
+        Some(ck) => {
+            ck.tensors.iter().map(|(n, _)| n).filter(|n| e.graph.store.get(n).is_none()).map(String::from).collect()
+        }
         None => vec![],
     };
     Ok(Compiled { graph: e.graph, unused_tensors })
@@ -250,7 +256,11 @@ impl Elaborator<'_> {
     fn output(&mut self, frame: &mut Frame, name: &Ident, ty: &TypeExpr, value: &Expr) -> Result<()> {
         let v = self.expr(frame, value)?;
         let Value::Tensor(id) = v else {
-            return Err(Diagnostic::new(format!("an output must be a tensor, found {}", v.kind()), value.span, "this value"));
+            return Err(Diagnostic::new(
+                format!("an output must be a tensor, found {}", v.kind()),
+                value.span,
+                "this value",
+            ));
         };
         let dims = ty.dims.iter().map(|d| self.dim(frame, d)).collect::<Result<Vec<_>>>()?;
         let declared = Type::new(ty.dtype, dims);
@@ -262,9 +272,7 @@ impl Elaborator<'_> {
                 format!("this is {actual}"),
             ));
         }
-        self.graph
-            .set_output(&name.name, id)
-            .map_err(|e| Diagnostic::new(e.to_string(), name.span, "here"))
+        self.graph.set_output(&name.name, id).map_err(|e| Diagnostic::new(e.to_string(), name.span, "here"))
     }
 
     fn stmts(&mut self, frame: &mut Frame, stmts: &[Stmt]) -> Result<Option<Value>> {
@@ -343,7 +351,12 @@ impl Elaborator<'_> {
         match v {
             Value::Int(i) if *i >= 0 => Ok(Dim::Known(*i as u64)),
             Value::Sym(s) => Ok(Dim::Sym(s.clone())),
-            v => Err(self.error(frame, format!("expected a dimension (a non-negative integer or a symbol), found {v}"), span, "this value")),
+            v => Err(self.error(
+                frame,
+                format!("expected a dimension (a non-negative integer or a symbol), found {v}"),
+                span,
+                "this value",
+            )),
         }
     }
 
@@ -361,9 +374,20 @@ impl Elaborator<'_> {
             };
             let name = rest[open + 1..open + close].trim();
             match self.lookup(frame, name) {
-                Some(v @ (Value::Int(_) | Value::Str(_) | Value::Float(_) | Value::Bool(_))) => out.push_str(&v.to_string()),
-                Some(v) => return Err(self.error(frame, format!("cannot put {} `{name}` into a string", v.kind()), span, "in this string")),
-                None => return Err(self.error(frame, format!("unknown name `{name}` in string"), span, "in this string")),
+                Some(v @ (Value::Int(_) | Value::Str(_) | Value::Float(_) | Value::Bool(_))) => {
+                    out.push_str(&v.to_string())
+                }
+                Some(v) => {
+                    return Err(self.error(
+                        frame,
+                        format!("cannot put {} `{name}` into a string", v.kind()),
+                        span,
+                        "in this string",
+                    ));
+                }
+                None => {
+                    return Err(self.error(frame, format!("unknown name `{name}` in string"), span, "in this string"));
+                }
             }
             rest = &rest[open + close + 1..];
         }
@@ -401,11 +425,21 @@ impl Elaborator<'_> {
                         let len = items.len() as i64;
                         let at = if i < 0 { i + len } else { i };
                         if at < 0 || at >= len {
-                            return Err(self.error(frame, format!("index {i} is out of range for a list of length {len}"), index.span, "this index"));
+                            return Err(self.error(
+                                frame,
+                                format!("index {i} is out of range for a list of length {len}"),
+                                index.span,
+                                "this index",
+                            ));
                         }
                         Ok(items[at as usize].clone())
                     }
-                    v => Err(self.error(frame, format!("only lists can be indexed, found {}", v.kind()), list.span, "this value")),
+                    v => Err(self.error(
+                        frame,
+                        format!("only lists can be indexed, found {}", v.kind()),
+                        list.span,
+                        "this value",
+                    )),
                 }
             }
             ExprKind::Neg(inner) => match self.expr(frame, inner)? {
@@ -419,14 +453,21 @@ impl Elaborator<'_> {
                 self.binary(frame, *op, va, vb, x.span)
             }
             ExprKind::Param { path, dims } => self.param(frame, path, dims, x.span),
-            ExprKind::Call { callee, args, kwargs, scope } => self.call(frame, callee, args, kwargs, scope.as_ref(), x.span),
+            ExprKind::Call { callee, args, kwargs, scope } => {
+                self.call(frame, callee, args, kwargs, scope.as_ref(), x.span)
+            }
         }
     }
 
     fn binary(&mut self, frame: &mut Frame, op: BinOp, a: Value, b: Value, span: Span) -> Result<Value> {
         use Value::*;
         let mismatch = |this: &Self, frame: &Frame| {
-            this.error(frame, format!("cannot apply `{}` to {} and {}", binop_symbol(op), a.kind(), b.kind()), span, "here")
+            this.error(
+                frame,
+                format!("cannot apply `{}` to {} and {}", binop_symbol(op), a.kind(), b.kind()),
+                span,
+                "here",
+            )
         };
         match (&a, &b) {
             (Int(x), Int(y)) => Ok(match op {
@@ -519,7 +560,12 @@ impl Elaborator<'_> {
         if let Some(&id) = self.params.get(&name) {
             let existing = &self.graph.node(id).ty;
             if *existing != ty {
-                return Err(self.error(frame, format!("parameter `{name}` is used as {existing} elsewhere and as {ty} here"), span, "conflicting shape"));
+                return Err(self.error(
+                    frame,
+                    format!("parameter `{name}` is used as {existing} elsewhere and as {ty} here"),
+                    span,
+                    "conflicting shape",
+                ));
             }
             return Ok(Value::Tensor(id));
         }
@@ -550,7 +596,9 @@ impl Elaborator<'_> {
                     format!(
                         "parameter `{name}` is declared {:?} but the checkpoint {} has {:?}",
                         shape,
-                        ck.path.file_name().map_or_else(|| ck.path.display().to_string(), |f| f.to_string_lossy().into_owned()),
+                        ck.path
+                            .file_name()
+                            .map_or_else(|| ck.path.display().to_string(), |f| f.to_string_lossy().into_owned()),
                         data.shape
                     ),
                     span,
@@ -644,10 +692,17 @@ impl Elaborator<'_> {
         slots.resize(params.len(), None);
         for (name, v, sp) in named {
             let Some(i) = params.iter().position(|(n, _)| *n == name) else {
-                return Err(self.error(frame, format!("`{callee}` has no parameter `{name}`"), sp, "unknown argument").with_help(signature()));
+                return Err(self
+                    .error(frame, format!("`{callee}` has no parameter `{name}`"), sp, "unknown argument")
+                    .with_help(signature()));
             };
             if slots[i].is_some() {
-                return Err(self.error(frame, format!("argument `{name}` of `{callee}` is given twice"), sp, "repeated"));
+                return Err(self.error(
+                    frame,
+                    format!("argument `{name}` of `{callee}` is given twice"),
+                    sp,
+                    "repeated",
+                ));
             }
             slots[i] = Some((v, sp));
         }
@@ -695,7 +750,8 @@ impl Elaborator<'_> {
         for (p, d) in &def.params {
             let v = match d {
                 Some(d) => {
-                    let mut global = Frame { vars: vec![HashMap::new()], scope: frame.scope.clone(), origin: frame.origin.clone() };
+                    let mut global =
+                        Frame { vars: vec![HashMap::new()], scope: frame.scope.clone(), origin: frame.origin.clone() };
                     Some(self.expr(&mut global, d)?)
                 }
                 None => None,
@@ -716,25 +772,54 @@ impl Elaborator<'_> {
         self.depth -= 1;
         match result? {
             Some(v) => Ok(v),
-            None => Err(self.error(frame, format!("block `{}` ended without `return`", def.name.name), span, "in this call")),
+            None => Err(self.error(
+                frame,
+                format!("block `{}` ended without `return`", def.name.name),
+                span,
+                "in this call",
+            )),
         }
     }
 
-    fn builtin(&mut self, frame: &mut Frame, name: &str, args: Vec<(Value, Span)>, span: Span, scope: Option<&str>) -> Result<Value> {
+    fn builtin(
+        &mut self,
+        frame: &mut Frame,
+        name: &str,
+        args: Vec<(Value, Span)>,
+        span: Span,
+        scope: Option<&str>,
+    ) -> Result<Value> {
         let tensor = |this: &mut Self, i: usize| this.tensor(frame, &args[i].0, args[i].1);
         let float = |i: usize| {
-            args[i].0.number().ok_or_else(|| diag(frame, format!("`{name}` needs a number here, found {}", args[i].0.kind()), args[i].1, "this argument"))
+            args[i].0.number().ok_or_else(|| {
+                diag(
+                    frame,
+                    format!("`{name}` needs a number here, found {}", args[i].0.kind()),
+                    args[i].1,
+                    "this argument",
+                )
+            })
         };
         let boolean = |i: usize| match args[i].0 {
             Value::Bool(b) => Ok(b),
-            ref v => Err(diag(frame, format!("`{name}` needs true or false here, found {}", v.kind()), args[i].1, "this argument")),
+            ref v => Err(diag(
+                frame,
+                format!("`{name}` needs true or false here, found {}", v.kind()),
+                args[i].1,
+                "this argument",
+            )),
         };
         let rank = |this: &Self, t: NodeId| this.graph.node(t).ty.rank();
         let axis = |this: &Self, t: NodeId, i: usize| -> Result<usize> {
             let r = rank(this, t) as i64;
             match args[i].0 {
                 Value::Int(a) if -r <= a && a < r => Ok(if a < 0 { (a + r) as usize } else { a as usize }),
-                ref v => Err(this.error(frame, format!("axis {v} is out of range for a tensor of rank {r}"), args[i].1, "this axis")),
+                ref v => Err(this.error(
+                    frame,
+                    format!("axis {v} is out of range for a tensor of rank {r}"),
+                    args[i].1,
+                    "this axis",
+                )),
             }
         };
         if let Some(op) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
@@ -803,7 +888,9 @@ impl Elaborator<'_> {
                 let ax = axis(self, x, 1)?;
                 let start = match self.to_dim(frame, &args[2].0, args[2].1)? {
                     Dim::Known(n) => n,
-                    Dim::Sym(_) => return Err(self.error(frame, "a slice must start at a known index", args[2].1, "this start")),
+                    Dim::Sym(_) => {
+                        return Err(self.error(frame, "a slice must start at a known index", args[2].1, "this start"));
+                    }
                 };
                 let end = self.to_dim(frame, &args[3].0, args[3].1)?;
                 return self.emit(frame, Op::Slice { axis: ax, start, end }, &[x], span, scope);
@@ -833,7 +920,14 @@ impl Elaborator<'_> {
                         Value::Int(i) if -r <= i && i < r => {
                             axes.insert(if i < 0 { (i + r) as usize } else { i as usize });
                         }
-                        v => return Err(self.error(frame, format!("axis {v} is out of range for a tensor of rank {r}"), args[1].1, "these axes")),
+                        v => {
+                            return Err(self.error(
+                                frame,
+                                format!("axis {v} is out of range for a tensor of rank {r}"),
+                                args[1].1,
+                                "these axes",
+                            ));
+                        }
                     }
                 }
                 let op = match name {
@@ -842,7 +936,13 @@ impl Elaborator<'_> {
                     _ => ReduceOp::Max,
                 };
                 let keepdim = boolean(2)?;
-                return self.emit(frame, Op::Reduce { op, axes: axes.into_iter().collect(), keepdim }, &[x], span, scope);
+                return self.emit(
+                    frame,
+                    Op::Reduce { op, axes: axes.into_iter().collect(), keepdim },
+                    &[x],
+                    span,
+                    scope,
+                );
             }
             "attention" => {
                 let (q, k, v) = (tensor(self, 0)?, tensor(self, 1)?, tensor(self, 2)?);
@@ -874,7 +974,12 @@ impl Elaborator<'_> {
     fn dims(&self, frame: &Frame, arg: &(Value, Span)) -> Result<Vec<Dim>> {
         match &arg.0 {
             Value::List(items) => items.iter().map(|v| self.to_dim(frame, v, arg.1)).collect(),
-            v => Err(self.error(frame, format!("expected a list of dimensions, found {}", v.kind()), arg.1, "this argument")),
+            v => Err(self.error(
+                frame,
+                format!("expected a list of dimensions, found {}", v.kind()),
+                arg.1,
+                "this argument",
+            )),
         }
     }
 }
@@ -950,9 +1055,36 @@ fn binop_symbol(op: BinOp) -> &'static str {
 
 /// Names of the primitive operations callable from the language.
 pub const BUILTINS: &[&str] = &[
-    "neg", "exp", "log", "sqrt", "rsqrt", "recip", "tanh", "sigmoid", "relu", "silu", "gelu", "max", "min", "pow",
-    "linear", "matmul", "gather", "softmax", "layer_norm", "rms_norm", "rope", "float", "reshape", "transpose",
-    "slice", "concat", "sum", "mean", "amax", "attention",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "recip",
+    "tanh",
+    "sigmoid",
+    "relu",
+    "silu",
+    "gelu",
+    "max",
+    "min",
+    "pow",
+    "linear",
+    "matmul",
+    "gather",
+    "softmax",
+    "layer_norm",
+    "rms_norm",
+    "rope",
+    "float",
+    "reshape",
+    "transpose",
+    "slice",
+    "concat",
+    "sum",
+    "mean",
+    "amax",
+    "attention",
 ];
 
 /// Parameter names and defaults of each builtin, or `None` if `name` is not one.

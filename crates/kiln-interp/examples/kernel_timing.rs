@@ -174,78 +174,44 @@ fn main() {
 
     let w2 = rand(&[384, 1536], 4, 0.05);
     let h = rand(&[128, 1536], 5, 1.0);
-    report(
-        "linear [128,1536] x [384,1536]^T",
-        time(20, || linear(&h, &w2, None)),
-    );
+    report("linear [128,1536] x [384,1536]^T", time(20, || linear(&h, &w2, None)));
 
     let lm = rand(&[49152, 576], 6, 0.05);
     let xl = rand(&[128, 576], 7, 1.0);
     let ms = time(5, || linear(&xl, &lm, None));
     report("linear [128,576] x [49152,576]^T (lm head)", ms);
-    println!(
-        "{:<48} {:9.1} GFLOP/s",
-        "",
-        2.0 * 128.0 * 576.0 * 49152.0 / (ms * 1e6)
-    );
+    println!("{:<48} {:9.1} GFLOP/s", "", 2.0 * 128.0 * 576.0 * 49152.0 / (ms * 1e6));
     let x1 = rand(&[1, 576], 8, 1.0);
-    report(
-        "linear [1,576] x [49152,576]^T (decode gemv)",
-        time(20, || linear(&x1, &lm, None)),
-    );
+    report("linear [1,576] x [49152,576]^T (decode gemv)", time(20, || linear(&x1, &lm, None)));
     drop(lm);
 
     let q = rand(&[1, 12, 128, 32], 10, 1.0);
     let k = rand(&[1, 12, 128, 32], 11, 1.0);
     let v = rand(&[1, 12, 128, 32], 12, 1.0);
     let mask = vec![1.0f32; 128];
-    report(
-        "attention [1,12,128,32] key_mask",
-        time(20, || attention(&q, &k, &v, Some(&mask), false, 0.17)),
-    );
+    report("attention [1,12,128,32] key_mask", time(20, || attention(&q, &k, &v, Some(&mask), false, 0.17)));
     let q9 = rand(&[1, 9, 128, 64], 13, 1.0);
     let k3 = rand(&[1, 3, 128, 64], 14, 1.0);
     let v3 = rand(&[1, 3, 128, 64], 15, 1.0);
-    report(
-        "attention [1,9,128,64] GQA kv=3 causal",
-        time(20, || attention(&q9, &k3, &v3, None, true, 0.125)),
-    );
+    report("attention [1,9,128,64] GQA kv=3 causal", time(20, || attention(&q9, &k3, &v3, None, true, 0.125)));
 
     let ln_x = rand(&[128, 384], 20, 2.0);
     let g = Tensor::full([384], 1.0);
     let be = rand(&[384], 21, 0.1);
-    report(
-        "layer_norm [128,384]",
-        time(20, || layer_norm(&ln_x, &g, &be, 1e-12)),
-    );
+    report("layer_norm [128,384]", time(20, || layer_norm(&ln_x, &g, &be, 1e-12)));
     let g2 = Tensor::full([1536], 1.0);
     let be2 = rand(&[1536], 22, 0.1);
-    report(
-        "layer_norm [128,1536]",
-        time(20, || layer_norm(&h, &g2, &be2, 1e-12)),
-    );
+    report("layer_norm [128,1536]", time(20, || layer_norm(&h, &g2, &be2, 1e-12)));
     let hx = rand(&[128, 1536], 23, 3.0);
     report("gelu [128,1536]", time(20, || unary(UnaryOp::Gelu, &hx)));
     report("silu [128,1536]", time(20, || unary(UnaryOp::Silu, &hx)));
-    report(
-        "softmax [12,128,128] last axis",
-        time(20, || softmax(&rand(&[12, 128, 128], 24, 4.0), 2)),
-    );
+    report("softmax [12,128,128] last axis", time(20, || softmax(&rand(&[12, 128, 128], 24, 4.0), 2)));
     let t4 = rand(&[1, 128, 12, 32], 25, 1.0);
-    report(
-        "transpose [1,128,12,32] -> [1,12,128,32]",
-        time(20, || transpose(&t4, &[0, 2, 1, 3])),
-    );
+    report("transpose [1,128,12,32] -> [1,12,128,32]", time(20, || transpose(&t4, &[0, 2, 1, 3])));
     let r4 = rand(&[1, 128, 9, 64], 26, 1.0);
-    report(
-        "rope [1,128,9,64]",
-        time(20, || rope(&r4, 100000.0, false, 0)),
-    );
+    report("rope [1,128,9,64]", time(20, || rope(&r4, 100000.0, false, 0)));
     let add_b = rand(&[128, 1536], 27, 1.0);
-    report(
-        "add [128,1536] + [128,1536]",
-        time(20, || binary(BinaryOp::Add, &hx, &add_b)),
-    );
+    report("add [128,1536] + [128,1536]", time(20, || binary(BinaryOp::Add, &hx, &add_b)));
 
     // ---- whole-model estimates --------------------------------------------------------
     let layers: Vec<BertLayer> = (0..6).map(BertLayer::new).collect();

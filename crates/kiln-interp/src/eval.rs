@@ -46,11 +46,7 @@ pub enum InterpError {
     #[error("weight `{tensor}`: {message}")]
     Weight { tensor: String, message: String },
     #[error("{op} @{scope}: {message}")]
-    Node {
-        op: &'static str,
-        scope: String,
-        message: String,
-    },
+    Node { op: &'static str, scope: String, message: String },
     #[error("the graph has a cycle")]
     Cycle,
 }
@@ -76,30 +72,21 @@ impl<'g> Interpreter<'g> {
         let weights = weight_nodes
             .par_iter()
             .map(|&(n, w)| {
-                let fail = |message: String| InterpError::Weight {
-                    tensor: w.tensor.clone(),
-                    message,
-                };
-                let data = graph.store.get(&w.tensor).ok_or_else(|| {
-                    fail("not bound to a checkpoint (pass --weights, or load an artifact)".into())
-                })?;
+                let fail = |message: String| InterpError::Weight { tensor: w.tensor.clone(), message };
+                let data = graph
+                    .store
+                    .get(&w.tensor)
+                    .ok_or_else(|| fail("not bound to a checkpoint (pass --weights, or load an artifact)".into()))?;
                 let values = data.to_f32().map_err(|e| fail(e.to_string()))?;
                 let shape = data.shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
                 Ok((n, Arc::new(Value::F32(Tensor::new(shape, values)))))
             })
             .collect::<Result<HashMap<_, _>, InterpError>>()?;
-        Ok(Interpreter {
-            graph,
-            order,
-            weights,
-        })
+        Ok(Interpreter { graph, order, weights })
     }
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
-    pub fn run(
-        &self,
-        inputs: &HashMap<String, Value>,
-    ) -> Result<Vec<(String, Value)>, InterpError> {
+    pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, InterpError> {
         let g = self.graph;
         let symbols = self.bind_inputs(inputs)?;
         let resolve = |d: &Dim| d.resolve(&|s| symbols.get(s).copied()).map(|n| n as usize);
@@ -116,17 +103,11 @@ impl<'g> Interpreter<'g> {
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
         for &id in &self.order {
             let node = g.node(id);
-            let fail = |message: String| InterpError::Node {
-                op: node.op.name(),
-                scope: node.scope.clone(),
-                message,
-            };
+            let fail = |message: String| InterpError::Node { op: node.op.name(), scope: node.scope.clone(), message };
             let operands = g.operands(id);
             let args: Vec<Arc<Value>> = operands.iter().map(|o| values[o].clone()).collect();
             let f = |i: usize| -> Result<&Tensor, InterpError> {
-                args[i]
-                    .as_f32()
-                    .ok_or_else(|| fail(format!("operand {i} must be f32")))
+                args[i].as_f32().ok_or_else(|| fail(format!("operand {i} must be f32")))
             };
             let value: Arc<Value> = match &node.op {
                 Op::Input { name } => Arc::new(inputs[name].clone()),
@@ -142,46 +123,26 @@ impl<'g> Interpreter<'g> {
             }
             values.insert(id, value);
         }
-        Ok(g.outputs()
-            .iter()
-            .map(|(name, id)| (name.clone(), Value::clone(&values[id])))
-            .collect())
+        Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
     }
 
     /// Checks inputs against their declared types and binds the symbolic dimensions.
-    fn bind_inputs(
-        &self,
-        inputs: &HashMap<String, Value>,
-    ) -> Result<HashMap<String, u64>, InterpError> {
+    fn bind_inputs(&self, inputs: &HashMap<String, Value>) -> Result<HashMap<String, u64>, InterpError> {
         let mut symbols: HashMap<String, u64> = HashMap::new();
         for id in self.graph.inputs() {
             let node = self.graph.node(id);
-            let Op::Input { name } = &node.op else {
-                unreachable!("inputs() returns input nodes")
-            };
-            let fail = |message: String| InterpError::Input {
-                name: name.clone(),
-                message,
-            };
-            let value = inputs.get(name).ok_or_else(|| InterpError::MissingInput {
-                name: name.clone(),
-                expected: node.ty.to_string(),
-            })?;
+            let Op::Input { name } = &node.op else { unreachable!("inputs() returns input nodes") };
+            let fail = |message: String| InterpError::Input { name: name.clone(), message };
+            let value = inputs
+                .get(name)
+                .ok_or_else(|| InterpError::MissingInput { name: name.clone(), expected: node.ty.to_string() })?;
             if value.dtype() != node.ty.dtype || value.shape().len() != node.ty.rank() {
-                return Err(fail(format!(
-                    "expected {}, got {}{:?}",
-                    node.ty,
-                    value.dtype(),
-                    value.shape()
-                )));
+                return Err(fail(format!("expected {}, got {}{:?}", node.ty, value.dtype(), value.shape())));
             }
             for (axis, (d, &n)) in node.ty.shape.iter().zip(value.shape()).enumerate() {
                 match d {
                     Dim::Known(k) if *k != n as u64 => {
-                        return Err(fail(format!(
-                            "expected {}, got size {n} on axis {axis}",
-                            node.ty
-                        )));
+                        return Err(fail(format!("expected {}, got size {n} on axis {axis}", node.ty)));
                     }
                     Dim::Sym(s) => match symbols.get(s.as_ref()) {
                         Some(&bound) if bound != n as u64 => {
@@ -210,18 +171,12 @@ fn eval_op<'a>(
 ) -> Result<Value, String> {
     let f = |i| f(i).map_err(|e| e.to_string());
     let resolved = |dims: &[Dim]| -> Result<Vec<usize>, String> {
-        dims.iter()
-            .map(|d| resolve(d).ok_or_else(|| format!("dimension `{d}` is not bound")))
-            .collect()
+        dims.iter().map(|d| resolve(d).ok_or_else(|| format!("dimension `{d}` is not bound"))).collect()
     };
     Ok(Value::F32(match op {
         Op::Input { .. } | Op::Weight(_) => unreachable!("bound before evaluation"),
         Op::Const { value } => Tensor::scalar(*value),
-        Op::Linear => kernels::linear(
-            f(0)?,
-            f(1)?,
-            if args.len() > 2 { Some(f(2)?) } else { None },
-        ),
+        Op::Linear => kernels::linear(f(0)?, f(1)?, if args.len() > 2 { Some(f(2)?) } else { None }),
         Op::MatMul => kernels::matmul(f(0)?, f(1)?),
         Op::Binary(b) => kernels::binary(*b, f(0)?, f(1)?),
         Op::Unary(u) => kernels::unary(*u, f(0)?),
@@ -239,10 +194,7 @@ fn eval_op<'a>(
             let shape = resolved(shape)?;
             return Ok(match args[0].as_ref() {
                 Value::F32(t) => Value::F32(kernels::reshape(t, &shape)),
-                Value::I64 { data, .. } => Value::I64 {
-                    shape,
-                    data: data.clone(),
-                },
+                Value::I64 { data, .. } => Value::I64 { shape, data: data.clone() },
             });
         }
         Op::Transpose { perm } => kernels::transpose(f(0)?, perm),
@@ -250,10 +202,7 @@ fn eval_op<'a>(
             let x = f(0)?;
             let end = resolve(end).ok_or_else(|| format!("dimension `{end}` is not bound"))?;
             if end > x.shape[*axis] {
-                return Err(format!(
-                    "slice end {end} exceeds axis {axis} of size {}",
-                    x.shape[*axis]
-                ));
+                return Err(format!("slice end {end} exceeds axis {axis} of size {}", x.shape[*axis]));
             }
             kernels::slice(x, *axis, *start as usize, end)
         }
@@ -264,9 +213,7 @@ fn eval_op<'a>(
         Op::Reduce { op, axes, keepdim } => kernels::reduce(*op, f(0)?, axes, *keepdim),
         Op::Cast { to: DType::F32 } => match args[0].as_ref() {
             Value::F32(t) => t.clone(),
-            Value::I64 { shape, data } => {
-                Tensor::new(shape.clone(), data.iter().map(|&v| v as f32).collect())
-            }
+            Value::I64 { shape, data } => Tensor::new(shape.clone(), data.iter().map(|&v| v as f32).collect()),
         },
         Op::Cast { to: DType::I64 } => {
             return Err("casting to i64 is not supported by the interpreter".into());

@@ -81,15 +81,9 @@ fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        last_offset(m, n, rsc, csc) < c.len(),
-        "gemm: C out of bounds"
-    );
+    assert!(last_offset(m, n, rsc, csc) < c.len(), "gemm: C out of bounds");
     // The output strides must not make distinct (i, j) alias each other.
-    debug_assert!(
-        (m == 1 || rsc != 0) && (n == 1 || csc != 0),
-        "gemm: aliasing C strides"
-    );
+    debug_assert!((m == 1 || rsc != 0) && (n == 1 || csc != 0), "gemm: aliasing C strides");
     if k == 0 {
         for i in 0..m {
             for j in 0..n {
@@ -99,14 +93,8 @@ fn gemm(
         }
         return;
     }
-    assert!(
-        last_offset(m, k, rsa, csa) < a.len(),
-        "gemm: A out of bounds"
-    );
-    assert!(
-        last_offset(k, n, rsb, csb) < b.len(),
-        "gemm: B out of bounds"
-    );
+    assert!(last_offset(m, k, rsa, csa) < a.len(), "gemm: A out of bounds");
+    assert!(last_offset(k, n, rsb, csb) < b.len(), "gemm: B out of bounds");
     // SAFETY: the asserts above guarantee every element of A, B and C addressed through the
     // given dimensions and strides lies inside the respective slice; `c` is a unique borrow so
     // it does not alias `a`/`b`; C's strides do not alias distinct elements (checked above,
@@ -195,9 +183,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         };
         if n * k >= 1 << 18 {
             const CH: usize = 64;
-            y.par_chunks_mut(CH)
-                .enumerate()
-                .for_each(|(c, out)| fill(c * CH, out));
+            y.par_chunks_mut(CH).enumerate().for_each(|(c, out)| fill(c * CH, out));
         } else {
             fill(0, &mut y);
         }
@@ -215,9 +201,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         None => (vec![0f32; m * n], 0.0),
     };
     // A = x as [m, k] row-major; B = W^T: B(p, j) = w[j*k + p].
-    gemm(
-        m, k, n, 1.0, &x.data, k, 1, &w.data, 1, k, beta, &mut y, n, 1,
-    );
+    gemm(m, k, n, 1.0, &x.data, k, 1, &w.data, 1, k, beta, &mut y, n, 1);
     Tensor::new(shape, y)
 }
 
@@ -226,20 +210,9 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
     let r = a.len().max(b.len());
     (0..r)
         .map(|i| {
-            let da = if i + a.len() >= r {
-                a[i + a.len() - r]
-            } else {
-                1
-            };
-            let db = if i + b.len() >= r {
-                b[i + b.len() - r]
-            } else {
-                1
-            };
-            debug_assert!(
-                da == db || da == 1 || db == 1,
-                "shapes {a:?} and {b:?} do not broadcast"
-            );
+            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            debug_assert!(da == db || da == 1 || db == 1, "shapes {a:?} and {b:?} do not broadcast");
             if da == 1 { db } else { da }
         })
         .collect()
@@ -251,15 +224,7 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     debug_assert!(shape.len() <= out.len());
     let st = contiguous_strides(shape);
     let pad = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| {
-            if i < pad || shape[i - pad] == 1 {
-                0
-            } else {
-                st[i - pad]
-            }
-        })
-        .collect()
+    (0..out.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { st[i - pad] }).collect()
 }
 
 /// Batched matrix product with numpy broadcasting of the batch dims.
@@ -285,22 +250,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     let mat = m * n;
     // One right-hand matrix shared by all batches: fold the batch into the rows.
     if numel_of(bsb) == 1 && numel_of(bsa) == nb {
-        gemm(
-            nb * m,
-            k,
-            n,
-            1.0,
-            &a.data,
-            k,
-            1,
-            &b.data,
-            n,
-            1,
-            0.0,
-            &mut out,
-            n,
-            1,
-        );
+        gemm(nb * m, k, n, 1.0, &a.data, k, 1, &b.data, n, 1, 0.0, &mut out, n, 1);
         return Tensor::new(shape, out);
     }
     let sa = broadcast_strides(bsa, &batch);
@@ -318,27 +268,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
         })
         .collect();
     let one = |o: &mut [f32], &(oa, ob): &(usize, usize)| {
-        gemm(
-            m,
-            k,
-            n,
-            1.0,
-            &a.data[oa..oa + m * k],
-            k,
-            1,
-            &b.data[ob..ob + k * n],
-            n,
-            1,
-            0.0,
-            o,
-            n,
-            1,
-        )
+        gemm(m, k, n, 1.0, &a.data[oa..oa + m * k], k, 1, &b.data[ob..ob + k * n], n, 1, 0.0, o, n, 1)
     };
     if nb > 1 && m * k + k * n < GEMM_SMALL {
-        out.par_chunks_mut(mat)
-            .zip(offsets.par_iter())
-            .for_each(|(o, off)| one(o, off));
+        out.par_chunks_mut(mat).zip(offsets.par_iter()).for_each(|(o, off)| one(o, off));
     } else {
         for (o, off) in out.chunks_mut(mat).zip(&offsets) {
             one(o, off);
@@ -350,7 +283,6 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
 // ---------------------------------------------------------------------------------------------
 // elementwise
 // ---------------------------------------------------------------------------------------------
-
 
 #[inline(always)]
 fn nan_max(x: f32, y: f32) -> f32 {
@@ -413,12 +345,7 @@ fn binary_with(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Copy) -> Te
     Tensor::new(out_shape, data)
 }
 
-fn binary_general(
-    a: &Tensor,
-    b: &Tensor,
-    out_shape: &[usize],
-    f: impl Fn(f32, f32) -> f32 + Copy,
-) -> Vec<f32> {
+fn binary_general(a: &Tensor, b: &Tensor, out_shape: &[usize], f: impl Fn(f32, f32) -> f32 + Copy) -> Vec<f32> {
     let sa = broadcast_strides(&a.shape, out_shape);
     let sb = broadcast_strides(&b.shape, out_shape);
     // Coalesce: (size, stride_a, stride_b), outermost first; merge a dim into its outer
@@ -488,7 +415,6 @@ fn binary_general(
     out
 }
 
-
 #[inline]
 fn sigmoid(v: f32) -> f32 {
     if v >= 0.0 {
@@ -508,11 +434,7 @@ pub fn gelu(v: f32) -> f32 {
 
 fn map_unary(x: &Tensor, heavy: bool, f: impl Fn(f32) -> f32 + Sync + Send) -> Tensor {
     let data: Vec<f32> = if heavy && x.numel() >= PAR_MIN_ELEMS {
-        x.data
-            .par_iter()
-            .with_min_len(4096)
-            .map(|&v| f(v))
-            .collect()
+        x.data.par_iter().with_min_len(4096).map(|&v| f(v)).collect()
     } else {
         x.data.iter().map(|&v| f(v)).collect()
     };
@@ -658,22 +580,14 @@ fn erfc_ge1(y: f64) -> f64 {
 /// The error function, accurate to a few f64 ulps (relative error <= ~3e-16).
 pub fn erf(x: f64) -> f64 {
     let ax = x.abs();
-    if ax < 1.0 {
-        x * erf_taylor(x * x)
-    } else {
-        (1.0 - erfc_ge1(ax)).copysign(x)
-    }
+    if ax < 1.0 { x * erf_taylor(x * x) } else { (1.0 - erfc_ge1(ax)).copysign(x) }
 }
 
 /// The complementary error function `1 - erf(x)`, with small *relative* error also in the
 /// tail (<= ~1e-15 for x < 6, <= ~6e-14 up to the f64 underflow at x ~ 26.5).
 pub fn erfc(x: f64) -> f64 {
     let ax = x.abs();
-    let c = if ax < 1.0 {
-        1.0 - ax * erf_taylor(ax * ax)
-    } else {
-        erfc_ge1(ax)
-    };
+    let c = if ax < 1.0 { 1.0 - ax * erf_taylor(ax * ax) } else { erfc_ge1(ax) };
     if x >= 0.0 { c } else { 2.0 - c }
 }
 
@@ -688,13 +602,9 @@ fn for_each_row(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
         return;
     }
     if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        out.chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 
@@ -820,9 +730,7 @@ pub fn rope(x: &Tensor, theta: f32, interleaved: bool, position_offset: usize) -
     if out.is_empty() || half == 0 {
         return Tensor::new(x.shape.clone(), out);
     }
-    let freqs: Vec<f64> = (0..half)
-        .map(|i| (theta as f64).powf(-2.0 * i as f64 / d as f64))
-        .collect();
+    let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / d as f64)).collect();
     let mut cos = Vec::with_capacity(s * half);
     let mut sin = Vec::with_capacity(s * half);
     for si in 0..s {
@@ -863,11 +771,7 @@ pub fn rope(x: &Tensor, theta: f32, interleaved: bool, position_offset: usize) -
 /// An id `< 0` or `>= n` is reported as [`KernelError::IdOutOfRange`].
 pub fn gather(table: &Tensor, ids: &[i64], ids_shape: &[usize]) -> Result<Tensor, KernelError> {
     debug_assert_eq!(table.rank(), 2, "gather: table must be [n, d]");
-    debug_assert_eq!(
-        ids.len(),
-        numel_of(ids_shape),
-        "gather: ids / ids_shape mismatch"
-    );
+    debug_assert_eq!(ids.len(), numel_of(ids_shape), "gather: ids / ids_shape mismatch");
     let (n, d) = (table.shape[0], table.shape[1]);
     let mut out = Vec::with_capacity(ids.len() * d);
     for &id in ids {
@@ -900,8 +804,7 @@ pub fn transpose(x: &Tensor, perm: &[usize]) -> Tensor {
     debug_assert!(
         {
             let mut seen = vec![false; r];
-            perm.iter()
-                .all(|&p| p < r && !std::mem::replace(&mut seen[p], true))
+            perm.iter().all(|&p| p < r && !std::mem::replace(&mut seen[p], true))
         },
         "transpose: {perm:?} is not a permutation"
     );
@@ -955,10 +858,7 @@ pub fn transpose(x: &Tensor, perm: &[usize]) -> Tensor {
 /// `x[.., start..end, ..]` along `axis` (step 1). Requires `start <= end <= x.shape[axis]`.
 pub fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
     debug_assert!(axis < x.rank(), "slice: axis out of range");
-    debug_assert!(
-        start <= end && end <= x.shape[axis],
-        "slice: bad range {start}..{end}"
-    );
+    debug_assert!(start <= end && end <= x.shape[axis], "slice: bad range {start}..{end}");
     let n = x.shape[axis];
     let outer = numel_of(&x.shape[..axis]);
     let inner = numel_of(&x.shape[axis + 1..]);
@@ -981,11 +881,7 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Tensor {
     debug_assert!(axis < first.rank(), "concat: axis out of range");
     debug_assert!(
         xs.iter().all(|t| t.rank() == first.rank()
-            && t.shape
-                .iter()
-                .zip(&first.shape)
-                .enumerate()
-                .all(|(i, (a, b))| i == axis || a == b)),
+            && t.shape.iter().zip(&first.shape).enumerate().all(|(i, (a, b))| i == axis || a == b)),
         "concat: shapes disagree off the concat axis"
     );
     let outer = numel_of(&first.shape[..axis]);
@@ -1006,7 +902,6 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Tensor {
 // ---------------------------------------------------------------------------------------------
 // reduce
 // ---------------------------------------------------------------------------------------------
-
 
 /// Reduces `x` over `axes` (distinct, each `< rank`, any order). With `keepdim` the reduced
 /// axes stay as size 1, otherwise they are removed. An empty `axes` reduces nothing (returns
@@ -1031,11 +926,7 @@ pub fn reduce(op: ReduceOp, x: &Tensor, axes: &[usize], keepdim: bool) -> Tensor
     let rlen: usize = (0..r).filter(|&i| red[i]).map(|i| x.shape[i]).product();
     let rows = numel_of(&out_shape);
     // bring the reduced axes innermost (no copy when they already are)
-    let perm: Vec<usize> = kept
-        .iter()
-        .copied()
-        .chain((0..r).filter(|&i| red[i]))
-        .collect();
+    let perm: Vec<usize> = kept.iter().copied().chain((0..r).filter(|&i| red[i])).collect();
     let moved;
     let src: &[f32] = if perm.iter().enumerate().all(|(i, &p)| i == p) {
         &x.data
@@ -1073,34 +964,15 @@ pub fn reduce(op: ReduceOp, x: &Tensor, axes: &[usize], keepdim: bool) -> Tensor
 ///
 /// Runs the (batch, head) pairs in parallel; each does `q k^T` and `p v` with sgemm (the
 /// transposed `k` is read through strides), softmax in between (exp in f32, sum in f64).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    key_mask: Option<&[f32]>,
-    causal: bool,
-    scale: f32,
-) -> Tensor {
-    debug_assert!(
-        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
-        "attention: rank 4"
-    );
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&[f32]>, causal: bool, scale: f32) -> Tensor {
+    debug_assert!(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention: rank 4");
     let (b, hq, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hkv, t) = (k.shape[1], k.shape[2]);
     let dv = v.shape[3];
-    debug_assert!(
-        k.shape[0] == b && v.shape[0] == b,
-        "attention: batch mismatch"
-    );
+    debug_assert!(k.shape[0] == b && v.shape[0] == b, "attention: batch mismatch");
     debug_assert_eq!(k.shape[3], d, "attention: q/k head dim mismatch");
-    debug_assert!(
-        v.shape[1] == hkv && v.shape[2] == t,
-        "attention: k/v mismatch"
-    );
-    debug_assert!(
-        hkv > 0 && hq % hkv == 0,
-        "attention: hq must be a multiple of hkv"
-    );
+    debug_assert!(v.shape[1] == hkv && v.shape[2] == t, "attention: k/v mismatch");
+    debug_assert!(hkv > 0 && hq % hkv == 0, "attention: hq must be a multiple of hkv");
     if let Some(m) = key_mask {
         debug_assert_eq!(m.len(), b * t, "attention: key_mask must be [b, t]");
     }
@@ -1123,11 +995,7 @@ pub fn attention(
         // scores[i, j] = scale * sum_p q[i, p] k[j, p]
         gemm(s, d, t, scale, qb, d, 1, kb, 1, d, 0.0, scores, t, 1);
         for (i, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(s) {
-            let lim = if causal {
-                (i as isize + shift + 1).clamp(0, t as isize) as usize
-            } else {
-                t
-            };
+            let lim = if causal { (i as isize + shift + 1).clamp(0, t as isize) as usize } else { t };
             let allowed = |j: usize| mrow.is_none_or(|m| m[j] != 0.0);
             let mut mx = f32::NEG_INFINITY;
             let mut any = false;
@@ -1159,9 +1027,7 @@ pub fn attention(
 
     let per_head = s * dv;
     if b * hq > 1 {
-        out.par_chunks_mut(per_head)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (bh, o)| head(scores, bh, o));
+        out.par_chunks_mut(per_head).enumerate().for_each_init(Vec::new, |scores, (bh, o)| head(scores, bh, o));
     } else {
         head(&mut Vec::new(), 0, &mut out);
     }
@@ -1174,11 +1040,7 @@ pub fn attention(
 
 #[cfg(test)]
 // reference values keep all their digits; references index explicitly on purpose
-#[allow(
-    clippy::excessive_precision,
-    clippy::needless_range_loop,
-    clippy::type_complexity
-)]
+#[allow(clippy::excessive_precision, clippy::needless_range_loop, clippy::type_complexity)]
 mod tests {
     //! Every kernel is checked against a naive reference written with explicit indices and
     //! f64 accumulation (proptest over random shapes, including odd sizes), plus hand-computed
@@ -1231,22 +1093,14 @@ mod tests {
     /// Flat index into `shape` (right-aligned, size-1 dims broadcast) for output index `idx`.
     fn bcast_index(idx: &[usize], shape: &[usize]) -> usize {
         let off = idx.len() - shape.len();
-        let sub: Vec<usize> = shape
-            .iter()
-            .enumerate()
-            .map(|(k, &d)| if d == 1 { 0 } else { idx[off + k] })
-            .collect();
+        let sub: Vec<usize> = shape.iter().enumerate().map(|(k, &d)| if d == 1 { 0 } else { idx[off + k] }).collect();
         ravel(&sub, shape)
     }
 
     fn ref_bshape(a: &[usize], b: &[usize]) -> Vec<usize> {
         let r = a.len().max(b.len());
-        let pa: Vec<usize> = std::iter::repeat_n(1, r - a.len())
-            .chain(a.iter().copied())
-            .collect();
-        let pb: Vec<usize> = std::iter::repeat_n(1, r - b.len())
-            .chain(b.iter().copied())
-            .collect();
+        let pa: Vec<usize> = std::iter::repeat_n(1, r - a.len()).chain(a.iter().copied()).collect();
+        let pb: Vec<usize> = std::iter::repeat_n(1, r - b.len()).chain(b.iter().copied()).collect();
         pa.iter()
             .zip(&pb)
             .map(|(&x, &y)| {
@@ -1262,11 +1116,7 @@ mod tests {
         assert_eq!(got.data.len(), want.len(), "len");
         for (i, (&g, &w)) in got.data.iter().zip(want).enumerate() {
             let ok = (g.is_nan() && w.is_nan()) || (g as f64 - w).abs() <= atol + rtol * w.abs();
-            assert!(
-                ok,
-                "element {i} (index {:?}): got {g}, want {w}",
-                unravel(i, shape)
-            );
+            assert!(ok, "element {i} (index {:?}): got {g}, want {w}", unravel(i, shape));
         }
     }
 
@@ -1274,11 +1124,7 @@ mod tests {
     /// `ones` flag is set replaced by 1.
     fn sub_shape(out: &[usize], len: usize, ones: &[bool]) -> Vec<usize> {
         let len = len.min(out.len());
-        out[out.len() - len..]
-            .iter()
-            .zip(ones)
-            .map(|(&d, &one)| if one { 1 } else { d })
-            .collect()
+        out[out.len() - len..].iter().zip(ones).map(|(&d, &one)| if one { 1 } else { d }).collect()
     }
 
     // ---- linear / matmul ---------------------------------------------------------------
@@ -1330,8 +1176,7 @@ mod tests {
                 ia.extend([i, p]);
                 let mut ib = bidx.to_vec();
                 ib.extend([p, j]);
-                acc += a.data[bcast_index(&ia, &a.shape)] as f64
-                    * b.data[bcast_index(&ib, &b.shape)] as f64;
+                acc += a.data[bcast_index(&ia, &a.shape)] as f64 * b.data[bcast_index(&ib, &b.shape)] as f64;
             }
             out.push(acc);
         }
@@ -1402,15 +1247,8 @@ mod tests {
 
     // ---- binary ------------------------------------------------------------------------
 
-    const BINARY_OPS: [BinaryOp; 7] = [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-        BinaryOp::Pow,
-    ];
+    const BINARY_OPS: [BinaryOp; 7] =
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Pow];
 
     fn ref_apply(op: BinaryOp, x: f32, y: f32) -> f32 {
         match op {
@@ -1446,11 +1284,7 @@ mod tests {
         assert_eq!(got.shape, shape, "{op:?} {:?} {:?}", a.shape, b.shape);
         for o in 0..total {
             let idx = unravel(o, &shape);
-            let want = ref_apply(
-                op,
-                a.data[bcast_index(&idx, &a.shape)],
-                b.data[bcast_index(&idx, &b.shape)],
-            );
+            let want = ref_apply(op, a.data[bcast_index(&idx, &a.shape)], b.data[bcast_index(&idx, &b.shape)]);
             let g = got.data[o];
             assert!(
                 g == want || (g.is_nan() && want.is_nan()),
@@ -1488,10 +1322,7 @@ mod tests {
         let b = Tensor::new([3], vec![0.0, f32::NAN, 1.0]);
         for op in [BinaryOp::Max, BinaryOp::Min] {
             let y = binary(op, &a, &b);
-            assert!(
-                y.data[0].is_nan() && y.data[1].is_nan(),
-                "{op:?} must propagate NaN"
-            );
+            assert!(y.data[0].is_nan() && y.data[1].is_nan(), "{op:?} must propagate NaN");
             assert_eq!(y.data[2], if op == BinaryOp::Max { 2.0 } else { 1.0 });
         }
     }
@@ -1554,10 +1385,7 @@ mod tests {
         ];
         for (x, want) in table {
             let got = erf(x);
-            assert!(
-                ((got - want) / want).abs() < 1e-15,
-                "erf({x}) = {got}, want {want}"
-            );
+            assert!(((got - want) / want).abs() < 1e-15, "erf({x}) = {got}, want {want}");
             assert_eq!(erf(x as f32 as f64) as f32, want as f32, "f32 erf({x})");
         }
         // (x, erfc(x))
@@ -1575,10 +1403,7 @@ mod tests {
         ];
         for (x, want) in table {
             let got = erfc(x);
-            assert!(
-                ((got - want) / want).abs() < 1e-14,
-                "erfc({x}) = {got}, want {want}"
-            );
+            assert!(((got - want) / want).abs() < 1e-14, "erfc({x}) = {got}, want {want}");
         }
         assert_eq!(erf(0.0), 0.0);
         assert_eq!(erf(f64::INFINITY), 1.0);
@@ -1593,18 +1418,12 @@ mod tests {
         for i in -6000..=6000 {
             let x = i as f64 * 1e-3;
             let (got, want) = (erf(x), erf_series(x));
-            assert!(
-                (got - want).abs() <= 2e-15 * want.abs() + 1e-300,
-                "erf({x}) = {got}, series {want}"
-            );
+            assert!((got - want).abs() <= 2e-15 * want.abs() + 1e-300, "erf({x}) = {got}, series {want}");
         }
         for i in 0..=2400 {
             let x = 2.0 + i as f64 * 1e-2;
             let (got, want) = (erfc(x), erfc_cf(x));
-            assert!(
-                ((got - want) / want).abs() <= 2e-15,
-                "erfc({x}) = {got}, cf {want}"
-            );
+            assert!(((got - want) / want).abs() <= 2e-15, "erfc({x}) = {got}, cf {want}");
         }
     }
 
@@ -1623,10 +1442,7 @@ mod tests {
         ];
         for (x, want) in table {
             let got = gelu(x as f32) as f64;
-            assert!(
-                ((got - want) / want).abs() < 1.2e-7,
-                "gelu({x}) = {got}, want {want}"
-            );
+            assert!(((got - want) / want).abs() < 1.2e-7, "gelu({x}) = {got}, want {want}");
         }
         assert_eq!(gelu(0.0), 0.0);
         let t = unary(UnaryOp::Gelu, &Tensor::new([2], vec![1.0, -1.0]));
@@ -1643,12 +1459,7 @@ mod tests {
         let gelu_ref = |v: f64| {
             let y = v / 2f64.sqrt();
             // 1 + erf(y) = erfc(-y); use the continued fraction where 1 + erf cancels
-            0.5 * v
-                * if y < -2.0 {
-                    erfc_cf(-y)
-                } else {
-                    1.0 + erf_series(y)
-                }
+            0.5 * v * if y < -2.0 { erfc_cf(-y) } else { 1.0 + erf_series(y) }
         };
         type Ref = fn(f64) -> f64;
         let cases: Vec<(UnaryOp, Box<dyn Fn(f64) -> f64>, f64)> = vec![
@@ -1714,13 +1525,7 @@ mod tests {
         // parallel paths, last and non-last axis
         for (shape, axis) in [(vec![70, 600], 1), (vec![3, 70, 200], 1)] {
             let x = rand_tensor(&shape, 9, 10.0);
-            assert_close(
-                &softmax(&x, axis),
-                &shape,
-                &ref_softmax(&x, axis),
-                1e-7,
-                1e-6,
-            );
+            assert_close(&softmax(&x, axis), &shape, &ref_softmax(&x, axis), 1e-7, 1e-6);
         }
     }
 
@@ -1744,9 +1549,7 @@ mod tests {
             let mean = row.iter().sum::<f64>() / d as f64;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
             for j in 0..d {
-                out.push(
-                    (row[j] - mean) / (var + eps).sqrt() * g.data[j] as f64 + b.data[j] as f64,
-                );
+                out.push((row[j] - mean) / (var + eps).sqrt() * g.data[j] as f64 + b.data[j] as f64);
             }
         }
         out
@@ -1756,25 +1559,11 @@ mod tests {
     fn layer_norm_hand_and_random() {
         let x = Tensor::new([1, 4], vec![1.0, 2.0, 3.0, 4.0]);
         let y = layer_norm(&x, &Tensor::full([4], 1.0), &Tensor::zeros([4]), 0.0);
-        assert_close(
-            &y,
-            &[1, 4],
-            &[-1.3416407, -0.4472136, 0.4472136, 1.3416407],
-            1e-6,
-            0.0,
-        );
-        for (shape, seed) in [
-            (vec![3, 5, 7], 1),
-            (vec![1], 2),
-            (vec![128, 384], 3),
-            (vec![2, 0, 4], 4),
-        ] {
+        assert_close(&y, &[1, 4], &[-1.3416407, -0.4472136, 0.4472136, 1.3416407], 1e-6, 0.0);
+        for (shape, seed) in [(vec![3, 5, 7], 1), (vec![1], 2), (vec![128, 384], 3), (vec![2, 0, 4], 4)] {
             let d = *shape.last().unwrap();
             let x = rand_tensor(&shape, seed, 3.0);
-            let (g, b) = (
-                rand_tensor(&[d], seed + 10, 1.0),
-                rand_tensor(&[d], seed + 20, 1.0),
-            );
+            let (g, b) = (rand_tensor(&[d], seed + 10, 1.0), rand_tensor(&[d], seed + 20, 1.0));
             let want = ref_layer_norm(&x, &g, &b, 1e-5);
             assert_close(&layer_norm(&x, &g, &b, 1e-5), &shape, &want, 1e-6, 1e-6);
         }
@@ -1793,10 +1582,7 @@ mod tests {
             let eps = 1e-5;
             let mut want = Vec::new();
             for r in 0..x.data.len() / d {
-                let ms = (0..d)
-                    .map(|j| (x.data[r * d + j] as f64).powi(2))
-                    .sum::<f64>()
-                    / d as f64;
+                let ms = (0..d).map(|j| (x.data[r * d + j] as f64).powi(2)).sum::<f64>() / d as f64;
                 for j in 0..d {
                     want.push(x.data[r * d + j] as f64 / (ms + eps).sqrt() * g.data[j] as f64);
                 }
@@ -1816,11 +1602,7 @@ mod tests {
                     for i in 0..d / 2 {
                         let p = (offset + si) as f64;
                         let angle = p * (-((2 * i) as f64) / d as f64 * theta.ln()).exp();
-                        let (ia, ib) = if interleaved {
-                            (2 * i, 2 * i + 1)
-                        } else {
-                            (i, i + d / 2)
-                        };
+                        let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + d / 2) };
                         let fa = ravel(&[bi, si, hi, ia], &x.shape);
                         let fb = ravel(&[bi, si, hi, ib], &x.shape);
                         let (va, vb) = (x.data[fa] as f64, x.data[fb] as f64);
@@ -1840,19 +1622,8 @@ mod tests {
             // position 0 is the identity
             assert_eq!(rope(&x, 10000.0, inter, 0), x);
             // d = 2 at position 1 rotates (1, 0) by exactly 1 radian
-            let y = rope(
-                &Tensor::new([1, 2, 1, 2], vec![5.0, 5.0, 1.0, 0.0]),
-                10000.0,
-                inter,
-                0,
-            );
-            assert_close(
-                &y,
-                &[1, 2, 1, 2],
-                &[5.0, 5.0, 1f64.cos(), 1f64.sin()],
-                1e-7,
-                0.0,
-            );
+            let y = rope(&Tensor::new([1, 2, 1, 2], vec![5.0, 5.0, 1.0, 0.0]), 10000.0, inter, 0);
+            assert_close(&y, &[1, 2, 1, 2], &[5.0, 5.0, 1f64.cos(), 1f64.sin()], 1e-7, 0.0);
         }
         // the two layouts differ for d >= 4
         let x = rand_tensor(&[1, 2, 1, 4], 2, 1.0);
@@ -1881,14 +1652,8 @@ mod tests {
         let y = gather(&table, &[2, 0, 1, 2], &[2, 2]).unwrap();
         assert_eq!(y.shape, vec![2, 2, 2]);
         assert_eq!(y.data, vec![20.0, 21.0, 0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
-        assert_eq!(
-            gather(&table, &[0, 3], &[2]).unwrap_err(),
-            KernelError::IdOutOfRange { id: 3, n: 3 }
-        );
-        assert_eq!(
-            gather(&table, &[-1], &[1]).unwrap_err(),
-            KernelError::IdOutOfRange { id: -1, n: 3 }
-        );
+        assert_eq!(gather(&table, &[0, 3], &[2]).unwrap_err(), KernelError::IdOutOfRange { id: 3, n: 3 });
+        assert_eq!(gather(&table, &[-1], &[1]).unwrap_err(), KernelError::IdOutOfRange { id: -1, n: 3 });
         assert!(gather(&table, &[i64::MAX], &[1]).is_err());
         assert_eq!(gather(&table, &[], &[0]).unwrap().shape, vec![0, 2]);
     }
@@ -1915,11 +1680,7 @@ mod tests {
             }
             // concat of the pieces [0, 1), [1, n) and an empty one gives x back; and a
             // concat of three distinct tensors matches the naive definition
-            let parts = [
-                slice(&x, axis, 0, 1),
-                slice(&x, axis, 1, 1),
-                slice(&x, axis, 1, n),
-            ];
+            let parts = [slice(&x, axis, 0, 1), slice(&x, axis, 1, 1), slice(&x, axis, 1, n)];
             assert_eq!(concat(&[&parts[0], &parts[1], &parts[2]], axis), x);
             let mut sy = x.shape.clone();
             sy[axis] = 2;
@@ -1985,16 +1746,9 @@ mod tests {
 
     // ---- reduce ------------------------------------------------------------------------
 
-    fn ref_reduce(
-        op: ReduceOp,
-        x: &Tensor,
-        axes: &[usize],
-        keepdim: bool,
-    ) -> (Vec<usize>, Vec<f64>) {
+    fn ref_reduce(op: ReduceOp, x: &Tensor, axes: &[usize], keepdim: bool) -> (Vec<usize>, Vec<f64>) {
         let r = x.shape.len();
-        let kshape: Vec<usize> = (0..r)
-            .map(|i| if axes.contains(&i) { 1 } else { x.shape[i] })
-            .collect();
+        let kshape: Vec<usize> = (0..r).map(|i| if axes.contains(&i) { 1 } else { x.shape[i] }).collect();
         let n: usize = kshape.iter().product();
         let mut acc = vec![
             match op {
@@ -2023,14 +1777,7 @@ mod tests {
                 *a /= c as f64;
             }
         }
-        let shape = if keepdim {
-            kshape
-        } else {
-            (0..r)
-                .filter(|i| !axes.contains(i))
-                .map(|i| x.shape[i])
-                .collect()
-        };
+        let shape = if keepdim { kshape } else { (0..r).filter(|i| !axes.contains(i)).map(|i| x.shape[i]).collect() };
         (shape, acc)
     }
 
@@ -2044,16 +1791,8 @@ mod tests {
         assert!(y.shape == x.shape && y.data[2] == 3.0);
         let e = Tensor::zeros([3, 0]);
         assert_eq!(reduce(ReduceOp::Sum, &e, &[1], false).data, vec![0.0; 3]);
-        assert_eq!(
-            reduce(ReduceOp::Max, &e, &[1], true).data,
-            vec![f32::NEG_INFINITY; 3]
-        );
-        let s = reduce(
-            ReduceOp::Mean,
-            &rand_tensor(&[4, 5], 1, 1.0),
-            &[1, 0],
-            false,
-        );
+        assert_eq!(reduce(ReduceOp::Max, &e, &[1], true).data, vec![f32::NEG_INFINITY; 3]);
+        let s = reduce(ReduceOp::Mean, &rand_tensor(&[4, 5], 1, 1.0), &[1, 0], false);
         assert_eq!(s.shape, Vec::<usize>::new());
     }
 
@@ -2077,14 +1816,7 @@ mod tests {
 
     // ---- attention ---------------------------------------------------------------------
 
-    fn ref_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&[f32]>,
-        causal: bool,
-        scale: f32,
-    ) -> Vec<f64> {
+    fn ref_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&[f32]>, causal: bool, scale: f32) -> Vec<f64> {
         let (b, hq, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
         let (hkv, t, dv) = (k.shape[1], k.shape[2], v.shape[3]);
         let mut out = vec![0f64; b * hq * s * dv];
@@ -2114,8 +1846,7 @@ mod tests {
                     for c in 0..dv {
                         let mut acc = 0.0;
                         for (&j, &x) in allowed.iter().zip(&sc) {
-                            acc += (x - mx).exp() / den
-                                * v.data[ravel(&[bi, kh, j, c], &v.shape)] as f64;
+                            acc += (x - mx).exp() / den * v.data[ravel(&[bi, kh, j, c], &v.shape)] as f64;
                         }
                         out[ravel(&[bi, h, i, c], &[b, hq, s, dv])] = acc;
                     }
@@ -2158,13 +1889,7 @@ mod tests {
         let masked = attention(&q, &k, &v, Some(&mask), false, 0.5);
         let keep = |x: &Tensor| concat(&[&slice(x, 2, 0, 2), &slice(x, 2, 3, 5)], 2);
         let removed = attention(&q, &keep(&k), &keep(&v), None, false, 0.5);
-        assert_close(
-            &masked,
-            &[1, 2, 3, 3],
-            &removed.data.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-            1e-6,
-            1e-6,
-        );
+        assert_close(&masked, &[1, 2, 3, 3], &removed.data.iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-6, 1e-6);
         // a fully masked row (batch 1) gives zeros, batch 0 does not
         let q = rand_tensor(&[2, 2, 3, 4], 4, 1.0);
         let k = rand_tensor(&[2, 1, 2, 4], 5, 1.0);
@@ -2187,14 +1912,7 @@ mod tests {
             0.0,
         );
         // no keys at all
-        let e = attention(
-            &q,
-            &Tensor::zeros([1, 1, 0, 4]),
-            &Tensor::zeros([1, 1, 0, 2]),
-            None,
-            false,
-            1.0,
-        );
+        let e = attention(&q, &Tensor::zeros([1, 1, 0, 4]), &Tensor::zeros([1, 1, 0, 2]), None, false, 1.0);
         assert_eq!(e.data, vec![0.0; 6]);
     }
 
@@ -2202,23 +1920,9 @@ mod tests {
     fn attention_realistic_sizes() {
         // prefill (BERT/llama-like head sizes, GQA), and decode (s = 1 against a cache)
         let mut rng = Rng(3);
-        let mask: Vec<f32> = (0..128)
-            .map(|_| if rng.uniform() > -0.8 { 1.0 } else { 0.0 })
-            .collect();
+        let mask: Vec<f32> = (0..128).map(|_| if rng.uniform() > -0.8 { 1.0 } else { 0.0 }).collect();
         check_attention(1, 2, 2, 128, 128, 64, 64, true, None, 0.125, 1);
-        check_attention(
-            1,
-            3,
-            1,
-            128,
-            128,
-            32,
-            32,
-            false,
-            Some(mask.clone()),
-            32f32.powf(-0.5),
-            2,
-        );
+        check_attention(1, 3, 1, 128, 128, 32, 32, false, Some(mask.clone()), 32f32.powf(-0.5), 2);
         check_attention(1, 1, 3, 1, 128, 64, 64, true, Some(mask), 0.125, 3);
     }
 

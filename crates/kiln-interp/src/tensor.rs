@@ -55,18 +55,12 @@ impl Tensor {
     pub fn full(shape: impl Into<Vec<usize>>, v: f32) -> Tensor {
         let shape = shape.into();
         let n = numel_of(&shape);
-        Tensor {
-            shape,
-            data: vec![v; n],
-        }
+        Tensor { shape, data: vec![v; n] }
     }
 
     /// A rank-0 tensor holding `v`.
     pub fn scalar(v: f32) -> Tensor {
-        Tensor {
-            shape: Vec::new(),
-            data: vec![v],
-        }
+        Tensor { shape: Vec::new(), data: vec![v] }
     }
 
     /// Number of elements.

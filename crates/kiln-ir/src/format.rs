@@ -47,8 +47,7 @@ pub enum FormatError {
 }
 
 impl Format {
-    pub const ALL: [Format; 6] =
-        [Format::F32, Format::F16, Format::BF16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
+    pub const ALL: [Format; 6] = [Format::F32, Format::F16, Format::BF16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
 
     /// Name used in the IR text and in error messages.
     pub fn name(self) -> &'static str {
@@ -105,13 +104,9 @@ impl Format {
         let mut out = Vec::with_capacity(elements as usize);
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         match self {
-            Format::F32 => {
-                out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            }
+            Format::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             Format::F16 => out.extend(bytes.chunks_exact(2).map(half)),
-            Format::BF16 => {
-                out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()))
-            }
+            Format::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
             Format::Q8_0 => {
                 for block in bytes.chunks_exact(34) {
                     let d = half(&block[0..2]);
@@ -149,10 +144,7 @@ impl fmt::Display for Format {
 impl std::str::FromStr for Format {
     type Err = FormatError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Format::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| FormatError::Unknown(s.to_string()))
+        Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| FormatError::Unknown(s.to_string()))
     }
 }
 

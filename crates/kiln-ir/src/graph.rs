@@ -7,8 +7,8 @@ use crate::types::Type;
 use petgraph::Direction;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// Identifies a node. Indices are stable under removal of other nodes.
 pub type NodeId = NodeIndex<u32>;
@@ -57,13 +57,7 @@ impl Graph {
     }
 
     /// Adds a node whose type is inferred from its operands.
-    pub fn add(
-        &mut self,
-        op: Op,
-        operands: &[NodeId],
-        scope: &str,
-        span: Option<Span>,
-    ) -> Result<NodeId, GraphError> {
+    pub fn add(&mut self, op: Op, operands: &[NodeId], scope: &str, span: Option<Span>) -> Result<NodeId, GraphError> {
         let types: Vec<&Type> = operands.iter().map(|&o| &self.graph[o].ty).collect();
         let ty = op.infer(&types)?;
         Ok(self.add_typed(op, operands, ty, scope, span))
@@ -71,14 +65,7 @@ impl Graph {
 
     /// Adds a node with a given type (inputs, weights, and the IR text parser, whose types
     /// the verifier checks afterwards).
-    pub fn add_typed(
-        &mut self,
-        op: Op,
-        operands: &[NodeId],
-        ty: Type,
-        scope: &str,
-        span: Option<Span>,
-    ) -> NodeId {
+    pub fn add_typed(&mut self, op: Op, operands: &[NodeId], ty: Type, scope: &str, span: Option<Span>) -> NodeId {
         let id = self.graph.add_node(Node { op, ty, scope: scope.to_string(), span });
         for (i, &o) in operands.iter().enumerate() {
             self.graph.add_edge(o, id, i as u32);
@@ -116,19 +103,15 @@ impl Graph {
 
     /// Operands of `id`, in operand order.
     pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
-        let mut edges: Vec<(u32, NodeId)> = self
-            .graph
-            .edges_directed(id, Direction::Incoming)
-            .map(|e| (*e.weight(), e.source()))
-            .collect();
+        let mut edges: Vec<(u32, NodeId)> =
+            self.graph.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
         edges.sort_unstable();
         edges.into_iter().map(|(_, n)| n).collect()
     }
 
     /// Nodes that use `id` as an operand (each once), in index order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut users: Vec<NodeId> =
-            self.graph.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
+        let mut users: Vec<NodeId> = self.graph.edges_directed(id, Direction::Outgoing).map(|e| e.target()).collect();
         users.sort_unstable();
         users.dedup();
         users
@@ -170,11 +153,8 @@ impl Graph {
 
     /// Makes every user of `old` (and every output naming it) use `new` instead.
     pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
-        let edges: Vec<_> = self
-            .graph
-            .edges_directed(old, Direction::Outgoing)
-            .map(|e| (e.id(), e.target(), *e.weight()))
-            .collect();
+        let edges: Vec<_> =
+            self.graph.edges_directed(old, Direction::Outgoing).map(|e| (e.id(), e.target(), *e.weight())).collect();
         for (e, target, pos) in edges {
             self.graph.remove_edge(e);
             self.graph.add_edge(new, target, pos);

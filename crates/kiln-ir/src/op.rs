@@ -197,15 +197,8 @@ pub struct TypeError {
 }
 
 impl BinaryOp {
-    pub const ALL: [BinaryOp; 7] = [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-        BinaryOp::Pow,
-    ];
+    pub const ALL: [BinaryOp; 7] =
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Pow];
     pub fn name(self) -> &'static str {
         match self {
             BinaryOp::Add => "add",
@@ -308,19 +301,13 @@ impl Op {
             Ok(t)
         };
         let rank_at_least = |t: &Type, r: usize, what: &str| {
-            if t.rank() < r {
-                Err(err(format!("{what} must have rank >= {r}, found {t}")))
-            } else {
-                Ok(())
-            }
+            if t.rank() < r { Err(err(format!("{what} must have rank >= {r}, found {t}"))) } else { Ok(()) }
         };
         let same_dim = |a: &Dim, b: &Dim, what: &str| {
             if a != b { Err(err(format!("{what} differ: {a} vs {b}"))) } else { Ok(()) }
         };
         match self {
-            Op::Input { .. } | Op::Weight(_) => {
-                Err(err("inputs and weights carry their declared type".to_string()))
-            }
+            Op::Input { .. } | Op::Weight(_) => Err(err("inputs and weights carry their declared type".to_string())),
             Op::Const { .. } => {
                 arity(0, 0)?;
                 Ok(Type::f32([]))
@@ -415,10 +402,7 @@ impl Op {
                 arity(1, 1)?;
                 let x = operands[0];
                 if symbolic_numel(&x.shape) != symbolic_numel(shape) {
-                    return Err(err(format!(
-                        "cannot reshape {x} to {}: element counts differ",
-                        ShapeDisplay(shape)
-                    )));
+                    return Err(err(format!("cannot reshape {x} to {}: element counts differ", ShapeDisplay(shape))));
                 }
                 Ok(Type::new(x.dtype, shape.clone()))
             }
@@ -442,9 +426,7 @@ impl Op {
                     (Dim::Known(e), Dim::Sym(_)) if start <= e => Dim::Known(e - start),
                     (Dim::Sym(_), _) if *start == 0 => end.clone(),
                     _ => {
-                        return Err(err(format!(
-                            "range {start}..{end} does not fit axis {axis} of {x}"
-                        )));
+                        return Err(err(format!("range {start}..{end} does not fit axis {axis} of {x}")));
                     }
                 };
                 let mut shape = x.shape.clone();
@@ -536,9 +518,8 @@ fn check_axis(axis: usize, x: &Type) -> Result<(), String> {
 pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Shape, String> {
     let rank = a.len().max(b.len());
     let one = Dim::Known(1);
-    let at = |s: &[Dim], i: usize| -> Dim {
-        if i + s.len() >= rank { s[i + s.len() - rank].clone() } else { one.clone() }
-    };
+    let at =
+        |s: &[Dim], i: usize| -> Dim { if i + s.len() >= rank { s[i + s.len() - rank].clone() } else { one.clone() } };
     (0..rank)
         .map(|i| {
             let (x, y) = (at(a, i), at(b, i));

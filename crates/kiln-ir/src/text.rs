@@ -141,7 +141,9 @@ impl<'a> Lexer<'a> {
             } else if c == '%' {
                 self.pos += 1;
                 take(&mut self.pos, &|c| c.is_ascii_digit());
-                let n = self.text[start + 1..self.pos].parse().map_err(|_| self.error("expected a value number after `%`"))?;
+                let n = self.text[start + 1..self.pos]
+                    .parse()
+                    .map_err(|_| self.error("expected a value number after `%`"))?;
                 Tok::Value(n)
             } else if c == '#' {
                 self.pos += 1;
@@ -448,10 +450,9 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
             let key = l.ident("an attribute name")?;
             if !expected.contains(&key.as_str()) || seen.contains(&key) {
                 l.at -= 1;
-                return Err(l.error(format!(
-                    "unexpected attribute `{key}` for {name} (it takes: {})",
-                    expected.join(", ")
-                )));
+                return Err(
+                    l.error(format!("unexpected attribute `{key}` for {name} (it takes: {})", expected.join(", ")))
+                );
             }
             l.punct('=')?;
             set_attribute(&mut op, &key, l)?;
@@ -470,9 +471,7 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
 
 fn set_attribute(op: &mut Op, key: &str, l: &mut Line) -> Result<(), ParseError> {
     match (op, key) {
-        (Op::Softmax { axis } | Op::Concat { axis } | Op::Slice { axis, .. }, "axis") => {
-            *axis = l.int()? as usize
-        }
+        (Op::Softmax { axis } | Op::Concat { axis } | Op::Slice { axis, .. }, "axis") => *axis = l.int()? as usize,
         (Op::LayerNorm { eps } | Op::RmsNorm { eps }, "eps") => *eps = l.float()?,
         (Op::Rope { theta, .. }, "theta") => *theta = l.float()?,
         (Op::Rope { interleaved, .. }, "interleaved") => *interleaved = l.bool()?,

@@ -77,7 +77,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         }
     }
     if graph.outputs().is_empty() {
-        return Err(VerifyError { location: format!("graph {}", graph.name), message: "the graph has no outputs".into() });
+        return Err(VerifyError {
+            location: format!("graph {}", graph.name),
+            message: "the graph has no outputs".into(),
+        });
     }
     Ok(())
 }

@@ -67,10 +67,7 @@ fn verifier_rejects_wrong_result_types() {
 #[test]
 fn verifier_rejects_shape_errors() {
     let text = "graph g {\n  %0 = input \"x\" : f32[4, 8]\n  %1 = weight \"w\" f32 : f32[3, 7]\n  %2 = linear %0, %1 : f32[4, 3] @fc\n  output \"y\" = %2\n}\n";
-    assert_eq!(
-        verify_error(text),
-        "%2 (linear @fc): input width and weight's in dimension differ: 8 vs 7"
-    );
+    assert_eq!(verify_error(text), "%2 (linear @fc): input width and weight's in dimension differ: 8 vs 7");
     let text = "graph g {\n  %0 = input \"x\" : f32[batch, 8]\n  %1 = reshape %0 {shape = [seq, 8]} : f32[seq, 8]\n  output \"y\" = %1\n}\n";
     assert!(verify_error(text).contains("element counts differ"), "{}", verify_error(text));
     let text = "graph g {\n  %0 = input \"x\" : f32[b, 9, s, 4]\n  %1 = input \"k\" : f32[b, 2, s, 4]\n  %2 = attention %0, %1, %1 {causal = false, scale = 1.0} : f32[b, 9, s, 4]\n  output \"y\" = %2\n}\n";

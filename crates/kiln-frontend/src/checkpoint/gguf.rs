@@ -52,11 +52,7 @@ fn ggml_type(id: u32) -> Option<GgmlType> {
         8 => ("Q8_0", 32, 34, Some(Format::Q8_0)),
         // Q8_1's block size has changed over time; it only appears in intermediate buffers.
         9 => {
-            return Some(GgmlType {
-                name: "Q8_1",
-                block: None,
-                format: None,
-            });
+            return Some(GgmlType { name: "Q8_1", block: None, format: None });
         }
         10 => ("Q2_K", 256, 84, None),
         11 => ("Q3_K", 256, 110, None),
@@ -84,11 +80,7 @@ fn ggml_type(id: u32) -> Option<GgmlType> {
         39 => ("MXFP4", 32, 17, None),
         _ => return None,
     };
-    Some(GgmlType {
-        name,
-        block: Some((block_len, block_bytes)),
-        format,
-    })
+    Some(GgmlType { name, block: Some((block_len, block_bytes)), format })
 }
 
 /// A tensor info record, before its data is located.
@@ -102,21 +94,13 @@ struct TensorInfo {
 
 /// Reads a GGUF file whose contents are `data`.
 pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointError> {
-    let mut r = Reader {
-        path,
-        buf: data.as_slice(),
-        pos: 0,
-        what: String::new(),
-    };
+    let mut r = Reader { path, buf: data.as_slice(), pos: 0, what: String::new() };
 
     r.what = "the GGUF preamble".into();
     r.bytes(4)?; // magic, checked by the caller
     let version = r.u32()?;
     if !matches!(version, 2 | 3) {
-        return Err(CheckpointError::UnsupportedGgufVersion {
-            path: path.to_path_buf(),
-            version,
-        });
+        return Err(CheckpointError::UnsupportedGgufVersion { path: path.to_path_buf(), version });
     }
     let tensor_count = r.u64()?;
     let kv_count = r.u64()?;
@@ -151,30 +135,19 @@ pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointErr
         r.what = format!("the info of tensor `{name}`");
         let n_dims = r.u32()?;
         if n_dims > MAX_DIMS {
-            return Err(r.corrupt(format!(
-                "tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS} allowed)"
-            )));
+            return Err(r.corrupt(format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS} allowed)")));
         }
-        let ne = (0..n_dims)
-            .map(|_| r.u64())
-            .collect::<Result<Vec<_>, _>>()?;
+        let ne = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
         let ggml_type = r.u32()?;
         let offset = r.u64()?;
-        infos.push(TensorInfo {
-            name,
-            ne,
-            ggml_type,
-            offset,
-        });
+        infos.push(TensorInfo { name, ne, ggml_type, offset });
     }
 
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(&MetaValue::UInt(a)) if a.is_power_of_two() => a,
         Some(other) => {
-            return Err(r.corrupt(format!(
-                "`general.alignment` must be a power of two, found {other:?}"
-            )));
+            return Err(r.corrupt(format!("`general.alignment` must be a power of two, found {other:?}")));
         }
     };
     let data_start = (r.pos as u64)
@@ -190,9 +163,7 @@ pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointErr
                     .ok()
                     .zip(usize::try_from(range.end).ok())
                     .and_then(|(start, end)| data.slice(start..end))
-                    .ok_or_else(|| {
-                        r.corrupt(format!("tensor `{}` lies outside the file", info.name))
-                    })?;
+                    .ok_or_else(|| r.corrupt(format!("tensor `{}` lies outside the file", info.name)))?;
                 let shape = info.ne.iter().rev().copied().collect();
                 let tensor = TensorData::new(format, shape, bytes)
                     .map_err(|e| r.corrupt(format!("tensor `{}`: {e}", info.name)))?;
@@ -203,13 +174,7 @@ pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointErr
     }
     skipped.sort();
 
-    Ok(Checkpoint {
-        path: path.to_path_buf(),
-        kind: CheckpointKind::Gguf,
-        tensors,
-        metadata,
-        skipped,
-    })
+    Ok(Checkpoint { path: path.to_path_buf(), kind: CheckpointKind::Gguf, tensors, metadata, skipped })
 }
 
 /// Where a tensor's data is, or why it is not loaded.
@@ -232,12 +197,7 @@ fn locate(r: &Reader, info: &TensorInfo, data_start: u64) -> Result<Located, Che
         .ne
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| {
-            r.corrupt(format!(
-                "tensor `{name}` has too many elements: ne = {:?}",
-                info.ne
-            ))
-        })?;
+        .ok_or_else(|| r.corrupt(format!("tensor `{name}` has too many elements: ne = {:?}", info.ne)))?;
     let row = info.ne.first().copied().unwrap_or(1);
     if row % block_len != 0 {
         return Err(r.corrupt(format!(
@@ -250,19 +210,13 @@ fn locate(r: &Reader, info: &TensorInfo, data_start: u64) -> Result<Located, Che
         .ok_or_else(|| r.corrupt(format!("tensor `{name}` is too large: ne = {:?}", info.ne)))?;
     let start = data_start.checked_add(info.offset);
     let Some((start, end)) = start.and_then(|s| Some((s, s.checked_add(len)?))) else {
-        return Err(r.corrupt(format!(
-            "tensor `{name}` has an offset {} that overflows",
-            info.offset
-        )));
+        return Err(r.corrupt(format!("tensor `{name}` has an offset {} that overflows", info.offset)));
     };
     let file_size = r.buf.len() as u64;
     if end > file_size {
         return Err(CheckpointError::Truncated {
             path: r.path.to_path_buf(),
-            what: format!(
-                "the data of tensor `{name}` ({}, ne = {:?})",
-                ty.name, info.ne
-            ),
+            what: format!("the data of tensor `{name}` ({}, ne = {:?})", ty.name, info.ne),
             start,
             end,
             file_size,
@@ -296,11 +250,7 @@ impl<'a> Reader<'a> {
     }
 
     fn corrupt(&self, reason: String) -> CheckpointError {
-        CheckpointError::CorruptHeader {
-            path: self.path.to_path_buf(),
-            kind: CheckpointKind::Gguf,
-            reason,
-        }
+        CheckpointError::CorruptHeader { path: self.path.to_path_buf(), kind: CheckpointKind::Gguf, reason }
     }
 
     fn remaining(&self) -> u64 {
@@ -315,9 +265,7 @@ impl<'a> Reader<'a> {
             needed => {
                 let mut err = self.truncated(needed.unwrap_or(u64::MAX));
                 if let CheckpointError::Truncated { what, .. } = &mut err {
-                    what.push_str(&format!(
-                        " ({count} items of at least {min_size} bytes each)"
-                    ));
+                    what.push_str(&format!(" ({count} items of at least {min_size} bytes each)"));
                 }
                 Err(err)
             }
@@ -335,10 +283,7 @@ impl<'a> Reader<'a> {
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], CheckpointError> {
         let bytes = self.bytes(N as u64)?;
-        bytes
-            .first_chunk::<N>()
-            .copied()
-            .ok_or_else(|| self.truncated(N as u64))
+        bytes.first_chunk::<N>().copied().ok_or_else(|| self.truncated(N as u64))
     }
 
     fn u32(&mut self) -> Result<u32, CheckpointError> {
@@ -378,10 +323,7 @@ impl<'a> Reader<'a> {
             }
             9 => {
                 if depth >= MAX_ARRAY_NESTING {
-                    return Err(self.corrupt(format!(
-                        "{} nests arrays more than {MAX_ARRAY_NESTING} deep",
-                        self.what
-                    )));
+                    return Err(self.corrupt(format!("{} nests arrays more than {MAX_ARRAY_NESTING} deep", self.what)));
                 }
                 let elem_type = self.u32()?;
                 let count = self.u64()?;
@@ -436,11 +378,7 @@ mod tests {
 
     impl Writer {
         fn new(version: u32) -> Writer {
-            Writer {
-                version,
-                kvs: Vec::new(),
-                tensors: Vec::new(),
-            }
+            Writer { version, kvs: Vec::new(), tensors: Vec::new() }
         }
 
         fn kv(&mut self, key: &str, ty: u32, value: Vec<u8>) -> &mut Writer {
@@ -498,12 +436,8 @@ mod tests {
         ids.extend((-1i32).to_le_bytes());
         ids.extend(7i32.to_le_bytes());
 
-        let f32_values: Vec<u8> = (0..6)
-            .flat_map(|i| (i as f32 * 0.5 - 1.0).to_le_bytes())
-            .collect();
-        let q8: Vec<u8> = (0..3)
-            .flat_map(|row| q8_0_block(0.5 * (row + 1) as f32, |j| j as i8 - 16))
-            .collect();
+        let f32_values: Vec<u8> = (0..6).flat_map(|i| (i as f32 * 0.5 - 1.0).to_le_bytes()).collect();
+        let q8: Vec<u8> = (0..3).flat_map(|row| q8_0_block(0.5 * (row + 1) as f32, |j| j as i8 - 16)).collect();
         Writer::new(3)
             .kv("general.architecture", 8, gguf_string("llama"))
             .kv("llama.block_count", 4, 30u32.to_le_bytes().to_vec())
@@ -534,20 +468,14 @@ mod tests {
         assert_eq!(ckpt.meta_f64("test.f64"), Some(0.25));
         assert_eq!(ckpt.metadata["test.bool"], MetaValue::Bool(true));
         let tokens = ["<s>", "hello", "wörld"].map(|t| MetaValue::Str(t.into()));
-        assert_eq!(
-            ckpt.metadata["tokenizer.ggml.tokens"],
-            MetaValue::Array(tokens.to_vec())
-        );
+        assert_eq!(ckpt.metadata["tokenizer.ggml.tokens"], MetaValue::Array(tokens.to_vec()));
         assert_eq!(
             ckpt.metadata["tokenizer.ggml.token_type"],
             MetaValue::Array(vec![MetaValue::Int(-1), MetaValue::Int(7)])
         );
 
         let norm = ckpt.require("norm.weight").unwrap();
-        assert_eq!(
-            (norm.format, norm.shape.as_slice()),
-            (Format::F32, &[3, 2][..])
-        );
+        assert_eq!((norm.format, norm.shape.as_slice()), (Format::F32, &[3, 2][..]));
         assert_eq!(norm.to_f32().unwrap(), [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]);
 
         let q = ckpt.require("blk.0.attn_q.weight").unwrap();
@@ -555,22 +483,12 @@ mod tests {
         let values = q.to_f32().unwrap();
         for (i, v) in values.iter().enumerate() {
             let (row, j) = (i / 32, i % 32);
-            assert_eq!(
-                *v,
-                0.5 * (row + 1) as f32 * (j as f32 - 16.0),
-                "element {i}"
-            );
+            assert_eq!(*v, 0.5 * (row + 1) as f32 * (j as f32 - 16.0), "element {i}");
         }
 
-        assert_eq!(
-            ckpt.skipped,
-            [("blk.0.ffn.weight".to_string(), "Q6_K".to_string())]
-        );
+        assert_eq!(ckpt.skipped, [("blk.0.ffn.weight".to_string(), "Q6_K".to_string())]);
         let err = ckpt.require("blk.0.ffn.weight").unwrap_err().to_string();
-        assert!(
-            err.contains("has dtype Q6_K, which kiln cannot use") && err.contains("Q4_1"),
-            "{err}"
-        );
+        assert!(err.contains("has dtype Q6_K, which kiln cannot use") && err.contains("Q4_1"), "{err}");
     }
 
     #[test]
@@ -579,17 +497,11 @@ mod tests {
         for len in 0..bytes.len() {
             let file = TempFile::write("cut.gguf", &bytes[..len]);
             let err = load(&file.0).expect_err("truncated file must not load");
-            assert!(
-                err.to_string().contains(&file.0.display().to_string()),
-                "{err}"
-            );
+            assert!(err.to_string().contains(&file.0.display().to_string()), "{err}");
         }
         let file = TempFile::write("cut.gguf", &bytes[..bytes.len() - 1]);
         let err = load(&file.0).unwrap_err().to_string();
-        assert!(
-            err.contains("the data of tensor `blk.0.ffn.weight` (Q6_K"),
-            "{err}"
-        );
+        assert!(err.contains("the data of tensor `blk.0.ffn.weight` (Q6_K"), "{err}");
     }
 
     #[test]
@@ -612,15 +524,9 @@ mod tests {
         for (version, hint) in [(1, ""), (4, ""), (3u32.swap_bytes(), "big-endian")] {
             let file = TempFile::write("old.gguf", &Writer::new(version).finish());
             let err = load(&file.0).unwrap_err();
-            assert!(
-                matches!(err, CheckpointError::UnsupportedGgufVersion { .. }),
-                "{err}"
-            );
+            assert!(matches!(err, CheckpointError::UnsupportedGgufVersion { .. }), "{err}");
             let msg = err.to_string();
-            assert!(
-                msg.contains(&format!("version {version}")) && msg.contains(hint),
-                "{msg}"
-            );
+            assert!(msg.contains(&format!("version {version}")) && msg.contains(hint), "{msg}");
             assert!(msg.contains(&file.0.display().to_string()), "{msg}");
         }
         let file = TempFile::write("v2.gguf", &Writer::new(2).kv("a", 0, vec![7]).finish());
@@ -632,18 +538,12 @@ mod tests {
         let unaligned = Writer::new(3).tensor("w", &[33], 8, vec![0; 34]).finish();
         let file = TempFile::write("bad.gguf", &unaligned);
         let err = load(&file.0).unwrap_err().to_string();
-        assert!(
-            err.contains("tensor `w` has ne[0] = 33, not a multiple of the Q8_0 block size 32"),
-            "{err}"
-        );
+        assert!(err.contains("tensor `w` has ne[0] = 33, not a multiple of the Q8_0 block size 32"), "{err}");
 
         let bad_type = Writer::new(3).kv("k", 13, vec![0]).finish();
         let file = TempFile::write("bad.gguf", &bad_type);
         let err = load(&file.0).unwrap_err().to_string();
-        assert!(
-            err.contains("metadata `k` has unknown value type 13"),
-            "{err}"
-        );
+        assert!(err.contains("metadata `k` has unknown value type 13"), "{err}");
 
         let mut huge_array = 0u32.to_le_bytes().to_vec();
         huge_array.extend(u64::MAX.to_le_bytes());
@@ -660,17 +560,12 @@ mod tests {
         let err = load(&file.0).unwrap_err().to_string();
         assert!(err.contains("nests arrays"), "{err}");
 
-        let alignment = Writer::new(3)
-            .kv("general.alignment", 4, 3u32.to_le_bytes().to_vec())
-            .finish();
+        let alignment = Writer::new(3).kv("general.alignment", 4, 3u32.to_le_bytes().to_vec()).finish();
         let file = TempFile::write("bad.gguf", &alignment);
         let err = load(&file.0).unwrap_err().to_string();
         assert!(err.contains("power of two"), "{err}");
 
-        let twice = Writer::new(3)
-            .tensor("w", &[1], 0, vec![0; 4])
-            .tensor("w", &[1], 0, vec![0; 4])
-            .finish();
+        let twice = Writer::new(3).tensor("w", &[1], 0, vec![0; 4]).tensor("w", &[1], 0, vec![0; 4]).finish();
         let file = TempFile::write("bad.gguf", &twice);
         let err = load(&file.0).unwrap_err().to_string();
         assert!(err.contains("tensor `w` appears twice"), "{err}");
@@ -678,10 +573,7 @@ mod tests {
         let unknown = Writer::new(3).tensor("w", &[4], 99, vec![0; 4]).finish();
         let file = TempFile::write("unknown.gguf", &unknown);
         let ckpt = load(&file.0).unwrap();
-        assert_eq!(
-            ckpt.skipped,
-            [("w".to_string(), "ggml type 99".to_string())]
-        );
+        assert_eq!(ckpt.skipped, [("w".to_string(), "ggml type 99".to_string())]);
     }
 
     /// Loads SmolLM2-135M-Instruct (Q4_1) if it is present on this machine.
@@ -690,8 +582,7 @@ mod tests {
         let Some(home) = std::env::var_os("HOME") else {
             return;
         };
-        let path = std::path::Path::new(&home)
-            .join(".cache/kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = std::path::Path::new(&home).join(".cache/kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         if !path.exists() {
             eprintln!("skipping: {} not found", path.display());
             return;
@@ -726,9 +617,7 @@ mod tests {
         assert_eq!(k.shape, [192, 576]);
         assert_eq!(ckpt.meta_u64("llama.block_count"), Some(30));
         assert_eq!(ckpt.meta_f64("llama.rope.freq_base"), Some(100000.0));
-        let MetaValue::Array(tokens) = &ckpt.metadata["tokenizer.ggml.tokens"] else {
-            panic!("no vocabulary")
-        };
+        let MetaValue::Array(tokens) = &ckpt.metadata["tokenizer.ggml.tokens"] else { panic!("no vocabulary") };
         assert_eq!(tokens.len(), 49152);
         assert!(ckpt.skipped.is_empty());
         println!("{}", ckpt.require("blk.0.attn_q.wieght").unwrap_err());

@@ -111,11 +111,7 @@ pub enum CheckpointError {
     /// The header is malformed: bad JSON, an unknown dtype, a shape that disagrees with
     /// the tensor's byte length, ...
     #[error("{} has a corrupt {kind} header: {reason}", path.display())]
-    CorruptHeader {
-        path: PathBuf,
-        kind: CheckpointKind,
-        reason: String,
-    },
+    CorruptHeader { path: PathBuf, kind: CheckpointKind, reason: String },
 
     /// The GGUF version is not 2 or 3.
     #[error(
@@ -131,12 +127,7 @@ pub enum CheckpointError {
         path.display(),
         supported.join(", ")
     )]
-    UnsupportedDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-        supported: &'static [&'static str],
-    },
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String, supported: &'static [&'static str] },
 
     /// The checkpoint has no tensor of that name.
     #[error("{} has no tensor named `{name}`{}", path.display(), did_you_mean(nearest))]
@@ -162,17 +153,11 @@ fn did_you_mean(nearest: &[String]) -> String {
 /// as long as any of them does. As with any memory map, the file must not be modified
 /// while it is in use.
 pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
-    let open_error = |source| CheckpointError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+    let open_error = |source| CheckpointError::Open { path: path.to_path_buf(), source };
     let file = File::open(path).map_err(open_error)?;
     let file_len = file.metadata().map_err(open_error)?.len();
     if file_len == 0 {
-        return Err(CheckpointError::NotACheckpoint {
-            path: path.to_path_buf(),
-            reason: "the file is empty".into(),
-        });
+        return Err(CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason: "the file is empty".into() });
     }
     // SAFETY: the map is read-only; as documented above, the file must not be modified
     // while the checkpoint is alive.
@@ -184,10 +169,7 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     } else if head.get(8) == Some(&b'{') {
         safetensors::read(path, data)
     } else {
-        Err(CheckpointError::NotACheckpoint {
-            path: path.to_path_buf(),
-            reason: describe_unknown_magic(head),
-        })
+        Err(CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason: describe_unknown_magic(head) })
     }
 }
 
@@ -199,10 +181,7 @@ fn describe_unknown_magic(head: &[u8]) -> String {
         "; it is a Git LFS pointer, not the model itself (run `git lfs pull`)"
     } else if head.starts_with(b"PK\x03\x04") {
         "; it looks like a zip archive, e.g. a PyTorch `.bin`/`.pt` file (convert it to safetensors)"
-    } else if [b"lmgg", b"fmgg", b"tjgg", b"algg"]
-        .iter()
-        .any(|m| head.starts_with(*m))
-    {
+    } else if [b"lmgg", b"fmgg", b"tjgg", b"algg"].iter().any(|m| head.starts_with(*m)) {
         "; it looks like a legacy GGML/GGJT file (convert it to GGUF)"
     } else if head.len() < 9 {
         "; the file is too short to hold a checkpoint header"
@@ -249,11 +228,7 @@ impl Checkpoint {
     /// Up to three tensor names (loaded or skipped) sharing the longest non-empty common
     /// prefix with `name`, in name order.
     fn nearest_names(&self, name: &str) -> Vec<String> {
-        let candidates = self
-            .tensors
-            .iter()
-            .map(|(n, _)| n)
-            .chain(self.skipped.iter().map(|(n, _)| n.as_str()));
+        let candidates = self.tensors.iter().map(|(n, _)| n).chain(self.skipped.iter().map(|(n, _)| n.as_str()));
         let mut best: Vec<&str> = Vec::new();
         let mut best_len = 1; // require at least one shared character
         for candidate in candidates {
@@ -346,10 +321,7 @@ mod tests {
         let path = std::env::temp_dir().join("kiln-no-such-checkpoint.safetensors");
         let err = load(&path).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.starts_with(&format!("cannot open {}: ", path.display())),
-            "{msg}"
-        );
+        assert!(msg.starts_with(&format!("cannot open {}: ", path.display())), "{msg}");
     }
 
     #[test]
@@ -363,15 +335,9 @@ mod tests {
         ] {
             let file = TempFile::write("magic.bin", bytes);
             let err = load(&file.0).unwrap_err();
-            assert!(
-                matches!(err, CheckpointError::NotACheckpoint { .. }),
-                "{err}"
-            );
+            assert!(matches!(err, CheckpointError::NotACheckpoint { .. }), "{err}");
             let msg = err.to_string();
-            assert!(
-                msg.contains(&file.0.display().to_string()) && msg.contains(hint),
-                "{msg}"
-            );
+            assert!(msg.contains(&file.0.display().to_string()) && msg.contains(hint), "{msg}");
         }
     }
 
@@ -392,10 +358,7 @@ mod tests {
         assert_eq!(ckpt.nearest_names("a.x"), ["a.bias", "a.ids", "a.norm"]);
         assert!(ckpt.nearest_names("zzz").is_empty());
         let err = ckpt.require("a.wieght").unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "m.safetensors has no tensor named `a.wieght`; did you mean `a.weight`?"
-        );
+        assert_eq!(err, "m.safetensors has no tensor named `a.wieght`; did you mean `a.weight`?");
         let err = ckpt.require("a.ids").unwrap_err().to_string();
         assert_eq!(
             err,

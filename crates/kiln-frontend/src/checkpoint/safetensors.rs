@@ -40,8 +40,7 @@ pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointErr
     };
     let data_start = precheck(path, file)?;
 
-    let (_, header) =
-        SafeTensors::read_metadata(file).map_err(|e| corrupt(explain(e, file, data_start)))?;
+    let (_, header) = SafeTensors::read_metadata(file).map_err(|e| corrupt(explain(e, file, data_start)))?;
 
     let mut tensors = TensorStore::new();
     let mut skipped = Vec::new();
@@ -51,36 +50,19 @@ pub(super) fn read(path: &Path, data: Bytes) -> Result<Checkpoint, CheckpointErr
             continue;
         };
         let (begin, end) = info.data_offsets;
-        let range = data_start
-            .checked_add(begin)
-            .zip(data_start.checked_add(end))
-            .map(|(b, e)| b..e);
-        let bytes = range.and_then(|r| data.slice(r)).ok_or_else(|| {
-            corrupt(format!(
-                "tensor `{name}` has data_offsets [{begin}, {end}] outside the file"
-            ))
-        })?;
+        let range = data_start.checked_add(begin).zip(data_start.checked_add(end)).map(|(b, e)| b..e);
+        let bytes = range
+            .and_then(|r| data.slice(r))
+            .ok_or_else(|| corrupt(format!("tensor `{name}` has data_offsets [{begin}, {end}] outside the file")))?;
         let shape = info.shape.iter().map(|&d| d as u64).collect();
-        let tensor = TensorData::new(format, shape, bytes)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+        let tensor = TensorData::new(format, shape, bytes).map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
         tensors.insert(name, tensor);
     }
     skipped.sort();
 
-    let metadata = header
-        .metadata()
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), MetaValue::Str(v.clone())))
-        .collect();
+    let metadata = header.metadata().iter().flatten().map(|(k, v)| (k.clone(), MetaValue::Str(v.clone()))).collect();
 
-    Ok(Checkpoint {
-        path: path.to_path_buf(),
-        kind: CheckpointKind::Safetensors,
-        tensors,
-        metadata,
-        skipped,
-    })
+    Ok(Checkpoint { path: path.to_path_buf(), kind: CheckpointKind::Safetensors, tensors, metadata, skipped })
 }
 
 /// Checks the header for problems that deserve a precise message, returning the offset of
@@ -106,30 +88,22 @@ fn precheck(path: &Path, file: &[u8]) -> Result<usize, CheckpointError> {
     };
     let header_len = u64::from_le_bytes(*len_bytes);
     if header_len > MAX_HEADER_LEN {
-        return Err(corrupt(format!(
-            "the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes"
-        )));
+        return Err(corrupt(format!("the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes")));
     }
     let header_end = 8 + header_len; // cannot overflow: bounded above
     let header = usize::try_from(header_end)
         .ok()
         .and_then(|end| file.get(8..end))
         .ok_or_else(|| truncated("the JSON header".into(), 8, header_end))?;
-    let header = std::str::from_utf8(header)
-        .map_err(|e| corrupt(format!("the JSON header is not UTF-8: {e}")))?;
-    let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header)
-        .map_err(|e| corrupt(format!("the header is not a valid JSON object: {e}")))?;
+    let header = std::str::from_utf8(header).map_err(|e| corrupt(format!("the JSON header is not UTF-8: {e}")))?;
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(header).map_err(|e| corrupt(format!("the header is not a valid JSON object: {e}")))?;
 
     let mut infos = Vec::with_capacity(entries.len());
     for (name, value) in entries {
         if name == "__metadata__" {
-            if !value
-                .as_object()
-                .is_some_and(|m| m.values().all(|v| v.is_string()))
-            {
-                return Err(corrupt(
-                    "`__metadata__` must be an object of strings".into(),
-                ));
+            if !value.as_object().is_some_and(|m| m.values().all(|v| v.is_string())) {
+                return Err(corrupt("`__metadata__` must be an object of strings".into()));
             }
             continue;
         }
@@ -165,16 +139,9 @@ fn precheck(path: &Path, file: &[u8]) -> Result<usize, CheckpointError> {
                 info.dtype
             )));
         }
-        let (start, stop) = (
-            header_end.saturating_add(begin as u64),
-            header_end.saturating_add(end as u64),
-        );
+        let (start, stop) = (header_end.saturating_add(begin as u64), header_end.saturating_add(end as u64));
         if stop > file_size {
-            return Err(truncated(
-                format!("the data of tensor `{name}`"),
-                start,
-                stop,
-            ));
+            return Err(truncated(format!("the data of tensor `{name}`"), start, stop));
         }
     }
     // The header fits in the file, so its end fits in a usize.
@@ -223,36 +190,14 @@ mod tests {
     /// A small file with f32, f16 and bf16 tensors, an I64 tensor and metadata.
     fn sample() -> Vec<u8> {
         let f32s = le_bytes(&[1.0f32, -2.5, 3.25, 0.0, 1e-3, 7.0], f32::to_le_bytes);
-        let f16s = le_bytes(
-            &[f16::from_f32(0.5), f16::from_f32(-1.25)],
-            f16::to_le_bytes,
-        );
-        let bf16s = le_bytes(
-            &[
-                bf16::from_f32(3.0),
-                bf16::from_f32(-0.375),
-                bf16::from_f32(96.0),
-            ],
-            bf16::to_le_bytes,
-        );
+        let f16s = le_bytes(&[f16::from_f32(0.5), f16::from_f32(-1.25)], f16::to_le_bytes);
+        let bf16s = le_bytes(&[bf16::from_f32(3.0), bf16::from_f32(-0.375), bf16::from_f32(96.0)], bf16::to_le_bytes);
         let ids = le_bytes(&[0i64, 1, 2], i64::to_le_bytes);
         let views = [
-            (
-                "w.f32",
-                TensorView::new(Dtype::F32, vec![2, 3], &f32s).unwrap(),
-            ),
-            (
-                "w.f16",
-                TensorView::new(Dtype::F16, vec![2], &f16s).unwrap(),
-            ),
-            (
-                "w.bf16",
-                TensorView::new(Dtype::BF16, vec![3, 1], &bf16s).unwrap(),
-            ),
-            (
-                "position_ids",
-                TensorView::new(Dtype::I64, vec![1, 3], &ids).unwrap(),
-            ),
+            ("w.f32", TensorView::new(Dtype::F32, vec![2, 3], &f32s).unwrap()),
+            ("w.f16", TensorView::new(Dtype::F16, vec![2], &f16s).unwrap()),
+            ("w.bf16", TensorView::new(Dtype::BF16, vec![3, 1], &bf16s).unwrap()),
+            ("position_ids", TensorView::new(Dtype::I64, vec![1, 3], &ids).unwrap()),
         ];
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::serialize(views, Some(meta)).unwrap()
@@ -265,10 +210,7 @@ mod tests {
         assert_eq!(ckpt.kind, CheckpointKind::Safetensors);
         assert_eq!(ckpt.tensors.len(), 3);
         assert_eq!(ckpt.meta_str("format"), Some("pt"));
-        assert_eq!(
-            ckpt.skipped,
-            [("position_ids".to_string(), "I64".to_string())]
-        );
+        assert_eq!(ckpt.skipped, [("position_ids".to_string(), "I64".to_string())]);
 
         let w = ckpt.require("w.f32").unwrap();
         assert_eq!((w.format, w.shape.as_slice()), (Format::F32, &[2, 3][..]));
@@ -281,15 +223,8 @@ mod tests {
         assert_eq!(w.to_f32().unwrap(), [3.0, -0.375, 96.0]);
 
         let err = ckpt.require("position_ids").unwrap_err();
-        assert!(
-            matches!(err, CheckpointError::UnsupportedDtype { .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("has dtype I64, which kiln cannot use as a weight"),
-            "{err}"
-        );
+        assert!(matches!(err, CheckpointError::UnsupportedDtype { .. }), "{err}");
+        assert!(err.to_string().contains("has dtype I64, which kiln cannot use as a weight"), "{err}");
         let err = ckpt.require("w.f64").unwrap_err().to_string();
         assert!(err.contains("did you mean `w.f16` or `w.f32`?"), "{err}");
     }
@@ -300,24 +235,12 @@ mod tests {
         for len in 0..bytes.len() {
             let file = TempFile::write("cut.safetensors", &bytes[..len]);
             let err = load(&file.0).expect_err("truncated file must not load");
-            assert!(
-                err.to_string().contains(&file.0.display().to_string()),
-                "{err}"
-            );
+            assert!(err.to_string().contains(&file.0.display().to_string()), "{err}");
         }
         // Cut in the data section: the message names the tensor, its range and the size.
         let file = TempFile::write("cut.safetensors", &bytes[..bytes.len() - 4]);
         let err = load(&file.0).unwrap_err();
-        let CheckpointError::Truncated {
-            what,
-            start,
-            end,
-            file_size,
-            ..
-        } = &err
-        else {
-            panic!("{err}")
-        };
+        let CheckpointError::Truncated { what, start, end, file_size, .. } = &err else { panic!("{err}") };
         assert!(what.contains("tensor `"), "{err}");
         assert!(*end > *file_size && *start < *end, "{err}");
         assert_eq!(*file_size as usize, bytes.len() - 4);
@@ -333,10 +256,7 @@ mod tests {
 
     fn corrupt_reason(file: &TempFile) -> String {
         let err = load(&file.0).unwrap_err();
-        assert!(
-            err.to_string().contains(&file.0.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&file.0.display().to_string()), "{err}");
         match err {
             CheckpointError::CorruptHeader { reason, .. } => reason,
             other => panic!("expected a corrupt header, got {other}"),
@@ -345,38 +265,22 @@ mod tests {
 
     #[test]
     fn corrupt_headers_are_explained() {
-        let bad_json = with_header(
-            r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]"#,
-            8,
-        );
+        let bad_json = with_header(r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]"#, 8);
         assert!(corrupt_reason(&bad_json).contains("not a valid JSON object"));
 
-        let bad_dtype = with_header(
-            r#"{"w": {"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}}"#,
-            8,
-        );
+        let bad_dtype = with_header(r#"{"w": {"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}}"#, 8);
         let reason = corrupt_reason(&bad_dtype);
-        assert!(
-            reason.contains("tensor `w`: unknown dtype") && reason.contains("F128"),
-            "{reason}"
-        );
+        assert!(reason.contains("tensor `w`: unknown dtype") && reason.contains("F128"), "{reason}");
 
-        let mismatch = with_header(
-            r#"{"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#,
-            8,
-        );
+        let mismatch = with_header(r#"{"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#, 8);
         let reason = corrupt_reason(&mismatch);
         assert!(
-            reason.contains("tensor `w`")
-                && reason.contains("needs 12 bytes")
-                && reason.contains("span 8"),
+            reason.contains("tensor `w`") && reason.contains("needs 12 bytes") && reason.contains("span 8"),
             "{reason}"
         );
 
-        let overflow = with_header(
-            r#"{"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}}"#,
-            8,
-        );
+        let overflow =
+            with_header(r#"{"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}}"#, 8);
         assert!(corrupt_reason(&overflow).contains("tensor `w`"));
 
         let gap = with_header(
@@ -386,21 +290,12 @@ mod tests {
         );
         assert!(corrupt_reason(&gap).contains("tensor `b`"));
 
-        let trailing = with_header(
-            r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
-            6,
-        );
+        let trailing = with_header(r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#, 6);
         assert!(corrupt_reason(&trailing).contains("do not cover the data section"));
 
-        let past_end = with_header(
-            r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#,
-            4,
-        );
+        let past_end = with_header(r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#, 4);
         let err = load(&past_end.0).unwrap_err().to_string();
-        assert!(
-            err.contains("the data of tensor `w` occupies bytes") && err.contains("file is only"),
-            "{err}"
-        );
+        assert!(err.contains("the data of tensor `w` occupies bytes") && err.contains("file is only"), "{err}");
 
         let mut huge = u64::MAX.to_le_bytes().to_vec();
         huge.extend(b"{}");
@@ -431,14 +326,8 @@ mod tests {
         assert_eq!(ckpt.tensors.len() + ckpt.skipped.len(), 104);
         assert_eq!(ckpt.meta_str("format"), Some("pt"));
         let w = ckpt.require("encoder.layer.5.output.dense.weight").unwrap();
-        println!(
-            "encoder.layer.5.output.dense.weight: {} {:?}",
-            w.format, w.shape
-        );
-        assert_eq!(
-            (w.format, w.shape.as_slice()),
-            (Format::F32, &[384, 1536][..])
-        );
+        println!("encoder.layer.5.output.dense.weight: {} {:?}", w.format, w.shape);
+        assert_eq!((w.format, w.shape.as_slice()), (Format::F32, &[384, 1536][..]));
         let err = ckpt.require("embeddings.position_ids").unwrap_err();
         println!("{err}");
         assert!(matches!(err, CheckpointError::UnsupportedDtype { .. }));
