@@ -28,17 +28,6 @@ fn read_fixture(name: &str) -> HashMap<String, Value> {
         .collect()
 }
 
-fn rows(v: &Value, start: usize, end: usize) -> Value {
-    let shape = v.shape();
-    let w: usize = shape[1..].iter().product();
-    let mut s = shape.to_vec();
-    s[0] = end - start;
-    match v {
-        Value::F32(t) => Value::F32(Tensor::new(s, t.data[start * w..end * w].to_vec())),
-        Value::I64 { data, .. } => Value::I64 { shape: s, data: data[start * w..end * w].to_vec() },
-    }
-}
-
 fn f32s(v: &Value) -> &Tensor {
     v.as_f32().expect("f32 value")
 }
@@ -54,7 +43,7 @@ fn minilm_embeddings_match_pytorch() {
     let mut worst = (f64::INFINITY, 0);
     for start in (0..n).step_by(50) {
         let end = (start + 50).min(n);
-        let inputs = ["input_ids", "attention_mask"].map(|k| (k.to_string(), rows(&data[k], start, end))).into();
+        let inputs = ["input_ids", "attention_mask"].map(|k| (k.to_string(), data[k].rows(start, end))).into();
         let out = interp.run(&inputs).unwrap();
         let got = f32s(&out[0].1);
         for (i, row) in got.data.chunks(384).enumerate() {
@@ -98,7 +87,7 @@ fn smollm2_logits_and_perplexity_match_pytorch() {
     let (mut max_diff, mut nll_sum, mut nll_diff) = (0f32, 0f64, 0f64);
     for start in (0..n).step_by(4) {
         let end = (start + 4).min(n);
-        let inputs = [("input_ids".to_string(), rows(&data["input_ids"], start, end))].into();
+        let inputs = [("input_ids".to_string(), data["input_ids"].rows(start, end))].into();
         let out = interp.run(&inputs).unwrap();
         let logits = f32s(&out[0].1);
         for b in 0..end - start {

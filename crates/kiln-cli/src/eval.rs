@@ -90,7 +90,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let batch = args.batch.max(1);
     for start in (0..rows).step_by(batch) {
         let end = (start + batch).min(rows);
-        let chunk = inputs.iter().map(|(k, v)| (k.clone(), tensors::rows(v, start, end))).collect();
+        let chunk = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
         let outputs = interp.run(&chunk).into_diagnostic().wrap_err_with(|| {
             format!("cannot run {} on rows {start}..{end} of {}", args.spec.display(), args.data.display())
         })?;
@@ -101,7 +101,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 let mask = chunk.get("attention_mask");
                 let nll = next_token_nll(out, ids, mask)?;
                 if let Some(Value::F32(reference)) = nll_reference {
-                    let r = tensors::rows(&Value::F32(reference.clone()), start, end);
+                    let r = Value::F32(reference.clone()).rows(start, end);
                     let r = r.as_f32().expect("f32 rows");
                     if r.data.len() == nll.iter().filter(|x| x.is_some()).count() {
                         for (a, b) in nll.iter().flatten().zip(&r.data) {
@@ -119,7 +119,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 let Some(reference) = file.tensors[r].as_f32() else {
                     return Err(miette!("reference `{r}` must be f32"));
                 };
-                let reference = tensors::rows(&Value::F32(reference.clone()), start, end);
+                let reference = Value::F32(reference.clone()).rows(start, end);
                 let reference = reference.as_f32().expect("f32 rows");
                 let got = pick(out, r.starts_with("first_"), r.starts_with("last_"));
                 if got.len() != reference.data.len() {

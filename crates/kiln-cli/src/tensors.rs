@@ -102,18 +102,6 @@ pub fn write(path: &Path, values: &[(String, Value)]) -> Result<()> {
         .wrap_err_with(|| format!("cannot write {}", path.display()))
 }
 
-/// Rows `start..end` along axis 0.
-pub fn rows(v: &Value, start: usize, end: usize) -> Value {
-    let shape = v.shape();
-    let row: usize = shape[1..].iter().product();
-    let mut new_shape = shape.to_vec();
-    new_shape[0] = end - start;
-    match v {
-        Value::F32(t) => Value::F32(Tensor::new(new_shape, t.data[start * row..end * row].to_vec())),
-        Value::I64 { data, .. } => Value::I64 { shape: new_shape, data: data[start * row..end * row].to_vec() },
-    }
-}
-
 /// The number of rows (axis 0) shared by all inputs.
 pub fn batch_of(inputs: &HashMap<String, Value>) -> Result<usize> {
     let mut batch = None;

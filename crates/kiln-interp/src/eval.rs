@@ -28,6 +28,19 @@ impl Value {
             Value::I64 { .. } => DType::I64,
         }
     }
+    /// Rows `start..end` along axis 0 (a batch slice). Panics if the value is a scalar or
+    /// the range is out of bounds.
+    pub fn rows(&self, start: usize, end: usize) -> Value {
+        let shape = self.shape();
+        let row: usize = shape[1..].iter().product();
+        let mut new_shape = shape.to_vec();
+        new_shape[0] = end - start;
+        match self {
+            Value::F32(t) => Value::F32(Tensor::new(new_shape, t.data[start * row..end * row].to_vec())),
+            Value::I64 { data, .. } => Value::I64 { shape: new_shape, data: data[start * row..end * row].to_vec() },
+        }
+    }
+
     /// The f32 tensor, if this is one.
     pub fn as_f32(&self) -> Option<&Tensor> {
         match self {
