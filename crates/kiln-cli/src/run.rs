@@ -76,6 +76,12 @@ pub fn text_inputs(
         }
     }
     let has_mask = names.iter().any(|n| n == "attention_mask");
+    // Whole texts, padded here to the longest: a tokenizer.json may ask for fixed-length
+    // padding or truncation (MiniLM's pads to 128), which would feed pad tokens as text or
+    // silently drop the end of a long text.
+    let mut tok = tok.clone();
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| miette!("cannot configure the tokenizer: {e}"))?;
     let encodings = texts
         .iter()
         .map(|t| tok.encode(t.as_str(), true).map_err(|e| miette!("cannot tokenize {t:?}: {e}")))

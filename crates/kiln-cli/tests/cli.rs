@@ -981,3 +981,32 @@ fn minilm_run_text_and_eval() {
     assert!(mean >= min, "{json}");
     assert_eq!(json["rows"], 300, "{json}");
 }
+
+/// `--text` must tokenize exactly as the reference pipeline: the fixture's sentences of
+/// different lengths, run through `--text` in one batch, give PyTorch's embeddings. (MiniLM's
+/// tokenizer.json pads every text to 128 tokens; kiln must not feed those pads as text.)
+#[test]
+fn minilm_text_matches_pytorch_embeddings() {
+    let Some(weights) = real_checkpoint(kiln_tests::MINILM_WEIGHTS) else {
+        return;
+    };
+    let sentences: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("minilm_dev.json")).unwrap()).unwrap();
+    let picked = [0usize, 1, 7];
+    let dir = scratch("minilm-text");
+    let out = dir.join("out.safetensors");
+    let mut args = vec!["run".to_string(), s(&spec("minilm/minilm.kiln")), "--weights".into(), s(&weights)];
+    args.extend(["--output".into(), s(&out)]);
+    for &i in &picked {
+        args.extend(["--text".to_string(), sentences[i].clone()]);
+    }
+    ok(&args);
+    let got = as_f32(&read_safetensors(&out)[0]);
+    let reference = read_safetensors(&fixtures().join("minilm_dev.safetensors"));
+    let want = as_f32(reference.iter().find(|r| r.0 == "embeddings").unwrap());
+    for (row, &i) in picked.iter().enumerate() {
+        let (a, b) = (&got[row * 384..(row + 1) * 384], &want[i * 384..(i + 1) * 384]);
+        let cos = kiln_tests::cosine(a, b);
+        assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
+    }
+}
