@@ -1,8 +1,8 @@
 //! Evaluating a graph: bind the inputs, run every node in topological order with the
-//! kernels of [`crate::kernels`], return the named outputs.
+//! reference kernels of [`kiln_rt::kernels`], return the named outputs.
 
-use crate::kernels;
-use crate::tensor::Tensor;
+use kiln_rt::kernels;
+use kiln_rt::Tensor;
 use kiln_ir::{DType, Dim, Graph, NodeId, Op};
 use rayon::prelude::*;
 use std::collections::HashMap;

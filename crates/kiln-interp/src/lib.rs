@@ -1,6 +1,10 @@
+//! kiln's reference interpreter: the f32 meaning of every IR op, the numeric oracle that
+//! backends are tested against, and the engine compression passes calibrate with.
+//!
+//! [`Interpreter`] runs a graph node by node with the reference kernels of
+//! [`kiln_rt::kernels`] (plain, contiguous, tested against naive loops).
+
 pub mod eval;
-pub mod kernels;
-pub mod tensor;
 
 pub use eval::{InterpError, Interpreter, Value};
-pub use tensor::Tensor;
+pub use kiln_rt::{Tensor, kernels};

@@ -7,8 +7,8 @@
 //! tokens (the llama reuses one layer's weights for all 30 layers, so its weights stay warmer
 //! in cache than in a real model).
 
-use kiln_interp::kernels::*;
-use kiln_interp::tensor::Tensor;
+use kiln_rt::kernels::*;
+use kiln_rt::tensor::Tensor;
 use std::hint::black_box;
 use std::time::Instant;
 

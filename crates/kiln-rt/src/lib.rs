@@ -1,0 +1,21 @@
+//! kiln's runtime: what compiled kernels run under, shared by the JIT and (later) by
+//! native executables, so it must not depend on Cranelift.
+//!
+//! - [`Pool`]: a fixed set of worker threads and a *static* split of work into contiguous
+//!   ranges. Kernels compute every output element with a reduction order that does not
+//!   depend on the range they are given, so outputs are bitwise identical for any thread
+//!   count.
+//! - [`Arena`]: one 64-byte aligned buffer that a compiled program carves into tensors at
+//!   offsets planned by liveness.
+//! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
+//!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
+//!   that have no emitted kernel yet.
+
+mod arena;
+pub mod kernels;
+mod pool;
+pub mod tensor;
+
+pub use arena::Arena;
+pub use pool::{Pool, split};
+pub use tensor::Tensor;
