@@ -1,54 +1,12 @@
 //! Evaluating a graph: bind the inputs, run every node in topological order with the
 //! reference kernels of [`kiln_rt::kernels`], return the named outputs.
 
-use kiln_rt::kernels;
-use kiln_rt::Tensor;
 use kiln_ir::{DType, Dim, Graph, NodeId, Op};
+use kiln_rt::kernels;
+use kiln_rt::{Tensor, Value};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// A run-time value: f32 activations or i64 ids/masks, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Value {
-    F32(Tensor),
-    I64 { shape: Vec<usize>, data: Vec<i64> },
-}
-
-impl Value {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Value::F32(t) => &t.shape,
-            Value::I64 { shape, .. } => shape,
-        }
-    }
-    pub fn dtype(&self) -> DType {
-        match self {
-            Value::F32(_) => DType::F32,
-            Value::I64 { .. } => DType::I64,
-        }
-    }
-    /// Rows `start..end` along axis 0 (a batch slice). Panics if the value is a scalar or
-    /// the range is out of bounds.
-    pub fn rows(&self, start: usize, end: usize) -> Value {
-        let shape = self.shape();
-        let row: usize = shape[1..].iter().product();
-        let mut new_shape = shape.to_vec();
-        new_shape[0] = end - start;
-        match self {
-            Value::F32(t) => Value::F32(Tensor::new(new_shape, t.data[start * row..end * row].to_vec())),
-            Value::I64 { data, .. } => Value::I64 { shape: new_shape, data: data[start * row..end * row].to_vec() },
-        }
-    }
-
-    /// The f32 tensor, if this is one.
-    pub fn as_f32(&self) -> Option<&Tensor> {
-        match self {
-            Value::F32(t) => Some(t),
-            Value::I64 { .. } => None,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterpError {

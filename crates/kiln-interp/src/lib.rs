@@ -6,5 +6,5 @@
 
 pub mod eval;
 
-pub use eval::{InterpError, Interpreter, Value};
-pub use kiln_rt::{Tensor, kernels};
+pub use eval::{InterpError, Interpreter};
+pub use kiln_rt::{Tensor, Value, kernels};

@@ -18,4 +18,4 @@ pub mod tensor;
 
 pub use arena::Arena;
 pub use pool::{Pool, split};
-pub use tensor::Tensor;
+pub use tensor::{Tensor, Value};
