@@ -12,6 +12,7 @@
 //!   that have no emitted kernel yet.
 
 mod arena;
+pub mod exec;
 pub mod kernels;
 mod pool;
 pub mod tensor;
