@@ -1,7 +1,7 @@
 //! The two real models against PyTorch's outputs in `../shared/fixtures` (the outside
 //! truth). Skipped, with a printed reason, only when the checkpoints are not fetched.
 
-use kiln_interp::{Interpreter, Tensor, Value};
+use kiln_interp::{Tensor, Value};
 use kiln_tests::*;
 use std::collections::HashMap;
 
@@ -34,9 +34,18 @@ fn f32s(v: &Value) -> &Tensor {
 
 #[test]
 fn minilm_embeddings_match_pytorch() {
+    minilm_embeddings(Exec::Interp);
+}
+
+#[test]
+fn minilm_embeddings_match_pytorch_under_the_jit() {
+    minilm_embeddings(Exec::Jit { threads: 2 });
+}
+
+fn minilm_embeddings(exec: Exec) {
     let Some(weights) = real_checkpoint(MINILM_WEIGHTS) else { return };
     let (graph, _) = compile_bound("minilm/minilm.kiln", &weights);
-    let interp = Interpreter::new(&graph).unwrap();
+    let interp = Prepared::new(&graph, exec);
     let data = read_fixture("minilm_dev.safetensors");
     let reference = f32s(&data["embeddings"]);
     let n = reference.shape[0];
@@ -44,7 +53,7 @@ fn minilm_embeddings_match_pytorch() {
     for start in (0..n).step_by(50) {
         let end = (start + 50).min(n);
         let inputs = ["input_ids", "attention_mask"].map(|k| (k.to_string(), data[k].rows(start, end))).into();
-        let out = interp.run(&inputs).unwrap();
+        let out = interp.run(&inputs);
         let got = f32s(&out[0].1);
         for (i, row) in got.data.chunks(384).enumerate() {
             let want = &reference.data[(start + i) * 384..(start + i + 1) * 384];
@@ -54,7 +63,7 @@ fn minilm_embeddings_match_pytorch() {
             }
         }
     }
-    eprintln!("MiniLM: worst cosine to PyTorch {:.9} (sentence {})", worst.0, worst.1);
+    eprintln!("MiniLM ({exec:?}): worst cosine to PyTorch {:.9} (sentence {})", worst.0, worst.1);
     assert!(worst.0 >= 0.99999, "sentence {} has cosine {}", worst.1, worst.0);
 }
 
@@ -77,9 +86,18 @@ fn minilm_token_states_match_pytorch() {
 
 #[test]
 fn smollm2_logits_and_perplexity_match_pytorch() {
+    smollm2_logits_and_perplexity(Exec::Interp);
+}
+
+#[test]
+fn smollm2_logits_and_perplexity_match_pytorch_under_the_jit() {
+    smollm2_logits_and_perplexity(Exec::Jit { threads: 2 });
+}
+
+fn smollm2_logits_and_perplexity(exec: Exec) {
     let Some(weights) = real_checkpoint(SMOLLM2_WEIGHTS) else { return };
     let (graph, _) = compile_bound("smollm2/smollm2.kiln", &weights);
-    let interp = Interpreter::new(&graph).unwrap();
+    let interp = Prepared::new(&graph, exec);
     let data = read_fixture("smollm2_dev.safetensors");
     let (first, last, nll_ref) = (f32s(&data["first_logits"]), f32s(&data["last_logits"]), f32s(&data["nll"]));
     let Value::I64 { shape, data: ids } = &data["input_ids"] else { panic!("ids are i64") };
@@ -88,7 +106,7 @@ fn smollm2_logits_and_perplexity_match_pytorch() {
     for start in (0..n).step_by(4) {
         let end = (start + 4).min(n);
         let inputs = [("input_ids".to_string(), data["input_ids"].rows(start, end))].into();
-        let out = interp.run(&inputs).unwrap();
+        let out = interp.run(&inputs);
         let logits = f32s(&out[0].1);
         for b in 0..end - start {
             let row = start + b;

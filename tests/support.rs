@@ -146,6 +146,36 @@ pub fn ids(rows: &[&[i64]]) -> Value {
     Value::I64 { shape: vec![rows.len(), seq], data: rows.iter().flat_map(|r| r.iter().copied()).collect() }
 }
 
+/// An executor under test: the reference interpreter or the JIT engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exec {
+    Interp,
+    Jit { threads: usize },
+}
+
+/// A graph prepared for repeated runs by the chosen executor.
+pub enum Prepared<'g> {
+    Interp(Interpreter<'g>),
+    Jit(kiln_jit::Engine<'g>),
+}
+
+impl<'g> Prepared<'g> {
+    pub fn new(graph: &'g Graph, exec: Exec) -> Prepared<'g> {
+        match exec {
+            Exec::Interp => Prepared::Interp(Interpreter::new(graph).expect("weights decode")),
+            Exec::Jit { threads } => Prepared::Jit(kiln_jit::Engine::new(graph, threads).expect("compiles")),
+        }
+    }
+
+    pub fn run(&self, inputs: &HashMap<String, Value>) -> Vec<(String, Value)> {
+        match self {
+            Prepared::Interp(i) => i.run(inputs),
+            Prepared::Jit(e) => e.run(inputs),
+        }
+        .expect("runs")
+    }
+}
+
 /// Runs a graph and returns its outputs by name.
 pub fn run(graph: &Graph, inputs: &[(&str, Value)]) -> HashMap<String, Value> {
     let interp = Interpreter::new(graph).expect("weights decode");

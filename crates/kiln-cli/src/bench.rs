@@ -1,7 +1,8 @@
 //! `kiln bench`: time a model on synthetic inputs of a given shape.
 
 use crate::load::{self, Model};
-use kiln_interp::{Interpreter, Value};
+use crate::runner::{ExecArgs, Runner};
+use kiln_interp::Value;
 use kiln_ir::{DType, Dim, Graph, Op};
 use miette::{IntoDiagnostic, Result, miette};
 use serde_json::json;
@@ -16,6 +17,7 @@ pub struct BenchArgs {
     pub runs: usize,
     pub warmup: usize,
     pub json: bool,
+    pub exec: ExecArgs,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -23,23 +25,22 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let graph = &compiled.graph;
     let symbols = parse_shape(&args.shape)?;
     let inputs = synthetic_inputs(graph, &symbols)?;
-    let start = Instant::now();
-    let interp = Interpreter::new(graph).into_diagnostic()?;
-    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (runner, load_ms) = Runner::new(graph, &args.exec)?;
     for _ in 0..args.warmup {
-        interp.run(&inputs).into_diagnostic()?;
+        runner.run(&inputs).into_diagnostic()?;
     }
     let mut times = Vec::with_capacity(args.runs);
     for _ in 0..args.runs.max(1) {
         let t = Instant::now();
-        interp.run(&inputs).into_diagnostic()?;
+        runner.run(&inputs).into_diagnostic()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens: u64 = symbols.values().product();
     let report = json!({
-        "engine": "interp",
+        "engine": runner.name(),
+        "compile_ms": runner.compile_ms(),
         "shape": args.shape,
         "runs": times.len(),
         "median_ms": median,
@@ -47,17 +48,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "max_ms": times[times.len() - 1],
         "load_ms": load_ms,
         "tokens_per_s": tokens as f64 / median * 1e3,
-        "threads": rayon_threads(),
+        "threads": args.exec.threads.unwrap_or_else(rayon_threads),
     });
     if args.json {
         println!("{report}");
     } else {
         println!(
-            "{} ({}): median {median:.2} ms, min {:.2} ms over {} runs; weights decoded in {load_ms:.0} ms",
+            "{} ({}, {}): median {median:.2} ms, min {:.2} ms over {} runs; ready in {load_ms:.0} ms (compile {:.0} ms)",
             args.spec.display(),
             args.shape,
+            runner.name(),
             times[0],
-            times.len()
+            times.len(),
+            runner.compile_ms()
         );
     }
     Ok(())

@@ -1,9 +1,10 @@
 //! `kiln eval`: perplexity of a language model, or agreement with reference outputs.
 
 use crate::load::{self, Model};
+use crate::runner::{ExecArgs, Runner};
 use crate::tensors;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_interp::{Interpreter, Value};
+use kiln_interp::Value;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde_json::{Map, json};
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ pub struct EvalArgs {
     pub data: PathBuf,
     pub json: bool,
     pub batch: usize,
+    pub exec: ExecArgs,
 }
 
 /// Running metrics over batches.
@@ -31,7 +33,7 @@ struct Metrics {
 pub fn eval(args: EvalArgs) -> Result<()> {
     let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
     let graph = &compiled.graph;
-    let interp = Interpreter::new(graph).into_diagnostic()?;
+    let (interp, _) = Runner::new(graph, &args.exec)?;
     let file = tensors::read(&args.data)?;
     let inputs = tensors::inputs_from(&file, &args.data, graph)?;
     let rows = tensors::batch_of(&inputs)?;

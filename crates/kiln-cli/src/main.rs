@@ -5,6 +5,7 @@ mod eval;
 mod gguf_tokenizer;
 mod load;
 mod run;
+mod runner;
 mod tensors;
 
 use clap::{Parser, Subcommand};
@@ -58,9 +59,8 @@ enum Command {
         /// tokenizer.json (default: beside the weights).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Execution engine.
-        #[arg(long, value_enum, default_value_t = Engine::Interp)]
-        engine: Engine,
+        #[command(flatten)]
+        exec: runner::ExecArgs,
     },
     /// Perplexity of a language model on `input_ids`, or agreement with reference outputs.
     #[command(
@@ -81,9 +81,8 @@ enum Command {
         /// Rows per batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
-        /// Execution engine.
-        #[arg(long, value_enum, default_value_t = Engine::Interp)]
-        engine: Engine,
+        #[command(flatten)]
+        exec: runner::ExecArgs,
     },
     /// Time a model on synthetic inputs (median of repeated runs after warm-up).
     #[command(
@@ -107,17 +106,9 @@ enum Command {
         /// Print one JSON object (median_ms, min_ms, tokens_per_s, ...).
         #[arg(long)]
         json: bool,
-        /// Execution engine.
-        #[arg(long, value_enum, default_value_t = Engine::Interp)]
-        engine: Engine,
+        #[command(flatten)]
+        exec: runner::ExecArgs,
     },
-}
-
-/// How a model runs.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Engine {
-    /// The reference interpreter (f32, the numeric oracle).
-    Interp,
 }
 
 fn main() -> Result<()> {
@@ -159,14 +150,14 @@ fn main() -> Result<()> {
             let model = load::load(&spec, weights.as_deref())?;
             print!("{}", kiln_ir::print(&model.compiled.graph));
         }
-        Command::Run { spec, weights, input, output, text, tokenizer, engine: Engine::Interp } => {
-            run::run(run::RunArgs { spec, weights, input, output, text, tokenizer })?;
+        Command::Run { spec, weights, input, output, text, tokenizer, exec } => {
+            run::run(run::RunArgs { spec, weights, input, output, text, tokenizer, exec })?;
         }
-        Command::Eval { spec, weights, data, json, batch, engine: Engine::Interp } => {
-            eval::eval(eval::EvalArgs { spec, weights, data, json, batch })?;
+        Command::Eval { spec, weights, data, json, batch, exec } => {
+            eval::eval(eval::EvalArgs { spec, weights, data, json, batch, exec })?;
         }
-        Command::Bench { spec, weights, shape, runs, warmup, json, engine: Engine::Interp } => {
-            bench::bench(bench::BenchArgs { spec, weights, shape, runs, warmup, json })?;
+        Command::Bench { spec, weights, shape, runs, warmup, json, exec } => {
+            bench::bench(bench::BenchArgs { spec, weights, shape, runs, warmup, json, exec })?;
         }
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! `kiln run`: tensors (or text) in, every model output out.
 
 use crate::load::{self, Model};
+use crate::runner::{ExecArgs, Runner};
 use crate::tensors;
-use kiln_interp::{Interpreter, Value};
+use kiln_interp::Value;
 use kiln_ir::Op;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use std::collections::HashMap;
@@ -15,12 +16,13 @@ pub struct RunArgs {
     pub output: Option<PathBuf>,
     pub text: Vec<String>,
     pub tokenizer: Option<PathBuf>,
+    pub exec: ExecArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
     let graph = &compiled.graph;
-    let interp = Interpreter::new(graph).into_diagnostic()?;
+    let (interp, _) = Runner::new(graph, &args.exec)?;
     let mut tokenizer = None;
     let inputs = match (&args.input, args.text.is_empty()) {
         (Some(path), true) => {

@@ -1,0 +1,302 @@
+//! The JIT engine, first increment: every `linear` — with the bias, activation and
+//! residual add that follow it fused in — runs as a Cranelift kernel specialized to its
+//! shape and its weight's *stored* format (no dequantized copy), split across threads by
+//! rows. Every other op runs the runtime's reference kernel, so the engine already runs
+//! any graph; ops move to emitted kernels one family at a time.
+//!
+//! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
+//! batch: the linear kernels compute each output from its row alone in a fixed order (see
+//! [`crate::linear`]), and the reference kernels are deterministic.
+
+use crate::isa::HostIsa;
+use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
+use crate::math::Activation;
+use crate::module::JitModule;
+use crate::JitError;
+use kiln_ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
+use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_reference};
+use kiln_rt::{Pool, Tensor, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A linear layer with its fused epilogue, computed when the engine reaches the node that
+/// ends the fusion group.
+#[derive(Clone, Debug)]
+struct Fused {
+    kernel: usize,
+    x: NodeId,
+    weight: NodeId,
+    bias: Option<NodeId>,
+    residual: Option<NodeId>,
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    /// Computed by a fusion group that ends at a later node.
+    Absorbed,
+    /// Ends a fusion group: run the linear kernel.
+    Linear(Fused),
+    /// Run the reference kernel.
+    Reference,
+}
+
+/// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
+/// that still run reference kernels.
+pub struct Engine<'g> {
+    graph: &'g Graph,
+    order: Vec<NodeId>,
+    actions: HashMap<NodeId, Action>,
+    kernels: Vec<(LinearKernel, LinearFn)>,
+    weights: HashMap<NodeId, Arc<Value>>,
+    /// Operand reads per node under the fusion plan, for freeing values after last use.
+    uses: HashMap<NodeId, usize>,
+    pool: Pool,
+    compile_time: Duration,
+}
+
+/// Rows below which a linear kernel runs on the calling thread only.
+const MIN_PARALLEL_ROWS: usize = 4;
+
+impl<'g> Engine<'g> {
+    /// Plans fusion, compiles one kernel per distinct linear spec, and decodes the weights
+    /// the reference ops read.
+    pub fn new(graph: &'g Graph, threads: usize) -> Result<Engine<'g>, JitError> {
+        let start = Instant::now();
+        let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
+        let isa = HostIsa::native()?;
+        let mut module = JitModule::new(&isa);
+        let mut specs: Vec<LinearSpec> = Vec::new();
+        let mut ids = Vec::new();
+        let mut actions: HashMap<NodeId, Action> = HashMap::new();
+        for &id in &order {
+            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
+            let kernel = match specs.iter().position(|s| *s == spec) {
+                Some(k) => k,
+                None => {
+                    let tiles = LinearTiles::for_format(spec.format);
+                    ids.push(emit_linear(&mut module, &format!("linear{}", specs.len()), &spec, &tiles)?);
+                    specs.push(spec);
+                    specs.len() - 1
+                }
+            };
+            for a in absorbed {
+                actions.insert(a, Action::Absorbed);
+            }
+            actions.insert(end, Action::Linear(Fused { kernel, ..fused }));
+        }
+        let code = Arc::new(module.finalize()?);
+        let kernels = ids
+            .into_iter()
+            .zip(specs)
+            .map(|(id, spec)| {
+                // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
+                let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
+                let entry = kernel.entry();
+                (kernel, entry)
+            })
+            .collect();
+        let mut engine = Engine {
+            graph,
+            order,
+            actions,
+            kernels,
+            weights: HashMap::new(),
+            uses: HashMap::new(),
+            pool: Pool::new(threads),
+            compile_time: start.elapsed(),
+        };
+        engine.uses = engine.use_counts();
+        // Weights that some value reads (not only linear kernels, which read stored bytes).
+        let needed: Vec<NodeId> = engine
+            .order
+            .iter()
+            .copied()
+            .filter(|&n| matches!(graph.node(n).op, Op::Weight(_)) && engine.uses.get(&n).is_some_and(|&u| u > 0))
+            .collect();
+        engine.weights = decode_weights(graph, &needed).map_err(|e| JitError::Spec(e.to_string()))?;
+        Ok(engine)
+    }
+
+    /// Time spent planning and compiling (not decoding weights).
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Number of distinct compiled linear kernels.
+    pub fn kernel_count(&self) -> usize {
+        self.kernels.len()
+    }
+
+    /// Number of linear layers that run as compiled kernels.
+    pub fn compiled_linears(&self) -> usize {
+        self.actions.values().filter(|a| matches!(a, Action::Linear(_))).count()
+    }
+
+    /// The values each node reads under the fusion plan.
+    fn reads(&self, id: NodeId) -> Vec<NodeId> {
+        match self.actions.get(&id).unwrap_or(&Action::Reference) {
+            Action::Absorbed => vec![],
+            Action::Linear(f) => [Some(f.x), f.bias, f.residual].into_iter().flatten().collect(),
+            Action::Reference => match self.graph.node(id).op {
+                Op::Weight(_) | Op::Input { .. } => vec![],
+                _ => self.graph.operands(id),
+            },
+        }
+    }
+
+    fn use_counts(&self) -> HashMap<NodeId, usize> {
+        let mut uses: HashMap<NodeId, usize> = HashMap::new();
+        for &n in &self.order {
+            for o in self.reads(n) {
+                *uses.entry(o).or_default() += 1;
+            }
+        }
+        for (_, o) in self.graph.outputs() {
+            *uses.entry(*o).or_default() += 1;
+        }
+        uses
+    }
+
+    /// Runs the graph on named inputs; returns every output by name, in declaration order.
+    pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, RunError> {
+        let g = self.graph;
+        let symbols = bind_inputs(g, inputs)?;
+        let mut uses = self.uses.clone();
+        let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
+        for &id in &self.order {
+            let node = g.node(id);
+            let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
+            let action = self.actions.get(&id).unwrap_or(&Action::Reference);
+            let value = match (action, &node.op) {
+                (Action::Absorbed, _) => continue,
+                (_, Op::Input { name }) => Arc::new(inputs[name].clone()),
+                (_, Op::Weight(_)) => match self.weights.get(&id) {
+                    Some(w) => w.clone(),
+                    None => continue, // read only by compiled kernels, in its stored format
+                },
+                (Action::Linear(f), _) => Arc::new(self.linear(f, &values).map_err(fail)?),
+                (Action::Reference, op) => {
+                    let args: Vec<Arc<Value>> = g.operands(id).iter().map(|o| values[o].clone()).collect();
+                    Arc::new(eval_reference(op, &args, &symbols).map_err(fail)?)
+                }
+            };
+            for o in self.reads(id) {
+                let left = uses.get_mut(&o).expect("counted in use_counts");
+                *left -= 1;
+                if *left == 0 {
+                    values.remove(&o);
+                }
+            }
+            values.insert(id, value);
+        }
+        Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
+    }
+
+    fn linear(&self, f: &Fused, values: &HashMap<NodeId, Arc<Value>>) -> Result<Value, String> {
+        let (kernel, entry) = &self.kernels[f.kernel];
+        let spec = kernel.spec();
+        let x = values[&f.x].as_f32().ok_or("the input of a linear must be f32")?;
+        let m = x.numel() / spec.k;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = spec.n;
+        let weight = match &self.graph.node(f.weight).op {
+            Op::Weight(w) => self.graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?,
+            _ => unreachable!("planned linears read a weight node"),
+        };
+        let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
+        let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
+        let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
+        let mut y = vec![0f32; m * spec.n];
+        let args = KernelArgs {
+            x: x.data.as_ptr(),
+            w: weight.bytes.as_slice().as_ptr(),
+            bias,
+            residual,
+            y: y.as_mut_ptr(),
+        };
+        self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+            // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32, the
+            // weight holds N*K values in the spec's format, bias (if the spec has one) is
+            // [N], residual (if any) is [m, N] and distinct from y, y is [m, N]; the row
+            // ranges of `for_ranges` are disjoint, so no two calls write the same output.
+            unsafe { args.call(*entry, rows) }
+        });
+        Ok(Value::F32(Tensor::new(shape, y)))
+    }
+}
+
+/// The pointers of one kernel call, shared by the threads that split its rows.
+#[derive(Clone, Copy)]
+struct KernelArgs {
+    x: *const f32,
+    w: *const u8,
+    bias: *const f32,
+    residual: *const f32,
+    y: *mut f32,
+}
+
+impl KernelArgs {
+    /// # Safety
+    /// The pointers must satisfy the contract of the kernel `entry` for rows `rows`.
+    unsafe fn call(&self, entry: LinearFn, rows: std::ops::Range<usize>) {
+        // SAFETY: forwarded from the caller.
+        unsafe { entry(self.x, self.w, self.bias, self.residual, self.y, rows.start, rows.end) }
+    }
+}
+
+// SAFETY: the pointers are only dereferenced by kernel calls over disjoint output rows
+// while the buffers they point into are borrowed by `Engine::linear`.
+unsafe impl Send for KernelArgs {}
+unsafe impl Sync for KernelArgs {}
+
+/// If `id` is a linear the kernels support, its spec, its operands, the node that ends its
+/// fusion group, and the nodes absorbed into it (the linear itself, and an activation
+/// before the end).
+fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
+    if g.node(id).op != Op::Linear {
+        return None;
+    }
+    let operands = g.operands(id);
+    let (x, weight) = (operands[0], operands[1]);
+    let Op::Weight(w) = &g.node(weight).op else { return None };
+    let k = g.node(weight).ty.shape[1].known()? as usize;
+    let n = g.node(weight).ty.shape[0].known()? as usize;
+    if k % w.format.block_len() as usize != 0 {
+        return None;
+    }
+    let mut spec = LinearSpec::new(k, n, w.format);
+    spec.bias = operands.len() > 2;
+    let mut fused = Fused { kernel: 0, x, weight, bias: operands.get(2).copied(), residual: None };
+    let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
+    let single_user = |n: NodeId| match g.users(n).as_slice() {
+        [u] if !is_output(n) && g.operands(*u).iter().filter(|&&o| o == n).count() == 1 => Some(*u),
+        _ => None,
+    };
+    let (mut end, mut absorbed) = (id, vec![]);
+    if let Some(u) = single_user(end) {
+        let act = match g.node(u).op {
+            Op::Unary(UnaryOp::Gelu) => Some(Activation::Gelu),
+            Op::Unary(UnaryOp::Silu) => Some(Activation::Silu),
+            Op::Unary(UnaryOp::Relu) => Some(Activation::Relu),
+            _ => None,
+        };
+        if let Some(act) = act {
+            spec.activation = act;
+            absorbed.push(end);
+            end = u;
+        }
+    }
+    if let Some(add) = single_user(end)
+        && g.node(add).op == Op::Binary(BinaryOp::Add)
+    {
+        let other = g.operands(add).into_iter().find(|&o| o != end)?;
+        if g.node(other).ty == g.node(add).ty && g.node(end).ty == g.node(add).ty {
+            spec.residual = true;
+            fused.residual = Some(other);
+            absorbed.push(end);
+            end = add;
+        }
+    }
+    Some((spec, fused, end, absorbed))
+}

@@ -1,0 +1,633 @@
+//! Fused linear kernels: `y[m, n] = r[m, n] + act(sum_k x[m, k] * W[n, k] + bias[n])`.
+//!
+//! # Contract
+//!
+//! A kernel is specialized to a [`LinearSpec`]: `K` (inputs) and `N` (outputs), the weight
+//! format, and the epilogue (bias or not, an [`Activation`], residual or not). It has the
+//! C signature [`LinearFn`]:
+//!
+//! ```text
+//! fn(x: *const f32, w: *const u8, bias: *const f32, residual: *const f32, y: *mut f32,
+//!    m0: usize, m1: usize)
+//! ```
+//!
+//! and computes rows `m0..m1` of `y` (nothing when `m0 >= m1`):
+//! - `x` is f32 row-major `[M, K]`, `y` and `residual` f32 row-major `[M, N]`; all three
+//!   point at row 0, so several calls with disjoint row ranges (threads) share them;
+//! - `w` is the weight `[N, K]` exactly as stored: row-major, `Format::byte_len(N * K)`
+//!   bytes, blocks along `K` for the block formats (which need `K % 32 == 0`);
+//! - `bias` (`[N]`) and `residual` are read only when the spec has them (may be null
+//!   otherwise); `residual` may be *equal* to `y` (in-place residual add) but no other
+//!   argument may overlap `y`. No alignment is required.
+//!
+//! **Numbers.** The kernel reads exactly the weights [`kiln_ir::Format::dequantize`] defines
+//! (decoded in registers, see [`crate::decode`]), and for every output computes
+//! 1. four lane-wise partial sums `acc[l] = fma(w[k], x[k], acc[l])` over `k = 4j + l`,
+//!    `j` increasing, starting from +0;
+//! 2. `s = (acc[0] + acc[2]) + (acc[1] + acc[3])`;
+//! 3. for the `K % 4` trailing `k` in order, `s = fma(w[k], x[k], s)`;
+//! 4. `s + bias[n]`, then the activation (see [`crate::math`] for its accuracy), then
+//!    `residual[m, n] + s`.
+//!
+//! This sequence depends on nothing but the row of `x` and the row of `W`: not on `m0`,
+//! `m1`, the tile an output falls in or the code path taken. Splitting rows across calls
+//! or threads, or computing a sequence alone or inside a batch, gives bitwise identical
+//! results (tested).
+//!
+//! # Code shape
+//!
+//! Two paths, chosen at run time by the number of rows `m1 - m0`:
+//! - **direct** (fewer than `panel_min_rows` rows; decode's GEMV): tiles of `direct_rows`
+//!   weight rows x one row of `x`, weights decoded from their stored bytes inside the `K`
+//!   loop, one `f32x4` accumulator per weight row (8 rows for f32: eight independent FMA
+//!   chains). `x` is folded into each FMA as a memory operand (`vfmadd132ps xmm, xmm, [x]`),
+//!   so a tile needs no register for it.
+//! - **panel** (GEMM): per tile of `panel_rows` weight rows, the rows are decoded once into
+//!   an f32 panel on the stack (`panel_rows * K * 4` bytes; f32 weights are used in place),
+//!   then every group of `panel_xrows` rows of `x` runs a `panel_rows x panel_xrows`
+//!   register tile over it: per vector step, 4 weight + 2 x loads feed 8 FMAs into 8
+//!   accumulators (4 x 2, the measured best; 12 accumulators spill). Decoding is then
+//!   amortized over all rows, so every format runs at f32 GEMM speed.
+//!
+//! Both paths decode to the same f32 values and accumulate in the same order, which is what
+//! makes the choice invisible in the results. `K` loops advance by one block (32 weights,
+//! block formats) or `unroll` vectors (float formats and panels) per iteration, with static
+//! offsets inside; the outer loops (`n` tiles, `m` rows) are runtime loops. Cranelift's
+//! FMA result is always tied to a multiplicand (`vfmadd213ps`/`vfmadd132ps`, never the
+//! accumulator form), so emitters pass the operand that dies (a decoded weight) first.
+
+use cranelift_codegen::ir::types::{F32, F32X4};
+use cranelift_codegen::ir::{BlockArg, InstBuilder, StackSlotData, StackSlotKind, Type, Value, condcodes::IntCC};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use kiln_ir::Format;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::JitError;
+use crate::decode::{Rows, decode_lanes, decode_rows};
+use crate::emit::{f32s, hsum4, load_f32_partial, ro, rw, store_f32_partial};
+use crate::isa::HostIsa;
+use crate::math::{Activation, activation};
+use crate::module::{FunctionId, FunctionStats, JitCode, JitModule};
+
+/// The C signature of a compiled linear kernel (see the module docs for the contract).
+pub type LinearFn = unsafe extern "C" fn(
+    x: *const f32,
+    w: *const u8,
+    bias: *const f32,
+    residual: *const f32,
+    y: *mut f32,
+    m0: usize,
+    m1: usize,
+);
+
+/// What a linear kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearSpec {
+    /// Inputs per row (the reduction length).
+    pub k: usize,
+    /// Outputs per row (rows of `W`).
+    pub n: usize,
+    /// Storage format of `W`.
+    pub format: Format,
+    pub bias: bool,
+    pub activation: Activation,
+    pub residual: bool,
+}
+
+impl LinearSpec {
+    /// A plain `x @ W^T` with no epilogue.
+    pub fn new(k: usize, n: usize, format: Format) -> LinearSpec {
+        LinearSpec { k, n, format, bias: false, activation: Activation::None, residual: false }
+    }
+
+    /// Bytes of the stored weight.
+    pub fn weight_bytes(&self) -> usize {
+        self.format.byte_len((self.n * self.k) as u64).map(|b| b as usize).unwrap_or(0)
+    }
+
+    fn validate(&self) -> Result<(), JitError> {
+        let bad = |why: String| Err(JitError::Spec(format!("linear {self:?}: {why}")));
+        if self.k == 0 || self.n == 0 {
+            return bad("K and N must be positive".into());
+        }
+        let block = self.format.block_len() as usize;
+        if self.k % block != 0 {
+            return bad(format!("{} stores blocks of {block} along K", self.format));
+        }
+        if self.k.checked_mul(self.n).and_then(|e| e.checked_mul(8)).is_none_or(|b| b > i32::MAX as usize) {
+            return bad("weight too large for 32-bit offsets".into());
+        }
+        Ok(())
+    }
+}
+
+/// Register tiling of a linear kernel. [`LinearTiles::for_format`] gives measured defaults;
+/// the fields are public for experiments (`examples/linear_timing.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearTiles {
+    /// Weight rows per tile on the direct path (1..=8).
+    pub direct_rows: usize,
+    /// Weight rows per tile on the panel path (1..=8).
+    pub panel_rows: usize,
+    /// Rows of `x` per tile on the panel path (1..=4).
+    pub panel_xrows: usize,
+    /// Take the panel path when `m1 - m0 >= panel_min_rows` (`usize::MAX`: never).
+    pub panel_min_rows: usize,
+    /// Vectors per `K`-loop iteration for the float formats and panels.
+    pub unroll: usize,
+}
+
+impl LinearTiles {
+    pub fn for_format(format: Format) -> LinearTiles {
+        match format {
+            Format::F32 => LinearTiles { direct_rows: 8, panel_rows: 4, panel_xrows: 2, panel_min_rows: 2, unroll: 4 },
+            _ => LinearTiles { direct_rows: 4, panel_rows: 4, panel_xrows: 2, panel_min_rows: 4, unroll: 4 },
+        }
+    }
+
+    fn validate(&self) -> Result<(), JitError> {
+        let ok = (1..=8).contains(&self.direct_rows)
+            && (1..=8).contains(&self.panel_rows)
+            && (1..=8).contains(&self.panel_xrows)
+            && self.panel_min_rows >= 1
+            && (1..=16).contains(&self.unroll);
+        if ok { Ok(()) } else { Err(JitError::Spec(format!("bad tiles {self:?}"))) }
+    }
+}
+
+/// The residual operand of [`LinearKernel::run`].
+#[derive(Clone, Copy, Debug)]
+pub enum Residual<'a> {
+    None,
+    /// `y = residual + ...` with a separate `[M, N]` input.
+    Input(&'a [f32]),
+    /// `y = y + ...`: `y` holds the residual on entry.
+    InPlace,
+}
+
+/// A compiled linear kernel, owning (a share of) its code.
+#[derive(Clone)]
+pub struct LinearKernel {
+    code: Arc<JitCode>,
+    id: FunctionId,
+    f: LinearFn,
+    spec: LinearSpec,
+}
+
+impl std::fmt::Debug for LinearKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinearKernel").field("spec", &self.spec).finish_non_exhaustive()
+    }
+}
+
+impl LinearKernel {
+    /// Compiles `spec` with the default tiles into its own module.
+    pub fn compile(isa: &HostIsa, spec: LinearSpec) -> Result<LinearKernel, JitError> {
+        LinearKernel::compile_with(isa, spec, LinearTiles::for_format(spec.format), false)
+    }
+
+    /// Compiles `spec` with explicit tiles, optionally capturing the disassembly.
+    pub fn compile_with(
+        isa: &HostIsa,
+        spec: LinearSpec,
+        tiles: LinearTiles,
+        disasm: bool,
+    ) -> Result<LinearKernel, JitError> {
+        let mut module = JitModule::new(isa);
+        module.set_disasm(disasm);
+        let id = emit_linear(&mut module, "linear", &spec, &tiles)?;
+        let code = Arc::new(module.finalize()?);
+        // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
+        Ok(unsafe { LinearKernel::from_code(code, id, spec) })
+    }
+
+    /// Wraps a kernel that [`emit_linear`] defined in a module shared with other functions.
+    ///
+    /// # Safety
+    /// `id` must have been returned by `emit_linear(.., spec, ..)` for the module `code` was
+    /// finalized from.
+    pub unsafe fn from_code(code: Arc<JitCode>, id: FunctionId, spec: LinearSpec) -> LinearKernel {
+        // SAFETY: `emit_linear` defines functions with exactly `LinearFn`'s signature.
+        let f = unsafe { code.function::<LinearFn>(id) }.get();
+        LinearKernel { code, id, f, spec }
+    }
+
+    pub fn spec(&self) -> &LinearSpec {
+        &self.spec
+    }
+
+    pub fn stats(&self) -> &FunctionStats {
+        self.code.stats(self.id)
+    }
+
+    /// The raw entry point; see the module docs for its contract. Valid while `self` (or a
+    /// clone) lives.
+    pub fn entry(&self) -> LinearFn {
+        self.f
+    }
+
+    /// Computes rows `rows` of `y` (`[M, N]`) from `x` (`[M, K]`), checking every length.
+    pub fn run(
+        &self,
+        x: &[f32],
+        w: &[u8],
+        bias: Option<&[f32]>,
+        residual: Residual<'_>,
+        y: &mut [f32],
+        rows: Range<usize>,
+    ) -> Result<(), JitError> {
+        let s = &self.spec;
+        let fail = |why: String| Err(JitError::Arguments(why));
+        if x.len() % s.k != 0 {
+            return fail(format!("x has {} values, not a multiple of K = {}", x.len(), s.k));
+        }
+        let m = x.len() / s.k;
+        if y.len() != m * s.n {
+            return fail(format!("y has {} values, expected M * N = {m} * {}", y.len(), s.n));
+        }
+        if rows.end > m {
+            return fail(format!("rows {rows:?} out of 0..{m}"));
+        }
+        if w.len() != s.weight_bytes() {
+            return fail(format!("w has {} bytes, {} needs {}", w.len(), s.format, s.weight_bytes()));
+        }
+        let bias_ptr = match (s.bias, bias) {
+            (true, Some(b)) if b.len() == s.n => b.as_ptr(),
+            (false, None) => std::ptr::null(),
+            _ => return fail(format!("bias: spec says {}, got {:?} values", s.bias, bias.map(<[f32]>::len))),
+        };
+        let residual_ptr = match (s.residual, residual) {
+            (true, Residual::Input(r)) if r.len() == m * s.n => r.as_ptr(),
+            (true, Residual::InPlace) => y.as_ptr(),
+            (false, Residual::None) => std::ptr::null(),
+            _ => return fail(format!("residual: spec says {}, got {residual:?}", s.residual)),
+        };
+        // SAFETY: all lengths were checked above against the kernel's contract (x: [M, K],
+        // w: the stored weight, bias: [N], residual: [M, N] or y itself, y: [M, N],
+        // rows within 0..M); `y` is a unique borrow, so nothing else overlaps it.
+        unsafe { (self.f)(x.as_ptr(), w.as_ptr(), bias_ptr, residual_ptr, y.as_mut_ptr(), rows.start, rows.end) };
+        Ok(())
+    }
+}
+
+/// Defines the kernel for `spec` in `module` under `name` and returns its id (signature
+/// [`LinearFn`]).
+pub fn emit_linear(
+    module: &mut JitModule,
+    name: &str,
+    spec: &LinearSpec,
+    tiles: &LinearTiles,
+) -> Result<FunctionId, JitError> {
+    spec.validate()?;
+    tiles.validate()?;
+    let ptr = module.pointer_type();
+    let sig = module.signature(&[ptr; 7]);
+    let e = LinearEmitter { spec: *spec, tiles: *tiles, ptr };
+    module.define(name, sig, |b| {
+        e.function(b);
+        Ok(())
+    })
+}
+
+/// The kernel's pointer arguments and row range.
+#[derive(Clone, Copy)]
+struct Args {
+    x: Value,
+    w: Value,
+    bias: Value,
+    residual: Value,
+    y: Value,
+    m0: Value,
+    m1: Value,
+}
+
+/// How the tiles of one path read their weight rows.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Decode the stored rows in the `K` loop.
+    Direct,
+    /// Decode each tile's rows once into this stack panel first (f32 rows, stride `K`).
+    Panel(Value),
+}
+
+/// One weight-row tile fixed for the `m` loop: where its rows are and which outputs it
+/// writes.
+#[derive(Clone, Copy)]
+struct NTile {
+    rows: Rows,
+    /// Row 0 of the tile (stored bytes or panel).
+    w: Value,
+    /// Byte stride between the tile's rows.
+    stride: i32,
+    /// Number of weight rows (outputs) in the tile.
+    len: usize,
+    /// `bias + n0`, `y + n0`, `residual + n0` (row 0).
+    bias: Value,
+    y: Value,
+    residual: Value,
+}
+
+struct LinearEmitter {
+    spec: LinearSpec,
+    tiles: LinearTiles,
+    ptr: Type,
+}
+
+impl LinearEmitter {
+    fn function(&self, b: &mut FunctionBuilder<'_>) {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let a = Args { x: p[0], w: p[1], bias: p[2], residual: p[3], y: p[4], m0: p[5], m1: p[6] };
+
+        let work = b.create_block();
+        let exit = b.create_block();
+        let nonempty = b.ins().icmp(IntCC::UnsignedLessThan, a.m0, a.m1);
+        b.ins().brif(nonempty, work, &[], exit, &[]);
+        b.switch_to_block(work);
+
+        let t = self.tiles;
+        let panel_path = t.panel_min_rows != usize::MAX;
+        if panel_path {
+            let direct = b.create_block();
+            let panel = b.create_block();
+            let rows = b.ins().isub(a.m1, a.m0);
+            let many = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, rows, t.panel_min_rows as i64);
+            b.ins().brif(many, panel, &[], direct, &[]);
+
+            b.switch_to_block(panel);
+            let source = if self.spec.format == Format::F32 {
+                Source::Direct // f32 rows are their own panel
+            } else {
+                let bytes = (t.panel_rows * self.spec.k * 4) as u32;
+                let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
+                Source::Panel(b.ins().stack_addr(self.ptr, slot, 0))
+            };
+            self.n_tiles(b, &a, t.panel_rows, t.panel_xrows, source);
+            b.ins().jump(exit, &[]);
+            b.switch_to_block(direct);
+        }
+        self.n_tiles(b, &a, t.direct_rows, 1, Source::Direct);
+        b.ins().jump(exit, &[]);
+
+        b.switch_to_block(exit);
+        b.ins().return_(&[]);
+    }
+
+    /// All `N` outputs in tiles of `len` weight rows (a runtime loop over the full tiles,
+    /// then the remainder tile).
+    fn n_tiles(&self, b: &mut FunctionBuilder<'_>, a: &Args, len: usize, xrows: usize, src: Source) {
+        let n = self.spec.n;
+        let full = n / len;
+        if full > 0 {
+            let zero = b.ins().iconst(self.ptr, 0);
+            counted_loop(b, self.ptr, full, &[(zero, len as i64)], |b, n0| self.n_tile(b, a, n0[0], len, xrows, src));
+        }
+        if n % len != 0 {
+            let n0 = b.ins().iconst(self.ptr, (full * len) as i64);
+            self.n_tile(b, a, n0, n % len, xrows, src);
+        }
+    }
+
+    /// Outputs `n0..n0 + len` for all rows `m0..m1`.
+    fn n_tile(&self, b: &mut FunctionBuilder<'_>, a: &Args, n0: Value, len: usize, xrows: usize, src: Source) {
+        let s = &self.spec;
+        let stored = Rows::Stored(s.format);
+        let row_bytes = stored.bytes(s.k);
+        let w_off = b.ins().imul_imm_u(n0, row_bytes as i64);
+        let w = b.ins().iadd(a.w, w_off);
+        let n0_bytes = b.ins().imul_imm_u(n0, 4);
+        let bias = b.ins().iadd(a.bias, n0_bytes);
+        let y = b.ins().iadd(a.y, n0_bytes);
+        let residual = b.ins().iadd(a.residual, n0_bytes);
+        let tile = match src {
+            Source::Direct => NTile { rows: stored, w, stride: row_bytes, len, bias, y, residual },
+            Source::Panel(panel) => {
+                self.decode_panel(b, w, row_bytes, len, panel);
+                NTile { rows: Rows::Panel, w: panel, stride: (s.k * 4) as i32, len, bias, y, residual }
+            }
+        };
+
+        // for m in m0..m1 step xrows { tile(m, xrows) }, then single rows.
+        let m_var = b.declare_var(self.ptr);
+        b.def_var(m_var, a.m0);
+        let step_loop = |b: &mut FunctionBuilder<'_>, step: usize| {
+            let head = b.create_block();
+            let body = b.create_block();
+            let done = b.create_block();
+            b.ins().jump(head, &[]);
+            b.switch_to_block(head);
+            let m = b.use_var(m_var);
+            let next = b.ins().iadd_imm_s(m, step as i64);
+            let fits = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, a.m1);
+            b.ins().brif(fits, body, &[], done, &[]);
+            b.switch_to_block(body);
+            self.tile(b, a, &tile, m, step);
+            b.def_var(m_var, next);
+            b.ins().jump(head, &[]);
+            b.switch_to_block(done);
+        };
+        step_loop(b, xrows);
+        if xrows > 1 {
+            step_loop(b, 1);
+        }
+    }
+
+    /// Decodes weight rows `0..len` of the tile at `w` into the f32 panel (row stride `K`).
+    fn decode_panel(&self, b: &mut FunctionBuilder<'_>, w: Value, row_bytes: i32, len: usize, panel: Value) {
+        let s = &self.spec;
+        let stored = Rows::Stored(s.format);
+        let k4 = s.k / 4 * 4;
+        let chunk = stored.unit() * if stored.unit() == 4 { self.tiles.unroll } else { 1 };
+        let trips = k4 / chunk;
+        let steps = [(w, stored.bytes(chunk) as i64), (panel, (chunk * 4) as i64)];
+        let rows_at: Vec<i32> = (0..len).map(|r| r as i32 * row_bytes).collect();
+        let panel_row = |r: usize| (r * s.k * 4) as i32;
+        let ends = counted_loop(b, self.ptr, trips, &steps, |b, p| {
+            decode_rows(b, stored, p[0], &rows_at, 0, chunk, &mut |b, r, i, v| {
+                b.ins().store(rw(), v, p[1], panel_row(r) + 16 * i as i32);
+            });
+        });
+        let rest = k4 - trips * chunk;
+        if rest > 0 {
+            decode_rows(b, stored, ends[0], &rows_at, 0, rest, &mut |b, r, i, v| {
+                b.ins().store(rw(), v, ends[1], panel_row(r) + 16 * i as i32);
+            });
+        }
+        for kk in k4..s.k {
+            for g in (0..len).step_by(4) {
+                let lanes = (len - g).min(4);
+                let at: Vec<(Value, i32)> =
+                    (g..g + lanes).map(|r| (w, r as i32 * row_bytes + stored.bytes(kk))).collect();
+                let v = decode_lanes(b, stored, &at);
+                for (i, r) in (g..g + lanes).enumerate() {
+                    let x = b.ins().extractlane(v, i as u8);
+                    b.ins().store(rw(), x, panel, ((r * s.k + kk) * 4) as i32);
+                }
+            }
+        }
+    }
+
+    /// The register tile: outputs `n0..n0 + tile.len` of rows `m..m + xrows`.
+    fn tile(&self, b: &mut FunctionBuilder<'_>, a: &Args, tile: &NTile, m: Value, xrows: usize) {
+        let s = &self.spec;
+        let (k, len) = (s.k, tile.len);
+        let x_off = b.ins().imul_imm_u(m, (k * 4) as i64);
+        let x = b.ins().iadd(a.x, x_off);
+        let y_off = b.ins().imul_imm_u(m, (s.n * 4) as i64);
+        let y = b.ins().iadd(tile.y, y_off);
+        let residual = b.ins().iadd(tile.residual, y_off);
+
+        let zero = f32s(b, 0.0);
+        let acc: Vec<Variable> = (0..len * xrows)
+            .map(|_| {
+                let v = b.declare_var(F32X4);
+                b.def_var(v, zero);
+                v
+            })
+            .collect();
+        let acc_at = |r: usize, c: usize| acc[r * xrows + c];
+
+        // K loop: per chunk, each weight row is decoded once and multiplied into all xrows.
+        let k4 = k / 4 * 4;
+        let unit = tile.rows.unit();
+        let chunk = unit * if unit == 4 { self.tiles.unroll } else { 1 };
+        let trips = k4 / chunk;
+        let rows_at: Vec<i32> = (0..len).map(|r| r as i32 * tile.stride).collect();
+        // x vectors: for the float formats and panels (one vector per unit, consumed row
+        // after row) each x vector is loaded once per unit into a register and shared by
+        // the tile's rows; for the block formats (a whole block per row before the next
+        // row) it is folded into each FMA as a memory operand.
+        let share_x = unit == 4 && xrows > 1;
+        let mut xs: Vec<Value> = Vec::new();
+        let mut fma_into = |b: &mut FunctionBuilder<'_>, xp: Value, r: usize, i: usize, w: Value| {
+            if share_x && r == 0 {
+                xs = (0..xrows).map(|c| b.ins().load(F32X4, ro(), xp, ((c * k + 4 * i) * 4) as i32)).collect();
+            }
+            for c in 0..xrows {
+                let xv = if share_x { xs[c] } else { b.ins().load(F32X4, ro(), xp, ((c * k + 4 * i) * 4) as i32) };
+                // `w` first: the FMA's result is tied to its first operand, so `w` is
+                // copied only when another row of x still needs it.
+                let prev = b.use_var(acc_at(r, c));
+                let next = b.ins().fma(w, xv, prev);
+                b.def_var(acc_at(r, c), next);
+            }
+        };
+        let steps = [(x, (chunk * 4) as i64), (tile.w, tile.rows.bytes(chunk) as i64)];
+        let ends = counted_loop(b, self.ptr, trips, &steps, |b, p| {
+            decode_rows(b, tile.rows, p[1], &rows_at, 0, chunk, &mut |b, r, i, w| fma_into(b, p[0], r, i, w));
+        });
+        let rest = k4 - trips * chunk;
+        if rest > 0 {
+            decode_rows(b, tile.rows, ends[1], &rows_at, 0, rest, &mut |b, r, i, w| fma_into(b, ends[0], r, i, w));
+        }
+        barrier(b, &acc, F32X4);
+
+        // Epilogue, four outputs at a time.
+        for c in 0..xrows {
+            for g in (0..len).step_by(4) {
+                let lanes = (len - g).min(4);
+                let parts: [Value; 4] =
+                    std::array::from_fn(|i| b.use_var(acc_at(g + if i < lanes { i } else { 0 }, c)));
+                let mut out = hsum4(b, parts);
+                for kk in k4..k {
+                    let at: Vec<(Value, i32)> =
+                        (g..g + lanes).map(|r| (tile.w, r as i32 * tile.stride + tile.rows.bytes(kk))).collect();
+                    let wt = decode_lanes(b, tile.rows, &at);
+                    let xs = b.ins().load(F32, ro(), x, ((c * k + kk) * 4) as i32);
+                    let xs = b.ins().splat(F32X4, xs);
+                    out = b.ins().fma(wt, xs, out);
+                }
+                if s.bias {
+                    let bv = load_f32_partial(b, ro(), tile.bias, (g * 4) as i32, lanes);
+                    out = b.ins().fadd(out, bv);
+                }
+                out = activation(b, s.activation, out);
+                let y_at = ((c * s.n + g) * 4) as i32;
+                if s.residual {
+                    let rv = load_f32_partial(b, rw(), residual, y_at, lanes);
+                    out = b.ins().fadd(rv, out);
+                }
+                store_f32_partial(b, out, y, y_at, lanes);
+            }
+        }
+    }
+}
+
+/// Emits `trips` iterations of `body`, which receives the current value of each pointer in
+/// `ptrs` (`(initial, step)`; the first pointer's step must be nonzero: it is the loop
+/// counter). A single trip is emitted straight; zero trips emit nothing. Returns the
+/// pointers after the last iteration.
+///
+/// The loop has the `while` shape: a header that tests and branches to the body or the
+/// exit without block arguments, and a body that jumps back. Values leaving the loop are
+/// then the header's block parameters, and every value computed in the body has a single
+/// use (the back edge). That matters to instruction selection: Cranelift only folds a load
+/// into its user (e.g. `vfmadd132ps xmm, xmm, [mem]`) when no user of the loaded value's
+/// dependents may be emitted twice, and a `brif` passing an accumulator to both the loop
+/// and the exit counts as two uses, which poisons the whole chain.
+fn counted_loop(
+    b: &mut FunctionBuilder<'_>,
+    ptr_ty: Type,
+    trips: usize,
+    ptrs: &[(Value, i64)],
+    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
+) -> Vec<Value> {
+    let advance = |b: &mut FunctionBuilder<'_>, cur: &[Value], times: i64| -> Vec<Value> {
+        cur.iter().zip(ptrs).map(|(&p, &(_, step))| b.ins().iadd_imm_s(p, step * times)).collect()
+    };
+    let init: Vec<Value> = ptrs.iter().map(|&(p, _)| p).collect();
+    match trips {
+        0 => return init,
+        1 => {
+            body(b, &init);
+            return advance(b, &init, 1);
+        }
+        _ => {}
+    }
+    debug_assert_ne!(ptrs[0].1, 0);
+    let end = b.ins().iadd_imm_s(init[0], ptrs[0].1 * trips as i64);
+    let vars: Vec<Variable> = init
+        .iter()
+        .map(|&p| {
+            let v = b.declare_var(ptr_ty);
+            b.def_var(v, p);
+            v
+        })
+        .collect();
+    let header = b.create_block();
+    let lp = b.create_block();
+    let done = b.create_block();
+    b.ins().jump(header, &[]);
+    b.switch_to_block(header);
+    let cur: Vec<Value> = vars.iter().map(|&v| b.use_var(v)).collect();
+    let more = b.ins().icmp(IntCC::NotEqual, cur[0], end);
+    b.ins().brif(more, lp, &[], done, &[]);
+    b.switch_to_block(lp);
+    body(b, &cur);
+    let next = advance(b, &cur, 1);
+    for (&v, &n) in vars.iter().zip(&next) {
+        b.def_var(v, n);
+    }
+    b.ins().jump(header, &[]);
+    b.switch_to_block(done);
+    cur
+}
+
+/// Routes the current values of `vars` through the parameters of a fresh block (a jump the
+/// code layout turns into a fall-through). Block parameters are roots for instruction
+/// selection: values used several times after this point (the horizontal sums use each
+/// accumulator twice) no longer count as multiply used before it, so the loads feeding
+/// the accumulation can still be folded into the FMAs (see [`counted_loop`]).
+fn barrier(b: &mut FunctionBuilder<'_>, vars: &[Variable], ty: Type) {
+    let next = b.create_block();
+    let args: Vec<BlockArg> = vars.iter().map(|&v| BlockArg::Value(b.use_var(v))).collect();
+    let params: Vec<Value> = vars.iter().map(|_| b.append_block_param(next, ty)).collect();
+    b.ins().jump(next, &args);
+    b.switch_to_block(next);
+    for (&v, p) in vars.iter().zip(params) {
+        b.def_var(v, p);
+    }
+}

@@ -1,0 +1,249 @@
+//! Differential tests of the fused linear kernels against an f64 reference that decodes
+//! the weights with `kiln_ir::Format::dequantize`, and the bitwise determinism rules.
+
+mod common;
+
+use common::{Rng, assert_close, random_weight, reference};
+use kiln_ir::Format;
+use kiln_jit::{Activation, HostIsa, LinearKernel, LinearSpec, LinearTiles, Residual};
+use proptest::prelude::*;
+use std::sync::OnceLock;
+
+fn isa() -> &'static HostIsa {
+    static ISA: OnceLock<HostIsa> = OnceLock::new();
+    ISA.get_or_init(|| HostIsa::native().unwrap())
+}
+
+/// Relative tolerance against `sum |x w| + |bias| + |residual|`, plus an absolute floor for
+/// the activations' polynomial approximations near zero.
+const REL: f64 = 1e-5;
+const ABS: f64 = 1e-6;
+
+struct Case {
+    spec: LinearSpec,
+    m: usize,
+    x: Vec<f32>,
+    w: Vec<u8>,
+    bias: Option<Vec<f32>>,
+    residual: Option<Vec<f32>>,
+}
+
+impl Case {
+    fn new(spec: LinearSpec, m: usize, seed: u64) -> Case {
+        let mut rng = Rng::new(seed);
+        let x = rng.vec(m * spec.k, 1.0);
+        let w = random_weight(&mut rng, spec.format, spec.n, spec.k);
+        let bias = spec.bias.then(|| rng.vec(spec.n, 0.5));
+        let residual = spec.residual.then(|| rng.vec(m * spec.n, 1.0));
+        Case { spec, m, x, w, bias, residual }
+    }
+
+    fn run(&self, kernel: &LinearKernel, rows: std::ops::Range<usize>, y: &mut [f32]) {
+        let residual = match &self.residual {
+            Some(r) => Residual::Input(r),
+            None => Residual::None,
+        };
+        kernel.run(&self.x, &self.w, self.bias.as_deref(), residual, y, rows).unwrap();
+    }
+
+    fn output(&self, kernel: &LinearKernel) -> Vec<f32> {
+        let mut y = vec![f32::NAN; self.m * self.spec.n];
+        self.run(kernel, 0..self.m, &mut y);
+        y
+    }
+
+    fn check(&self, kernel: &LinearKernel, what: &str) -> Vec<f32> {
+        let y = self.output(kernel);
+        let (want, scale) = reference(&self.spec, &self.x, &self.w, self.bias.as_deref(), self.residual.as_deref());
+        assert_close(&format!("{what} {:?} m={}", self.spec, self.m), &y, &want, &scale, REL, ABS);
+        y
+    }
+}
+
+fn spec(k: usize, n: usize, format: Format, bias: bool, act: Activation, residual: bool) -> LinearSpec {
+    LinearSpec { k, n, format, bias, activation: act, residual }
+}
+
+fn ks(format: Format) -> Vec<usize> {
+    if format.block_len() == 32 { vec![32, 64, 96, 576] } else { vec![1, 3, 17, 40, 64, 96, 576] }
+}
+
+/// Every format x odd shapes (M in {1, 3, 7, 130}, N in {1, 5, 33, 97}, K per format),
+/// cycling through the 16 epilogues so each appears with many shapes.
+#[test]
+fn every_format_and_shape_matches_the_reference() {
+    let mut case_no = 0u64;
+    for format in Format::ALL {
+        for k in ks(format) {
+            for n in [1, 5, 33, 97] {
+                let e = case_no as usize % 16;
+                let act = Activation::ALL[e % 4];
+                let s = spec(k, n, format, e & 4 != 0, act, e & 8 != 0);
+                let kernel = LinearKernel::compile(isa(), s).unwrap();
+                for m in [1, 3, 7, 130] {
+                    Case::new(s, m, case_no * 31 + m as u64).check(&kernel, "shapes");
+                }
+                case_no += 1;
+            }
+        }
+    }
+}
+
+/// Every format x every epilogue (bias x activation x residual) on the direct (M = 3) and
+/// the panel (M = 9) path.
+#[test]
+fn every_format_and_epilogue_matches_the_reference() {
+    for format in Format::ALL {
+        let k = if format.block_len() == 32 { 64 } else { 43 };
+        for bias in [false, true] {
+            for act in Activation::ALL {
+                for residual in [false, true] {
+                    let s = spec(k, 13, format, bias, act, residual);
+                    let kernel = LinearKernel::compile(isa(), s).unwrap();
+                    for m in [3, 9] {
+                        Case::new(s, m, 7 + m as u64).check(&kernel, "epilogue");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows split across calls (as threads do) give bitwise the same result as one call, and a
+/// row computed alone equals the same row inside a batch. Splits cross the direct/panel
+/// threshold and the x-row tiles.
+#[test]
+fn results_do_not_depend_on_the_row_split() {
+    for format in Format::ALL {
+        let k = if format.block_len() == 32 { 96 } else { 37 };
+        let s = spec(k, 11, format, true, Activation::Gelu, true);
+        let kernel = LinearKernel::compile(isa(), s).unwrap();
+        let m = 23;
+        let case = Case::new(s, m, 99);
+        let whole = case.output(&kernel);
+        for split in [1, 2, 3, 4, 5, 8, 13, 22] {
+            let mut y = vec![f32::NAN; m * s.n];
+            case.run(&kernel, 0..split, &mut y);
+            case.run(&kernel, split..m, &mut y);
+            assert_eq!(bits(&y), bits(&whole), "{format}: split at {split}");
+        }
+        for row in [0, 6, 22] {
+            let alone = Case {
+                spec: s,
+                m: 1,
+                x: case.x[row * k..(row + 1) * k].to_vec(),
+                w: case.w.clone(),
+                bias: case.bias.clone(),
+                residual: case.residual.as_ref().map(|r| r[row * s.n..(row + 1) * s.n].to_vec()),
+            };
+            let y = alone.output(&kernel);
+            assert_eq!(bits(&y), bits(&whole[row * s.n..(row + 1) * s.n]), "{format}: row {row} alone");
+        }
+    }
+}
+
+/// Different register tilings compute bitwise the same outputs.
+#[test]
+fn results_do_not_depend_on_the_tiling() {
+    for format in Format::ALL {
+        let k = if format.block_len() == 32 { 64 } else { 30 };
+        let s = spec(k, 19, format, true, Activation::Silu, false);
+        let case = Case::new(s, 11, 5);
+        let base = case.check(&LinearKernel::compile(isa(), s).unwrap(), "default tiles");
+        for (direct_rows, panel_rows, panel_xrows, panel_min_rows, unroll) in
+            [(1, 1, 1, 1, 1), (3, 4, 2, usize::MAX, 3), (8, 8, 1, 1, 4), (5, 2, 4, 2, 1), (2, 3, 3, 5, 2)]
+        {
+            let tiles = LinearTiles { direct_rows, panel_rows, panel_xrows, panel_min_rows, unroll };
+            let kernel = LinearKernel::compile_with(isa(), s, tiles, false).unwrap();
+            assert_eq!(bits(&case.output(&kernel)), bits(&base), "{format} {tiles:?}");
+        }
+    }
+}
+
+#[test]
+fn in_place_residual_equals_separate_residual() {
+    let s = spec(64, 24, Format::Q4_1, true, Activation::None, true);
+    let kernel = LinearKernel::compile(isa(), s).unwrap();
+    for m in [1, 6] {
+        let case = Case::new(s, m, 3);
+        let separate = case.output(&kernel);
+        let mut y = case.residual.clone().unwrap();
+        kernel.run(&case.x, &case.w, case.bias.as_deref(), Residual::InPlace, &mut y, 0..m).unwrap();
+        assert_eq!(bits(&y), bits(&separate));
+    }
+}
+
+#[test]
+fn rows_outside_the_range_are_untouched() {
+    let s = spec(32, 7, Format::Q8_0, false, Activation::Relu, false);
+    let kernel = LinearKernel::compile(isa(), s).unwrap();
+    let case = Case::new(s, 9, 1);
+    let mut y = vec![-7.0f32; 9 * 7];
+    case.run(&kernel, 2..5, &mut y);
+    assert!(y[..2 * 7].iter().chain(&y[5 * 7..]).all(|&v| v == -7.0));
+    assert!(y[2 * 7..5 * 7].iter().all(|&v| v != -7.0));
+    case.run(&kernel, 4..4, &mut y); // empty range: no-op
+}
+
+#[test]
+fn mismatched_arguments_are_rejected() {
+    let s = spec(32, 4, Format::Q4_0, true, Activation::None, false);
+    let kernel = LinearKernel::compile(isa(), s).unwrap();
+    let case = Case::new(s, 2, 1);
+    let mut y = vec![0.0; 8];
+    let r = |x: &[f32], w: &[u8], b: Option<&[f32]>, y: &mut [f32], rows| {
+        kernel.run(x, w, b, Residual::None, y, rows).is_err()
+    };
+    assert!(r(&case.x[1..], &case.w, case.bias.as_deref(), &mut y, 0..2));
+    assert!(r(&case.x, &case.w[1..], case.bias.as_deref(), &mut y, 0..2));
+    assert!(r(&case.x, &case.w, None, &mut y, 0..2));
+    assert!(r(&case.x, &case.w, case.bias.as_deref(), &mut y[1..], 0..2));
+    assert!(r(&case.x, &case.w, case.bias.as_deref(), &mut y, 0..3));
+    assert!(!r(&case.x, &case.w, case.bias.as_deref(), &mut y, 0..2));
+    assert!(LinearKernel::compile(isa(), spec(48, 4, Format::Q4_1, false, Activation::None, false)).is_err());
+}
+
+/// The f32 kernel's inner loop uses the FMA instructions when the host has them (a named
+/// preset without AVX would silently turn `fma` into libm calls).
+#[test]
+fn f32_kernel_uses_vfmadd() {
+    let isa = isa();
+    let kernel = LinearKernel::compile_with(
+        isa,
+        LinearSpec::new(64, 16, Format::F32),
+        LinearTiles::for_format(Format::F32),
+        true,
+    )
+    .unwrap();
+    let disasm = kernel.stats().disasm.clone().unwrap();
+    if isa.features().fma {
+        assert!(disasm.contains("vfmadd"), "{disasm}");
+        assert!(!disasm.lines().any(|l| l.trim_start().starts_with("call")), "{disasm}");
+    } else {
+        eprintln!("host has no FMA: skipped the vfmadd check");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random shapes, formats, epilogues and row ranges.
+    #[test]
+    fn random_shapes_match_the_reference(
+        format in prop::sample::select(Format::ALL.to_vec()),
+        kb in 1usize..24,
+        n in 1usize..70,
+        m in 1usize..12,
+        e in 0usize..16,
+        seed in any::<u64>(),
+    ) {
+        let k = if format.block_len() == 32 { 32 * (kb % 8 + 1) } else { kb * 7 % 150 + 1 };
+        let s = spec(k, n, format, e & 4 != 0, Activation::ALL[e % 4], e & 8 != 0);
+        let kernel = LinearKernel::compile(isa(), s).unwrap();
+        Case::new(s, m, seed).check(&kernel, "proptest");
+    }
+}
