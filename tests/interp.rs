@@ -39,9 +39,9 @@ fn hand_written_ir_computes_hand_computed_values() {
     let out = Interpreter::new(&g).unwrap().run(&inputs(&[("x", f32v(&[1, 2], &[1.0, -2.0]))])).unwrap();
     // linear: [1, -2, 1 + 2 + 1] = [1, -2, 4]; gelu(x) = x * Phi(x)
     let y = out[0].1.as_f32().unwrap();
-    let want = [0.8413447460685429f32, -0.04550026389635842, 3.9998733660643475];
+    let want = [0.8413447460685429f64, -0.04550026389635842, 3.9998733660643475];
     for (a, b) in y.data.iter().zip(want) {
-        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
     }
 }
 

@@ -5,6 +5,10 @@
 //! `grammar/kiln.pest`; the prelude of layers written in the language is
 //! `src/prelude.kiln`.
 
+// Diagnostics are large (spans, labels, help) but only built on the error path of the
+// compiler; boxing them would cost more code than it saves.
+#![allow(clippy::result_large_err)]
+
 pub mod ast;
 pub mod checkpoint;
 pub mod diagnostic;

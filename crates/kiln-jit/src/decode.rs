@@ -1,19 +1,27 @@
 //! Decoding stored weights to `f32x4` in registers, format by format.
 //!
-//! Every sequence produces **exactly** the values [`kiln_ir::Format::dequantize`] defines
-//! (bit for bit; the one exception is noted on Q4_0), four consecutive weights of one row
-//! per vector, in increasing `k` order. Nothing is written to memory. Kernels consume each
-//! vector as soon as it is produced (the `consume` callback), so only a few decoded
-//! values are live at a time.
+//! Every sequence produces **exactly** the values [`kiln_ir::Format::dequantize`] defines,
+//! bit for bit, with two exceptions no finite result can show: a Q4_0 block whose scale is
+//! ±inf decodes to NaN (see below), and an f16 signaling NaN stays signaling (`half` sets the
+//! quiet bit). Four consecutive weights of one row per vector, in increasing `k` order.
+//! Nothing is written to memory. Kernels consume each vector as soon as it is produced (the
+//! `consume` callback), so only a few decoded values are live at a time.
 //!
-//! | format | per 32 weights (one row) | how |
+//! Instructions per 32 weights of one row in the direct (GEMV) loop, FMA into the
+//! accumulator included, as Cranelift 0.135 emits them on x86-64 with AVX2 + FMA (from
+//! `examples/linear_disasm.rs`):
+//!
+//! | format | instr. | per vector of 4 weights |
 //! |---|---|---|
-//! | f32  | 8 loads | `movups` |
-//! | bf16 | 8 x 2 | `uload16x4` (`pmovzxwd`), shift left 16 |
-//! | f16  | 8 x 8 | `sload16x4`, shift, mask, scale by 2^112, fix inf/NaN ([`crate::emit::f16_to_f32`]) |
-//! | q8_0 | ~41 | scale: 9; 8 x (`pmovsxbw` load, `pmovsxwd`, `cvtdq2ps`, `mulps d`) |
-//! | q4_0 | ~40 | scale: 10; 2 loads (`pmovzxbw`), 2 `pand` + 2 `psrlw` (nibbles in i16 lanes), 8 x (widen, `cvtdq2ps`, `vfmadd d*q + (-8d)`) |
-//! | q4_1 | ~40 | scale: 10; as q4_0 with `vfmadd d*q + m` |
+//! | f32  | 16 | `vmovups`; `vfmadd132ps` with `x` from memory |
+//! | bf16 | 24 | `vpmovzxwd m64`, `vpslld 16`, FMA |
+//! | f16  | ~113 | `vpmovsxwd m64`, shift, mask, multiply by 2^112, inf/NaN fix-up ([`crate::emit::f16_to_f32`]; 5 constants from the pool), FMA |
+//! | q8_0 | ~47 | `vpmovsxbw m64`, `vpmovsxwd`, `vcvtdq2ps`, `vmulps d`, FMA; + block scale |
+//! | q4_0 | ~52 | nibbles as below, `vfmadd213ps` (`q d + (-8 d)`) |
+//! | q4_1 | ~54 | `vpmovzxbw m64` x 2 and `vpand`/`vpsrlw` per 16 bytes, `vpmovzxwd` or `vpunpckhwd`, `vcvtdq2ps`, `vfmadd213ps` (`q d + m`), FMA; + block scales |
+//!
+//! Block scales are gathered from four rows (`movzwl`/`movl`, `vpinsrd`) and widened once
+//! for the four (about 10 instructions per row and block, broadcasts included).
 //!
 //! Why the block formats are exact: `d` is an f16 (11 significant bits) and `q` has at
 //! most 8, so `d * q` is exact in f32; hence `fma(d, q, m) == fl(fl(d * q) + m)`, which is

@@ -8,11 +8,11 @@
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
 //! [`crate::linear`]), and the reference kernels are deterministic.
 
+use crate::JitError;
 use crate::isa::HostIsa;
 use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
 use crate::math::Activation;
 use crate::module::JitModule;
-use crate::JitError;
 use kiln_ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_reference};
 use kiln_rt::{Pool, Tensor, Value};
@@ -201,20 +201,17 @@ impl<'g> Engine<'g> {
         let mut shape = x.shape.clone();
         *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = spec.n;
         let weight = match &self.graph.node(f.weight).op {
-            Op::Weight(w) => self.graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?,
+            Op::Weight(w) => {
+                self.graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?
+            }
             _ => unreachable!("planned linears read a weight node"),
         };
         let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
-        let args = KernelArgs {
-            x: x.data.as_ptr(),
-            w: weight.bytes.as_slice().as_ptr(),
-            bias,
-            residual,
-            y: y.as_mut_ptr(),
-        };
+        let args =
+            KernelArgs { x: x.data.as_ptr(), w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
         self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
             // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32, the
             // weight holds N*K values in the spec's format, bias (if the spec has one) is
@@ -262,7 +259,7 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     let Op::Weight(w) = &g.node(weight).op else { return None };
     let k = g.node(weight).ty.shape[1].known()? as usize;
     let n = g.node(weight).ty.shape[0].known()? as usize;
-    if k % w.format.block_len() as usize != 0 {
+    if !k.is_multiple_of(w.format.block_len() as usize) {
         return None;
     }
     let mut spec = LinearSpec::new(k, n, w.format);

@@ -112,7 +112,7 @@ impl LinearSpec {
             return bad("K and N must be positive".into());
         }
         let block = self.format.block_len() as usize;
-        if self.k % block != 0 {
+        if !self.k.is_multiple_of(block) {
             return bad(format!("{} stores blocks of {block} along K", self.format));
         }
         if self.k.checked_mul(self.n).and_then(|e| e.checked_mul(8)).is_none_or(|b| b > i32::MAX as usize) {
@@ -144,6 +144,13 @@ impl LinearTiles {
             Format::F32 => LinearTiles { direct_rows: 8, panel_rows: 4, panel_xrows: 2, panel_min_rows: 2, unroll: 4 },
             _ => LinearTiles { direct_rows: 4, panel_rows: 4, panel_xrows: 2, panel_min_rows: 4, unroll: 4 },
         }
+    }
+
+    /// Stack bytes a kernel for `spec` with these tiles uses for its weight panel (the
+    /// frame is probed page by page, so an overflow faults on the guard page).
+    pub fn panel_bytes(&self, spec: &LinearSpec) -> usize {
+        let panel = spec.format != Format::F32 && self.panel_min_rows != usize::MAX;
+        if panel { self.panel_rows * spec.k * 4 } else { 0 }
     }
 
     fn validate(&self) -> Result<(), JitError> {
@@ -239,7 +246,7 @@ impl LinearKernel {
     ) -> Result<(), JitError> {
         let s = &self.spec;
         let fail = |why: String| Err(JitError::Arguments(why));
-        if x.len() % s.k != 0 {
+        if !x.len().is_multiple_of(s.k) {
             return fail(format!("x has {} values, not a multiple of K = {}", x.len(), s.k));
         }
         let m = x.len() / s.k;
@@ -361,7 +368,7 @@ impl LinearEmitter {
             let source = if self.spec.format == Format::F32 {
                 Source::Direct // f32 rows are their own panel
             } else {
-                let bytes = (t.panel_rows * self.spec.k * 4) as u32;
+                let bytes = t.panel_bytes(&self.spec) as u32;
                 let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
                 Source::Panel(b.ins().stack_addr(self.ptr, slot, 0))
             };
@@ -385,7 +392,7 @@ impl LinearEmitter {
             let zero = b.ins().iconst(self.ptr, 0);
             counted_loop(b, self.ptr, full, &[(zero, len as i64)], |b, n0| self.n_tile(b, a, n0[0], len, xrows, src));
         }
-        if n % len != 0 {
+        if !n.is_multiple_of(len) {
             let n0 = b.ins().iconst(self.ptr, (full * len) as i64);
             self.n_tile(b, a, n0, n % len, xrows, src);
         }
@@ -507,7 +514,10 @@ impl LinearEmitter {
                 xs = (0..xrows).map(|c| b.ins().load(F32X4, ro(), xp, ((c * k + 4 * i) * 4) as i32)).collect();
             }
             for c in 0..xrows {
-                let xv = if share_x { xs[c] } else { b.ins().load(F32X4, ro(), xp, ((c * k + 4 * i) * 4) as i32) };
+                let xv = match xs.get(c) {
+                    Some(&v) if share_x => v,
+                    _ => b.ins().load(F32X4, ro(), xp, ((c * k + 4 * i) * 4) as i32),
+                };
                 // `w` first: the FMA's result is tied to its first operand, so `w` is
                 // copied only when another row of x still needs it.
                 let prev = b.use_var(acc_at(r, c));

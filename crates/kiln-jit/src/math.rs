@@ -95,7 +95,7 @@ pub(crate) fn exp_nonpositive(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
     let r = b.ins().fma(n, c1, x);
     let c2 = f32s(b, 2.121_944_4e-4); // -ln2 - c1
     let r = b.ins().fma(n, c2, r);
-    let coef = [1.987_569_2e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    let coef = [1.987_569_3e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_66, 0.5];
     let mut p = f32s(b, coef[0]);
     for &c in &coef[1..] {
         let c = f32s(b, c);
@@ -138,16 +138,10 @@ pub(crate) fn silu(b: &mut FunctionBuilder<'_>, v: Value) -> Value {
 
 /// `erf(x)`: rational approximation on [-4, 4], `±1` outside (see the module docs).
 pub(crate) fn erf(b: &mut FunctionBuilder<'_>, x: Value) -> Value {
-    const ALPHA: [f32; 7] = [
-        -2.726_142_2e-10,
-        2.770_681_4e-8,
-        -2.101_024e-6,
-        -5.692_506_4e-5,
-        -7.349_906_3e-4,
-        -2.954_600e-3,
-        -1.609_603_3e-2,
-    ];
-    const BETA: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_2e-3, -1.426_474e-2];
+    // Single-precision coefficients (shortest decimal of each f32).
+    const ALPHA: [f32; 7] =
+        [-2.726_142e-10, 2.770_681_5e-8, -2.101_024e-6, -5.692_506_2e-5, -7.349_906_4e-4, -2.954_6e-3, -1.609_603_3e-2];
+    const BETA: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_3e-3, -1.426_474e-2];
     let c = max_keep_nan(b, x, -4.0);
     let c = min_keep_nan(b, c, 4.0);
     let x2 = b.ins().fmul(c, c);

@@ -247,3 +247,28 @@ proptest! {
         Case::new(s, m, seed).check(&kernel, "proptest");
     }
 }
+
+/// Kernels are shared across threads (each calls it on its own rows).
+#[test]
+fn kernels_and_code_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<LinearKernel>();
+    check::<kiln_jit::JitCode>();
+    let s = spec(64, 8, Format::Q4_1, true, Activation::Relu, false);
+    let kernel = LinearKernel::compile(isa(), s).unwrap();
+    let case = Case::new(s, 4, 11);
+    let whole = case.output(&kernel);
+    let mut y = vec![f32::NAN; 4 * 8];
+    let (a, b) = y.split_at_mut(2 * 8);
+    // Each thread computes its rows into a private buffer laid out as y.
+    let run = |rows: std::ops::Range<usize>, out: &mut [f32]| {
+        let mut full = vec![0.0f32; 4 * 8];
+        case.run(&kernel, rows.clone(), &mut full);
+        out.copy_from_slice(&full[rows.start * 8..rows.end * 8]);
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| run(0..2, a));
+        scope.spawn(|| run(2..4, b));
+    });
+    assert_eq!(bits(&y), bits(&whole));
+}
