@@ -1,6 +1,7 @@
 //! Loading a model: spec source + optional checkpoint -> verified IR graph, with errors
 //! rendered as compiler diagnostics.
 
+use kiln_frontend::checkpoint::CheckpointKind;
 use kiln_frontend::{Checkpoint, Compiled};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use std::path::{Path, PathBuf};
@@ -26,20 +27,19 @@ pub fn load(spec: &Path, weights: Option<&Path>) -> Result<Model> {
     Ok(Model { compiled, checkpoint })
 }
 
-/// The tokenizer for a model: `explicit`, or `tokenizer.json` beside the weights, or else
-/// the tokenizer stored in the metadata of a GGUF weights file.
-pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<tokenizers::Tokenizer> {
-    let path: PathBuf = match (explicit, weights) {
+/// The tokenizer for a model: `explicit`, or `tokenizer.json` beside the checkpoint, or
+/// else the tokenizer stored in the metadata of a GGUF checkpoint.
+pub fn tokenizer(explicit: Option<&Path>, checkpoint: Option<&Checkpoint>) -> Result<tokenizers::Tokenizer> {
+    let path: PathBuf = match (explicit, checkpoint) {
         (Some(p), _) => p.to_path_buf(),
-        (None, Some(w)) => w.with_file_name("tokenizer.json"),
+        (None, Some(ck)) => ck.path.with_file_name("tokenizer.json"),
         (None, None) => return Err(miette!("--text needs a tokenizer: pass --tokenizer tokenizer.json")),
     };
     if !path.exists() {
-        if let (None, Some(w)) = (explicit, weights)
-            && is_gguf(w)
+        if let (None, Some(ck)) = (explicit, checkpoint)
+            && ck.kind == CheckpointKind::Gguf
         {
-            let checkpoint = kiln_frontend::checkpoint::load(w)?;
-            return crate::gguf_tokenizer::from_gguf(&checkpoint).wrap_err_with(|| {
+            return crate::gguf_tokenizer::from_gguf(ck).wrap_err_with(|| {
                 format!("no tokenizer at {} (looked beside the weights), and none usable in the GGUF", path.display())
             });
         }
@@ -50,11 +50,4 @@ pub fn tokenizer(explicit: Option<&Path>, weights: Option<&Path>) -> Result<toke
         ));
     }
     tokenizers::Tokenizer::from_file(&path).map_err(|e| miette!("cannot read tokenizer {}: {e}", path.display()))
-}
-
-/// Whether the file at `path` starts with the GGUF magic.
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }

@@ -20,7 +20,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
+    let Model { compiled, checkpoint } = load::load(&args.spec, Some(&args.weights))?;
     let graph = &compiled.graph;
     let (interp, _) = Runner::new(graph, &args.exec)?;
     let mut tokenizer = None;
@@ -30,7 +30,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             tensors::inputs_from(&file, path, graph)?
         }
         (None, false) => {
-            let tok = load::tokenizer(args.tokenizer.as_deref(), Some(&args.weights))?;
+            let tok = load::tokenizer(args.tokenizer.as_deref(), checkpoint.as_ref())?;
             let inputs = text_inputs(&tok, &args.text, graph)?;
             tokenizer = Some(tok);
             inputs
