@@ -58,6 +58,11 @@ pub struct Engine<'g> {
 /// Rows below which a linear kernel runs on the calling thread only.
 const MIN_PARALLEL_ROWS: usize = 4;
 
+/// Bytes of `x` per kernel call. The kernel streams all its rows of `x` past each tile of
+/// weight rows (decoding the tile once per call), so calls over blocks of rows whose `x`
+/// fits in L2 keep that stream out of memory while amortizing the decode.
+const ROW_BLOCK_BYTES: usize = 256 << 10;
+
 impl<'g> Engine<'g> {
     /// Plans fusion, compiles one kernel per distinct linear spec, and decodes the weights
     /// the reference ops read.
@@ -212,12 +217,15 @@ impl<'g> Engine<'g> {
         let mut y = vec![0f32; m * spec.n];
         let args =
             KernelArgs { x: x.data.as_ptr(), w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
+        let block = (ROW_BLOCK_BYTES / (4 * spec.k)).max(8);
         self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
             // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32, the
             // weight holds N*K values in the spec's format, bias (if the spec has one) is
             // [N], residual (if any) is [m, N] and distinct from y, y is [m, N]; the row
             // ranges of `for_ranges` are disjoint, so no two calls write the same output.
-            unsafe { args.call(*entry, rows) }
+            for start in rows.clone().step_by(block) {
+                unsafe { args.call(*entry, start..(start + block).min(rows.end)) }
+            }
         });
         Ok(Value::F32(Tensor::new(shape, y)))
     }
