@@ -331,22 +331,10 @@ fn kind(v: &MetaValue) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
-    fn gguf_path() -> PathBuf {
-        let home = std::env::var_os("HOME").unwrap_or_default();
-        PathBuf::from(home).join(".cache/kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    }
-
-    const GREEDY: &str = "/work/shared/fixtures/smollm2_greedy.safetensors";
-
-    /// The SmolLM2 checkpoint, or `None` (with the reason printed) if it is not here.
+    /// The SmolLM2 checkpoint, or `None` (with the reason printed) if it is not fetched.
     fn smollm2() -> Option<Checkpoint> {
-        let path = gguf_path();
-        if !path.exists() {
-            eprintln!("skipped: {} is absent (run examples/fetch.sh)", path.display());
-            return None;
-        }
+        let path = kiln_tests::real_checkpoint(kiln_tests::SMOLLM2_WEIGHTS)?;
         Some(kiln_frontend::checkpoint::load(&path).expect("SmolLM2 GGUF loads"))
     }
 
@@ -359,12 +347,8 @@ mod tests {
     #[test]
     fn prompt_matches_the_reference_tokenization() {
         let Some(ck) = smollm2() else { return };
-        if !std::path::Path::new(GREEDY).exists() {
-            eprintln!("skipped: {GREEDY} is absent");
-            return;
-        }
         let tok = from_gguf(&ck).unwrap();
-        let bytes = std::fs::read(GREEDY).unwrap();
+        let bytes = std::fs::read(kiln_tests::fixtures().join("smollm2_greedy.safetensors")).unwrap();
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let prompt = i64s(&file, "prompt_ids");
         let generated = i64s(&file, "generated_ids");
