@@ -64,26 +64,8 @@ pub fn random_weight(rng: &mut Rng, format: Format, n: usize, k: usize) -> Vec<u
     out
 }
 
-/// `erf` in f64 to ~1e-16: Taylor-like series below 3, continued fraction above.
-pub fn erf64(x: f64) -> f64 {
-    let ax = x.abs();
-    let r = if ax < 3.0 {
-        let (mut term, mut sum, mut n) = (ax, 0.0, 0.0);
-        while term > 1e-19 * sum || n < 5.0 {
-            sum += term;
-            n += 1.0;
-            term *= 2.0 * ax * ax / (2.0 * n + 1.0);
-        }
-        std::f64::consts::FRAC_2_SQRT_PI * (-ax * ax).exp() * sum
-    } else {
-        let mut f = ax;
-        for k in (1..=200).rev() {
-            f = ax + (k as f64 / 2.0) / f;
-        }
-        1.0 - (-ax * ax).exp() / std::f64::consts::PI.sqrt() / f
-    };
-    r.copysign(x)
-}
+/// `erf` in f64 (the runtime's reference, accurate to ~1e-15).
+pub use kiln_rt::kernels::erf as erf64;
 
 pub fn activation64(act: Activation, v: f64) -> f64 {
     match act {
