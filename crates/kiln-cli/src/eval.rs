@@ -102,8 +102,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 let ids = &chunk["input_ids"];
                 let mask = chunk.get("attention_mask");
                 let nll = next_token_nll(out, ids, mask)?;
-                if let Some(Value::F32(reference)) = nll_reference {
-                    let r = Value::F32(reference.clone()).rows(start, end);
+                if let Some(reference @ Value::F32(_)) = nll_reference {
+                    let r = reference.rows(start, end);
                     let r = r.as_f32().expect("f32 rows");
                     if r.data.len() == nll.iter().filter(|x| x.is_some()).count() {
                         for (a, b) in nll.iter().flatten().zip(&r.data) {
@@ -118,10 +118,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 }
             }
             for (_, r) in references.iter().filter(|(o, _)| o == name) {
-                let Some(reference) = file.tensors[r].as_f32() else {
+                if file.tensors[r].as_f32().is_none() {
                     return Err(miette!("reference `{r}` must be f32"));
-                };
-                let reference = Value::F32(reference.clone()).rows(start, end);
+                }
+                let reference = file.tensors[r].rows(start, end);
                 let reference = reference.as_f32().expect("f32 rows");
                 let got = pick(out, r.starts_with("first_"), r.starts_with("last_"));
                 if got.len() != reference.data.len() {
