@@ -66,3 +66,54 @@ fn jit_sequence_alone_equals_the_same_sequence_in_a_batch() {
         assert!(alone == logits[i * per_row..(i + 1) * per_row], "row {i} differs inside the batch");
     }
 }
+
+/// A single row (decode) splits a linear's output columns across threads: same bits as one
+/// thread, for float and block-quantized weights, with bias, activation and residual.
+#[test]
+fn single_rows_split_by_columns_give_the_same_bits() {
+    let text = r#"graph g {
+  %0 = input "x" : f32[m, 64]
+  %1 = weight "w1" f32 : f32[256, 64]
+  %2 = weight "b1" f32 : f32[256]
+  %3 = linear %0, %1, %2 : f32[m, 256]
+  %4 = gelu %3 : f32[m, 256]
+  %5 = weight "w2" q8_0 : f32[200, 256]
+  %6 = linear %4, %5 : f32[m, 200]
+  %7 = weight "w3" f32 : f32[200, 200]
+  %8 = linear %6, %7 : f32[m, 200]
+  %9 = add %6, %8 : f32[m, 200]
+  output "y" = %9
+}
+"#;
+    let mut g = kiln_ir::parse(text).unwrap();
+    let mut rng = Rng::new(11);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    g.store.insert("w1", kiln_ir::TensorData::from_f32(vec![256, 64], &values(256 * 64)));
+    g.store.insert("b1", kiln_ir::TensorData::from_f32(vec![256], &values(256)));
+    g.store.insert("w3", kiln_ir::TensorData::from_f32(vec![200, 200], &values(200 * 200)));
+    let q8: Vec<u8> = (0..200 * 256 / 32)
+        .flat_map(|b| {
+            let mut block = half::f16::from_f32(0.01 + b as f32 * 1e-5).to_le_bytes().to_vec();
+            block.extend((0..32).map(|j| ((b * 7 + j * 13) % 255) as u8));
+            block
+        })
+        .collect();
+    let q8 = kiln_ir::TensorData::new(kiln_ir::Format::Q8_0, vec![200, 256], kiln_ir::Bytes::from_vec(q8)).unwrap();
+    g.store.insert("w2", q8);
+    kiln_ir::verify(&g).unwrap();
+
+    let x = Value::F32(kiln_rt::Tensor::new(vec![1, 64], values(64)));
+    let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+    let one = Prepared::new(&g, Exec::Jit { threads: 1 }).run(&inputs);
+    for threads in [2, 3] {
+        let split = Prepared::new(&g, Exec::Jit { threads });
+        if let Prepared::Jit(e) = &split {
+            assert!(e.kernel_count() > 3, "the column kernels were compiled");
+        }
+        assert_eq!(one, split.run(&inputs), "threads = {threads}");
+    }
+    let (got, want) = (f32s(&one, "y"), f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y"));
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-5 * scale.max(1.0), "JIT vs interpreter: {diff} (scale {scale})");
+}

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 struct Fused {
     kernel: usize,
+    /// For single-row inputs (decode): the output columns split across threads, as
+    /// `(first column, kernel over that many columns)`; empty when not split.
+    columns: Vec<(usize, usize)>,
     x: NodeId,
     weight: NodeId,
     bias: Option<NodeId>,
@@ -58,6 +61,9 @@ pub struct Engine<'g> {
 /// Rows below which a linear kernel runs on the calling thread only.
 const MIN_PARALLEL_ROWS: usize = 4;
 
+/// Output columns per thread below which a single-row linear is not split by columns.
+const MIN_SPLIT_COLUMNS: usize = 64;
+
 /// Bytes of `x` per kernel call. The kernel streams all its rows of `x` past each tile of
 /// weight rows (decoding the tile once per call), so calls over blocks of rows whose `x`
 /// fits in L2 keep that stream out of memory while amortizing the decode.
@@ -76,19 +82,28 @@ impl<'g> Engine<'g> {
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
-            let kernel = match specs.iter().position(|s| *s == spec) {
-                Some(k) => k,
-                None => {
-                    let tiles = LinearTiles::for_format(spec.format);
-                    ids.push(emit_linear(&mut module, &format!("linear{}", specs.len()), &spec, &tiles)?);
-                    specs.push(spec);
-                    specs.len() - 1
-                }
+            let mut kernel_for = |spec: LinearSpec| -> Result<usize, JitError> {
+                Ok(match specs.iter().position(|s| *s == spec) {
+                    Some(k) => k,
+                    None => {
+                        let tiles = LinearTiles::for_format(spec.format);
+                        ids.push(emit_linear(&mut module, &format!("linear{}", specs.len()), &spec, &tiles)?);
+                        specs.push(spec);
+                        specs.len() - 1
+                    }
+                })
             };
+            let kernel = kernel_for(spec)?;
+            let mut columns = Vec::new();
+            if threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
+                for part in kiln_rt::split(spec.n, threads, 8) {
+                    columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })?));
+                }
+            }
             for a in absorbed {
                 actions.insert(a, Action::Absorbed);
             }
-            actions.insert(end, Action::Linear(Fused { kernel, ..fused }));
+            actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
         let code = Arc::new(module.finalize()?);
         let kernels = ids
@@ -217,6 +232,19 @@ impl<'g> Engine<'g> {
         let mut y = vec![0f32; m * spec.n];
         let args =
             KernelArgs { x: x.data.as_ptr(), w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
+        if m == 1 && !f.columns.is_empty() {
+            let row_bytes = weight.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
+            self.pool.for_ranges(f.columns.len(), 1, 0, |parts| {
+                for &(n0, k) in &f.columns[parts] {
+                    // SAFETY: as below, for the kernel over columns `n0..n0 + len` of the one
+                    // row: the weight rows from `n0` on hold `len` rows of `row_bytes`, and
+                    // bias, residual and y are offset to column `n0` (with a single row, the
+                    // row stride never applies); the column parts are disjoint.
+                    unsafe { args.offset_columns(n0, row_bytes).call(self.kernels[k].1, 0..1) }
+                }
+            });
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         let block = (ROW_BLOCK_BYTES / (4 * spec.k)).max(8);
         self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
             // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32, the
@@ -242,6 +270,19 @@ struct KernelArgs {
 }
 
 impl KernelArgs {
+    /// The arguments for the outputs from column `n0` on (weight rows of `row_bytes`).
+    /// Null bias or residual pointers stay null.
+    fn offset_columns(self, n0: usize, row_bytes: usize) -> KernelArgs {
+        let f = |p: *const f32| if p.is_null() { p } else { p.wrapping_add(n0) };
+        KernelArgs {
+            x: self.x,
+            w: self.w.wrapping_add(n0 * row_bytes),
+            bias: f(self.bias),
+            residual: f(self.residual),
+            y: self.y.wrapping_add(n0),
+        }
+    }
+
     /// # Safety
     /// The pointers must satisfy the contract of the kernel `entry` for rows `rows`.
     unsafe fn call(&self, entry: LinearFn, rows: std::ops::Range<usize>) {
@@ -272,7 +313,7 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     }
     let mut spec = LinearSpec::new(k, n, w.format);
     spec.bias = operands.len() > 2;
-    let mut fused = Fused { kernel: 0, x, weight, bias: operands.get(2).copied(), residual: None };
+    let mut fused = Fused { kernel: 0, columns: vec![], x, weight, bias: operands.get(2).copied(), residual: None };
     let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
     let single_user = |n: NodeId| match g.users(n).as_slice() {
         [u] if !is_output(n) && g.operands(*u).iter().filter(|&&o| o == n).count() == 1 => Some(*u),
