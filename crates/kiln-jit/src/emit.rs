@@ -141,10 +141,8 @@ pub(crate) fn f16_to_f32(b: &mut FunctionBuilder<'_>, t: Value) -> Value {
     let o = cast(b, F32X4, o);
     let scale = f32s(b, f32::from_bits((127 + 112) << 23)); // 2^112
     let f = b.ins().fmul(o, scale);
-    let abs_mask = i32s(b, 0x7FFF_FFFF);
     let fi = cast(b, I32X4, f);
-    let abs = b.ins().band(fi, abs_mask);
-    let abs = cast(b, F32X4, abs);
+    let abs = b.ins().fabs(f);
     let big = f32s(b, 65536.0);
     let is_special = b.ins().fcmp(FloatCC::GreaterThanOrEqual, abs, big);
     let exp_ones = i32s(b, 0x7F80_0000);
