@@ -194,24 +194,16 @@ fn tokenizer_json(ck: &Checkpoint) -> Result<Value> {
             Some(other) => Err(miette!("{file}: `{key}` should be a boolean, found {}", kind(other))),
         }
     };
-    let bos = flag("tokenizer.ggml.add_bos_token")?
-        .then(|| special("tokenizer.ggml.bos_token_id"))
-        .transpose()?
-        .map(|t| {
-            t.ok_or_else(|| {
-                miette!("{file}: `tokenizer.ggml.add_bos_token` is set but there is no `tokenizer.ggml.bos_token_id`")
-            })
-        })
-        .transpose()?;
-    let eos = flag("tokenizer.ggml.add_eos_token")?
-        .then(|| special("tokenizer.ggml.eos_token_id"))
-        .transpose()?
-        .map(|t| {
-            t.ok_or_else(|| {
-                miette!("{file}: `tokenizer.ggml.add_eos_token` is set but there is no `tokenizer.ggml.eos_token_id`")
-            })
-        })
-        .transpose()?;
+    // The token to add at one end (`bos`/`eos`), when the file asks for it.
+    let added = |end: &str| -> Result<Option<(String, u32)>> {
+        let (flag_key, id_key) = (format!("tokenizer.ggml.add_{end}_token"), format!("tokenizer.ggml.{end}_token_id"));
+        if !flag(&flag_key)? {
+            return Ok(None);
+        }
+        special(&id_key)?.map(Some).ok_or_else(|| miette!("{file}: `{flag_key}` is set but there is no `{id_key}`"))
+    };
+    let bos = added("bos")?;
+    let eos = added("eos")?;
     // `tokenizer.ggml.unknown_token_id` is not used: llama.cpp's converter records the
     // transformers-level `unk_token`, but a byte-level BPE `tokenizer.json` has no unknown
     // token, so a byte missing from the vocabulary is dropped (as both Hugging Face and
