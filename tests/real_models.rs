@@ -7,25 +7,9 @@ use std::collections::HashMap;
 
 fn read_fixture(name: &str) -> HashMap<String, Value> {
     let bytes = std::fs::read(fixtures().join(name)).expect("fixture readable");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture parses");
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let shape = v.shape().to_vec();
-            let value = match v.dtype() {
-                safetensors::Dtype::I64 => Value::I64 {
-                    shape,
-                    data: v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
-                },
-                safetensors::Dtype::F32 => Value::F32(Tensor::new(
-                    shape,
-                    v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-                )),
-                other => panic!("unexpected fixture dtype {other:?}"),
-            };
-            (n, value)
-        })
-        .collect()
+    let file = kiln_rt::io::decode(&bytes).expect("fixture parses");
+    assert!(file.other.is_empty(), "unexpected fixture dtypes: {:?}", file.other);
+    file.tensors.into_iter().collect()
 }
 
 fn f32s(v: &Value) -> &Tensor {

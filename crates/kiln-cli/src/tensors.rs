@@ -1,44 +1,16 @@
 //! Tensors in and out of safetensors files, by name.
 
-use kiln_interp::{Tensor, Value};
+use kiln_interp::Value;
 use kiln_ir::{Graph, Op};
+use kiln_rt::io::TensorFile;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
-/// Every f32 and i64 tensor of a safetensors file (other dtypes are listed as unusable).
-pub struct TensorFile {
-    pub tensors: BTreeMap<String, Value>,
-    pub other: BTreeMap<String, Dtype>,
-}
-
+/// Reads a safetensors file's f32 and i64 tensors (see [`kiln_rt::io::decode`]).
 pub fn read(path: &Path) -> Result<TensorFile> {
     let bytes = std::fs::read(path).into_diagnostic().wrap_err_with(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| miette!("{} is not a valid safetensors file: {e}", path.display()))?;
-    let mut tensors = BTreeMap::new();
-    let mut other = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let data = view.data();
-        let value = match view.dtype() {
-            Dtype::F32 => Value::F32(Tensor::new(
-                shape,
-                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            )),
-            Dtype::I64 => Value::I64 {
-                shape,
-                data: data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
-            },
-            dtype => {
-                other.insert(name, dtype);
-                continue;
-            }
-        };
-        tensors.insert(name, value);
-    }
-    Ok(TensorFile { tensors, other })
+    kiln_rt::io::decode(&bytes).map_err(|e| miette!("{} is not a valid safetensors file: {e}", path.display()))
 }
 
 /// The graph's inputs, taken from `file` by name (other tensors are ignored).
@@ -82,24 +54,8 @@ pub fn inputs_from(file: &TensorFile, path: &Path, graph: &Graph) -> Result<Hash
 
 /// Writes named values to a safetensors file.
 pub fn write(path: &Path, values: &[(String, Value)]) -> Result<()> {
-    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = values
-        .iter()
-        .map(|(name, v)| match v {
-            Value::F32(t) => {
-                (name.clone(), Dtype::F32, t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
-            }
-            Value::I64 { shape, data } => {
-                (name.clone(), Dtype::I64, shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect())
-            }
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).into_diagnostic()?)))
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .into_diagnostic()
-        .wrap_err_with(|| format!("cannot write {}", path.display()))
+    let bytes = kiln_rt::io::encode(values).into_diagnostic()?;
+    std::fs::write(path, bytes).into_diagnostic().wrap_err_with(|| format!("cannot write {}", path.display()))
 }
 
 /// The number of rows (axis 0) shared by all inputs.

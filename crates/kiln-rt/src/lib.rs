@@ -7,12 +7,14 @@
 //!   count.
 //! - [`Arena`]: one 64-byte aligned buffer that a compiled program carves into tensors at
 //!   offsets planned by liveness.
+//! - [`io`]: values in and out of safetensors files.
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
 
 mod arena;
 pub mod exec;
+pub mod io;
 pub mod kernels;
 mod pool;
 pub mod tensor;
