@@ -14,6 +14,9 @@ pub type InterpError = RunError;
 pub struct Interpreter<'g> {
     graph: &'g Graph,
     order: Vec<NodeId>,
+    /// Operands of each node of `order`, and how often each value is read.
+    operands: Vec<Vec<NodeId>>,
+    uses: HashMap<NodeId, usize>,
     weights: HashMap<NodeId, Arc<Value>>,
 }
 
@@ -24,7 +27,9 @@ impl<'g> Interpreter<'g> {
         let weight_nodes: Vec<NodeId> =
             order.iter().copied().filter(|&n| matches!(graph.node(n).op, Op::Weight(_))).collect();
         let weights = decode_weights(graph, &weight_nodes)?;
-        Ok(Interpreter { graph, order, weights })
+        let operands = order.iter().map(|&n| graph.operands(n)).collect();
+        let uses = use_counts(graph, &order);
+        Ok(Interpreter { graph, order, operands, uses, weights })
     }
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
@@ -32,11 +37,10 @@ impl<'g> Interpreter<'g> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
         // Remaining uses of each value, so intermediates are freed as soon as possible.
-        let mut uses = use_counts(g, &self.order);
+        let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
-        for &id in &self.order {
+        for (&id, operands) in self.order.iter().zip(&self.operands) {
             let node = g.node(id);
-            let operands = g.operands(id);
             let value: Arc<Value> = match &node.op {
                 Op::Input { name } => Arc::new(inputs[name].clone()),
                 Op::Weight(_) => self.weights[&id].clone(),
@@ -51,10 +55,10 @@ impl<'g> Interpreter<'g> {
                 }
             };
             for o in operands {
-                let left = uses.get_mut(&o).expect("counted above");
+                let left = uses.get_mut(o).expect("counted in new");
                 *left -= 1;
                 if *left == 0 {
-                    values.remove(&o);
+                    values.remove(o);
                 }
             }
             values.insert(id, value);

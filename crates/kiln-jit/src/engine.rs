@@ -52,7 +52,9 @@ pub struct Engine<'g> {
     actions: HashMap<NodeId, Action>,
     kernels: Vec<(LinearKernel, LinearFn)>,
     weights: HashMap<NodeId, Arc<Value>>,
-    /// Operand reads per node under the fusion plan, for freeing values after last use.
+    /// The values each node of `order` reads under the fusion plan.
+    reads: Vec<Vec<NodeId>>,
+    /// How often each value is read, for freeing it after its last use.
     uses: HashMap<NodeId, usize>,
     pool: Pool,
     compile_time: Duration,
@@ -122,10 +124,12 @@ impl<'g> Engine<'g> {
             actions,
             kernels,
             weights: HashMap::new(),
+            reads: vec![],
             uses: HashMap::new(),
             pool: Pool::new(threads),
             compile_time: start.elapsed(),
         };
+        engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
         engine.uses = engine.use_counts();
         // Weights that some value reads (not only linear kernels, which read stored bytes).
         let needed: Vec<NodeId> = engine
@@ -154,7 +158,7 @@ impl<'g> Engine<'g> {
     }
 
     /// The values each node reads under the fusion plan.
-    fn reads(&self, id: NodeId) -> Vec<NodeId> {
+    fn reads_of(&self, id: NodeId) -> Vec<NodeId> {
         match self.actions.get(&id).unwrap_or(&Action::Reference) {
             Action::Absorbed => vec![],
             Action::Linear(f) => [Some(f.x), f.bias, f.residual].into_iter().flatten().collect(),
@@ -167,10 +171,8 @@ impl<'g> Engine<'g> {
 
     fn use_counts(&self) -> HashMap<NodeId, usize> {
         let mut uses: HashMap<NodeId, usize> = HashMap::new();
-        for &n in &self.order {
-            for o in self.reads(n) {
-                *uses.entry(o).or_default() += 1;
-            }
+        for &o in self.reads.iter().flatten() {
+            *uses.entry(o).or_default() += 1;
         }
         for (_, o) in self.graph.outputs() {
             *uses.entry(*o).or_default() += 1;
@@ -184,7 +186,7 @@ impl<'g> Engine<'g> {
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
-        for &id in &self.order {
+        for (&id, reads) in self.order.iter().zip(&self.reads) {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
             let action = self.actions.get(&id).unwrap_or(&Action::Reference);
@@ -197,15 +199,15 @@ impl<'g> Engine<'g> {
                 },
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values).map_err(fail)?),
                 (Action::Reference, op) => {
-                    let args: Vec<Arc<Value>> = g.operands(id).iter().map(|o| values[o].clone()).collect();
+                    let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
                     Arc::new(eval_reference(op, &args, &symbols).map_err(fail)?)
                 }
             };
-            for o in self.reads(id) {
-                let left = uses.get_mut(&o).expect("counted in use_counts");
+            for o in reads {
+                let left = uses.get_mut(o).expect("counted in use_counts");
                 *left -= 1;
                 if *left == 0 {
-                    values.remove(&o);
+                    values.remove(o);
                 }
             }
             values.insert(id, value);
