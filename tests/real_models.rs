@@ -119,3 +119,40 @@ fn smollm2_logits_and_perplexity(exec: Exec) {
     assert!(nll_diff / tokens <= 1e-3, "per-token NLL differs by {} on average", nll_diff / tokens);
     assert!((ppl / 67.79 - 1.0).abs() <= 1e-3, "perplexity {ppl} is not within 0.1% of 67.79");
 }
+
+#[test]
+fn smollm2_greedy_continuation_matches_pytorch() {
+    smollm2_greedy(Exec::Interp);
+}
+
+#[test]
+fn smollm2_greedy_continuation_matches_pytorch_under_the_jit() {
+    smollm2_greedy(Exec::Jit { threads: 2 });
+}
+
+/// Greedy decoding over the KV cache, one token per step, gives PyTorch's continuation.
+fn smollm2_greedy(exec: Exec) {
+    let Some(weights) = real_checkpoint(SMOLLM2_WEIGHTS) else { return };
+    let (graph, _) = compile_bound("smollm2/smollm2.kiln", &weights);
+    let model = Prepared::new(&graph, exec);
+    let data = read_fixture("smollm2_greedy.safetensors");
+    let (Value::I64 { data: prompt, .. }, Value::I64 { data: want, .. }) =
+        (&data["prompt_ids"], &data["generated_ids"])
+    else {
+        panic!("ids are i64")
+    };
+    let mut cache = kiln_rt::KvCache::new();
+    let mut feed = prompt.clone();
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let inputs = [("input_ids".to_string(), ids(&[&feed]))].into();
+        let out = model.run_cached(&inputs, &mut cache).expect("runs");
+        let logits = f32s(&out[0].1);
+        let last = &logits.data[logits.data.len() - 49152..];
+        let next = last.iter().enumerate().fold(0, |best, (i, &l)| if l > last[best] { i } else { best }) as i64;
+        got.push(next);
+        feed = vec![next];
+    }
+    assert_eq!(cache.positions(), prompt.len() + want.len() - 1);
+    assert_eq!(&got, want, "{exec:?}: greedy continuation differs from PyTorch's");
+}

@@ -174,6 +174,18 @@ impl<'g> Prepared<'g> {
         }
         .expect("runs")
     }
+
+    /// Runs over new tokens of the sequences in `cache`, adding them to it.
+    pub fn run_cached(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: &mut kiln_rt::KvCache,
+    ) -> Result<Vec<(String, Value)>, kiln_rt::exec::RunError> {
+        match self {
+            Prepared::Interp(i) => i.run_cached(inputs, cache),
+            Prepared::Jit(e) => e.run_cached(inputs, cache),
+        }
+    }
 }
 
 /// Runs a graph and returns its outputs by name.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod generate;
 mod gguf_tokenizer;
 mod load;
 mod run;
@@ -84,6 +85,39 @@ enum Command {
         #[command(flatten)]
         exec: runner::ExecArgs,
     },
+    /// Continue a prompt with a language model (greedy by default), over a KV cache.
+    #[command(
+        after_help = "The model needs an input `input_ids: i64[batch, seq]` and an output `logits: f32[batch, seq, vocab]`.\nThe tokenizer is tokenizer.json beside the weights, or the one in the GGUF metadata;\ngeneration stops at the GGUF's end-of-sequence token unless --ignore-eos.\n\nExamples:\n  kiln generate smollm2.kiln -w model.gguf --prompt \"The capital of France is\" --max-tokens 16\n  kiln generate smollm2.kiln -w model.gguf --prompt-ids 504,1646,2359 --max-tokens 8 --json"
+    )]
+    Generate {
+        /// The model spec (.kiln).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF).
+        #[arg(long, short)]
+        weights: PathBuf,
+        /// Text to continue (tokenized with the model's tokenizer).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Token ids to continue, comma-separated.
+        #[arg(long)]
+        prompt_ids: Option<String>,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Keep going after the end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Print one JSON object {"ids": [generated ids], "text": "..."}.
+        #[arg(long)]
+        json: bool,
+        /// tokenizer.json (default: beside the weights, else the GGUF's own).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        sampling: generate::Sampling,
+        #[command(flatten)]
+        exec: runner::ExecArgs,
+    },
     /// Time a model on synthetic inputs (median of repeated runs after warm-up).
     #[command(
         after_help = "Token ids are spread over the embedding table; masks are all ones.\nExample: kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json"
@@ -155,6 +189,31 @@ fn main() -> Result<()> {
         }
         Command::Eval { spec, weights, data, json, batch, exec } => {
             eval::eval(eval::EvalArgs { spec, weights, data, json, batch, exec })?;
+        }
+        Command::Generate {
+            spec,
+            weights,
+            prompt,
+            prompt_ids,
+            max_tokens,
+            ignore_eos,
+            json,
+            tokenizer,
+            sampling,
+            exec,
+        } => {
+            generate::generate(generate::GenerateArgs {
+                spec,
+                weights,
+                prompt,
+                prompt_ids,
+                max_tokens,
+                sampling,
+                ignore_eos,
+                json,
+                tokenizer,
+                exec,
+            })?;
         }
         Command::Bench { spec, weights, shape, runs, warmup, json, exec } => {
             bench::bench(bench::BenchArgs { spec, weights, shape, runs, warmup, json, exec })?;

@@ -3,8 +3,8 @@
 use kiln_interp::Interpreter;
 use kiln_ir::Graph;
 use kiln_jit::Engine;
-use kiln_rt::Value;
 use kiln_rt::exec::RunError;
+use kiln_rt::{KvCache, Value};
 use miette::{IntoDiagnostic, Result};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -53,6 +53,18 @@ impl<'g> Runner<'g> {
         match self {
             Runner::Interp(i) => i.run(inputs),
             Runner::Jit(e) => e.run(inputs),
+        }
+    }
+
+    /// Runs over new tokens of the sequences in `cache`, adding them to it.
+    pub fn run_cached(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        match self {
+            Runner::Interp(i) => i.run_cached(inputs, cache),
+            Runner::Jit(e) => e.run_cached(inputs, cache),
         }
     }
 

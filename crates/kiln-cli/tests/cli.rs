@@ -1010,3 +1010,71 @@ fn minilm_text_matches_pytorch_embeddings() {
         assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Generation
+// ---------------------------------------------------------------------------------------
+
+fn generated_ids(stdout: &str) -> Vec<i64> {
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    json["ids"].as_array().expect("ids").iter().map(|v| v.as_i64().expect("id")).collect()
+}
+
+#[test]
+fn generate_on_the_tiny_model() {
+    let (_dir, weights) = tiny_setup("generate");
+    let base = ["generate", &tiny_spec(), "-w", &s(&weights), "--prompt-ids", "3,1,4,1,5", "--json"];
+    let greedy = generated_ids(&ok(&[&base[..], &["--max-tokens", "6"]].concat()));
+    assert_eq!(greedy.len(), 6);
+    assert!(greedy.iter().all(|&i| (0..32).contains(&i)), "{greedy:?}");
+    // The JIT agrees with the interpreter, and top-k 1 sampling is greedy.
+    let jit = generated_ids(&ok(&[&base[..], &["--max-tokens", "6", "--engine", "jit"]].concat()));
+    assert_eq!(jit, greedy);
+    let top1 = generated_ids(&ok(&[&base[..], &["--max-tokens", "6", "--temperature", "1", "--top-k", "1"]].concat()));
+    assert_eq!(top1, greedy);
+    // Sampling is reproducible for a seed and follows the seed.
+    let sample = |seed: &str| {
+        generated_ids(&ok(&[&base[..], &["--max-tokens", "12", "--temperature", "5", "--seed", seed]].concat()))
+    };
+    assert_eq!(sample("1"), sample("1"));
+    assert!((2..6).any(|seed| sample(&seed.to_string()) != sample("1")), "every seed gives the same tokens");
+}
+
+#[test]
+fn generate_errors() {
+    let (_dir, weights) = tiny_setup("generate-errors");
+    let (spec, w) = (tiny_spec(), s(&weights));
+    let base = ["generate", spec.as_str(), "-w", w.as_str()];
+    fails(&base, &["--prompt TEXT or --prompt-ids"]);
+    fails(&[&base[..], &["--prompt-ids", "1,x"]].concat(), &["`x` is not a token id"]);
+    fails(&[&base[..], &["--prompt-ids", "1,32"]].concat(), &["32 is outside the vocabulary (0..32)"]);
+    fails(&[&base[..], &["--prompt-ids", ""]].concat(), &["no tokens"]);
+    fails(&[&base[..], &["--prompt-ids", "1", "--prompt", "hi"]].concat(), &["not both"]);
+    fails(&[&base[..], &["--prompt", "hi"]].concat(), &["tokenizer"]);
+    fails(&[&base[..], &["--prompt-ids", "1", "--temperature=-1"]].concat(), &["--temperature"]);
+    fails(&[&base[..], &["--prompt-ids", "1", "--top-p", "0"]].concat(), &["--top-p"]);
+}
+
+/// The fixture's prompt, as text through the GGUF's tokenizer, continues greedily into
+/// PyTorch's tokens; the same holds from the prompt's ids.
+#[test]
+fn smollm2_generate_matches_pytorch_greedy() {
+    let Some(weights) = real_checkpoint(kiln_tests::SMOLLM2_WEIGHTS) else {
+        return;
+    };
+    let fixture = read_safetensors(&fixtures().join("smollm2_greedy.safetensors"));
+    let i64s = |name: &str| -> Vec<i64> {
+        let (_, _, _, bytes) = fixture.iter().find(|r| r.0 == name).expect("fixture tensor");
+        bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let (prompt, want) = (i64s("prompt_ids"), i64s("generated_ids"));
+    let smollm2 = s(&spec("smollm2/smollm2.kiln"));
+    let base = ["generate", smollm2.as_str(), "-w", &s(&weights), "--max-tokens", "32", "--json", "--engine", "jit"];
+    let text = ok(&[&base[..], &["--prompt", "The key idea of post-training quantization is"]].concat());
+    assert_eq!(generated_ids(&text), want);
+    let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(json["text"].as_str().unwrap().starts_with(" to reduce the number of parameters"), "{json}");
+    let ids = prompt.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    assert_eq!(generated_ids(&ok(&[&base[..], &["--prompt-ids", &ids]].concat())), want);
+}

@@ -2,8 +2,8 @@
 //! reference kernels of [`kiln_rt::kernels`], return the named outputs.
 
 use kiln_ir::{Graph, NodeId, Op};
-use kiln_rt::Value;
-use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_reference, use_counts};
+use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node, use_counts};
+use kiln_rt::{KvCache, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -34,6 +34,27 @@ impl<'g> Interpreter<'g> {
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
     pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, InterpError> {
+        self.run_with(inputs, None)
+    }
+
+    /// Runs the graph over new tokens of the sequences held in `cache` (see
+    /// [`kiln_rt::cache`]), and adds them to it.
+    pub fn run_cached(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<(String, Value)>, InterpError> {
+        cache.begin();
+        let outputs = self.run_with(inputs, Some(cache))?;
+        cache.commit();
+        Ok(outputs)
+    }
+
+    fn run_with(
+        &self,
+        inputs: &HashMap<String, Value>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Vec<(String, Value)>, InterpError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
         // Remaining uses of each value, so intermediates are freed as soon as possible.
@@ -46,10 +67,8 @@ impl<'g> Interpreter<'g> {
                 Op::Weight(_) => self.weights[&id].clone(),
                 op => {
                     let args: Vec<Arc<Value>> = operands.iter().map(|o| values[o].clone()).collect();
-                    let value = eval_reference(op, &args, &symbols).map_err(|message| InterpError::Node {
-                        op: node.op.name(),
-                        scope: node.scope.clone(),
-                        message,
+                    let value = eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(|message| {
+                        InterpError::Node { op: node.op.name(), scope: node.scope.clone(), message }
                     })?;
                     Arc::new(value)
                 }

@@ -14,8 +14,8 @@ use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear
 use crate::math::Activation;
 use crate::module::JitModule;
 use kiln_ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
-use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_reference};
-use kiln_rt::{Pool, Tensor, Value};
+use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,6 +182,27 @@ impl<'g> Engine<'g> {
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
     pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, RunError> {
+        self.run_with(inputs, None)
+    }
+
+    /// Runs the graph over new tokens of the sequences held in `cache` (see
+    /// [`kiln_rt::cache`]), and adds them to it.
+    pub fn run_cached(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        cache.begin();
+        let outputs = self.run_with(inputs, Some(cache))?;
+        cache.commit();
+        Ok(outputs)
+    }
+
+    fn run_with(
+        &self,
+        inputs: &HashMap<String, Value>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Vec<(String, Value)>, RunError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
@@ -200,7 +221,7 @@ impl<'g> Engine<'g> {
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values).map_err(fail)?),
                 (Action::Reference, op) => {
                     let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
-                    Arc::new(eval_reference(op, &args, &symbols).map_err(fail)?)
+                    Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)
                 }
             };
             for o in reads {

@@ -1,6 +1,7 @@
 //! What every executor needs around the kernels: binding inputs and symbolic dimensions,
 //! decoding weights, and evaluating an op with the reference kernels.
 
+use crate::cache::KvCache;
 use crate::kernels;
 use crate::{Tensor, Value};
 use kiln_ir::{DType, Dim, Graph, NodeId, Op};
@@ -100,6 +101,32 @@ pub fn bind_inputs(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Sym
         }
     }
     Ok(Symbols(symbols))
+}
+
+/// Evaluates node `id` (not an input or weight) with the reference kernels, continuing the
+/// sequence held in `cache` when one is given (see [`crate::cache`]: `rope` starts at the
+/// cached position, `attention` attends to the cached keys too). Errors are messages about
+/// this node.
+pub fn eval_node(
+    id: NodeId,
+    op: &Op,
+    args: &[Arc<Value>],
+    symbols: &Symbols,
+    cache: Option<&mut KvCache>,
+) -> Result<Value, String> {
+    let Some(cache) = cache else { return eval_reference(op, args, symbols) };
+    match op {
+        Op::Attention { causal, scale } => {
+            let args: Vec<&Value> = args.iter().map(|a| a.as_ref()).collect();
+            Ok(Value::F32(cache.attention(id, &args, *causal, *scale)?))
+        }
+        Op::Rope { theta, interleaved } => {
+            let x = args[0].as_f32().ok_or("operand 0 must be f32")?;
+            cache.note_positions(x.shape[1])?;
+            Ok(Value::F32(kernels::rope(x, *theta, *interleaved, cache.positions())))
+        }
+        _ => eval_reference(op, args, symbols),
+    }
 }
 
 /// Evaluates one op (not an input or weight) with the reference kernels: the f32 meaning

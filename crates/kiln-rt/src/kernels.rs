@@ -966,12 +966,34 @@ pub fn reduce(op: ReduceOp, x: &Tensor, axes: &[usize], keepdim: bool) -> Tensor
 /// transposed `k` is read through strides), softmax in between (exp in f32, sum in f64).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&[f32]>, causal: bool, scale: f32) -> Tensor {
     debug_assert!(q.rank() == 4 && k.rank() == 4 && v.rank() == 4, "attention: rank 4");
-    let (b, hq, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    debug_assert!(k.shape[0] == q.shape[0] && v.shape[0] == q.shape[0], "attention: batch mismatch");
+    debug_assert!(v.shape[1] == k.shape[1] && v.shape[2] == k.shape[2], "attention: k/v mismatch");
     let (hkv, t) = (k.shape[1], k.shape[2]);
-    let dv = v.shape[3];
-    debug_assert!(k.shape[0] == b && v.shape[0] == b, "attention: batch mismatch");
-    debug_assert_eq!(k.shape[3], d, "attention: q/k head dim mismatch");
-    debug_assert!(v.shape[1] == hkv && v.shape[2] == t, "attention: k/v mismatch");
+    let keys = KeyValues { k: &k.data, v: &v.data, heads: hkv, len: t, capacity: t, d: k.shape[3], dv: v.shape[3] };
+    attention_over(q, &keys, key_mask, causal, scale)
+}
+
+/// Keys and values `[b, heads, capacity, d]` / `[b, heads, capacity, dv]` of which the first
+/// `len` positions of every head are valid: the layout of a KV cache with room to grow.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyValues<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub heads: usize,
+    pub len: usize,
+    pub capacity: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// [`attention`] over keys and values held in a [`KeyValues`] layout; `key_mask` is
+/// `[b, len]`. The result is bitwise the same as [`attention`] on the same valid values.
+pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, causal: bool, scale: f32) -> Tensor {
+    debug_assert!(q.rank() == 4, "attention: q must be rank 4");
+    let (b, hq, s, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (hkv, t, cap, dv) = (kv.heads, kv.len, kv.capacity, kv.dv);
+    debug_assert_eq!(kv.d, d, "attention: q/k head dim mismatch");
+    debug_assert!(t <= cap && kv.k.len() >= b * hkv * cap * d && kv.v.len() >= b * hkv * cap * dv);
     debug_assert!(hkv > 0 && hq % hkv == 0, "attention: hq must be a multiple of hkv");
     if let Some(m) = key_mask {
         debug_assert_eq!(m.len(), b * t, "attention: key_mask must be [b, t]");
@@ -988,8 +1010,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&[f32]>, c
         let (bi, h) = (bh / hq, bh % hq);
         let kvh = h / group;
         let qb = &q.data[(bi * hq + h) * s * d..][..s * d];
-        let kb = &k.data[(bi * hkv + kvh) * t * d..][..t * d];
-        let vb = &v.data[(bi * hkv + kvh) * t * dv..][..t * dv];
+        let kb = &kv.k[(bi * hkv + kvh) * cap * d..][..t * d];
+        let vb = &kv.v[(bi * hkv + kvh) * cap * dv..][..t * dv];
         let mrow = key_mask.map(|m| &m[bi * t..(bi + 1) * t]);
         scores.resize(s * t, 0.0);
         // scores[i, j] = scale * sum_p q[i, p] k[j, p]

@@ -7,12 +7,14 @@
 //!   count.
 //! - [`Arena`]: one 64-byte aligned buffer that a compiled program carves into tensors at
 //!   offsets planned by liveness.
+//! - [`KvCache`]: keys and values a decoder keeps between runs (generation).
 //! - [`io`]: values in and out of safetensors files.
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
 
 mod arena;
+pub mod cache;
 pub mod exec;
 pub mod io;
 pub mod kernels;
@@ -20,5 +22,6 @@ mod pool;
 pub mod tensor;
 
 pub use arena::Arena;
+pub use cache::KvCache;
 pub use pool::{Pool, split};
 pub use tensor::{Tensor, Value};

@@ -1,0 +1,304 @@
+//! `kiln generate`: text from a language model, one token at a time over a KV cache.
+
+use crate::load::{self, Model};
+use crate::runner::{ExecArgs, Runner};
+use kiln_ir::{DType, Graph, Op};
+use kiln_rt::{KvCache, Value};
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct GenerateArgs {
+    pub spec: PathBuf,
+    pub weights: PathBuf,
+    pub prompt: Option<String>,
+    pub prompt_ids: Option<String>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub ignore_eos: bool,
+    pub json: bool,
+    pub tokenizer: Option<PathBuf>,
+    pub exec: ExecArgs,
+}
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Sampling {
+    /// 0 picks the most likely token (greedy, the default); above 0, samples from
+    /// softmax(logits / T).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probabilities sum to P (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler (sampling is deterministic for a given seed).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let Model { compiled, checkpoint } = load::load(&args.spec, Some(&args.weights))?;
+    let graph = &compiled.graph;
+    let lm = LanguageModel::of(graph)?;
+    args.sampling.validate()?;
+    if args.prompt.is_some() && args.prompt_ids.is_some() {
+        return Err(miette!("give either --prompt or --prompt-ids, not both"));
+    }
+    let tokenizer = match (&args.prompt, &args.tokenizer) {
+        (Some(_), _) | (None, Some(_)) => Some(load::tokenizer(args.tokenizer.as_deref(), checkpoint.as_ref())?),
+        (None, None) => load::tokenizer(None, checkpoint.as_ref()).ok(),
+    };
+    let prompt: Vec<i64> = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), None) => {
+            let tok = tokenizer.as_ref().expect("loaded above for --prompt");
+            let enc = tok.encode(text.as_str(), true).map_err(|e| miette!("cannot tokenize the prompt: {e}"))?;
+            enc.get_ids().iter().map(|&i| i as i64).collect()
+        }
+        (None, Some(ids)) => parse_ids(ids)?,
+        (Some(_), Some(_)) => unreachable!("rejected above"),
+        (None, None) => {
+            return Err(miette!(
+                help = "kiln generate SPEC --weights W --prompt \"Once upon a time\" --max-tokens 32",
+                "nothing to continue: give --prompt TEXT or --prompt-ids 1,2,3"
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(miette!("the prompt has no tokens"));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&i| i < 0 || i as usize >= lm.vocab) {
+        return Err(miette!("prompt token id {bad} is outside the vocabulary (0..{})", lm.vocab));
+    }
+    let eos = if args.ignore_eos {
+        None
+    } else {
+        checkpoint.as_ref().and_then(|ck| ck.meta_u64("tokenizer.ggml.eos_token_id")).map(|e| e as i64)
+    };
+
+    let (runner, _) = Runner::new(graph, &args.exec)?;
+    let mut decoder = Decoder::new(&runner, &lm);
+    let mut sampler = Sampler::new(args.sampling.clone());
+    let start = Instant::now();
+    let mut logits = decoder.step(&prompt)?;
+    let prefill = start.elapsed();
+    let mut ids: Vec<i64> = Vec::new();
+    let mut printed = String::new();
+    let stream = !args.json && tokenizer.is_some();
+    if stream && let Some(text) = &args.prompt {
+        print!("{text}");
+    }
+    let decode_start = Instant::now();
+    while ids.len() < args.max_tokens {
+        let next = sampler.pick(&logits);
+        ids.push(next);
+        if stream && let Some(tok) = &tokenizer {
+            // Decode the whole continuation each time: a token can complete a character
+            // that its predecessor started.
+            let text = decode(tok, &ids);
+            if let Some(new) = text.strip_prefix(printed.as_str()) {
+                print!("{new}");
+                let _ = std::io::stdout().flush();
+            }
+            printed = text;
+        }
+        if Some(next) == eos || ids.len() == args.max_tokens {
+            break;
+        }
+        logits = decoder.step(&[next])?;
+    }
+    let decode_time = decode_start.elapsed();
+    let text = tokenizer.as_ref().map(|t| decode(t, &ids));
+    if args.json {
+        println!("{}", json!({ "ids": ids, "text": text }));
+    } else if stream {
+        println!();
+    } else {
+        println!("{}", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+    }
+    let steps = ids.len().saturating_sub(1).max(1);
+    eprintln!(
+        "{} prompt tokens in {:.1} ms; {} tokens generated, {:.1} ms/token ({} engine, cache {:.1} MB)",
+        prompt.len(),
+        prefill.as_secs_f64() * 1e3,
+        ids.len(),
+        decode_time.as_secs_f64() * 1e3 / steps as f64,
+        runner.name(),
+        decoder.cache.bytes() as f64 / 1e6,
+    );
+    Ok(())
+}
+
+fn decode(tok: &tokenizers::Tokenizer, ids: &[i64]) -> String {
+    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    tok.decode(&ids, true).unwrap_or_default()
+}
+
+fn parse_ids(s: &str) -> Result<Vec<i64>> {
+    s.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().parse::<i64>().map_err(|_| miette!("--prompt-ids: `{t}` is not a token id")))
+        .collect()
+}
+
+/// What generation needs of a graph: token ids in, logits out.
+pub struct LanguageModel {
+    pub ids: String,
+    /// Inputs filled with ones (attention masks).
+    pub masks: Vec<String>,
+    pub logits: String,
+    pub vocab: usize,
+}
+
+impl LanguageModel {
+    /// Checks that `graph` is a language model: an i64 `input_ids: [batch, seq]` input and
+    /// an f32 `logits: [batch, seq, vocab]` output.
+    pub fn of(graph: &Graph) -> Result<LanguageModel> {
+        let not_lm = |why: String| {
+            miette!(
+                help = "generation needs an input `input_ids: i64[batch, seq]` and an output `logits: f32[batch, seq, vocab]`",
+                "{why}"
+            )
+        };
+        let mut ids = None;
+        let mut masks = Vec::new();
+        for id in graph.inputs() {
+            let node = graph.node(id);
+            let Op::Input { name } = &node.op else { continue };
+            match (name.as_str(), node.ty.dtype, node.ty.rank()) {
+                ("input_ids", DType::I64, 2) => ids = Some(name.clone()),
+                ("attention_mask", DType::I64, 2) => masks.push(name.clone()),
+                _ => {
+                    return Err(not_lm(format!(
+                        "the model's input `{name}: {}` cannot be filled during generation",
+                        node.ty
+                    )));
+                }
+            }
+        }
+        let ids = ids.ok_or_else(|| not_lm("the model has no `input_ids` input".into()))?;
+        let (_, out) = graph
+            .outputs()
+            .iter()
+            .find(|(name, _)| name == "logits")
+            .ok_or_else(|| not_lm("the model has no `logits` output".into()))?;
+        let ty = &graph.node(*out).ty;
+        let vocab = match ty.shape.as_slice() {
+            [_, _, v] if ty.dtype == DType::F32 => v.known(),
+            _ => None,
+        }
+        .ok_or_else(|| not_lm(format!("`logits` is {ty}, not f32[batch, seq, vocab]")))?;
+        Ok(LanguageModel { ids, masks, logits: "logits".into(), vocab: vocab as usize })
+    }
+}
+
+/// One sequence being continued: a runner and its KV cache.
+pub struct Decoder<'a> {
+    runner: &'a Runner<'a>,
+    lm: &'a LanguageModel,
+    pub cache: KvCache,
+}
+
+impl<'a> Decoder<'a> {
+    pub fn new(runner: &'a Runner<'a>, lm: &'a LanguageModel) -> Decoder<'a> {
+        Decoder { runner, lm, cache: KvCache::new() }
+    }
+
+    /// Feeds `ids` after the tokens so far; returns the logits at the last of them.
+    pub fn step(&mut self, ids: &[i64]) -> Result<Vec<f32>> {
+        let shape = vec![1, ids.len()];
+        let mut inputs = HashMap::new();
+        inputs.insert(self.lm.ids.clone(), Value::I64 { shape: shape.clone(), data: ids.to_vec() });
+        for m in &self.lm.masks {
+            inputs.insert(m.clone(), Value::I64 { shape: shape.clone(), data: vec![1; ids.len()] });
+        }
+        let outputs = self
+            .runner
+            .run_cached(&inputs, &mut self.cache)
+            .into_diagnostic()
+            .wrap_err_with(|| format!("generation failed at position {}", self.cache.positions()))?;
+        let logits = outputs
+            .into_iter()
+            .find(|(n, _)| *n == self.lm.logits)
+            .and_then(|(_, v)| v.as_f32().cloned())
+            .ok_or_else(|| miette!("the model produced no f32 logits"))?;
+        let vocab = self.lm.vocab;
+        let last = logits.data.len() / vocab - 1;
+        Ok(logits.data[last * vocab..][..vocab].to_vec())
+    }
+}
+
+impl Sampling {
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(miette!("--temperature must be a finite number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(miette!("--top-p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Greedy or seeded sampling.
+struct Sampler {
+    config: Sampling,
+    state: u64,
+}
+
+impl Sampler {
+    fn new(config: Sampling) -> Sampler {
+        let state = config.seed ^ 0x9E37_79B9_7F4A_7C15;
+        Sampler { config, state }
+    }
+
+    /// A uniform number in [0, 1) (splitmix64).
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (((z ^ (z >> 31)) >> 11) as f64) / (1u64 << 53) as f64
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> i64 {
+        // Greedy: the first maximum, as torch.argmax.
+        let argmax = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+        if self.config.temperature == 0.0 {
+            return argmax as i64;
+        }
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if self.config.top_k > 0 {
+            order.truncate(self.config.top_k);
+        }
+        let t = self.config.temperature as f64;
+        let max = logits[order[0]] as f64;
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / t).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for p in probs.iter_mut() {
+            *p /= total;
+            mass += *p;
+            kept += 1;
+            if mass >= self.config.top_p as f64 {
+                break;
+            }
+        }
+        let r = self.uniform() * mass;
+        let mut acc = 0.0;
+        for (&i, &p) in order.iter().zip(&probs[..kept]) {
+            acc += p;
+            if r < acc {
+                return i as i64;
+            }
+        }
+        order[kept - 1] as i64
+    }
+}
