@@ -1,5 +1,6 @@
 //! `kiln bench`: time a model on synthetic inputs of a given shape.
 
+use crate::generate::{Decoder, LanguageModel};
 use crate::load::{self, Model};
 use crate::runner::{ExecArgs, Runner};
 use kiln_interp::Value;
@@ -13,8 +14,10 @@ use std::time::Instant;
 pub struct BenchArgs {
     pub spec: PathBuf,
     pub weights: PathBuf,
-    pub shape: String,
-    pub runs: usize,
+    pub shape: Option<String>,
+    pub decode: Option<usize>,
+    pub prompt_len: usize,
+    pub runs: Option<usize>,
     pub warmup: usize,
     pub json: bool,
     pub exec: ExecArgs,
@@ -23,14 +26,26 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
     let graph = &compiled.graph;
-    let symbols = parse_shape(&args.shape)?;
+    let shape = match (&args.shape, args.decode) {
+        (Some(shape), None) => shape.clone(),
+        (None, Some(tokens)) => return bench_decode(&args, graph, tokens),
+        (Some(_), Some(_)) => return Err(miette!("give either --shape or --decode, not both")),
+        (None, None) => {
+            return Err(miette!(
+                help = "--shape batch=1,seq=128 times one forward pass; --decode 64 --prompt-len 128 times generation",
+                "what to time: give --shape or --decode"
+            ));
+        }
+    };
+    let symbols = parse_shape(&shape)?;
     let inputs = synthetic_inputs(graph, &symbols)?;
     let (runner, load_ms) = Runner::new(graph, &args.exec)?;
     for _ in 0..args.warmup {
         runner.run(&inputs).into_diagnostic()?;
     }
-    let mut times = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs.max(1) {
+    let runs = args.runs.unwrap_or(20).max(1);
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
         let t = Instant::now();
         runner.run(&inputs).into_diagnostic()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -41,7 +56,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let report = json!({
         "engine": runner.name(),
         "compile_ms": runner.compile_ms(),
-        "shape": args.shape,
+        "shape": shape,
         "runs": times.len(),
         "median_ms": median,
         "min_ms": times[0],
@@ -56,10 +71,70 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         println!(
             "{} ({}, {}): median {median:.2} ms, min {:.2} ms over {} runs; ready in {load_ms:.0} ms (compile {:.0} ms)",
             args.spec.display(),
-            args.shape,
+            shape,
             runner.name(),
             times[0],
             times.len(),
+            runner.compile_ms()
+        );
+    }
+    Ok(())
+}
+
+/// Generation speed as the peers measure it: prefill a prompt of ids `1000..1000 + P` into a
+/// fresh KV cache, then feed the ids `2000, 2001, ...` one token per step. `median_ms` is
+/// the median over runs of the mean time per decoded token.
+fn bench_decode(args: &BenchArgs, graph: &Graph, tokens: usize) -> Result<()> {
+    let lm = LanguageModel::of(graph)?;
+    let graph = &lm.generation_graph(graph);
+    if tokens == 0 || args.prompt_len == 0 {
+        return Err(miette!("--decode and --prompt-len must be at least 1"));
+    }
+    let (runner, load_ms) = Runner::new(graph, &args.exec)?;
+    let prompt: Vec<i64> = (0..args.prompt_len as i64).map(|i| (1000 + i) % lm.vocab as i64).collect();
+    let once = || -> Result<(f64, f64)> {
+        let mut decoder = Decoder::new(&runner, &lm);
+        let t = Instant::now();
+        decoder.step(&prompt)?;
+        let prefill = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        for i in 0..tokens as i64 {
+            decoder.step(&[(2000 + i) % lm.vocab as i64])?;
+        }
+        Ok((prefill, t.elapsed().as_secs_f64() * 1e3 / tokens as f64))
+    };
+    for _ in 0..args.warmup.min(1) {
+        once()?;
+    }
+    let runs = args.runs.unwrap_or(3).max(1);
+    let (mut prefill, mut per_token): (Vec<f64>, Vec<f64>) =
+        (0..runs).map(|_| once()).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+    prefill.sort_by(f64::total_cmp);
+    per_token.sort_by(f64::total_cmp);
+    let (median, prefill_median) = (per_token[runs / 2], prefill[runs / 2]);
+    let report = json!({
+        "engine": runner.name(),
+        "compile_ms": runner.compile_ms(),
+        "decode_tokens": tokens,
+        "prompt_len": args.prompt_len,
+        "runs": runs,
+        "median_ms": median,
+        "min_ms": per_token[0],
+        "prefill_ms": prefill_median,
+        "prefill_tokens_per_s": args.prompt_len as f64 / prefill_median * 1e3,
+        "tokens_per_s": 1e3 / median,
+        "load_ms": load_ms,
+        "threads": args.exec.threads.unwrap_or_else(rayon_threads),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} ({tokens} tokens after {}, {}): median {median:.2} ms/token ({:.1} tokens/s); prefill {prefill_median:.1} ms; ready in {load_ms:.0} ms (compile {:.0} ms)",
+            args.spec.display(),
+            args.prompt_len,
+            runner.name(),
+            1e3 / median,
             runner.compile_ms()
         );
     }

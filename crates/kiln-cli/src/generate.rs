@@ -44,8 +44,8 @@ pub struct Sampling {
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let Model { compiled, checkpoint } = load::load(&args.spec, Some(&args.weights))?;
-    let graph = &compiled.graph;
-    let lm = LanguageModel::of(graph)?;
+    let lm = LanguageModel::of(&compiled.graph)?;
+    let graph = &lm.generation_graph(&compiled.graph);
     args.sampling.validate()?;
     if args.prompt.is_some() && args.prompt_ids.is_some() {
         return Err(miette!("give either --prompt or --prompt-ids, not both"));
@@ -194,6 +194,21 @@ impl LanguageModel {
         }
         .ok_or_else(|| not_lm(format!("`logits` is {ty}, not f32[batch, seq, vocab]")))?;
         Ok(LanguageModel { ids, masks, logits: "logits".into(), vocab: vocab as usize })
+    }
+}
+
+impl LanguageModel {
+    /// The graph generation runs: logits at the last position only, so a prompt's other
+    /// positions skip the output head (see `kiln_passes::last_position`). Falls back, with a
+    /// note, to the whole graph when the rewrite does not apply.
+    pub fn generation_graph(&self, graph: &Graph) -> Graph {
+        match kiln_passes::last_position::last_position(graph, &self.logits, 1) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("note: {e}; computing logits at every position");
+                graph.clone()
+            }
+        }
     }
 }
 

@@ -120,7 +120,7 @@ enum Command {
     },
     /// Time a model on synthetic inputs (median of repeated runs after warm-up).
     #[command(
-        after_help = "Token ids are spread over the embedding table; masks are all ones.\nExample: kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json"
+        after_help = "Token ids are spread over the embedding table; masks are all ones.\nExamples:\n  kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json\n  kiln bench smollm2.kiln -w model.gguf --decode 64 --prompt-len 128 --engine jit"
     )]
     Bench {
         /// The model spec (.kiln).
@@ -128,12 +128,19 @@ enum Command {
         /// Checkpoint (safetensors or GGUF).
         #[arg(long, short)]
         weights: PathBuf,
-        /// Sizes of the symbolic dimensions, e.g. batch=1,seq=128.
+        /// Time one forward pass with these sizes of the symbolic dimensions, e.g. batch=1,seq=128.
         #[arg(long)]
-        shape: String,
-        /// Timed runs.
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
+        shape: Option<String>,
+        /// Time generation instead: this many tokens, one per step over a KV cache, after a
+        /// prompt of --prompt-len tokens (language models).
+        #[arg(long)]
+        decode: Option<usize>,
+        /// Prompt tokens before --decode.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Timed runs (default 20 for --shape, 3 for --decode).
+        #[arg(long)]
+        runs: Option<usize>,
         /// Untimed runs first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
@@ -215,8 +222,8 @@ fn main() -> Result<()> {
                 exec,
             })?;
         }
-        Command::Bench { spec, weights, shape, runs, warmup, json, exec } => {
-            bench::bench(bench::BenchArgs { spec, weights, shape, runs, warmup, json, exec })?;
+        Command::Bench { spec, weights, shape, decode, prompt_len, runs, warmup, json, exec } => {
+            bench::bench(bench::BenchArgs { spec, weights, shape, decode, prompt_len, runs, warmup, json, exec })?;
         }
     }
     Ok(())

@@ -893,7 +893,7 @@ impl Elaborator<'_> {
                     }
                 };
                 let end = self.to_dim(frame, &args[3].0, args[3].1)?;
-                return self.emit(frame, Op::Slice { axis: ax, start, end }, &[x], span, scope);
+                return self.emit(frame, Op::Slice { axis: ax, start: start as i64, end }, &[x], span, scope);
             }
             "concat" => {
                 let Value::List(items) = &args[0].0 else {

@@ -81,6 +81,15 @@ impl Graph {
         Ok(())
     }
 
+    /// Makes output `name` (which must exist) the value of `id`.
+    pub fn replace_output(&mut self, name: &str, id: NodeId) {
+        for (n, o) in &mut self.outputs {
+            if n == name {
+                *o = id;
+            }
+        }
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.graph[id]
     }

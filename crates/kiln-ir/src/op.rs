@@ -161,9 +161,11 @@ pub enum Op {
     Transpose { perm: Vec<usize> },
 
     /// Elements `start..end` along `axis`. - operands: `x`. - result: `x` with that axis of
-    /// size `end - start`. `start` is known; `end` may be a symbol (`slice(pos, 0, seq)`),
-    /// checked against the axis size when the graph runs.
-    Slice { axis: usize, start: u64, end: Dim },
+    /// size `end - start`. `end` may be a symbol (`slice(pos, 0, seq)`), checked against the
+    /// axis size when the graph runs. A negative `start` counts from the end of the axis, as
+    /// in Python, and then `end` must be the axis' own size: `start = -1, end = seq` on an
+    /// axis of size `seq` keeps its last element (size 1, known even though `seq` is not).
+    Slice { axis: usize, start: i64, end: Dim },
 
     /// Concatenation along `axis`. - operands: one or more values of one dtype whose other
     /// dims agree. - result: that shape with `axis` summed (known sizes only).
@@ -421,10 +423,12 @@ impl Op {
                 arity(1, 1)?;
                 let x = operands[0];
                 check_axis(*axis, x).map_err(err)?;
-                let size = match (end, &x.shape[*axis]) {
-                    (Dim::Known(e), Dim::Known(n)) if *start <= *e && *e <= *n => Dim::Known(e - start),
-                    (Dim::Known(e), Dim::Sym(_)) if start <= e => Dim::Known(e - start),
-                    (Dim::Sym(_), _) if *start == 0 => end.clone(),
+                let len = &x.shape[*axis];
+                let size = match (u64::try_from(*start), end, len) {
+                    (Err(_), _, _) if end == len => Dim::Known(start.unsigned_abs()),
+                    (Ok(s), Dim::Known(e), Dim::Known(n)) if s <= *e && *e <= *n => Dim::Known(e - s),
+                    (Ok(s), Dim::Known(e), Dim::Sym(_)) if s <= *e => Dim::Known(e - s),
+                    (Ok(0), Dim::Sym(_), _) => end.clone(),
                     _ => {
                         return Err(err(format!("range {start}..{end} does not fit axis {axis} of {x}")));
                     }

@@ -253,6 +253,16 @@ impl Line {
             _ => Err(self.error("expected an integer")),
         }
     }
+    fn signed_int(&mut self) -> Result<i64, ParseError> {
+        match self.peek() {
+            Some(Tok::Num(s)) => {
+                let v = s.parse().map_err(|_| self.error(format!("`{s}` is not an integer")))?;
+                self.at += 1;
+                Ok(v)
+            }
+            _ => Err(self.error("expected an integer")),
+        }
+    }
     fn dim(&mut self) -> Result<Dim, ParseError> {
         match self.peek() {
             Some(Tok::Ident(s)) => {
@@ -477,7 +487,7 @@ fn set_attribute(op: &mut Op, key: &str, l: &mut Line) -> Result<(), ParseError>
         (Op::Rope { interleaved, .. }, "interleaved") => *interleaved = l.bool()?,
         (Op::Reshape { shape }, "shape") => *shape = l.dims()?,
         (Op::Transpose { perm }, "perm") => *perm = l.ints()?,
-        (Op::Slice { start, .. }, "start") => *start = l.int()?,
+        (Op::Slice { start, .. }, "start") => *start = l.signed_int()?,
         (Op::Slice { end, .. }, "end") => *end = l.dim()?,
         (Op::Reduce { axes, .. }, "axes") => *axes = l.ints()?,
         (Op::Reduce { keepdim, .. }, "keepdim") => *keepdim = l.bool()?,

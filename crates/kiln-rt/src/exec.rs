@@ -165,11 +165,13 @@ pub fn eval_reference(op: &Op, args: &[Arc<Value>], symbols: &Symbols) -> Result
         Op::Transpose { perm } => kernels::transpose(f(0)?, perm),
         Op::Slice { axis, start, end } => {
             let x = f(0)?;
+            let len = x.shape[*axis];
             let end = resolve(end).ok_or_else(|| format!("dimension `{end}` is not bound"))?;
-            if end > x.shape[*axis] {
-                return Err(format!("slice end {end} exceeds axis {axis} of size {}", x.shape[*axis]));
+            let from = if *start < 0 { len.checked_sub(start.unsigned_abs() as usize) } else { Some(*start as usize) };
+            match from {
+                Some(from) if from <= end && end <= len => kernels::slice(x, *axis, from, end),
+                _ => return Err(format!("slice {start}..{end} does not fit axis {axis} of size {len}")),
             }
-            kernels::slice(x, *axis, *start as usize, end)
         }
         Op::Concat { axis } => {
             let xs = (0..args.len()).map(f).collect::<Result<Vec<_>, _>>()?;

@@ -1,0 +1,65 @@
+//! Passes on real graphs: a rewritten graph computes what the original computes.
+
+use kiln_interp::Value;
+use kiln_ir::Op;
+use kiln_passes::last_position::last_position;
+use kiln_tests::*;
+use std::collections::HashMap;
+
+fn logits(outputs: &[(String, Value)]) -> &kiln_interp::Tensor {
+    outputs.iter().find(|(n, _)| n == "logits").and_then(|(_, v)| v.as_f32()).expect("f32 logits")
+}
+
+/// The rewritten graph's logits are the original's at the last position: bitwise under the
+/// JIT (whose kernels compute every row alone, in a fixed order), to rounding under the
+/// interpreter (whose sgemm may sum a row differently in a smaller matrix).
+fn last_position_is_exact(graph: &kiln_ir::Graph, inputs: &HashMap<String, Value>) -> kiln_ir::Graph {
+    let rewritten = last_position(graph, "logits", 1).expect("applies");
+    kiln_ir::verify(&rewritten).expect("verifies");
+    for exec in [Exec::Interp, Exec::Jit { threads: 2 }] {
+        let whole = Prepared::new(graph, exec).run(inputs);
+        let last = Prepared::new(&rewritten, exec).run(inputs);
+        let (whole, last) = (logits(&whole), logits(&last));
+        let (b, s, v) = (whole.shape[0], whole.shape[1], whole.shape[2]);
+        assert_eq!(last.shape, [b, 1, v]);
+        for r in 0..b {
+            let want = &whole.data[(r * s + s - 1) * v..][..v];
+            let got = &last.data[r * v..][..v];
+            if exec == Exec::Interp {
+                let diff = want.iter().zip(got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-4, "{exec:?}: row {r} differs by {diff}");
+            } else {
+                assert!(want.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits()), "{exec:?}: row {r} differs");
+            }
+        }
+    }
+    rewritten
+}
+
+#[test]
+fn last_position_on_the_tiny_model() {
+    let dir = temp_dir("passes-tiny");
+    let weights = dir.join("tiny.safetensors");
+    write_tiny_checkpoint(&weights, 5);
+    let (graph, _) = compile_bound("tiny/tiny.kiln", &weights);
+    let inputs = [
+        ("input_ids".to_string(), ids(&[&[3, 1, 4, 1, 5], &[9, 2, 6, 5, 3]])),
+        ("attention_mask".to_string(), ids(&[&[1, 1, 1, 1, 1], &[1, 1, 1, 0, 0]])),
+    ]
+    .into();
+    last_position_is_exact(&graph, &inputs);
+}
+
+#[test]
+fn last_position_on_smollm2_skips_the_head_for_the_prompt() {
+    let Some(weights) = real_checkpoint(SMOLLM2_WEIGHTS) else { return };
+    let (graph, _) = compile_bound("smollm2/smollm2.kiln", &weights);
+    let inputs = [("input_ids".to_string(), ids(&[&[504, 1646, 2359, 282, 1681, 29]]))].into();
+    let rewritten = last_position_is_exact(&graph, &inputs);
+    // The slice sits before the final norm, so both it and the head see one position.
+    let slice = rewritten.node_ids().find(|&n| matches!(rewritten.node(n).op, Op::Slice { .. })).expect("a slice");
+    let users = rewritten.users(slice);
+    assert_eq!(users.len(), 1);
+    assert!(matches!(rewritten.node(users[0]).op, Op::RmsNorm { .. }), "{:?}", rewritten.node(users[0]).op);
+    assert_eq!(rewritten.node(users[0]).scope, "output_norm");
+}
