@@ -1,7 +1,7 @@
 //! `kiln bench`: time a model on synthetic inputs of a given shape.
 
 use crate::generate::{Decoder, LanguageModel};
-use crate::load::{self, Model};
+use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use kiln_interp::Value;
 use kiln_ir::{DType, Dim, Graph, Op};
@@ -13,7 +13,7 @@ use std::time::Instant;
 
 pub struct BenchArgs {
     pub spec: PathBuf,
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     pub shape: Option<String>,
     pub decode: Option<usize>,
     pub prompt_len: usize,
@@ -24,8 +24,8 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
-    let graph = &compiled.graph;
+    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let graph = &model.graph;
     let shape = match (&args.shape, args.decode) {
         (Some(shape), None) => shape.clone(),
         (None, Some(tokens)) => return bench_decode(&args, graph, tokens),

@@ -1,6 +1,6 @@
 //! `kiln eval`: perplexity of a language model, or agreement with reference outputs.
 
-use crate::load::{self, Model};
+use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use crate::tensors;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub struct EvalArgs {
     pub spec: PathBuf,
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     pub data: PathBuf,
     pub json: bool,
     pub batch: usize,
@@ -31,8 +31,8 @@ struct Metrics {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let Model { compiled, .. } = load::load(&args.spec, Some(&args.weights))?;
-    let graph = &compiled.graph;
+    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let graph = &model.graph;
     let (interp, _) = Runner::new(graph, &args.exec)?;
     let file = tensors::read(&args.data)?;
     let inputs = tensors::inputs_from(&file, &args.data, graph)?;

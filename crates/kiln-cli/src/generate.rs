@@ -1,6 +1,6 @@
 //! `kiln generate`: text from a language model, one token at a time over a KV cache.
 
-use crate::load::{self, Model};
+use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use kiln_ir::{DType, Graph, Op};
 use kiln_rt::{KvCache, Value};
@@ -13,7 +13,7 @@ use std::time::Instant;
 
 pub struct GenerateArgs {
     pub spec: PathBuf,
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     pub prompt: Option<String>,
     pub prompt_ids: Option<String>,
     pub max_tokens: usize,
@@ -43,16 +43,16 @@ pub struct Sampling {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let Model { compiled, checkpoint } = load::load(&args.spec, Some(&args.weights))?;
-    let lm = LanguageModel::of(&compiled.graph)?;
-    let graph = &lm.generation_graph(&compiled.graph);
+    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let lm = LanguageModel::of(&model.graph)?;
+    let graph = &lm.generation_graph(&model.graph);
     args.sampling.validate()?;
     if args.prompt.is_some() && args.prompt_ids.is_some() {
         return Err(miette!("give either --prompt or --prompt-ids, not both"));
     }
     let tokenizer = match (&args.prompt, &args.tokenizer) {
-        (Some(_), _) | (None, Some(_)) => Some(load::tokenizer(args.tokenizer.as_deref(), checkpoint.as_ref())?),
-        (None, None) => load::tokenizer(None, checkpoint.as_ref()).ok(),
+        (Some(_), _) | (None, Some(_)) => Some(model.tokenizer(args.tokenizer.as_deref())?),
+        (None, None) => model.tokenizer(None).ok(),
     };
     let prompt: Vec<i64> = match (&args.prompt, &args.prompt_ids) {
         (Some(text), None) => {
@@ -75,11 +75,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt.iter().find(|&&i| i < 0 || i as usize >= lm.vocab) {
         return Err(miette!("prompt token id {bad} is outside the vocabulary (0..{})", lm.vocab));
     }
-    let eos = if args.ignore_eos {
-        None
-    } else {
-        checkpoint.as_ref().and_then(|ck| ck.meta_u64("tokenizer.ggml.eos_token_id")).map(|e| e as i64)
-    };
+    let eos = if args.ignore_eos { None } else { model.eos_token_id() };
 
     let (runner, _) = Runner::new(graph, &args.exec)?;
     let mut decoder = Decoder::new(&runner, &lm);

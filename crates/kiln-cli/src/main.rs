@@ -1,6 +1,7 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
 mod bench;
+mod compile;
 mod eval;
 mod generate;
 mod gguf_tokenizer;
@@ -38,16 +39,33 @@ enum Command {
         #[arg(long, short)]
         weights: Option<PathBuf>,
     },
+    /// Compile a spec and its checkpoint into one artifact file (weights as stored, IR, tokenizer).
+    #[command(
+        after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, and the tokenizer when one is found. `run`, `eval`,\n`generate` and `bench` take it in place of SPEC --weights W and give bitwise the same outputs.\n\nExample:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\""
+    )]
+    Compile {
+        /// The model spec (.kiln source).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF).
+        #[arg(long, short)]
+        weights: PathBuf,
+        /// Where to write the artifact.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// tokenizer.json to store (default: beside the weights, else the GGUF's own).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
     /// Run a model on tensors from a safetensors file (by input name) or on text.
     #[command(
         after_help = "Examples:\n  kiln run minilm.kiln -w model.safetensors --text \"A sentence.\"\n  kiln run minilm.kiln -w model.safetensors --input in.safetensors --output out.safetensors"
     )]
     Run {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
-        /// Checkpoint (safetensors or GGUF).
+        /// Checkpoint (safetensors or GGUF); not with an artifact, which holds its weights.
         #[arg(long, short)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Input tensors, taken by the model's input names (other tensors are ignored).
         #[arg(long, short)]
         input: Option<PathBuf>,
@@ -68,11 +86,11 @@ enum Command {
         after_help = "FILE holds the model's inputs by name. For a language model (output `logits`)\nkiln reports perplexity under teacher forcing (and, with an `nll` tensor, the mean\ndifference to it). Reference outputs stored under an output's name (`embeddings`) are\ncompared by cosine per row and max abs difference; `first_logits`/`last_logits` compare\nthe logits at the first/last position."
     )]
     Eval {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
-        /// Checkpoint (safetensors or GGUF).
+        /// Checkpoint (safetensors or GGUF); not with an artifact, which holds its weights.
         #[arg(long, short)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Inputs (and optional references) as safetensors.
         #[arg(long, short)]
         data: PathBuf,
@@ -90,11 +108,11 @@ enum Command {
         after_help = "The model needs an input `input_ids: i64[batch, seq]` and an output `logits: f32[batch, seq, vocab]`.\nThe tokenizer is tokenizer.json beside the weights, or the one in the GGUF metadata;\ngeneration stops at the GGUF's end-of-sequence token unless --ignore-eos.\n\nExamples:\n  kiln generate smollm2.kiln -w model.gguf --prompt \"The capital of France is\" --max-tokens 16\n  kiln generate smollm2.kiln -w model.gguf --prompt-ids 504,1646,2359 --max-tokens 8 --json"
     )]
     Generate {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
-        /// Checkpoint (safetensors or GGUF).
+        /// Checkpoint (safetensors or GGUF); not with an artifact, which holds its weights.
         #[arg(long, short)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Text to continue (tokenized with the model's tokenizer).
         #[arg(long)]
         prompt: Option<String>,
@@ -123,11 +141,11 @@ enum Command {
         after_help = "Token ids are spread over the embedding table; masks are all ones.\nExamples:\n  kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json\n  kiln bench smollm2.kiln -w model.gguf --decode 64 --prompt-len 128 --engine jit"
     )]
     Bench {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
-        /// Checkpoint (safetensors or GGUF).
+        /// Checkpoint (safetensors or GGUF); not with an artifact, which holds its weights.
         #[arg(long, short)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Time one forward pass with these sizes of the symbolic dimensions, e.g. batch=1,seq=128.
         #[arg(long)]
         shape: Option<String>,
@@ -164,7 +182,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Check { spec, weights } => {
             let model = load::load(&spec, weights.as_deref())?;
-            let g = &model.compiled.graph;
+            let g = &model.graph;
             let params: u64 = g
                 .node_ids()
                 .filter_map(|n| match &g.node(n).op {
@@ -175,9 +193,12 @@ fn main() -> Result<()> {
                 })
                 .sum();
             println!("{}: ok ({} nodes, {} parameters)", spec.display(), g.len(), params);
-            if let Some(ck) = &model.checkpoint {
+            if model.is_artifact() {
+                println!("  a compiled artifact, weights included");
+            }
+            if let Some(ck) = model.checkpoint() {
                 println!("  weights bound from {} ({})", ck.path.display(), ck.kind);
-                let unused = &model.compiled.unused_tensors;
+                let unused = &model.unused_tensors;
                 if !unused.is_empty() {
                     println!(
                         "  note: {} checkpoint tensors are not used by the model: {}",
@@ -189,7 +210,10 @@ fn main() -> Result<()> {
         }
         Command::Ir { spec, weights } => {
             let model = load::load(&spec, weights.as_deref())?;
-            print!("{}", kiln_ir::print(&model.compiled.graph));
+            print!("{}", kiln_ir::print(&model.graph));
+        }
+        Command::Compile { spec, weights, output, tokenizer } => {
+            compile::compile(compile::CompileArgs { spec, weights, output, tokenizer })?;
         }
         Command::Run { spec, weights, input, output, text, tokenizer, exec } => {
             run::run(run::RunArgs { spec, weights, input, output, text, tokenizer, exec })?;

@@ -1,6 +1,6 @@
 //! `kiln run`: tensors (or text) in, every model output out.
 
-use crate::load::{self, Model};
+use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use crate::tensors;
 use kiln_interp::Value;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub struct RunArgs {
     pub spec: PathBuf,
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     pub input: Option<PathBuf>,
     pub output: Option<PathBuf>,
     pub text: Vec<String>,
@@ -20,8 +20,8 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let Model { compiled, checkpoint } = load::load(&args.spec, Some(&args.weights))?;
-    let graph = &compiled.graph;
+    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let graph = &model.graph;
     let (interp, _) = Runner::new(graph, &args.exec)?;
     let mut tokenizer = None;
     let inputs = match (&args.input, args.text.is_empty()) {
@@ -30,7 +30,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             tensors::inputs_from(&file, path, graph)?
         }
         (None, false) => {
-            let tok = load::tokenizer(args.tokenizer.as_deref(), checkpoint.as_ref())?;
+            let tok = model.tokenizer(args.tokenizer.as_deref())?;
             let inputs = text_inputs(&tok, &args.text, graph)?;
             tokenizer = Some(tok);
             inputs

@@ -1078,3 +1078,100 @@ fn smollm2_generate_matches_pytorch_greedy() {
     let ids = prompt.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     assert_eq!(generated_ids(&ok(&[&base[..], &["--prompt-ids", &ids]].concat())), want);
 }
+
+// ---------------------------------------------------------------------------------------
+// Artifacts
+// ---------------------------------------------------------------------------------------
+
+/// The tiny model's inputs, as a file.
+fn tiny_inputs(dir: &Path) -> PathBuf {
+    let input = dir.join("in.safetensors");
+    write_safetensors(
+        &input,
+        &[
+            i64s("input_ids", &[2, 4], &[3, 1, 4, 1, 5, 9, 2, 6]),
+            i64s("attention_mask", &[2, 4], &[1, 1, 1, 1, 1, 1, 1, 0]),
+        ],
+    );
+    input
+}
+
+#[test]
+fn artifacts_run_bitwise_like_their_spec() {
+    let (dir, weights) = tiny_setup("artifact");
+    let artifact = dir.join("tiny.kiln");
+    let stdout = ok(&["compile", &tiny_spec(), "-w", &s(&weights), "-o", &s(&artifact)]);
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let input = tiny_inputs(&dir);
+    for engine in ["interp", "jit"] {
+        let (from_spec, from_artifact) = (dir.join("spec.safetensors"), dir.join("artifact.safetensors"));
+        let common = ["--input", &s(&input), "--engine", engine];
+        ok(&[&["run", &tiny_spec(), "-w", &s(&weights)][..], &common, &["-o", &s(&from_spec)]].concat());
+        ok(&[&["run", &s(&artifact)][..], &common, &["-o", &s(&from_artifact)]].concat());
+        let (a, b) = (read_safetensors(&from_spec), read_safetensors(&from_artifact));
+        assert_eq!(a.len(), 2);
+        assert_eq!(a, b, "{engine}: the artifact's outputs differ from the spec's");
+    }
+    // Generation and the IR come back the same too.
+    let generate = |model: &[&str]| {
+        generated_ids(&ok(
+            &[&["generate"][..], model, &["--prompt-ids", "3,1,4", "--max-tokens", "5", "--json"]].concat()
+        ))
+    };
+    assert_eq!(generate(&[&s(&artifact)]), generate(&[&tiny_spec(), "-w", &s(&weights)]));
+    assert_eq!(ok(&["ir", &s(&artifact)]), ok(&["ir", &tiny_spec(), "-w", &s(&weights)]));
+    let bench = ok(&["bench", &s(&artifact), "--shape", "batch=1,seq=4", "--runs", "2", "--json"]);
+    assert!(bench.contains("median_ms"), "{bench}");
+}
+
+#[test]
+fn artifact_errors() {
+    let (dir, weights) = tiny_setup("artifact-errors");
+    let artifact = dir.join("tiny.kiln");
+    ok(&["compile", &tiny_spec(), "-w", &s(&weights), "-o", &s(&artifact)]);
+    let input = tiny_inputs(&dir);
+    fails(&["run", &s(&artifact), "-w", &s(&weights), "--input", &s(&input)], &["carries its own weights"]);
+    fails(&["run", &tiny_spec(), "--input", &s(&input)], &["needs its weights"]);
+    // A checkpoint is safetensors too, but not an artifact.
+    fails(&["run", &s(&weights), "--input", &s(&input)], &["is not a kiln artifact", "kiln.format_version"]);
+    // A flipped byte in the last tensor's data is caught by its checksum.
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    let damaged = dir.join("damaged.kiln");
+    std::fs::write(&damaged, &bytes).unwrap();
+    fails(&["run", &s(&damaged), "--input", &s(&input)], &["is damaged", "checksum"]);
+    // A truncated artifact is not read past its end.
+    let truncated = dir.join("truncated.kiln");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    fails(&["run", &s(&truncated), "--input", &s(&input)], &["truncated.kiln"]);
+    // A tokenizer is needed for text, and the tiny model has none.
+    fails(&["run", &s(&artifact), "--text", "hi"], &["holds no tokenizer"]);
+}
+
+/// The compiled SmolLM2 carries its tokenizer and end-of-sequence id: text in, PyTorch's
+/// greedy tokens out, from the artifact alone.
+#[test]
+fn smollm2_artifact_generates_like_the_spec() {
+    let Some(weights) = real_checkpoint(kiln_tests::SMOLLM2_WEIGHTS) else {
+        return;
+    };
+    let dir = scratch("smollm2-artifact");
+    let artifact = dir.join("smollm2.kiln");
+    ok(&["compile", &s(&spec("smollm2/smollm2.kiln")), "-w", &s(&weights), "-o", &s(&artifact)]);
+    let fixture = read_safetensors(&fixtures().join("smollm2_greedy.safetensors"));
+    let (_, _, _, bytes) = fixture.iter().find(|r| r.0 == "generated_ids").expect("fixture tensor");
+    let want: Vec<i64> = bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let args = [
+        "generate",
+        &s(&artifact),
+        "--prompt",
+        "The key idea of post-training quantization is",
+        "--max-tokens",
+        "32",
+        "--json",
+        "--engine",
+        "jit",
+    ];
+    assert_eq!(generated_ids(&ok(&args)), want);
+}

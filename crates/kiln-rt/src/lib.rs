@@ -8,12 +8,14 @@
 //! - [`Arena`]: one 64-byte aligned buffer that a compiled program carves into tensors at
 //!   offsets planned by liveness.
 //! - [`KvCache`]: keys and values a decoder keeps between runs (generation).
+//! - [`artifact`]: compiled models as one safetensors file (weights, IR, metadata).
 //! - [`io`]: values in and out of safetensors files.
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
 
 mod arena;
+pub mod artifact;
 pub mod cache;
 pub mod exec;
 pub mod io;

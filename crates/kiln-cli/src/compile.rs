@@ -1,0 +1,71 @@
+//! `kiln compile`: a spec bound to its checkpoint, written as one artifact file.
+
+use crate::load::{self, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
+use kiln_ir::Op;
+use miette::{IntoDiagnostic, Result, miette};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct CompileArgs {
+    pub spec: PathBuf,
+    pub weights: PathBuf,
+    pub output: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn compile(args: CompileArgs) -> Result<()> {
+    let start = Instant::now();
+    let model = load::load(&args.spec, Some(&args.weights))?;
+    if model.is_artifact() {
+        return Err(miette!("{} is already a compiled artifact", args.spec.display()));
+    }
+    let mut metadata = BTreeMap::new();
+    // The tokenizer travels with the model, so that text in and out needs only the artifact.
+    match model.tokenizer(args.tokenizer.as_deref()) {
+        Ok(tok) => {
+            let json = tok.to_string(false).map_err(|e| miette!("cannot store the tokenizer: {e}"))?;
+            metadata.insert(TOKENIZER_KEY.to_string(), json);
+        }
+        Err(e) if args.tokenizer.is_some() => return Err(e),
+        Err(_) => eprintln!("note: no tokenizer found beside the weights; the artifact will take tensors, not text"),
+    }
+    if let Some(eos) = model.eos_token_id() {
+        metadata.insert(EOS_KEY.to_string(), eos.to_string());
+    }
+    let source = format!("{} + {}", file_name(&args.spec), file_name(&args.weights));
+    metadata.insert(SOURCE_KEY.to_string(), source);
+    kiln_rt::artifact::write(&args.output, &model.graph, &metadata).into_diagnostic()?;
+
+    let g = &model.graph;
+    let mut by_format: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for n in g.node_ids() {
+        if let Op::Weight(w) = &g.node(n).op
+            && seen.insert(w.tensor.clone())
+            && let Some(data) = g.store.get(&w.tensor)
+        {
+            let e = by_format.entry(w.format.name()).or_default();
+            e.0 += data.elements();
+            e.1 += data.bytes.len() as u64;
+        }
+    }
+    let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
+    let (params, bytes) = by_format.values().fold((0, 0), |(p, b), (ep, eb)| (p + ep, b + eb));
+    let formats: Vec<String> =
+        by_format.iter().map(|(f, (p, _))| format!("{f} {:.1}%", *p as f64 / params.max(1) as f64 * 100.0)).collect();
+    println!(
+        "wrote {} ({:.1} MB, {} parameters at {:.2} bits each: {}) in {:.0} ms",
+        args.output.display(),
+        size as f64 / 1e6,
+        params,
+        bytes as f64 * 8.0 / params.max(1) as f64,
+        formats.join(", "),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+}

@@ -1,0 +1,236 @@
+//! Compiled artifacts: one safetensors file that holds everything needed to run a model.
+//!
+//! - **Tensors**: every weight the graph reads, as its bytes are stored (packed formats
+//!   included, with no conversion). Float formats (`f32`, `f16`, `bf16`) are stored under
+//!   their safetensors dtype and logical shape, so other tools can read them; block formats
+//!   (`q8_0`, `q4_0`, `q4_1`, ...) as `U8[bytes]`.
+//! - **Metadata** (`__metadata__`, string to string):
+//!   - `kiln.format_version`: [`FORMAT_VERSION`]; a reader refuses any other;
+//!   - `kiln.ir`: the graph in IR text, whose `weight` nodes give each tensor's format,
+//!     shape and checksum (checked on load);
+//!   - `kiln.passes`: the pass reports, a JSON array (`[]` when no pass ran);
+//!   - any other `kiln.*` entry the writer adds (the CLI stores the tokenizer and the
+//!     end-of-sequence id, so that an artifact runs without its source files).
+//!
+//! Reading maps the file: weights are views into the mapping, not copies.
+
+use kiln_ir::{Bytes, Format, Graph, Op, TensorData};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The artifact layout this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const VERSION_KEY: &str = "kiln.format_version";
+const IR_KEY: &str = "kiln.ir";
+const PASSES_KEY: &str = "kiln.passes";
+
+/// A model read from an artifact: the graph, bound to the artifact's tensors, and the
+/// metadata entries.
+pub struct Artifact {
+    pub graph: Graph,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Artifact {
+    /// The pass reports (a JSON array).
+    pub fn passes(&self) -> &str {
+        self.metadata.get(PASSES_KEY).map_or("[]", String::as_str)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a kiln artifact: {message}")]
+    NotAnArtifact { path: String, message: String },
+    #[error("{path} is a kiln artifact of format version {found}; this kiln reads version {FORMAT_VERSION}")]
+    Version { path: String, found: String },
+    #[error("{path} is damaged: {message}")]
+    Damaged { path: String, message: String },
+    #[error("cannot write the artifact: {0}")]
+    Write(String),
+}
+
+/// Whether the file at `path` looks like a safetensors file (an artifact, not a spec):
+/// an 8-byte little-endian header length followed by `{`.
+pub fn looks_like_artifact(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    f.read_exact(&mut head).is_ok() && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().unwrap()) > 1
+}
+
+/// Writes `graph` (which must be bound: every weight in its store) and `extra` metadata
+/// (keys should start with `kiln.`) to `path`.
+pub fn write(path: &Path, graph: &Graph, extra: &BTreeMap<String, String>) -> Result<(), ArtifactError> {
+    let mut tensors: BTreeMap<&str, &TensorData> = BTreeMap::new();
+    for n in graph.node_ids() {
+        if let Op::Weight(w) = &graph.node(n).op {
+            let data = graph
+                .store
+                .get(&w.tensor)
+                .ok_or_else(|| ArtifactError::Write(format!("weight `{}` is not bound to data", w.tensor)))?;
+            tensors.insert(&w.tensor, data);
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, data)| {
+            let (dtype, shape) = match data.format {
+                Format::F32 => (Dtype::F32, data.shape.iter().map(|&d| d as usize).collect()),
+                Format::F16 => (Dtype::F16, data.shape.iter().map(|&d| d as usize).collect()),
+                Format::BF16 => (Dtype::BF16, data.shape.iter().map(|&d| d as usize).collect()),
+                _ => (Dtype::U8, vec![data.bytes.len()]),
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, shape, data.bytes.as_slice())
+                .map_err(|e| ArtifactError::Write(format!("tensor `{name}`: {e}")))?;
+            Ok((*name, view))
+        })
+        .collect::<Result<Vec<_>, ArtifactError>>()?;
+    let mut metadata: HashMap<String, String> = extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    metadata.insert(VERSION_KEY.into(), FORMAT_VERSION.to_string());
+    metadata.insert(IR_KEY.into(), kiln_ir::print(graph));
+    metadata.entry(PASSES_KEY.into()).or_insert_with(|| "[]".into());
+    // Write beside the target and rename, so a failed write never leaves half a file.
+    let tmp = path.with_extension("kiln.partial");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| ArtifactError::Write(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| ArtifactError::Write(format!("{}: {e}", path.display())))
+}
+
+/// Reads an artifact: maps the file, parses and verifies its IR, and binds every weight to
+/// its bytes after checking format, size and checksum.
+pub fn read(path: &Path) -> Result<Artifact, ArtifactError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| ArtifactError::Io { path: p.clone(), source })?;
+    // SAFETY: the mapping is read-only; like every mmap-based reader we rely on the file not
+    // being truncated while it is in use.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: p.clone(), source })?;
+    let not_artifact = |message: String| ArtifactError::NotAnArtifact { path: p.clone(), message };
+    let damaged = |message: String| ArtifactError::Damaged { path: p.clone(), message };
+    let (header_len, header) =
+        SafeTensors::read_metadata(&map).map_err(|e| not_artifact(format!("not a safetensors file ({e})")))?;
+    let metadata: BTreeMap<String, String> =
+        header.metadata().clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>();
+    match metadata.get(VERSION_KEY) {
+        None => return Err(not_artifact(format!("no `{VERSION_KEY}` in its metadata"))),
+        Some(v) if *v != FORMAT_VERSION.to_string() => {
+            return Err(ArtifactError::Version { path: p.clone(), found: v.clone() });
+        }
+        Some(_) => {}
+    }
+    let ir = metadata.get(IR_KEY).ok_or_else(|| damaged(format!("no `{IR_KEY}` in its metadata")))?;
+    let mut graph = kiln_ir::parse(ir).map_err(|e| damaged(format!("its IR does not parse: {e}")))?;
+    kiln_ir::verify(&graph).map_err(|e| damaged(format!("its IR does not verify: {e}")))?;
+
+    let infos = header.tensors();
+    let data_start = 8 + header_len;
+    let map: Arc<memmap2::Mmap> = Arc::new(map);
+    let whole = Bytes::new(map);
+    let weights: Vec<(String, Format, Option<u64>, Vec<u64>)> = graph
+        .node_ids()
+        .filter_map(|n| match &graph.node(n).op {
+            Op::Weight(w) => Some((
+                w.tensor.clone(),
+                w.format,
+                w.checksum,
+                graph.node(n).ty.shape.iter().map(|d| d.known().unwrap_or(0)).collect(),
+            )),
+            _ => None,
+        })
+        .collect();
+    for (name, format, checksum, shape) in weights {
+        if graph.store.get(&name).is_some() {
+            continue; // a tied weight read by several nodes
+        }
+        let info = infos.get(&name).ok_or_else(|| damaged(format!("tensor `{name}` is missing")))?;
+        let (start, end) = info.data_offsets;
+        let bytes = whole
+            .slice(data_start + start..data_start + end)
+            .ok_or_else(|| damaged(format!("tensor `{name}` lies outside the file")))?;
+        let data = TensorData::new(format, shape, bytes).map_err(|e| damaged(format!("tensor `{name}`: {e}")))?;
+        if let Some(want) = checksum
+            && data.checksum() != want
+        {
+            return Err(damaged(format!("tensor `{name}` does not match the checksum in its IR")));
+        }
+        graph.store.insert(name, data);
+    }
+    Ok(Artifact { graph, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{Dim, Type, WeightRef};
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-artifact-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("model.kiln")
+    }
+
+    /// A graph reading one weight of `format` (with the given stored bytes) as `[2, 32]`.
+    fn graph_with(format: Format, bytes: Vec<u8>) -> Graph {
+        let mut g = Graph::new("t");
+        let data = TensorData::new(format, vec![2, 32], Bytes::from_vec(bytes)).unwrap();
+        let w = WeightRef { tensor: "w".into(), format, checksum: Some(data.checksum()) };
+        g.store.insert("w", data);
+        let ty = Type::f32([Dim::Known(2), Dim::Known(32)]);
+        let n = g.add_typed(Op::Weight(w), &[], ty, "", None);
+        g.set_output("y", n).unwrap();
+        g
+    }
+
+    /// Every format's bytes come back as stored, with the IR and extra metadata.
+    #[test]
+    fn round_trips_every_format_as_stored() {
+        for format in Format::ALL {
+            let len = format.byte_len(64).unwrap() as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            if matches!(format, Format::F16 | Format::Q8_0 | Format::Q4_0 | Format::Q4_1) {
+                // keep f16 scales finite: clear the exponent's top bit of every odd byte
+                bytes.iter_mut().skip(1).step_by(2).for_each(|b| *b &= 0x3f);
+            }
+            let g = graph_with(format, bytes.clone());
+            let path = temp(format.name());
+            let extra = BTreeMap::from([("kiln.note".to_string(), "hello".to_string())]);
+            write(&path, &g, &extra).unwrap();
+            let a = read(&path).unwrap();
+            assert_eq!(a.graph.store.get("w").unwrap().bytes.as_slice(), &bytes[..], "{format}");
+            assert_eq!(kiln_ir::print(&a.graph), kiln_ir::print(&g));
+            assert_eq!(a.metadata["kiln.note"], "hello");
+            assert_eq!(a.passes(), "[]");
+            assert!(looks_like_artifact(&path));
+        }
+    }
+
+    #[test]
+    fn refuses_other_versions_and_damage() {
+        let g = graph_with(Format::F32, vec![0; 256]);
+        let path = temp("version");
+        write(&path, &g, &BTreeMap::from([(VERSION_KEY.to_string(), "0".to_string())])).unwrap();
+        // `write` always records its own version.
+        assert!(read(&path).is_ok());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let key = b"\"kiln.format_version\":\"1\"";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len() - 2;
+        bytes[at] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read(&path).err().unwrap();
+        assert!(err.to_string().contains("format version 7"), "{err}");
+        bytes[at] = b'1';
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read(&path).err().unwrap();
+        assert!(err.to_string().contains("does not match the checksum"), "{err}");
+    }
+}
