@@ -150,7 +150,13 @@ pub fn ids(rows: &[&[i64]]) -> Value {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exec {
     Interp,
-    Jit { threads: usize },
+    Jit {
+        threads: usize,
+    },
+    /// The JIT with int8 activations for quantized-weight linears.
+    JitInt8 {
+        threads: usize,
+    },
 }
 
 /// A graph prepared for repeated runs by the chosen executor.
@@ -164,6 +170,11 @@ impl<'g> Prepared<'g> {
         match exec {
             Exec::Interp => Prepared::Interp(Interpreter::new(graph).expect("weights decode")),
             Exec::Jit { threads } => Prepared::Jit(kiln_jit::Engine::new(graph, threads).expect("compiles")),
+            Exec::JitInt8 { threads } => {
+                let options =
+                    kiln_jit::EngineOptions { threads, activations: kiln_jit::Activations::Int8, profile: false };
+                Prepared::Jit(kiln_jit::Engine::with_options(graph, options).expect("compiles"))
+            }
         }
     }
 

@@ -53,6 +53,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens: u64 = symbols.values().product();
+    runner.print_profile();
     let report = json!({
         "engine": runner.name(),
         "compile_ms": runner.compile_ms(),
@@ -126,6 +127,7 @@ fn bench_decode(args: &BenchArgs, graph: &Graph, tokens: usize) -> Result<()> {
         "load_ms": load_ms,
         "threads": args.exec.threads.unwrap_or_else(rayon_threads),
     });
+    runner.print_profile();
     if args.json {
         println!("{report}");
     } else {

@@ -2,7 +2,7 @@
 
 use kiln_interp::Interpreter;
 use kiln_ir::Graph;
-use kiln_jit::Engine;
+use kiln_jit::{Activations, Engine, EngineOptions};
 use kiln_rt::exec::RunError;
 use kiln_rt::{KvCache, Value};
 use miette::{IntoDiagnostic, Result};
@@ -19,7 +19,17 @@ pub enum EngineKind {
     Jit,
 }
 
-/// Execution flags shared by `run`, `eval` and `bench`.
+/// Activations of linears on quantized weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationsKind {
+    /// f32 activations against the exactly decoded weights: the exact mode.
+    F32,
+    /// int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's
+    /// numerics) for Q8_0/Q4_0/Q4_1 weights; needs --engine jit.
+    Int8,
+}
+
+/// Execution flags shared by `run`, `eval`, `generate` and `bench`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExecArgs {
     /// Execution engine.
@@ -29,6 +39,12 @@ pub struct ExecArgs {
     /// same for any thread count.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activations of linears on quantized weights.
+    #[arg(long, value_enum, default_value_t = ActivationsKind::F32)]
+    pub activations: ActivationsKind,
+    /// Print where the time went (per linear shape and per op), JIT engine.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub enum Runner<'g> {
@@ -40,11 +56,24 @@ impl<'g> Runner<'g> {
     /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
     /// for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
+        if exec.activations == ActivationsKind::Int8 && exec.engine != EngineKind::Jit {
+            return Err(miette::miette!(
+                help = "add --engine jit",
+                "--activations int8 runs compiled int8 kernels; the interpreter computes in f32 only"
+            ));
+        }
         let start = Instant::now();
         let threads = exec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let runner = match exec.engine {
             EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
-            EngineKind::Jit => Runner::Jit(Engine::new(graph, threads).into_diagnostic()?),
+            EngineKind::Jit => {
+                let activations = match exec.activations {
+                    ActivationsKind::F32 => Activations::F32,
+                    ActivationsKind::Int8 => Activations::Int8,
+                };
+                let options = EngineOptions { threads, activations, profile: exec.profile };
+                Runner::Jit(Engine::with_options(graph, options).into_diagnostic()?)
+            }
         };
         Ok((runner, start.elapsed().as_secs_f64() * 1e3))
     }
@@ -73,6 +102,21 @@ impl<'g> Runner<'g> {
         match self {
             Runner::Interp(_) => 0.0,
             Runner::Jit(e) => e.compile_time().as_secs_f64() * 1e3,
+        }
+    }
+
+    /// With `--profile`, prints the time per kind of work to stderr.
+    pub fn print_profile(&self) {
+        let Runner::Jit(e) = self else { return };
+        let rows = e.profile();
+        let total: f64 = rows.iter().map(|r| r.1.as_secs_f64()).sum();
+        if rows.is_empty() || total == 0.0 {
+            return;
+        }
+        eprintln!("{:>10} {:>6} {:>9}  work", "ms", "%", "calls");
+        for (kind, t, calls) in rows {
+            let ms = t.as_secs_f64() * 1e3;
+            eprintln!("{ms:>10.1} {:>5.1}% {calls:>9}  {kind}", ms / total / 10.0);
         }
     }
 

@@ -4,6 +4,10 @@
 //! rows. Every other op runs the runtime's reference kernel, so the engine already runs
 //! any graph; ops move to emitted kernels one family at a time.
 //!
+//! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
+//! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
+//! numerics class); an input shared by several linears (q, k, v) is quantized once.
+//!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
 //! [`crate::linear`]), and the reference kernels are deterministic.
@@ -11,6 +15,9 @@
 use crate::JitError;
 use crate::isa::HostIsa;
 use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
+use crate::linear_i8::{
+    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, emit_linear_i8, quantize_rows,
+};
 use crate::math::Activation;
 use crate::module::JitModule;
 use kiln_ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
@@ -44,13 +51,48 @@ enum Action {
     Reference,
 }
 
+/// How linears on quantized weights treat their input activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations against the exactly decoded weights (the default, exact mode).
+    #[default]
+    F32,
+    /// Activations quantized to int8 per row and block of 32, integer dot products (W8A8),
+    /// for Q8_0, Q4_0 and Q4_1 weights; other formats keep f32.
+    Int8,
+}
+
+/// What an [`Engine`] is built with.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub threads: usize,
+    pub activations: Activations,
+    /// Time every node and keep the totals per kind of work ([`Engine::profile`]).
+    pub profile: bool,
+}
+
+/// A compiled linear kernel of either activation type.
+enum Kernel {
+    F32(LinearKernel, LinearFn),
+    I8(LinearI8Kernel, LinearI8Fn),
+}
+
+impl Kernel {
+    fn spec(&self) -> LinearSpec {
+        match self {
+            Kernel::F32(k, _) => *k.spec(),
+            Kernel::I8(k, _) => k.spec().linear(),
+        }
+    }
+}
+
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
 /// that still run reference kernels.
 pub struct Engine<'g> {
     graph: &'g Graph,
     order: Vec<NodeId>,
     actions: HashMap<NodeId, Action>,
-    kernels: Vec<(LinearKernel, LinearFn)>,
+    kernels: Vec<Kernel>,
     weights: HashMap<NodeId, Arc<Value>>,
     /// The values each node of `order` reads under the fusion plan.
     reads: Vec<Vec<NodeId>>,
@@ -58,6 +100,8 @@ pub struct Engine<'g> {
     uses: HashMap<NodeId, usize>,
     pool: Pool,
     compile_time: Duration,
+    /// Time and calls per kind of work, when profiling.
+    profile: Option<std::sync::Mutex<HashMap<String, (Duration, usize)>>>,
 }
 
 /// Rows below which a linear kernel runs on the calling thread only.
@@ -75,22 +119,33 @@ impl<'g> Engine<'g> {
     /// Plans fusion, compiles one kernel per distinct linear spec, and decodes the weights
     /// the reference ops read.
     pub fn new(graph: &'g Graph, threads: usize) -> Result<Engine<'g>, JitError> {
+        Engine::with_options(graph, EngineOptions { threads, activations: Activations::F32, profile: false })
+    }
+
+    /// [`Engine::new`] with every option.
+    pub fn with_options(graph: &'g Graph, options: EngineOptions) -> Result<Engine<'g>, JitError> {
+        let EngineOptions { threads, activations, profile } = options;
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
         let isa = HostIsa::native()?;
         let mut module = JitModule::new(&isa);
-        let mut specs: Vec<LinearSpec> = Vec::new();
+        // Distinct kernels: the spec, and whether it takes int8 activations.
+        let mut specs: Vec<(LinearSpec, bool)> = Vec::new();
         let mut ids = Vec::new();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
+            let int8 = activations == Activations::Int8 && LinearI8Spec::supports(spec.format);
             let mut kernel_for = |spec: LinearSpec| -> Result<usize, JitError> {
-                Ok(match specs.iter().position(|s| *s == spec) {
+                Ok(match specs.iter().position(|s| *s == (spec, int8)) {
                     Some(k) => k,
                     None => {
-                        let tiles = LinearTiles::for_format(spec.format);
-                        ids.push(emit_linear(&mut module, &format!("linear{}", specs.len()), &spec, &tiles)?);
-                        specs.push(spec);
+                        let name = format!("linear{}", specs.len());
+                        ids.push(match LinearI8Spec::from_linear(&spec).filter(|_| int8) {
+                            Some(i8spec) => emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?,
+                            None => emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format))?,
+                        });
+                        specs.push((spec, int8));
                         specs.len() - 1
                     }
                 })
@@ -111,11 +166,19 @@ impl<'g> Engine<'g> {
         let kernels = ids
             .into_iter()
             .zip(specs)
-            .map(|(id, spec)| {
-                // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
-                let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
-                let entry = kernel.entry();
-                (kernel, entry)
+            .map(|(id, (spec, int8))| match LinearI8Spec::from_linear(&spec).filter(|_| int8) {
+                Some(i8spec) => {
+                    // SAFETY: `id` was defined by `emit_linear_i8` for `i8spec` in this module.
+                    let kernel = unsafe { LinearI8Kernel::from_code(code.clone(), id, i8spec) };
+                    let entry = kernel.entry();
+                    Kernel::I8(kernel, entry)
+                }
+                None => {
+                    // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
+                    let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
+                    let entry = kernel.entry();
+                    Kernel::F32(kernel, entry)
+                }
             })
             .collect();
         let mut engine = Engine {
@@ -128,6 +191,7 @@ impl<'g> Engine<'g> {
             uses: HashMap::new(),
             pool: Pool::new(threads),
             compile_time: start.elapsed(),
+            profile: profile.then(Default::default),
         };
         engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
         engine.uses = engine.use_counts();
@@ -145,6 +209,16 @@ impl<'g> Engine<'g> {
     /// Time spent planning and compiling (not decoding weights).
     pub fn compile_time(&self) -> Duration {
         self.compile_time
+    }
+
+    /// Time and calls per kind of work (each linear shape and format, each other op) since
+    /// the engine was built, most time first; empty unless built with `profile`.
+    pub fn profile(&self) -> Vec<(String, Duration, usize)> {
+        let Some(p) = &self.profile else { return vec![] };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = p.iter().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        rows
     }
 
     /// Number of distinct compiled linear kernels.
@@ -207,10 +281,13 @@ impl<'g> Engine<'g> {
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
+        // Int8 activations of values that int8 kernels read, quantized once per value.
+        let mut quantized: HashMap<NodeId, QuantizedActivations> = HashMap::new();
         for (&id, reads) in self.order.iter().zip(&self.reads) {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
             let action = self.actions.get(&id).unwrap_or(&Action::Reference);
+            let started = self.profile.as_ref().map(|_| Instant::now());
             let value = match (action, &node.op) {
                 (Action::Absorbed, _) => continue,
                 (_, Op::Input { name }) => Arc::new(inputs[name].clone()),
@@ -218,17 +295,32 @@ impl<'g> Engine<'g> {
                     Some(w) => w.clone(),
                     None => continue, // read only by compiled kernels, in its stored format
                 },
-                (Action::Linear(f), _) => Arc::new(self.linear(f, &values).map_err(fail)?),
+                (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
                 (Action::Reference, op) => {
                     let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
                     Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)
                 }
             };
+            if let (Some(profile), Some(started)) = (&self.profile, started) {
+                let kind = match action {
+                    Action::Linear(f) => {
+                        let spec = self.kernels[f.kernel].spec();
+                        let int8 = matches!(self.kernels[f.kernel], Kernel::I8(..));
+                        format!("linear {}x{} {}{}", spec.k, spec.n, spec.format, if int8 { " (int8 x)" } else { "" })
+                    }
+                    _ => node.op.name().to_string(),
+                };
+                let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = p.entry(kind).or_default();
+                entry.0 += started.elapsed();
+                entry.1 += 1;
+            }
             for o in reads {
                 let left = uses.get_mut(o).expect("counted in use_counts");
                 *left -= 1;
                 if *left == 0 {
                     values.remove(o);
+                    quantized.remove(o);
                 }
             }
             values.insert(id, value);
@@ -236,8 +328,13 @@ impl<'g> Engine<'g> {
         Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
     }
 
-    fn linear(&self, f: &Fused, values: &HashMap<NodeId, Arc<Value>>) -> Result<Value, String> {
-        let (kernel, entry) = &self.kernels[f.kernel];
+    fn linear(
+        &self,
+        f: &Fused,
+        values: &HashMap<NodeId, Arc<Value>>,
+        quantized: &mut HashMap<NodeId, QuantizedActivations>,
+    ) -> Result<Value, String> {
+        let kernel = &self.kernels[f.kernel];
         let spec = kernel.spec();
         let x = values[&f.x].as_f32().ok_or("the input of a linear must be f32")?;
         let m = x.numel() / spec.k;
@@ -253,8 +350,18 @@ impl<'g> Engine<'g> {
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
-        let args =
-            KernelArgs { x: x.data.as_ptr(), w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
+        let x_ptr = match kernel {
+            Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
+            Kernel::I8(..) => {
+                let q = quantized.entry(f.x).or_insert_with(|| {
+                    let mut q = QuantizedActivations::new();
+                    quantize_rows(&x.data, spec.k, &mut q);
+                    q
+                });
+                q.as_ptr()
+            }
+        };
+        let args = KernelArgs { x: x_ptr, w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
         if m == 1 && !f.columns.is_empty() {
             let row_bytes = weight.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
             self.pool.for_ranges(f.columns.len(), 1, 0, |parts| {
@@ -263,7 +370,7 @@ impl<'g> Engine<'g> {
                     // row: the weight rows from `n0` on hold `len` rows of `row_bytes`, and
                     // bias, residual and y are offset to column `n0` (with a single row, the
                     // row stride never applies); the column parts are disjoint.
-                    unsafe { args.offset_columns(n0, row_bytes).call(self.kernels[k].1, 0..1) }
+                    unsafe { args.offset_columns(n0, row_bytes).call(&self.kernels[k], 0..1) }
                 }
             });
             return Ok(Value::F32(Tensor::new(shape, y)));
@@ -275,17 +382,18 @@ impl<'g> Engine<'g> {
             // [N], residual (if any) is [m, N] and distinct from y, y is [m, N]; the row
             // ranges of `for_ranges` are disjoint, so no two calls write the same output.
             for start in rows.clone().step_by(block) {
-                unsafe { args.call(*entry, start..(start + block).min(rows.end)) }
+                unsafe { args.call(kernel, start..(start + block).min(rows.end)) }
             }
         });
         Ok(Value::F32(Tensor::new(shape, y)))
     }
 }
 
-/// The pointers of one kernel call, shared by the threads that split its rows.
+/// The pointers of one kernel call, shared by the threads that split its rows. `x` is f32
+/// rows for f32 kernels and quantized rows for int8 kernels.
 #[derive(Clone, Copy)]
 struct KernelArgs {
-    x: *const f32,
+    x: *const u8,
     w: *const u8,
     bias: *const f32,
     residual: *const f32,
@@ -307,10 +415,16 @@ impl KernelArgs {
     }
 
     /// # Safety
-    /// The pointers must satisfy the contract of the kernel `entry` for rows `rows`.
-    unsafe fn call(&self, entry: LinearFn, rows: std::ops::Range<usize>) {
+    /// The pointers must satisfy the contract of `kernel` for rows `rows`.
+    unsafe fn call(&self, kernel: &Kernel, rows: std::ops::Range<usize>) {
+        let (w, b, r, y, m0, m1) = (self.w, self.bias, self.residual, self.y, rows.start, rows.end);
         // SAFETY: forwarded from the caller.
-        unsafe { entry(self.x, self.w, self.bias, self.residual, self.y, rows.start, rows.end) }
+        unsafe {
+            match kernel {
+                Kernel::F32(_, entry) => entry(self.x.cast(), w, b, r, y, m0, m1),
+                Kernel::I8(_, entry) => entry(self.x, w, b, r, y, m0, m1),
+            }
+        }
     }
 }
 

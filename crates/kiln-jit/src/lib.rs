@@ -18,6 +18,7 @@ pub mod arena_plan;
 pub mod engine;
 pub mod isa;
 pub mod linear;
+pub mod linear_i8;
 pub mod math;
 pub mod module;
 
@@ -26,9 +27,13 @@ mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use engine::Engine;
+pub use engine::{Activations, Engine, EngineOptions};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
+pub use linear_i8::{
+    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, emit_linear_i8,
+    quantize_rows,
+};
 pub use math::Activation;
 pub use module::{FunctionId, FunctionStats, JitCode, JitFn, JitModule};
 

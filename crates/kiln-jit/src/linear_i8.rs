@@ -1,0 +1,1086 @@
+//! W8A8 fused linear kernels: `y[m, n] = r[m, n] + act(sum_k x[m, k] * W[n, k] + bias[n])`
+//! with the activations quantized to int8 and the dot products done in integers.
+//!
+//! The weights are GGUF Q8_0, Q4_0 or Q4_1, read as stored; the activations are quantized
+//! per row and per block of 32 along `K` by [`quantize_rows`] into [`QuantizedActivations`]
+//! (llama.cpp's `q8_0`/`q8_1` scheme), which the kernel reads instead of f32 `x`.
+//!
+//! # Contract
+//!
+//! A kernel is specialized to a [`LinearI8Spec`] (`K`, `N`, the weight format and the same
+//! epilogue as [`crate::LinearSpec`]: bias, [`Activation`], residual). It has the C signature
+//! [`LinearI8Fn`]:
+//!
+//! ```text
+//! fn(xq: *const u8, w: *const u8, bias: *const f32, residual: *const f32, y: *mut f32,
+//!    m0: usize, m1: usize)
+//! ```
+//!
+//! and computes rows `m0..m1` of `y` (nothing when `m0 >= m1`):
+//! - `xq` points at row 0 of the quantized activations: row `m` is `K / 32` consecutive
+//!   [`QBlock`]s (48 bytes each) at `xq + m * (K / 32) * 48` ([`QuantizedActivations::as_ptr`]);
+//! - `w` is the weight `[N, K]` exactly as stored (`Format::byte_len(N * K)` bytes, blocks of
+//!   32 along `K`), `y` and `residual` are f32 row-major `[M, N]`, all pointing at row 0;
+//! - `bias` (`[N]`) and `residual` are read only when the spec has them (may be null
+//!   otherwise); `residual` may be *equal* to `y` (in-place residual add) but no other
+//!   argument may overlap `y`. No alignment is required.
+//!
+//! **Numbers.** Activation quantization ([`quantize_rows`]), per row of `x` and per block of
+//! 32 values `x[i]`:
+//! 1. `amax = max |x[i]|`, `d = amax / 127` (f32 division), `id = 1 / d` (0 when `d == 0`);
+//! 2. `q[i] = round_half_away_from_zero(x[i] * id)` as `i8`, in `[-127, 127]`;
+//! 3. `sum = sum q[i]` (exact, `i32`) and `s = d * (sum as f32)` (one f32 product);
+//!
+//! and if the block holds a NaN, `d = s = NaN` (the NaN reaches the outputs instead of being
+//! rounded away); an infinite `x` gives `d = inf` and non-finite outputs.
+//!
+//! The kernel, for every output `(m, n)`: with `dw` (and `mw` for Q4_1) the weight block's
+//! f16 scale(s) widened exactly to f32 (finite values; see 3.), and `qw` the stored quant (Q8_0: the `i8`; Q4_0 and
+//! Q4_1: the nibble `0..=15`, low nibbles are elements 0..16, high nibbles 16..32),
+//! 1. `acc = +0.0`; for each block `b = 0, 1, ..` of `K / 32` in order:
+//!    - `isum = sum_i q[i] * qw[i]` exactly in integers (Q4_0: minus `8 * sum`, i.e. the
+//!      dot product with `qw - 8`); `|isum| <= 32 * 128 * 127 < 2^24`, so `isum as f32` is
+//!      exact;
+//!    - `acc = fma(dw * d, isum as f32, acc)` (the product `dw * d` rounded to f32 first);
+//!    - Q4_1 only: `acc = fma(mw, s, acc)`;
+//! 2. `acc + bias[n]`, then the activation (see [`crate::math`]), then `residual[m, n] + acc`,
+//!    exactly as in [`crate::linear`];
+//! 3. except that if any block scale of row `n` of `W` (`dw`, or Q4_1's `mw`) is inf or NaN
+//!    (no real checkpoint has one: its weights would be non-finite), every output `(m, n)`
+//!    is NaN. (The scales are widened without [`crate::emit::f16_to_f32`]'s inf/NaN fix-up,
+//!    which cost 13% of the GEMV; a sticky maximum of their exponent bits, two instructions
+//!    per four rows and block, finds them instead.)
+//!
+//! This sequence depends on nothing but the row of `x` and the row of `W`: not on `m0`, `m1`, the tile an output falls in or the code path taken, so splitting
+//! rows across calls or threads, or changing the batch, gives bitwise identical results
+//! (tested against a plain-Rust implementation of the list above, bit for bit).
+//!
+//! Accuracy against the f32 linear layer on the same (dequantized) weights: quantizing `x`
+//! moves each value by at most `d / 2` of its block, so before the epilogue the result is
+//! within `sum_b d_b / 2 * sum_{i in b} |w_i|` (plus f32 rounding) of the exact one.
+//!
+//! # Code shape
+//!
+//! x86-64 without VNNI (the target host is a Zen 3: AVX2 + FMA): the u8 x i8 products are
+//! `vpmaddubsw` (pairs summed into saturating i16 lanes) and the i16 -> i32 pairwise sums
+//! `vpmaddwd` against ones (Cranelift: `x86_pmaddubsw`, and `iadd_pairwise` of `swiden_low` /
+//! `swiden_high` of one `i16x8`). No saturation is possible:
+//! - Q4_0/Q4_1: the nibble is the unsigned operand, `q` the signed one: a pair is at most
+//!   `2 * 15 * 127 = 3810`; two `vpmaddubsw` (low and high nibbles) are added in i16 (7620)
+//!   and two such lanes once more (15240) before `vpmaddwd`;
+//! - Q8_0: the sign trick, `vpmaddubsw(|qw|, q * sign(qw))`: `|qw| <= 128` (`vpabsb` of -128
+//!   is 128 read unsigned), so a pair is at most `2 * 128 * 127 = 32512`; each `vpmaddubsw`
+//!   result goes through its own `vpmaddwd`.
+//!
+//! Weight rows are processed in groups of four: the four rows' lane partials are reduced
+//! and transposed in one go (`vpunpck{l,h}dq`/`vpunpck{l,h}qdq` + adds) into an `i32x4` whose
+//! lane `r` is `isum` of row `r`, so one `vcvtdq2ps` and one FMA per block update the four
+//! outputs, whose accumulator is an `f32x4` (lane `r` = output `r`): no horizontal sums at
+//! the end, and the block scales of the four rows are gathered (one 16-byte load per row,
+//! three unpacks) and widened from f16 together. Per block, all groups' scales are emitted
+//! first, then the integer dot products, then the float updates: the scale chains are long
+//! and `opt_level=none` keeps this order, which lets the out-of-order core overlap them
+//! (measured +10%). Per four rows and block the Q4_1 GEMV loop is ~60 instructions for 128
+//! multiply-adds, 8 of them `vpmaddubsw` and 2 `vpmaddwd`.
+//!
+//! Two paths, chosen at run time by the number of rows `m1 - m0`:
+//! - **direct** (GEMV, decode): tiles of `direct_rows` (16) weight rows x one row of `x`;
+//!   the block of `q` and its scales are loaded once and shared by the tile's rows (16
+//!   spills a few vectors, yet beat 8 and 12 by 2-3%);
+//! - **tile** (GEMM, prefill): tiles of `gemm_rows` (4) weight rows x `gemm_xrows` (4) rows
+//!   of `x`; each weight row is loaded, unpacked and its scale widened once per block and
+//!   multiplied into every row of `x` (whose `q` is folded into `vpmaddubsw` as a memory
+//!   operand). 4 x 4 beat 4 x 2, 4 x 3 and 8 x 2 (67 vs 55-61 GOP/s on Q4_1 576x576) despite
+//!   a few spills.
+
+use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I16X8, I32, I32X4};
+use cranelift_codegen::ir::{BlockArg, InstBuilder, Type, Value, condcodes::IntCC};
+use cranelift_frontend::{FunctionBuilder, Variable};
+use kiln_ir::Format;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::JitError;
+use crate::emit::{
+    cast, f32s, i32s, load_f32_partial, ro, rw, select_lanes, shuffle4, store_f32_partial, u16s, vconst_bytes,
+};
+use crate::isa::HostIsa;
+use crate::linear::{LinearSpec, Residual};
+use crate::math::{Activation, activation};
+use crate::module::{FunctionId, FunctionStats, JitCode, JitModule};
+
+/// Values per quantization block (along `K`), for activations and weights alike.
+pub const QBLOCK: usize = 32;
+
+/// Bytes of one [`QBlock`] (its `#[repr(C)]` size).
+pub const QBLOCK_BYTES: usize = 48;
+
+/// One quantized block of 32 activations (see the module docs for how it is computed).
+/// Byte offsets: `q` 0..32, `d` 32, `s` 36, `sum` 40 (then 4 bytes of padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct QBlock {
+    pub q: [i8; QBLOCK],
+    /// Scale: `x[i] ~ d * q[i]`.
+    pub d: f32,
+    /// `d * sum` (one f32 product), for Q4_1's minimum.
+    pub s: f32,
+    /// `sum q[i]`.
+    pub sum: i32,
+    pub pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<QBlock>() == QBLOCK_BYTES);
+const Q_OFF: i32 = 0;
+const D_OFF: i32 = 32;
+const S_OFF: i32 = 36;
+const SUM_OFF: i32 = 40;
+
+/// Quantized activations `[M, K]`: `K / 32` [`QBlock`]s per row, rows consecutive. The buffer
+/// is reused across [`quantize_rows`] calls (it only grows).
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActivations {
+    k: usize,
+    rows: usize,
+    blocks: Vec<QBlock>,
+}
+
+impl QuantizedActivations {
+    pub fn new() -> QuantizedActivations {
+        QuantizedActivations::default()
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// All blocks, row after row (`rows * K / 32`).
+    pub fn blocks(&self) -> &[QBlock] {
+        &self.blocks[..self.rows * self.k / QBLOCK]
+    }
+
+    /// The blocks of row `m`.
+    pub fn row(&self, m: usize) -> &[QBlock] {
+        let per = self.k / QBLOCK;
+        &self.blocks[m * per..(m + 1) * per]
+    }
+
+    /// Row 0, as the kernels take it (`xq`); row `m` starts `m * K / 32 * 48` bytes later.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.blocks.as_ptr().cast()
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.k / QBLOCK * QBLOCK_BYTES
+    }
+}
+
+/// Quantizes the rows of `x` (`[M, K]`, row-major, `K` a positive multiple of 32) into `out`,
+/// reusing its buffer (see the module docs for the exact arithmetic).
+///
+/// # Panics
+/// If `K` is not a positive multiple of 32 or `x.len()` not a multiple of `K`.
+pub fn quantize_rows(x: &[f32], k: usize, out: &mut QuantizedActivations) {
+    assert!(k > 0 && k.is_multiple_of(QBLOCK), "quantize_rows: K = {k} is not a positive multiple of 32");
+    assert!(x.len().is_multiple_of(k), "quantize_rows: {} values are not rows of K = {k}", x.len());
+    let blocks = x.len() / QBLOCK;
+    if out.blocks.len() < blocks {
+        out.blocks.resize(blocks, QBlock::default());
+    }
+    out.k = k;
+    out.rows = x.len() / k;
+    let out = &mut out.blocks[..blocks];
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { quantize_avx2(x, out) };
+        return;
+    }
+    quantize_all(x, out);
+}
+
+/// [`quantize_block`] with AVX2 intrinsics: the same operations lane by lane, so the same
+/// bits (tested).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_avx2(x: &[f32], out: &mut [QBlock]) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let limit = _mm256_set1_ps(127.5);
+    let half = _mm256_set1_ps(0.5);
+    let zero = _mm256_setzero_ps();
+    for (xb, qb) in x.chunks_exact(QBLOCK).zip(out) {
+        let xb: &[f32; QBLOCK] = xb.try_into().unwrap();
+        // SAFETY: `xb` holds 32 f32, read as four unaligned vectors of 8.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * i)) });
+        let (mut m, mut nan) = (zero, zero);
+        for &v in &v {
+            // max_ps(a, m) = a > m ? a : m, as `quantize_block`.
+            m = _mm256_max_ps(_mm256_and_ps(v, abs_mask), m);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+        let m2 = _mm_max_ps(_mm_movehl_ps(m4, m4), m4);
+        let m1 = _mm_max_ss(_mm_shuffle_ps::<1>(m2, m2), m2);
+        let amax = _mm_cvtss_f32(m1);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        let r: [__m256i; 4] = v.map(|v| {
+            let p = _mm256_mul_ps(v, idv);
+            let a = _mm256_and_ps(p, abs_mask);
+            let a = _mm256_and_ps(a, _mm256_cmp_ps::<_CMP_LE_OQ>(a, limit));
+            let t = _mm256_cvttps_epi32(a);
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_sub_ps(a, _mm256_cvtepi32_ps(t)), half);
+            let r = _mm256_sub_epi32(t, _mm256_castps_si256(up)); // t + 1 where up
+            let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(v, zero));
+            _mm256_sub_epi32(_mm256_xor_si256(r, neg), neg)
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+        let s4 = _mm_add_epi32(_mm256_extracti128_si256::<1>(s), _mm256_castsi256_si128(s));
+        let s2 = _mm_add_epi32(_mm_unpackhi_epi64(s4, s4), s4);
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(_mm_shuffle_epi32::<1>(s2), s2));
+        // Packing works within 128-bit halves; the permute restores element order.
+        let p01 = _mm256_packs_epi32(r[0], r[1]);
+        let p23 = _mm256_packs_epi32(r[2], r[3]);
+        let q = _mm256_packs_epi16(p01, p23);
+        let q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `qb.q` is 32 bytes.
+        unsafe { _mm256_storeu_si256(qb.q.as_mut_ptr().cast(), q) };
+        let d = if _mm256_movemask_ps(nan) != 0 { f32::NAN } else { d };
+        (qb.d, qb.s, qb.sum, qb.pad) = (d, d * sum as f32, sum, 0);
+    }
+}
+
+#[inline(always)]
+fn quantize_all(x: &[f32], out: &mut [QBlock]) {
+    for (xb, qb) in x.chunks_exact(QBLOCK).zip(out) {
+        quantize_block(xb.try_into().unwrap(), qb);
+    }
+}
+
+/// One block, written to vectorize (lane-wise maxima, no calls, no branches).
+#[inline(always)]
+fn quantize_block(x: &[f32; QBLOCK], out: &mut QBlock) {
+    let mut amax = [0.0f32; 8];
+    let mut nan = [false; 8];
+    for c in x.chunks_exact(8) {
+        for l in 0..8 {
+            let a = c[l].abs();
+            amax[l] = if a > amax[l] { a } else { amax[l] };
+            nan[l] |= c[l].is_nan();
+        }
+    }
+    let amax = amax.iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QBLOCK];
+    for (q, &v) in q.iter_mut().zip(x) {
+        // Round half away from zero: with t = trunc(|v id|), `|v id| - t` is exact.
+        // `a <= 127.5` (false for NaN) keeps the conversion in range: |v id| <= 127 + 2^-16
+        // whenever d is finite; a NaN product (NaN or infinite x) gives 0.
+        let a = (v * id).abs();
+        let a = if a <= 127.5 { a } else { 0.0 };
+        // SAFETY: `a` is finite and in [0, 127.5].
+        let t = unsafe { a.to_int_unchecked::<i32>() };
+        let r = t + ((a - t as f32) >= 0.5) as i32;
+        let r = if v < 0.0 { -r } else { r };
+        *q = r as i8;
+    }
+    let sum = q.iter().map(|&v| v as i32).sum::<i32>();
+    let d = if nan.iter().any(|&n| n) { f32::NAN } else { d };
+    *out = QBlock { q, d, s: d * sum as f32, sum, pad: 0 };
+}
+
+/// The C signature of a compiled W8A8 linear kernel (see the module docs for the contract).
+pub type LinearI8Fn = unsafe extern "C" fn(
+    xq: *const u8,
+    w: *const u8,
+    bias: *const f32,
+    residual: *const f32,
+    y: *mut f32,
+    m0: usize,
+    m1: usize,
+);
+
+/// What a W8A8 linear kernel computes: the fields of [`LinearSpec`], for the formats with an
+/// integer dot product ([`LinearI8Spec::supports`]).
+///
+/// A type of its own rather than a flag on `LinearSpec`: the kernel takes different
+/// arguments (quantized activations, not f32 `x`) and has a different numeric contract, so
+/// a kernel cache keyed by spec can never hand one out for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearI8Spec {
+    /// Inputs per row (a multiple of 32).
+    pub k: usize,
+    /// Outputs per row (rows of `W`).
+    pub n: usize,
+    /// Storage format of `W`: Q8_0, Q4_0 or Q4_1.
+    pub format: Format,
+    pub bias: bool,
+    pub activation: Activation,
+    pub residual: bool,
+}
+
+impl LinearI8Spec {
+    /// A plain `x @ W^T` with no epilogue.
+    pub fn new(k: usize, n: usize, format: Format) -> LinearI8Spec {
+        LinearI8Spec { k, n, format, bias: false, activation: Activation::None, residual: false }
+    }
+
+    /// Whether weights in `format` have an int8 kernel.
+    pub fn supports(format: Format) -> bool {
+        matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
+    }
+
+    /// The same layer with int8 activations, if its format has an int8 kernel.
+    pub fn from_linear(spec: &LinearSpec) -> Option<LinearI8Spec> {
+        LinearI8Spec::supports(spec.format).then_some(LinearI8Spec {
+            k: spec.k,
+            n: spec.n,
+            format: spec.format,
+            bias: spec.bias,
+            activation: spec.activation,
+            residual: spec.residual,
+        })
+    }
+
+    /// The same layer with f32 activations.
+    pub fn linear(&self) -> LinearSpec {
+        LinearSpec {
+            k: self.k,
+            n: self.n,
+            format: self.format,
+            bias: self.bias,
+            activation: self.activation,
+            residual: self.residual,
+        }
+    }
+
+    /// Bytes of the stored weight.
+    pub fn weight_bytes(&self) -> usize {
+        self.linear().weight_bytes()
+    }
+
+    fn validate(&self) -> Result<(), JitError> {
+        let bad = |why: String| Err(JitError::Spec(format!("linear_i8 {self:?}: {why}")));
+        if !LinearI8Spec::supports(self.format) {
+            return bad(format!("no int8 kernel for {} weights", self.format));
+        }
+        if self.k == 0 || self.n == 0 || !self.k.is_multiple_of(QBLOCK) {
+            return bad("K must be a positive multiple of 32 and N positive".into());
+        }
+        let w = self.k.checked_mul(self.n).and_then(|e| e.checked_mul(2));
+        let x = (self.k / QBLOCK).checked_mul(QBLOCK_BYTES * 8);
+        if w.is_none_or(|b| b > i32::MAX as usize) || x.is_none_or(|b| b > i32::MAX as usize) {
+            return bad("too large for 32-bit offsets".into());
+        }
+        Ok(())
+    }
+}
+
+/// Register tiling of a W8A8 kernel; [`LinearI8Tiles::default`] gives the measured defaults,
+/// the fields are public for experiments (`examples/i8_timing.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearI8Tiles {
+    /// Weight rows per tile on the direct path (1..=16).
+    pub direct_rows: usize,
+    /// Weight rows per tile on the tile path (1..=8).
+    pub gemm_rows: usize,
+    /// Rows of `x` per tile on the tile path (1..=4).
+    pub gemm_xrows: usize,
+    /// Take the tile path when `m1 - m0 >= gemm_min_rows` (`usize::MAX`: never).
+    pub gemm_min_rows: usize,
+}
+
+impl Default for LinearI8Tiles {
+    fn default() -> Self {
+        LinearI8Tiles { direct_rows: 16, gemm_rows: 4, gemm_xrows: 4, gemm_min_rows: 2 }
+    }
+}
+
+impl LinearI8Tiles {
+    fn validate(&self) -> Result<(), JitError> {
+        let ok = (1..=16).contains(&self.direct_rows)
+            && (1..=8).contains(&self.gemm_rows)
+            && (1..=4).contains(&self.gemm_xrows)
+            && self.gemm_min_rows >= 1;
+        if ok { Ok(()) } else { Err(JitError::Spec(format!("bad tiles {self:?}"))) }
+    }
+}
+
+/// A compiled W8A8 linear kernel, owning (a share of) its code.
+#[derive(Clone)]
+pub struct LinearI8Kernel {
+    code: Arc<JitCode>,
+    id: FunctionId,
+    f: LinearI8Fn,
+    spec: LinearI8Spec,
+}
+
+impl std::fmt::Debug for LinearI8Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinearI8Kernel").field("spec", &self.spec).finish_non_exhaustive()
+    }
+}
+
+impl LinearI8Kernel {
+    /// Compiles `spec` with the default tiles into its own module.
+    pub fn compile(isa: &HostIsa, spec: LinearI8Spec) -> Result<LinearI8Kernel, JitError> {
+        LinearI8Kernel::compile_with(isa, spec, LinearI8Tiles::default(), false)
+    }
+
+    /// Compiles `spec` with explicit tiles, optionally capturing the disassembly.
+    pub fn compile_with(
+        isa: &HostIsa,
+        spec: LinearI8Spec,
+        tiles: LinearI8Tiles,
+        disasm: bool,
+    ) -> Result<LinearI8Kernel, JitError> {
+        let mut module = JitModule::new(isa);
+        module.set_disasm(disasm);
+        let id = emit_linear_i8(&mut module, "linear_i8", &spec, &tiles)?;
+        let code = Arc::new(module.finalize()?);
+        // SAFETY: `id` was defined by `emit_linear_i8` for `spec` in this module.
+        Ok(unsafe { LinearI8Kernel::from_code(code, id, spec) })
+    }
+
+    /// Wraps a kernel that [`emit_linear_i8`] defined in a module shared with other functions.
+    ///
+    /// # Safety
+    /// `id` must have been returned by `emit_linear_i8(.., spec, ..)` for the module `code`
+    /// was finalized from.
+    pub unsafe fn from_code(code: Arc<JitCode>, id: FunctionId, spec: LinearI8Spec) -> LinearI8Kernel {
+        // SAFETY: `emit_linear_i8` defines functions with exactly `LinearI8Fn`'s signature.
+        let f = unsafe { code.function::<LinearI8Fn>(id) }.get();
+        LinearI8Kernel { code, id, f, spec }
+    }
+
+    pub fn spec(&self) -> &LinearI8Spec {
+        &self.spec
+    }
+
+    pub fn stats(&self) -> &FunctionStats {
+        self.code.stats(self.id)
+    }
+
+    /// The raw entry point; see the module docs for its contract. Valid while `self` (or a
+    /// clone) lives.
+    pub fn entry(&self) -> LinearI8Fn {
+        self.f
+    }
+
+    /// Computes rows `rows` of `y` (`[M, N]`) from the quantized `x` (`[M, K]`), checking
+    /// every length.
+    pub fn run(
+        &self,
+        xq: &QuantizedActivations,
+        w: &[u8],
+        bias: Option<&[f32]>,
+        residual: Residual<'_>,
+        y: &mut [f32],
+        rows: Range<usize>,
+    ) -> Result<(), JitError> {
+        let s = &self.spec;
+        let fail = |why: String| Err(JitError::Arguments(why));
+        if xq.k() != s.k {
+            return fail(format!("quantized x has K = {}, the kernel K = {}", xq.k(), s.k));
+        }
+        let m = xq.rows();
+        if y.len() != m * s.n {
+            return fail(format!("y has {} values, expected M * N = {m} * {}", y.len(), s.n));
+        }
+        if rows.end > m {
+            return fail(format!("rows {rows:?} out of 0..{m}"));
+        }
+        if w.len() != s.weight_bytes() {
+            return fail(format!("w has {} bytes, {} needs {}", w.len(), s.format, s.weight_bytes()));
+        }
+        let bias_ptr = match (s.bias, bias) {
+            (true, Some(b)) if b.len() == s.n => b.as_ptr(),
+            (false, None) => std::ptr::null(),
+            _ => return fail(format!("bias: spec says {}, got {:?} values", s.bias, bias.map(<[f32]>::len))),
+        };
+        let residual_ptr = match (s.residual, residual) {
+            (true, Residual::Input(r)) if r.len() == m * s.n => r.as_ptr(),
+            (true, Residual::InPlace) => y.as_ptr(),
+            (false, Residual::None) => std::ptr::null(),
+            _ => return fail(format!("residual: spec says {}, got {residual:?}", s.residual)),
+        };
+        // SAFETY: all lengths were checked above against the kernel's contract (xq: M rows
+        // of K / 32 blocks, w: the stored weight, bias: [N], residual: [M, N] or y itself,
+        // y: [M, N], rows within 0..M); `y` is a unique borrow, so nothing else overlaps it.
+        unsafe { (self.f)(xq.as_ptr(), w.as_ptr(), bias_ptr, residual_ptr, y.as_mut_ptr(), rows.start, rows.end) };
+        Ok(())
+    }
+}
+
+/// Defines the kernel for `spec` in `module` under `name` and returns its id (signature
+/// [`LinearI8Fn`]).
+pub fn emit_linear_i8(
+    module: &mut JitModule,
+    name: &str,
+    spec: &LinearI8Spec,
+    tiles: &LinearI8Tiles,
+) -> Result<FunctionId, JitError> {
+    spec.validate()?;
+    tiles.validate()?;
+    let ptr = module.pointer_type();
+    let sig = module.signature(&[ptr; 7]);
+    let e = Emitter { spec: *spec, tiles: *tiles, ptr };
+    module.define(name, sig, |b| {
+        e.function(b);
+        Ok(())
+    })
+}
+
+/// The kernel's pointer arguments and row range.
+#[derive(Clone, Copy)]
+struct Args {
+    xq: Value,
+    w: Value,
+    bias: Value,
+    residual: Value,
+    y: Value,
+    m0: Value,
+    m1: Value,
+}
+
+/// One weight-row tile fixed for the `m` loop.
+#[derive(Clone, Copy)]
+struct NTile {
+    /// Row 0 of the tile (stored bytes).
+    w: Value,
+    /// Number of weight rows (outputs).
+    len: usize,
+    /// `bias + n0`, `y + n0`, `residual + n0` (row 0).
+    bias: Value,
+    y: Value,
+    residual: Value,
+}
+
+/// A weight row unpacked for one block: the unsigned operands of `vpmaddubsw` (Q4: the low
+/// and high nibbles) or, for Q8_0, `|qw|` and the mask `qw < 0` of both halves.
+#[derive(Clone, Copy)]
+enum WRow {
+    Q4 { lo: Value, hi: Value },
+    Q8 { abs: [Value; 2], neg: [Value; 2] },
+}
+
+struct Emitter {
+    spec: LinearI8Spec,
+    tiles: LinearI8Tiles,
+    ptr: Type,
+}
+
+impl Emitter {
+    fn x_row_bytes(&self) -> usize {
+        self.spec.k / QBLOCK * QBLOCK_BYTES
+    }
+
+    fn w_row_bytes(&self) -> i32 {
+        (self.spec.k / QBLOCK) as i32 * self.spec.format.block_bytes() as i32
+    }
+
+    fn function(&self, b: &mut FunctionBuilder<'_>) {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let a = Args { xq: p[0], w: p[1], bias: p[2], residual: p[3], y: p[4], m0: p[5], m1: p[6] };
+
+        let work = b.create_block();
+        let exit = b.create_block();
+        let nonempty = b.ins().icmp(IntCC::UnsignedLessThan, a.m0, a.m1);
+        b.ins().brif(nonempty, work, &[], exit, &[]);
+        b.switch_to_block(work);
+
+        let t = self.tiles;
+        if t.gemm_min_rows != usize::MAX {
+            let direct = b.create_block();
+            let gemm = b.create_block();
+            let rows = b.ins().isub(a.m1, a.m0);
+            let many = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, rows, t.gemm_min_rows as i64);
+            b.ins().brif(many, gemm, &[], direct, &[]);
+            b.switch_to_block(gemm);
+            self.n_tiles(b, &a, t.gemm_rows, t.gemm_xrows);
+            b.ins().jump(exit, &[]);
+            b.switch_to_block(direct);
+        }
+        self.n_tiles(b, &a, t.direct_rows, 1);
+        b.ins().jump(exit, &[]);
+
+        b.switch_to_block(exit);
+        b.ins().return_(&[]);
+    }
+
+    /// All `N` outputs in tiles of `len` weight rows (a runtime loop over the full tiles,
+    /// then the remainder tile).
+    fn n_tiles(&self, b: &mut FunctionBuilder<'_>, a: &Args, len: usize, xrows: usize) {
+        let n = self.spec.n;
+        let full = n / len;
+        if full > 0 {
+            let zero = b.ins().iconst(self.ptr, 0);
+            counted_loop(b, self.ptr, full, &[(zero, len as i64)], |b, n0| self.n_tile(b, a, n0[0], len, xrows));
+        }
+        if !n.is_multiple_of(len) {
+            let n0 = b.ins().iconst(self.ptr, (full * len) as i64);
+            self.n_tile(b, a, n0, n % len, xrows);
+        }
+    }
+
+    /// Outputs `n0..n0 + len` for all rows `m0..m1`.
+    fn n_tile(&self, b: &mut FunctionBuilder<'_>, a: &Args, n0: Value, len: usize, xrows: usize) {
+        let w_off = b.ins().imul_imm_u(n0, self.w_row_bytes() as i64);
+        let w = b.ins().iadd(a.w, w_off);
+        let n0_bytes = b.ins().imul_imm_u(n0, 4);
+        let bias = b.ins().iadd(a.bias, n0_bytes);
+        let y = b.ins().iadd(a.y, n0_bytes);
+        let residual = b.ins().iadd(a.residual, n0_bytes);
+        let tile = NTile { w, len, bias, y, residual };
+
+        // for m in m0..m1 step xrows { tile(m, xrows) }, then single rows.
+        let m_var = b.declare_var(self.ptr);
+        b.def_var(m_var, a.m0);
+        let step_loop = |b: &mut FunctionBuilder<'_>, step: usize| {
+            let head = b.create_block();
+            let body = b.create_block();
+            let done = b.create_block();
+            b.ins().jump(head, &[]);
+            b.switch_to_block(head);
+            let m = b.use_var(m_var);
+            let next = b.ins().iadd_imm_s(m, step as i64);
+            let fits = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, next, a.m1);
+            b.ins().brif(fits, body, &[], done, &[]);
+            b.switch_to_block(body);
+            self.tile(b, a, &tile, m, step);
+            b.def_var(m_var, next);
+            b.ins().jump(head, &[]);
+            b.switch_to_block(done);
+        };
+        step_loop(b, xrows);
+        if xrows > 1 {
+            step_loop(b, 1);
+        }
+    }
+
+    /// The register tile: outputs `n0..n0 + tile.len` of rows `m..m + xrows`.
+    fn tile(&self, b: &mut FunctionBuilder<'_>, a: &Args, tile: &NTile, m: Value, xrows: usize) {
+        let s = &self.spec;
+        let x_off = b.ins().imul_imm_u(m, self.x_row_bytes() as i64);
+        let x = b.ins().iadd(a.xq, x_off);
+        let y_off = b.ins().imul_imm_u(m, (s.n * 4) as i64);
+        let y = b.ins().iadd(tile.y, y_off);
+        let residual = b.ins().iadd(tile.residual, y_off);
+
+        let groups = tile.len.div_ceil(4);
+        let zero = f32s(b, 0.0);
+        // acc[g * xrows + c]: lane r = output (row 4 g + r of the tile, row c of x).
+        let acc: Vec<Variable> = (0..groups * xrows)
+            .map(|_| {
+                let v = b.declare_var(F32X4);
+                b.def_var(v, zero);
+                v
+            })
+            .collect();
+
+        // exps[g]: lane-wise maximum of the f16 exponent bits of the group's block scales.
+        let zero16 = vconst_bytes(b, I16X8, [0; 16]);
+        let exps: Vec<Variable> = (0..groups)
+            .map(|_| {
+                let v = b.declare_var(I16X8);
+                b.def_var(v, zero16);
+                v
+            })
+            .collect();
+
+        let trips = s.k / QBLOCK;
+        let steps = [(x, QBLOCK_BYTES as i64), (tile.w, s.format.block_bytes() as i64)];
+        counted_loop(b, self.ptr, trips, &steps, |b, p| self.block(b, p[0], p[1], tile.len, xrows, (&acc, &exps)));
+        barrier(b, &acc, F32X4);
+        barrier(b, &exps, I16X8);
+
+        // A row with an inf/NaN block scale (exponent bits 0x7C00) gives NaN outputs.
+        for (g, &e) in exps.iter().enumerate() {
+            let seen = b.use_var(e);
+            let special = u16s(b, I16X8, 0x7C00);
+            let bad16 = b.ins().icmp(IntCC::Equal, seen, special);
+            let bad16 = cast(b, I32X4, bad16);
+            let zero = vconst_bytes(b, I32X4, [0; 16]);
+            let bad = b.ins().icmp(IntCC::NotEqual, bad16, zero);
+            let nan = f32s(b, f32::NAN);
+            for c in 0..xrows {
+                let a = b.use_var(acc[g * xrows + c]);
+                let a = select_lanes(b, bad, nan, a);
+                b.def_var(acc[g * xrows + c], a);
+            }
+        }
+
+        // Epilogue: each accumulator holds four consecutive outputs of one row.
+        for c in 0..xrows {
+            for g in 0..groups {
+                let lanes = (tile.len - 4 * g).min(4);
+                let mut out = b.use_var(acc[g * xrows + c]);
+                if s.bias {
+                    let bv = load_f32_partial(b, ro(), tile.bias, (16 * g) as i32, lanes);
+                    out = b.ins().fadd(out, bv);
+                }
+                out = activation(b, s.activation, out);
+                let y_at = ((c * s.n + 4 * g) * 4) as i32;
+                if s.residual {
+                    let rv = load_f32_partial(b, rw(), residual, y_at, lanes);
+                    out = b.ins().fadd(rv, out);
+                }
+                store_f32_partial(b, out, y, y_at, lanes);
+            }
+        }
+    }
+
+    /// One block of 32 along `K` for rows `0..len` of the weight tile at `wp` (block of row
+    /// 0) and rows `0..xrows` of `x` at `xp` (block of row 0).
+    fn block(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        xp: Value,
+        wp: Value,
+        len: usize,
+        xrows: usize,
+        (acc, exps): (&[Variable], &[Variable]),
+    ) {
+        let f = self.spec.format;
+        let xs = self.x_row_bytes() as i32;
+        let ws = self.w_row_bytes();
+        let mask = match f {
+            Format::Q8_0 => vconst_bytes(b, I8X16, [0; 16]),
+            _ => vconst_bytes(b, I8X16, [0x0F; 16]),
+        };
+        // With one row of x its q is loaded once and shared by the rows; with several each
+        // use loads it again (folded into `vpmaddubsw` as a memory operand).
+        let shared: Option<[Value; 2]> =
+            (xrows == 1).then(|| std::array::from_fn(|h| b.ins().load(I8X16, ro(), xp, Q_OFF + 16 * h as i32)));
+        let xq = |b: &mut FunctionBuilder<'_>, c: usize, h: usize| match shared {
+            Some(v) => v[h],
+            None => b.ins().load(I8X16, ro(), xp, c as i32 * xs + Q_OFF + 16 * h as i32),
+        };
+
+        // Per row of x: `d` and `s` broadcast, Q4_0's `8 * sum`. With one row of x they are
+        // loaded once and shared by the groups; with several, at each use (register pressure).
+        let per_x_at = |b: &mut FunctionBuilder<'_>, c: usize| -> (Value, Option<Value>) {
+            let xc = c as i32 * xs;
+            let dx = b.ins().load(F32, ro(), xp, xc + D_OFF);
+            let dx = b.ins().splat(F32X4, dx);
+            let extra = match f {
+                Format::Q4_1 => {
+                    let sx = b.ins().load(F32, ro(), xp, xc + S_OFF);
+                    Some(b.ins().splat(F32X4, sx))
+                }
+                Format::Q4_0 => {
+                    let sum = b.ins().load(I32, ro(), xp, xc + SUM_OFF);
+                    let sum8 = b.ins().ishl_imm_u(sum, 3);
+                    Some(b.ins().splat(I32X4, sum8))
+                }
+                _ => None,
+            };
+            (dx, extra)
+        };
+        let shared_x: Option<(Value, Option<Value>)> = (xrows == 1).then(|| per_x_at(b, 0));
+        let groups: Vec<Vec<i32>> =
+            (0..len.div_ceil(4)).map(|g| (4 * g..len.min(4 * g + 4)).map(|r| r as i32 * ws).collect()).collect();
+        // Emission order (kept by `opt_level=none`): the scales of every group first (long
+        // dependency chains), then the integer dot products, then the float updates, so the
+        // out-of-order core finds independent work next to each chain.
+        let mut scales = Vec::new();
+        for (g, rows) in groups.iter().enumerate() {
+            let (dw, mw, e) = self.weight_scales(b, wp, rows);
+            let seen = b.use_var(exps[g]);
+            let seen = b.ins().umax(seen, e);
+            b.def_var(exps[g], seen);
+            scales.push((dw, mw));
+        }
+        let mut isums: Vec<Vec<Value>> = Vec::new();
+        for rows in &groups {
+            // t[pair][c]: i32x4 [row a part A, row b part A, row a part B, row b part B]
+            // (A + B = the row's dot product).
+            let mut t: Vec<Vec<Value>> = Vec::new();
+            for pair in [[0usize, 1], [2, 3]] {
+                let [ra, rb] = pair.map(|r| r.min(rows.len() - 1));
+                if pair[0] >= rows.len() {
+                    t.push(t[0].clone()); // no rows 2, 3: duplicate (lanes never stored)
+                    continue;
+                }
+                let wa = self.unpack(b, wp, rows[ra], mask);
+                let wb = if rb == ra { None } else { Some(self.unpack(b, wp, rows[rb], mask)) };
+                let tc = (0..xrows)
+                    .map(|c| {
+                        let pa = self.products(b, wa, c, &xq);
+                        let pb = match wb {
+                            Some(wb) => self.products(b, wb, c, &xq),
+                            None => pa,
+                        };
+                        self.combine_pair(b, pa, pb)
+                    })
+                    .collect();
+                t.push(tc);
+            }
+            isums.push(
+                (0..xrows)
+                    .map(|c| {
+                        let (t01, t23) = (t[0][c], t[1][c]);
+                        let lo = shuffle4(b, t01, t23, [0, 1, 4, 5]);
+                        let hi = shuffle4(b, t01, t23, [2, 3, 6, 7]);
+                        b.ins().iadd(lo, hi)
+                    })
+                    .collect(),
+            );
+        }
+        for (g, ((dw, mw), isum)) in scales.into_iter().zip(isums).enumerate() {
+            for (c, mut isum) in isum.into_iter().enumerate() {
+                let (dx, extra) = match shared_x {
+                    Some(v) => v,
+                    None => per_x_at(b, c),
+                };
+                if f == Format::Q4_0 {
+                    isum = b.ins().isub(isum, extra.unwrap());
+                }
+                let fsum = b.ins().fcvt_from_sint(F32X4, isum);
+                let scale = b.ins().fmul(dx, dw);
+                let a = acc[g * xrows + c];
+                let prev = b.use_var(a);
+                let mut next = b.ins().fma(scale, fsum, prev);
+                if let (Some(mw), Some(sx)) = (mw, extra) {
+                    next = b.ins().fma(mw, sx, next); // `mw` dies here, `sx` is shared
+                }
+                b.def_var(a, next);
+            }
+        }
+    }
+
+    /// The block scales of up to four rows (block at `wp + rows[j]`), widened to f32 (lane
+    /// `j` for row `j`): `dw`, `mw` for Q4_1, and the f16 exponent bits of both (`i16x8`; a
+    /// lane equals 0x7C00 for an inf/NaN scale) for the caller's sticky check.
+    ///
+    /// Each row's first 16 bytes are loaded as a vector (the scales are its low dword) and
+    /// the four dwords gathered with three unpacks. The widening is
+    /// [`crate::emit::f16_to_f32`]'s (mask the sign and exponent/mantissa into an f32 that is
+    /// the value times 2^-112, multiply by 2^112), exact for finite scales, without its
+    /// inf/NaN fix-up: an inf/NaN scale instead makes the whole output column NaN (see the
+    /// module docs), which the caller implements with the exponent bits returned here.
+    fn weight_scales(&self, b: &mut FunctionBuilder<'_>, wp: Value, rows: &[i32]) -> (Value, Option<Value>, Value) {
+        let q4_1 = self.spec.format == Format::Q4_1;
+        let at = |j: usize| rows[j.min(rows.len() - 1)];
+        let ld = |b: &mut FunctionBuilder<'_>, j: usize| b.ins().load(I32X4, ro(), wp, at(j));
+        let (v0, v1) = (ld(b, 0), ld(b, 1));
+        let v01 = shuffle4(b, v0, v1, [0, 4, 1, 5]);
+        let (v2, v3) = (ld(b, 2), ld(b, 3));
+        let v23 = shuffle4(b, v2, v3, [0, 4, 1, 5]);
+        let v = shuffle4(b, v01, v23, [0, 1, 4, 5]);
+
+        let sign_mag = i32s(b, 0x8FFF_E000);
+        let pow112 = f32s(b, f32::from_bits((127 + 112) << 23));
+        let widen = |b: &mut FunctionBuilder<'_>, t: Value| {
+            // `t`: the f16 in bits 31..16, sign-extended 3 bits (sign in 31..28).
+            let o = b.ins().band(t, sign_mag);
+            let o = cast(b, F32X4, o);
+            b.ins().fmul(o, pow112)
+        };
+        let d_hi = b.ins().ishl_imm_u(v, 16);
+        let d_t = b.ins().sshr_imm_u(d_hi, 3);
+        let dw = widen(b, d_t);
+        let mw = q4_1.then(|| {
+            let m_t = b.ins().sshr_imm_u(v, 3);
+            widen(b, m_t)
+        });
+        // Exponent bits of d (low half) and, for Q4_1, m (high half; otherwise the high half
+        // holds quants and is masked out).
+        let exp_bits = if q4_1 { 0x7C00_7C00 } else { 0x0000_7C00 };
+        let exp_mask = i32s(b, exp_bits);
+        let e = b.ins().band(v, exp_mask);
+        (dw, mw, cast(b, I16X8, e))
+    }
+
+    /// Row `c` of x times an unpacked weight row: an i16x8 (Q4: lane sums of four
+    /// products) or i32x4 (Q8_0: of eight) whose lanes add up to the block's dot product.
+    fn products(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        w: WRow,
+        c: usize,
+        xq: &dyn Fn(&mut FunctionBuilder<'_>, usize, usize) -> Value,
+    ) -> Value {
+        match w {
+            WRow::Q4 { lo, hi } => {
+                let x0 = xq(b, c, 0);
+                let p0 = b.ins().x86_pmaddubsw(x0, lo);
+                let x1 = xq(b, c, 1);
+                let p1 = b.ins().x86_pmaddubsw(x1, hi);
+                b.ins().iadd(p0, p1)
+            }
+            WRow::Q8 { abs, neg } => {
+                let e: [Value; 2] = std::array::from_fn(|h| {
+                    // q * sign(qw): (q ^ m) - m with m = (qw < 0 ? -1 : 0).
+                    let x = xq(b, c, h);
+                    let flip = b.ins().bxor(x, neg[h]);
+                    let sx = b.ins().isub(flip, neg[h]);
+                    let p = b.ins().x86_pmaddubsw(sx, abs[h]);
+                    pairwise_i32(b, p)
+                });
+                b.ins().iadd(e[0], e[1])
+            }
+        }
+    }
+
+    /// Loads and unpacks weight row `row` (block at `wp + row`) for `vpmaddubsw`.
+    fn unpack(&self, b: &mut FunctionBuilder<'_>, wp: Value, row: i32, mask: Value) -> WRow {
+        match self.spec.format {
+            Format::Q8_0 => {
+                let half = |b: &mut FunctionBuilder<'_>, h: i32| {
+                    // Two loads of the same bytes, each folded into its instruction.
+                    let w = b.ins().load(I8X16, ro(), wp, row + 2 + 16 * h);
+                    let abs = b.ins().iabs(w);
+                    let w = b.ins().load(I8X16, ro(), wp, row + 2 + 16 * h);
+                    let neg = b.ins().icmp(IntCC::SignedLessThan, w, mask);
+                    (abs, neg)
+                };
+                let (a0, n0) = half(b, 0);
+                let (a1, n1) = half(b, 1);
+                WRow::Q8 { abs: [a0, a1], neg: [n0, n1] }
+            }
+            f => {
+                let at = row + if f == Format::Q4_1 { 4 } else { 2 };
+                let qs = b.ins().load(I8X16, ro(), wp, at);
+                let lo = b.ins().band(qs, mask);
+                let q16 = cast(b, I16X8, qs);
+                let shifted = b.ins().ushr_imm_u(q16, 4);
+                let shifted = cast(b, I8X16, shifted);
+                let hi = b.ins().band(shifted, mask);
+                WRow::Q4 { lo, hi }
+            }
+        }
+    }
+
+    /// Reduces the products of rows a and b (`row_products` of one x row) to an i32x4
+    /// `[a part A, b part A, a part B, b part B]` (`A + B` = the row's dot product).
+    fn combine_pair(&self, b: &mut FunctionBuilder<'_>, pa: Value, pb: Value) -> Value {
+        let lo = shuffle4(b, pa, pb, [0, 4, 1, 5]);
+        let hi = shuffle4(b, pa, pb, [2, 6, 3, 7]);
+        let s = b.ins().iadd(lo, hi);
+        match self.spec.format {
+            // i16 lanes of at most 4 * 2 * 3810 = 15240: still exact.
+            Format::Q4_0 | Format::Q4_1 => pairwise_i32(b, s),
+            _ => s,
+        }
+    }
+}
+
+/// `vpmaddwd` against ones: i32 lane `j` = i16 lanes `2j + 2j+1` of `v`, exactly.
+fn pairwise_i32(b: &mut FunctionBuilder<'_>, v: Value) -> Value {
+    let lo = b.ins().swiden_low(v);
+    let hi = b.ins().swiden_high(v);
+    b.ins().iadd_pairwise(lo, hi)
+}
+
+/// `trips` iterations of `body` over pointers `(initial, step)` (the first one's step must
+/// be nonzero: it is the counter), in the `while` shape that keeps loads foldable; a copy of
+/// `linear::counted_loop` (see there).
+fn counted_loop(
+    b: &mut FunctionBuilder<'_>,
+    ptr_ty: Type,
+    trips: usize,
+    ptrs: &[(Value, i64)],
+    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
+) -> Vec<Value> {
+    let advance = |b: &mut FunctionBuilder<'_>, cur: &[Value], times: i64| -> Vec<Value> {
+        cur.iter().zip(ptrs).map(|(&p, &(_, step))| b.ins().iadd_imm_s(p, step * times)).collect()
+    };
+    let init: Vec<Value> = ptrs.iter().map(|&(p, _)| p).collect();
+    match trips {
+        0 => return init,
+        1 => {
+            body(b, &init);
+            return advance(b, &init, 1);
+        }
+        _ => {}
+    }
+    debug_assert_ne!(ptrs[0].1, 0);
+    let end = b.ins().iadd_imm_s(init[0], ptrs[0].1 * trips as i64);
+    let vars: Vec<Variable> = init
+        .iter()
+        .map(|&p| {
+            let v = b.declare_var(ptr_ty);
+            b.def_var(v, p);
+            v
+        })
+        .collect();
+    let header = b.create_block();
+    let lp = b.create_block();
+    let done = b.create_block();
+    b.ins().jump(header, &[]);
+    b.switch_to_block(header);
+    let cur: Vec<Value> = vars.iter().map(|&v| b.use_var(v)).collect();
+    let more = b.ins().icmp(IntCC::NotEqual, cur[0], end);
+    b.ins().brif(more, lp, &[], done, &[]);
+    b.switch_to_block(lp);
+    body(b, &cur);
+    let next = advance(b, &cur, 1);
+    for (&v, &n) in vars.iter().zip(&next) {
+        b.def_var(v, n);
+    }
+    b.ins().jump(header, &[]);
+    b.switch_to_block(done);
+    cur
+}
+
+/// Routes the current values of `vars` through the parameters of a fresh block (see
+/// `linear::barrier`).
+fn barrier(b: &mut FunctionBuilder<'_>, vars: &[Variable], ty: Type) {
+    let next = b.create_block();
+    let args: Vec<BlockArg> = vars.iter().map(|&v| BlockArg::Value(b.use_var(v))).collect();
+    let params: Vec<Value> = vars.iter().map(|_| b.append_block_param(next, ty)).collect();
+    b.ins().jump(next, &args);
+    b.switch_to_block(next);
+    for (&v, p) in vars.iter().zip(params) {
+        b.def_var(v, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The portable quantizer (used without AVX2) gives the same blocks as the AVX2 one.
+    #[test]
+    fn portable_and_avx2_quantizers_agree() {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut x: Vec<f32> = (0..64 * 32)
+            .map(|i| {
+                let r = next();
+                let v = (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                v * [1.0, 1e-3, 300.0, 1e-38][i / 32 % 4]
+            })
+            .collect();
+        x[5 * 32..6 * 32].fill(0.0);
+        x[7 * 32 + 3] = f32::NAN;
+        x[9 * 32 + 4] = f32::INFINITY;
+        x[11 * 32..12 * 32].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 - 15.5); // .5 steps
+        let mut portable = vec![QBlock::default(); 64];
+        quantize_all(&x, &mut portable);
+        let mut q = QuantizedActivations::new();
+        quantize_rows(&x, 32 * 8, &mut q);
+        for (i, (a, b)) in portable.iter().zip(q.blocks()).enumerate() {
+            assert_eq!(a.q, b.q, "block {i}");
+            assert_eq!((a.d.to_bits(), a.s.to_bits(), a.sum), (b.d.to_bits(), b.s.to_bits(), b.sum), "block {i}");
+        }
+        assert!(portable[7].d.is_nan());
+    }
+}
