@@ -973,6 +973,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&[f32]>, c
     attention_over(q, &keys, key_mask, causal, scale)
 }
 
+/// Query rows per head up to which attention uses dot products instead of a GEMM.
+const FEW_QUERIES: usize = 4;
+
 /// Keys and values `[b, heads, capacity, d]` / `[b, heads, capacity, dv]` of which the first
 /// `len` positions of every head are valid: the layout of a KV cache with room to grow.
 #[derive(Clone, Copy, Debug)]
@@ -1015,7 +1018,18 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
         let mrow = key_mask.map(|m| &m[bi * t..(bi + 1) * t]);
         scores.resize(s * t, 0.0);
         // scores[i, j] = scale * sum_p q[i, p] k[j, p]
-        gemm(s, d, t, scale, qb, d, 1, kb, 1, d, 0.0, scores, t, 1);
+        if s <= FEW_QUERIES {
+            // Decoding: a few query rows against many cached keys; packing for a GEMM
+            // would cost more than the dot products.
+            for (i, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(s) {
+                let qi = &qb[i * d..][..d];
+                for (j, sc) in row.iter_mut().enumerate() {
+                    *sc = scale * dot(qi, &kb[j * d..][..d]);
+                }
+            }
+        } else {
+            gemm(s, d, t, scale, qb, d, 1, kb, 1, d, 0.0, scores, t, 1);
+        }
         for (i, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(s) {
             let lim = if causal { (i as isize + shift + 1).clamp(0, t as isize) as usize } else { t };
             let allowed = |j: usize| mrow.is_none_or(|m| m[j] != 0.0);
@@ -1044,14 +1058,31 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
             }
         }
         // out[i, c] = sum_j p[i, j] v[j, c]
-        gemm(s, t, dv, 1.0, scores, t, 1, vb, dv, 1, 0.0, o, dv, 1);
+        if s <= FEW_QUERIES {
+            for (i, oi) in o.chunks_exact_mut(dv.max(1)).enumerate().take(s) {
+                oi.fill(0.0);
+                for (j, &p) in scores[i * t..][..t].iter().enumerate() {
+                    if p != 0.0 {
+                        for (acc, &vv) in oi.iter_mut().zip(&vb[j * dv..][..dv]) {
+                            *acc += p * vv;
+                        }
+                    }
+                }
+            }
+        } else {
+            gemm(s, t, dv, 1.0, scores, t, 1, vb, dv, 1, 0.0, o, dv, 1);
+        }
     };
 
     let per_head = s * dv;
-    if b * hq > 1 {
+    // Threads only pay off for more than a few microseconds of work (not for decoding).
+    if b * hq > 1 && b * hq * s * t * (d + dv) >= 1 << 18 {
         out.par_chunks_mut(per_head).enumerate().for_each_init(Vec::new, |scores, (bh, o)| head(scores, bh, o));
     } else {
-        head(&mut Vec::new(), 0, &mut out);
+        let mut scores = Vec::new();
+        for (bh, o) in out.chunks_mut(per_head).enumerate() {
+            head(&mut scores, bh, o);
+        }
     }
     Tensor::new(shape, out)
 }
