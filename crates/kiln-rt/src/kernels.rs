@@ -205,6 +205,28 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     Tensor::new(shape, y)
 }
 
+/// `y = x W^T (+ b)` over rows of `x` (`[m, k]` row-major, `w` `[n, k]`, `y` `[m, n]`), always
+/// with sgemm. Each output is summed in an order that depends only on `k` (sgemm's blocking
+/// along `k`), never on `m`, so calls over any split of the rows give the same bits; that
+/// is what executors that split rows across threads need (unlike [`linear`], which takes
+/// a GEMV path for a single row).
+pub fn linear_rows(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let m = if k == 0 { y.len() / n.max(1) } else { x.len() / k };
+    debug_assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n, "linear_rows: shapes");
+    let beta = match bias {
+        Some(b) => {
+            for row in y.chunks_exact_mut(n.max(1)) {
+                row.copy_from_slice(b);
+            }
+            1.0
+        }
+        None => 0.0,
+    };
+    if m > 0 && n > 0 {
+        gemm(m, k, n, 1.0, x, k, 1, w, 1, k, beta, y, n, 1);
+    }
+}
+
 /// Numpy broadcasting of two shapes (right-aligned; a dim of 1 stretches).
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
     let r = a.len().max(b.len());
@@ -443,18 +465,25 @@ fn map_unary(x: &Tensor, heavy: bool, f: impl Fn(f32) -> f32 + Sync + Send) -> T
 
 /// `op(x)` elementwise; same shape as `x`. See [`UnaryOp`] for each op's exact definition.
 pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
+    let heavy =
+        matches!(op, UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Silu | UnaryOp::Gelu);
+    map_unary(x, heavy, unary_fn(op))
+}
+
+/// The scalar function of a unary op (what [`unary`] applies to every element).
+pub fn unary_fn(op: UnaryOp) -> fn(f32) -> f32 {
     match op {
-        UnaryOp::Neg => map_unary(x, false, |v| -v),
-        UnaryOp::Exp => map_unary(x, true, f32::exp),
-        UnaryOp::Log => map_unary(x, true, f32::ln),
-        UnaryOp::Sqrt => map_unary(x, false, f32::sqrt),
-        UnaryOp::Rsqrt => map_unary(x, false, |v| (1.0 / (v as f64).sqrt()) as f32),
-        UnaryOp::Recip => map_unary(x, false, |v| 1.0 / v),
-        UnaryOp::Tanh => map_unary(x, true, f32::tanh),
-        UnaryOp::Sigmoid => map_unary(x, true, sigmoid),
-        UnaryOp::Relu => map_unary(x, false, |v| if v < 0.0 { 0.0 } else { v }),
-        UnaryOp::Silu => map_unary(x, true, |v| v * sigmoid(v)),
-        UnaryOp::Gelu => map_unary(x, true, gelu),
+        UnaryOp::Neg => |v| -v,
+        UnaryOp::Exp => f32::exp,
+        UnaryOp::Log => f32::ln,
+        UnaryOp::Sqrt => f32::sqrt,
+        UnaryOp::Rsqrt => |v| (1.0 / (v as f64).sqrt()) as f32,
+        UnaryOp::Recip => |v| 1.0 / v,
+        UnaryOp::Tanh => f32::tanh,
+        UnaryOp::Sigmoid => sigmoid,
+        UnaryOp::Relu => |v| if v < 0.0 { 0.0 } else { v },
+        UnaryOp::Silu => |v| v * sigmoid(v),
+        UnaryOp::Gelu => gelu,
     }
 }
 
@@ -1234,6 +1263,31 @@ mod tests {
             out.push(acc);
         }
         (shape, out)
+    }
+
+    /// `linear_rows` matches a naive f64 reference, and rows computed in separate calls
+    /// (a thread split, a batch) are bitwise the rows of one call.
+    #[test]
+    fn linear_rows_is_split_invariant() {
+        for (m, k, n) in [(1, 7, 5), (7, 384, 33), (13, 64, 130)] {
+            let x = rand_tensor(&[m, k], 1, 1.0);
+            let w = rand_tensor(&[n, k], 2, 1.0);
+            let b = rand_tensor(&[n], 3, 1.0);
+            let mut whole = vec![0f32; m * n];
+            linear_rows(&x.data, k, &w.data, n, Some(&b.data), &mut whole);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|p| x.data[r * k + p] as f64 * w.data[j * k + p] as f64).sum::<f64>()
+                        + b.data[j] as f64;
+                    assert!((whole[r * n + j] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "({m},{k},{n})");
+                }
+            }
+            for r in 0..m {
+                let mut one = vec![0f32; n];
+                linear_rows(&x.data[r * k..][..k], k, &w.data, n, Some(&b.data), &mut one);
+                assert!(one.iter().zip(&whole[r * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {r} alone");
+            }
+        }
     }
 
     #[test]
