@@ -211,7 +211,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
 /// is what executors that split rows across threads need (unlike [`linear`], which takes
 /// a GEMV path for a single row).
 pub fn linear_rows(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
-    let m = if k == 0 { y.len() / n.max(1) } else { x.len() / k };
+    let m = x.len().checked_div(k).unwrap_or(y.len() / n.max(1));
     debug_assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n, "linear_rows: shapes");
     let beta = match bias {
         Some(b) => {
