@@ -16,6 +16,7 @@
 
 pub mod arena_plan;
 pub mod engine;
+pub mod epilogue;
 pub mod isa;
 pub mod linear;
 pub mod linear_i8;
