@@ -1002,6 +1002,32 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, key_mask: Option<&[f32]>, c
     attention_over(q, &keys, key_mask, causal, scale)
 }
 
+/// `e^x` in place for `x <= 0` (the shifted scores of a softmax), within 2 ulp of the exact
+/// value; `-inf` and anything below `-87.33` (where `e^x` leaves the normal f32 range) give 0. Branch-free so that it
+/// vectorizes: `x = n ln2 + r` with `|r| <= ln2 / 2` (Cody-Waite), `e^r` by its Taylor
+/// series to `r^7` (truncation below 6e-9 relative), times `2^n` built in the exponent bits.
+pub fn exp_nonpositive(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    for v in xs.iter_mut() {
+        let x = v.max(-87.33);
+        let n = (x * LOG2E + ROUND) - ROUND;
+        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let mut p = 1.0 / 5040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        *v = if *v < -87.33 { 0.0 } else { p * scale };
+    }
+}
+
 /// Query rows per head up to which attention uses dot products instead of a GEMM.
 const FEW_QUERIES: usize = 4;
 
@@ -1074,12 +1100,11 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
                 row.fill(0.0);
                 continue;
             }
-            let mut sum = 0f64;
             for (j, sc) in row[..lim].iter_mut().enumerate() {
-                let p = if allowed(j) { (*sc - mx).exp() } else { 0.0 };
-                *sc = p;
-                sum += p as f64;
+                *sc = if allowed(j) { *sc - mx } else { f32::NEG_INFINITY };
             }
+            exp_nonpositive(&mut row[..lim]);
+            let sum: f64 = row[..lim].iter().map(|&p| p as f64).sum();
             row[lim..].fill(0.0);
             let inv = 1.0 / sum;
             for sc in row[..lim].iter_mut() {
@@ -1263,6 +1288,25 @@ mod tests {
             out.push(acc);
         }
         (shape, out)
+    }
+
+    /// `exp_nonpositive` against f64 `exp` over the whole range it serves, within 2 ulp.
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp() {
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -(i as f32) * 88.0 / 200_000.0).collect();
+        xs.extend([0.0, -0.0, -1e-30, -87.2, -87.32, -87.34, -100.0, f32::NEG_INFINITY]);
+        let mut got = xs.clone();
+        exp_nonpositive(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = (x as f64).exp();
+            if x < -87.33 {
+                assert_eq!(g, 0.0, "exp({x})");
+                continue;
+            }
+            // (near the bottom of the range, results are subnormal: absolute precision)
+            let ulp = ((want as f32).abs() * f32::EPSILON).max(f32::from_bits(1));
+            assert!(((g as f64) - want).abs() <= 2.0 * ulp as f64, "exp({x}) = {g}, want {want}");
+        }
     }
 
     /// `linear_rows` matches a naive f64 reference, and rows computed in separate calls
