@@ -4,10 +4,20 @@
 //!
 //! ```sh
 //! cargo run --release -p kiln-jit --example i8_timing [-- --formats q4_1,q4_0,q8_0]
-//!     [--shapes 576x1536,...] [--m 1,128] [--tiles D,R,X,MIN] [--best] [--no-f32]
+//!     [--shapes 576x1536,...] [--m 1,128] [--tiles D,R,X,MIN] [--panel P] [--best] [--no-f32]
 //! cargo run --release -p kiln-jit --example i8_timing -- --disasm q4_1 576 1536 [--tiles ..]
 //! cargo run --release -p kiln-jit --example i8_timing -- --sweep M --formats q4_1 --shapes 576x576 \
 //!     --tiles D,R,X,MIN --tiles ...
+//! ```
+//!
+//! `--panel P` times the kernels on weights packed into panels of `P` rows (`pack_weight`).
+//! `--cold` times GEMV on weights streamed from memory instead (see `cold`), for each
+//! `--tiles` and each of `--panels 0,16,..` (0: as stored), with `--threads T` splitting
+//! columns as the engine does:
+//!
+//! ```sh
+//! cargo run --release -p kiln-jit --example i8_timing -- --cold --threads 2 --panels 0,16 \
+//!     --formats q4_1,q8_0 --shapes 576x1536,576x49152
 //! ```
 //!
 //! `--sweep M` compares tilings on one problem, timing them interleaved and keeping each
@@ -60,12 +70,20 @@ fn main() {
     };
     let ms: Vec<usize> =
         opt("--m").unwrap_or_else(|| "1,128".into()).split(',').map(|m| m.parse().expect("M")).collect();
+    if args.iter().any(|a| a == "--cold") {
+        let threads = opt("--threads").map_or(1, |t| t.parse().expect("threads"));
+        let panels: Vec<usize> =
+            opt("--panels").unwrap_or_else(|| "0".into()).split(',').map(|p| p.parse().expect("panel")).collect();
+        cold(&isa, &formats, &shapes, &all_tiles, &panels, threads);
+        return;
+    }
     if let Some(m) = opt("--sweep") {
         sweep(&isa, formats[0], shapes[0], m.parse().expect("M"), &all_tiles);
         return;
     }
     BEST.store(args.iter().any(|a| a == "--best"), std::sync::atomic::Ordering::Relaxed);
     let with_f32 = !args.iter().any(|a| a == "--no-f32");
+    let panel: usize = opt("--panel").map_or(0, |p| p.parse().expect("panel"));
 
     println!("host: {}  tiles: {tiles:?}", isa.features());
     println!(
@@ -74,17 +92,25 @@ fn main() {
     );
     for &format in &formats {
         for &(k, n) in &shapes {
-            let spec = LinearI8Spec::new(k, n, format);
+            let spec = LinearI8Spec::new(k, n, format).packed(panel);
             let kernel = LinearI8Kernel::compile_with(&isa, spec, tiles, false).unwrap();
             let f32_kernel = with_f32.then(|| LinearKernel::compile(&isa, LinearSpec::new(k, n, format)).unwrap());
             let w = weight(format, n, k, 1);
+            let w_i8 = match panel {
+                0 => w.clone(),
+                _ => {
+                    let mut out = vec![0; w.len()];
+                    kiln_jit::linear_i8::pack_weight(&spec, &w, &mut out).unwrap();
+                    out
+                }
+            };
             for &m in &ms {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
                 let mut xq = QuantizedActivations::new();
                 quantize_rows(&x, k, &mut xq);
                 let mut y = vec![0.0f32; m * n];
                 let ops = 2.0 * (m * n * k) as f64;
-                let t_i8 = time(|| kernel.run(&xq, &w, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
+                let t_i8 = time(|| kernel.run(&xq, &w_i8, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
                 let t_q = time(|| quantize_rows(&x, k, &mut xq)).as_secs_f64();
                 let (f32_us, f32_rate, speedup) = match &f32_kernel {
                     Some(fk) => {
@@ -145,6 +171,119 @@ fn sweep(isa: &HostIsa, format: Format, (k, n): (usize, usize), m: usize, all: &
     for (t, s) in all.iter().zip(best) {
         println!("{format} K={k} N={n} M={m} {t:?}: {:.1} us, {:.1} GOP/s", s * 1e6, ops / s * 1e-9);
     }
+}
+
+/// GEMV (M = 1) with weights streamed from memory: each kernel cycles through copies of its
+/// weight totaling >= 256 MB, as decode does (every weight read once per token). Tilings are
+/// timed interleaved, best of ~2 s; a plain sequential read of the same bytes is the
+/// reference. With `--threads T` the columns are split across a pool as the engine does.
+fn cold(
+    isa: &HostIsa,
+    formats: &[Format],
+    shapes: &[(usize, usize)],
+    tiles: &[LinearI8Tiles],
+    panels: &[usize],
+    threads: usize,
+) {
+    let tiles = if tiles.is_empty() { vec![LinearI8Tiles::default()] } else { tiles.to_vec() };
+    let all: Vec<(LinearI8Tiles, usize)> = tiles.iter().flat_map(|&t| panels.iter().map(move |&p| (t, p))).collect();
+    let pool = kiln_rt::Pool::new(threads);
+    for &format in formats {
+        for &(k, n) in shapes {
+            let spec = LinearI8Spec::new(k, n, format);
+            let w = weight(format, n, k, 1);
+            let copies = (256usize << 20).div_ceil(w.len()).max(2);
+            // Per panel size, the copies in that layout.
+            let ws: Vec<Vec<Vec<u8>>> = panels
+                .iter()
+                .map(|&p| {
+                    let w = match p {
+                        0 => w.clone(),
+                        p => {
+                            let mut out = vec![0; w.len()];
+                            kiln_jit::linear_i8::pack_weight(&spec.packed(p), &w, &mut out).unwrap();
+                            let t = time(|| kiln_jit::linear_i8::pack_weight(&spec.packed(p), &w, &mut out).unwrap());
+                            println!(
+                                "{format} {k}x{n} pack_weight panel {p}: {:.2} GB/s",
+                                w.len() as f64 / t.as_secs_f64() * 1e-9
+                            );
+                            out
+                        }
+                    };
+                    (0..copies).map(|_| w.clone()).collect()
+                })
+                .collect();
+            let parts = kiln_rt::split(n, threads, 16);
+            let kernels: Vec<Vec<(usize, LinearI8Kernel)>> = all
+                .iter()
+                .map(|&(t, panel)| {
+                    parts
+                        .iter()
+                        .map(|p| {
+                            let s = LinearI8Spec { n: p.len(), panel, ..spec };
+                            (p.start, LinearI8Kernel::compile_with(isa, s, t, false).unwrap())
+                        })
+                        .collect()
+                })
+                .collect();
+            let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let mut xq = QuantizedActivations::new();
+            quantize_rows(&x, k, &mut xq);
+            let mut y = vec![0.0f32; n];
+            let row_bytes = w.len() / n;
+            let yp = y.as_mut_ptr() as usize;
+            let mut best = vec![f64::MAX; all.len() + 1];
+            let start = Instant::now();
+            let mut c = 0;
+            while start.elapsed() < Duration::from_secs(2) {
+                for (i, best) in best.iter_mut().enumerate() {
+                    c = (c + 1) % copies;
+                    let wc = &ws[if i == all.len() { 0 } else { i % panels.len() }][c];
+                    let t = Instant::now();
+                    if i == all.len() {
+                        pool.for_ranges(wc.len() / 64, 1, 0, |r| {
+                            std::hint::black_box(read_all(&wc[r.start * 64..r.end * 64]));
+                        });
+                    } else {
+                        pool.for_ranges(kernels[i].len(), 1, 0, |r| {
+                            for (n0, kernel) in &kernels[i][r] {
+                                let s = kernel.spec();
+                                // SAFETY: columns n0.. of the weight, x and y as the contract says.
+                                unsafe {
+                                    (kernel.entry())(
+                                        xq.as_ptr(),
+                                        wc.as_ptr().add(n0 * row_bytes),
+                                        std::ptr::null(),
+                                        std::ptr::null(),
+                                        (yp as *mut f32).add(*n0),
+                                        0,
+                                        1,
+                                    )
+                                };
+                                let _ = s;
+                            }
+                        });
+                    }
+                    *best = best.min(t.elapsed().as_secs_f64());
+                }
+            }
+            let gb = w.len() as f64 * 1e-9;
+            let names = all.iter().map(|(t, p)| {
+                let (d, r, x, m) = (t.direct_rows, t.gemm_rows, t.gemm_xrows, t.gemm_min_rows);
+                format!("tiles {d},{r},{x},{m} panel {p}")
+            });
+            for (t, s) in names.chain(["sequential read".into()]).zip(best) {
+                println!("{format} {k}x{n} cold x{threads}: {t}: {:.1} us, {:.2} GB/s", s * 1e6, gb / s);
+            }
+        }
+    }
+}
+
+/// Sums the bytes as u64 words (a plain sequential read).
+fn read_all(b: &[u8]) -> u64 {
+    b.chunks_exact(64)
+        .map(|c| c.chunks_exact(8).fold(0u64, |a, w| a ^ u64::from_le_bytes(w.try_into().unwrap())))
+        .fold(0, |a, v| a.wrapping_add(v))
 }
 
 /// Report the best sample instead of the median (`--best`).

@@ -6,7 +6,11 @@
 //!
 //! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
 //! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
-//! numerics class); an input shared by several linears (q, k, v) is quantized once.
+//! numerics class); an input shared by several linears (q, k, v) is quantized once. Their
+//! weights are packed once, when the engine is built, into the panel layout of
+//! [`crate::linear_i8::pack_weight`] (a copy as large as the stored weights; the kernels
+//! then never touch the stored bytes), which they stream at about twice the bandwidth of
+//! the stored layout.
 //!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
@@ -16,7 +20,8 @@ use crate::JitError;
 use crate::isa::HostIsa;
 use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
 use crate::linear_i8::{
-    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, emit_linear_i8, quantize_rows,
+    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, MAX_PANEL, QuantizedActivations, emit_linear_i8,
+    pack_weight, quantize_rows,
 };
 use crate::math::Activation;
 use crate::module::JitModule;
@@ -37,8 +42,99 @@ struct Fused {
     columns: Vec<(usize, usize)>,
     x: NodeId,
     weight: NodeId,
+    /// For int8 kernels: the weight packed into panels ([`crate::linear_i8::pack_weight`]),
+    /// which the kernel reads instead of the stored bytes.
+    packed: Option<Arc<PackedWeight>>,
     bias: Option<NodeId>,
     residual: Option<NodeId>,
+}
+
+/// Rows per panel of the weights of int8 kernels: the kernels then read their weight
+/// strictly sequentially (the stored layout, read 16 rows at a time, streamed at half the
+/// bandwidth; `i8_timing --cold`).
+const I8_PANEL: usize = MAX_PANEL;
+
+/// Bytes of packed weight per unit of work when the pool packs the weights.
+const PACK_UNIT_BYTES: usize = 1 << 20;
+
+/// A 64-byte aligned copy of a weight in the packed layout of the int8 kernels.
+struct PackedWeight {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: owned memory, written only while uniquely owned (`pack_weights`).
+unsafe impl Send for PackedWeight {}
+unsafe impl Sync for PackedWeight {}
+
+impl PackedWeight {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), 64).expect("a weight's size fits a layout")
+    }
+
+    /// `len` zeroed bytes: fresh pages from the OS for large weights, first written by the
+    /// packing.
+    fn zeroed(len: usize) -> PackedWeight {
+        // SAFETY: the layout has a nonzero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(PackedWeight::layout(len)) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
+        PackedWeight { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialized (zeroed, then packed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PackedWeight {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), PackedWeight::layout(self.len)) }
+    }
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight({} bytes)", self.len)
+    }
+}
+
+/// Packs the stored `bytes` of each weight for int8 kernels of its spec (whose `panel` is
+/// nonzero), all weights at once on the pool: the time goes mostly into first touches of
+/// the fresh pages, which the threads then share.
+fn pack_weights(jobs: &[(LinearI8Spec, &[u8])], pool: &Pool) -> Result<Vec<PackedWeight>, JitError> {
+    if let Some((spec, w)) = jobs.iter().find(|(s, w)| w.len() != s.weight_bytes()) {
+        return Err(JitError::Spec(format!("{spec:?}: the weight has {} bytes", w.len())));
+    }
+    let out: Vec<PackedWeight> = jobs.iter().map(|(_, w)| PackedWeight::zeroed(w.len())).collect();
+    // Units of whole panels: (job, first row, rows).
+    let mut units = Vec::new();
+    for (j, (spec, w)) in jobs.iter().enumerate() {
+        let row = w.len() / spec.n;
+        let panels = (PACK_UNIT_BYTES / (spec.panel * row).max(1)).max(1);
+        for r0 in (0..spec.n).step_by(panels * spec.panel) {
+            units.push((j, r0, (panels * spec.panel).min(spec.n - r0)));
+        }
+    }
+    let ptrs: Vec<usize> = out.iter().map(|p| p.ptr.as_ptr() as usize).collect();
+    let failed = std::sync::Mutex::new(None);
+    pool.for_ranges(units.len(), 1, 2, |part| {
+        for &(j, r0, n) in &units[part] {
+            let (spec, w) = &jobs[j];
+            let row = w.len() / spec.n;
+            // SAFETY: the units are disjoint row ranges of the weights, so these parts of the
+            // buffers (`w.len()` bytes each, alive until the end of the function) are too.
+            let dst = unsafe { std::slice::from_raw_parts_mut((ptrs[j] as *mut u8).add(r0 * row), n * row) };
+            if let Err(e) = pack_weight(&LinearI8Spec { n, ..*spec }, &w[r0 * row..(r0 + n) * row], dst) {
+                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +225,9 @@ impl<'g> Engine<'g> {
         let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
         let isa = HostIsa::native()?;
         let mut module = JitModule::new(&isa);
+        let pool = Pool::new(threads);
+        // The weights of int8 kernels, packed once per weight node.
+        let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
         // Distinct kernels: the spec, and whether it takes int8 activations.
         let mut specs: Vec<(LinearSpec, bool)> = Vec::new();
         let mut ids = Vec::new();
@@ -142,7 +241,10 @@ impl<'g> Engine<'g> {
                     None => {
                         let name = format!("linear{}", specs.len());
                         ids.push(match LinearI8Spec::from_linear(&spec).filter(|_| int8) {
-                            Some(i8spec) => emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?,
+                            Some(i8spec) => {
+                                let i8spec = i8spec.packed(I8_PANEL);
+                                emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?
+                            }
                             None => emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format))?,
                         });
                         specs.push((spec, int8));
@@ -153,9 +255,13 @@ impl<'g> Engine<'g> {
             let kernel = kernel_for(spec)?;
             let mut columns = Vec::new();
             if threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
-                for part in kiln_rt::split(spec.n, threads, 8) {
+                // Int8 kernels' column parts start at a panel (their packed weight's rows).
+                for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
                     columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })?));
                 }
+            }
+            if int8 && let Some(i8spec) = LinearI8Spec::from_linear(&spec) {
+                to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
             }
             for a in absorbed {
                 actions.insert(a, Action::Absorbed);
@@ -163,6 +269,24 @@ impl<'g> Engine<'g> {
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
         let code = Arc::new(module.finalize()?);
+        let compile_time = start.elapsed();
+        let mut jobs = Vec::new();
+        for (&node, spec) in &to_pack {
+            let Op::Weight(w) = &graph.node(node).op else { unreachable!("planned linears read a weight node") };
+            let stored = graph
+                .store
+                .get(&w.tensor)
+                .ok_or_else(|| JitError::Spec(format!("weight `{}` is not bound", w.tensor)))?;
+            jobs.push((node, (*spec, stored.bytes.as_slice())));
+        }
+        let specs_bytes: Vec<(LinearI8Spec, &[u8])> = jobs.iter().map(|(_, j)| *j).collect();
+        let packed: HashMap<NodeId, Arc<PackedWeight>> =
+            jobs.iter().map(|(n, _)| *n).zip(pack_weights(&specs_bytes, &pool)?.into_iter().map(Arc::new)).collect();
+        for action in actions.values_mut() {
+            if let Action::Linear(f) = action {
+                f.packed = packed.get(&f.weight).cloned();
+            }
+        }
         let kernels = ids
             .into_iter()
             .zip(specs)
@@ -189,8 +313,8 @@ impl<'g> Engine<'g> {
             weights: HashMap::new(),
             reads: vec![],
             uses: HashMap::new(),
-            pool: Pool::new(threads),
-            compile_time: start.elapsed(),
+            pool,
+            compile_time,
             profile: profile.then(Default::default),
         };
         engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
@@ -361,13 +485,19 @@ impl<'g> Engine<'g> {
                 q.as_ptr()
             }
         };
-        let args = KernelArgs { x: x_ptr, w: weight.bytes.as_slice().as_ptr(), bias, residual, y: y.as_mut_ptr() };
+        let w = match &f.packed {
+            Some(p) => p.bytes().as_ptr(),
+            None => weight.bytes.as_slice().as_ptr(),
+        };
+        let args = KernelArgs { x: x_ptr, w, bias, residual, y: y.as_mut_ptr() };
         if m == 1 && !f.columns.is_empty() {
             let row_bytes = weight.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
             self.pool.for_ranges(f.columns.len(), 1, 0, |parts| {
                 for &(n0, k) in &f.columns[parts] {
                     // SAFETY: as below, for the kernel over columns `n0..n0 + len` of the one
-                    // row: the weight rows from `n0` on hold `len` rows of `row_bytes`, and
+                    // row: the weight rows from `n0` on hold `len` rows of `row_bytes` (packed:
+                    // `n0` is at a panel, and the packed rows from there are the packed weight
+                    // of those rows alone, see `pack_weight`), and
                     // bias, residual and y are offset to column `n0` (with a single row, the
                     // row stride never applies); the column parts are disjoint.
                     unsafe { args.offset_columns(n0, row_bytes).call(&self.kernels[k], 0..1) }
@@ -377,8 +507,9 @@ impl<'g> Engine<'g> {
         }
         let block = (ROW_BLOCK_BYTES / (4 * spec.k)).max(8);
         self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
-            // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32, the
-            // weight holds N*K values in the spec's format, bias (if the spec has one) is
+            // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32 (int8
+            // kernels: its quantized rows), the weight holds N*K values in the spec's format
+            // (int8 kernels: packed for the spec's panels), bias (if the spec has one) is
             // [N], residual (if any) is [m, N] and distinct from y, y is [m, N]; the row
             // ranges of `for_ranges` are disjoint, so no two calls write the same output.
             for start in rows.clone().step_by(block) {
@@ -450,7 +581,8 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     }
     let mut spec = LinearSpec::new(k, n, w.format);
     spec.bias = operands.len() > 2;
-    let mut fused = Fused { kernel: 0, columns: vec![], x, weight, bias: operands.get(2).copied(), residual: None };
+    let mut fused =
+        Fused { kernel: 0, columns: vec![], x, weight, packed: None, bias: operands.get(2).copied(), residual: None };
     let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
     let single_user = |n: NodeId| match g.users(n).as_slice() {
         [u] if !is_output(n) && g.operands(*u).iter().filter(|&&o| o == n).count() == 1 => Some(*u),

@@ -59,7 +59,7 @@ pub fn emit_epilogue(module: &mut JitModule, name: &str, spec: &EpilogueSpec) ->
         let (y, bias, residual, m0, m1) = (p[0], p[1], p[2], p[3], p[4]);
         let row_bytes = (s.n * 4) as i64;
         // Pointers to row m0 of y and the residual; the row loop advances them.
-        let start = b.ins().imul_imm(m0, row_bytes);
+        let start = b.ins().imul_imm_s(m0, row_bytes);
         let y0 = b.ins().iadd(y, start);
         let r0 = b.ins().iadd(residual, start);
         let rows = b.ins().isub(m1, m0);
@@ -75,7 +75,7 @@ pub fn emit_epilogue(module: &mut JitModule, name: &str, spec: &EpilogueSpec) ->
         let hp = b.block_params(header).to_vec();
         let (yr, rr, left) = (hp[0], hp[1], hp[2]);
         // `rows` is unsigned: m1 <= m0 means no rows, so stop on zero or on wrap-around.
-        let more = b.ins().icmp_imm(IntCC::SignedGreaterThan, left, 0);
+        let more = b.ins().icmp_imm_s(IntCC::SignedGreaterThan, left, 0);
         b.ins().brif(more, body, &[], done, &[]);
 
         b.switch_to_block(body);
@@ -112,14 +112,14 @@ pub fn emit_epilogue(module: &mut JitModule, name: &str, spec: &EpilogueSpec) ->
             b.ins().jump(ghead, &[yp.into(), rp.into(), bp.into(), count.into()]);
             b.switch_to_block(ghead);
             let gp = b.block_params(ghead).to_vec();
-            let more = b.ins().icmp_imm(IntCC::NotEqual, gp[3], 0);
+            let more = b.ins().icmp_imm_s(IntCC::NotEqual, gp[3], 0);
             b.ins().brif(more, gbody, &[], gdone, &[gp[0].into(), gp[1].into(), gp[2].into(), gp[3].into()]);
             b.switch_to_block(gbody);
             emit_group(b, gp[0], gp[1], gp[2], 4);
-            let ny = b.ins().iadd_imm(gp[0], 16);
-            let nr = b.ins().iadd_imm(gp[1], 16);
-            let nb = b.ins().iadd_imm(gp[2], 16);
-            let nc = b.ins().iadd_imm(gp[3], -1);
+            let ny = b.ins().iadd_imm_s(gp[0], 16);
+            let nr = b.ins().iadd_imm_s(gp[1], 16);
+            let nb = b.ins().iadd_imm_s(gp[2], 16);
+            let nc = b.ins().iadd_imm_s(gp[3], -1);
             b.ins().jump(ghead, &[ny.into(), nr.into(), nb.into(), nc.into()]);
             b.switch_to_block(gdone);
             let dp = b.block_params(gdone).to_vec();
@@ -128,9 +128,9 @@ pub fn emit_epilogue(module: &mut JitModule, name: &str, spec: &EpilogueSpec) ->
         if tail > 0 {
             emit_group(b, yp, rp, bp, tail);
         }
-        let ny = b.ins().iadd_imm(yr, row_bytes);
-        let nr = b.ins().iadd_imm(rr, row_bytes);
-        let nl = b.ins().iadd_imm(left, -1);
+        let ny = b.ins().iadd_imm_s(yr, row_bytes);
+        let nr = b.ins().iadd_imm_s(rr, row_bytes);
+        let nl = b.ins().iadd_imm_s(left, -1);
         b.ins().jump(header, &[ny.into(), nr.into(), nl.into()]);
 
         b.switch_to_block(done);

@@ -20,7 +20,8 @@
 //! - `xq` points at row 0 of the quantized activations: row `m` is `K / 32` consecutive
 //!   [`QBlock`]s (48 bytes each) at `xq + m * (K / 32) * 48` ([`QuantizedActivations::as_ptr`]);
 //! - `w` is the weight `[N, K]` exactly as stored (`Format::byte_len(N * K)` bytes, blocks of
-//!   32 along `K`), `y` and `residual` are f32 row-major `[M, N]`, all pointing at row 0;
+//!   32 along `K`), or with [`LinearI8Spec::panel`] the same bytes rearranged by
+//!   [`pack_weight`]; `y` and `residual` are f32 row-major `[M, N]`, all pointing at row 0;
 //! - `bias` (`[N]`) and `residual` are read only when the spec has them (may be null
 //!   otherwise); `residual` may be *equal* to `y` (in-place residual add) but no other
 //!   argument may overlap `y`. No alignment is required.
@@ -92,6 +93,18 @@
 //!   multiplied into every row of `x` (whose `q` is folded into `vpmaddubsw` as a memory
 //!   operand). 4 x 4 beat 4 x 2, 4 x 3 and 8 x 2 (67 vs 55-61 GOP/s on Q4_1 576x576) despite
 //!   a few spills.
+//!
+//! **Packed weights** ([`LinearI8Spec::panel`] > 0, [`pack_weight`]; what the engine uses).
+//! In decode every weight is read once per token from memory, and the direct path over the
+//! stored layout reads 16 rows of 360-612 bytes interleaved, block by block, which the
+//! hardware prefetchers follow badly: cold weights streamed at 4-5 GB/s on one thread
+//! against 13-15 GB/s for a plain sequential read (`i8_timing --cold`). Packed into panels
+//! of 16 rows (by block, then by group of four rows: scales, then quants) the same kernel
+//! reads strictly sequentially and takes the four rows' scales in one load: 10-12 GB/s cold
+//! (Q4_1 and Q8_0, 576x576 to 576x49152), the same arithmetic in the same order. The direct
+//! tile is then the panel (`direct_rows` is ignored) and the tile path takes
+//! `ceil(gemm_rows / 4)` groups of a panel at a time. Panels of 8 and 4 rows streamed as
+//! fast; 16 keeps the direct path's register tile.
 
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I16X8, I32, I32X4};
 use cranelift_codegen::ir::{BlockArg, InstBuilder, Type, Value, condcodes::IntCC};
@@ -325,12 +338,21 @@ pub struct LinearI8Spec {
     pub bias: bool,
     pub activation: Activation,
     pub residual: bool,
+    /// Layout of `W`: 0 for the bytes as stored, or the rows per panel (4, 8, 12 or 16) of
+    /// the packed layout of [`pack_weight`].
+    pub panel: usize,
 }
 
 impl LinearI8Spec {
-    /// A plain `x @ W^T` with no epilogue.
+    /// A plain `x @ W^T` with no epilogue, on the weight as stored.
     pub fn new(k: usize, n: usize, format: Format) -> LinearI8Spec {
-        LinearI8Spec { k, n, format, bias: false, activation: Activation::None, residual: false }
+        LinearI8Spec { k, n, format, bias: false, activation: Activation::None, residual: false, panel: 0 }
+    }
+
+    /// The same kernel on `W` packed into panels of `rows` rows ([`pack_weight`]), or as
+    /// stored for 0.
+    pub fn packed(self, rows: usize) -> LinearI8Spec {
+        LinearI8Spec { panel: rows, ..self }
     }
 
     /// Whether weights in `format` have an int8 kernel.
@@ -347,6 +369,7 @@ impl LinearI8Spec {
             bias: spec.bias,
             activation: spec.activation,
             residual: spec.residual,
+            panel: 0,
         })
     }
 
@@ -375,12 +398,79 @@ impl LinearI8Spec {
         if self.k == 0 || self.n == 0 || !self.k.is_multiple_of(QBLOCK) {
             return bad("K must be a positive multiple of 32 and N positive".into());
         }
+        if !self.panel.is_multiple_of(4) || self.panel > MAX_PANEL {
+            return bad("panels must have 4, 8, 12 or 16 rows".into());
+        }
         let w = self.k.checked_mul(self.n).and_then(|e| e.checked_mul(2));
         let x = (self.k / QBLOCK).checked_mul(QBLOCK_BYTES * 8);
         if w.is_none_or(|b| b > i32::MAX as usize) || x.is_none_or(|b| b > i32::MAX as usize) {
             return bad("too large for 32-bit offsets".into());
         }
         Ok(())
+    }
+}
+
+/// Most rows per panel of the packed weight layout ([`LinearI8Spec::panel`]).
+pub const MAX_PANEL: usize = 16;
+
+/// Bytes of a weight block's scales: `d` (f16), and Q4_1's `m`.
+fn scale_bytes(format: Format) -> usize {
+    if format == Format::Q4_1 { 4 } else { 2 }
+}
+
+/// Packs `w`, the weight `[N, K]` as stored, into `out` (as many bytes) for the kernels of
+/// `spec`, whose `panel` (`P`) must be nonzero. Only where bytes live changes, not what the
+/// kernel computes (tested bit for bit).
+///
+/// The packed layout: rows in panels of `P` (the last one holds the `N % P` remaining
+/// rows); a panel of `L` rows is its `L * K / 32` blocks ordered by block along `K`, then by
+/// group of four rows (the last group may have fewer, `g`), each group being the `g` rows'
+/// scales (`d`, and `m` for Q4_1, as stored: 4 or 2 bytes per row) followed by their quants
+/// (16 or 32 bytes per row), rows in order. So a kernel reads its weight strictly
+/// sequentially and gets four rows' scales with one load; panel `p` starts at byte
+/// `p * P * row_bytes` as in the stored layout, the packed size is the stored size, and the
+/// rows from any panel boundary on are the packed weight of those rows alone (how the
+/// engine splits columns across threads).
+pub fn pack_weight(spec: &LinearI8Spec, w: &[u8], out: &mut [u8]) -> Result<(), JitError> {
+    spec.validate()?;
+    let fail = |why: String| Err(JitError::Arguments(format!("pack_weight {spec:?}: {why}")));
+    if spec.panel == 0 {
+        return fail("the spec has no panels".into());
+    }
+    if w.len() != spec.weight_bytes() || out.len() != w.len() {
+        return fail(format!("{} bytes into {}, expected {}", w.len(), out.len(), spec.weight_bytes()));
+    }
+    match spec.format {
+        Format::Q4_1 => pack_panels::<4, 16>(spec, w, out),
+        Format::Q4_0 => pack_panels::<2, 16>(spec, w, out),
+        _ => pack_panels::<2, 32>(spec, w, out),
+    }
+    Ok(())
+}
+
+/// [`pack_weight`] for blocks of `SB` bytes of scales and `QB` of quants (fixed-size copies).
+fn pack_panels<const SB: usize, const QB: usize>(spec: &LinearI8Spec, w: &[u8], out: &mut [u8]) {
+    let bb = SB + QB;
+    let row = spec.k / QBLOCK * bb;
+    let mut o = 0;
+    for (panel_w, panel_out) in w.chunks(spec.panel * row).zip(out.chunks_mut(spec.panel * row)) {
+        let rows: Vec<&[u8]> = panel_w.chunks_exact(row).collect();
+        for blk in (0..row).step_by(bb) {
+            for group in rows.chunks(4) {
+                for r in group {
+                    let src: &[u8; SB] = r[blk..blk + SB].try_into().unwrap();
+                    panel_out[o..o + SB].copy_from_slice(src);
+                    o += SB;
+                }
+                for r in group {
+                    let src: &[u8; QB] = r[blk + SB..blk + bb].try_into().unwrap();
+                    panel_out[o..o + QB].copy_from_slice(src);
+                    o += QB;
+                }
+            }
+        }
+        debug_assert_eq!(o, panel_out.len());
+        o = 0;
     }
 }
 
@@ -551,13 +641,32 @@ struct Args {
     m1: Value,
 }
 
+/// Where the rows of a tile live relative to the pointer at their current block.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// As stored: row `r` at `r * row_bytes`; the block pointer steps by a block.
+    Plain,
+    /// Packed ([`pack_weight`]): the tile is consecutive groups of four rows of a panel of
+    /// `panel_len` rows, starting at a group; the block pointer steps by `panel_len` blocks.
+    Packed { panel_len: usize },
+}
+
+/// The weight rows of one group of (up to) four rows, relative to the block pointer.
+enum Group {
+    /// Byte offsets of each row's block.
+    Plain(Vec<i32>),
+    /// The group's scales at `at`, then the quants of its `rows` rows.
+    Packed { at: i32, rows: usize },
+}
+
 /// One weight-row tile fixed for the `m` loop.
 #[derive(Clone, Copy)]
 struct NTile {
-    /// Row 0 of the tile (stored bytes).
+    /// Row 0 of the tile at block 0.
     w: Value,
     /// Number of weight rows (outputs).
     len: usize,
+    layout: Layout,
     /// `bias + n0`, `y + n0`, `residual + n0` (row 0).
     bias: Value,
     y: Value,
@@ -601,6 +710,7 @@ impl Emitter {
         b.switch_to_block(work);
 
         let t = self.tiles;
+        let packed = self.spec.panel > 0;
         if t.gemm_min_rows != usize::MAX {
             let direct = b.create_block();
             let gemm = b.create_block();
@@ -608,11 +718,18 @@ impl Emitter {
             let many = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, rows, t.gemm_min_rows as i64);
             b.ins().brif(many, gemm, &[], direct, &[]);
             b.switch_to_block(gemm);
-            self.n_tiles(b, &a, t.gemm_rows, t.gemm_xrows);
+            match packed {
+                true => self.panels(b, &a, t.gemm_rows.div_ceil(4), t.gemm_xrows),
+                false => self.n_tiles(b, &a, t.gemm_rows, t.gemm_xrows),
+            }
             b.ins().jump(exit, &[]);
             b.switch_to_block(direct);
         }
-        self.n_tiles(b, &a, t.direct_rows, 1);
+        match packed {
+            // Direct tiles are whole panels.
+            true => self.panels(b, &a, MAX_PANEL / 4, 1),
+            false => self.n_tiles(b, &a, t.direct_rows, 1),
+        }
         b.ins().jump(exit, &[]);
 
         b.switch_to_block(exit);
@@ -634,15 +751,65 @@ impl Emitter {
         }
     }
 
+    /// All `N` outputs of a packed weight, panel by panel (a runtime loop over the full
+    /// panels, then the remainder panel), in tiles of up to `groups` groups of four rows.
+    fn panels(&self, b: &mut FunctionBuilder<'_>, a: &Args, groups: usize, xrows: usize) {
+        let (n, p) = (self.spec.n, self.spec.panel);
+        let full = n / p;
+        if full > 0 {
+            let zero = b.ins().iconst(self.ptr, 0);
+            counted_loop(b, self.ptr, full, &[(zero, p as i64)], |b, n0| self.panel(b, a, n0[0], p, groups, xrows));
+        }
+        if !n.is_multiple_of(p) {
+            let n0 = b.ins().iconst(self.ptr, (full * p) as i64);
+            self.panel(b, a, n0, n % p, groups, xrows);
+        }
+    }
+
+    /// The panel of `len` rows from row `n0` on, in tiles of up to `groups` groups.
+    fn panel(&self, b: &mut FunctionBuilder<'_>, a: &Args, n0: Value, len: usize, groups: usize, xrows: usize) {
+        let bb = self.spec.format.block_bytes() as i64;
+        let w_off = b.ins().imul_imm_u(n0, self.w_row_bytes() as i64);
+        let panel_w = b.ins().iadd(a.w, w_off);
+        let layout = Layout::Packed { panel_len: len };
+        let rows = 4 * groups;
+        if len > rows && len.is_multiple_of(rows) {
+            // Equal tiles: a loop (the groups before a tile's are full: four rows' blocks each).
+            let steps = [(n0, rows as i64), (panel_w, rows as i64 * bb)];
+            counted_loop(b, self.ptr, len / rows, &steps, |b, p| self.n_tile_at(b, a, p[0], p[1], rows, layout, xrows));
+            return;
+        }
+        for r0 in (0..len).step_by(rows) {
+            let tile_n0 = b.ins().iadd_imm_s(n0, r0 as i64);
+            let w = b.ins().iadd_imm_s(panel_w, r0 as i64 * bb);
+            self.n_tile_at(b, a, tile_n0, w, (len - r0).min(rows), layout, xrows);
+        }
+    }
+
     /// Outputs `n0..n0 + len` for all rows `m0..m1`.
     fn n_tile(&self, b: &mut FunctionBuilder<'_>, a: &Args, n0: Value, len: usize, xrows: usize) {
         let w_off = b.ins().imul_imm_u(n0, self.w_row_bytes() as i64);
         let w = b.ins().iadd(a.w, w_off);
+        self.n_tile_at(b, a, n0, w, len, Layout::Plain, xrows);
+    }
+
+    /// Outputs `n0..n0 + len` for all rows `m0..m1`, the weight rows at `w` in `layout`.
+    #[allow(clippy::too_many_arguments)]
+    fn n_tile_at(
+        &self,
+        b: &mut FunctionBuilder<'_>,
+        a: &Args,
+        n0: Value,
+        w: Value,
+        len: usize,
+        layout: Layout,
+        xrows: usize,
+    ) {
         let n0_bytes = b.ins().imul_imm_u(n0, 4);
         let bias = b.ins().iadd(a.bias, n0_bytes);
         let y = b.ins().iadd(a.y, n0_bytes);
         let residual = b.ins().iadd(a.residual, n0_bytes);
-        let tile = NTile { w, len, bias, y, residual };
+        let tile = NTile { w, len, layout, bias, y, residual };
 
         // for m in m0..m1 step xrows { tile(m, xrows) }, then single rows.
         let m_var = b.declare_var(self.ptr);
@@ -700,8 +867,20 @@ impl Emitter {
             .collect();
 
         let trips = s.k / QBLOCK;
-        let steps = [(x, QBLOCK_BYTES as i64), (tile.w, s.format.block_bytes() as i64)];
-        counted_loop(b, self.ptr, trips, &steps, |b, p| self.block(b, p[0], p[1], tile.len, xrows, (&acc, &exps)));
+        let bb = s.format.block_bytes() as usize;
+        let (w_step, addrs) = match tile.layout {
+            Layout::Plain => {
+                let ws = self.w_row_bytes();
+                let rows = |g: usize| (4 * g..tile.len.min(4 * g + 4)).map(|r| r as i32 * ws).collect();
+                (bb, (0..groups).map(|g| Group::Plain(rows(g))).collect::<Vec<_>>())
+            }
+            Layout::Packed { panel_len } => {
+                let group = |g: usize| Group::Packed { at: (4 * g * bb) as i32, rows: (tile.len - 4 * g).min(4) };
+                (panel_len * bb, (0..groups).map(group).collect())
+            }
+        };
+        let steps = [(x, QBLOCK_BYTES as i64), (tile.w, w_step as i64)];
+        counted_loop(b, self.ptr, trips, &steps, |b, p| self.block(b, p[0], p[1], &addrs, xrows, (&acc, &exps)));
         barrier(b, &acc, F32X4);
         barrier(b, &exps, I16X8);
 
@@ -741,20 +920,19 @@ impl Emitter {
         }
     }
 
-    /// One block of 32 along `K` for rows `0..len` of the weight tile at `wp` (block of row
-    /// 0) and rows `0..xrows` of `x` at `xp` (block of row 0).
+    /// One block of 32 along `K` for the `groups` of the weight tile at `wp` (its current
+    /// block) and rows `0..xrows` of `x` at `xp` (block of row 0).
     fn block(
         &self,
         b: &mut FunctionBuilder<'_>,
         xp: Value,
         wp: Value,
-        len: usize,
+        groups: &[Group],
         xrows: usize,
         (acc, exps): (&[Variable], &[Variable]),
     ) {
         let f = self.spec.format;
         let xs = self.x_row_bytes() as i32;
-        let ws = self.w_row_bytes();
         let mask = match f {
             Format::Q8_0 => vconst_bytes(b, I8X16, [0; 16]),
             _ => vconst_bytes(b, I8X16, [0x0F; 16]),
@@ -789,21 +967,20 @@ impl Emitter {
             (dx, extra)
         };
         let shared_x: Option<(Value, Option<Value>)> = (xrows == 1).then(|| per_x_at(b, 0));
-        let groups: Vec<Vec<i32>> =
-            (0..len.div_ceil(4)).map(|g| (4 * g..len.min(4 * g + 4)).map(|r| r as i32 * ws).collect()).collect();
         // Emission order (kept by `opt_level=none`): the scales of every group first (long
         // dependency chains), then the integer dot products, then the float updates, so the
         // out-of-order core finds independent work next to each chain.
         let mut scales = Vec::new();
-        for (g, rows) in groups.iter().enumerate() {
-            let (dw, mw, e) = self.weight_scales(b, wp, rows);
+        for (g, group) in groups.iter().enumerate() {
+            let (dw, mw, e) = self.weight_scales(b, wp, group);
             let seen = b.use_var(exps[g]);
             let seen = b.ins().umax(seen, e);
             b.def_var(exps[g], seen);
             scales.push((dw, mw));
         }
         let mut isums: Vec<Vec<Value>> = Vec::new();
-        for rows in &groups {
+        for group in groups {
+            let rows = self.quant_offsets(group);
             // t[pair][c]: i32x4 [row a part A, row b part A, row a part B, row b part B]
             // (A + B = the row's dot product).
             let mut t: Vec<Vec<Value>> = Vec::new();
@@ -870,15 +1047,25 @@ impl Emitter {
     /// the value times 2^-112, multiply by 2^112), exact for finite scales, without its
     /// inf/NaN fix-up: an inf/NaN scale instead makes the whole output column NaN (see the
     /// module docs), which the caller implements with the exponent bits returned here.
-    fn weight_scales(&self, b: &mut FunctionBuilder<'_>, wp: Value, rows: &[i32]) -> (Value, Option<Value>, Value) {
+    ///
+    /// In the packed layout the four rows' scales are one load (Q4_1: 16 bytes; otherwise 8,
+    /// zero-extended to 32-bit lanes); lanes past a short group's rows hold other bytes of
+    /// the group, which only reach outputs that are never stored.
+    fn weight_scales(&self, b: &mut FunctionBuilder<'_>, wp: Value, group: &Group) -> (Value, Option<Value>, Value) {
         let q4_1 = self.spec.format == Format::Q4_1;
-        let at = |j: usize| rows[j.min(rows.len() - 1)];
-        let ld = |b: &mut FunctionBuilder<'_>, j: usize| b.ins().load(I32X4, ro(), wp, at(j));
-        let (v0, v1) = (ld(b, 0), ld(b, 1));
-        let v01 = shuffle4(b, v0, v1, [0, 4, 1, 5]);
-        let (v2, v3) = (ld(b, 2), ld(b, 3));
-        let v23 = shuffle4(b, v2, v3, [0, 4, 1, 5]);
-        let v = shuffle4(b, v01, v23, [0, 1, 4, 5]);
+        let v = match group {
+            Group::Plain(rows) => {
+                let at = |j: usize| rows[j.min(rows.len() - 1)];
+                let ld = |b: &mut FunctionBuilder<'_>, j: usize| b.ins().load(I32X4, ro(), wp, at(j));
+                let (v0, v1) = (ld(b, 0), ld(b, 1));
+                let v01 = shuffle4(b, v0, v1, [0, 4, 1, 5]);
+                let (v2, v3) = (ld(b, 2), ld(b, 3));
+                let v23 = shuffle4(b, v2, v3, [0, 4, 1, 5]);
+                shuffle4(b, v01, v23, [0, 1, 4, 5])
+            }
+            Group::Packed { at, .. } if q4_1 => b.ins().load(I32X4, ro(), wp, *at),
+            Group::Packed { at, .. } => b.ins().uload16x4(ro(), wp, *at),
+        };
 
         let sign_mag = i32s(b, 0x8FFF_E000);
         let pow112 = f32s(b, f32::from_bits((127 + 112) << 23));
@@ -934,15 +1121,28 @@ impl Emitter {
         }
     }
 
-    /// Loads and unpacks weight row `row` (block at `wp + row`) for `vpmaddubsw`.
-    fn unpack(&self, b: &mut FunctionBuilder<'_>, wp: Value, row: i32, mask: Value) -> WRow {
+    /// The offsets of the quants of each row of `group` from the block pointer.
+    fn quant_offsets(&self, group: &Group) -> Vec<i32> {
+        let f = self.spec.format;
+        let sb = scale_bytes(f) as i32;
+        match group {
+            Group::Plain(rows) => rows.iter().map(|r| r + sb).collect(),
+            &Group::Packed { at, rows } => {
+                let qb = f.block_bytes() as i32 - sb;
+                (0..rows as i32).map(|j| at + rows as i32 * sb + j * qb).collect()
+            }
+        }
+    }
+
+    /// Loads and unpacks the weight row whose quants are at `wp + at` for `vpmaddubsw`.
+    fn unpack(&self, b: &mut FunctionBuilder<'_>, wp: Value, at: i32, mask: Value) -> WRow {
         match self.spec.format {
             Format::Q8_0 => {
                 let half = |b: &mut FunctionBuilder<'_>, h: i32| {
                     // Two loads of the same bytes, each folded into its instruction.
-                    let w = b.ins().load(I8X16, ro(), wp, row + 2 + 16 * h);
+                    let w = b.ins().load(I8X16, ro(), wp, at + 16 * h);
                     let abs = b.ins().iabs(w);
-                    let w = b.ins().load(I8X16, ro(), wp, row + 2 + 16 * h);
+                    let w = b.ins().load(I8X16, ro(), wp, at + 16 * h);
                     let neg = b.ins().icmp(IntCC::SignedLessThan, w, mask);
                     (abs, neg)
                 };
@@ -950,8 +1150,7 @@ impl Emitter {
                 let (a1, n1) = half(b, 1);
                 WRow::Q8 { abs: [a0, a1], neg: [n0, n1] }
             }
-            f => {
-                let at = row + if f == Format::Q4_1 { 4 } else { 2 };
+            _ => {
                 let qs = b.ins().load(I8X16, ro(), wp, at);
                 let lo = b.ins().band(qs, mask);
                 let q16 = cast(b, I16X8, qs);

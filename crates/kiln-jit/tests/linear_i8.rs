@@ -7,7 +7,7 @@ mod common;
 use common::{Rng, activation64, random_weight};
 use half::f16;
 use kiln_ir::Format;
-use kiln_jit::linear_i8::{QBLOCK, QBLOCK_BYTES};
+use kiln_jit::linear_i8::{MAX_PANEL, QBLOCK, QBLOCK_BYTES, pack_weight};
 use kiln_jit::{
     Activation, HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, Residual,
     quantize_rows,
@@ -130,6 +130,19 @@ impl Case {
         Case { spec, m, x, xq, w, bias, residual }
     }
 
+    /// A copy (for struct updates that replace the weight).
+    fn clone_inputs(&self) -> Case {
+        Case {
+            spec: self.spec,
+            m: self.m,
+            x: self.x.clone(),
+            xq: self.xq.clone(),
+            w: self.w.clone(),
+            bias: self.bias.clone(),
+            residual: self.residual.clone(),
+        }
+    }
+
     fn run(&self, kernel: &LinearI8Kernel, rows: std::ops::Range<usize>, y: &mut [f32]) {
         let residual = match &self.residual {
             Some(r) => Residual::Input(r),
@@ -200,7 +213,14 @@ impl Case {
 }
 
 fn spec(k: usize, n: usize, format: Format, bias: bool, act: Activation, residual: bool) -> LinearI8Spec {
-    LinearI8Spec { k, n, format, bias, activation: act, residual }
+    LinearI8Spec { k, n, format, bias, activation: act, residual, panel: 0 }
+}
+
+/// `w` packed for `spec.packed(panel)`.
+fn packed(spec: LinearI8Spec, w: &[u8], panel: usize) -> Vec<u8> {
+    let mut out = vec![0xAA; w.len()];
+    pack_weight(&spec.packed(panel), w, &mut out).unwrap();
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -406,6 +426,7 @@ proptest! {
         f in 0usize..3, blocks in 1usize..24, n in 1usize..70, m in 1usize..12,
         e in 0usize..16, seed in any::<u64>(),
         direct in 1usize..=16, rows in 1usize..=8, xrows in 1usize..=4, min in 1usize..6,
+        panel in 0usize..=4,
     ) {
         let s = spec(32 * blocks, n, FORMATS[f], e & 4 != 0, Activation::ALL[e % 4], e & 8 != 0);
         let case = Case::new(s, m, seed);
@@ -413,11 +434,121 @@ proptest! {
         let kernel = LinearI8Kernel::compile_with(isa(), s, t, false).unwrap();
         let y = case.output(&kernel);
         case.check(&y, &format!("{t:?}"));
+        if panel > 0 {
+            let pcase = Case { w: packed(s, &case.w, 4 * panel), ..case.clone_inputs() };
+            let pk = LinearI8Kernel::compile_with(isa(), s.packed(4 * panel), t, false).unwrap();
+            prop_assert_eq!(bits(&pcase.output(&pk)), bits(&y), "panel {}", 4 * panel);
+        }
         let lo = seed as usize % m;
         let mut part = vec![f32::NAN; m * n];
         case.run(&kernel, lo..m, &mut part);
         case.run(&kernel, 0..lo, &mut part);
         prop_assert_eq!(bits(&part), bits(&y));
+    }
+}
+
+/// The packed layout, written plainly: panels of `p` rows, by block, by group of four rows:
+/// the group's scales, then its quants.
+fn reference_pack(format: Format, w: &[u8], n: usize, k: usize, p: usize) -> Vec<u8> {
+    let bb = format.block_bytes() as usize;
+    let sb = if format == Format::Q4_1 { 4 } else { 2 };
+    let row = k / 32 * bb;
+    let mut out = Vec::new();
+    for panel in (0..n).collect::<Vec<_>>().chunks(p) {
+        for blk in 0..k / 32 {
+            for group in panel.chunks(4) {
+                let block = |r: usize| &w[r * row + blk * bb..r * row + (blk + 1) * bb];
+                group.iter().for_each(|&r| out.extend_from_slice(&block(r)[..sb]));
+                group.iter().for_each(|&r| out.extend_from_slice(&block(r)[sb..]));
+            }
+        }
+    }
+    out
+}
+
+/// Packed weights give the same bits as the stored layout: every format, panel size, odd
+/// `N` (short last panel and group), both paths and several tilings, and the rows of any
+/// panel boundary on are the packed weight of those rows alone (the engine's column split).
+#[test]
+fn packed_weights_give_the_same_bits() {
+    let tilings = [
+        LinearI8Tiles::default(),
+        LinearI8Tiles { direct_rows: 3, gemm_rows: 8, gemm_xrows: 3, gemm_min_rows: 3 },
+        LinearI8Tiles { direct_rows: 5, gemm_rows: 1, gemm_xrows: 1, gemm_min_rows: 1 },
+        LinearI8Tiles { direct_rows: 5, gemm_rows: 6, gemm_xrows: 2, gemm_min_rows: usize::MAX },
+    ];
+    let mut seed = 500;
+    for format in FORMATS {
+        for (k, n) in [(32, 1), (64, 3), (96, 37), (576, 50), (64, 64), (160, 19)] {
+            seed += 1;
+            let e = seed as usize % 16;
+            let s = spec(k, n, format, e & 4 != 0, Activation::ALL[e % 4], e & 8 != 0);
+            for m in [1, 2, 6] {
+                let case = Case::new(s, m, seed * 7 + m as u64);
+                let plain = case.output(&LinearI8Kernel::compile(isa(), s).unwrap());
+                for panel in [4, 8, 12, MAX_PANEL] {
+                    let pw = packed(s, &case.w, panel);
+                    assert_eq!(pw, reference_pack(format, &case.w, n, k, panel), "{format} {k}x{n} panel {panel}");
+                    let pcase = Case { w: pw.clone(), ..case.clone_inputs() };
+                    for t in tilings {
+                        let kernel = LinearI8Kernel::compile_with(isa(), s.packed(panel), t, false).unwrap();
+                        let y = pcase.output(&kernel);
+                        assert_eq!(bits(&y), bits(&plain), "{format} {k}x{n} m={m} panel {panel} {t:?}");
+                    }
+                    // Columns split at a panel boundary, each part a kernel of its own.
+                    if m == 1 && n > panel {
+                        let row = pw.len() / n;
+                        let mut y = vec![f32::NAN; n];
+                        let (a, b) = (panel, n - panel);
+                        for (n0, len) in [(0, a), (a, b)] {
+                            let sub = LinearI8Spec { n: len, ..s }.packed(panel);
+                            let kernel = LinearI8Kernel::compile(isa(), sub).unwrap();
+                            let sub_w = &pw[n0 * row..(n0 + len) * row];
+                            let plain_sub = &case.w[n0 * row..(n0 + len) * row];
+                            assert_eq!(sub_w, &packed(LinearI8Spec { n: len, ..s }, plain_sub, panel)[..]);
+                            let bias = case.bias.as_ref().map(|b| &b[n0..n0 + len]);
+                            let mut part = match &case.residual {
+                                Some(r) => r[n0..n0 + len].to_vec(),
+                                None => vec![0.0; len],
+                            };
+                            let residual = if s.residual { Residual::InPlace } else { Residual::None };
+                            kernel.run(&case.xq, sub_w, bias, residual, &mut part, 0..1).unwrap();
+                            y[n0..n0 + len].copy_from_slice(&part);
+                        }
+                        assert_eq!(bits(&y), bits(&plain), "{format} {k}x{n} panel {panel} split");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_weights_keep_inf_and_nan_scales() {
+    for format in FORMATS {
+        let s = spec(96, 23, format, true, Activation::Relu, false);
+        let mut case = Case::new(s, 3, 41);
+        let bb = format.block_bytes() as usize;
+        let at = |n: usize, blk: usize| n * 3 * bb + blk * bb;
+        case.w[at(1, 2)..at(1, 2) + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        case.w[at(21, 0)..at(21, 0) + 2].copy_from_slice(&f16::NAN.to_le_bytes());
+        if format == Format::Q4_1 {
+            case.w[at(9, 1) + 2..at(9, 1) + 4].copy_from_slice(&f16::NEG_INFINITY.to_le_bytes());
+        } else {
+            // Quant bytes after a short group's scales that look like an inf scale.
+            case.w[at(20, 0) + 2..at(20, 0) + 4].copy_from_slice(&[0x00, 0x7C]);
+            case.w[at(9, 1)..at(9, 1) + 2].copy_from_slice(&f16::NEG_INFINITY.to_le_bytes());
+        }
+        let plain = case.output(&LinearI8Kernel::compile(isa(), s).unwrap());
+        case.check(&plain, "special scales");
+        for panel in [4, 8, 12, 16] {
+            let pcase = Case { w: packed(s, &case.w, panel), ..case.clone_inputs() };
+            let y = pcase.output(&LinearI8Kernel::compile(isa(), s.packed(panel)).unwrap());
+            assert_eq!(bits(&y), bits(&plain), "{format} panel {panel}");
+            for (j, v) in y.iter().enumerate() {
+                assert_eq!(v.is_nan(), [1, 9, 21].contains(&(j % 23)), "{format} panel {panel} output {j}");
+            }
+        }
     }
 }
 
@@ -437,6 +568,14 @@ fn argument_checks() {
     assert!(kernel.run(&xq, &w, None, Residual::None, &mut y[..3], 0..1).is_err());
     assert!(LinearI8Kernel::compile(isa(), LinearI8Spec::new(64, 3, Format::F32)).is_err());
     assert!(LinearI8Kernel::compile(isa(), LinearI8Spec::new(48, 3, Format::Q8_0)).is_err());
+    for bad in [2, 6, 20] {
+        assert!(LinearI8Kernel::compile(isa(), s.packed(bad)).is_err(), "panel {bad}");
+    }
+    let mut out = vec![0u8; w.len()];
+    assert!(pack_weight(&s, &w, &mut out).is_err(), "no panel");
+    assert!(pack_weight(&s.packed(8), &w[1..], &mut out[1..]).is_err());
+    assert!(pack_weight(&s.packed(8), &w, &mut out[1..]).is_err());
+    assert!(pack_weight(&s.packed(8), &w, &mut out).is_ok());
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
