@@ -17,6 +17,7 @@
 //! [`crate::linear`]), and the reference kernels are deterministic.
 
 use crate::JitError;
+use crate::epilogue::{EpilogueFn, EpilogueSpec, emit_epilogue};
 use crate::isa::HostIsa;
 use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
 use crate::linear_i8::{
@@ -24,8 +25,8 @@ use crate::linear_i8::{
     pack_weight, quantize_rows,
 };
 use crate::math::Activation;
-use crate::module::JitModule;
-use kiln_ir::{BinaryOp, Graph, NodeId, Op, UnaryOp};
+use crate::module::{JitCode, JitModule};
+use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
@@ -45,6 +46,8 @@ struct Fused {
     /// For int8 kernels: the weight packed into panels ([`crate::linear_i8::pack_weight`]),
     /// which the kernel reads instead of the stored bytes.
     packed: Option<Arc<PackedWeight>>,
+    /// For sgemm linears: the weight as f32.
+    dense: Option<Arc<Value>>,
     bias: Option<NodeId>,
     residual: Option<NodeId>,
 }
@@ -171,6 +174,9 @@ pub struct EngineOptions {
 enum Kernel {
     F32(LinearKernel, LinearFn),
     I8(LinearI8Kernel, LinearI8Fn),
+    /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
+    /// an emitted epilogue kernel for bias, activation and residual (none if identity).
+    Sgemm(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
 }
 
 impl Kernel {
@@ -178,8 +184,20 @@ impl Kernel {
         match self {
             Kernel::F32(k, _) => *k.spec(),
             Kernel::I8(k, _) => k.spec().linear(),
+            Kernel::Sgemm(spec, _) => *spec,
         }
     }
+}
+
+/// How a planned linear runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Impl {
+    /// The emitted f32-activation kernel ([`crate::linear`]).
+    Jit,
+    /// The emitted int8-activation kernel ([`crate::linear_i8`]) on packed weights.
+    Int8,
+    /// sgemm on f32 weights, then an emitted epilogue.
+    Sgemm,
 }
 
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
@@ -228,33 +246,54 @@ impl<'g> Engine<'g> {
         let pool = Pool::new(threads);
         // The weights of int8 kernels, packed once per weight node.
         let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
-        // Distinct kernels: the spec, and whether it takes int8 activations.
-        let mut specs: Vec<(LinearSpec, bool)> = Vec::new();
+        // The weights of sgemm linears, read as f32.
+        let mut dense: Vec<NodeId> = Vec::new();
+        // Distinct kernels: the spec, and how it runs.
+        let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
         let mut ids = Vec::new();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
             let int8 = activations == Activations::Int8 && LinearI8Spec::supports(spec.format);
+            let how = match spec.format {
+                _ if int8 => Impl::Int8,
+                Format::F32 => Impl::Sgemm,
+                _ => Impl::Jit,
+            };
             let mut kernel_for = |spec: LinearSpec| -> Result<usize, JitError> {
-                Ok(match specs.iter().position(|s| *s == (spec, int8)) {
+                Ok(match specs.iter().position(|s| *s == (spec, how)) {
                     Some(k) => k,
                     None => {
                         let name = format!("linear{}", specs.len());
-                        ids.push(match LinearI8Spec::from_linear(&spec).filter(|_| int8) {
-                            Some(i8spec) => {
-                                let i8spec = i8spec.packed(I8_PANEL);
-                                emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?
+                        ids.push(match how {
+                            Impl::Int8 => {
+                                let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
+                                Some(emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?)
                             }
-                            None => emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format))?,
+                            Impl::Jit => {
+                                Some(emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format))?)
+                            }
+                            Impl::Sgemm => {
+                                let epilogue = EpilogueSpec {
+                                    n: spec.n,
+                                    bias: spec.bias,
+                                    activation: spec.activation,
+                                    residual: spec.residual,
+                                };
+                                let name = format!("epilogue{}", specs.len());
+                                (!epilogue.is_identity())
+                                    .then(|| emit_epilogue(&mut module, &name, &epilogue))
+                                    .transpose()?
+                            }
                         });
-                        specs.push((spec, int8));
+                        specs.push((spec, how));
                         specs.len() - 1
                     }
                 })
             };
             let kernel = kernel_for(spec)?;
             let mut columns = Vec::new();
-            if threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
+            if how != Impl::Sgemm && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
                 // Int8 kernels' column parts start at a panel (their packed weight's rows).
                 for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
                     columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })?));
@@ -262,6 +301,9 @@ impl<'g> Engine<'g> {
             }
             if int8 && let Some(i8spec) = LinearI8Spec::from_linear(&spec) {
                 to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
+            }
+            if how == Impl::Sgemm {
+                dense.push(fused.weight);
             }
             for a in absorbed {
                 actions.insert(a, Action::Absorbed);
@@ -282,27 +324,41 @@ impl<'g> Engine<'g> {
         let specs_bytes: Vec<(LinearI8Spec, &[u8])> = jobs.iter().map(|(_, j)| *j).collect();
         let packed: HashMap<NodeId, Arc<PackedWeight>> =
             jobs.iter().map(|(n, _)| *n).zip(pack_weights(&specs_bytes, &pool)?.into_iter().map(Arc::new)).collect();
+        dense.sort();
+        dense.dedup();
+        let dense = decode_weights(graph, &dense).map_err(|e| JitError::Spec(e.to_string()))?;
         for action in actions.values_mut() {
             if let Action::Linear(f) = action {
                 f.packed = packed.get(&f.weight).cloned();
+                f.dense = dense.get(&f.weight).cloned();
             }
         }
         let kernels = ids
             .into_iter()
             .zip(specs)
-            .map(|(id, (spec, int8))| match LinearI8Spec::from_linear(&spec).filter(|_| int8) {
-                Some(i8spec) => {
+            .map(|(id, (spec, how))| match (how, id) {
+                (Impl::Int8, Some(id)) => {
+                    let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
                     // SAFETY: `id` was defined by `emit_linear_i8` for `i8spec` in this module.
                     let kernel = unsafe { LinearI8Kernel::from_code(code.clone(), id, i8spec) };
                     let entry = kernel.entry();
                     Kernel::I8(kernel, entry)
                 }
-                None => {
+                (Impl::Jit, Some(id)) => {
                     // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
                     let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
                     let entry = kernel.entry();
                     Kernel::F32(kernel, entry)
                 }
+                (Impl::Sgemm, id) => Kernel::Sgemm(
+                    spec,
+                    id.map(|id| {
+                        // SAFETY: `id` was defined by `emit_epilogue`, of signature `EpilogueFn`.
+                        let f = unsafe { code.function::<EpilogueFn>(id) }.get();
+                        (code.clone(), f)
+                    }),
+                ),
+                (_, None) => unreachable!("emitted kernels have an id"),
             })
             .collect();
         let mut engine = Engine {
@@ -474,7 +530,21 @@ impl<'g> Engine<'g> {
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
+        if let Kernel::Sgemm(_, epilogue) = kernel {
+            let w = f.dense.as_ref().and_then(|w| w.as_f32()).ok_or("the weight of an sgemm linear is not decoded")?;
+            let (k, n) = (spec.k, spec.n);
+            // One call: matrixmultiply splits the work across its own threads (along M and
+            // N, never K, so the bits do not depend on them).
+            kiln_rt::kernels::linear_rows(&x.data, k, &w.data, n, None, &mut y);
+            if let Some((_, epilogue)) = epilogue {
+                // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
+                // it has one) is [m, N] and distinct from y.
+                unsafe { epilogue(y.as_mut_ptr(), bias, residual, 0, m) }
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         let x_ptr = match kernel {
+            Kernel::Sgemm(..) => unreachable!("handled above"),
             Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
             Kernel::I8(..) => {
                 let q = quantized.entry(f.x).or_insert_with(|| {
@@ -554,6 +624,7 @@ impl KernelArgs {
             match kernel {
                 Kernel::F32(_, entry) => entry(self.x.cast(), w, b, r, y, m0, m1),
                 Kernel::I8(_, entry) => entry(self.x, w, b, r, y, m0, m1),
+                Kernel::Sgemm(..) => unreachable!("sgemm linears do not run through KernelArgs"),
             }
         }
     }
@@ -581,8 +652,16 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     }
     let mut spec = LinearSpec::new(k, n, w.format);
     spec.bias = operands.len() > 2;
-    let mut fused =
-        Fused { kernel: 0, columns: vec![], x, weight, packed: None, bias: operands.get(2).copied(), residual: None };
+    let mut fused = Fused {
+        kernel: 0,
+        columns: vec![],
+        x,
+        weight,
+        packed: None,
+        dense: None,
+        bias: operands.get(2).copied(),
+        residual: None,
+    };
     let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
     let single_user = |n: NodeId| match g.users(n).as_slice() {
         [u] if !is_output(n) && g.operands(*u).iter().filter(|&&o| o == n).count() == 1 => Some(*u),
