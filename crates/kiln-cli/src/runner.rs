@@ -14,8 +14,9 @@ use std::time::Instant;
 pub enum EngineKind {
     /// The reference interpreter: f32, op by op; the numeric oracle.
     Interp,
-    /// Cranelift-compiled kernels: linear layers (with bias, activation and residual fused)
-    /// on weights in their stored format; other ops still run reference kernels.
+    /// Compiled kernels (the default): linear layers with bias, activation and residual
+    /// fused, on weights in their stored format (Cranelift kernels; sgemm plus a Cranelift
+    /// epilogue for f32 weights); other ops run the runtime's reference kernels.
     Jit,
 }
 
@@ -33,7 +34,7 @@ pub enum ActivationsKind {
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExecArgs {
     /// Execution engine.
-    #[arg(long, value_enum, default_value_t = EngineKind::Interp)]
+    #[arg(long, value_enum, default_value_t = EngineKind::Jit)]
     pub engine: EngineKind,
     /// Worker threads for compiled kernels (default: all cores). Outputs are bitwise the
     /// same for any thread count.

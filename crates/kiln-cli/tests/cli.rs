@@ -1054,7 +1054,10 @@ fn generate_errors() {
     fails(&[&base[..], &["--prompt", "hi"]].concat(), &["tokenizer"]);
     fails(&[&base[..], &["--prompt-ids", "1", "--temperature=-1"]].concat(), &["--temperature"]);
     fails(&[&base[..], &["--prompt-ids", "1", "--top-p", "0"]].concat(), &["--top-p"]);
-    fails(&[&base[..], &["--prompt-ids", "1", "--activations", "int8"]].concat(), &["--engine jit"]);
+    fails(
+        &[&base[..], &["--prompt-ids", "1", "--engine", "interp", "--activations", "int8"]].concat(),
+        &["--engine jit"],
+    );
 }
 
 /// The fixture's prompt, as text through the GGUF's tokenizer, continues greedily into
