@@ -1064,28 +1064,31 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
     let group = hq / hkv;
     let shift = t as isize - s as isize;
 
-    let head = |scores: &mut Vec<f32>, bh: usize, o: &mut [f32]| {
-        let (bi, h) = (bh / hq, bh % hq);
-        let kvh = h / group;
-        let qb = &q.data[(bi * hq + h) * s * d..][..s * d];
+    // The query heads that share a key/value head are computed together: their query rows
+    // are consecutive (`group * s` rows), so one pass over the keys serves all of them.
+    let rows = group * s;
+    let heads = |scores: &mut Vec<f32>, bg: usize, o: &mut [f32]| {
+        let (bi, kvh) = (bg / hkv, bg % hkv);
+        let qb = &q.data[(bi * hq + kvh * group) * s * d..][..rows * d];
         let kb = &kv.k[(bi * hkv + kvh) * cap * d..][..t * d];
         let vb = &kv.v[(bi * hkv + kvh) * cap * dv..][..t * dv];
         let mrow = key_mask.map(|m| &m[bi * t..(bi + 1) * t]);
-        scores.resize(s * t, 0.0);
-        // scores[i, j] = scale * sum_p q[i, p] k[j, p]
+        scores.resize(rows * t, 0.0);
+        // scores[r, j] = scale * sum_p q[r, p] k[j, p]
         if s <= FEW_QUERIES {
             // Decoding: a few query rows against many cached keys; packing for a GEMM
-            // would cost more than the dot products.
-            for (i, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(s) {
-                let qi = &qb[i * d..][..d];
-                for (j, sc) in row.iter_mut().enumerate() {
-                    *sc = scale * dot(qi, &kb[j * d..][..d]);
+            // would cost more than the dot products. Key-major, so each key is read once.
+            for j in 0..t {
+                let kj = &kb[j * d..][..d];
+                for r in 0..rows {
+                    scores[r * t + j] = scale * dot(&qb[r * d..][..d], kj);
                 }
             }
         } else {
-            gemm(s, d, t, scale, qb, d, 1, kb, 1, d, 0.0, scores, t, 1);
+            gemm(rows, d, t, scale, qb, d, 1, kb, 1, d, 0.0, scores, t, 1);
         }
-        for (i, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(s) {
+        for (r, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(rows) {
+            let i = r % s;
             let lim = if causal { (i as isize + shift + 1).clamp(0, t as isize) as usize } else { t };
             let allowed = |j: usize| mrow.is_none_or(|m| m[j] != 0.0);
             let mut mx = f32::NEG_INFINITY;
@@ -1111,31 +1114,33 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
                 *sc = (*sc as f64 * inv) as f32;
             }
         }
-        // out[i, c] = sum_j p[i, j] v[j, c]
+        // out[r, c] = sum_j p[r, j] v[j, c]
         if s <= FEW_QUERIES {
-            for (i, oi) in o.chunks_exact_mut(dv.max(1)).enumerate().take(s) {
-                oi.fill(0.0);
-                for (j, &p) in scores[i * t..][..t].iter().enumerate() {
+            o.fill(0.0);
+            for j in 0..t {
+                let vj = &vb[j * dv..][..dv];
+                for (r, or) in o.chunks_exact_mut(dv.max(1)).enumerate().take(rows) {
+                    let p = scores[r * t + j];
                     if p != 0.0 {
-                        for (acc, &vv) in oi.iter_mut().zip(&vb[j * dv..][..dv]) {
+                        for (acc, &vv) in or.iter_mut().zip(vj) {
                             *acc += p * vv;
                         }
                     }
                 }
             }
         } else {
-            gemm(s, t, dv, 1.0, scores, t, 1, vb, dv, 1, 0.0, o, dv, 1);
+            gemm(rows, t, dv, 1.0, scores, t, 1, vb, dv, 1, 0.0, o, dv, 1);
         }
     };
 
-    let per_head = s * dv;
+    let per_group = rows * dv;
     // Threads only pay off for more than a few microseconds of work (not for decoding).
-    if b * hq > 1 && b * hq * s * t * (d + dv) >= 1 << 18 {
-        out.par_chunks_mut(per_head).enumerate().for_each_init(Vec::new, |scores, (bh, o)| head(scores, bh, o));
+    if b * hkv > 1 && b * hq * s * t * (d + dv) >= 1 << 18 {
+        out.par_chunks_mut(per_group).enumerate().for_each_init(Vec::new, |scores, (bg, o)| heads(scores, bg, o));
     } else {
         let mut scores = Vec::new();
-        for (bh, o) in out.chunks_mut(per_head).enumerate() {
-            head(&mut scores, bh, o);
+        for (bg, o) in out.chunks_mut(per_group).enumerate() {
+            heads(&mut scores, bg, o);
         }
     }
     Tensor::new(shape, out)
