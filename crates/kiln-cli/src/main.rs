@@ -25,15 +25,15 @@ struct Cli {
 enum Command {
     /// Parse and type-check a model spec; with --weights, check every parameter against the checkpoint.
     Check {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
         /// Checkpoint (safetensors or GGUF) to bind the parameters to.
         #[arg(long, short)]
         weights: Option<PathBuf>,
     },
-    /// Print the IR of a model spec (the text form pinned by the snapshot tests).
+    /// Print the IR of a model spec or artifact (the text form pinned by the snapshot tests).
     Ir {
-        /// The model spec (.kiln).
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
         spec: PathBuf,
         /// Checkpoint to bind: weight formats and checksums appear in the IR.
         #[arg(long, short)]
