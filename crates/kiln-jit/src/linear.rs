@@ -57,7 +57,7 @@
 //! accumulator form), so emitters pass the operand that dies (a decoded weight) first.
 
 use cranelift_codegen::ir::types::{F32, F32X4};
-use cranelift_codegen::ir::{BlockArg, InstBuilder, StackSlotData, StackSlotKind, Type, Value, condcodes::IntCC};
+use cranelift_codegen::ir::{InstBuilder, StackSlotData, StackSlotKind, Type, Value, condcodes::IntCC};
 use cranelift_frontend::{FunctionBuilder, Variable};
 use kiln_ir::Format;
 use std::ops::Range;
@@ -65,7 +65,7 @@ use std::sync::Arc;
 
 use crate::JitError;
 use crate::decode::{Rows, decode_lanes, decode_rows};
-use crate::emit::{f32s, hsum4, load_f32_partial, ro, rw, store_f32_partial};
+use crate::emit::{barrier, counted_loop, f32s, hsum4, load_f32_partial, ro, rw, store_f32_partial};
 use crate::isa::HostIsa;
 use crate::math::{Activation, activation};
 use crate::module::{FunctionId, FunctionStats, JitCode, JitModule};
@@ -563,81 +563,5 @@ impl LinearEmitter {
                 store_f32_partial(b, out, y, y_at, lanes);
             }
         }
-    }
-}
-
-/// Emits `trips` iterations of `body`, which receives the current value of each pointer in
-/// `ptrs` (`(initial, step)`; the first pointer's step must be nonzero: it is the loop
-/// counter). A single trip is emitted straight; zero trips emit nothing. Returns the
-/// pointers after the last iteration.
-///
-/// The loop has the `while` shape: a header that tests and branches to the body or the
-/// exit without block arguments, and a body that jumps back. Values leaving the loop are
-/// then the header's block parameters, and every value computed in the body has a single
-/// use (the back edge). That matters to instruction selection: Cranelift only folds a load
-/// into its user (e.g. `vfmadd132ps xmm, xmm, [mem]`) when no user of the loaded value's
-/// dependents may be emitted twice, and a `brif` passing an accumulator to both the loop
-/// and the exit counts as two uses, which poisons the whole chain.
-fn counted_loop(
-    b: &mut FunctionBuilder<'_>,
-    ptr_ty: Type,
-    trips: usize,
-    ptrs: &[(Value, i64)],
-    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
-) -> Vec<Value> {
-    let advance = |b: &mut FunctionBuilder<'_>, cur: &[Value], times: i64| -> Vec<Value> {
-        cur.iter().zip(ptrs).map(|(&p, &(_, step))| b.ins().iadd_imm_s(p, step * times)).collect()
-    };
-    let init: Vec<Value> = ptrs.iter().map(|&(p, _)| p).collect();
-    match trips {
-        0 => return init,
-        1 => {
-            body(b, &init);
-            return advance(b, &init, 1);
-        }
-        _ => {}
-    }
-    debug_assert_ne!(ptrs[0].1, 0);
-    let end = b.ins().iadd_imm_s(init[0], ptrs[0].1 * trips as i64);
-    let vars: Vec<Variable> = init
-        .iter()
-        .map(|&p| {
-            let v = b.declare_var(ptr_ty);
-            b.def_var(v, p);
-            v
-        })
-        .collect();
-    let header = b.create_block();
-    let lp = b.create_block();
-    let done = b.create_block();
-    b.ins().jump(header, &[]);
-    b.switch_to_block(header);
-    let cur: Vec<Value> = vars.iter().map(|&v| b.use_var(v)).collect();
-    let more = b.ins().icmp(IntCC::NotEqual, cur[0], end);
-    b.ins().brif(more, lp, &[], done, &[]);
-    b.switch_to_block(lp);
-    body(b, &cur);
-    let next = advance(b, &cur, 1);
-    for (&v, &n) in vars.iter().zip(&next) {
-        b.def_var(v, n);
-    }
-    b.ins().jump(header, &[]);
-    b.switch_to_block(done);
-    cur
-}
-
-/// Routes the current values of `vars` through the parameters of a fresh block (a jump the
-/// code layout turns into a fall-through). Block parameters are roots for instruction
-/// selection: values used several times after this point (the horizontal sums use each
-/// accumulator twice) no longer count as multiply used before it, so the loads feeding
-/// the accumulation can still be folded into the FMAs (see [`counted_loop`]).
-fn barrier(b: &mut FunctionBuilder<'_>, vars: &[Variable], ty: Type) {
-    let next = b.create_block();
-    let args: Vec<BlockArg> = vars.iter().map(|&v| BlockArg::Value(b.use_var(v))).collect();
-    let params: Vec<Value> = vars.iter().map(|_| b.append_block_param(next, ty)).collect();
-    b.ins().jump(next, &args);
-    b.switch_to_block(next);
-    for (&v, p) in vars.iter().zip(params) {
-        b.def_var(v, p);
     }
 }

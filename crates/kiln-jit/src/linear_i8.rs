@@ -107,7 +107,7 @@
 //! fast; 16 keeps the direct path's register tile.
 
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I16X8, I32, I32X4};
-use cranelift_codegen::ir::{BlockArg, InstBuilder, Type, Value, condcodes::IntCC};
+use cranelift_codegen::ir::{InstBuilder, Type, Value, condcodes::IntCC};
 use cranelift_frontend::{FunctionBuilder, Variable};
 use kiln_ir::Format;
 use std::ops::Range;
@@ -115,7 +115,8 @@ use std::sync::Arc;
 
 use crate::JitError;
 use crate::emit::{
-    cast, f32s, i32s, load_f32_partial, ro, rw, select_lanes, shuffle4, store_f32_partial, u16s, vconst_bytes,
+    barrier, cast, counted_loop, f32s, i32s, load_f32_partial, ro, rw, select_lanes, shuffle4, store_f32_partial, u16s,
+    vconst_bytes,
 };
 use crate::isa::HostIsa;
 use crate::linear::{LinearSpec, Residual};
@@ -1181,70 +1182,6 @@ fn pairwise_i32(b: &mut FunctionBuilder<'_>, v: Value) -> Value {
     let lo = b.ins().swiden_low(v);
     let hi = b.ins().swiden_high(v);
     b.ins().iadd_pairwise(lo, hi)
-}
-
-/// `trips` iterations of `body` over pointers `(initial, step)` (the first one's step must
-/// be nonzero: it is the counter), in the `while` shape that keeps loads foldable; a copy of
-/// `linear::counted_loop` (see there).
-fn counted_loop(
-    b: &mut FunctionBuilder<'_>,
-    ptr_ty: Type,
-    trips: usize,
-    ptrs: &[(Value, i64)],
-    mut body: impl FnMut(&mut FunctionBuilder<'_>, &[Value]),
-) -> Vec<Value> {
-    let advance = |b: &mut FunctionBuilder<'_>, cur: &[Value], times: i64| -> Vec<Value> {
-        cur.iter().zip(ptrs).map(|(&p, &(_, step))| b.ins().iadd_imm_s(p, step * times)).collect()
-    };
-    let init: Vec<Value> = ptrs.iter().map(|&(p, _)| p).collect();
-    match trips {
-        0 => return init,
-        1 => {
-            body(b, &init);
-            return advance(b, &init, 1);
-        }
-        _ => {}
-    }
-    debug_assert_ne!(ptrs[0].1, 0);
-    let end = b.ins().iadd_imm_s(init[0], ptrs[0].1 * trips as i64);
-    let vars: Vec<Variable> = init
-        .iter()
-        .map(|&p| {
-            let v = b.declare_var(ptr_ty);
-            b.def_var(v, p);
-            v
-        })
-        .collect();
-    let header = b.create_block();
-    let lp = b.create_block();
-    let done = b.create_block();
-    b.ins().jump(header, &[]);
-    b.switch_to_block(header);
-    let cur: Vec<Value> = vars.iter().map(|&v| b.use_var(v)).collect();
-    let more = b.ins().icmp(IntCC::NotEqual, cur[0], end);
-    b.ins().brif(more, lp, &[], done, &[]);
-    b.switch_to_block(lp);
-    body(b, &cur);
-    let next = advance(b, &cur, 1);
-    for (&v, &n) in vars.iter().zip(&next) {
-        b.def_var(v, n);
-    }
-    b.ins().jump(header, &[]);
-    b.switch_to_block(done);
-    cur
-}
-
-/// Routes the current values of `vars` through the parameters of a fresh block (see
-/// `linear::barrier`).
-fn barrier(b: &mut FunctionBuilder<'_>, vars: &[Variable], ty: Type) {
-    let next = b.create_block();
-    let args: Vec<BlockArg> = vars.iter().map(|&v| BlockArg::Value(b.use_var(v))).collect();
-    let params: Vec<Value> = vars.iter().map(|_| b.append_block_param(next, ty)).collect();
-    b.ins().jump(next, &args);
-    b.switch_to_block(next);
-    for (&v, p) in vars.iter().zip(params) {
-        b.def_var(v, p);
-    }
 }
 
 #[cfg(test)]
