@@ -44,10 +44,7 @@ impl<'g> Interpreter<'g> {
         inputs: &HashMap<String, Value>,
         cache: &mut KvCache,
     ) -> Result<Vec<(String, Value)>, InterpError> {
-        cache.begin();
-        let outputs = self.run_with(inputs, Some(cache))?;
-        cache.commit();
-        Ok(outputs)
+        cache.step(|cache| self.run_with(inputs, Some(cache)))
     }
 
     fn run_with(

@@ -446,10 +446,7 @@ impl<'g> Engine<'g> {
         inputs: &HashMap<String, Value>,
         cache: &mut KvCache,
     ) -> Result<Vec<(String, Value)>, RunError> {
-        cache.begin();
-        let outputs = self.run_with(inputs, Some(cache))?;
-        cache.commit();
-        Ok(outputs)
+        cache.step(|cache| self.run_with(inputs, Some(cache)))
     }
 
     fn run_with(

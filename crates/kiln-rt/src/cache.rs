@@ -67,20 +67,16 @@ impl KvCache {
         self.layers.values().map(|l| (l.k.len() + l.v.len() + l.mask.as_ref().map_or(0, Vec::len)) * f).sum()
     }
 
-    /// Starts a run over new tokens; returns the position of its first token (the rope
-    /// offset).
-    pub fn begin(&mut self) -> usize {
+    /// Runs `f` as one step over new tokens: the positions its attention and rope nodes
+    /// record become part of the cache only if `f` succeeds. A failed step leaves the cache
+    /// as it was; its partial writes lie past `positions` and are overwritten by the next.
+    pub fn step<T, E>(&mut self, f: impl FnOnce(&mut KvCache) -> Result<T, E>) -> Result<T, E> {
         self.pending = None;
-        self.positions
-    }
-
-    /// Ends a successful run: its tokens become part of the cache. A failed run (no
-    /// `commit`) leaves the cache as it was; its partial writes lie past `positions` and are
-    /// overwritten by the next run.
-    pub fn commit(&mut self) {
+        let out = f(self)?;
         if let Some(p) = self.pending.take() {
             self.positions = p;
         }
+        Ok(out)
     }
 
     /// Records that the run in progress covers `s` new positions per sequence; every
