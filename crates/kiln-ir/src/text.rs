@@ -244,19 +244,15 @@ impl Line {
         Ok(v)
     }
     fn int(&mut self) -> Result<u64, ParseError> {
-        match self.peek() {
-            Some(Tok::Num(s)) => {
-                let v = s.parse().map_err(|_| self.error(format!("`{s}` is not a non-negative integer")))?;
-                self.at += 1;
-                Ok(v)
-            }
-            _ => Err(self.error("expected an integer")),
-        }
+        self.number("a non-negative integer")
     }
     fn signed_int(&mut self) -> Result<i64, ParseError> {
+        self.number("an integer")
+    }
+    fn number<T: std::str::FromStr>(&mut self, what: &str) -> Result<T, ParseError> {
         match self.peek() {
             Some(Tok::Num(s)) => {
-                let v = s.parse().map_err(|_| self.error(format!("`{s}` is not an integer")))?;
+                let v = s.parse().map_err(|_| self.error(format!("`{s}` is not {what}")))?;
                 self.at += 1;
                 Ok(v)
             }
