@@ -191,9 +191,6 @@ impl LanguageModel {
         .ok_or_else(|| not_lm(format!("`logits` is {ty}, not f32[batch, seq, vocab]")))?;
         Ok(LanguageModel { ids, masks, logits: "logits".into(), vocab: vocab as usize })
     }
-}
-
-impl LanguageModel {
     /// The graph generation runs: logits at the last position only, so a prompt's other
     /// positions skip the output head (see `kiln_passes::last_position`). Falls back, with a
     /// note, to the whole graph when the rewrite does not apply.
