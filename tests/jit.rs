@@ -117,3 +117,43 @@ fn single_rows_split_by_columns_give_the_same_bits() {
     let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff <= 1e-5 * scale.max(1.0), "JIT vs interpreter: {diff} (scale {scale})");
 }
+
+/// Weights in kiln's int formats (what the quantize pass writes) run compiled, as the GGUF
+/// blocks with the same values: f32 activations match the interpreter, int8 activations
+/// stay close to it, and the bits do not depend on threads or on how rows are split.
+#[test]
+fn int_format_weights_run_compiled_with_their_exact_values() {
+    for (format, k) in [("int4g64", 128), ("int4g64a", 192), ("int3g128a", 256), ("int2g32", 64), ("int8g576", 576)] {
+        let f: kiln_ir::IntFormat = format.parse().unwrap();
+        let n = 136; // a single row splits its columns across 2 threads (>= 2 x 64)
+        let text = format!(
+            "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = weight \"w\" {format} : f32[{n}, {k}]\n  %2 = weight \"b\" f32 : f32[{n}]\n  %3 = linear %0, %1, %2 : f32[m, {n}]\n  %4 = silu %3 : f32[m, {n}]\n  output \"y\" = %4\n}}\n"
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        let mut rng = Rng::new(5);
+        let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+        let w = kiln_ir::Bytes::from_vec(f.quantize(&values(n * k)));
+        g.store.insert("w", kiln_ir::TensorData::new(kiln_ir::Format::Int(f), vec![n as u64, k as u64], w).unwrap());
+        g.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &values(n)));
+        kiln_ir::verify(&g).unwrap();
+        for m in [1, 5] {
+            let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
+            let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+            let want = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
+            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs())).max(1.0);
+            let one = Prepared::new(&g, Exec::Jit { threads: 1 });
+            if let Prepared::Jit(e) = &one {
+                assert_eq!(e.compiled_linears(), 1, "{format}: the linear runs compiled");
+            }
+            let one = one.run(&inputs);
+            let diff = f32s(&one, "y").iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{format}, m = {m}: JIT vs interpreter {diff}");
+            assert_eq!(one, Prepared::new(&g, Exec::Jit { threads: 2 }).run(&inputs), "{format}, m = {m}");
+
+            let int8 = Prepared::new(&g, Exec::JitInt8 { threads: 1 }).run(&inputs);
+            let diff = f32s(&int8, "y").iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff > 0.0 && diff <= 0.05 * scale, "{format}, m = {m}: int8 activations {diff}");
+            assert_eq!(int8, Prepared::new(&g, Exec::JitInt8 { threads: 2 }).run(&inputs), "{format}, m = {m}");
+        }
+    }
+}

@@ -38,7 +38,7 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     kiln_rt::artifact::write(&args.output, &model.graph, &metadata).into_diagnostic()?;
 
     let g = &model.graph;
-    let mut by_format: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut by_format: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for n in g.node_ids() {
         if let Op::Weight(w) = &g.node(n).op

@@ -33,6 +33,35 @@ pub enum Format {
     /// `x[j] = f32(d) * (qs[j] & 0xF) + f32(m)` and
     /// `x[j + 16] = f32(d) * (qs[j] >> 4) + f32(m)` for `j < 16`.
     Q4_1,
+    /// kiln's group-quantized integers; see [`IntFormat`] (`int4g64`, `int3g128a`, ...).
+    Int(IntFormat),
+}
+
+/// Integers of `bits` bits in groups of `group` consecutive values along a row, one f16
+/// scale per group (and, if `asym`, one f16 offset). Each group is stored as one block
+/// `{ d: f16, [m: f16,] q: [bits x group] }`, the codes packed least significant bit first:
+/// code `j` occupies bits `j * bits .. (j + 1) * bits` of the little-endian code bytes, so
+/// a block holds `2 (or 4) + group * bits / 8` bytes. Values, with `q` an unsigned code:
+///
+/// - symmetric (`int4g64`): `x = f32(d) * (q - 2^(bits - 1))`;
+/// - asymmetric (`int4g64a`): `x = f32(d) * q + f32(m)`.
+///
+/// `bits` is 2, 3, 4 or 8 (8 is symmetric only); `group` is a multiple of 32. Per output
+/// channel is the group equal to the row (`int8g576` for 576-wide rows). Both forms are exact
+/// in f32 (an 11-bit scale times an 8-bit code), and for `group = 32` they are GGUF's
+/// `Q4_0`, `Q4_1` and `Q8_0` values in another byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IntFormat {
+    pub bits: u8,
+    pub group: u32,
+    pub asym: bool,
+}
+
+/// The scales of one block of an [`IntFormat`] (`m` is 0 for symmetric formats).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockScales {
+    pub d: f16,
+    pub m: f16,
 }
 
 /// Error from decoding stored bytes.
@@ -42,22 +71,28 @@ pub enum FormatError {
     Size { format: Format, elements: u64, expected: u64, found: u64 },
     #[error("{format} stores blocks of {block} values; {elements} elements is not a multiple")]
     Blocks { format: Format, elements: u64, block: u64 },
-    #[error("unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0 or q4_1)")]
+    #[error(
+        "unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0, q4_1, or intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a)"
+    )]
     Unknown(String),
+    #[error("`{0}`: {1}")]
+    Invalid(String, &'static str),
 }
 
 impl Format {
+    /// The formats of checkpoints (kiln's own [`IntFormat`]s are a family, not listed).
     pub const ALL: [Format; 6] = [Format::F32, Format::F16, Format::BF16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
 
     /// Name used in the IR text and in error messages.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Format::F32 => "f32",
-            Format::F16 => "f16",
-            Format::BF16 => "bf16",
-            Format::Q8_0 => "q8_0",
-            Format::Q4_0 => "q4_0",
-            Format::Q4_1 => "q4_1",
+            Format::F32 => "f32".into(),
+            Format::F16 => "f16".into(),
+            Format::BF16 => "bf16".into(),
+            Format::Q8_0 => "q8_0".into(),
+            Format::Q4_0 => "q4_0".into(),
+            Format::Q4_1 => "q4_1".into(),
+            Format::Int(i) => i.to_string(),
         }
     }
 
@@ -66,6 +101,7 @@ impl Format {
         match self {
             Format::F32 | Format::F16 | Format::BF16 => 1,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
+            Format::Int(i) => i.group as u64,
         }
     }
 
@@ -77,6 +113,7 @@ impl Format {
             Format::Q8_0 => 34,
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
+            Format::Int(i) => i.block_bytes() as u64,
         }
     }
 
@@ -130,20 +167,185 @@ impl Format {
                     out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
                 }
             }
+            Format::Int(f) => {
+                let mut codes = vec![0u8; f.group as usize];
+                for block in bytes.chunks_exact(f.block_bytes()) {
+                    let s = f.unpack_block(block, &mut codes);
+                    out.extend(codes.iter().map(|&q| f.value(s, q)));
+                }
+            }
         }
         Ok(out)
     }
 }
 
+impl IntFormat {
+    /// Checks the constraints documented on the type.
+    pub fn new(bits: u8, group: u32, asym: bool) -> Result<IntFormat, FormatError> {
+        let f = IntFormat { bits, group, asym };
+        let bad = |why| Err(FormatError::Invalid(f.to_string(), why));
+        if ![2, 3, 4, 8].contains(&bits) {
+            return bad("bits must be 2, 3, 4 or 8");
+        }
+        if group == 0 || !group.is_multiple_of(32) {
+            return bad("the group must be a positive multiple of 32");
+        }
+        if bits == 8 && asym {
+            return bad("int8 is symmetric only");
+        }
+        Ok(f)
+    }
+
+    /// Bytes of the scales at the start of each block.
+    pub fn scale_bytes(self) -> usize {
+        if self.asym { 4 } else { 2 }
+    }
+
+    /// Bytes of one block (one group).
+    pub fn block_bytes(self) -> usize {
+        self.scale_bytes() + self.group as usize * self.bits as usize / 8
+    }
+
+    /// The largest code.
+    pub fn max_code(self) -> u8 {
+        ((1u16 << self.bits) - 1) as u8
+    }
+
+    /// The code of zero in symmetric formats (`2^(bits - 1)`); 0 for asymmetric ones.
+    pub fn zero_code(self) -> u8 {
+        if self.asym { 0 } else { 1 << (self.bits - 1) }
+    }
+
+    /// The value of code `q` under the scales `s`, exactly as stored weights mean it.
+    pub fn value(self, s: BlockScales, q: u8) -> f32 {
+        if self.asym {
+            s.d.to_f32() * q as f32 + s.m.to_f32()
+        } else {
+            s.d.to_f32() * (q as i32 - self.zero_code() as i32) as f32
+        }
+    }
+
+    /// Round to nearest: the scales of one group of values. Symmetric formats map the
+    /// value of largest magnitude to the most negative code (`-2^(bits-1) d`, as GGUF's
+    /// Q4_0 does), which uses every code; asymmetric ones spread `[min, max]` over all
+    /// codes. Scales are rounded to f16 before codes are chosen ([`IntFormat::code`]).
+    pub fn fit(self, values: &[f32]) -> BlockScales {
+        if self.asym {
+            let (lo, hi) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            if !lo.is_finite() || !hi.is_finite() {
+                return BlockScales { d: f16::ZERO, m: f16::ZERO };
+            }
+            let m = f16::from_f32(lo);
+            // The offset is rounded, so spread from the stored minimum.
+            let d = f16::from_f32((hi - m.to_f32()).max(0.0) / self.max_code() as f32);
+            BlockScales { d, m }
+        } else {
+            let max = values.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+            BlockScales { d: f16::from_f32(max / -(self.zero_code() as f32)), m: f16::ZERO }
+        }
+    }
+
+    /// The code nearest to `x` under `s`, clamped to the codes.
+    pub fn code(self, s: BlockScales, x: f32) -> u8 {
+        let d = s.d.to_f32();
+        if d == 0.0 || !d.is_finite() {
+            return self.zero_code();
+        }
+        let q = if self.asym { (x - s.m.to_f32()) / d } else { x / d + self.zero_code() as f32 };
+        q.round().clamp(0.0, self.max_code() as f32) as u8
+    }
+
+    /// Appends one block: the scales, then `codes` (one per value of the group) packed.
+    pub fn pack_block(self, s: BlockScales, codes: &[u8], out: &mut Vec<u8>) {
+        debug_assert_eq!(codes.len(), self.group as usize);
+        out.extend(s.d.to_le_bytes());
+        if self.asym {
+            out.extend(s.m.to_le_bytes());
+        }
+        let (mut acc, mut filled) = (0u32, 0u32);
+        for &q in codes {
+            acc |= ((q & self.max_code()) as u32) << filled;
+            filled += self.bits as u32;
+            while filled >= 8 {
+                out.push(acc as u8);
+                acc >>= 8;
+                filled -= 8;
+            }
+        }
+    }
+
+    /// Reads one block's scales, and its codes into `codes` (`group` of them).
+    pub fn unpack_block(self, block: &[u8], codes: &mut [u8]) -> BlockScales {
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        let s = BlockScales { d: half(&block[0..2]), m: if self.asym { half(&block[2..4]) } else { f16::ZERO } };
+        let packed = &block[self.scale_bytes()..];
+        let bits = self.bits as usize;
+        for (j, q) in codes.iter_mut().enumerate() {
+            let (byte, shift) = (j * bits / 8, j * bits % 8);
+            let word = packed[byte] as u16 | (packed.get(byte + 1).copied().unwrap_or(0) as u16) << 8;
+            *q = (word >> shift) as u8 & self.max_code();
+        }
+        s
+    }
+
+    /// Round to nearest, group by group: the stored bytes of `values` (rows of a length
+    /// that is a multiple of the group).
+    pub fn quantize(self, values: &[f32]) -> Vec<u8> {
+        let g = self.group as usize;
+        let mut out = Vec::with_capacity(values.len() / g * self.block_bytes());
+        let mut codes = vec![0u8; g];
+        for group in values.chunks_exact(g) {
+            let s = self.fit(group);
+            for (q, &x) in codes.iter_mut().zip(group) {
+                *q = self.code(s, x);
+            }
+            self.pack_block(s, &codes, &mut out);
+        }
+        out
+    }
+
+    /// Storage bits per weight, scales included.
+    pub fn bits_per_weight(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / self.group as f64
+    }
+}
+
+impl fmt::Display for IntFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "int{}g{}{}", self.bits, self.group, if self.asym { "a" } else { "" })
+    }
+}
+
+impl std::str::FromStr for IntFormat {
+    type Err = FormatError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || FormatError::Unknown(s.to_string());
+        let rest = s.strip_prefix("int").ok_or_else(unknown)?;
+        let (bits, rest) = rest.split_once('g').ok_or_else(unknown)?;
+        let (group, asym) = match rest.strip_suffix('a') {
+            Some(g) => (g, true),
+            None => (rest, false),
+        };
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(bits) || !digits(group) {
+            return Err(unknown());
+        }
+        IntFormat::new(bits.parse().map_err(|_| unknown())?, group.parse().map_err(|_| unknown())?, asym)
+    }
+}
+
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.name())
     }
 }
 
 impl std::str::FromStr for Format {
     type Err = FormatError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with("int") {
+            return s.parse().map(Format::Int);
+        }
         Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| FormatError::Unknown(s.to_string()))
     }
 }
@@ -191,5 +393,88 @@ mod tests {
         assert!(matches!(Format::Q8_0.byte_len(33), Err(FormatError::Blocks { .. })));
         assert_eq!(Format::Q4_1.bits_per_weight(), 5.0);
         assert_eq!(Format::BF16.dequantize(&[0x80, 0x3f], 1).unwrap(), vec![1.0]);
+    }
+}
+
+#[cfg(test)]
+mod int_tests {
+    use super::*;
+
+    fn int(s: &str) -> IntFormat {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn names_round_trip_and_bad_ones_are_refused() {
+        for name in ["int4g32", "int4g64a", "int3g128a", "int2g32", "int8g576"] {
+            assert_eq!(int(name).to_string(), name);
+            assert_eq!(name.parse::<Format>().unwrap().name(), name);
+        }
+        for bad in ["int5g32", "int4g48", "int8g32a", "int4g0", "int4", "int4g", "intxg32", "int4g32b"] {
+            assert!(bad.parse::<Format>().is_err(), "{bad}");
+        }
+        assert_eq!(int("int4g64a").block_bytes(), 4 + 32);
+        assert_eq!(int("int3g128").block_bytes(), 2 + 48);
+        assert_eq!(Format::Int(int("int4g64a")).bits_per_weight(), 4.5);
+        assert_eq!(Format::Int(int("int2g32")).bits_per_weight(), 2.5);
+    }
+
+    #[test]
+    fn three_bit_codes_are_packed_lsb_first_across_bytes() {
+        let f = int("int3g32");
+        let codes: Vec<u8> = (0..32).map(|j| (j % 8) as u8).collect();
+        let mut block = Vec::new();
+        f.pack_block(BlockScales { d: f16::from_f32(1.0), m: f16::ZERO }, &codes, &mut block);
+        assert_eq!(block.len(), 2 + 12);
+        // Codes 0, 1, 2 then 3: bits 000 100 010 | 110 ... -> first byte 0b10_001_000.
+        assert_eq!(block[2], 0b1000_1000);
+        assert_eq!(block[3], 0b1100_0110); // 2 >> 2 = 0, then code 3 (011), code 4 (100), code 5's low bit 1
+        let mut back = vec![0; 32];
+        f.unpack_block(&block, &mut back);
+        assert_eq!(back, codes);
+        // Symmetric: x = d (q - 4).
+        let x = Format::Int(f).dequantize(&block, 32).unwrap();
+        assert_eq!(&x[..8], &[-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn rtn_symmetric_maps_the_largest_magnitude_to_the_most_negative_code() {
+        let f = int("int4g32");
+        let mut v = vec![0.0f32; 32];
+        v[0] = -1.6; // largest magnitude: d = -1.6 / -8 = 0.2
+        v[1] = 0.7; // 0.7 / 0.2 = 3.5 -> rounds away from zero to 4 (code 12): 0.8
+        v[2] = 1.6; // beyond +7 d: clamps to code 15 = 1.4
+        let x = Format::Int(f).dequantize(&f.quantize(&v), 32).unwrap();
+        let d = f16::from_f32(0.2).to_f32();
+        assert_eq!(x[0], -8.0 * d);
+        assert_eq!(x[1], 4.0 * d);
+        assert_eq!(x[2], 7.0 * d);
+        assert_eq!(x[3], 0.0);
+    }
+
+    #[test]
+    fn rtn_asymmetric_spreads_min_to_max_over_all_codes() {
+        let f = int("int2g32a");
+        let mut v = vec![1.0f32; 32];
+        v[0] = 1.0;
+        v[1] = 4.0; // d = (4 - 1) / 3 = 1, m = 1: codes 0..3 are 1, 2, 3, 4
+        v[2] = 2.4;
+        v[3] = 2.6;
+        let x = Format::Int(f).dequantize(&f.quantize(&v), 32).unwrap();
+        assert_eq!(&x[..4], &[1.0, 4.0, 2.0, 3.0]);
+        assert_eq!(x[4], 1.0);
+    }
+
+    #[test]
+    fn group_32_is_q4_0_with_another_byte_order() {
+        // The same values through GGUF's Q4_0 (byte j = elements j and j + 16).
+        let f = int("int4g32");
+        let codes: Vec<u8> = (0..32).map(|j| (j * 7 % 16) as u8).collect();
+        let s = BlockScales { d: f16::from_f32(0.375), m: f16::ZERO };
+        let mut ours = Vec::new();
+        f.pack_block(s, &codes, &mut ours);
+        let mut q4_0 = s.d.to_le_bytes().to_vec();
+        q4_0.extend((0..16).map(|j| codes[j] | codes[j + 16] << 4));
+        assert_eq!(Format::Int(f).dequantize(&ours, 32).unwrap(), Format::Q4_0.dequantize(&q4_0, 32).unwrap());
     }
 }

@@ -65,6 +65,7 @@ impl Rows {
         match self.format() {
             Format::F32 | Format::F16 | Format::BF16 => 4,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
+            Format::Int(_) => unreachable!("int formats run as GGUF blocks (repack.rs)"),
         }
     }
 }
@@ -237,7 +238,7 @@ pub(crate) fn decode_lanes(b: &mut FunctionBuilder<'_>, rows: Rows, at: &[(Value
             let t = b.ins().ishl_imm_u(v, 13);
             f16_to_f32(b, t)
         }
-        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => {
+        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Int(_) => {
             unreachable!("block formats have no k tail")
         }
     }

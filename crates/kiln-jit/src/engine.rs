@@ -43,13 +43,23 @@ struct Fused {
     columns: Vec<(usize, usize)>,
     x: NodeId,
     weight: NodeId,
-    /// For int8 kernels: the weight packed into panels ([`crate::linear_i8::pack_weight`]),
-    /// which the kernel reads instead of the stored bytes.
-    packed: Option<Arc<PackedWeight>>,
-    /// For sgemm linears: the weight as f32.
-    dense: Option<Arc<Value>>,
+    /// What the kernel reads of the weight.
+    data: KernelWeight,
     bias: Option<NodeId>,
     residual: Option<NodeId>,
+}
+
+/// The weight a linear kernel reads.
+#[derive(Clone, Debug)]
+enum KernelWeight {
+    /// The stored bytes, in the graph's tensor store.
+    Stored,
+    /// A copy in another layout: an int format repacked as GGUF blocks
+    /// ([`crate::repack`]), and for int8 kernels packed into panels
+    /// ([`crate::linear_i8::pack_weight`]).
+    Owned(Arc<PackedWeight>),
+    /// For sgemm linears: the weight as f32.
+    Dense(Arc<Value>),
 }
 
 /// Rows per panel of the weights of int8 kernels: the kernels then read their weight
@@ -82,6 +92,13 @@ impl PackedWeight {
         let ptr = unsafe { std::alloc::alloc_zeroed(PackedWeight::layout(len)) };
         let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
         PackedWeight { ptr, len }
+    }
+
+    fn copy_of(bytes: &[u8]) -> PackedWeight {
+        let p = PackedWeight::zeroed(bytes.len());
+        // SAFETY: `p` owns `len` writable bytes and is not shared yet.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.ptr.as_ptr(), bytes.len()) };
+        p
     }
 
     fn bytes(&self) -> &[u8] {
@@ -312,25 +329,48 @@ impl<'g> Engine<'g> {
         }
         let code = Arc::new(module.finalize()?);
         let compile_time = start.elapsed();
+        // Weights in int formats, repacked once as the GGUF blocks their kernels read.
+        let mut owned: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        for action in actions.values() {
+            let Action::Linear(f) = action else { continue };
+            let stored = stored_weight(graph, f.weight)?;
+            if let Format::Int(int) = stored.format
+                && !owned.contains_key(&f.weight)
+            {
+                let bytes = crate::repack::repack(int, stored.bytes.as_slice());
+                owned.insert(f.weight, Arc::new(PackedWeight::copy_of(&bytes)));
+            }
+        }
         let mut jobs = Vec::new();
         for (&node, spec) in &to_pack {
-            let Op::Weight(w) = &graph.node(node).op else { unreachable!("planned linears read a weight node") };
-            let stored = graph
-                .store
-                .get(&w.tensor)
-                .ok_or_else(|| JitError::Spec(format!("weight `{}` is not bound", w.tensor)))?;
-            jobs.push((node, (*spec, stored.bytes.as_slice())));
+            jobs.push((node, *spec));
         }
-        let specs_bytes: Vec<(LinearI8Spec, &[u8])> = jobs.iter().map(|(_, j)| *j).collect();
-        let packed: HashMap<NodeId, Arc<PackedWeight>> =
-            jobs.iter().map(|(n, _)| *n).zip(pack_weights(&specs_bytes, &pool)?.into_iter().map(Arc::new)).collect();
+        let specs_bytes: Vec<(LinearI8Spec, &[u8])> = jobs
+            .iter()
+            .map(|(n, spec)| {
+                Ok((
+                    *spec,
+                    match owned.get(n) {
+                        Some(p) => p.bytes(),
+                        None => stored_weight(graph, *n)?.bytes.as_slice(),
+                    },
+                ))
+            })
+            .collect::<Result<_, JitError>>()?;
+        let packed = pack_weights(&specs_bytes, &pool)?;
+        for ((n, _), p) in jobs.iter().zip(packed) {
+            owned.insert(*n, Arc::new(p));
+        }
         dense.sort();
         dense.dedup();
         let dense = decode_weights(graph, &dense).map_err(|e| JitError::Spec(e.to_string()))?;
         for action in actions.values_mut() {
             if let Action::Linear(f) = action {
-                f.packed = packed.get(&f.weight).cloned();
-                f.dense = dense.get(&f.weight).cloned();
+                f.data = match (owned.get(&f.weight), dense.get(&f.weight)) {
+                    (Some(p), _) => KernelWeight::Owned(p.clone()),
+                    (None, Some(d)) => KernelWeight::Dense(d.clone()),
+                    (None, None) => KernelWeight::Stored,
+                };
             }
         }
         let kernels = ids
@@ -517,18 +557,16 @@ impl<'g> Engine<'g> {
         let m = x.numel() / spec.k;
         let mut shape = x.shape.clone();
         *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = spec.n;
-        let weight = match &self.graph.node(f.weight).op {
-            Op::Weight(w) => {
-                self.graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?
-            }
-            _ => unreachable!("planned linears read a weight node"),
-        };
+        let weight = stored_weight(self.graph, f.weight).map_err(|e| e.to_string())?;
         let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
         if let Kernel::Sgemm(_, epilogue) = kernel {
-            let w = f.dense.as_ref().and_then(|w| w.as_f32()).ok_or("the weight of an sgemm linear is not decoded")?;
+            let KernelWeight::Dense(w) = &f.data else {
+                return Err("the weight of an sgemm linear is not decoded".into());
+            };
+            let w = w.as_f32().ok_or("the weight of an sgemm linear is not f32")?;
             let (k, n) = (spec.k, spec.n);
             // One call: matrixmultiply splits the work across its own threads (along M and
             // N, never K, so the bits do not depend on them).
@@ -552,13 +590,14 @@ impl<'g> Engine<'g> {
                 q.as_ptr()
             }
         };
-        let w = match &f.packed {
-            Some(p) => p.bytes().as_ptr(),
-            None => weight.bytes.as_slice().as_ptr(),
+        let w = match &f.data {
+            KernelWeight::Owned(p) => p.bytes().as_ptr(),
+            _ => weight.bytes.as_slice().as_ptr(),
         };
         let args = KernelArgs { x: x_ptr, w, bias, residual, y: y.as_mut_ptr() };
         if m == 1 && !f.columns.is_empty() {
-            let row_bytes = weight.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
+            // Rows of the format the kernel reads (a repacked int format's is not the stored one).
+            let row_bytes = spec.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
             self.pool.for_ranges(f.columns.len(), 1, 0, |parts| {
                 for &(n0, k) in &f.columns[parts] {
                     // SAFETY: as below, for the kernel over columns `n0..n0 + len` of the one
@@ -647,15 +686,18 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     if !k.is_multiple_of(w.format.block_len() as usize) {
         return None;
     }
-    let mut spec = LinearSpec::new(k, n, w.format);
+    let format = match w.format {
+        Format::Int(int) => crate::repack::kernel_format(int),
+        f => f,
+    };
+    let mut spec = LinearSpec::new(k, n, format);
     spec.bias = operands.len() > 2;
     let mut fused = Fused {
         kernel: 0,
         columns: vec![],
         x,
         weight,
-        packed: None,
-        dense: None,
+        data: KernelWeight::Stored,
         bias: operands.get(2).copied(),
         residual: None,
     };
@@ -690,4 +732,12 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
         }
     }
     Some((spec, fused, end, absorbed))
+}
+
+/// The stored tensor of weight node `id`.
+fn stored_weight(g: &Graph, id: NodeId) -> Result<&kiln_ir::TensorData, JitError> {
+    let Op::Weight(w) = &g.node(id).op else {
+        return Err(JitError::Spec("a linear's weight is not a weight node".into()));
+    };
+    g.store.get(&w.tensor).ok_or_else(|| JitError::Spec(format!("weight `{}` is not bound", w.tensor)))
 }

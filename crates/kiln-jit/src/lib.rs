@@ -22,6 +22,7 @@ pub mod linear;
 pub mod linear_i8;
 pub mod math;
 pub mod module;
+pub mod repack;
 
 mod decode;
 mod emit;

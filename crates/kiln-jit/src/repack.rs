@@ -1,0 +1,90 @@
+//! kiln's [`IntFormat`]s as GGUF blocks, so that the Q8_0/Q4_0/Q4_1 kernels run them.
+//!
+//! Every int format has a GGUF block format with the same values (not just close ones):
+//!
+//! | int format | runs as | code |
+//! |---|---|---|
+//! | `int{2,3,4}gG` (symmetric, `d (q - 2^(b-1))`) | `Q4_0` (`d (q' - 8)`) | `q' = q - 2^(b-1) + 8` |
+//! | `int{2,3,4}gGa` (`d q + m`) | `Q4_1` (`d q + m`) | `q' = q` |
+//! | `int8gG` (`d (q - 128)`) | `Q8_0` (`d q'`) | `q' = q - 128` as i8 |
+//!
+//! with the group's scales repeated in each of its `G / 32` blocks. The engine repacks an
+//! int-format weight once, when it is built; the copy costs 4.5 (Q4_0), 5 (Q4_1) or 8.5
+//! (Q8_0) bits per weight of memory whatever the stored width, so `int3` and `int2` save
+//! bytes in the artifact and on disk but not yet in memory. Kernels that read the packed
+//! codes directly would remove the copy.
+
+use kiln_ir::{Format, IntFormat};
+
+/// The GGUF format whose kernels run weights stored in `f`.
+pub fn kernel_format(f: IntFormat) -> Format {
+    match (f.bits, f.asym) {
+        (8, _) => Format::Q8_0,
+        (_, false) => Format::Q4_0,
+        (_, true) => Format::Q4_1,
+    }
+}
+
+/// The bytes of [`kernel_format`]`(f)` with exactly the values of `bytes`, stored in `f`.
+/// `bytes` must hold whole blocks of `f` (as a verified weight does).
+pub fn repack(f: IntFormat, bytes: &[u8]) -> Vec<u8> {
+    let target = kernel_format(f);
+    let blocks = bytes.len() / f.block_bytes();
+    let mut out = Vec::with_capacity(blocks * f.group as usize / 32 * target.block_bytes() as usize);
+    let mut codes = vec![0u8; f.group as usize];
+    for block in bytes.chunks_exact(f.block_bytes()) {
+        let s = f.unpack_block(block, &mut codes);
+        for c in codes.chunks_exact(32) {
+            out.extend(s.d.to_le_bytes());
+            match target {
+                Format::Q8_0 => out.extend(c.iter().map(|&q| q.wrapping_sub(128))),
+                Format::Q4_1 => {
+                    out.extend(s.m.to_le_bytes());
+                    out.extend((0..16).map(|j| c[j] | c[j + 16] << 4));
+                }
+                _ => {
+                    let shift = |q: u8| q + 8 - f.zero_code();
+                    out.extend((0..16).map(|j| shift(c[j]) | shift(c[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every format, random codes and scales (negative, tiny and large ones included):
+    /// the repacked bytes decode to bitwise the same values.
+    #[test]
+    fn repacked_weights_have_the_same_values() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for bits in [2, 3, 4, 8] {
+            for group in [32, 64, 128, 576] {
+                for asym in [false, true] {
+                    let Ok(f) = IntFormat::new(bits, group, asym) else { continue };
+                    let mut bytes = Vec::new();
+                    for _ in 0..6 {
+                        let d = half::f16::from_bits(next() as u16 & 0x7BFF | (next() as u16 & 0x8000));
+                        let m = half::f16::from_f32((next() % 2000) as f32 / 100.0 - 10.0);
+                        let codes: Vec<u8> = (0..group).map(|_| next() as u8 & f.max_code()).collect();
+                        f.pack_block(kiln_ir::BlockScales { d, m }, &codes, &mut bytes);
+                    }
+                    let n = 6 * group as u64;
+                    let want = Format::Int(f).dequantize(&bytes, n).unwrap();
+                    let got = kernel_format(f).dequantize(&repack(f, &bytes), n).unwrap();
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{f}");
+                }
+            }
+        }
+    }
+}
