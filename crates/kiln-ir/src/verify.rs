@@ -51,6 +51,13 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 if node.ty.dtype != DType::F32 || node.ty.shape.iter().any(|d| matches!(d, Dim::Sym(_))) {
                     return Err(fail(format!("a weight must be f32 with a known shape, found {}", node.ty)));
                 }
+                let block = w.format.block_len();
+                if block > 1 && node.ty.shape.last().and_then(|d| d.known()).is_none_or(|r| !r.is_multiple_of(block)) {
+                    return Err(fail(format!(
+                        "{} stores blocks of {block} values, which must divide the rows of {}",
+                        w.format, node.ty
+                    )));
+                }
                 if let Some(t) = graph.store.get(&w.tensor) {
                     let shape: Vec<Dim> = t.shape.iter().map(|&n| Dim::Known(n)).collect();
                     if shape != node.ty.shape {
@@ -83,4 +90,18 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_block_may_not_cross_a_row() {
+        let graph = |format: &str, row: u32| {
+            format!("graph g {{\n  %0 = weight \"w\" {format} : f32[4, {row}]\n  output \"y\" = %0\n}}\n")
+        };
+        assert!(crate::verify(&crate::parse(&graph("int4g64", 128)).unwrap()).is_ok());
+        let err = crate::verify(&crate::parse(&graph("int4g64", 96)).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("blocks of 64"), "{err}");
+        assert!(crate::verify(&crate::parse(&graph("q4_0", 48)).unwrap()).is_err());
+    }
 }
