@@ -12,15 +12,19 @@ pub struct CompileArgs {
     pub weights: PathBuf,
     pub output: PathBuf,
     pub tokenizer: Option<PathBuf>,
+    pub passes: crate::passes::PassArgs,
 }
 
 pub fn compile(args: CompileArgs) -> Result<()> {
     let start = Instant::now();
-    let model = load::load(&args.spec, Some(&args.weights))?;
+    let mut model = load::load(&args.spec, Some(&args.weights))?;
     if model.is_artifact() {
         return Err(miette!("{} is already a compiled artifact", args.spec.display()));
     }
+    let ran = crate::passes::apply(&mut model.graph, &args.passes)?;
+    crate::passes::summarize(&ran);
     let mut metadata = BTreeMap::new();
+    metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), crate::passes::metadata(&ran));
     // The tokenizer travels with the model, so that text in and out needs only the artifact.
     match model.tokenizer(args.tokenizer.as_deref()) {
         Ok(tok) => {

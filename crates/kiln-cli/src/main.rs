@@ -1,11 +1,14 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
 mod bench;
+mod calibrate;
 mod compile;
 mod eval;
 mod generate;
 mod gguf_tokenizer;
 mod load;
+mod passes;
+mod report;
 mod run;
 mod runner;
 mod tensors;
@@ -38,10 +41,13 @@ enum Command {
         /// Checkpoint to bind: weight formats and checksums appear in the IR.
         #[arg(long, short)]
         weights: Option<PathBuf>,
+        /// Print the IR after these passes (see `kiln compile --help`).
+        #[command(flatten)]
+        passes: passes::PassArgs,
     },
     /// Compile a spec and its checkpoint into one artifact file (weights as stored, IR, tokenizer).
     #[command(
-        after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, and the tokenizer when one is found. `run`, `eval`,\n`generate` and `bench` take it in place of SPEC --weights W and give bitwise the same outputs.\n\nExample:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\""
+        after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, the pass reports, and the tokenizer when one is found.\n`run`, `eval`, `generate` and `bench` take it in place of SPEC --weights W and give bitwise\nthe same outputs; `kiln report` prints what the passes did.\n\nPasses:\n  quantize(bits=B)              one format per layer, minimizing the measured error with at\n                                most B bits per parameter on average (needs --calib)\n  quantize(format=F)            F for every layer: f16, bf16, int8 (per output channel),\n                                intBgG (B = 2, 3, 4, 8 bits, groups of G), intBgGa (asymmetric)\n  method=rtn|gptq               round to nearest, or GPTQ (needs --calib; the default with it)\n\nExamples:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\"\n  kiln compile minilm.kiln -w model.safetensors --passes \"quantize(bits=4.5)\" --calib calib.safetensors -o minilm-q.kiln.st"
     )]
     Compile {
         /// The model spec (.kiln source).
@@ -55,6 +61,22 @@ enum Command {
         /// tokenizer.json to store (default: beside the weights, else the GGUF's own).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        #[command(flatten)]
+        passes: passes::PassArgs,
+    },
+    /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
+    #[command(
+        after_help = "Columns: scope, format, bits per weight (scales included), bytes, sensitivity (the\nsearch's estimate of the output error it adds), error (measured output error relative to the\nlayer's output energy on the calibration data).\n\nExample:\n  kiln report minilm-q.kiln.st --plot layers.svg"
+    )]
+    Report {
+        /// A compiled artifact (`kiln compile`).
+        artifact: PathBuf,
+        /// Print one JSON object {"layers": [...], "bits_per_weight": ...}.
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG plot of bits and sensitivity by layer.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Run a model on tensors from a safetensors file (by input name) or on text.
     #[command(
@@ -208,13 +230,16 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Ir { spec, weights } => {
-            let model = load::load(&spec, weights.as_deref())?;
+        Command::Ir { spec, weights, passes } => {
+            let mut model = load::load(&spec, weights.as_deref())?;
+            let ran = passes::apply(&mut model.graph, &passes)?;
+            passes::summarize(&ran);
             print!("{}", kiln_ir::print(&model.graph));
         }
-        Command::Compile { spec, weights, output, tokenizer } => {
-            compile::compile(compile::CompileArgs { spec, weights, output, tokenizer })?;
+        Command::Compile { spec, weights, output, tokenizer, passes } => {
+            compile::compile(compile::CompileArgs { spec, weights, output, tokenizer, passes })?;
         }
+        Command::Report { artifact, json, plot } => report::report(&artifact, json, plot.as_deref())?,
         Command::Run { spec, weights, input, output, text, tokenizer, exec } => {
             run::run(run::RunArgs { spec, weights, input, output, text, tokenizer, exec })?;
         }

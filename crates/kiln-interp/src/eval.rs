@@ -7,6 +7,9 @@ use kiln_rt::{KvCache, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// What [`Interpreter::run_observed`] shows every computed value to.
+pub type Observer<'a> = dyn FnMut(NodeId, &Value) + 'a;
+
 /// Errors of the interpreter are the runtime's.
 pub type InterpError = RunError;
 
@@ -34,7 +37,18 @@ impl<'g> Interpreter<'g> {
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
     pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, InterpError> {
-        self.run_with(inputs, None)
+        self.run_inner(inputs, None, None)
+    }
+
+    /// [`Interpreter::run`], showing every value the graph computes to `observe` (node,
+    /// value) before it is freed: how calibration gathers activation statistics without
+    /// keeping them all.
+    pub fn run_observed(
+        &self,
+        inputs: &HashMap<String, Value>,
+        observe: &mut Observer<'_>,
+    ) -> Result<Vec<(String, Value)>, InterpError> {
+        self.run_inner(inputs, None, Some(observe))
     }
 
     /// Runs the graph over new tokens of the sequences held in `cache` (see
@@ -44,13 +58,14 @@ impl<'g> Interpreter<'g> {
         inputs: &HashMap<String, Value>,
         cache: &mut KvCache,
     ) -> Result<Vec<(String, Value)>, InterpError> {
-        cache.step(|cache| self.run_with(inputs, Some(cache)))
+        cache.step(|cache| self.run_inner(inputs, Some(cache), None))
     }
 
-    fn run_with(
+    fn run_inner(
         &self,
         inputs: &HashMap<String, Value>,
         mut cache: Option<&mut KvCache>,
+        mut observe: Option<&mut Observer<'_>>,
     ) -> Result<Vec<(String, Value)>, InterpError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
@@ -70,6 +85,9 @@ impl<'g> Interpreter<'g> {
                     Arc::new(value)
                 }
             };
+            if let Some(observe) = observe.as_mut() {
+                observe(id, &value);
+            }
             for o in operands {
                 let left = uses.get_mut(o).expect("counted in new");
                 *left -= 1;

@@ -227,6 +227,10 @@ fn weight(format: Format, n: usize, k: usize, seed: u64) -> Vec<u8> {
                 out.extend((0..q).map(|_| next() as u8));
             }
         }
+        Format::Int(f) => {
+            let values: Vec<f32> = (0..elems).map(|_| (next() % 2001) as f32 / 1e4 - 0.1).collect();
+            out = f.quantize(&values);
+        }
     }
     out
 }

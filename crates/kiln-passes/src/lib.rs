@@ -4,7 +4,12 @@
 //! - [`last_position`]: compute an output at the last sequence position only (generation
 //!   needs the next token's logits, not every position's).
 
+pub mod allocate;
+pub mod calibration;
+pub mod gptq;
 pub mod last_position;
+pub mod pipeline;
+pub mod quantize;
 
 /// Why a pass could not rewrite a graph.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const VERSION_KEY: &str = "kiln.format_version";
 const IR_KEY: &str = "kiln.ir";
-const PASSES_KEY: &str = "kiln.passes";
+pub const PASSES_KEY: &str = "kiln.passes";
 
 /// A model read from an artifact: the graph, bound to the artifact's tensors, and the
 /// metadata entries.
@@ -200,7 +200,7 @@ mod tests {
                 bytes.iter_mut().skip(1).step_by(2).for_each(|b| *b &= 0x3f);
             }
             let g = graph_with(format, bytes.clone());
-            let path = temp(format.name());
+            let path = temp(&format.name());
             let extra = BTreeMap::from([("kiln.note".to_string(), "hello".to_string())]);
             write(&path, &g, &extra).unwrap();
             let a = read(&path).unwrap();

@@ -60,6 +60,10 @@ pub fn random_weight(rng: &mut Rng, format: Format, n: usize, k: usize) -> Vec<u
                 out.extend((0..16).map(|_| rng.u64() as u8));
             }
         }
+        Format::Int(f) => {
+            let values: Vec<f32> = (0..elems).map(|_| rng.f32() * 0.2).collect();
+            out = f.quantize(&values);
+        }
     }
     out
 }

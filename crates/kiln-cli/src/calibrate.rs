@@ -1,0 +1,104 @@
+//! `--calib FILE`: run the model's input tensors through the interpreter and gather the
+//! statistics passes take ([`kiln_passes::calibration`]).
+
+use crate::tensors;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_interp::{Interpreter, Value};
+use kiln_ir::{Graph, NodeId, Op};
+use kiln_passes::calibration::{Calibration, Gram};
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Sequences per interpreter run.
+const BATCH: usize = 4;
+
+/// Runs the inputs in `path` (tensors named like the model's inputs, one sequence per row
+/// of their first dimension) through `graph` and returns `x^T x` of every linear's input.
+/// Positions whose `attention_mask` is 0 (padding) are left out.
+pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
+    let file = tensors::read(path)?;
+    let inputs = tensors::inputs_from(&file, path, graph)?;
+    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
+    if rows == 0 || inputs.values().any(|v| v.shape().first() != Some(&rows)) {
+        return Err(miette!("the calibration inputs in {} must share a nonzero first dimension", path.display()));
+    }
+    // Linear inputs by width (what their Gram matrices are indexed by).
+    let mut widths: HashMap<NodeId, usize> = HashMap::new();
+    for n in graph.node_ids() {
+        if graph.node(n).op == Op::Linear {
+            let x = graph.operands(n)[0];
+            if let Some(k) = graph.node(x).ty.shape.last().and_then(|d| d.known()) {
+                widths.insert(x, k as usize);
+            }
+        }
+    }
+    let interp = Interpreter::new(graph).into_diagnostic()?;
+    let bar = ProgressBar::new(rows as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} sequences, {elapsed} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("calibrating");
+    let mut calibration = Calibration::default();
+    for start in (0..rows).step_by(BATCH) {
+        let end = (start + BATCH).min(rows);
+        let chunk: HashMap<String, Value> = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
+        let keep = kept_positions(&chunk);
+        calibration.tokens += keep.as_ref().map_or_else(
+            || chunk.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
+            |k| k.iter().filter(|&&b| b).count(),
+        ) as u64;
+        let mut failed = None;
+        interp
+            .run_observed(&chunk, &mut |id, value| {
+                let Some(&k) = widths.get(&id) else { return };
+                let Some(x) = value.as_f32() else { return };
+                match gram_of(&x.data, k, keep.as_deref()) {
+                    Some((xtx, used)) => calibration.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, used),
+                    None => failed = Some(id),
+                }
+            })
+            .into_diagnostic()
+            .wrap_err_with(|| format!("cannot run calibration rows {start}..{end} of {}", path.display()))?;
+        if let Some(id) = failed {
+            return Err(miette!(
+                "calibration: the input of a linear ({}) does not match the mask",
+                graph.node(id).scope
+            ));
+        }
+        bar.inc((end - start) as u64);
+    }
+    bar.finish_and_clear();
+    Ok(calibration)
+}
+
+/// Which token positions count: the attention mask's nonzero ones, if there is a mask.
+fn kept_positions(chunk: &HashMap<String, Value>) -> Option<Vec<bool>> {
+    match chunk.get("attention_mask")? {
+        Value::I64 { data, .. } => Some(data.iter().map(|&v| v != 0).collect()),
+        Value::F32(m) => Some(m.data.iter().map(|&v| v != 0.0).collect()),
+    }
+}
+
+/// `x^T x` of the rows of `x` (`[rows, k]`) that `keep` selects (all if `None`, or if the rows
+/// are not the mask's positions, e.g. after `last_position`), and how many rows that was.
+fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> Option<(Vec<f32>, u64)> {
+    let rows = x.len() / k;
+    let selected: Vec<usize> = match keep {
+        Some(keep) if keep.len() == rows => (0..rows).filter(|&r| keep[r]).collect(),
+        Some(_) => return None,
+        None => (0..rows).collect(),
+    };
+    // Columns of x as rows (x^T), then x^T x = (x^T)(x^T)^T as a linear.
+    let m = selected.len();
+    let mut xt = vec![0f32; k * m];
+    for (i, &r) in selected.iter().enumerate() {
+        for (j, &v) in x[r * k..(r + 1) * k].iter().enumerate() {
+            xt[j * m + i] = v;
+        }
+    }
+    let mut xtx = vec![0f32; k * k];
+    kiln_rt::kernels::linear_rows(&xt, m, &xt, k, None, &mut xtx);
+    Some((xtx, m as u64))
+}

@@ -1,0 +1,135 @@
+//! `kiln report ARTIFACT [--json] [--plot FILE.svg]`: what the passes did, layer by layer,
+//! read from the reports stored in the artifact (`kiln.passes`).
+
+use kiln_ir::Op;
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use serde_json::{Value as Json, json};
+use std::path::Path;
+
+pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
+    if !kiln_rt::artifact::looks_like_artifact(path) {
+        return Err(miette!(
+            help = "compile one with `kiln compile SPEC -w WEIGHTS --passes ... -o OUT.kiln`",
+            "{} is not a kiln artifact",
+            path.display()
+        ));
+    }
+    let artifact = kiln_rt::artifact::read(path).into_diagnostic()?;
+    let passes: Json = serde_json::from_str(artifact.passes())
+        .into_diagnostic()
+        .wrap_err_with(|| format!("{}: the pass reports are not valid JSON", path.display()))?;
+    // The last quantize report describes the stored formats; without one, every matrix is
+    // listed as stored.
+    let quantize = passes.as_array().into_iter().flatten().rev().find(|p| p["report"]["pass"] == "quantize");
+    let (layers, bits) = match quantize {
+        Some(q) => {
+            (q["report"]["layers"].as_array().cloned().unwrap_or_default(), q["report"]["bits_per_weight"].clone())
+        }
+        None => unquantized(&artifact.graph),
+    };
+    let summary: Vec<Json> = layers
+        .iter()
+        .map(|l| {
+            json!({
+                "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
+                "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
+            })
+        })
+        .collect();
+    if let Some(plot) = plot {
+        std::fs::write(plot, svg(&summary))
+            .into_diagnostic()
+            .wrap_err_with(|| format!("cannot write {}", plot.display()))?;
+    }
+    if as_json {
+        println!("{}", json!({"layers": summary, "bits_per_weight": bits}));
+        return Ok(());
+    }
+    let calls: Vec<&str> = passes.as_array().into_iter().flatten().filter_map(|p| p["call"].as_str()).collect();
+    println!("{}: passes {}", path.display(), if calls.is_empty() { "none".to_string() } else { calls.join("; ") });
+    println!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
+    for l in &summary {
+        let num = |v: &Json, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$e}"));
+        println!(
+            "{:<28} {:<12} {:>6.2} {:>12} {:>12} {:>10}",
+            l["scope"].as_str().unwrap_or("?"),
+            l["format"].as_str().unwrap_or("?"),
+            l["bits_per_weight"].as_f64().unwrap_or(0.0),
+            l["bytes"].as_u64().unwrap_or(0),
+            num(&l["sensitivity"], 2),
+            num(&l["error"], 2),
+        );
+    }
+    println!("average over all parameters: {:.3} bits per weight", bits.as_f64().unwrap_or(0.0));
+    Ok(())
+}
+
+/// Layers of an artifact no quantize pass ran on: every matrix as stored.
+fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
+    let (mut params, mut bytes) = (0u64, 0u64);
+    let mut layers = Vec::new();
+    for n in graph.topo_order().unwrap_or_default() {
+        let Op::Weight(w) = &graph.node(n).op else { continue };
+        let Some(t) = graph.store.get(&w.tensor) else { continue };
+        params += t.elements();
+        bytes += t.bytes.len() as u64;
+        if t.shape.len() == 2 {
+            layers.push(json!({
+                "scope": graph.node(n).scope, "format": w.format.name(),
+                "bits_per_weight": t.bytes.len() as f64 * 8.0 / t.elements().max(1) as f64,
+                "bytes": t.bytes.len(), "sensitivity": null, "error": null,
+            }));
+        }
+    }
+    (layers, json!(bytes as f64 * 8.0 / params.max(1) as f64))
+}
+
+/// Bits per weight as bars and log10 sensitivity as a line, one column per layer.
+fn svg(layers: &[Json]) -> String {
+    let (w, h, pad) = (900.0, 360.0, 50.0);
+    let n = layers.len().max(1) as f64;
+    let step = (w - 2.0 * pad) / n;
+    let bits: Vec<f64> = layers.iter().map(|l| l["bits_per_weight"].as_f64().unwrap_or(0.0)).collect();
+    let max_bits = bits.iter().cloned().fold(1.0, f64::max);
+    let logs: Vec<Option<f64>> =
+        layers.iter().map(|l| l["sensitivity"].as_f64().filter(|s| *s > 0.0).map(f64::log10)).collect();
+    let (lo, hi) = logs.iter().flatten().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\">bits per weight (bars, left axis, max {max_bits:.1}) and log10 sensitivity (line, right axis) by layer</text>\n"
+    );
+    let y_of = |frac: f64| h - pad - frac * (h - 2.0 * pad);
+    for (i, b) in bits.iter().enumerate() {
+        let (x, y) = (pad + i as f64 * step, y_of(b / max_bits));
+        let title = layers[i]["scope"].as_str().unwrap_or("?");
+        let format = layers[i]["format"].as_str().unwrap_or("?");
+        out += &format!(
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#7aa6d6\"><title>{title}: {format}, {b:.2} bits</title></rect>\n",
+            (step * 0.8).max(0.5),
+            h - pad - y
+        );
+    }
+    if lo.is_finite() {
+        let span = (hi - lo).max(1e-9);
+        let points: Vec<String> = logs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                l.map(|v| format!("{:.1},{:.1}", pad + (i as f64 + 0.4) * step, y_of((v - lo) / span)))
+            })
+            .collect();
+        out += &format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"#c0392b\" stroke-width=\"1.5\"/>\n",
+            points.join(" ")
+        );
+        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{hi:.1}</text>\n", w - 5.0, pad);
+        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{lo:.1}</text>\n", w - 5.0, h - pad);
+    }
+    out += &format!(
+        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"5\" y=\"{pad}\">{max_bits:.1}</text>\n<text x=\"5\" y=\"{0}\">0</text>\n</svg>\n",
+        h - pad,
+        w - pad
+    );
+    out
+}

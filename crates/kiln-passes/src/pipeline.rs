@@ -1,0 +1,203 @@
+//! Pass pipelines as users write them: `quantize(bits=4.5, method=gptq)`, several calls
+//! separated by commas or semicolons, run in order. [`REGISTRY`] maps each name to its
+//! pass; a new pass is one file and one line there.
+
+use crate::PassError;
+use crate::calibration::Calibration;
+use crate::quantize::{self, Choice, Method, QuantizeOptions, QuantizeReport, Target};
+
+/// One call of a pass: its name and `key=value` arguments as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassCall {
+    pub name: String,
+    pub args: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for PassCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        write!(f, "{}({})", self.name, args.join(", "))
+    }
+}
+
+/// A pipeline that does not parse: what is wrong, and the byte offset in the text.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct PipelineError {
+    pub message: String,
+    pub offset: usize,
+}
+
+/// Parses `name(key=value, ...)` calls separated by `,` or `;` (the parentheses are
+/// optional for a pass without arguments).
+pub fn parse(text: &str) -> Result<Vec<PassCall>, PipelineError> {
+    let err = |offset: usize, message: String| PipelineError { message, offset };
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut calls = Vec::new();
+    let skip = |i: &mut usize| {
+        while *i < bytes.len() && (bytes[*i] as char).is_whitespace() {
+            *i += 1;
+        }
+    };
+    let word = |i: &mut usize| {
+        let start = *i;
+        while *i < bytes.len() && (bytes[*i].is_ascii_alphanumeric() || b"_.-*?".contains(&bytes[*i])) {
+            *i += 1;
+        }
+        &text[start..*i]
+    };
+    loop {
+        skip(&mut i);
+        if i == bytes.len() {
+            break;
+        }
+        let at = i;
+        let name = word(&mut i);
+        if name.is_empty() {
+            return Err(err(
+                at,
+                format!("expected a pass name, found `{}`", &text[at..].chars().next().unwrap_or(' ')),
+            ));
+        }
+        let mut args = Vec::new();
+        skip(&mut i);
+        if i < bytes.len() && bytes[i] == b'(' {
+            i += 1;
+            loop {
+                skip(&mut i);
+                if i < bytes.len() && bytes[i] == b')' {
+                    i += 1;
+                    break;
+                }
+                let at = i;
+                let key = word(&mut i);
+                skip(&mut i);
+                if key.is_empty() || i >= bytes.len() || bytes[i] != b'=' {
+                    return Err(err(at, format!("expected `key=value` in the arguments of {name}")));
+                }
+                i += 1;
+                skip(&mut i);
+                let at = i;
+                let value = word(&mut i);
+                if value.is_empty() {
+                    return Err(err(at, format!("expected a value for `{key}`")));
+                }
+                args.push((key.to_string(), value.to_string()));
+                skip(&mut i);
+                match bytes.get(i) {
+                    Some(b',') => i += 1,
+                    Some(b')') => {}
+                    _ => return Err(err(i, format!("expected `,` or `)` in the arguments of {name}"))),
+                }
+            }
+        }
+        calls.push(PassCall { name: name.to_string(), args });
+        skip(&mut i);
+        match bytes.get(i) {
+            None => break,
+            Some(b',' | b';') => i += 1,
+            Some(_) => return Err(err(i, "expected `,` or `;` between passes".into())),
+        }
+    }
+    if calls.is_empty() {
+        return Err(err(0, "no passes given".into()));
+    }
+    Ok(calls)
+}
+
+/// What passes get besides the graph and their arguments.
+pub struct Context<'a> {
+    pub calibration: Option<&'a Calibration>,
+    /// `--override PATTERN=FORMAT`, for passes that choose formats.
+    pub overrides: Vec<(String, Choice)>,
+    pub progress: &'a (dyn Fn(usize, usize, &str) + Sync),
+}
+
+/// What a pass reports about its work.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PassReport {
+    Quantize(QuantizeReport),
+}
+
+type PassFn = fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport, PassError>;
+
+/// Every pass a pipeline may name, with a line of help.
+pub const REGISTRY: &[(&str, PassFn, &str)] = &[(
+    "quantize",
+    run_quantize,
+    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true] [, damp=0.01]): store matrices in fewer bits",
+)];
+
+/// Runs `calls` in order on `graph`.
+pub fn run(graph: &mut kiln_ir::Graph, calls: &[PassCall], ctx: &Context) -> Result<Vec<PassReport>, PassError> {
+    let mut reports = Vec::new();
+    for call in calls {
+        let Some((_, pass, _)) = REGISTRY.iter().find(|(name, _, _)| *name == call.name) else {
+            let known: Vec<&str> = REGISTRY.iter().map(|(n, _, _)| *n).collect();
+            return Err(PassError::NotApplicable {
+                pass: "pipeline",
+                message: format!("unknown pass `{}` (known: {})", call.name, known.join(", ")),
+            });
+        };
+        reports.push(pass(graph, call, ctx)?);
+    }
+    Ok(reports)
+}
+
+fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> Result<PassReport, PassError> {
+    let fail = |message: String| PassError::NotApplicable { pass: "quantize", message };
+    let mut target = None;
+    let mut method = if ctx.calibration.is_some() { Method::Gptq } else { Method::Rtn };
+    let mut gptq = crate::gptq::GptqOptions::default();
+    for (key, value) in &call.args {
+        let bad = |what: &str| fail(format!("{key}={value}: expected {what}"));
+        match key.as_str() {
+            "bits" => {
+                let bits: f64 = value.parse().map_err(|_| bad("a number of bits per weight"))?;
+                if !(1.0..=32.0).contains(&bits) {
+                    return Err(bad("between 1 and 32 bits per weight"));
+                }
+                target = Some(Target::Bits(bits));
+            }
+            "format" => target = Some(Target::Format(value.parse().map_err(|e: String| fail(e))?)),
+            "method" => {
+                method = match value.as_str() {
+                    "rtn" => Method::Rtn,
+                    "gptq" => Method::Gptq,
+                    _ => return Err(bad("rtn or gptq")),
+                }
+            }
+            "act_order" => gptq.act_order = value.parse().map_err(|_| bad("true or false"))?,
+            "damp" => gptq.damp = value.parse().map_err(|_| bad("a number such as 0.01"))?,
+            _ => {
+                return Err(fail(format!(
+                    "unknown argument `{key}` (quantize takes bits, format, method, act_order, damp)"
+                )));
+            }
+        }
+    }
+    let target = target.ok_or_else(|| fail("give bits=B (a budget) or format=F (one format for all)".into()))?;
+    if method == Method::Gptq && ctx.calibration.is_none() {
+        return Err(fail("method=gptq needs calibration data: pass --calib".into()));
+    }
+    let options = QuantizeOptions { target, method, overrides: ctx.overrides.clone(), gptq };
+    quantize::quantize(graph, &options, ctx.calibration, ctx.progress).map(PassReport::Quantize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelines_parse_with_arguments_and_positions() {
+        let calls = parse(" quantize(bits=4.5, method=gptq) ; quantize(format=int4g64a)").unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].to_string(), "quantize(bits=4.5, method=gptq)");
+        assert_eq!(calls[1].args, vec![("format".to_string(), "int4g64a".to_string())]);
+        assert_eq!(parse("quantize(bits 4)").unwrap_err().offset, 9);
+        assert_eq!(parse("quantize(bits=4").unwrap_err().offset, 15);
+        assert!(parse("").is_err());
+        assert!(parse("a b").is_err());
+    }
+}

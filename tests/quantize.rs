@@ -1,0 +1,223 @@
+//! The quantize pass, starting from hand-written IR: which layers it rewrites, the formats
+//! it picks under forced formats, overrides and budgets, what GPTQ buys, and that the
+//! rewritten graph still computes (close to) what the original computes.
+
+use kiln_interp::Value;
+use kiln_ir::{Format, Graph, NodeId, Op};
+use kiln_passes::calibration::{Calibration, Gram};
+use kiln_passes::gptq::GptqOptions;
+use kiln_passes::quantize::{Choice, Method, QuantizeOptions, QuantizeReport, Target, quantize};
+use kiln_tests::*;
+use std::collections::HashMap;
+
+/// An embedding table, two linears (one with a bias), a norm weight that is not a layer,
+/// and a tied head (the table read again by a linear).
+const MODEL: &str = r#"graph toy {
+  %0 = input "ids" : i64[b, s]
+  %1 = weight "embd" f32 : f32[256, 64] @embd
+  %2 = gather %1, %0 : f32[b, s, 64] @embd
+  %3 = weight "norm" f32 : f32[64] @blk.0.norm
+  %4 = rms_norm %2, %3 {eps = 1e-5} : f32[b, s, 64] @blk.0.norm
+  %5 = weight "up" f32 : f32[96, 64] @blk.0.up
+  %6 = weight "up.bias" f32 : f32[96] @blk.0.up
+  %7 = linear %4, %5, %6 : f32[b, s, 96] @blk.0.up
+  %8 = gelu %7 : f32[b, s, 96] @blk.0
+  %9 = weight "down" f32 : f32[64, 96] @blk.0.down
+  %10 = linear %8, %9 : f32[b, s, 64] @blk.0.down
+  %11 = add %2, %10 : f32[b, s, 64] @blk.0
+  %12 = linear %11, %1 : f32[b, s, 256] @head
+  output "logits" = %12
+}
+"#;
+
+fn model() -> Graph {
+    let mut g = kiln_ir::parse(MODEL).unwrap();
+    let mut rng = Rng::new(7);
+    let shapes: [(&str, Vec<u64>); 5] = [
+        ("embd", vec![256, 64]),
+        ("norm", vec![64]),
+        ("up", vec![96, 64]),
+        ("up.bias", vec![96]),
+        ("down", vec![64, 96]),
+    ];
+    for (name, shape) in shapes {
+        let values: Vec<f32> = (0..shape.iter().product::<u64>()).map(|_| rng.next_f32()).collect();
+        g.store.insert(name, kiln_ir::TensorData::from_f32(shape, &values));
+    }
+    kiln_ir::verify(&g).unwrap();
+    g
+}
+
+fn ids() -> HashMap<String, Value> {
+    let rows: Vec<Vec<i64>> = (0..4).map(|r| (0..16).map(|c| (r * 37 + c * 11) % 256).collect()).collect();
+    let rows: Vec<&[i64]> = rows.iter().map(|r| r.as_slice()).collect();
+    [("ids".to_string(), kiln_tests::ids(&rows))].into()
+}
+
+/// Calibration the way the CLI gathers it: `x^T x` of every linear's input, from the
+/// interpreter's values.
+fn calibrate(g: &Graph) -> Calibration {
+    let interp = kiln_interp::Interpreter::new(g).unwrap();
+    let xs: HashMap<NodeId, usize> = g
+        .node_ids()
+        .filter(|&n| g.node(n).op == Op::Linear)
+        .map(|n| {
+            let x = g.operands(n)[0];
+            (x, g.node(x).ty.shape.last().unwrap().known().unwrap() as usize)
+        })
+        .collect();
+    let mut c = Calibration { tokens: 64, ..Default::default() };
+    interp
+        .run_observed(&ids(), &mut |id, v| {
+            let Some(&k) = xs.get(&id) else { return };
+            let x = &v.as_f32().unwrap().data;
+            let rows = x.len() / k;
+            let mut xtx = vec![0f32; k * k];
+            for r in x.chunks_exact(k) {
+                for i in 0..k {
+                    for j in 0..k {
+                        xtx[i * k + j] += r[i] * r[j];
+                    }
+                }
+            }
+            c.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, rows as u64);
+        })
+        .unwrap();
+    c
+}
+
+fn run_pass(
+    g: &mut Graph,
+    target: Target,
+    method: Method,
+    overrides: &[(&str, &str)],
+    calib: Option<&Calibration>,
+) -> QuantizeReport {
+    let options = QuantizeOptions {
+        target,
+        method,
+        overrides: overrides.iter().map(|(p, c)| (p.to_string(), c.parse::<Choice>().unwrap())).collect(),
+        gptq: GptqOptions::default(),
+    };
+    quantize(g, &options, calib, &|_, _, _| {}).expect("the pass applies")
+}
+
+fn logits(g: &Graph) -> Vec<f32> {
+    let out = Prepared::new(g, Exec::Interp).run(&ids());
+    out[0].1.as_f32().unwrap().data.clone()
+}
+
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn a_forced_format_rewrites_every_matrix_and_nothing_else() {
+    let mut g = model();
+    let report = run_pass(&mut g, Target::Format("int4g32a".parse().unwrap()), Method::Rtn, &[], None);
+    insta::assert_snapshot!(kiln_ir::print(&g));
+    let scopes: Vec<&str> = report.layers.iter().map(|l| l.scope.as_str()).collect();
+    assert_eq!(scopes, ["embd", "blk.0.up", "blk.0.down"], "the tied table is one layer");
+    // 256x64 + 96x64 + 64x96 at 5 bits, norm and bias at 32.
+    assert_eq!(report.params, 256 * 64 + 96 * 64 * 2 + 64 + 96);
+    assert_eq!(report.bytes, (256 * 64 + 96 * 64 * 2) * 5 / 8 + (64 + 96) * 4);
+    let text = kiln_ir::print(&g);
+    assert_eq!(kiln_ir::print(&kiln_ir::parse(&text).unwrap()), text, "the text form round-trips");
+}
+
+#[test]
+fn groups_that_do_not_divide_a_row_fall_back_and_say_so() {
+    let mut g = model();
+    let report = run_pass(&mut g, Target::Format("int4g128".parse().unwrap()), Method::Rtn, &[], None);
+    let formats: Vec<String> = report.layers.iter().map(|l| l.format.name()).collect();
+    assert_eq!(formats, ["int4g64", "int4g64", "int4g96"]);
+    assert_eq!(report.notes.len(), 3, "{:?}", report.notes);
+}
+
+#[test]
+fn overrides_are_honored_and_must_match() {
+    let mut g = model();
+    let report = run_pass(
+        &mut g,
+        Target::Format(Choice::Int("int3g32a".parse().unwrap())),
+        Method::Rtn,
+        &[("blk.0.d*", "int8"), ("embd", "f32")],
+        None,
+    );
+    let formats: Vec<String> = report.layers.iter().map(|l| l.format.name()).collect();
+    assert_eq!(formats, ["f32", "int3g32a", "int8g96"]);
+
+    let options = QuantizeOptions {
+        target: Target::Format(Choice::Int8),
+        method: Method::Rtn,
+        overrides: vec![("blk.9.*".into(), Choice::Int8)],
+        gptq: GptqOptions::default(),
+    };
+    let err = quantize(&mut model(), &options, None, &|_, _, _| {}).unwrap_err().to_string();
+    assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
+}
+
+#[test]
+fn a_budget_is_met_and_spends_bits_where_they_matter() {
+    let mut g = model();
+    let calib = calibrate(&g);
+    let report = run_pass(&mut g, Target::Bits(4.5), Method::Rtn, &[], Some(&calib));
+    assert!(report.bits_per_weight() <= 4.5, "{}", report.bits_per_weight());
+    assert!(report.bits_per_weight() > 4.0, "the budget is used: {}", report.bits_per_weight());
+    // A budget search needs measurements.
+    let options = QuantizeOptions {
+        target: Target::Bits(4.5),
+        method: Method::Rtn,
+        overrides: vec![],
+        gptq: GptqOptions::default(),
+    };
+    assert!(quantize(&mut model(), &options, None, &|_, _, _| {}).is_err());
+
+    // The search's total sensitivity is no worse than a uniform format's within the budget
+    // (int4g64, 4.25 bits; int4g64a is 4.5, and with the f32 norm and bias over budget).
+    let mut uniform = model();
+    let u = run_pass(&mut uniform, Target::Format("int4g64".parse().unwrap()), Method::Rtn, &[], Some(&calib));
+    assert!(u.bits_per_weight() <= 4.5);
+    let total = |r: &QuantizeReport| r.layers.iter().map(|l| l.sensitivity).sum::<f64>();
+    assert!(total(&u) > 0.0);
+    assert!(total(&report) <= total(&u), "{} vs uniform {}", total(&report), total(&u));
+
+    // Infeasible budgets are errors that say so.
+    let options = QuantizeOptions {
+        target: Target::Bits(1.5),
+        method: Method::Rtn,
+        overrides: vec![],
+        gptq: GptqOptions::default(),
+    };
+    assert!(quantize(&mut model(), &options, Some(&calib), &|_, _, _| {}).is_err());
+}
+
+#[test]
+fn gptq_beats_rounding_on_the_model_output() {
+    let base = model();
+    let calib = calibrate(&base);
+    let want = logits(&base);
+    let mut errors = vec![];
+    for method in [Method::Rtn, Method::Gptq] {
+        let mut g = model();
+        let report = run_pass(&mut g, Target::Format("int3g32a".parse().unwrap()), method, &[], Some(&calib));
+        assert!(report.layers.iter().all(|l| l.error.is_some_and(|e| e > 0.0 && e < 1.0)), "{report:?}");
+        errors.push(relative_error(&logits(&g), &want));
+    }
+    assert!(errors[1] < errors[0], "GPTQ {} vs RTN {}", errors[1], errors[0]);
+}
+
+#[test]
+fn quantized_graphs_run_compiled_as_they_interpret() {
+    let mut g = model();
+    run_pass(&mut g, Target::Format("int4g64".parse().unwrap()), Method::Rtn, &[("blk.0.up", "int8")], None);
+    let weights: Vec<Format> =
+        g.node_ids().filter_map(|n| if let Op::Weight(w) = &g.node(n).op { Some(w.format) } else { None }).collect();
+    assert!(weights.iter().any(|f| matches!(f, Format::Int(i) if i.bits == 8)));
+    let interp = logits(&g);
+    let jit = Prepared::new(&g, Exec::Jit { threads: 2 }).run(&ids());
+    let jit = &jit[0].1.as_f32().unwrap().data;
+    assert!(relative_error(jit, &interp) < 1e-5);
+}
