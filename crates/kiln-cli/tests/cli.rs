@@ -1179,3 +1179,69 @@ fn smollm2_artifact_generates_like_the_spec() {
     ];
     assert_eq!(generated_ids(&ok(&args)), want);
 }
+
+/// `compile --passes` with calibration, then `report` and `ir` of the artifact: formats,
+/// budget and errors as the pass left them; bad pipelines and overrides are clear errors.
+#[test]
+fn compile_with_quantize_and_report() {
+    let (dir, weights) = tiny_setup("quantize");
+    let calib = dir.join("calib.safetensors");
+    let ids: Vec<i64> = (0..48).map(|i| (i * 5 % 32) as i64).collect();
+    write_safetensors(&calib, &[i64s("input_ids", &[4, 12], &ids), i64s("attention_mask", &[4, 12], &[1; 48])]);
+    let out = dir.join("tiny-q.kiln");
+    let args = |passes: &str| {
+        vec![
+            "compile".to_string(),
+            tiny_spec(),
+            "-w".into(),
+            s(&weights),
+            "--passes".into(),
+            passes.into(),
+            "--calib".into(),
+            s(&calib),
+            "-o".into(),
+            s(&out),
+        ]
+    };
+    // The tiny model's rows (16 wide) fit no int group: 16-bit formats here; the int
+    // formats and GPTQ are tested on wider hand-written graphs (tests/quantize.rs).
+    ok(&args("quantize(format=bf16)"));
+    let report = ok(&["report".to_string(), s(&out), "--json".into()]);
+    let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
+    let layers = json["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 14, "{json}");
+    for l in layers {
+        assert_eq!(l["format"], "bf16", "{l}");
+        assert_eq!(l["bits_per_weight"], 16.0, "{l}");
+        for key in ["scope", "bytes", "sensitivity"] {
+            assert!(!l[key].is_null(), "{key} in {l}");
+        }
+        // Measured where calibration saw the layer's input (not for a table only gathered).
+        assert_eq!(l["error"].is_null(), l["scope"] == "embed", "{l}");
+    }
+    let ir = ok(&["ir".to_string(), s(&out)]);
+    assert!(ir.contains(" bf16 #"), "{ir}");
+
+    // A budget: met, and the plot is written.
+    let mut budget = args("quantize(bits=20)");
+    budget.extend(["--override".to_string(), "*.q=f16".into()]);
+    ok(&budget);
+    let plot = dir.join("layers.svg");
+    let table = ok(&["report".to_string(), s(&out), "--plot".into(), s(&plot)]);
+    assert!(table.lines().any(|l| l.contains("layers.1.attn.q") && l.contains("f16")), "{table}");
+    let json: serde_json::Value = serde_json::from_str(ok(&["report".to_string(), s(&out), "--json".into()]).trim()).unwrap();
+    assert!(json["bits_per_weight"].as_f64().unwrap() <= 20.0, "{json}");
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+
+    // The artifact runs like any other.
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[i64s("input_ids", &[1, 5], &[1, 2, 3, 4, 5]), i64s("attention_mask", &[1, 5], &[1; 5])]);
+    ok(&["run".to_string(), s(&out), "--input".into(), s(&input)]);
+
+    fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);
+    fails(&args("frobnicate"), &["unknown pass `frobnicate`"]);
+    fails(&args("quantize(format=int5g32)"), &["int5g32"]);
+    let mut nomatch = args("quantize(format=int8)");
+    nomatch.extend(["--override".to_string(), "nothing.*=int8".into()]);
+    fails(&nomatch, &["`nothing.*` matches no layer"]);
+}
