@@ -99,7 +99,7 @@ fn run_pass(
         overrides: overrides.iter().map(|(p, c)| (p.to_string(), c.parse::<Choice>().unwrap())).collect(),
         gptq: GptqOptions::default(),
     };
-    quantize(g, &options, calib, &|_, _, _| {}).expect("the pass applies")
+    quantize(g, &options, calib, None, &|_, _, _| {}).expect("the pass applies")
 }
 
 fn logits(g: &Graph) -> Vec<f32> {
@@ -155,7 +155,7 @@ fn overrides_are_honored_and_must_match() {
         overrides: vec![("blk.9.*".into(), Choice::Int8)],
         gptq: GptqOptions::default(),
     };
-    let err = quantize(&mut model(), &options, None, &|_, _, _| {}).unwrap_err().to_string();
+    let err = quantize(&mut model(), &options, None, None, &|_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
 }
 
@@ -173,7 +173,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         overrides: vec![],
         gptq: GptqOptions::default(),
     };
-    assert!(quantize(&mut model(), &options, None, &|_, _, _| {}).is_err());
+    assert!(quantize(&mut model(), &options, None, None, &|_, _, _| {}).is_err());
 
     // The search's total sensitivity is no worse than a uniform format's within the budget
     // (int4g64, 4.25 bits; int4g64a is 4.5, and with the f32 norm and bias over budget).
@@ -191,7 +191,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         overrides: vec![],
         gptq: GptqOptions::default(),
     };
-    assert!(quantize(&mut model(), &options, Some(&calib), &|_, _, _| {}).is_err());
+    assert!(quantize(&mut model(), &options, Some(&calib), None, &|_, _, _| {}).is_err());
 }
 
 #[test]
@@ -220,4 +220,29 @@ fn quantized_graphs_run_compiled_as_they_interpret() {
     let jit = Prepared::new(&g, Exec::Jit { threads: 2 }).run(&ids());
     let jit = &jit[0].1.as_f32().unwrap().data;
     assert!(relative_error(jit, &interp) < 1e-5);
+}
+
+/// With a probe, the search measures each kind of layer end to end: one probe run per kind
+/// (here `embd`, `blk.*.up`, `blk.*.down`), and the budget still holds.
+#[test]
+fn a_probe_measures_each_kind_of_layer_once() {
+    let base = model();
+    let calib = calibrate(&base);
+    let want = logits(&base);
+    let calls = std::cell::Cell::new(0);
+    let probe = |g: &Graph| -> Result<f64, String> {
+        calls.set(calls.get() + 1);
+        Ok(relative_error(&logits(g), &want))
+    };
+    let options = QuantizeOptions {
+        target: Target::Bits(4.5),
+        method: Method::Rtn,
+        overrides: vec![],
+        gptq: GptqOptions::default(),
+    };
+    let mut g = model();
+    let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
+    assert_eq!(calls.get(), 3);
+    assert!(report.bits_per_weight() <= 4.5);
+    assert!(report.layers.iter().all(|l| l.sensitivity > 0.0), "{report:?}");
 }

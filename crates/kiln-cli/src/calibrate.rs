@@ -73,6 +73,57 @@ pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
     Ok(calibration)
 }
 
+/// Sequences the quantize pass's probe runs (each probe is one forward pass over them).
+const PROBE_TOKENS: usize = 512;
+
+/// The first rows of the calibration inputs in `path`, about [`PROBE_TOKENS`] tokens: what
+/// probes run changed models on.
+pub fn probe_inputs(graph: &Graph, path: &Path) -> Result<HashMap<String, Value>> {
+    let file = tensors::read(path)?;
+    let inputs = tensors::inputs_from(&file, path, graph)?;
+    let shape = inputs.values().next().map(|v| v.shape().to_vec()).unwrap_or_default();
+    let (rows, seq) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1).max(1));
+    let take = (PROBE_TOKENS / seq).clamp(1, rows.max(1));
+    Ok(inputs.iter().map(|(k, v)| (k.clone(), v.rows(0, take.min(rows)))).collect())
+}
+
+/// How far `got` moved from `want` (outputs by name): for `logits`, the mean KL divergence
+/// of the next-token distributions over positions; for other outputs, the mean of
+/// 1 - cosine over rows of the last dimension.
+pub fn distance(want: &[(String, Value)], got: &[(String, Value)]) -> f64 {
+    let mut total = 0.0;
+    for ((name, a), (_, b)) in want.iter().zip(got) {
+        let (Some(a), Some(b)) = (a.as_f32(), b.as_f32()) else { continue };
+        let d = a.shape.last().copied().unwrap_or(1).max(1);
+        let rows = a.data.chunks_exact(d).zip(b.data.chunks_exact(d));
+        let n = (a.data.len() / d).max(1) as f64;
+        if name == "logits" {
+            let log_softmax = |x: &[f32]| -> Vec<f64> {
+                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+                x.iter().map(|&v| v as f64 - z).collect()
+            };
+            total += rows
+                .map(|(p, q)| {
+                    log_softmax(p).iter().zip(log_softmax(q)).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>()
+                })
+                .sum::<f64>()
+                / n;
+        } else {
+            total += rows
+                .map(|(p, q)| {
+                    let dot: f64 = p.iter().zip(q).map(|(x, y)| *x as f64 * *y as f64).sum();
+                    let np: f64 = p.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                    let nq: f64 = q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                    1.0 - dot / (np * nq).max(f64::MIN_POSITIVE)
+                })
+                .sum::<f64>()
+                / n;
+        }
+    }
+    total
+}
+
 /// Which token positions count: the attention mask's nonzero ones, if there is a mask.
 fn kept_positions(chunk: &HashMap<String, Value>) -> Option<Vec<bool>> {
     match chunk.get("attention_mask")? {

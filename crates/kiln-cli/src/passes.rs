@@ -69,7 +69,21 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
     };
-    let ctx = Context { calibration: calibration.as_ref(), overrides, progress: &progress };
+    // Probes run changed copies of the model under the JIT on the first calibration rows.
+    let probe_inputs = args.calib.as_deref().map(|p| calibrate::probe_inputs(graph, p)).transpose()?;
+    let run = |g: &Graph, inputs: &std::collections::HashMap<String, kiln_interp::Value>| {
+        let engine = kiln_jit::Engine::new(g, 2).map_err(|e| e.to_string())?;
+        engine.run(inputs).map_err(|e| e.to_string())
+    };
+    let reference = probe_inputs.as_ref().map(|i| run(graph, i)).transpose().map_err(|e| miette!("probe: {e}"))?;
+    let probe = |g: &Graph| -> Result<f64, String> {
+        match (&probe_inputs, &reference) {
+            (Some(inputs), Some(want)) => Ok(calibrate::distance(want, &run(g, inputs)?)),
+            _ => Err("no calibration inputs to probe with".into()),
+        }
+    };
+    let probe_ref: Option<&kiln_passes::quantize::Probe> = reference.as_ref().map(|_| &probe as _);
+    let ctx = Context { calibration: calibration.as_ref(), probe: probe_ref, overrides, progress: &progress };
     let reports = pipeline::run(graph, &calls, &ctx).map_err(|e| miette!("{e}"))?;
     bar.finish_and_clear();
     Ok(calls

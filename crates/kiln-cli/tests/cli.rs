@@ -1229,13 +1229,17 @@ fn compile_with_quantize_and_report() {
     let plot = dir.join("layers.svg");
     let table = ok(&["report".to_string(), s(&out), "--plot".into(), s(&plot)]);
     assert!(table.lines().any(|l| l.contains("layers.1.attn.q") && l.contains("f16")), "{table}");
-    let json: serde_json::Value = serde_json::from_str(ok(&["report".to_string(), s(&out), "--json".into()]).trim()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(ok(&["report".to_string(), s(&out), "--json".into()]).trim()).unwrap();
     assert!(json["bits_per_weight"].as_f64().unwrap() <= 20.0, "{json}");
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
 
     // The artifact runs like any other.
     let input = dir.join("in.safetensors");
-    write_safetensors(&input, &[i64s("input_ids", &[1, 5], &[1, 2, 3, 4, 5]), i64s("attention_mask", &[1, 5], &[1; 5])]);
+    write_safetensors(
+        &input,
+        &[i64s("input_ids", &[1, 5], &[1, 2, 3, 4, 5]), i64s("attention_mask", &[1, 5], &[1; 5])],
+    );
     ok(&["run".to_string(), s(&out), "--input".into(), s(&input)]);
 
     fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);

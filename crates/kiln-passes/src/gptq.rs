@@ -80,10 +80,15 @@
 //!
 //! # Cost
 //!
-//! `k^3 / 3` multiply-adds (f64) to factor `H`, then `n k^2 / 2` (f32) for the sweep, plus
-//! `n k g / 2` for the group solves without act-order; memory `O(k^2 + n k)`. On the
-//! 2-core development machine a `1536 x 576` layer takes about 60 ms and a `576 x 1536` one
-//! about 150 ms.
+//! `k^3 / 3` multiply-adds (f64, sequential) to factor `H`, then `n k^2 / 2` (f32,
+//! parallel over rows) for the sweep, plus `n k g / 2` for the group solves without
+//! act-order; memory `O(k^2 + n k)`. The rest is one [`IntFormat::code`] per weight, which
+//! is a good part of the time. Measured in a release build on the 2-core development
+//! machine while other builds ran: 50-80 ms for a `1536 x 576` layer, 130-240 ms for a
+//! `576 x 1536` one, about 10 s for the 210 linears of SmolLM2-135M's 30 layers and 2 s for
+//! its `49152 x 576` head.
+//!
+//! [`output_error`] costs `n k^2` multiply-adds in f64: as much as the sweep, twice over.
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
@@ -243,6 +248,7 @@ fn run(
 
     let group_of: Vec<u32> = perm.iter().map(|&c| (c / g) as u32).collect();
     let sweep = Sweep { f, k, block, act_order: opts.act_order, dead: &dead, perm: &perm, group_of: &group_of, m: &m };
+    // Chunks of rows: a few per thread to balance the load, big enough for the products.
     let rows = n.div_ceil(4 * rayon::current_num_threads()).clamp(16, 128);
     let parts: Vec<Part> = w.par_chunks(rows * k).map(|wc| sweep.rows(wc, keep_values)).collect();
 
@@ -263,8 +269,8 @@ fn run(
 /// diagonal entries replaced by `diag`, `P` the permutation `perm`; and the absolute
 /// damping used. Retries with more damping when the factorization fails.
 fn factor(h: &[f64], k: usize, diag: &[f64], perm: &[usize], damp: f64) -> Result<(Vec<f32>, f64), GptqError> {
-    // Sequential: faer's parallel factorization loses to it on this 2-core machine whenever
-    // the other core is busy, and the sweep that follows is parallel anyway.
+    // Sequential: on the 2-core development machine faer's parallel Cholesky was slower
+    // whenever the other core had work, and the sweep that follows is parallel anyway.
     let par = Par::Seq;
     let mean = diag.iter().sum::<f64>() / k as f64;
     let mut stack_mem = MemBuffer::new(cholesky_in_place_scratch::<f64>(k, par, Default::default()));
@@ -371,6 +377,17 @@ impl Sweep<'_> {
         let mut orig = vec![0f32; rows * k];
         let mut acc = vec![0f32; rows * k];
         let mut scales = vec![BlockScales { d: Default::default(), m: Default::default() }; rows * groups];
+        // The value of every code of every group, when that is no more work than one value
+        // per weight: `IntFormat::value`'s results, looked up.
+        let levels = 1usize << f.bits;
+        let mut tables = if levels <= g { vec![0f32; rows * groups * levels] } else { Vec::new() };
+        let tabulate = |tables: &mut [f32], slot: usize, s: BlockScales| {
+            if !tables.is_empty() {
+                for (q, v) in tables[slot * levels..(slot + 1) * levels].iter_mut().enumerate() {
+                    *v = f.value(s, q as u8);
+                }
+            }
+        };
         let mut natural = vec![0f32; k];
         for r in 0..rows {
             for (c, x) in natural.iter_mut().enumerate() {
@@ -380,8 +397,9 @@ impl Sweep<'_> {
                 orig[r * k + i] = natural[c];
             }
             if self.act_order {
-                for (s, group) in scales[r * groups..][..groups].iter_mut().zip(natural.chunks_exact(g)) {
-                    *s = f.fit(group);
+                for (j, group) in natural.chunks_exact(g).enumerate() {
+                    scales[r * groups + j] = f.fit(group);
+                    tabulate(&mut tables, r * groups + j, scales[r * groups + j]);
                 }
             }
         }
@@ -422,15 +440,17 @@ impl Sweep<'_> {
                             *y += o;
                         }
                         scales[r * groups + s1 / g] = f.fit(y);
+                        tabulate(&mut tables, r * groups + s1 / g, scales[r * groups + s1 / g]);
                     }
                     let scales = &scales[r * groups..(r + 1) * groups];
+                    let table = tables.get(r * groups * levels..(r + 1) * groups * levels).unwrap_or_default();
                     for i in s1..s2 {
                         let c = self.perm[i];
-                        let s = scales[self.group_of[i] as usize];
+                        let j = self.group_of[i] as usize;
                         let mrow = &m[i * k..];
                         let x = orig[i] + acc[i] / mrow[i];
-                        let q = f.code(s, x);
-                        let v = f.value(s, q);
+                        let q = f.code(scales[j], x);
+                        let v = if table.is_empty() { f.value(scales[j], q) } else { table[j * levels + q as usize] };
                         codes[r * k + c] = q;
                         let e = mrow[i] * (x - v);
                         loss += e as f64 * e as f64;

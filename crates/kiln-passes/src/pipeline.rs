@@ -109,6 +109,8 @@ pub fn parse(text: &str) -> Result<Vec<PassCall>, PipelineError> {
 /// What passes get besides the graph and their arguments.
 pub struct Context<'a> {
     pub calibration: Option<&'a Calibration>,
+    /// Measures how far a changed graph's outputs move (see [`quantize::Probe`]).
+    pub probe: Option<&'a quantize::Probe<'a>>,
     /// `--override PATTERN=FORMAT`, for passes that choose formats.
     pub overrides: Vec<(String, Choice)>,
     pub progress: &'a (dyn Fn(usize, usize, &str) + Sync),
@@ -182,7 +184,7 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
         return Err(fail("method=gptq needs calibration data: pass --calib".into()));
     }
     let options = QuantizeOptions { target, method, overrides: ctx.overrides.clone(), gptq };
-    quantize::quantize(graph, &options, ctx.calibration, ctx.progress).map(PassReport::Quantize)
+    quantize::quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
 }
 
 #[cfg(test)]

@@ -41,6 +41,11 @@ use std::collections::BTreeMap;
 
 const PASS: &str = "quantize";
 
+/// Runs a changed copy of the graph on calibration inputs and says how far its outputs
+/// moved from the unchanged model's (the CLI measures KL divergence of next-token
+/// distributions, or 1 - cosine of embeddings). Passes never run models themselves.
+pub type Probe<'a> = dyn Fn(&Graph) -> Result<f64, String> + 'a;
+
 /// How one layer is stored, as a user names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
@@ -193,6 +198,7 @@ pub fn quantize(
     graph: &mut Graph,
     options: &QuantizeOptions,
     calibration: Option<&Calibration>,
+    probe: Option<&Probe<'_>>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<QuantizeReport, PassError> {
     let fail = |message: String| PassError::NotApplicable { pass: PASS, message };
@@ -260,16 +266,24 @@ pub fn quantize(
             let formats: Vec<Format> =
                 layers.iter().zip(&fixed).map(|(l, f)| resolve(f.unwrap_or(choice), l, &mut notes)).collect();
             if calibration.is_some() {
-                sensitivities = layers.par_iter().zip(&formats).map(|(l, &f)| sensitivity(l, f)).collect();
+                let tokens = calibration.map_or(0, |c| c.tokens);
+                sensitivities = layers.par_iter().zip(&formats).map(|(l, &f)| errors(l, f, tokens).1).collect();
             }
             formats
         }
         Target::Bits(bits) => {
-            if calibration.is_none() {
+            let Some(calibration) = calibration else {
                 return Err(fail(
                     "quantize(bits=...) measures each layer's sensitivity on calibration data: pass --calib".into(),
                 ));
-            }
+            };
+            let tokens = calibration.tokens;
+            // With a probe: each kind's measured end-to-end gain times the layer's absolute
+            // error; without: the layer's relative error.
+            let gains = match probe {
+                Some(p) => Some(kind_gains(graph, &layers, tokens, p, progress).map_err(fail)?),
+                None => None,
+            };
             let total_params = other_params + layers.iter().map(|l| l.n * l.k).sum::<u64>();
             let budget = (bits * total_params as f64).floor() as u64;
             let Some(budget) = budget.checked_sub(other_bytes * 8) else {
@@ -281,7 +295,8 @@ pub fn quantize(
             let options_per_layer: Vec<Vec<(Format, u64, f64)>> = layers
                 .par_iter()
                 .zip(&fixed)
-                .map(|(layer, fixed)| {
+                .enumerate()
+                .map(|(l, (layer, fixed))| {
                     let mut formats: Vec<Format> = match fixed {
                         Some(c) => c.resolve(layer.k, layer.format).into_iter().collect(),
                         None => candidates.iter().filter_map(|c| c.resolve(layer.k, layer.format)).collect(),
@@ -291,7 +306,12 @@ pub fn quantize(
                         .into_iter()
                         .filter_map(|f| {
                             let bytes = f.byte_len(layer.n * layer.k).ok()?;
-                            Some((f, bytes * 8, sensitivity(layer, f)))
+                            let (absolute, relative) = errors(layer, f, tokens);
+                            let sensitivity = match &gains {
+                                Some(g) => g[l] * absolute,
+                                None => relative,
+                            };
+                            Some((f, bytes * 8, sensitivity))
                         })
                         .collect()
                 })
@@ -345,14 +365,7 @@ pub fn quantize(
         let changed = result.map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         let error = changed.as_ref().map_or(layer.gram.as_ref().map(|_| 0.0), |(_, e)| *e);
         if let Some((bytes, _)) = changed {
-            let data = TensorData::new(*format, vec![layer.n, layer.k], Bytes::from_vec(bytes))
-                .map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
-            let checksum = data.checksum();
-            graph.store.insert(layer.tensor.clone(), data);
-            if let Op::Weight(w) = &mut graph.node_mut(layer.node).op {
-                w.format = *format;
-                w.checksum = Some(checksum);
-            }
+            set_weight(graph, layer, *format, bytes).map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         }
         let bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64);
         report.layers.push(LayerReport {
@@ -426,13 +439,15 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
     Ok(out)
 }
 
-/// Estimated output error of `layer` stored as `format` by rounding (see the module doc).
-fn sensitivity(layer: &Layer, format: Format) -> f64 {
+/// The output error of `layer` stored as `format` by rounding, on the calibration data:
+/// `(absolute, relative)`, the relative one divided by the output's energy (see the module
+/// doc). Gathered tables count `|dE|^2` per calibration token.
+fn errors(layer: &Layer, format: Format, tokens: u64) -> (f64, f64) {
     let Ok(q) = encode_rtn(&layer.values, format).and_then(|b| format.dequantize(&b, layer.n * layer.k)) else {
-        return f64::INFINITY;
+        return (f64::INFINITY, f64::INFINITY);
     };
     let k = layer.k as usize;
-    let mut total = 0.0;
+    let (mut absolute, mut relative) = (0.0, 0.0);
     if let Some(g) = &layer.gram {
         let diag = g.diagonal();
         let (mut error, mut energy) = (0.0, 0.0);
@@ -442,14 +457,75 @@ fn sensitivity(layer: &Layer, format: Format) -> f64 {
                 energy += h * (w as f64).powi(2);
             }
         }
-        total += error / energy.max(f64::MIN_POSITIVE);
+        absolute += error;
+        relative += error / energy.max(f64::MIN_POSITIVE);
     }
     if layer.gathered {
         let error: f64 = layer.values.iter().zip(&q).map(|(w, q)| ((w - q) as f64).powi(2)).sum();
         let energy: f64 = layer.values.iter().map(|&w| (w as f64).powi(2)).sum();
-        total += error / energy.max(f64::MIN_POSITIVE);
+        absolute += error * tokens as f64 / layer.n as f64;
+        relative += error / energy.max(f64::MIN_POSITIVE);
     }
-    total
+    (absolute, relative)
+}
+
+/// A layer's kind: its scope with numeric components as `*` (`blk.*.attn_q`), so that the
+/// same projection in every block is one kind.
+fn kind_of(scope: &str) -> String {
+    let parts: Vec<&str> =
+        scope.split('.').map(|c| if c.bytes().all(|b| b.is_ascii_digit()) { "*" } else { c }).collect();
+    parts.join(".")
+}
+
+/// The format every kind is probed at when measuring gains.
+const PROBE_FORMAT: &str = "int3g64a";
+
+/// End-to-end gain of each layer's kind: how far the model's outputs move (`probe`) per
+/// unit of summed absolute layer error, with every layer of the kind rounded to
+/// [`PROBE_FORMAT`]. One probe run per kind.
+fn kind_gains(
+    graph: &Graph,
+    layers: &[Layer],
+    tokens: u64,
+    probe: &Probe<'_>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<Vec<f64>, String> {
+    let mut kinds: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (l, layer) in layers.iter().enumerate() {
+        kinds.entry(kind_of(&layer.scope)).or_default().push(l);
+    }
+    let reference: Choice = PROBE_FORMAT.parse().expect("a valid format");
+    let mut gains = vec![0.0; layers.len()];
+    for (i, (kind, members)) in kinds.iter().enumerate() {
+        progress(i, kinds.len(), &format!("probing {kind}"));
+        let mut g = graph.clone();
+        let mut error = 0.0;
+        for &l in members {
+            let layer = &layers[l];
+            let Some(f) = reference.resolve(layer.k, layer.format) else { continue };
+            let bytes = encode_rtn(&layer.values, f).map_err(|e| e.to_string())?;
+            set_weight(&mut g, layer, f, bytes).map_err(|e| format!("{}: {e}", layer.scope))?;
+            error += errors(layer, f, tokens).0;
+        }
+        let moved = probe(&g)?;
+        let gain = if error > 0.0 { moved.max(0.0) / error } else { 0.0 };
+        for &l in members {
+            gains[l] = gain;
+        }
+    }
+    Ok(gains)
+}
+
+/// Stores `bytes` in `format` as the layer's weight in `graph`.
+fn set_weight(graph: &mut Graph, layer: &Layer, format: Format, bytes: Vec<u8>) -> Result<(), kiln_ir::FormatError> {
+    let data = TensorData::new(format, vec![layer.n, layer.k], Bytes::from_vec(bytes))?;
+    let checksum = data.checksum();
+    graph.store.insert(layer.tensor.clone(), data);
+    if let Op::Weight(w) = &mut graph.node_mut(layer.node).op {
+        w.format = format;
+        w.checksum = Some(checksum);
+    }
+    Ok(())
 }
 
 /// The stored bytes of `values` in `format` by rounding to nearest.
