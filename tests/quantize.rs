@@ -223,9 +223,9 @@ fn quantized_graphs_run_compiled_as_they_interpret() {
 }
 
 /// With a probe, the search measures each kind of layer end to end: one probe run per kind
-/// (here `embd`, `blk.*.up`, `blk.*.down`), and the budget still holds.
+/// (here `embd`, `blk.*.up`, `blk.*.down`) at each probe format, and the budget still holds.
 #[test]
-fn a_probe_measures_each_kind_of_layer_once() {
+fn a_probe_measures_each_kind_of_layer_at_each_probe_format() {
     let base = model();
     let calib = calibrate(&base);
     let want = logits(&base);
@@ -242,7 +242,7 @@ fn a_probe_measures_each_kind_of_layer_once() {
     };
     let mut g = model();
     let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
-    assert_eq!(calls.get(), 3);
+    assert_eq!(calls.get(), 3 * 3, "3 kinds at 3 probe formats");
     assert!(report.bits_per_weight() <= 4.5);
     assert!(report.layers.iter().all(|l| l.sensitivity > 0.0), "{report:?}");
 }

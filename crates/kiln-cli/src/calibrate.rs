@@ -74,7 +74,7 @@ pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
 }
 
 /// Sequences the quantize pass's probe runs (each probe is one forward pass over them).
-const PROBE_TOKENS: usize = 512;
+const PROBE_TOKENS: usize = 256;
 
 /// The first rows of the calibration inputs in `path`, about [`PROBE_TOKENS`] tokens: what
 /// probes run changed models on.

@@ -14,11 +14,17 @@
 //! (`quantize(bits=4.5)`): the average storage bits per parameter over *all* of the model's
 //! parameters (scales, offsets and unquantized weights included) may not exceed it. Each
 //! layer then gets the format that minimizes the summed sensitivity under that budget,
-//! solved exactly by [`crate::allocate`]. A layer's sensitivity at a format is its output
-//! error on the calibration data under round-to-nearest, `sum_j H_jj |dW_:j|^2` with
+//! solved exactly by [`crate::allocate`]. A layer's sensitivity at a format starts from its
+//! output error on the calibration data under round-to-nearest, `sum_j H_jj |dW_:j|^2` with
 //! `H = sum x x^T` of its input (the diagonal of the exact `trace(dW H dW^T)`: cheap enough
-//! to measure every candidate of every layer); an embedding table read only by a gather
-//! counts `|dE|^2` per row times the calibration tokens per row (every row equally likely).
+//! for every candidate of every layer); an embedding table read only by a gather counts
+//! `|dE|^2` per row times the calibration tokens per row. With a [`Probe`] (the CLI's: KL
+//! divergence of next-token distributions, or 1 - cosine of embeddings, on a few
+//! calibration rows), each *kind* of layer (`blk.*.ffn_down`) is measured end to end at
+//! [`PROBE_FORMATS`], and a layer's sensitivity is its kind's interpolated distortion shared
+//! out in proportion to its error; without one, it is the layer's error relative to its
+//! output energy. Formats more than [`MAX_BITS_BELOW`] bits per weight below the budget are
+//! not searched: far from the probed formats, per-layer errors stop adding up.
 //! Overrides are fixed before the search and always honored.
 //!
 //! **Methods.** `rtn` rounds each group to nearest ([`IntFormat::quantize`]); `gptq`
@@ -144,6 +150,9 @@ pub const CANDIDATES: &[&str] = &[
     "bf16",
 ];
 
+/// How far below the budget (bits per weight) a layer's format may go in the search.
+pub const MAX_BITS_BELOW: f64 = 1.25;
+
 /// One layer as the pass left it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerReport {
@@ -155,7 +164,8 @@ pub struct LayerReport {
     /// Estimated output error at this format (the search's measure; 0 without calibration).
     pub sensitivity: f64,
     /// Output error after quantization relative to the output's energy on the calibration
-    /// data, `trace(dW H dW^T) / trace(W H W^T)`; `None` without an `H` for this layer.
+    /// data, `trace(dW H dW^T) / trace(W H W^T)` over up to 256 evenly spaced rows (output
+    /// channels); `None` without an `H` for this layer.
     pub error: Option<f64>,
 }
 
@@ -278,44 +288,62 @@ pub fn quantize(
                 ));
             };
             let tokens = calibration.tokens;
-            // With a probe: each kind's measured end-to-end gain times the layer's absolute
-            // error; without: the layer's relative error.
-            let gains = match probe {
-                Some(p) => Some(kind_gains(graph, &layers, tokens, p, progress).map_err(fail)?),
-                None => None,
-            };
             let total_params = other_params + layers.iter().map(|l| l.n * l.k).sum::<u64>();
             let budget = (bits * total_params as f64).floor() as u64;
             let Some(budget) = budget.checked_sub(other_bytes * 8) else {
                 return Err(fail(format!("{bits} bits per weight leave nothing for the matrices")));
             };
             let candidates: Vec<Choice> = CANDIDATES.iter().map(|c| c.parse().expect("valid candidates")).collect();
+            let budget_bits = bits;
             progress(0, layers.len(), "measuring sensitivities");
-            // Per layer: the distinct formats it may take, with bits and sensitivity.
-            let options_per_layer: Vec<Vec<(Format, u64, f64)>> = layers
+            // Per layer and candidate: the format, its bits, and the absolute and relative
+            // output errors of rounding to it.
+            let measured: Vec<Vec<Option<(Format, u64, f64, f64)>>> = layers
                 .par_iter()
-                .zip(&fixed)
-                .enumerate()
-                .map(|(l, (layer, fixed))| {
-                    let mut formats: Vec<Format> = match fixed {
-                        Some(c) => c.resolve(layer.k, layer.format).into_iter().collect(),
-                        None => candidates.iter().filter_map(|c| c.resolve(layer.k, layer.format)).collect(),
-                    };
-                    formats.dedup();
-                    formats
-                        .into_iter()
-                        .filter_map(|f| {
+                .map(|layer| {
+                    candidates
+                        .iter()
+                        .map(|c| {
+                            let f = c.resolve(layer.k, layer.format)?;
                             let bytes = f.byte_len(layer.n * layer.k).ok()?;
                             let (absolute, relative) = errors(layer, f, tokens);
-                            let sensitivity = match &gains {
-                                Some(g) => g[l] * absolute,
-                                None => relative,
-                            };
-                            Some((f, bytes * 8, sensitivity))
+                            Some((f, bytes * 8, absolute, relative))
                         })
                         .collect()
                 })
                 .collect();
+            // With a probe: each kind's measured end-to-end curve, shared out among its
+            // layers by their absolute errors; without: each layer's relative error.
+            let curves = match probe {
+                Some(p) => Some(kind_curves(graph, &layers, &measured, p, progress).map_err(fail)?),
+                None => None,
+            };
+            let options_per_layer: Vec<Vec<(Format, u64, f64)>> = layers
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| -> Result<Vec<(Format, u64, f64)>, PassError> {
+                    if let Some(c) = fixed[l] {
+                        let f = c.resolve(layer.k, layer.format).unwrap_or(layer.format);
+                        let bytes = f.byte_len(layer.n * layer.k).map_err(|e| fail(e.to_string()))?;
+                        return Ok(vec![(f, bytes * 8, 0.0)]);
+                    }
+                    let mut opts: Vec<(Format, u64, f64)> = Vec::new();
+                    for (c, m) in measured[l].iter().enumerate() {
+                        let Some((f, bits, absolute, relative)) = *m else { continue };
+                        // Far below the budget, errors stop adding up (a model with many
+                        // 2-bit layers is not the sum of models with one): not searched.
+                        if opts.iter().any(|o| o.0 == f) || f.bits_per_weight() < budget_bits - MAX_BITS_BELOW {
+                            continue;
+                        }
+                        let sensitivity = match &curves {
+                            Some(k) => k.layer_share(l, c, absolute),
+                            None => relative,
+                        };
+                        opts.push((f, bits, sensitivity));
+                    }
+                    Ok(opts)
+                })
+                .collect::<Result<_, _>>()?;
             let knapsack: Vec<Knapsack> = options_per_layer
                 .iter()
                 .zip(&fixed)
@@ -477,43 +505,100 @@ fn kind_of(scope: &str) -> String {
     parts.join(".")
 }
 
-/// The format every kind is probed at when measuring gains.
-const PROBE_FORMAT: &str = "int3g64a";
+/// The formats every kind of layer is probed at (all its layers rounded to one of them).
+const PROBE_FORMATS: &[&str] = &["int3g64a", "int4g64a", "int4g32a"];
 
-/// End-to-end gain of each layer's kind: how far the model's outputs move (`probe`) per
-/// unit of summed absolute layer error, with every layer of the kind rounded to
-/// [`PROBE_FORMAT`]. One probe run per kind.
-fn kind_gains(
+/// Measured end-to-end effect of each kind of layer: for each kind, points `(A, D)` where
+/// `A` is the kind's summed absolute layer error at a probed format and `D` how far the
+/// model's outputs moved with the whole kind at that format.
+struct KindCurves {
+    /// Kind of each layer.
+    kind: Vec<usize>,
+    /// Per kind: `(ln A, ln D)`, sorted by `A`.
+    points: Vec<Vec<(f64, f64)>>,
+    /// Per kind and candidate: `A` at that candidate.
+    totals: Vec<Vec<f64>>,
+}
+
+impl KindCurves {
+    /// The part of its kind's interpolated distortion at candidate `c` that layer `l`
+    /// causes, in proportion to its absolute error.
+    fn layer_share(&self, l: usize, c: usize, absolute: f64) -> f64 {
+        let kind = self.kind[l];
+        let total = self.totals[kind][c];
+        if total <= 0.0 || absolute <= 0.0 {
+            return 0.0;
+        }
+        interpolate(&self.points[kind], total.ln()).exp() * absolute / total
+    }
+}
+
+/// Piecewise-linear interpolation of sorted points, extrapolated with the end segments'
+/// slopes (at least 1: distortion grows at least in proportion to the error).
+fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
+    match points {
+        [] => f64::NEG_INFINITY,
+        [(x0, y0)] => y0 + (x - x0),
+        _ => {
+            let i = points.partition_point(|p| p.0 < x).clamp(1, points.len() - 1);
+            let ((x0, y0), (x1, y1)) = (points[i - 1], points[i]);
+            let slope = if x1 > x0 { (y1 - y0) / (x1 - x0) } else { 1.0 };
+            if x > x1 {
+                y1 + slope.max(1.0) * (x - x1)
+            } else if x < x0 {
+                y0 + slope.max(1.0) * (x - x0)
+            } else {
+                y0 + slope * (x - x0)
+            }
+        }
+    }
+}
+
+/// Probes every kind of layer (scope with block indices as `*`) at [`PROBE_FORMATS`].
+fn kind_curves(
     graph: &Graph,
     layers: &[Layer],
-    tokens: u64,
+    measured: &[Vec<Option<(Format, u64, f64, f64)>>],
     probe: &Probe<'_>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
-) -> Result<Vec<f64>, String> {
-    let mut kinds: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (l, layer) in layers.iter().enumerate() {
-        kinds.entry(kind_of(&layer.scope)).or_default().push(l);
-    }
-    let reference: Choice = PROBE_FORMAT.parse().expect("a valid format");
-    let mut gains = vec![0.0; layers.len()];
-    for (i, (kind, members)) in kinds.iter().enumerate() {
-        progress(i, kinds.len(), &format!("probing {kind}"));
-        let mut g = graph.clone();
-        let mut error = 0.0;
-        for &l in members {
-            let layer = &layers[l];
-            let Some(f) = reference.resolve(layer.k, layer.format) else { continue };
-            let bytes = encode_rtn(&layer.values, f).map_err(|e| e.to_string())?;
-            set_weight(&mut g, layer, f, bytes).map_err(|e| format!("{}: {e}", layer.scope))?;
-            error += errors(layer, f, tokens).0;
-        }
-        let moved = probe(&g)?;
-        let gain = if error > 0.0 { moved.max(0.0) / error } else { 0.0 };
-        for &l in members {
-            gains[l] = gain;
+) -> Result<KindCurves, String> {
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let kind: Vec<usize> = layers
+        .iter()
+        .map(|layer| {
+            let n = names.len();
+            *names.entry(kind_of(&layer.scope)).or_insert(n)
+        })
+        .collect();
+    let kinds = names.len();
+    let mut totals = vec![vec![0.0; CANDIDATES.len()]; kinds];
+    for (l, m) in measured.iter().enumerate() {
+        for (c, entry) in m.iter().enumerate() {
+            if let Some((_, _, absolute, _)) = entry {
+                totals[kind[l]][c] += absolute;
+            }
         }
     }
-    Ok(gains)
+    let mut points = vec![Vec::new(); kinds];
+    let runs = kinds * PROBE_FORMATS.len();
+    for (name, &k) in &names {
+        for (i, p) in PROBE_FORMATS.iter().enumerate() {
+            progress(k * PROBE_FORMATS.len() + i, runs, &format!("probing {name} at {p}"));
+            let c = CANDIDATES.iter().position(|c| c == p).expect("probe formats are candidates");
+            let mut g = graph.clone();
+            for (l, layer) in layers.iter().enumerate().filter(|(l, _)| kind[*l] == k) {
+                let Some((f, ..)) = measured[l][c] else { continue };
+                let bytes = encode_rtn(&layer.values, f).map_err(|e| e.to_string())?;
+                set_weight(&mut g, layer, f, bytes).map_err(|e| format!("{}: {e}", layer.scope))?;
+            }
+            let moved = probe(&g)?;
+            if totals[k][c] > 0.0 {
+                points[k].push((totals[k][c].ln(), moved.max(1e-12).ln()));
+            }
+        }
+        points[k].sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    Ok(KindCurves { kind, points, totals })
 }
 
 /// Stores `bytes` in `format` as the layer's weight in `graph`.
@@ -541,6 +626,9 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
     })
 }
 
+/// Rows of a layer its reported error is measured on (evenly spaced).
+const ERROR_ROWS: usize = 256;
+
 /// A layer's new bytes, and its relative output error if it has calibration data.
 type Encoded = (Vec<u8>, Option<f64>);
 
@@ -559,10 +647,15 @@ fn encode(layer: &Layer, format: Format, method: Method, opts: &GptqOptions) -> 
     };
     let error = match &layer.gram {
         Some(g) => {
+            // On every `step`-th row: the exact error costs `n k^2` per layer, which for all
+            // of a model's rows takes longer than GPTQ itself.
             let q = format.dequantize(&bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
-            let zero = vec![0f32; q.len()];
-            let energy = gptq::output_error(&layer.values, &zero, n, k, &g.sum);
-            Some(gptq::output_error(&layer.values, &q, n, k, &g.sum) / energy.max(f64::MIN_POSITIVE))
+            let step = (n / ERROR_ROWS).max(1);
+            let sample = |m: &[f32]| -> Vec<f32> { m.chunks_exact(k).step_by(step).flatten().copied().collect() };
+            let (w, q) = (sample(&layer.values), sample(&q));
+            let rows = w.len() / k;
+            let energy = gptq::output_error(&w, &vec![0f32; w.len()], rows, k, &g.sum);
+            Some(gptq::output_error(&w, &q, rows, k, &g.sum) / energy.max(f64::MIN_POSITIVE))
         }
         None => None,
     };
@@ -590,4 +683,35 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_interpolate_in_between_and_extrapolate_at_least_linearly() {
+        let points = [(0.0, 0.0), (1.0, 2.0), (2.0, 2.5)];
+        assert_eq!(interpolate(&points, 0.5), 1.0);
+        assert_eq!(interpolate(&points, 1.5), 2.25);
+        // Beyond the ends: the end segment's slope, but never below 1.
+        assert_eq!(interpolate(&points, -1.0), -2.0);
+        assert_eq!(interpolate(&points, 3.0), 3.5);
+        assert_eq!(interpolate(&[(1.0, 1.0)], 2.0), 2.0);
+    }
+
+    #[test]
+    fn kinds_replace_block_indices() {
+        assert_eq!(kind_of("blk.12.ffn_down"), "blk.*.ffn_down");
+        assert_eq!(kind_of("encoder.layer.3.attention.self.query"), "encoder.layer.*.attention.self.query");
+        assert_eq!(kind_of("token_embd"), "token_embd");
+    }
+
+    #[test]
+    fn globs_match_whole_scopes() {
+        assert!(glob("blk.0.*", "blk.0.attn_q"));
+        assert!(!glob("blk.0.*", "blk.10.attn_q"));
+        assert!(glob("*attn_?", "blk.3.attn_q"));
+        assert!(!glob("attn", "blk.3.attn_q"));
+    }
 }
