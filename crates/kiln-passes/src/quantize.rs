@@ -150,6 +150,10 @@ pub const CANDIDATES: &[&str] = &[
     "bf16",
 ];
 
+/// A candidate format of a layer as measured: the format, its storage bits, and the
+/// absolute and relative output errors of rounding to it.
+type Measured = (Format, u64, f64, f64);
+
 /// How far below the budget (bits per weight) a layer's format may go in the search.
 pub const MAX_BITS_BELOW: f64 = 1.25;
 
@@ -298,7 +302,7 @@ pub fn quantize(
             progress(0, layers.len(), "measuring sensitivities");
             // Per layer and candidate: the format, its bits, and the absolute and relative
             // output errors of rounding to it.
-            let measured: Vec<Vec<Option<(Format, u64, f64, f64)>>> = layers
+            let measured: Vec<Vec<Option<Measured>>> = layers
                 .par_iter()
                 .map(|layer| {
                     candidates
@@ -558,7 +562,7 @@ fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
 fn kind_curves(
     graph: &Graph,
     layers: &[Layer],
-    measured: &[Vec<Option<(Format, u64, f64, f64)>>],
+    measured: &[Vec<Option<Measured>>],
     probe: &Probe<'_>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<KindCurves, String> {
