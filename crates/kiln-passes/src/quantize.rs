@@ -23,8 +23,9 @@
 //! calibration rows), each *kind* of layer (`blk.*.ffn_down`) is measured end to end at
 //! [`PROBE_FORMATS`], and a layer's sensitivity is its kind's interpolated distortion shared
 //! out in proportion to its error; without one, it is the layer's error relative to its
-//! output energy. Formats more than [`MAX_BITS_BELOW`] bits per weight below the budget are
-//! not searched: far from the probed formats, per-layer errors stop adding up.
+//! output energy. Formats more than [`MAX_BITS_BELOW`] bits per weight below the budget
+//! (or below 8, for budgets above 8) are not searched: far from the probed formats,
+//! per-layer errors stop adding up. A layer no candidate fits stays as it is.
 //! Overrides are fixed before the search and always honored.
 //!
 //! **Methods.** `rtn` rounds each group to nearest ([`IntFormat::quantize`]); `gptq`
@@ -154,7 +155,8 @@ pub const CANDIDATES: &[&str] = &[
 /// absolute and relative output errors of rounding to it.
 type Measured = (Format, u64, f64, f64);
 
-/// How far below the budget (bits per weight) a layer's format may go in the search.
+/// How far below the budget (bits per weight, counted from at most 8) a layer's format may
+/// go in the search.
 pub const MAX_BITS_BELOW: f64 = 1.25;
 
 /// One layer as the pass left it.
@@ -336,7 +338,8 @@ pub fn quantize(
                         let Some((f, bits, absolute, relative)) = *m else { continue };
                         // Far below the budget, errors stop adding up (a model with many
                         // 2-bit layers is not the sum of models with one): not searched.
-                        if opts.iter().any(|o| o.0 == f) || f.bits_per_weight() < budget_bits - MAX_BITS_BELOW {
+                        if opts.iter().any(|o| o.0 == f) || f.bits_per_weight() < budget_bits.min(8.0) - MAX_BITS_BELOW
+                        {
                             continue;
                         }
                         let sensitivity = match &curves {
@@ -344,6 +347,11 @@ pub fn quantize(
                             None => relative,
                         };
                         opts.push((f, bits, sensitivity));
+                    }
+                    if opts.is_empty() {
+                        // No candidate fits its rows: it stays as it is.
+                        let bytes = layer.format.byte_len(layer.n * layer.k).map_err(|e| fail(e.to_string()))?;
+                        opts.push((layer.format, bytes * 8, 0.0));
                     }
                     Ok(opts)
                 })
@@ -356,11 +364,6 @@ pub fn quantize(
                     fixed: fixed.map(|_| 0),
                 })
                 .collect();
-            for (layer, opts) in layers.iter().zip(&options_per_layer) {
-                if opts.is_empty() {
-                    return Err(fail(format!("{}: no format fits rows of {}", layer.scope, layer.k)));
-                }
-            }
             let picked = allocate::allocate(&knapsack, budget).map_err(|e| fail(format!("bits={bits}: {e}")))?;
             picked
                 .picks
