@@ -128,7 +128,7 @@ type PassFn = fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport,
 pub const REGISTRY: &[(&str, PassFn, &str)] = &[(
     "quantize",
     run_quantize,
-    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true] [, damp=0.01]): store matrices in fewer bits",
+    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01]): store matrices in fewer bits",
 )];
 
 /// Runs `calls` in order on `graph`.
@@ -151,7 +151,9 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
     let fail = |message: String| PassError::NotApplicable { pass: "quantize", message };
     let mut target = None;
     let mut method = if ctx.calibration.is_some() { Method::Gptq } else { Method::Rtn };
-    let mut gptq = crate::gptq::GptqOptions::default();
+    // Act-order by default: on SmolLM2 int4g64a it took held-out perplexity from 1.254x to
+    // 1.161x of the unquantized model's, for 20% more time.
+    let mut gptq = crate::gptq::GptqOptions { act_order: true, ..Default::default() };
     for (key, value) in &call.args {
         let bad = |what: &str| fail(format!("{key}={value}: expected {what}"));
         match key.as_str() {
