@@ -3,6 +3,11 @@
 //!
 //! - [`last_position`]: compute an output at the last sequence position only (generation
 //!   needs the next token's logits, not every position's).
+//! - [`quantize`]: store matrices in fewer bits (a forced format or a budget; RTN or
+//!   [`gptq`]; formats chosen by [`allocate`] over measured sensitivities).
+//!
+//! [`pipeline`] parses `--passes` and runs passes by name; [`calibration`] is the
+//! activation data passes take.
 
 pub mod allocate;
 pub mod calibration;
