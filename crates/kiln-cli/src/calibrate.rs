@@ -2,7 +2,6 @@
 //! statistics passes take ([`kiln_passes::calibration`]).
 
 use crate::tensors;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_interp::{Interpreter, Value};
 use kiln_ir::{Graph, NodeId, Op};
 use kiln_passes::calibration::{Calibration, Gram};
@@ -13,16 +12,22 @@ use std::path::Path;
 /// Sequences per interpreter run.
 const BATCH: usize = 4;
 
-/// Runs the inputs in `path` (tensors named like the model's inputs, one sequence per row
-/// of their first dimension) through `graph` and returns `x^T x` of every linear's input.
-/// Positions whose `attention_mask` is 0 (padding) are left out.
-pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
+/// The calibration inputs in `path`: tensors named like the model's inputs, one sequence
+/// per row of their first dimension.
+pub fn read_inputs(graph: &Graph, path: &Path) -> Result<HashMap<String, Value>> {
     let file = tensors::read(path)?;
     let inputs = tensors::inputs_from(&file, path, graph)?;
     let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
     if rows == 0 || inputs.values().any(|v| v.shape().first() != Some(&rows)) {
         return Err(miette!("the calibration inputs in {} must share a nonzero first dimension", path.display()));
     }
+    Ok(inputs)
+}
+
+/// Runs `inputs` ([`read_inputs`]) through `graph` and returns `x^T x` of every linear's
+/// input. Positions whose `attention_mask` is 0 (padding) are left out.
+pub fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Calibration> {
+    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
     // Linear inputs by width (what their Gram matrices are indexed by).
     let mut widths: HashMap<NodeId, usize> = HashMap::new();
     for n in graph.node_ids() {
@@ -34,11 +39,7 @@ pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
         }
     }
     let interp = Interpreter::new(graph).into_diagnostic()?;
-    let bar = ProgressBar::new(rows as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} sequences, {elapsed} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::progress::bar(rows as u64, "sequences");
     bar.set_message("calibrating");
     let mut calibration = Calibration::default();
     for start in (0..rows).step_by(BATCH) {
@@ -60,7 +61,7 @@ pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
                 }
             })
             .into_diagnostic()
-            .wrap_err_with(|| format!("cannot run calibration rows {start}..{end} of {}", path.display()))?;
+            .wrap_err_with(|| format!("cannot run calibration rows {start}..{end}"))?;
         if let Some(id) = failed {
             return Err(miette!(
                 "calibration: the input of a linear ({}) does not match the mask",
@@ -76,15 +77,13 @@ pub fn calibrate(graph: &Graph, path: &Path) -> Result<Calibration> {
 /// Sequences the quantize pass's probe runs (each probe is one forward pass over them).
 const PROBE_TOKENS: usize = 256;
 
-/// The first rows of the calibration inputs in `path`, about [`PROBE_TOKENS`] tokens: what
-/// probes run changed models on.
-pub fn probe_inputs(graph: &Graph, path: &Path) -> Result<HashMap<String, Value>> {
-    let file = tensors::read(path)?;
-    let inputs = tensors::inputs_from(&file, path, graph)?;
+/// The first rows of the calibration inputs, about [`PROBE_TOKENS`] tokens: what probes
+/// run changed models on.
+pub fn probe_inputs(inputs: &HashMap<String, Value>) -> HashMap<String, Value> {
     let shape = inputs.values().next().map(|v| v.shape().to_vec()).unwrap_or_default();
     let (rows, seq) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1).max(1));
     let take = (PROBE_TOKENS / seq).clamp(1, rows.max(1));
-    Ok(inputs.iter().map(|(k, v)| (k.clone(), v.rows(0, take.min(rows)))).collect())
+    inputs.iter().map(|(k, v)| (k.clone(), v.rows(0, take.min(rows)))).collect()
 }
 
 /// How far `got` moved from `want` (outputs by name): for `logits`, the mean KL divergence

@@ -3,7 +3,6 @@
 use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use crate::tensors;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_interp::Value;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde_json::{Map, json};
@@ -82,11 +81,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             ));
         }
     }
-    let bar = ProgressBar::new(rows as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rows, {elapsed} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::progress::bar(rows as u64, "rows");
     bar.set_message("eval");
     let mut m = Metrics::default();
     let batch = args.batch.max(1);

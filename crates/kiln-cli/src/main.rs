@@ -8,6 +8,7 @@ mod generate;
 mod gguf_tokenizer;
 mod load;
 mod passes;
+mod progress;
 mod report;
 mod run;
 mod runner;

@@ -2,7 +2,6 @@
 //! the pass reports as JSON (stored in artifacts under `kiln.passes`, read by `kiln report`).
 
 use crate::calibrate;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_ir::Graph;
 use kiln_passes::pipeline::{self, Context, PassReport};
 use kiln_passes::quantize::{Choice, QuantizeReport};
@@ -58,19 +57,17 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
         let choice: Choice = format.trim().parse().map_err(|e: String| miette!("--override `{o}`: {e}"))?;
         overrides.push((pattern.trim().to_string(), choice));
     }
-    let calibration = args.calib.as_deref().map(|p| calibrate::calibrate(graph, p)).transpose()?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} layers, {elapsed}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    // The calibration file is read once: all of it calibrates, its first rows probe.
+    let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
+    let calibration = calib_inputs.as_ref().map(|i| calibrate::calibrate(graph, i)).transpose()?;
+    let bar = crate::progress::bar(0, "steps");
     let progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(what.to_string());
     };
     // Probes run changed copies of the model under the JIT on the first calibration rows.
-    let probe_inputs = args.calib.as_deref().map(|p| calibrate::probe_inputs(graph, p)).transpose()?;
+    let probe_inputs = calib_inputs.as_ref().map(calibrate::probe_inputs);
     let run = |g: &Graph, inputs: &std::collections::HashMap<String, kiln_interp::Value>| {
         let engine = kiln_jit::Engine::new(g, 2).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())

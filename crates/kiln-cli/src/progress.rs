@@ -1,0 +1,10 @@
+//! The one progress-bar style of the CLI (work that takes seconds shows a bar on stderr).
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A bar over `len` units named `unit` ("rows", "layers"), with elapsed time and an ETA.
+pub fn bar(len: u64, unit: &str) -> ProgressBar {
+    let template = format!("{{msg:32}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{elapsed}} (eta {{eta}})");
+    ProgressBar::new(len)
+        .with_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "))
+}
