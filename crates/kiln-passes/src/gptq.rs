@@ -107,11 +107,14 @@ pub struct GptqOptions {
     pub block: usize,
     /// Quantize columns by decreasing `H_ii`, with scales fitted up front (false).
     pub act_order: bool,
+    /// Fit each group's scales by [`crate::clip::fit`]'s search, weighting columns by
+    /// `H_ii`, instead of round-to-nearest's range (false).
+    pub clip: bool,
 }
 
 impl Default for GptqOptions {
     fn default() -> Self {
-        GptqOptions { damp: 0.01, block: 128, act_order: false }
+        GptqOptions { damp: 0.01, block: 128, act_order: false, clip: false }
     }
 }
 
@@ -247,7 +250,18 @@ fn run(
     .min(k);
 
     let group_of: Vec<u32> = perm.iter().map(|&c| (c / g) as u32).collect();
-    let sweep = Sweep { f, k, block, act_order: opts.act_order, dead: &dead, perm: &perm, group_of: &group_of, m: &m };
+    let importance: Vec<f32> = if opts.clip { (0..k).map(|i| h[i * k + i] as f32).collect() } else { Vec::new() };
+    let sweep = Sweep {
+        f,
+        k,
+        block,
+        act_order: opts.act_order,
+        dead: &dead,
+        perm: &perm,
+        group_of: &group_of,
+        m: &m,
+        importance: &importance,
+    };
     // Chunks of rows: a few per thread to balance the load, big enough for the products.
     let rows = n.div_ceil(4 * rayon::current_num_threads()).clamp(16, 128);
     let parts: Vec<Part> = w.par_chunks(rows * k).map(|wc| sweep.rows(wc, keep_values)).collect();
@@ -336,6 +350,9 @@ struct Sweep<'a> {
     group_of: &'a [u32],
     /// The factor `M` of the damped, permuted `H` (see the module doc).
     m: &'a [f32],
+    /// `H_ii` in natural order when scales are searched ([`GptqOptions::clip`]); empty
+    /// for round-to-nearest's scales.
+    importance: &'a [f32],
 }
 
 /// The result of a chunk of rows.
@@ -363,6 +380,15 @@ impl Sweep<'_> {
         let dt = MatRef::from_column_major_slice_with_stride(delta, f2 - f1, rows, self.block);
         matmul(dst, Accum::Add, mt, dt, 1.0f32, Par::Seq);
         clear_upper_ymm();
+    }
+
+    /// The scales of one group, whose first column is `start` (natural order).
+    fn fit(&self, group: &[f32], start: usize) -> BlockScales {
+        if self.importance.is_empty() {
+            self.f.fit(group)
+        } else {
+            crate::clip::fit(self.f, group, &self.importance[start..start + group.len()])
+        }
     }
 
     /// Quantizes the rows `w` (natural order), returning their stored bytes.
@@ -398,7 +424,7 @@ impl Sweep<'_> {
             }
             if self.act_order {
                 for (j, group) in natural.chunks_exact(g).enumerate() {
-                    scales[r * groups + j] = f.fit(group);
+                    scales[r * groups + j] = self.fit(group, j * g);
                     tabulate(&mut tables, r * groups + j, scales[r * groups + j]);
                 }
             }
@@ -439,7 +465,7 @@ impl Sweep<'_> {
                         for (y, &o) in y.iter_mut().zip(&orig[s1..s1 + g]) {
                             *y += o;
                         }
-                        scales[r * groups + s1 / g] = f.fit(y);
+                        scales[r * groups + s1 / g] = self.fit(y, s1);
                         tabulate(&mut tables, r * groups + s1 / g, scales[r * groups + s1 / g]);
                     }
                     let scales = &scales[r * groups..(r + 1) * groups];

@@ -11,6 +11,7 @@
 
 pub mod allocate;
 pub mod calibration;
+pub mod clip;
 pub mod gptq;
 pub mod last_position;
 pub mod pipeline;

@@ -32,7 +32,9 @@
 //! ([`crate::gptq`]) spreads each column's rounding error over the columns not yet
 //! quantized, using the layer input's `H`. A weight read by a linear (the tied head too) is
 //! GPTQ'd against that linear's input; a table read only by gathers has no `H` and is
-//! rounded.
+//! rounded. With `clip` (the pipeline's default), both methods take each group's scales
+//! from [`crate::clip::fit`]'s search, weighted by `H_ii`, instead of the group's full
+//! range; the search's errors are measured the same way.
 //!
 //! The pass replaces the weights' bytes in the tensor store and the formats in their
 //! `weight` nodes; the graph's structure does not change.
@@ -283,7 +285,8 @@ pub fn quantize(
                 layers.iter().zip(&fixed).map(|(l, f)| resolve(f.unwrap_or(choice), l, &mut notes)).collect();
             if calibration.is_some() {
                 let tokens = calibration.map_or(0, |c| c.tokens);
-                sensitivities = layers.par_iter().zip(&formats).map(|(l, &f)| errors(l, f, tokens).1).collect();
+                sensitivities =
+                    layers.par_iter().zip(&formats).map(|(l, &f)| errors(l, f, tokens, options.gptq.clip).1).collect();
             }
             formats
         }
@@ -312,7 +315,7 @@ pub fn quantize(
                         .map(|c| {
                             let f = c.resolve(layer.k, layer.format)?;
                             let bytes = f.byte_len(layer.n * layer.k).ok()?;
-                            let (absolute, relative) = errors(layer, f, tokens);
+                            let (absolute, relative) = errors(layer, f, tokens, options.gptq.clip);
                             Some((f, bytes * 8, absolute, relative))
                         })
                         .collect()
@@ -321,7 +324,7 @@ pub fn quantize(
             // With a probe: each kind's measured end-to-end curve, shared out among its
             // layers by their absolute errors; without: each layer's relative error.
             let curves = match probe {
-                Some(p) => Some(kind_curves(graph, &layers, &measured, p, progress).map_err(fail)?),
+                Some(p) => Some(kind_curves(graph, &layers, &measured, p, options.gptq.clip, progress).map_err(fail)?),
                 None => None,
             };
             let options_per_layer: Vec<Vec<(Format, u64, f64)>> = layers
@@ -477,8 +480,8 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
 /// The output error of `layer` stored as `format` by rounding, on the calibration data:
 /// `(absolute, relative)`, the relative one divided by the output's energy (see the module
 /// doc). Gathered tables count `|dE|^2` per calibration token.
-fn errors(layer: &Layer, format: Format, tokens: u64) -> (f64, f64) {
-    let Ok(q) = encode_rtn(&layer.values, format).and_then(|b| format.dequantize(&b, layer.n * layer.k)) else {
+fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool) -> (f64, f64) {
+    let Ok(q) = round(layer, format, clip).and_then(|b| format.dequantize(&b, layer.n * layer.k)) else {
         return (f64::INFINITY, f64::INFINITY);
     };
     let k = layer.k as usize;
@@ -567,6 +570,7 @@ fn kind_curves(
     layers: &[Layer],
     measured: &[Vec<Option<Measured>>],
     probe: &Probe<'_>,
+    clip: bool,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<KindCurves, String> {
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
@@ -595,7 +599,7 @@ fn kind_curves(
             let mut g = graph.clone();
             for (l, layer) in layers.iter().enumerate().filter(|(l, _)| kind[*l] == k) {
                 let Some((f, ..)) = measured[l][c] else { continue };
-                let bytes = encode_rtn(&layer.values, f).map_err(|e| e.to_string())?;
+                let bytes = round(layer, f, clip).map_err(|e| e.to_string())?;
                 set_weight(&mut g, layer, f, bytes).map_err(|e| format!("{}: {e}", layer.scope))?;
             }
             let moved = probe(&g)?;
@@ -633,6 +637,19 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
     })
 }
 
+/// The stored bytes of the layer in `format` by rounding to nearest, with searched scales
+/// (weighted by the diagonal of its input's `H`, if any) when `clip` is set.
+fn round(layer: &Layer, format: Format, clip: bool) -> Result<Vec<u8>, kiln_ir::FormatError> {
+    match format {
+        Format::Int(f) if clip => {
+            let importance: Vec<f32> =
+                layer.gram.as_ref().map_or(Vec::new(), |g| g.diagonal().iter().map(|&h| h as f32).collect());
+            Ok(crate::clip::quantize(f, &layer.values, &importance))
+        }
+        _ => encode_rtn(&layer.values, format),
+    }
+}
+
 /// Rows of a layer its reported error is measured on (evenly spaced).
 const ERROR_ROWS: usize = 256;
 
@@ -650,7 +667,7 @@ fn encode(layer: &Layer, format: Format, method: Method, opts: &GptqOptions) -> 
         (Format::Int(f), Method::Gptq, Some(g)) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
-        _ => encode_rtn(&layer.values, format).map_err(|e| e.to_string())?,
+        _ => round(layer, format, opts.clip).map_err(|e| e.to_string())?,
     };
     let error = match &layer.gram {
         Some(g) => {
