@@ -252,10 +252,11 @@ fn quantized_graphs_run_compiled_as_they_interpret() {
     assert!(relative_error(jit, &interp) < 1e-5);
 }
 
-/// With a probe, the search measures each kind of layer end to end: one probe run per kind
-/// (here `embd`, `blk.*.up`, `blk.*.down`) at each probe format, and the budget still holds.
+/// With a probe, the search measures each kind of layer end to end at the uniform format
+/// (one run per kind: `embd`, `blk.*.up`, `blk.*.down`), then checks its mix against that
+/// uniform format (two more runs) and keeps whichever moved the outputs less.
 #[test]
-fn a_probe_measures_each_kind_of_layer_at_each_probe_format() {
+fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
     let base = model();
     let calib = calibrate(&base);
     let want = logits(&base);
@@ -272,7 +273,14 @@ fn a_probe_measures_each_kind_of_layer_at_each_probe_format() {
     };
     let mut g = model();
     let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
-    assert_eq!(calls.get(), 3 * 3, "3 kinds at 3 probe formats");
+    assert_eq!(calls.get(), 3 + 2, "3 kinds, then the mix and the uniform format: {report:?}");
     assert!(report.bits_per_weight() <= 4.5);
     assert!(report.layers.iter().all(|l| l.sensitivity > 0.0), "{report:?}");
+    assert!(report.notes.iter().any(|n| n.contains("int4g64")), "{:?}", report.notes);
+
+    // int4g64 is the uniform format within the budget (see the test above).
+    let mut uniform = model();
+    run_pass(&mut uniform, Target::Format("int4g64".parse().unwrap()), Method::Rtn, &[], None);
+    let (mixed, flat) = (relative_error(&logits(&g), &want), relative_error(&logits(&uniform), &want));
+    assert!(mixed <= flat, "the search's result {mixed} vs int4g64 everywhere {flat}");
 }

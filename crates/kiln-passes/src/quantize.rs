@@ -1,32 +1,43 @@
 //! `quantize`: stores the model's matrices in lower-precision formats.
 //!
-//! **Layers.** Every rank-2 weight that a `linear` reads as its weight or a `gather` reads as
-//! its table (embeddings, and a tied output head that is both) is one layer; other weights
+//! **Layers.** Every rank-2 weight that a `linear` reads as its weight, or that a `gather`
+//! or a `slice` along rows reads as a table (embeddings, position tables, and a tied
+//! output head that is both), is one layer; other weights
 //! (norms, biases) stay as they are. A layer is named by its weight node's scope
 //! (`blk.0.attn_q`), which is what `--override` patterns match.
 //!
 //! **Formats.** A [`Choice`] per layer: `f32` (keep), `f16`, `bf16`, `int8` (one scale per
 //! output channel: `int8g<K>`), or an [`IntFormat`] such as `int4g64a`. A group that does not
 //! divide a layer's rows falls back to the largest multiple of 32 below it that does
-//! (`int4g128` on 576-wide rows becomes `int4g64`), and the report shows the format used.
+//! (`int4g128` on 576-wide rows becomes `int4g96`), and the report shows the format used.
 //!
 //! **Targets.** Either one format for every layer (`quantize(format=int4g64a)`), or a budget
 //! (`quantize(bits=4.5)`): the average storage bits per parameter over *all* of the model's
 //! parameters (scales, offsets and unquantized weights included) may not exceed it. Each
 //! layer then gets the format that minimizes the summed sensitivity under that budget,
-//! solved exactly by [`crate::allocate`]. A layer's sensitivity at a format starts from its
-//! output error on the calibration data under round-to-nearest, `sum_j H_jj |dW_:j|^2` with
-//! `H = sum x x^T` of its input (the diagonal of the exact `trace(dW H dW^T)`: cheap enough
-//! for every candidate of every layer); an embedding table read only by a gather counts
-//! `|dE|^2` per row times the calibration tokens per row. With a [`Probe`] (the CLI's: KL
-//! divergence of next-token distributions, or 1 - cosine of embeddings, on a few
-//! calibration rows), each *kind* of layer (`blk.*.ffn_down`) is measured end to end at
-//! [`PROBE_FORMATS`], and a layer's sensitivity is its kind's interpolated distortion shared
-//! out in proportion to its error; without one, it is the layer's error relative to its
-//! output energy. Formats more than [`MAX_BITS_BELOW`] bits per weight below the budget
-//! (or below 8, for budgets above 8) are not searched: far from the probed formats,
-//! per-layer errors stop adding up. A layer no candidate fits stays as it is.
-//! Overrides are fixed before the search and always honored.
+//! solved exactly by [`crate::allocate`] ([`Search`]):
+//!
+//! 1. Every candidate ([`CANDIDATES`], within [`BAND`] bits per weight of the budget;
+//!    for budgets from 8 bits, anything from 7.5 up) is measured on every layer by rounding: its output
+//!    error on the calibration data, `sum_j H_jj |dW_:j|^2` with `H = sum x x^T` of its input
+//!    (the diagonal of the exact `trace(dW H dW^T)`: cheap enough for every candidate);
+//!    a table read by rows (an embedding) counts `|dE|^2` per row times the calibration
+//!    tokens per row.
+//! 2. The *uniform* choice is the candidate that, everywhere, spends the most of the budget.
+//!    Every layer is quantized to it by the pass's method; how much the method lowers each
+//!    layer's error there (GPTQ: by a factor that differs from layer to layer) scales that
+//!    layer's rounding errors at the other candidates.
+//! 3. With a [`Probe`] (the CLI's: KL divergence of next-token distributions, or
+//!    1 - cosine of embeddings, on a few calibration rows), each *kind* of layer
+//!    (`blk.*.ffn_down`) is lowered alone to the uniform format and measured end to end,
+//!    which converts its layers' errors into distortion of the output. Without one, a
+//!    layer's sensitivity is its error relative to its output's energy.
+//! 4. After the allocation, the layers that moved are quantized, and with a probe the mix is
+//!    measured against the uniform choice end to end: the better of the two is kept, and a
+//!    note says which and by how much.
+//!
+//! Overrides are fixed before the search and always honored. A layer no candidate fits
+//! stays as it is.
 //!
 //! **Methods.** `rtn` rounds each group to nearest ([`IntFormat::quantize`]); `gptq`
 //! ([`crate::gptq`]) spreads each column's rounding error over the columns not yet
@@ -42,6 +53,7 @@
 use crate::PassError;
 use crate::allocate::{self, Choice as Candidate, Layer as Knapsack};
 use crate::calibration::{Calibration, Gram};
+use crate::clip::Grid;
 use crate::gptq::{self, GptqOptions};
 use half::{bf16, f16};
 use kiln_ir::{Bytes, Format, Graph, IntFormat, NodeId, Op, TensorData};
@@ -157,9 +169,11 @@ pub const CANDIDATES: &[&str] = &[
 /// absolute and relative output errors of rounding to it.
 type Measured = (Format, u64, f64, f64);
 
-/// How far below the budget (bits per weight, counted from at most 8) a layer's format may
-/// go in the search.
-pub const MAX_BITS_BELOW: f64 = 1.25;
+/// How far below or above the budget (bits per weight; budgets from 8 bits search
+/// everything from 7.5 up) a layer's format may go in the search: far from the uniform format the search starts from,
+/// per-layer errors stop adding up (a model with many 2-bit layers is not the sum of
+/// models with one), and measured on SmolLM2 a band of 1.25 lost to one of 0.5.
+pub const BAND: f64 = 0.5;
 
 /// One layer as the pass left it.
 #[derive(Clone, Debug, PartialEq)]
@@ -279,6 +293,8 @@ pub fn quantize(
     };
 
     let mut sensitivities = vec![0.0; layers.len()];
+    // Layers already encoded by the search, by index.
+    let mut encoded: Vec<Option<Encoded>> = vec![None; layers.len()];
     let formats: Vec<Format> = match options.target {
         Target::Format(choice) => {
             let formats: Vec<Format> =
@@ -296,100 +312,34 @@ pub fn quantize(
                     "quantize(bits=...) measures each layer's sensitivity on calibration data: pass --calib".into(),
                 ));
             };
-            let tokens = calibration.tokens;
             let total_params = other_params + layers.iter().map(|l| l.n * l.k).sum::<u64>();
             let budget = (bits * total_params as f64).floor() as u64;
             let Some(budget) = budget.checked_sub(other_bytes * 8) else {
                 return Err(fail(format!("{bits} bits per weight leave nothing for the matrices")));
             };
-            let candidates: Vec<Choice> = CANDIDATES.iter().map(|c| c.parse().expect("valid candidates")).collect();
-            let budget_bits = bits;
-            progress(0, layers.len(), "measuring sensitivities");
-            // Per layer and candidate: the format, its bits, and the absolute and relative
-            // output errors of rounding to it.
-            let measured: Vec<Vec<Option<Measured>>> = layers
-                .par_iter()
-                .map(|layer| {
-                    candidates
-                        .iter()
-                        .map(|c| {
-                            let f = c.resolve(layer.k, layer.format)?;
-                            let bytes = f.byte_len(layer.n * layer.k).ok()?;
-                            let (absolute, relative) = errors(layer, f, tokens, options.gptq.clip);
-                            Some((f, bytes * 8, absolute, relative))
-                        })
-                        .collect()
-                })
-                .collect();
-            // With a probe: each kind's measured end-to-end curve, shared out among its
-            // layers by their absolute errors; without: each layer's relative error.
-            let curves = match probe {
-                Some(p) => Some(kind_curves(graph, &layers, &measured, p, options.gptq.clip, progress).map_err(fail)?),
-                None => None,
-            };
-            let options_per_layer: Vec<Vec<(Format, u64, f64)>> = layers
-                .iter()
-                .enumerate()
-                .map(|(l, layer)| -> Result<Vec<(Format, u64, f64)>, PassError> {
-                    if let Some(c) = fixed[l] {
-                        let f = c.resolve(layer.k, layer.format).unwrap_or(layer.format);
-                        let bytes = f.byte_len(layer.n * layer.k).map_err(|e| fail(e.to_string()))?;
-                        return Ok(vec![(f, bytes * 8, 0.0)]);
-                    }
-                    let mut opts: Vec<(Format, u64, f64)> = Vec::new();
-                    for (c, m) in measured[l].iter().enumerate() {
-                        let Some((f, bits, absolute, relative)) = *m else { continue };
-                        // Far below the budget, errors stop adding up (a model with many
-                        // 2-bit layers is not the sum of models with one): not searched.
-                        if opts.iter().any(|o| o.0 == f) || f.bits_per_weight() < budget_bits.min(8.0) - MAX_BITS_BELOW
-                        {
-                            continue;
-                        }
-                        let sensitivity = match &curves {
-                            Some(k) => k.layer_share(l, c, absolute),
-                            None => relative,
-                        };
-                        opts.push((f, bits, sensitivity));
-                    }
-                    if opts.is_empty() {
-                        // No candidate fits its rows: it stays as it is.
-                        let bytes = layer.format.byte_len(layer.n * layer.k).map_err(|e| fail(e.to_string()))?;
-                        opts.push((layer.format, bytes * 8, 0.0));
-                    }
-                    Ok(opts)
-                })
-                .collect::<Result<_, _>>()?;
-            let knapsack: Vec<Knapsack> = options_per_layer
-                .iter()
-                .zip(&fixed)
-                .map(|(opts, fixed)| Knapsack {
-                    choices: opts.iter().map(|&(_, bits, sensitivity)| Candidate { bits, sensitivity }).collect(),
-                    fixed: fixed.map(|_| 0),
-                })
-                .collect();
-            let picked = allocate::allocate(&knapsack, budget).map_err(|e| fail(format!("bits={bits}: {e}")))?;
-            picked
-                .picks
-                .iter()
-                .zip(&options_per_layer)
-                .enumerate()
-                .map(|(l, (&p, opts))| {
-                    sensitivities[l] = opts[p].2;
-                    opts[p].0
-                })
-                .collect()
+            let search = Search { layers: &layers, fixed: &fixed, options, tokens: calibration.tokens, progress };
+            let found = search.run(graph, bits, budget, probe).map_err(fail)?;
+            notes.extend(found.notes);
+            sensitivities = found.sensitivities;
+            encoded = found.encoded;
+            found.formats
         }
     };
 
-    // Quantize, largest layers first so that the threads finish together.
+    // Quantize what the search has not, largest layers first so that the threads finish
+    // together.
     let total = layers.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let method = options.method;
     let results: Vec<Result<Option<Encoded>, String>> = layers
         .par_iter()
         .zip(&formats)
-        .map(|(layer, &format)| {
-            let r = encode(layer, format, method, &options.gptq);
+        .zip(encoded)
+        .map(|((layer, &format), encoded)| {
+            let r = match encoded {
+                Some(e) => Ok(Some(e)),
+                None => encode(layer, format, method, &options.gptq),
+            };
             let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress(d, total, &layer.scope);
             r
@@ -432,7 +382,9 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
         let node = graph.node(id);
         let (table, x) = match node.op {
             Op::Linear => (graph.operands(id)[1], Some(graph.operands(id)[0])),
-            Op::Gather => (graph.operands(id)[0], None),
+            // A table read by rows: an embedding, or a position table sliced to the
+            // sequence.
+            Op::Gather | Op::Slice { axis: 0, .. } => (graph.operands(id)[0], None),
             _ => continue,
         };
         let Op::Weight(w) = &graph.node(table).op else { continue };
@@ -481,7 +433,9 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
 /// `(absolute, relative)`, the relative one divided by the output's energy (see the module
 /// doc). Gathered tables count `|dE|^2` per calibration token.
 fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool) -> (f64, f64) {
-    let Ok(q) = round(layer, format, clip).and_then(|b| format.dequantize(&b, layer.n * layer.k)) else {
+    let Ok(q) =
+        round(layer, format, clip.then_some(Grid::Coarse)).and_then(|b| format.dequantize(&b, layer.n * layer.k))
+    else {
         return (f64::INFINITY, f64::INFINITY);
     };
     let k = layer.k as usize;
@@ -515,101 +469,213 @@ fn kind_of(scope: &str) -> String {
     parts.join(".")
 }
 
-/// The formats every kind of layer is probed at (all its layers rounded to one of them).
-const PROBE_FORMATS: &[&str] = &["int3g64a", "int4g64a", "int4g32a"];
-
-/// Measured end-to-end effect of each kind of layer: for each kind, points `(A, D)` where
-/// `A` is the kind's summed absolute layer error at a probed format and `D` how far the
-/// model's outputs moved with the whole kind at that format.
-struct KindCurves {
-    /// Kind of each layer.
-    kind: Vec<usize>,
-    /// Per kind: `(ln A, ln D)`, sorted by `A`.
-    points: Vec<Vec<(f64, f64)>>,
-    /// Per kind and candidate: `A` at that candidate.
-    totals: Vec<Vec<f64>>,
+/// The budgeted search (`bits=B`): see the module documentation.
+struct Search<'a> {
+    layers: &'a [Layer],
+    fixed: &'a [Option<Choice>],
+    options: &'a QuantizeOptions,
+    tokens: u64,
+    progress: &'a (dyn Fn(usize, usize, &str) + Sync),
 }
 
-impl KindCurves {
-    /// The part of its kind's interpolated distortion at candidate `c` that layer `l`
-    /// causes, in proportion to its absolute error.
-    fn layer_share(&self, l: usize, c: usize, absolute: f64) -> f64 {
-        let kind = self.kind[l];
-        let total = self.totals[kind][c];
-        if total <= 0.0 || absolute <= 0.0 {
-            return 0.0;
-        }
-        interpolate(&self.points[kind], total.ln()).exp() * absolute / total
-    }
+/// What the search decided, with the layers it already encoded.
+struct Found {
+    formats: Vec<Format>,
+    sensitivities: Vec<f64>,
+    encoded: Vec<Option<Encoded>>,
+    notes: Vec<String>,
 }
 
-/// Piecewise-linear interpolation of sorted points, extrapolated with the end segments'
-/// slopes (at least 1: distortion grows at least in proportion to the error).
-fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
-    match points {
-        [] => f64::NEG_INFINITY,
-        [(x0, y0)] => y0 + (x - x0),
-        _ => {
-            let i = points.partition_point(|p| p.0 < x).clamp(1, points.len() - 1);
-            let ((x0, y0), (x1, y1)) = (points[i - 1], points[i]);
-            let slope = if x1 > x0 { (y1 - y0) / (x1 - x0) } else { 1.0 };
-            if x > x1 {
-                y1 + slope.max(1.0) * (x - x1)
-            } else if x < x0 {
-                y0 + slope.max(1.0) * (x - x0)
-            } else {
-                y0 + slope * (x - x0)
+impl Search<'_> {
+    fn run(&self, graph: &Graph, bits: f64, budget: u64, probe: Option<&Probe<'_>>) -> Result<Found, String> {
+        let (layers, clip, method) = (self.layers, self.options.gptq.clip, self.options.method);
+        let candidates: Vec<Choice> = CANDIDATES.iter().map(|c| c.parse().expect("valid candidates")).collect();
+        let floor = bits.min(8.0) - BAND;
+        let ceiling = if bits >= 8.0 { f64::INFINITY } else { bits + BAND };
+
+        // 1. Each free layer's distinct candidate formats near the budget, rounded.
+        (self.progress)(0, layers.len(), "measuring rounding errors");
+        let measured: Vec<Vec<Measured>> = layers
+            .par_iter()
+            .zip(self.fixed)
+            .map(|(layer, fixed)| {
+                let mut out: Vec<Measured> = Vec::new();
+                if fixed.is_some() {
+                    return out;
+                }
+                for c in &candidates {
+                    let Some(f) = c.resolve(layer.k, layer.format) else { continue };
+                    let b = f.bits_per_weight();
+                    if b < floor || b > ceiling || out.iter().any(|m| m.0 == f) {
+                        continue;
+                    }
+                    let Ok(bytes) = f.byte_len(layer.n * layer.k) else { continue };
+                    let (absolute, relative) = errors(layer, f, self.tokens, clip);
+                    out.push((f, bytes * 8, absolute, relative));
+                }
+                out
+            })
+            .collect();
+
+        // 2. The uniform choice: the candidate that spends the most of the budget (the
+        // smaller rounding error breaks ties), with overrides at their formats.
+        let base_of = |c: Choice| -> Vec<Format> {
+            layers
+                .iter()
+                .zip(self.fixed)
+                .map(|(layer, fixed)| fixed.unwrap_or(c).resolve(layer.k, layer.format).unwrap_or(layer.format))
+                .collect()
+        };
+        let cost = |formats: &[Format]| -> (u64, f64) {
+            let mut total = (0u64, 0.0f64);
+            for ((layer, f), m) in layers.iter().zip(formats).zip(&measured) {
+                total.0 += f.byte_len(layer.n * layer.k).map_or(u64::MAX / 4, |b| b * 8);
+                total.1 += m.iter().find(|m| m.0 == *f).map_or(0.0, |m| m.3);
             }
-        }
-    }
-}
+            total
+        };
+        let uniform = candidates
+            .iter()
+            .map(|&c| (c, cost(&base_of(c))))
+            .filter(|(_, (b, _))| *b <= budget)
+            .max_by(|(_, (b1, e1)), (_, (b2, e2))| b1.cmp(b2).then(e2.total_cmp(e1)))
+            .map(|(c, _)| c)
+            .ok_or_else(|| format!("bits={bits}: even the smallest candidate format everywhere exceeds the budget"))?;
+        let base = base_of(uniform);
 
-/// Probes every kind of layer (scope with block indices as `*`) at [`PROBE_FORMATS`].
-fn kind_curves(
-    graph: &Graph,
-    layers: &[Layer],
-    measured: &[Vec<Option<Measured>>],
-    probe: &Probe<'_>,
-    clip: bool,
-    progress: &(dyn Fn(usize, usize, &str) + Sync),
-) -> Result<KindCurves, String> {
-    let mut names: BTreeMap<String, usize> = BTreeMap::new();
-    let kind: Vec<usize> = layers
-        .iter()
-        .map(|layer| {
-            let n = names.len();
-            *names.entry(kind_of(&layer.scope)).or_insert(n)
-        })
-        .collect();
-    let kinds = names.len();
-    let mut totals = vec![vec![0.0; CANDIDATES.len()]; kinds];
-    for (l, m) in measured.iter().enumerate() {
-        for (c, entry) in m.iter().enumerate() {
-            if let Some((_, _, absolute, _)) = entry {
-                totals[kind[l]][c] += absolute;
-            }
-        }
-    }
-    let mut points = vec![Vec::new(); kinds];
-    let runs = kinds * PROBE_FORMATS.len();
-    for (name, &k) in &names {
-        for (i, p) in PROBE_FORMATS.iter().enumerate() {
-            progress(k * PROBE_FORMATS.len() + i, runs, &format!("probing {name} at {p}"));
-            let c = CANDIDATES.iter().position(|c| c == p).expect("probe formats are candidates");
+        // 3. Every layer at the uniform format by the pass's method.
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let encode_all = |formats: &[Format], skip: &[bool], what: &str| -> Result<Vec<Option<Encoded>>, String> {
+            let todo = skip.iter().filter(|s| !**s).count();
+            layers
+                .par_iter()
+                .zip(formats)
+                .zip(skip)
+                .map(|((layer, &f), &skip)| {
+                    if skip {
+                        return Ok(None);
+                    }
+                    let r = encode(layer, f, method, &self.options.gptq).map_err(|e| format!("{}: {e}", layer.scope));
+                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    (self.progress)(d, todo, &format!("{what} {}", layer.scope));
+                    r
+                })
+                .collect()
+        };
+        let at_base = encode_all(&base, &vec![false; layers.len()], &format!("{uniform} everywhere:"))?;
+        done.store(0, std::sync::atomic::Ordering::Relaxed);
+        let with = |formats: &[Format], encoded: &[Option<Encoded>], only: &dyn Fn(usize) -> bool| {
             let mut g = graph.clone();
-            for (l, layer) in layers.iter().enumerate().filter(|(l, _)| kind[*l] == k) {
-                let Some((f, ..)) = measured[l][c] else { continue };
-                let bytes = round(layer, f, clip).map_err(|e| e.to_string())?;
-                set_weight(&mut g, layer, f, bytes).map_err(|e| format!("{}: {e}", layer.scope))?;
+            for (l, layer) in layers.iter().enumerate().filter(|(l, _)| only(*l)) {
+                if let Some((bytes, _)) = &encoded[l] {
+                    set_weight(&mut g, layer, formats[l], bytes.clone())
+                        .map_err(|e| format!("{}: {e}", layer.scope))?;
+                }
             }
-            let moved = probe(&g)?;
-            if totals[k][c] > 0.0 {
-                points[k].push((totals[k][c].ln(), moved.max(1e-12).ln()));
+            Ok::<Graph, String>(g)
+        };
+
+        // 4. How much the method changes each layer's error at the uniform format (GPTQ
+        // lowers it, by a factor that differs from layer to layer): the rounding errors of
+        // the other candidates are scaled by it.
+        let ratio: Vec<f64> = (0..layers.len())
+            .map(|l| {
+                let rounded = measured[l].iter().find(|m| m.0 == base[l]).map_or(0.0, |m| m.3);
+                match at_base[l].as_ref().and_then(|e| e.1) {
+                    Some(after) if rounded > 0.0 && after > 0.0 => after / rounded,
+                    _ => 1.0,
+                }
+            })
+            .collect();
+
+        // 5. Each kind's end-to-end effect at the uniform format, per unit of its layers'
+        // error (with a probe), or each layer's error relative to its output (without).
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let kind: Vec<usize> = layers
+            .iter()
+            .map(|layer| {
+                let n = names.len();
+                *names.entry(kind_of(&layer.scope)).or_insert(n)
+            })
+            .collect();
+        let gain: Option<Vec<f64>> = match probe {
+            Some(probe) => {
+                let mut gain = vec![0.0; names.len()];
+                for (i, (name, &k)) in names.iter().enumerate() {
+                    (self.progress)(i, names.len(), &format!("probing {name} at {uniform}"));
+                    let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?)?;
+                    let error: f64 = (0..layers.len())
+                        .filter(|&l| kind[l] == k)
+                        .filter_map(|l| measured[l].iter().find(|m| m.0 == base[l]).map(|m| ratio[l] * m.2))
+                        .sum();
+                    gain[k] = if error > 0.0 { moved.max(0.0) / error } else { 0.0 };
+                }
+                Some(gain)
+            }
+            None => None,
+        };
+        let sensitivity = |l: usize, m: &Measured| match &gain {
+            Some(gain) => gain[kind[l]] * ratio[l] * m.2,
+            None => ratio[l] * m.3,
+        };
+
+        // 6. The allocation.
+        let options: Vec<Vec<(Format, u64, f64)>> = (0..layers.len())
+            .map(|l| {
+                let mut opts: Vec<(Format, u64, f64)> =
+                    measured[l].iter().map(|m| (m.0, m.1, sensitivity(l, m))).collect();
+                if !opts.iter().any(|o| o.0 == base[l]) {
+                    // Fixed, or the uniform format is below the search's floor.
+                    let bits = base[l].byte_len(layers[l].n * layers[l].k).map_err(|e| e.to_string())? * 8;
+                    opts.push((base[l], bits, 0.0));
+                }
+                Ok(opts)
+            })
+            .collect::<Result<_, String>>()?;
+        let knapsack: Vec<Knapsack> = options
+            .iter()
+            .zip(self.fixed)
+            .map(|(opts, fixed)| Knapsack {
+                choices: opts.iter().map(|&(_, bits, sensitivity)| Candidate { bits, sensitivity }).collect(),
+                fixed: fixed.map(|_| opts.len() - 1),
+            })
+            .collect();
+        let picked = allocate::allocate(&knapsack, budget).map_err(|e| format!("bits={bits}: {e}"))?;
+        let formats: Vec<Format> = picked.picks.iter().zip(&options).map(|(&p, o)| o[p].0).collect();
+        let sensitivities: Vec<f64> = picked.picks.iter().zip(&options).map(|(&p, o)| o[p].2).collect();
+
+        // 7. The layers whose format moved, by the method; then, with a probe, the mix
+        // against the uniform choice end to end, keeping the better.
+        let moved: Vec<bool> = formats.iter().zip(&base).map(|(f, b)| f != b).collect();
+        let skip: Vec<bool> = moved.iter().map(|m| !m).collect();
+        let mut encoded = encode_all(&formats, &skip, "mixed:")?;
+        for (l, e) in encoded.iter_mut().enumerate() {
+            if !moved[l] {
+                *e = at_base[l].clone();
             }
         }
-        points[k].sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut notes = Vec::new();
+        let changed = moved.iter().filter(|m| **m).count();
+        if let Some(probe) = probe.filter(|_| changed > 0) {
+            (self.progress)(0, 2, "checking the mix against the uniform format");
+            let mix = probe(&with(&formats, &encoded, &|_| true)?)?;
+            let flat = probe(&with(&base, &at_base, &|_| true)?)?;
+            if mix < flat {
+                notes.push(format!(
+                    "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}"
+                ));
+            } else {
+                notes.push(format!(
+                    "bits={bits}: {uniform} everywhere kept: it moves the outputs by {flat:.4e} on the probe rows, the searched mix by {mix:.4e}"
+                ));
+                let sensitivities = (0..layers.len())
+                    .map(|l| options[l].iter().find(|o| o.0 == base[l]).map_or(0.0, |o| o.2))
+                    .collect();
+                return Ok(Found { formats: base, sensitivities, encoded: at_base, notes });
+            }
+        }
+        Ok(Found { formats, sensitivities, encoded, notes })
     }
-    Ok(KindCurves { kind, points, totals })
 }
 
 /// Stores `bytes` in `format` as the layer's weight in `graph`.
@@ -637,14 +703,14 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
     })
 }
 
-/// The stored bytes of the layer in `format` by rounding to nearest, with searched scales
-/// (weighted by the diagonal of its input's `H`, if any) when `clip` is set.
-fn round(layer: &Layer, format: Format, clip: bool) -> Result<Vec<u8>, kiln_ir::FormatError> {
-    match format {
-        Format::Int(f) if clip => {
+/// The stored bytes of the layer in `format` by rounding to nearest, with scales searched
+/// on `clip`'s grid (weighted by the diagonal of its input's `H`, if any) when given.
+fn round(layer: &Layer, format: Format, clip: Option<Grid>) -> Result<Vec<u8>, kiln_ir::FormatError> {
+    match (format, clip) {
+        (Format::Int(f), Some(grid)) => {
             let importance: Vec<f32> =
                 layer.gram.as_ref().map_or(Vec::new(), |g| g.diagonal().iter().map(|&h| h as f32).collect());
-            Ok(crate::clip::quantize(f, &layer.values, &importance))
+            Ok(crate::clip::quantize(grid, f, &layer.values, &importance))
         }
         _ => encode_rtn(&layer.values, format),
     }
@@ -667,7 +733,7 @@ fn encode(layer: &Layer, format: Format, method: Method, opts: &GptqOptions) -> 
         (Format::Int(f), Method::Gptq, Some(g)) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
-        _ => round(layer, format, opts.clip).map_err(|e| e.to_string())?,
+        _ => round(layer, format, opts.clip.then_some(Grid::Fine)).map_err(|e| e.to_string())?,
     };
     let error = match &layer.gram {
         Some(g) => {
@@ -712,17 +778,6 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn curves_interpolate_in_between_and_extrapolate_at_least_linearly() {
-        let points = [(0.0, 0.0), (1.0, 2.0), (2.0, 2.5)];
-        assert_eq!(interpolate(&points, 0.5), 1.0);
-        assert_eq!(interpolate(&points, 1.5), 2.25);
-        // Beyond the ends: the end segment's slope, but never below 1.
-        assert_eq!(interpolate(&points, -1.0), -2.0);
-        assert_eq!(interpolate(&points, 3.0), 3.5);
-        assert_eq!(interpolate(&[(1.0, 1.0)], 2.0), 2.0);
-    }
 
     #[test]
     fn kinds_replace_block_indices() {
