@@ -6,6 +6,7 @@ use kiln_interp::Value;
 use kiln_ir::{Format, Graph, NodeId, Op};
 use kiln_passes::calibration::{Calibration, Gram};
 use kiln_passes::gptq::GptqOptions;
+use kiln_passes::quantize::Activations;
 use kiln_passes::quantize::{Choice, Method, QuantizeOptions, QuantizeReport, Target, quantize};
 use kiln_tests::*;
 use std::collections::HashMap;
@@ -98,6 +99,7 @@ fn run_pass(
         method,
         overrides: overrides.iter().map(|(p, c)| (p.to_string(), c.parse::<Choice>().unwrap())).collect(),
         gptq: GptqOptions::default(),
+        activations: Activations::F32,
     };
     quantize(g, &options, calib, None, &|_, _, _| {}).expect("the pass applies")
 }
@@ -154,6 +156,7 @@ fn overrides_are_honored_and_must_match() {
         method: Method::Rtn,
         overrides: vec![("blk.9.*".into(), Choice::Int8)],
         gptq: GptqOptions::default(),
+        activations: Activations::F32,
     };
     let err = quantize(&mut model(), &options, None, None, &|_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
@@ -172,6 +175,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         method: Method::Rtn,
         overrides: vec![],
         gptq: GptqOptions::default(),
+        activations: Activations::F32,
     };
     assert!(quantize(&mut model(), &options, None, None, &|_, _, _| {}).is_err());
 
@@ -190,6 +194,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         method: Method::Rtn,
         overrides: vec![],
         gptq: GptqOptions::default(),
+        activations: Activations::F32,
     };
     assert!(quantize(&mut model(), &options, Some(&calib), None, &|_, _, _| {}).is_err());
 }
@@ -211,6 +216,7 @@ fn searched_scales_beat_round_to_nearest_scales() {
                 method,
                 overrides: vec![],
                 gptq: GptqOptions { clip, act_order: true, ..Default::default() },
+                activations: Activations::F32,
             };
             let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).expect("the pass applies");
             let layer_error: f64 = report.layers.iter().filter_map(|l| l.error).sum();
@@ -270,6 +276,7 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
         method: Method::Rtn,
         overrides: vec![],
         gptq: GptqOptions::default(),
+        activations: Activations::F32,
     };
     let mut g = model();
     let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();

@@ -26,9 +26,10 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> Result<()> {
     let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
     let graph = &model.graph;
+    let exec = args.exec.for_model(&model);
     let shape = match (&args.shape, args.decode) {
         (Some(shape), None) => shape.clone(),
-        (None, Some(tokens)) => return bench_decode(&args, graph, tokens),
+        (None, Some(tokens)) => return bench_decode(&args, &exec, graph, tokens),
         (Some(_), Some(_)) => return Err(miette!("give either --shape or --decode, not both")),
         (None, None) => {
             return Err(miette!(
@@ -39,7 +40,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let symbols = parse_shape(&shape)?;
     let inputs = synthetic_inputs(graph, &symbols)?;
-    let (runner, load_ms) = Runner::new(graph, &args.exec)?;
+    let (runner, load_ms) = Runner::new(graph, &exec)?;
     for _ in 0..args.warmup {
         runner.run(&inputs).into_diagnostic()?;
     }
@@ -64,7 +65,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "max_ms": times[times.len() - 1],
         "load_ms": load_ms,
         "tokens_per_s": tokens as f64 / median * 1e3,
-        "threads": args.exec.threads.unwrap_or_else(rayon_threads),
+        "threads": exec.threads.unwrap_or_else(rayon_threads),
+        "activations": format!("{:?}", exec.activations.unwrap_or(crate::runner::ActivationsKind::F32)).to_lowercase(),
     });
     if args.json {
         println!("{report}");
@@ -85,13 +87,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 /// Generation speed as the peers measure it: prefill a prompt of ids `1000..1000 + P` into a
 /// fresh KV cache, then feed the ids `2000, 2001, ...` one token per step. `median_ms` is
 /// the median over runs of the mean time per decoded token.
-fn bench_decode(args: &BenchArgs, graph: &Graph, tokens: usize) -> Result<()> {
+fn bench_decode(args: &BenchArgs, exec: &crate::runner::ExecArgs, graph: &Graph, tokens: usize) -> Result<()> {
     let lm = LanguageModel::of(graph)?;
     let graph = &lm.generation_graph(graph);
     if tokens == 0 || args.prompt_len == 0 {
         return Err(miette!("--decode and --prompt-len must be at least 1"));
     }
-    let (runner, load_ms) = Runner::new(graph, &args.exec)?;
+    let (runner, load_ms) = Runner::new(graph, exec)?;
     let prompt: Vec<i64> = (0..args.prompt_len as i64).map(|i| (1000 + i) % lm.vocab as i64).collect();
     let once = || -> Result<(f64, f64)> {
         let mut decoder = Decoder::new(&runner, &lm);
@@ -125,7 +127,8 @@ fn bench_decode(args: &BenchArgs, graph: &Graph, tokens: usize) -> Result<()> {
         "prefill_tokens_per_s": args.prompt_len as f64 / prefill_median * 1e3,
         "tokens_per_s": 1e3 / median,
         "load_ms": load_ms,
-        "threads": args.exec.threads.unwrap_or_else(rayon_threads),
+        "threads": exec.threads.unwrap_or_else(rayon_threads),
+        "activations": format!("{:?}", exec.activations.unwrap_or(crate::runner::ActivationsKind::F32)).to_lowercase(),
     });
     runner.print_profile();
     if args.json {

@@ -1,6 +1,6 @@
 //! `kiln compile`: a spec bound to its checkpoint, written as one artifact file.
 
-use crate::load::{self, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
+use crate::load::{self, ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
 use kiln_ir::Op;
 use miette::{IntoDiagnostic, Result, miette};
 use std::collections::BTreeMap;
@@ -25,6 +25,11 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     crate::passes::summarize(&ran);
     let mut metadata = BTreeMap::new();
     metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), crate::passes::metadata(&ran));
+    // The last pass that chose activations decides what `run`, `eval`, `generate` and
+    // `bench` use by default.
+    if let Some(a) = ran.iter().rev().find_map(|r| r.report["activations"].as_str()) {
+        metadata.insert(ACTIVATIONS_KEY.to_string(), a.to_string());
+    }
     // The tokenizer travels with the model, so that text in and out needs only the artifact.
     match model.tokenizer(args.tokenizer.as_deref()) {
         Ok(tok) => {

@@ -32,7 +32,7 @@ struct Metrics {
 pub fn eval(args: EvalArgs) -> Result<()> {
     let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
     let graph = &model.graph;
-    let (interp, _) = Runner::new(graph, &args.exec)?;
+    let (interp, _) = Runner::new(graph, &args.exec.for_model(&model))?;
     let file = tensors::read(&args.data)?;
     let inputs = tensors::inputs_from(&file, &args.data, graph)?;
     let rows = tensors::batch_of(&inputs)?;

@@ -77,7 +77,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     }
     let eos = if args.ignore_eos { None } else { model.eos_token_id() };
 
-    let (runner, _) = Runner::new(graph, &args.exec)?;
+    let (runner, _) = Runner::new(graph, &args.exec.for_model(&model))?;
     let mut decoder = Decoder::new(&runner, &lm);
     let mut sampler = Sampler::new(args.sampling.clone());
     let start = Instant::now();

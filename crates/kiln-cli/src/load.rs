@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
 pub const EOS_KEY: &str = "kiln.eos_token_id";
 pub const SOURCE_KEY: &str = "kiln.source";
+/// `int8` when `quantize(..., activations=int8)` chose int8 activations for the JIT.
+pub const ACTIVATIONS_KEY: &str = "kiln.activations";
 
 pub struct Model {
     pub graph: Graph,
@@ -79,6 +81,18 @@ impl Model {
         match &self.origin {
             Origin::Spec { checkpoint } => checkpoint.as_ref(),
             Origin::Artifact { .. } => None,
+        }
+    }
+
+    /// The activations an artifact's passes chose, if any.
+    pub fn recorded_activations(&self) -> Option<crate::runner::ActivationsKind> {
+        match &self.origin {
+            Origin::Artifact { metadata, .. } => match metadata.get(ACTIVATIONS_KEY).map(String::as_str) {
+                Some("int8") => Some(crate::runner::ActivationsKind::Int8),
+                Some("f32") => Some(crate::runner::ActivationsKind::F32),
+                _ => None,
+            },
+            Origin::Spec { .. } => None,
         }
     }
 

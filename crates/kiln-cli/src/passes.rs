@@ -126,6 +126,7 @@ fn quantize_json(q: &QuantizeReport) -> Json {
         "bytes": q.bytes,
         "bits_per_weight": q.bits_per_weight(),
         "notes": q.notes,
+        "activations": q.activations.to_string(),
     })
 }
 

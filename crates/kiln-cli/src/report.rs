@@ -41,8 +41,10 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             .into_diagnostic()
             .wrap_err_with(|| format!("cannot write {}", plot.display()))?;
     }
+    // What `run`, `eval`, `generate` and `bench` use by default (`--activations`).
+    let activations = artifact.metadata.get(crate::load::ACTIVATIONS_KEY).map_or("f32", String::as_str);
     if as_json {
-        println!("{}", json!({"layers": summary, "bits_per_weight": bits}));
+        println!("{}", json!({"layers": summary, "bits_per_weight": bits, "activations": activations}));
         return Ok(());
     }
     let calls: Vec<&str> = passes.as_array().into_iter().flatten().filter_map(|p| p["call"].as_str()).collect();
@@ -61,6 +63,10 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         );
     }
     println!("average over all parameters: {:.3} bits per weight", bits.as_f64().unwrap_or(0.0));
+    println!("activations of linears on quantized weights: {activations}");
+    for note in quantize.into_iter().flat_map(|q| q["report"]["notes"].as_array().cloned().unwrap_or_default()) {
+        println!("note: {}", note.as_str().unwrap_or_default());
+    }
     Ok(())
 }
 

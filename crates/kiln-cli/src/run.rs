@@ -22,7 +22,7 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> Result<()> {
     let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
     let graph = &model.graph;
-    let (interp, _) = Runner::new(graph, &args.exec)?;
+    let (interp, _) = Runner::new(graph, &args.exec.for_model(&model))?;
     let mut tokenizer = None;
     let inputs = match (&args.input, args.text.is_empty()) {
         (Some(path), true) => {

@@ -40,12 +40,25 @@ pub struct ExecArgs {
     /// same for any thread count.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Activations of linears on quantized weights.
-    #[arg(long, value_enum, default_value_t = ActivationsKind::F32)]
-    pub activations: ActivationsKind,
+    /// Activations of linears on quantized weights (default: what the artifact's
+    /// `quantize(..., activations=int8)` recorded, else f32).
+    #[arg(long, value_enum)]
+    pub activations: Option<ActivationsKind>,
     /// Print where the time went (per linear shape and per op), JIT engine.
     #[arg(long)]
     pub profile: bool,
+}
+
+impl ExecArgs {
+    /// These flags for `model`: activations not given on the command line are what the
+    /// artifact recorded, for the compiled engine (the interpreter is the f32 oracle).
+    pub fn for_model(&self, model: &crate::load::Model) -> ExecArgs {
+        let mut exec = self.clone();
+        if exec.activations.is_none() && exec.engine == EngineKind::Jit {
+            exec.activations = model.recorded_activations();
+        }
+        exec
+    }
 }
 
 pub enum Runner<'g> {
@@ -57,7 +70,7 @@ impl<'g> Runner<'g> {
     /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
     /// for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
-        if exec.activations == ActivationsKind::Int8 && exec.engine != EngineKind::Jit {
+        if exec.activations == Some(ActivationsKind::Int8) && exec.engine != EngineKind::Jit {
             return Err(miette::miette!(
                 help = "add --engine jit",
                 "--activations int8 runs compiled int8 kernels; the interpreter computes in f32 only"
@@ -68,7 +81,7 @@ impl<'g> Runner<'g> {
         let runner = match exec.engine {
             EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
             EngineKind::Jit => {
-                let activations = match exec.activations {
+                let activations = match exec.activations.unwrap_or(ActivationsKind::F32) {
                     ActivationsKind::F32 => Activations::F32,
                     ActivationsKind::Int8 => Activations::Int8,
                 };

@@ -1242,6 +1242,25 @@ fn compile_with_quantize_and_report() {
     );
     ok(&["run".to_string(), s(&out), "--input".into(), s(&input)]);
 
+    // int8 activations are recorded in the artifact and become its default: bench says
+    // which it ran, the flag still decides, and the interpreter (the f32 oracle) ignores it.
+    let bench_activations = |extra: &[&str]| -> String {
+        let mut a = vec!["bench".to_string(), s(&out), "--shape".into(), "batch=1,seq=4".into(), "--runs".into()];
+        a.extend(["2".to_string(), "--warmup".into(), "0".into(), "--json".into()]);
+        a.extend(extra.iter().map(|e| e.to_string()));
+        let json: serde_json::Value = serde_json::from_str(ok(&a).trim()).unwrap();
+        json["activations"].as_str().unwrap_or("?").to_string()
+    };
+    assert_eq!(bench_activations(&[]), "f32");
+    ok(&args("quantize(format=bf16, activations=int8)"));
+    assert_eq!(bench_activations(&[]), "int8");
+    assert_eq!(bench_activations(&["--activations", "f32"]), "f32");
+    let table = ok(&["report".to_string(), s(&out)]);
+    assert!(table.contains("activations of linears on quantized weights: int8"), "{table}");
+    assert!(table.contains("linears keep f32 activations"), "the bf16 linears are named: {table}");
+    ok(&["run".to_string(), s(&out), "--input".into(), s(&input), "--engine".into(), "interp".into()]);
+    fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "int8 or f32"]);
+
     fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);
     fails(&args("frobnicate"), &["unknown pass `frobnicate`"]);
     fails(&args("quantize(format=int5g32)"), &["int5g32"]);

@@ -4,7 +4,7 @@
 
 use crate::PassError;
 use crate::calibration::Calibration;
-use crate::quantize::{self, Choice, Method, QuantizeOptions, QuantizeReport, Target};
+use crate::quantize::{self, Activations, Choice, Method, QuantizeOptions, QuantizeReport, Target};
 
 /// One call of a pass: its name and `key=value` arguments as written.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,7 +128,7 @@ type PassFn = fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport,
 pub const REGISTRY: &[(&str, PassFn, &str)] = &[(
     "quantize",
     run_quantize,
-    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false]): store matrices in fewer bits",
+    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false] [, activations=int8]): store matrices in fewer bits",
 )];
 
 /// Runs `calls` in order on `graph`.
@@ -156,6 +156,7 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
     // Searched scales by default: on SmolLM2 int4g64a they took GPTQ from 1.161x to 1.089x,
     // and round-to-nearest from 1.325x to 1.145x.
     let mut gptq = crate::gptq::GptqOptions { act_order: true, clip: true, ..Default::default() };
+    let mut activations = Activations::F32;
     for (key, value) in &call.args {
         let bad = |what: &str| fail(format!("{key}={value}: expected {what}"));
         match key.as_str() {
@@ -177,9 +178,16 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
             "act_order" => gptq.act_order = value.parse().map_err(|_| bad("true or false"))?,
             "damp" => gptq.damp = value.parse().map_err(|_| bad("a number such as 0.01"))?,
             "clip" => gptq.clip = value.parse().map_err(|_| bad("true or false"))?,
+            "activations" => {
+                activations = match value.as_str() {
+                    "int8" => Activations::Int8,
+                    "f32" => Activations::F32,
+                    _ => return Err(bad("int8 or f32")),
+                }
+            }
             _ => {
                 return Err(fail(format!(
-                    "unknown argument `{key}` (quantize takes bits, format, method, act_order, damp, clip)"
+                    "unknown argument `{key}` (quantize takes bits, format, method, act_order, damp, clip, activations)"
                 )));
             }
         }
@@ -188,7 +196,7 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
     if method == Method::Gptq && ctx.calibration.is_none() {
         return Err(fail("method=gptq needs calibration data: pass --calib".into()));
     }
-    let options = QuantizeOptions { target, method, overrides: ctx.overrides.clone(), gptq };
+    let options = QuantizeOptions { target, method, overrides: ctx.overrides.clone(), gptq, activations };
     quantize::quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
 }
 

@@ -143,6 +143,26 @@ pub struct QuantizeOptions {
     /// `(scope glob, choice)`, fixed before any search; each must match some layer.
     pub overrides: Vec<(String, Choice)>,
     pub gptq: GptqOptions,
+    pub activations: Activations,
+}
+
+/// What the model's linears on quantized weights take as activations: recorded in the
+/// report for the backend, which runs `Int8` as W8A8 kernels (activations quantized per
+/// block of 32 at run time, integer dot products).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    #[default]
+    F32,
+    Int8,
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        })
+    }
 }
 
 /// The formats the budgeted search chooses from (those whose groups divide a layer's rows).
@@ -200,6 +220,8 @@ pub struct QuantizeReport {
     pub bytes: u64,
     /// Things the user should know (fallback groups, layers left as they were).
     pub notes: Vec<String>,
+    /// The activations chosen for linears on quantized weights.
+    pub activations: Activations,
 }
 
 impl QuantizeReport {
@@ -220,8 +242,10 @@ struct Layer {
     values: Vec<f32>,
     /// The input statistics of the linears reading it (the first one's, if several).
     gram: Option<Gram>,
-    /// Read by a gather (an embedding table).
+    /// Read by a gather or a slice (an embedding or position table).
     gathered: bool,
+    /// Read by a linear (as its weight).
+    linear: bool,
 }
 
 /// Runs the pass: see the module documentation. `progress(done, total, what)` is called as
@@ -346,7 +370,22 @@ pub fn quantize(
         })
         .collect();
 
-    let mut report = QuantizeReport { notes, ..Default::default() };
+    if options.activations == Activations::Int8 {
+        let exact: Vec<&str> = layers
+            .iter()
+            .zip(&formats)
+            .filter(|(l, f)| l.linear && !matches!(f, Format::Int(_)))
+            .map(|(l, _)| l.scope.as_str())
+            .collect();
+        if !exact.is_empty() {
+            notes.push(format!(
+                "activations=int8: {} linears keep f32 activations, their weights being unquantized (e.g. {})",
+                exact.len(),
+                exact[0]
+            ));
+        }
+    }
+    let mut report = QuantizeReport { notes, activations: options.activations, ..Default::default() };
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
@@ -412,6 +451,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
                     values,
                     gram: None,
                     gathered: false,
+                    linear: false,
                 });
                 layers.insert(table, out.len() - 1);
                 out.len() - 1
@@ -419,6 +459,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
         };
         match x {
             Some(x) => {
+                out[l].linear = true;
                 if out[l].gram.is_none() {
                     out[l].gram = calibration.and_then(|c| c.inputs.get(&x)).cloned();
                 }
