@@ -266,28 +266,30 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
     let base = model();
     let calib = calibrate(&base);
     let want = logits(&base);
-    let calls = std::cell::Cell::new(0);
-    let probe = |g: &Graph| -> Result<f64, String> {
-        calls.set(calls.get() + 1);
-        Ok(relative_error(&logits(g), &want))
-    };
-    let options = QuantizeOptions {
-        target: Target::Bits(4.5),
-        method: Method::Rtn,
-        overrides: vec![],
-        gptq: GptqOptions::default(),
-        activations: Activations::F32,
-    };
-    let mut g = model();
-    let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
-    assert_eq!(calls.get(), 3 + 2, "3 kinds, then the mix and the uniform format: {report:?}");
-    assert!(report.bits_per_weight() <= 4.5);
-    assert!(report.layers.iter().all(|l| l.sensitivity > 0.0), "{report:?}");
-    assert!(report.notes.iter().any(|n| n.contains("int4g64")), "{:?}", report.notes);
+    for method in [Method::Rtn, Method::Gptq] {
+        let calls = std::cell::Cell::new(0);
+        let probe = |g: &Graph| -> Result<f64, String> {
+            calls.set(calls.get() + 1);
+            Ok(relative_error(&logits(g), &want))
+        };
+        let options = QuantizeOptions {
+            target: Target::Bits(4.5),
+            method,
+            overrides: vec![],
+            gptq: GptqOptions::default(),
+            activations: Activations::F32,
+        };
+        let mut g = model();
+        let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
+        assert_eq!(calls.get(), 3 + 2, "{method:?}: 3 kinds, then the mix and the uniform format: {report:?}");
+        assert!(report.bits_per_weight() <= 4.5);
+        assert!(report.layers.iter().all(|l| l.sensitivity > 0.0), "{report:?}");
+        assert!(report.notes.iter().any(|n| n.contains("int4g64")), "{:?}", report.notes);
 
-    // int4g64 is the uniform format within the budget (see the test above).
-    let mut uniform = model();
-    run_pass(&mut uniform, Target::Format("int4g64".parse().unwrap()), Method::Rtn, &[], None);
-    let (mixed, flat) = (relative_error(&logits(&g), &want), relative_error(&logits(&uniform), &want));
-    assert!(mixed <= flat, "the search's result {mixed} vs int4g64 everywhere {flat}");
+        // int4g64 is the uniform format within the budget (see the test above).
+        let mut uniform = model();
+        run_pass(&mut uniform, Target::Format("int4g64".parse().unwrap()), method, &[], Some(&calib));
+        let (mixed, flat) = (relative_error(&logits(&g), &want), relative_error(&logits(&uniform), &want));
+        assert!(mixed <= flat, "{method:?}: the search's result {mixed} vs int4g64 everywhere {flat}");
+    }
 }

@@ -77,13 +77,21 @@ pub fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Calib
 /// Sequences the quantize pass's probe runs (each probe is one forward pass over them).
 const PROBE_TOKENS: usize = 256;
 
-/// The first rows of the calibration inputs, about [`PROBE_TOKENS`] tokens: what probes
-/// run changed models on.
-pub fn probe_inputs(inputs: &HashMap<String, Value>) -> HashMap<String, Value> {
+/// The calibration inputs split in two: the first rows, about [`PROBE_TOKENS`] tokens, that
+/// probes run changed models on, and the rest, that calibration statistics come from.
+/// Probes judge what GPTQ fitted, so they must not see the rows it fitted to: that would
+/// favour the formats that fit calibration data closest, not those that generalize. With
+/// too few rows for both, every row does both (the second value is `false`).
+pub fn split_probe(inputs: &HashMap<String, Value>) -> (HashMap<String, Value>, HashMap<String, Value>, bool) {
     let shape = inputs.values().next().map(|v| v.shape().to_vec()).unwrap_or_default();
     let (rows, seq) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1).max(1));
-    let take = (PROBE_TOKENS / seq).clamp(1, rows.max(1));
-    inputs.iter().map(|(k, v)| (k.clone(), v.rows(0, take.min(rows)))).collect()
+    let take = (PROBE_TOKENS / seq).clamp(1, rows.max(1)).min(rows);
+    let probe = inputs.iter().map(|(k, v)| (k.clone(), v.rows(0, take))).collect();
+    if rows >= 4 * take {
+        (probe, inputs.iter().map(|(k, v)| (k.clone(), v.rows(take, rows))).collect(), true)
+    } else {
+        (probe, inputs.clone(), false)
+    }
 }
 
 /// How far `got` moved from `want` (outputs by name): for `logits`, the mean KL divergence

@@ -7,6 +7,7 @@ use kiln_passes::pipeline::{self, Context, PassReport};
 use kiln_passes::quantize::{Choice, QuantizeReport};
 use miette::{Result, miette};
 use serde_json::{Value as Json, json};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// The pipeline flags shared by `compile` and `ir`.
@@ -57,9 +58,17 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
         let choice: Choice = format.trim().parse().map_err(|e: String| miette!("--override `{o}`: {e}"))?;
         overrides.push((pattern.trim().to_string(), choice));
     }
-    // The calibration file is read once: all of it calibrates, its first rows probe.
+    // The calibration file is read once: its first rows probe, the rest calibrate.
     let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
-    let calibration = calib_inputs.as_ref().map(|i| calibrate::calibrate(graph, i)).transpose()?;
+    // Only budgets probe (`quantize(bits=...)`); everything else calibrates on every row.
+    let budgeted = calls.iter().any(|c| c.args.iter().any(|(k, _)| k == "bits"));
+    let split = calib_inputs
+        .as_ref()
+        .map(|i| if budgeted { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
+    if let Some((_, _, false)) = &split {
+        eprintln!("note: the calibration file is too short to hold rows out for probes; probes reuse calibration rows");
+    }
+    let calibration = split.as_ref().map(|(_, c, _)| calibrate::calibrate(graph, c)).transpose()?;
     let bar = crate::progress::bar(0, "steps");
     let progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);
@@ -67,8 +76,8 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
         bar.set_message(what.to_string());
     };
     // Probes run changed copies of the model under the JIT on the first calibration rows.
-    let probe_inputs = calib_inputs.as_ref().map(calibrate::probe_inputs);
-    let run = |g: &Graph, inputs: &std::collections::HashMap<String, kiln_interp::Value>| {
+    let probe_inputs = split.map(|(p, _, _)| p).filter(|p| !p.is_empty());
+    let run = |g: &Graph, inputs: &HashMap<String, kiln_interp::Value>| {
         let engine = kiln_jit::Engine::new(g, 2).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())
     };

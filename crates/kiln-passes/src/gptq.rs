@@ -205,78 +205,106 @@ fn run(
     opts: &GptqOptions,
     keep_values: bool,
 ) -> Result<Run, GptqError> {
-    let f = IntFormat::new(format.bits, format.group, format.asym)?;
-    let g = f.group as usize;
-    if w.len() != n * k {
-        return Err(GptqError::WeightShape { n, k, found: w.len() });
-    }
-    if h.len() != k * k {
-        return Err(GptqError::HessianShape { k, found: h.len() });
-    }
-    if !k.is_multiple_of(g) {
-        return Err(GptqError::Group { format: f, k });
-    }
-    if opts.block == 0 {
-        return Err(GptqError::Options("the block size must be positive"));
-    }
-    if !(opts.damp.is_finite() && opts.damp >= 0.0) {
-        return Err(GptqError::Options("the damping must be finite and non-negative"));
-    }
-    if !w.iter().all(|x| x.is_finite()) {
-        return Err(GptqError::NonFinite("weight"));
-    }
-    if !h.iter().all(|x| x.is_finite()) {
-        return Err(GptqError::NonFinite("Hessian"));
-    }
-    if n == 0 || k == 0 {
-        return Ok(Run { bytes: Vec::new(), loss: 0.0, damp: 0.0, values: keep_values.then(Vec::new) });
-    }
+    Factored::new(h, k, opts)?.run(w, n, format, keep_values)
+}
 
-    let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
-    let diag: Vec<f64> = (0..k).map(|i| if dead[i] { 1.0 } else { h[i * k + i] }).collect();
-    // perm[i]: the natural column processed i-th.
-    let mut perm: Vec<usize> = (0..k).collect();
-    if opts.act_order {
-        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
-    }
-    let (m, damp) = factor(h, k, &diag, &perm, opts.damp)?;
+/// The part of GPTQ that depends on `H` and the options only: the factor of the damped,
+/// permuted `H`. One factorization serves every format (and every subset of rows) of a
+/// layer, which is how the quantize pass measures candidate formats cheaply.
+pub struct Factored {
+    k: usize,
+    opts: GptqOptions,
+    dead: Vec<bool>,
+    perm: Vec<usize>,
+    m: Vec<f32>,
+    damp: f64,
+    importance: Vec<f32>,
+}
 
-    // Every group must start a block unless scales are static (see the module doc).
-    let block = if opts.act_order || opts.block.is_multiple_of(g) || g.is_multiple_of(opts.block) {
-        opts.block
-    } else {
-        (opts.block / g).max(1) * g
-    }
-    .min(k);
-
-    let group_of: Vec<u32> = perm.iter().map(|&c| (c / g) as u32).collect();
-    let importance: Vec<f32> = if opts.clip { (0..k).map(|i| h[i * k + i] as f32).collect() } else { Vec::new() };
-    let sweep = Sweep {
-        f,
-        k,
-        block,
-        act_order: opts.act_order,
-        dead: &dead,
-        perm: &perm,
-        group_of: &group_of,
-        m: &m,
-        importance: &importance,
-    };
-    // Chunks of rows: a few per thread to balance the load, big enough for the products.
-    let rows = n.div_ceil(4 * rayon::current_num_threads()).clamp(16, 128);
-    let parts: Vec<Part> = w.par_chunks(rows * k).map(|wc| sweep.rows(wc, keep_values)).collect();
-
-    let mut bytes = Vec::with_capacity(n * (k / g) * f.block_bytes());
-    let mut values = keep_values.then(|| Vec::with_capacity(n * k));
-    let mut loss = 0.0;
-    for p in parts {
-        bytes.extend(p.bytes);
-        loss += p.loss;
-        if let (Some(all), Some(v)) = (values.as_mut(), p.values) {
-            all.extend(v);
+impl Factored {
+    /// Factors `h` (`[k, k]` row-major, the sum of `x x^T`) for the sweeps of `opts`.
+    pub fn new(h: &[f64], k: usize, opts: &GptqOptions) -> Result<Factored, GptqError> {
+        if h.len() != k * k {
+            return Err(GptqError::HessianShape { k, found: h.len() });
         }
+        if opts.block == 0 {
+            return Err(GptqError::Options("the block size must be positive"));
+        }
+        if !(opts.damp.is_finite() && opts.damp >= 0.0) {
+            return Err(GptqError::Options("the damping must be finite and non-negative"));
+        }
+        if !h.iter().all(|x| x.is_finite()) {
+            return Err(GptqError::NonFinite("Hessian"));
+        }
+        let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
+        let diag: Vec<f64> = (0..k).map(|i| if dead[i] { 1.0 } else { h[i * k + i] }).collect();
+        // perm[i]: the natural column processed i-th.
+        let mut perm: Vec<usize> = (0..k).collect();
+        if opts.act_order {
+            perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+        }
+        let (m, damp) = if k == 0 { (Vec::new(), 0.0) } else { factor(h, k, &diag, &perm, opts.damp)? };
+        let importance: Vec<f32> = if opts.clip { (0..k).map(|i| h[i * k + i] as f32).collect() } else { Vec::new() };
+        Ok(Factored { k, opts: opts.clone(), dead, perm, m, damp, importance })
     }
-    Ok(Run { bytes, loss, damp, values })
+
+    /// GPTQ of `w` (`[n, k]` row-major) to `format`: the stored bytes, and the output error
+    /// `trace((W - Q) H (W - Q)^T)` under the damped `H`, as the sweep tracked it.
+    pub fn quantize(&self, w: &[f32], n: usize, format: IntFormat) -> Result<(Vec<u8>, f64), GptqError> {
+        self.run(w, n, format, false).map(|r| (r.bytes, r.loss))
+    }
+
+    fn run(&self, w: &[f32], n: usize, format: IntFormat, keep_values: bool) -> Result<Run, GptqError> {
+        let (k, opts) = (self.k, &self.opts);
+        let f = IntFormat::new(format.bits, format.group, format.asym)?;
+        let g = f.group as usize;
+        if w.len() != n * k {
+            return Err(GptqError::WeightShape { n, k, found: w.len() });
+        }
+        if !k.is_multiple_of(g) {
+            return Err(GptqError::Group { format: f, k });
+        }
+        if !w.iter().all(|x| x.is_finite()) {
+            return Err(GptqError::NonFinite("weight"));
+        }
+        if n == 0 || k == 0 {
+            return Ok(Run { bytes: Vec::new(), loss: 0.0, damp: 0.0, values: keep_values.then(Vec::new) });
+        }
+        // Every group must start a block unless scales are static (see the module doc).
+        let block = if opts.act_order || opts.block.is_multiple_of(g) || g.is_multiple_of(opts.block) {
+            opts.block
+        } else {
+            (opts.block / g).max(1) * g
+        }
+        .min(k);
+        let group_of: Vec<u32> = self.perm.iter().map(|&c| (c / g) as u32).collect();
+        let sweep = Sweep {
+            f,
+            k,
+            block,
+            act_order: opts.act_order,
+            dead: &self.dead,
+            perm: &self.perm,
+            group_of: &group_of,
+            m: &self.m,
+            importance: &self.importance,
+        };
+        // Chunks of rows: a few per thread to balance the load, big enough for the products.
+        let rows = n.div_ceil(4 * rayon::current_num_threads()).clamp(16, 128);
+        let parts: Vec<Part> = w.par_chunks(rows * k).map(|wc| sweep.rows(wc, keep_values)).collect();
+
+        let mut bytes = Vec::with_capacity(n * (k / g) * f.block_bytes());
+        let mut values = keep_values.then(|| Vec::with_capacity(n * k));
+        let mut loss = 0.0;
+        for p in parts {
+            bytes.extend(p.bytes);
+            loss += p.loss;
+            if let (Some(all), Some(v)) = (values.as_mut(), p.values) {
+                all.extend(v);
+            }
+        }
+        Ok(Run { bytes, loss, damp: self.damp, values })
+    }
 }
 
 /// `M` (row-major f32, `[k, k]`, upper triangular) with `M M^T = P^T H P + damp I`, dead
@@ -659,6 +687,32 @@ mod tests {
     /// With no correlation between inputs, `U` is diagonal: there is nothing to spread the
     /// error onto, and fitting each group from the (unchanged) weights is exactly RTN. The
     /// damping only scales the diagonal, so this holds bit for bit.
+    /// One factorization serves every format and every subset of rows: the same bytes as a
+    /// fresh `gptq` call, and a tracked loss equal to the output error under the damped `H`.
+    #[test]
+    fn a_factorization_is_reused_across_formats_and_rows() {
+        let mut rng = Rng(11);
+        let (n, k) = (24, 128);
+        let h = correlated_h(&mut rng, k);
+        let w = weights(&mut rng, n, k);
+        for opts in [GptqOptions::default(), GptqOptions { act_order: true, clip: true, ..Default::default() }] {
+            let factored = Factored::new(&h, k, &opts).unwrap();
+            for f in [int("int3g32a"), int("int4g64"), int("int8g128")] {
+                let (bytes, loss) = factored.quantize(&w, n, f).unwrap();
+                assert_eq!(bytes, gptq(&w, n, k, &h, f, &opts).unwrap(), "{f} {opts:?}");
+                let (rows, _) = factored.quantize(&w[..8 * k], 8, f).unwrap();
+                assert_eq!(rows[..], bytes[..rows.len()], "the first 8 rows alone, {f}");
+                let mut damped = h.clone();
+                let mean = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+                for i in 0..k {
+                    damped[i * k + i] += opts.damp * mean;
+                }
+                let exact = output_error(&w, &decode(f, &bytes, n, k), n, k, &damped);
+                assert!((loss - exact).abs() <= 1e-3 * exact, "{f}: tracked {loss} vs {exact}");
+            }
+        }
+    }
+
     #[test]
     fn uncorrelated_inputs_give_rtn_bit_for_bit() {
         let mut rng = Rng(3);

@@ -15,26 +15,26 @@
 //! (`quantize(bits=4.5)`): the average storage bits per parameter over *all* of the model's
 //! parameters (scales, offsets and unquantized weights included) may not exceed it. Each
 //! layer then gets the format that minimizes the summed sensitivity under that budget,
-//! solved exactly by [`crate::allocate`] ([`Search`]):
+//! solved exactly by [`crate::allocate`]:
 //!
 //! 1. Every candidate ([`CANDIDATES`], within [`BAND`] bits per weight of the budget;
-//!    for budgets from 8 bits, anything from 7.5 up) is measured on every layer by rounding: its output
-//!    error on the calibration data, `sum_j H_jj |dW_:j|^2` with `H = sum x x^T` of its input
-//!    (the diagonal of the exact `trace(dW H dW^T)`: cheap enough for every candidate);
-//!    a table read by rows (an embedding) counts `|dE|^2` per row times the calibration
-//!    tokens per row.
-//! 2. The *uniform* choice is the candidate that, everywhere, spends the most of the budget.
-//!    Every layer is quantized to it by the pass's method; how much the method lowers each
-//!    layer's error there (GPTQ: by a factor that differs from layer to layer) scales that
-//!    layer's rounding errors at the other candidates.
+//!    for budgets from 8 bits, anything from 7.5 up) is measured on every layer as the
+//!    method would store it, on up to 256 evenly spaced rows: under `gptq`, GPTQ's
+//!    own `trace(dW H dW^T)` from one factorization of the layer's `H` shared by all
+//!    candidates ([`gptq::Factored`]); under `rtn`, the diagonal `sum_j H_jj |dW_:j|^2`. A
+//!    table read by rows (an embedding) adds `|dE|^2` per row times the calibration tokens
+//!    per row.
+//! 2. The *anchor* is the candidate that, everywhere, spends the most of the budget
+//!    (allowed to exceed it by 2%, since the budget counts norms and scales
+//!    too). Every layer is quantized to it by the pass's method.
 //! 3. With a [`Probe`] (the CLI's: KL divergence of next-token distributions, or
-//!    1 - cosine of embeddings, on a few calibration rows), each *kind* of layer
-//!    (`blk.*.ffn_down`) is lowered alone to the uniform format and measured end to end,
-//!    which converts its layers' errors into distortion of the output. Without one, a
+//!    1 - cosine of embeddings, on calibration rows held out from the statistics), each
+//!    *kind* of layer (`blk.*.ffn_down`) is lowered alone to the anchor and measured end to
+//!    end, which converts its layers' errors into distortion of the output. Without one, a
 //!    layer's sensitivity is its error relative to its output's energy.
 //! 4. After the allocation, the layers that moved are quantized, and with a probe the mix is
-//!    measured against the uniform choice end to end: the better of the two is kept, and a
-//!    note says which and by how much.
+//!    measured against the anchor end to end: if the anchor fits the budget and moves the
+//!    outputs less, it is kept. A note says which and by how much.
 //!
 //! Overrides are fixed before the search and always honored. A layer no candidate fits
 //! stays as it is.
@@ -195,6 +195,9 @@ type Measured = (Format, u64, f64, f64);
 /// models with one), and measured on SmolLM2 a band of 1.25 lost to one of 0.5.
 pub const BAND: f64 = 0.5;
 
+/// How far (relative) the uniform format the search starts from may exceed the budget.
+const ANCHOR_SLACK: f64 = 0.02;
+
 /// One layer as the pass left it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerReport {
@@ -325,8 +328,11 @@ pub fn quantize(
                 layers.iter().zip(&fixed).map(|(l, f)| resolve(f.unwrap_or(choice), l, &mut notes)).collect();
             if calibration.is_some() {
                 let tokens = calibration.map_or(0, |c| c.tokens);
-                sensitivities =
-                    layers.par_iter().zip(&formats).map(|(l, &f)| errors(l, f, tokens, options.gptq.clip).1).collect();
+                sensitivities = layers
+                    .par_iter()
+                    .zip(&formats)
+                    .map(|(l, &f)| errors(l, f, tokens, options.gptq.clip, None).1)
+                    .collect();
             }
             formats
         }
@@ -470,33 +476,44 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
     Ok(out)
 }
 
-/// The output error of `layer` stored as `format` by rounding, on the calibration data:
-/// `(absolute, relative)`, the relative one divided by the output's energy (see the module
-/// doc). Gathered tables count `|dE|^2` per calibration token.
-fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool) -> (f64, f64) {
-    let Ok(q) =
-        round(layer, format, clip.then_some(Grid::Coarse)).and_then(|b| format.dequantize(&b, layer.n * layer.k))
+/// The output error of `layer` stored as `format`, on the calibration data, estimated from
+/// [`ERROR_ROWS`] evenly spaced rows: `(absolute, relative)`, the relative one divided by
+/// the output's energy. With `gptq` (the layer's factored `H`), int formats are measured as
+/// GPTQ leaves them (its tracked `trace(dW H dW^T)`); otherwise rounded, with the diagonal
+/// `sum_j H_jj |dW_:j|^2`. Tables read by rows count `|dE|^2` per calibration token.
+fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&gptq::Factored>) -> (f64, f64) {
+    let (n, k) = (layer.n as usize, layer.k as usize);
+    let step = (n / ERROR_ROWS).max(1);
+    let sample: Vec<f32> = layer.values.chunks_exact(k).step_by(step).flatten().copied().collect();
+    let rows = sample.len() / k.max(1);
+    let scale = n as f64 / rows.max(1) as f64;
+    let diag = layer.gram.as_ref().map(|g| g.diagonal());
+    let measured = match (format, gptq) {
+        (Format::Int(f), Some(factored)) => factored.quantize(&sample, rows, f).map(|(b, loss)| (b, Some(loss))).ok(),
+        _ => round(&sample, diag.as_deref(), format, clip.then_some(Grid::Coarse)).map(|b| (b, None)).ok(),
+    };
+    let Some((q, loss)) =
+        measured.and_then(|(b, loss)| format.dequantize(&b, (rows * k) as u64).ok().map(|q| (q, loss)))
     else {
         return (f64::INFINITY, f64::INFINITY);
     };
-    let k = layer.k as usize;
     let (mut absolute, mut relative) = (0.0, 0.0);
-    if let Some(g) = &layer.gram {
-        let diag = g.diagonal();
+    if let Some(diag) = &diag {
         let (mut error, mut energy) = (0.0, 0.0);
-        for (row_w, row_q) in layer.values.chunks_exact(k).zip(q.chunks_exact(k)) {
-            for ((&w, &q), h) in row_w.iter().zip(row_q).zip(&diag) {
+        for (row_w, row_q) in sample.chunks_exact(k).zip(q.chunks_exact(k)) {
+            for ((&w, &q), h) in row_w.iter().zip(row_q).zip(diag) {
                 error += h * ((w - q) as f64).powi(2);
                 energy += h * (w as f64).powi(2);
             }
         }
-        absolute += error;
+        let error = loss.unwrap_or(error);
+        absolute += error * scale;
         relative += error / energy.max(f64::MIN_POSITIVE);
     }
     if layer.gathered {
-        let error: f64 = layer.values.iter().zip(&q).map(|(w, q)| ((w - q) as f64).powi(2)).sum();
-        let energy: f64 = layer.values.iter().map(|&w| (w as f64).powi(2)).sum();
-        absolute += error * tokens as f64 / layer.n as f64;
+        let error: f64 = sample.iter().zip(&q).map(|(w, q)| ((w - q) as f64).powi(2)).sum();
+        let energy: f64 = sample.iter().map(|&w| (w as f64).powi(2)).sum();
+        absolute += error * scale * tokens as f64 / layer.n as f64;
         relative += error / energy.max(f64::MIN_POSITIVE);
     }
     (absolute, relative)
@@ -534,16 +551,25 @@ impl Search<'_> {
         let floor = bits.min(8.0) - BAND;
         let ceiling = if bits >= 8.0 { f64::INFINITY } else { bits + BAND };
 
-        // 1. Each free layer's distinct candidate formats near the budget, rounded.
-        (self.progress)(0, layers.len(), "measuring rounding errors");
+        // 1. Each free layer's distinct candidate formats near the budget, measured as the
+        // method leaves them (GPTQ from one factorization of the layer's `H`).
+        (self.progress)(0, layers.len(), "measuring candidate formats");
+        let measured_count = std::sync::atomic::AtomicUsize::new(0);
         let measured: Vec<Vec<Measured>> = layers
             .par_iter()
             .zip(self.fixed)
-            .map(|(layer, fixed)| {
+            .map(|(layer, fixed)| -> Result<Vec<Measured>, String> {
                 let mut out: Vec<Measured> = Vec::new();
                 if fixed.is_some() {
-                    return out;
+                    return Ok(out);
                 }
+                let factored = match (&layer.gram, self.options.method) {
+                    (Some(g), Method::Gptq) => Some(
+                        gptq::Factored::new(&g.sum, layer.k as usize, &self.options.gptq)
+                            .map_err(|e| format!("{}: {e}", layer.scope))?,
+                    ),
+                    _ => None,
+                };
                 for c in &candidates {
                     let Some(f) = c.resolve(layer.k, layer.format) else { continue };
                     let b = f.bits_per_weight();
@@ -551,15 +577,17 @@ impl Search<'_> {
                         continue;
                     }
                     let Ok(bytes) = f.byte_len(layer.n * layer.k) else { continue };
-                    let (absolute, relative) = errors(layer, f, self.tokens, clip);
+                    let (absolute, relative) = errors(layer, f, self.tokens, clip, factored.as_ref());
                     out.push((f, bytes * 8, absolute, relative));
                 }
-                out
+                let d = measured_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                (self.progress)(d, layers.len(), &format!("measuring {}", layer.scope));
+                Ok(out)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
 
         // 2. The uniform choice: the candidate that spends the most of the budget (the
-        // smaller rounding error breaks ties), with overrides at their formats.
+        // smaller error breaks ties), with overrides at their formats.
         let base_of = |c: Choice| -> Vec<Format> {
             layers
                 .iter()
@@ -575,14 +603,18 @@ impl Search<'_> {
             }
             total
         };
+        // The budget counts everything, so the natural format for `bits=4.5`, int4g64a, can
+        // miss it by the norms' f32 weights: the anchor may overshoot by ANCHOR_SLACK (it is
+        // then only measured against, never chosen).
         let uniform = candidates
             .iter()
             .map(|&c| (c, cost(&base_of(c))))
-            .filter(|(_, (b, _))| *b <= budget)
+            .filter(|(_, (b, _))| *b as f64 <= budget as f64 * (1.0 + ANCHOR_SLACK))
             .max_by(|(_, (b1, e1)), (_, (b2, e2))| b1.cmp(b2).then(e2.total_cmp(e1)))
             .map(|(c, _)| c)
             .ok_or_else(|| format!("bits={bits}: even the smallest candidate format everywhere exceeds the budget"))?;
         let base = base_of(uniform);
+        let base_fits = cost(&base).0 <= budget;
 
         // 3. Every layer at the uniform format by the pass's method.
         let done = std::sync::atomic::AtomicUsize::new(0);
@@ -616,20 +648,7 @@ impl Search<'_> {
             Ok::<Graph, String>(g)
         };
 
-        // 4. How much the method changes each layer's error at the uniform format (GPTQ
-        // lowers it, by a factor that differs from layer to layer): the rounding errors of
-        // the other candidates are scaled by it.
-        let ratio: Vec<f64> = (0..layers.len())
-            .map(|l| {
-                let rounded = measured[l].iter().find(|m| m.0 == base[l]).map_or(0.0, |m| m.3);
-                match at_base[l].as_ref().and_then(|e| e.1) {
-                    Some(after) if rounded > 0.0 && after > 0.0 => after / rounded,
-                    _ => 1.0,
-                }
-            })
-            .collect();
-
-        // 5. Each kind's end-to-end effect at the uniform format, per unit of its layers'
+        // 4. Each kind's end-to-end effect at the uniform format, per unit of its layers'
         // error (with a probe), or each layer's error relative to its output (without).
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
         let kind: Vec<usize> = layers
@@ -647,7 +666,7 @@ impl Search<'_> {
                     let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?)?;
                     let error: f64 = (0..layers.len())
                         .filter(|&l| kind[l] == k)
-                        .filter_map(|l| measured[l].iter().find(|m| m.0 == base[l]).map(|m| ratio[l] * m.2))
+                        .filter_map(|l| measured[l].iter().find(|m| m.0 == base[l]).map(|m| m.2))
                         .sum();
                     gain[k] = if error > 0.0 { moved.max(0.0) / error } else { 0.0 };
                 }
@@ -656,11 +675,11 @@ impl Search<'_> {
             None => None,
         };
         let sensitivity = |l: usize, m: &Measured| match &gain {
-            Some(gain) => gain[kind[l]] * ratio[l] * m.2,
-            None => ratio[l] * m.3,
+            Some(gain) => gain[kind[l]] * m.2,
+            None => m.3,
         };
 
-        // 6. The allocation.
+        // 5. The allocation.
         let options: Vec<Vec<(Format, u64, f64)>> = (0..layers.len())
             .map(|l| {
                 let mut opts: Vec<(Format, u64, f64)> =
@@ -685,7 +704,7 @@ impl Search<'_> {
         let formats: Vec<Format> = picked.picks.iter().zip(&options).map(|(&p, o)| o[p].0).collect();
         let sensitivities: Vec<f64> = picked.picks.iter().zip(&options).map(|(&p, o)| o[p].2).collect();
 
-        // 7. The layers whose format moved, by the method; then, with a probe, the mix
+        // 6. The layers whose format moved, by the method; then, with a probe, the mix
         // against the uniform choice end to end, keeping the better.
         let moved: Vec<bool> = formats.iter().zip(&base).map(|(f, b)| f != b).collect();
         let skip: Vec<bool> = moved.iter().map(|m| !m).collect();
@@ -701,9 +720,10 @@ impl Search<'_> {
             (self.progress)(0, 2, "checking the mix against the uniform format");
             let mix = probe(&with(&formats, &encoded, &|_| true)?)?;
             let flat = probe(&with(&base, &at_base, &|_| true)?)?;
-            if mix < flat {
+            if mix < flat || !base_fits {
                 notes.push(format!(
-                    "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}"
+                    "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}{}",
+                    if base_fits { "" } else { " (and exceeds the budget)" }
                 ));
             } else {
                 notes.push(format!(
@@ -746,14 +766,18 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
 
 /// The stored bytes of the layer in `format` by rounding to nearest, with scales searched
 /// on `clip`'s grid (weighted by the diagonal of its input's `H`, if any) when given.
-fn round(layer: &Layer, format: Format, clip: Option<Grid>) -> Result<Vec<u8>, kiln_ir::FormatError> {
+fn round(
+    values: &[f32],
+    diag: Option<&[f64]>,
+    format: Format,
+    clip: Option<Grid>,
+) -> Result<Vec<u8>, kiln_ir::FormatError> {
     match (format, clip) {
         (Format::Int(f), Some(grid)) => {
-            let importance: Vec<f32> =
-                layer.gram.as_ref().map_or(Vec::new(), |g| g.diagonal().iter().map(|&h| h as f32).collect());
-            Ok(crate::clip::quantize(grid, f, &layer.values, &importance))
+            let importance: Vec<f32> = diag.map_or(Vec::new(), |d| d.iter().map(|&h| h as f32).collect());
+            Ok(crate::clip::quantize(grid, f, values, &importance))
         }
-        _ => encode_rtn(&layer.values, format),
+        _ => encode_rtn(values, format),
     }
 }
 
@@ -774,7 +798,13 @@ fn encode(layer: &Layer, format: Format, method: Method, opts: &GptqOptions) -> 
         (Format::Int(f), Method::Gptq, Some(g)) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
-        _ => round(layer, format, opts.clip.then_some(Grid::Fine)).map_err(|e| e.to_string())?,
+        _ => round(
+            &layer.values,
+            layer.gram.as_ref().map(|g| g.diagonal()).as_deref(),
+            format,
+            opts.clip.then_some(Grid::Fine),
+        )
+        .map_err(|e| e.to_string())?,
     };
     let error = match &layer.gram {
         Some(g) => {
