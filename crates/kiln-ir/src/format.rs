@@ -245,14 +245,25 @@ impl IntFormat {
         }
     }
 
-    /// The code nearest to `x` under `s`, clamped to the codes.
+    /// The code nearest to `x` under `s`, clamped to the codes: `round((x - m) / d)` for
+    /// asymmetric formats and `round(x / d) + 2^(bits-1)` for symmetric ones, rounding
+    /// halves away from zero; every code is the zero code when `d` is 0 or not finite.
     pub fn code(self, s: BlockScales, x: f32) -> u8 {
-        let d = s.d.to_f32();
+        self.code_in(s.d.to_f32(), s.m.to_f32(), x)
+    }
+
+    /// [`IntFormat::code`] with the scales already widened (`d`, `m` from f16).
+    #[inline]
+    pub fn code_in(self, d: f32, m: f32, x: f32) -> u8 {
         if d == 0.0 || !d.is_finite() {
             return self.zero_code();
         }
-        let q = if self.asym { (x - s.m.to_f32()) / d } else { x / d + self.zero_code() as f32 };
-        q.round().clamp(0.0, self.max_code() as f32) as u8
+        let q = if self.asym { (x - m) / d } else { x / d + self.zero_code() as f32 };
+        // Clamped first, then rounded half away from zero by truncation: the same code as
+        // `q.round().clamp(..)` (NaN gives 0), without a call to `roundf`.
+        let q = q.clamp(0.0, self.max_code() as f32);
+        let whole = q as u8;
+        whole + (q - whole as f32 >= 0.5) as u8
     }
 
     /// Appends one block: the scales, then `codes` (one per value of the group) packed.
@@ -417,6 +428,30 @@ mod int_tests {
         assert_eq!(int("int3g128").block_bytes(), 2 + 48);
         assert_eq!(Format::Int(int("int4g64a")).bits_per_weight(), 4.5);
         assert_eq!(Format::Int(int("int2g32")).bits_per_weight(), 2.5);
+    }
+
+    /// `code` rounds halves away from zero and clamps, as `f32::round` then `clamp` would,
+    /// on ties, near-ties, out-of-range values, signed zeros and NaN.
+    #[test]
+    fn codes_round_half_away_from_zero_and_clamp() {
+        let reference = |f: IntFormat, d: f32, m: f32, x: f32| -> u8 {
+            let q = if f.asym { (x - m) / d } else { x / d + f.zero_code() as f32 };
+            q.round().clamp(0.0, f.max_code() as f32) as u8
+        };
+        let d = 0.25f32;
+        let mut xs = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30];
+        for i in -80..80 {
+            let x = i as f32 * d / 2.0; // every half step: exact ties
+            xs.extend([x, x.next_up(), x.next_down()]);
+        }
+        for name in ["int4g32", "int4g32a", "int3g64", "int2g32a", "int8g32"] {
+            let f = int(name);
+            for &m in &[0.0f32, -1.125] {
+                for &x in &xs {
+                    assert_eq!(f.code_in(d, m, x), reference(f, d, m, x), "{name} m={m} x={x}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl Range {
 }
 
 /// `sum h_i (x_i - Q(x_i))^2` under the scales `s`, rounding as [`IntFormat::code`] does
-/// (up to the last bit of a tie: this only ranks candidate scales).
+/// up to exact ties (this only ranks candidate scales).
 fn error(f: IntFormat, s: BlockScales, values: &[f32], h: &[f32]) -> f32 {
     let (d, m) = (s.d.to_f32(), s.m.to_f32());
     let zero = f.zero_code() as f32;
@@ -127,10 +127,13 @@ fn error(f: IntFormat, s: BlockScales, values: &[f32], h: &[f32]) -> f32 {
         return weighted(values, h, |x| x - m);
     }
     let (inv, top) = (1.0 / d, f.max_code() as f32);
-    // `t + 0.5` clamped to [0, top] and truncated is `round(t)` clamped, in instructions
-    // that vectorize (`f32::round` is a library call without SSE4.1).
+    // Rounded by adding and subtracting 2^23 (exact for 0 <= t < 2^23, halves to even where
+    // `IntFormat::code` rounds them away from zero): plain vector arithmetic, where
+    // `f32::round` is a library call without SSE4.1 and `as i32` a scalar conversion.
+    const SHIFT: f32 = 8_388_608.0;
     weighted(values, h, |x| {
-        let q = ((x - m) * inv + zero + 0.5).clamp(0.0, top) as i32 as f32;
+        let t = ((x - m) * inv + zero).clamp(0.0, top);
+        let q = (t + SHIFT) - SHIFT;
         x - (d * (q - zero) + m)
     })
 }

@@ -435,7 +435,10 @@ impl Sweep<'_> {
         // per weight: `IntFormat::value`'s results, looked up.
         let levels = 1usize << f.bits;
         let mut tables = if levels <= g { vec![0f32; rows * groups * levels] } else { Vec::new() };
-        let tabulate = |tables: &mut [f32], slot: usize, s: BlockScales| {
+        // The scales widened to f32, for `IntFormat::code_in`.
+        let mut wide = vec![(0f32, 0f32); rows * groups];
+        let tabulate = |tables: &mut [f32], wide: &mut [(f32, f32)], slot: usize, s: BlockScales| {
+            wide[slot] = (s.d.to_f32(), s.m.to_f32());
             if !tables.is_empty() {
                 for (q, v) in tables[slot * levels..(slot + 1) * levels].iter_mut().enumerate() {
                     *v = f.value(s, q as u8);
@@ -453,7 +456,7 @@ impl Sweep<'_> {
             if self.act_order {
                 for (j, group) in natural.chunks_exact(g).enumerate() {
                     scales[r * groups + j] = self.fit(group, j * g);
-                    tabulate(&mut tables, r * groups + j, scales[r * groups + j]);
+                    tabulate(&mut tables, &mut wide, r * groups + j, scales[r * groups + j]);
                 }
             }
         }
@@ -494,16 +497,17 @@ impl Sweep<'_> {
                             *y += o;
                         }
                         scales[r * groups + s1 / g] = self.fit(y, s1);
-                        tabulate(&mut tables, r * groups + s1 / g, scales[r * groups + s1 / g]);
+                        tabulate(&mut tables, &mut wide, r * groups + s1 / g, scales[r * groups + s1 / g]);
                     }
                     let scales = &scales[r * groups..(r + 1) * groups];
+                    let wide = &wide[r * groups..(r + 1) * groups];
                     let table = tables.get(r * groups * levels..(r + 1) * groups * levels).unwrap_or_default();
                     for i in s1..s2 {
                         let c = self.perm[i];
                         let j = self.group_of[i] as usize;
                         let mrow = &m[i * k..];
                         let x = orig[i] + acc[i] / mrow[i];
-                        let q = f.code(scales[j], x);
+                        let q = f.code_in(wide[j].0, wide[j].1, x);
                         let v = if table.is_empty() { f.value(scales[j], q) } else { table[j * levels + q as usize] };
                         codes[r * k + c] = q;
                         let e = mrow[i] * (x - v);
