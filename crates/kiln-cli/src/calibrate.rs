@@ -160,3 +160,34 @@ fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> Option<(Vec<f32>, u64)
     kiln_rt::kernels::linear_rows(&xt, m, &xt, k, None, &mut xtx);
     Some((xtx, m as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(rows: usize, seq: usize) -> HashMap<String, Value> {
+        let data = (0..(rows * seq) as i64).collect();
+        HashMap::from([("input_ids".to_string(), Value::I64 { shape: vec![rows, seq], data })])
+    }
+
+    fn first_ids(v: &HashMap<String, Value>) -> Vec<i64> {
+        match &v["input_ids"] {
+            Value::I64 { data, shape } => data.iter().step_by(shape[1]).copied().collect(),
+            Value::F32(_) => unreachable!(),
+        }
+    }
+
+    /// Probes get the first ~256 tokens; calibration the other rows, never the same ones.
+    #[test]
+    fn probe_rows_are_held_out_of_calibration() {
+        let (probe, calib, held_out) = split_probe(&ids(16, 128));
+        assert!(held_out);
+        assert_eq!(first_ids(&probe), vec![0, 128]);
+        assert_eq!(first_ids(&calib), (2..16).map(|r| r * 128).collect::<Vec<_>>());
+
+        // Too few rows to spare: every row does both, and the caller is told.
+        let (probe, calib, held_out) = split_probe(&ids(3, 128));
+        assert!(!held_out);
+        assert_eq!((first_ids(&probe).len(), first_ids(&calib).len()), (2, 3));
+    }
+}
