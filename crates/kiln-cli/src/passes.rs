@@ -15,7 +15,8 @@ use std::path::PathBuf;
 pub struct PassArgs {
     /// Passes to run, in order, e.g. "quantize(bits=4.5)" or
     /// "quantize(format=int4g64a, method=gptq)". Formats: f32, f16, bf16, int8 (per output
-    /// channel), intBgG[a] (B bits in 2, 3, 4, 8; groups of G; `a`: asymmetric).
+    /// channel), intBgG[a] (B bits in 2, 3, 4, 8; groups of G; `a`: asymmetric), fp8 (e4m3
+    /// per output channel) or fp8gG.
     #[arg(long)]
     pub passes: Option<String>,
     /// Calibration inputs (safetensors, tensors named like the model's inputs, one sequence

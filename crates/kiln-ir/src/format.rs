@@ -35,6 +35,20 @@ pub enum Format {
     Q4_1,
     /// kiln's group-quantized integers; see [`IntFormat`] (`int4g64`, `int3g128a`, ...).
     Int(IntFormat),
+    /// 8-bit floats (OCP e4m3, "fn": no infinities) with an f16 scale per group; see
+    /// [`Fp8Format`] (`fp8g576`, `fp8g32`).
+    Fp8(Fp8Format),
+}
+
+/// fp8 e4m3 values in groups of `group` consecutive values along a row, one f16 scale per
+/// group: each block is `{ d: f16, q: [u8; group] }` and `x[j] = f32(d) * e4m3(q[j])`, where
+/// [`e4m3`] decodes the byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
+/// is subnormal (`m / 8 * 2^-6`); `S.1111.111` is NaN and the largest finite value is 448.
+/// `group` is a multiple of 32; per output channel is the group equal to the row. The value
+/// is exact in f32 (an 11-bit scale times a 4-bit significand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fp8Format {
+    pub group: u32,
 }
 
 /// Integers of `bits` bits in groups of `group` consecutive values along a row, one f16
@@ -72,7 +86,7 @@ pub enum FormatError {
     #[error("{format} stores blocks of {block} values; {elements} elements is not a multiple")]
     Blocks { format: Format, elements: u64, block: u64 },
     #[error(
-        "unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0, q4_1, or intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a)"
+        "unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G)"
     )]
     Unknown(String),
     #[error("`{0}`: {1}")]
@@ -93,6 +107,7 @@ impl Format {
             Format::Q4_0 => "q4_0".into(),
             Format::Q4_1 => "q4_1".into(),
             Format::Int(i) => i.to_string(),
+            Format::Fp8(f) => f.to_string(),
         }
     }
 
@@ -102,6 +117,7 @@ impl Format {
             Format::F32 | Format::F16 | Format::BF16 => 1,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
             Format::Int(i) => i.group as u64,
+            Format::Fp8(f) => f.group as u64,
         }
     }
 
@@ -114,6 +130,7 @@ impl Format {
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
             Format::Int(i) => i.block_bytes() as u64,
+            Format::Fp8(f) => 2 + f.group as u64,
         }
     }
 
@@ -174,8 +191,74 @@ impl Format {
                     out.extend(codes.iter().map(|&q| f.value(s, q)));
                 }
             }
+            Format::Fp8(f) => {
+                for block in bytes.chunks_exact(2 + f.group as usize) {
+                    let d = half(&block[0..2]);
+                    out.extend(block[2..].iter().map(|&q| d * e4m3(q)));
+                }
+            }
         }
         Ok(out)
+    }
+}
+
+/// The value of an fp8 e4m3 byte (see [`Fp8Format`]).
+pub fn e4m3(q: u8) -> f32 {
+    let sign = if q & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((q >> 3) & 0xF, q & 7);
+    if e == 0xF && m == 7 {
+        return f32::NAN;
+    }
+    let magnitude =
+        if e == 0 { m as f32 / 8.0 * 2f32.powi(-6) } else { (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7) };
+    sign * magnitude
+}
+
+/// The e4m3 byte nearest to `x` (ties to the even code), saturating at +-448; NaN gives 0.
+pub fn to_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0;
+    }
+    let a = x.abs().min(448.0);
+    // The 127 non-negative finite values are increasing in their codes 0..=126.
+    let (mut lo, mut hi) = (0u8, 126u8);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if e4m3(mid) <= a { lo = mid } else { hi = mid }
+    }
+    let (dl, dh) = (a - e4m3(lo), e4m3(hi) - a);
+    let code = if dl < dh || (dl == dh && lo % 2 == 0) { lo } else { hi };
+    code | if x.is_sign_negative() && code != 0 { 0x80 } else { 0 }
+}
+
+impl Fp8Format {
+    /// Checks that the group is a positive multiple of 32.
+    pub fn new(group: u32) -> Result<Fp8Format, FormatError> {
+        if group == 0 || !group.is_multiple_of(32) {
+            return Err(FormatError::Invalid(format!("fp8g{group}"), "the group must be a positive multiple of 32"));
+        }
+        Ok(Fp8Format { group })
+    }
+
+    /// Stored bytes of `values` (rows of a multiple of the group): per group the scale
+    /// `absmax / 448` (rounded to f16), then each value divided by it, to nearest.
+    pub fn quantize(self, values: &[f32]) -> Vec<u8> {
+        let g = self.group as usize;
+        let mut out = Vec::with_capacity(values.len() / g * (g + 2));
+        for group in values.chunks_exact(g) {
+            let max = group.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = f16::from_f32(max / 448.0);
+            out.extend(d.to_le_bytes());
+            let d = d.to_f32();
+            out.extend(group.iter().map(|&x| if d > 0.0 && d.is_finite() { to_e4m3(x / d) } else { 0 }));
+        }
+        out
+    }
+}
+
+impl fmt::Display for Fp8Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fp8g{}", self.group)
     }
 }
 
@@ -357,6 +440,10 @@ impl std::str::FromStr for Format {
         if s.starts_with("int") {
             return s.parse().map(Format::Int);
         }
+        if let Some(group) = s.strip_prefix("fp8g") {
+            let group = group.parse().ok().filter(|_| group.bytes().all(|b| b.is_ascii_digit()));
+            return Fp8Format::new(group.ok_or_else(|| FormatError::Unknown(s.to_string()))?).map(Format::Fp8);
+        }
         Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| FormatError::Unknown(s.to_string()))
     }
 }
@@ -452,6 +539,47 @@ mod int_tests {
                 }
             }
         }
+    }
+
+    /// e4m3 by hand: 1.0 = 0.0111.000, 1.5 = 0.0111.100, 448 = 0.1111.110 (the largest),
+    /// 2^-9 = 0.0000.001 (the smallest subnormal), NaN = S.1111.111.
+    #[test]
+    fn e4m3_bytes_decode_and_encode_by_hand() {
+        assert_eq!(e4m3(0x38), 1.0);
+        assert_eq!(e4m3(0x3C), 1.5);
+        assert_eq!(e4m3(0xB8), -1.0);
+        assert_eq!(e4m3(0x7E), 448.0);
+        assert_eq!(e4m3(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3(0x08), 2f32.powi(-6));
+        assert!(e4m3(0x7F).is_nan() && e4m3(0xFF).is_nan());
+        assert_eq!(to_e4m3(1.0), 0x38);
+        assert_eq!(to_e4m3(1e9), 0x7E, "saturates");
+        assert_eq!(to_e4m3(-1e9), 0xFE);
+        // Ties go to the even code: 1.0625 is halfway between 1.0 (0x38) and 1.125 (0x39);
+        // 1.1875 between 1.125 (0x39) and 1.25 (0x3A).
+        assert_eq!(to_e4m3(1.0625), 0x38);
+        assert_eq!(to_e4m3(1.1875), 0x3A);
+        assert_eq!(to_e4m3(1.07), 0x39);
+        for code in (0u8..=0xFE).filter(|c| c & 0x7F != 0x7F && *c != 0x80) {
+            assert_eq!(to_e4m3(e4m3(code)), code, "{code:#04x} round-trips");
+        }
+    }
+
+    #[test]
+    fn fp8_blocks_hold_a_scale_then_one_byte_per_value() {
+        let f: Format = "fp8g32".parse().unwrap();
+        assert_eq!(f.name(), "fp8g32");
+        assert_eq!(f.bits_per_weight(), 8.5);
+        assert!("fp8g48".parse::<Format>().is_err() && "fp8".parse::<Format>().is_err());
+        let Format::Fp8(fp8) = f else { unreachable!() };
+        // absmax 224 -> d = 0.5; values are then d * e4m3(x / d).
+        let mut v = vec![0.0f32; 32];
+        (v[0], v[1], v[2], v[3], v[4]) = (224.0, -0.75, 0.53, 0.00075, 1e-4);
+        let bytes = fp8.quantize(&v);
+        assert_eq!(bytes.len(), 34);
+        assert_eq!(f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(), 0.5);
+        let x = f.dequantize(&bytes, 32).unwrap();
+        assert_eq!(&x[..5], &[224.0, -0.75, 0.5, 0.5 * 2f32.powi(-9), 0.0], "the last one below half a subnormal");
     }
 
     #[test]

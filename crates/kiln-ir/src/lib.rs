@@ -32,7 +32,7 @@ pub mod text;
 pub mod types;
 pub mod verify;
 
-pub use format::{BlockScales, Format, FormatError, IntFormat};
+pub use format::{BlockScales, Format, FormatError, Fp8Format, IntFormat};
 pub use graph::{Graph, GraphError, Node, NodeId, Span};
 pub use op::{BinaryOp, Op, ReduceOp, TypeError, UnaryOp, WeightRef, broadcast};
 pub use store::{Bytes, TensorData, TensorStore};

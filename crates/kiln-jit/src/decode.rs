@@ -66,6 +66,7 @@ impl Rows {
             Format::F32 | Format::F16 | Format::BF16 => 4,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
             Format::Int(_) => unreachable!("int formats run as GGUF blocks (repack.rs)"),
+            Format::Fp8(_) => unreachable!("fp8 runs from decoded f32 (engine.rs)"),
         }
     }
 }
@@ -238,7 +239,7 @@ pub(crate) fn decode_lanes(b: &mut FunctionBuilder<'_>, rows: Rows, at: &[(Value
             let t = b.ins().ishl_imm_u(v, 13);
             f16_to_f32(b, t)
         }
-        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Int(_) => {
+        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Int(_) | Format::Fp8(_) => {
             unreachable!("block formats have no k tail")
         }
     }

@@ -688,6 +688,8 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
     }
     let format = match w.format {
         Format::Int(int) => crate::repack::kernel_format(int),
+        // No fp8 kernel yet: the sgemm path, on weights decoded to f32 at build.
+        Format::Fp8(_) => Format::F32,
         f => f,
     };
     let mut spec = LinearSpec::new(k, n, format);

@@ -7,7 +7,9 @@
 //! (`blk.0.attn_q`), which is what `--override` patterns match.
 //!
 //! **Formats.** A [`Choice`] per layer: `f32` (keep), `f16`, `bf16`, `int8` (one scale per
-//! output channel: `int8g<K>`), or an [`IntFormat`] such as `int4g64a`. A group that does not
+//! output channel: `int8g<K>`), an [`IntFormat`] such as `int4g64a`, or `fp8` (e4m3, one
+//! scale per output channel: `fp8g<K>`; or per group, `fp8g32`; rounded, never GPTQ'd, and
+//! not among the budget's candidates: int8 is as small and usually closer). A group that does not
 //! divide a layer's rows falls back to the largest multiple of 32 below it that does
 //! (`int4g128` on 576-wide rows becomes `int4g96`), and the report shows the format used.
 //!
@@ -77,6 +79,8 @@ pub enum Choice {
     /// int8, one scale per output channel.
     Int8,
     Int(IntFormat),
+    /// fp8 e4m3 with one scale per output channel (`None`) or per group.
+    Fp8(Option<u32>),
 }
 
 impl Choice {
@@ -88,12 +92,18 @@ impl Choice {
             Choice::F16 => Some(Format::F16),
             Choice::BF16 => Some(Format::BF16),
             Choice::Int8 => IntFormat::new(8, u32::try_from(k).ok()?, false).ok().map(Format::Int),
-            Choice::Int(f) => {
-                let group = (1..=f.group / 32).rev().map(|m| m * 32).find(|&g| k.is_multiple_of(g as u64))?;
-                Some(Format::Int(IntFormat { group, ..f }))
+            Choice::Int(f) => Some(Format::Int(IntFormat { group: fallback(f.group, k)?, ..f })),
+            Choice::Fp8(group) => {
+                let group = fallback(group.unwrap_or(u32::try_from(k).ok()?), k)?;
+                kiln_ir::Fp8Format::new(group).ok().map(Format::Fp8)
             }
         }
     }
+}
+
+/// The largest multiple of 32 up to `group` that divides rows of `k`.
+fn fallback(group: u32, k: u64) -> Option<u32> {
+    (1..=group / 32).rev().map(|m| m * 32).find(|&g| k.is_multiple_of(g as u64))
 }
 
 impl std::str::FromStr for Choice {
@@ -104,6 +114,11 @@ impl std::str::FromStr for Choice {
             "f16" => Choice::F16,
             "bf16" => Choice::BF16,
             "int8" => Choice::Int8,
+            "fp8" => Choice::Fp8(None),
+            _ if s.starts_with("fp8") => match s.parse::<Format>().map_err(|e| e.to_string())? {
+                Format::Fp8(f) => Choice::Fp8(Some(f.group)),
+                _ => unreachable!("fp8 names parse to fp8 formats"),
+            },
             _ => Choice::Int(s.parse().map_err(|e: kiln_ir::FormatError| e.to_string())?),
         })
     }
@@ -117,6 +132,8 @@ impl std::fmt::Display for Choice {
             Choice::BF16 => f.write_str("bf16"),
             Choice::Int8 => f.write_str("int8"),
             Choice::Int(i) => write!(f, "{i}"),
+            Choice::Fp8(None) => f.write_str("fp8"),
+            Choice::Fp8(Some(g)) => write!(f, "fp8g{g}"),
         }
     }
 }
@@ -758,6 +775,7 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
         Format::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
         Format::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
         Format::Int(f) => f.quantize(values),
+        Format::Fp8(f) => f.quantize(values),
         other => {
             return Err(kiln_ir::FormatError::Unknown(format!("{other} (the quantize pass writes kiln's formats)")));
         }
