@@ -64,6 +64,10 @@ pub fn random_weight(rng: &mut Rng, format: Format, n: usize, k: usize) -> Vec<u
             let values: Vec<f32> = (0..elems).map(|_| rng.f32() * 0.2).collect();
             out = f.quantize(&values);
         }
+        Format::Fp8(f) => {
+            let values: Vec<f32> = (0..elems).map(|_| rng.f32() * 0.2).collect();
+            out = f.quantize(&values);
+        }
     }
     out
 }
