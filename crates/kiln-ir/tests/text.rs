@@ -93,7 +93,7 @@ fn parse_errors_have_positions() {
     assert_eq!(err("graph g {\n  %0 = input \"x\" : f32[4]\n"), "2:1: missing closing `}` of the graph");
     assert_eq!(
         err("graph g {\n  %0 = weight \"w\" q9 : f32[4]\n}\n"),
-        "2:19: unknown weight format `q9` (expected f32, f16, bf16, q8_0, q4_0, q4_1, or intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a)"
+        "2:19: unknown weight format `q9` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G)"
     );
     assert_eq!(
         err("graph g {\n  %0 = weight \"w\" int4g48 : f32[4, 48]\n}\n"),
