@@ -203,13 +203,14 @@ pub const CANDIDATES: &[&str] = &[
 ];
 
 /// A candidate format of a layer as measured: the format, its storage bits, and the
-/// absolute and relative output errors of rounding to it.
+/// absolute and relative output errors it leaves (see [`errors`]).
 type Measured = (Format, u64, f64, f64);
 
 /// How far below or above the budget (bits per weight; budgets from 8 bits search
-/// everything from 7.5 up) a layer's format may go in the search: far from the uniform format the search starts from,
-/// per-layer errors stop adding up (a model with many 2-bit layers is not the sum of
-/// models with one), and measured on SmolLM2 a band of 1.25 lost to one of 0.5.
+/// everything from 7.5 up) a layer's format may go in the search. Far from the format the
+/// search starts from, per-layer errors stop adding up (a model with many 2-bit layers is
+/// not the sum of models with one): on SmolLM2 a band of 1.25 bits, and one reaching up
+/// to int8, lost to this one.
 pub const BAND: f64 = 0.5;
 
 /// How far (relative) the uniform format the search starts from may exceed the budget.
