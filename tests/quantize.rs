@@ -318,5 +318,10 @@ fn fp8_is_per_channel_e4m3_and_runs_compiled() {
         errors.push(relative_error(&logits(&g), &want));
     }
     let [fp8, int8, int4] = errors[..] else { unreachable!() };
+    // GPTQ does not apply to fp8, and the report says so rather than skipping it silently.
+    let mut g = model();
+    let calib = calibrate(&g);
+    let report = run_pass(&mut g, Target::Format("fp8".parse().unwrap()), Method::Gptq, &[], Some(&calib));
+    assert!(report.notes.iter().any(|n| n.contains("3 fp8 layers were rounded")), "{:?}", report.notes);
     assert!(int8 < fp8 && fp8 < 0.5 * int4, "fp8 {fp8}, int8 {int8}, int4g32a {int4}");
 }

@@ -394,6 +394,10 @@ pub fn quantize(
         })
         .collect();
 
+    let fp8 = formats.iter().filter(|f| matches!(f, Format::Fp8(_))).count();
+    if options.method == Method::Gptq && fp8 > 0 {
+        notes.push(format!("{fp8} fp8 layers were rounded to nearest: GPTQ applies to int formats only"));
+    }
     if options.activations == Activations::Int8 {
         let exact: Vec<&str> = layers
             .iter()
