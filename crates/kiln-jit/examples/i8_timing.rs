@@ -10,7 +10,8 @@
 //!     --tiles D,R,X,MIN --tiles ...
 //! ```
 //!
-//! `--panel P` times the kernels on weights packed into panels of `P` rows (`pack_weight`).
+//! `--panel P` times the kernels on weights packed into panels of `P` rows (`pack_weight`),
+//! and the 256-bit prefill GEMM (`gemm_i8`, "g256") on them.
 //! `--cold` times GEMV on weights streamed from memory instead (see `cold`), for each
 //! `--tiles` and each of `--panels 0,16,..` (0: as stored), with `--threads T` splitting
 //! columns as the engine does:
@@ -87,8 +88,20 @@ fn main() {
 
     println!("host: {}  tiles: {tiles:?}", isa.features());
     println!(
-        "{:<6} {:>5} {:>6} {:>4} | {:>9} {:>8} {:>8} {:>8} {:>8} | {:>9} {:>8} | {:>6}",
-        "format", "K", "N", "M", "i8 us", "GOP/s", "quant us", "+q GOP/s", "GB/s(W)", "f32 us", "GFLOP/s", "speedup"
+        "{:<6} {:>5} {:>6} {:>4} | {:>9} {:>8} {:>8} {:>8} {:>8} | {:>9} {:>8} | {:>6} | {:>8}",
+        "format",
+        "K",
+        "N",
+        "M",
+        "i8 us",
+        "GOP/s",
+        "quant us",
+        "+q GOP/s",
+        "GB/s(W)",
+        "f32 us",
+        "GFLOP/s",
+        "speedup",
+        "g256 GOP/s"
     );
     for &format in &formats {
         for &(k, n) in &shapes {
@@ -112,6 +125,11 @@ fn main() {
                 let ops = 2.0 * (m * n * k) as f64;
                 let t_i8 = time(|| kernel.run(&xq, &w_i8, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
                 let t_q = time(|| quantize_rows(&x, k, &mut xq)).as_secs_f64();
+                // The 256-bit GEMM on the same packed weight (`--panel` only).
+                let g256 = (panel > 0 && kiln_jit::gemm_i8::available()).then(|| {
+                    let t = time(|| kiln_jit::gemm_i8::run(&spec, &xq, &w_i8, &mut y, 0..m).unwrap()).as_secs_f64();
+                    format!("{:.1}", ops / t * 1e-9)
+                });
                 let (f32_us, f32_rate, speedup) = match &f32_kernel {
                     Some(fk) => {
                         let t = time(|| fk.run(&x, &w, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
@@ -124,7 +142,7 @@ fn main() {
                     None => Default::default(),
                 };
                 println!(
-                    "{:<6} {:>5} {:>6} {:>4} | {:>9.1} {:>8.1} {:>8.2} {:>8.1} {:>8.1} | {:>9} {:>8} | {:>6}",
+                    "{:<6} {:>5} {:>6} {:>4} | {:>9.1} {:>8.1} {:>8.2} {:>8.1} {:>8.1} | {:>9} {:>8} | {:>6} | {:>8}",
                     format.name(),
                     k,
                     n,
@@ -136,7 +154,8 @@ fn main() {
                     w.len() as f64 / t_i8 * 1e-9,
                     f32_us,
                     f32_rate,
-                    speedup
+                    speedup,
+                    g256.unwrap_or_default()
                 );
             }
         }

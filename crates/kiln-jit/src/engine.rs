@@ -25,7 +25,7 @@ use crate::linear_i8::{
     pack_weight, quantize_rows,
 };
 use crate::math::Activation;
-use crate::module::{JitCode, JitModule};
+use crate::module::{FunctionId, JitCode, JitModule};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::{KvCache, Pool, Tensor, Value};
@@ -190,7 +190,10 @@ pub struct EngineOptions {
 /// A compiled linear kernel of either activation type.
 enum Kernel {
     F32(LinearKernel, LinearFn),
-    I8(LinearI8Kernel, LinearI8Fn),
+    /// The emitted W8A8 kernel, and when the host runs [`crate::gemm_i8`] the epilogue for
+    /// it (`None` inside: the epilogue is the identity): blocks of [`GEMM_I8_ROWS`] rows or
+    /// more take the 256-bit GEMM, then the epilogue, for the same bits.
+    I8(LinearI8Kernel, LinearI8Fn, Option<Option<EpilogueFn>>),
     /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
     /// an emitted epilogue kernel for bias, activation and residual (none if identity).
     Sgemm(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
@@ -200,7 +203,7 @@ impl Kernel {
     fn spec(&self) -> LinearSpec {
         match self {
             Kernel::F32(k, _) => *k.spec(),
-            Kernel::I8(k, _) => k.spec().linear(),
+            Kernel::I8(k, ..) => k.spec().linear(),
             Kernel::Sgemm(spec, _) => *spec,
         }
     }
@@ -238,6 +241,11 @@ pub struct Engine<'g> {
 /// Rows below which a linear kernel runs on the calling thread only.
 const MIN_PARALLEL_ROWS: usize = 4;
 
+/// Rows of a block from which W8A8 linears take the 256-bit GEMM ([`crate::gemm_i8`]),
+/// which computes the emitted kernel's bits (`i8_timing --panel 16`: 1.1-2.5x its tile path
+/// at 128 rows; with four rows per tile, fewer rows would waste most of one).
+const GEMM_I8_ROWS: usize = 4;
+
 /// Output columns per thread below which a single-row linear is not split by columns.
 const MIN_SPLIT_COLUMNS: usize = 64;
 
@@ -267,7 +275,9 @@ impl<'g> Engine<'g> {
         let mut dense: Vec<NodeId> = Vec::new();
         // Distinct kernels: the spec, and how it runs.
         let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
-        let mut ids = Vec::new();
+        // Per kernel: the emitted function, and an epilogue (sgemm; int8 with the GEMM).
+        let mut ids: Vec<(Option<FunctionId>, Option<FunctionId>)> = Vec::new();
+        let gemm_i8 = crate::gemm_i8::available();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
@@ -282,26 +292,28 @@ impl<'g> Engine<'g> {
                     Some(k) => k,
                     None => {
                         let name = format!("linear{}", specs.len());
+                        let epilogue = EpilogueSpec {
+                            n: spec.n,
+                            bias: spec.bias,
+                            activation: spec.activation,
+                            residual: spec.residual,
+                        };
+                        let mut epilogue_id = || -> Result<Option<FunctionId>, JitError> {
+                            let name = format!("epilogue{}", specs.len());
+                            (!epilogue.is_identity()).then(|| emit_epilogue(&mut module, &name, &epilogue)).transpose()
+                        };
                         ids.push(match how {
                             Impl::Int8 => {
                                 let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
-                                Some(emit_linear_i8(&mut module, &name, &i8spec, &LinearI8Tiles::default())?)
+                                let tiles = LinearI8Tiles::default();
+                                let after_gemm = if gemm_i8 { epilogue_id()? } else { None };
+                                (Some(emit_linear_i8(&mut module, &name, &i8spec, &tiles)?), after_gemm)
                             }
                             Impl::Jit => {
-                                Some(emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format))?)
+                                let tiles = LinearTiles::for_format(spec.format);
+                                (Some(emit_linear(&mut module, &name, &spec, &tiles)?), None)
                             }
-                            Impl::Sgemm => {
-                                let epilogue = EpilogueSpec {
-                                    n: spec.n,
-                                    bias: spec.bias,
-                                    activation: spec.activation,
-                                    residual: spec.residual,
-                                };
-                                let name = format!("epilogue{}", specs.len());
-                                (!epilogue.is_identity())
-                                    .then(|| emit_epilogue(&mut module, &name, &epilogue))
-                                    .transpose()?
-                            }
+                            Impl::Sgemm => (None, epilogue_id()?),
                         });
                         specs.push((spec, how));
                         specs.len() - 1
@@ -376,13 +388,16 @@ impl<'g> Engine<'g> {
         let kernels = ids
             .into_iter()
             .zip(specs)
-            .map(|(id, (spec, how))| match (how, id) {
+            .map(|((id, epilogue), (spec, how))| match (how, id) {
                 (Impl::Int8, Some(id)) => {
                     let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
                     // SAFETY: `id` was defined by `emit_linear_i8` for `i8spec` in this module.
                     let kernel = unsafe { LinearI8Kernel::from_code(code.clone(), id, i8spec) };
                     let entry = kernel.entry();
-                    Kernel::I8(kernel, entry)
+                    // SAFETY: `epilogue` was defined by `emit_epilogue`, of signature `EpilogueFn`
+                    // (the kernel keeps the module's code alive).
+                    let epilogue = epilogue.map(|e| unsafe { code.function::<EpilogueFn>(e) }.get());
+                    Kernel::I8(kernel, entry, gemm_i8.then_some(epilogue))
                 }
                 (Impl::Jit, Some(id)) => {
                     // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
@@ -390,9 +405,9 @@ impl<'g> Engine<'g> {
                     let entry = kernel.entry();
                     Kernel::F32(kernel, entry)
                 }
-                (Impl::Sgemm, id) => Kernel::Sgemm(
+                (Impl::Sgemm, _) => Kernel::Sgemm(
                     spec,
-                    id.map(|id| {
+                    epilogue.map(|id| {
                         // SAFETY: `id` was defined by `emit_epilogue`, of signature `EpilogueFn`.
                         let f = unsafe { code.function::<EpilogueFn>(id) }.get();
                         (code.clone(), f)
@@ -659,7 +674,13 @@ impl KernelArgs {
         unsafe {
             match kernel {
                 Kernel::F32(_, entry) => entry(self.x.cast(), w, b, r, y, m0, m1),
-                Kernel::I8(_, entry) => entry(self.x, w, b, r, y, m0, m1),
+                Kernel::I8(kernel, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
+                    crate::gemm_i8::gemm_i8(kernel.spec(), self.x.cast(), w, y, m0, m1);
+                    if let Some(epilogue) = epilogue {
+                        epilogue(y, b, r, m0, m1);
+                    }
+                }
+                Kernel::I8(_, entry, _) => entry(self.x, w, b, r, y, m0, m1),
                 Kernel::Sgemm(..) => unreachable!("sgemm linears do not run through KernelArgs"),
             }
         }

@@ -581,3 +581,44 @@ fn argument_checks() {
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
+
+/// The 256-bit prefill GEMM (`gemm_i8`) computes the emitted kernel's sums bit for bit:
+/// every format, panels, short last panels and groups (`N % 4`), row tails, row splits,
+/// inf/NaN scales (their columns NaN) and NaN inputs. (With the epilogue after it, that is
+/// the fused kernel: `tests/epilogue.rs`.)
+#[test]
+fn gemm_i8_is_the_emitted_kernel_bitwise() {
+    if !kiln_jit::gemm_i8::available() {
+        eprintln!("skipped: no AVX2/FMA/F16C");
+        return;
+    }
+    let mut seed = 900;
+    for format in FORMATS {
+        for (k, n) in [(32, 4), (64, 7), (96, 37), (384, 48), (160, 19), (64, 18)] {
+            for m in [1, 3, 4, 9, 13] {
+                seed += 1;
+                let s = spec(k, n, format, false, Activation::None, false);
+                let mut case = Case::new(s, m, seed);
+                if seed % 3 == 0 {
+                    // A NaN input in row m - 1, and a non-finite scale in row 2 % n.
+                    case.x[(m - 1) * k + 5] = f32::NAN;
+                    quantize_rows(&case.x.clone(), k, &mut case.xq);
+                    let bb = format.block_bytes() as usize;
+                    let at = (2 % n) * (k / 32) * bb + (k / 32 - 1) * bb;
+                    let off = if format == Format::Q4_1 && seed % 2 == 0 { 2 } else { 0 };
+                    case.w[at + off..at + off + 2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+                }
+                let want = case.output(&LinearI8Kernel::compile(isa(), s).unwrap());
+                for panel in [4, 8, 16] {
+                    let ps = s.packed(panel);
+                    let pw = packed(s, &case.w, panel);
+                    let mut y = vec![f32::NAN; m * n];
+                    let cut = seed as usize % (m + 1);
+                    kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, cut..m).unwrap();
+                    kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, 0..cut).unwrap();
+                    assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} panel {panel} split at {cut}");
+                }
+            }
+        }
+    }
+}
