@@ -528,6 +528,12 @@ impl<'g> Engine<'g> {
                     None => continue, // read only by compiled kernels, in its stored format
                 },
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
+                // The last read of a value no one else holds: reshape its buffer, no copy.
+                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
+                    let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
+                    let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
+                    Arc::new(kiln_rt::exec::reshape_owned(x, shape, &symbols).map_err(fail)?)
+                }
                 (Action::Reference, op) => {
                     let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
                     Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)

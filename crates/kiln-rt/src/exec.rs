@@ -129,6 +129,23 @@ pub fn eval_node(
     }
 }
 
+/// `reshape` to `dims` of a value the caller owns: the same buffer under the new shape
+/// (executors call it with an operand no one else reads, instead of copying it).
+pub fn reshape_owned(value: Value, dims: &[Dim], symbols: &Symbols) -> Result<Value, String> {
+    let shape: Vec<usize> = dims
+        .iter()
+        .map(|d| symbols.resolve(d).ok_or_else(|| format!("dimension `{d}` is not bound")))
+        .collect::<Result<_, _>>()?;
+    let numel: usize = shape.iter().product();
+    if numel != value.shape().iter().product::<usize>() {
+        return Err(format!("cannot reshape {:?} to {shape:?}", value.shape()));
+    }
+    Ok(match value {
+        Value::F32(t) => Value::F32(Tensor::new(shape, t.data)),
+        Value::I64 { data, .. } => Value::I64 { shape, data },
+    })
+}
+
 /// Evaluates one op (not an input or weight) with the reference kernels: the f32 meaning
 /// of the op as `kiln_ir::op` specifies it. Errors are messages about this node.
 pub fn eval_reference(op: &Op, args: &[Arc<Value>], symbols: &Symbols) -> Result<Value, String> {
@@ -155,13 +172,7 @@ pub fn eval_reference(op: &Op, args: &[Arc<Value>], symbols: &Symbols) -> Result
             };
             kernels::gather(f(0)?, data, shape).map_err(|e| e.to_string())?
         }
-        Op::Reshape { shape } => {
-            let shape = resolved(shape)?;
-            return Ok(match args[0].as_ref() {
-                Value::F32(t) => Value::F32(kernels::reshape(t, &shape)),
-                Value::I64 { data, .. } => Value::I64 { shape, data: data.clone() },
-            });
-        }
+        Op::Reshape { shape } => return reshape_owned(Value::clone(&args[0]), shape, symbols),
         Op::Transpose { perm } => kernels::transpose(f(0)?, perm),
         Op::Slice { axis, start, end } => {
             let x = f(0)?;

@@ -637,17 +637,53 @@ fn for_each_row(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
     }
 }
 
+/// Lanes of the partial sums and maxima of the row reductions below.
+const LANES: usize = 8;
+
+/// `sum f(x[i])` in f64 in a fixed order that vectorizes: element `i` goes to partial sum
+/// `i % 8` (in index order), the partial sums combine as a balanced tree, and the tail of
+/// `len % 8` elements follows in order. Row reductions (norms, softmax) are latency bound
+/// with one running sum: eight cut `layer_norm` of 128 x 384 by 4x.
+#[inline(always)]
+fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &v in tail {
+        sum += f(v);
+    }
+    sum
+}
+
+/// `max x[i]` as `f32::max` folds it (NaN ignored unless all are), over eight lanes.
+#[inline(always)]
+fn max_f32(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    tail.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v))
+}
+
 /// Stable softmax of one row, in place. A row with a NaN or with max = +-inf follows IEEE
 /// (NaN results), like PyTorch.
 #[inline]
 fn softmax_row_inplace(row: &mut [f32]) {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f64;
+    let mx = max_f32(row);
     for v in row.iter_mut() {
         *v = (*v - mx).exp();
-        sum += *v as f64;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum_f64(row, |v| v as f64);
     for v in row.iter_mut() {
         *v = (*v as f64 * inv) as f32;
     }
@@ -705,15 +741,11 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor
     let mut out = vec![0f32; x.numel()];
     for_each_row(&mut out, d, |r, y| {
         let xr = &x.data[r * d..(r + 1) * d];
-        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-        let var = xr
-            .iter()
-            .map(|&v| {
-                let c = v as f64 - mean;
-                c * c
-            })
-            .sum::<f64>()
-            / d as f64;
+        let mean = sum_f64(xr, |v| v as f64) / d as f64;
+        let var = sum_f64(xr, |v| {
+            let c = v as f64 - mean;
+            c * c
+        }) / d as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for (((o, &v), &g), &b) in y.iter_mut().zip(xr).zip(&gamma.data).zip(&beta.data) {
             *o = ((v as f64 - mean) * rstd * g as f64 + b as f64) as f32;
@@ -731,7 +763,7 @@ pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Tensor {
     let mut out = vec![0f32; x.numel()];
     for_each_row(&mut out, d, |r, y| {
         let xr = &x.data[r * d..(r + 1) * d];
-        let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+        let ms = sum_f64(xr, |v| (v as f64) * (v as f64)) / d as f64;
         let rinv = 1.0 / (ms + eps as f64).sqrt();
         for ((o, &v), &g) in y.iter_mut().zip(xr).zip(&gamma.data) {
             *o = (v as f64 * rinv * g as f64) as f32;
@@ -1023,7 +1055,9 @@ pub fn exp_nonpositive(xs: &mut [f32]) {
         p = p * r + 0.5;
         p = p * r + 1.0;
         p = p * r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from the exponent bits: `n + 127` (an integer in 1..=127) sits in the low
+        // mantissa bits of `n + 127 + ROUND` (no float-to-int conversion, so this vectorizes).
+        let scale = f32::from_bits(((n + 127.0 + ROUND).to_bits() - ROUND.to_bits()) << 23);
         *v = if *v < -87.33 { 0.0 } else { p * scale };
     }
 }
@@ -1090,27 +1124,30 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
         for (r, row) in scores.chunks_exact_mut(t.max(1)).enumerate().take(rows) {
             let i = r % s;
             let lim = if causal { (i as isize + shift + 1).clamp(0, t as isize) as usize } else { t };
-            let allowed = |j: usize| mrow.is_none_or(|m| m[j] != 0.0);
-            let mut mx = f32::NEG_INFINITY;
-            let mut any = false;
-            for (j, &sc) in row[..lim].iter().enumerate() {
-                if allowed(j) {
-                    mx = mx.max(sc);
-                    any = true;
+            let (live, dead) = row.split_at_mut(lim);
+            dead.fill(0.0);
+            // Masked keys score -inf: they do not move the maximum of the others, and their
+            // weight is exactly 0. (If every allowed score is -inf or NaN, so is the maximum,
+            // and the whole row becomes NaN as before.)
+            if let Some(m) = mrow {
+                if !m[..lim].iter().any(|&k| k != 0.0) {
+                    live.fill(0.0);
+                    continue;
+                }
+                for (sc, &k) in live.iter_mut().zip(m) {
+                    *sc = if k != 0.0 { *sc } else { f32::NEG_INFINITY };
                 }
             }
-            if !any {
-                row.fill(0.0);
+            if live.is_empty() {
                 continue;
             }
-            for (j, sc) in row[..lim].iter_mut().enumerate() {
-                *sc = if allowed(j) { *sc - mx } else { f32::NEG_INFINITY };
+            let mx = max_f32(live);
+            for sc in live.iter_mut() {
+                *sc -= mx;
             }
-            exp_nonpositive(&mut row[..lim]);
-            let sum: f64 = row[..lim].iter().map(|&p| p as f64).sum();
-            row[lim..].fill(0.0);
-            let inv = 1.0 / sum;
-            for sc in row[..lim].iter_mut() {
+            exp_nonpositive(live);
+            let inv = 1.0 / sum_f64(live, |p| p as f64);
+            for sc in live.iter_mut() {
                 *sc = (*sc as f64 * inv) as f32;
             }
         }
