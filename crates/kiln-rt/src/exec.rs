@@ -152,9 +152,6 @@ pub fn eval_reference(op: &Op, args: &[Arc<Value>], symbols: &Symbols) -> Result
     let resolve = |d: &Dim| symbols.resolve(d);
     let f =
         |i: usize| -> Result<&Tensor, String> { args[i].as_f32().ok_or_else(|| format!("operand {i} must be f32")) };
-    let resolved = |dims: &[Dim]| -> Result<Vec<usize>, String> {
-        dims.iter().map(|d| resolve(d).ok_or_else(|| format!("dimension `{d}` is not bound"))).collect()
-    };
     Ok(Value::F32(match op {
         Op::Input { .. } | Op::Weight(_) => unreachable!("bound before evaluation"),
         Op::Const { value } => Tensor::scalar(*value),
