@@ -160,6 +160,40 @@ fn int_format_weights_run_compiled_with_their_exact_values() {
     }
 }
 
+/// Per-row int8 activations: int8 weights with one scale per row take the per-row GEMM
+/// (close to the interpreter, and not the per-block kernels' bits), other int formats the
+/// per-block kernels (the same bits as `int8`); threads and row counts never change a bit.
+#[test]
+fn per_row_int8_activations_apply_to_per_channel_int8_weights() {
+    for (format, k) in [("int8g192", 192), ("int4g64a", 128)] {
+        let f: kiln_ir::IntFormat = format.parse().unwrap();
+        let n = 136;
+        let text = format!(
+            "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = input \"r\" : f32[m, {n}]\n  %2 = weight \"w\" {format} : f32[{n}, {k}]\n  %3 = weight \"b\" f32 : f32[{n}]\n  %4 = linear %0, %2, %3 : f32[m, {n}]\n  %5 = gelu %4 : f32[m, {n}]\n  %6 = add %5, %1 : f32[m, {n}]\n  output \"y\" = %6\n}}\n"
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        let mut rng = Rng::new(8);
+        let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+        let w = kiln_ir::Bytes::from_vec(f.quantize(&values(n * k)));
+        g.store.insert("w", kiln_ir::TensorData::new(kiln_ir::Format::Int(f), vec![n as u64, k as u64], w).unwrap());
+        g.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &values(n)));
+        kiln_ir::verify(&g).unwrap();
+        for m in [1, 2, 7] {
+            let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
+            let r = Value::F32(kiln_rt::Tensor::new(vec![m, n], values(m * n)));
+            let inputs: HashMap<String, Value> = [("x".to_string(), x), ("r".to_string(), r)].into();
+            let want = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
+            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs())).max(1.0);
+            let rows = Prepared::new(&g, Exec::JitInt8Row { threads: 1 }).run(&inputs);
+            let diff = f32s(&rows, "y").iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff > 0.0 && diff <= 0.05 * scale, "{format}, m = {m}: per-row int8 activations {diff}");
+            assert_eq!(rows, Prepared::new(&g, Exec::JitInt8Row { threads: 2 }).run(&inputs), "{format}, m = {m}");
+            let blocks = Prepared::new(&g, Exec::JitInt8 { threads: 1 }).run(&inputs);
+            assert_eq!(rows == blocks, format == "int4g64a", "{format}, m = {m}: which kernel ran");
+        }
+    }
+}
+
 /// fp8 weights (no kernel of their own yet: decoded to f32 once, then the sgemm path) run
 /// compiled with exactly the interpreter's values.
 #[test]

@@ -157,6 +157,10 @@ pub enum Exec {
     JitInt8 {
         threads: usize,
     },
+    /// The JIT with int8 activations, per row for int8 weights with one scale per row.
+    JitInt8Row {
+        threads: usize,
+    },
 }
 
 /// A graph prepared for repeated runs by the chosen executor.
@@ -170,9 +174,12 @@ impl<'g> Prepared<'g> {
         match exec {
             Exec::Interp => Prepared::Interp(Interpreter::new(graph).expect("weights decode")),
             Exec::Jit { threads } => Prepared::Jit(kiln_jit::Engine::new(graph, threads).expect("compiles")),
-            Exec::JitInt8 { threads } => {
-                let options =
-                    kiln_jit::EngineOptions { threads, activations: kiln_jit::Activations::Int8, profile: false };
+            Exec::JitInt8 { threads } | Exec::JitInt8Row { threads } => {
+                let activations = match exec {
+                    Exec::JitInt8 { .. } => kiln_jit::Activations::Int8,
+                    _ => kiln_jit::Activations::Int8Row,
+                };
+                let options = kiln_jit::EngineOptions { threads, activations, profile: false };
                 Prepared::Jit(kiln_jit::Engine::with_options(graph, options).expect("compiles"))
             }
         }

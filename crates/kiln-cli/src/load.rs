@@ -89,6 +89,7 @@ impl Model {
         match &self.origin {
             Origin::Artifact { metadata, .. } => match metadata.get(ACTIVATIONS_KEY).map(String::as_str) {
                 Some("int8") => Some(crate::runner::ActivationsKind::Int8),
+                Some("int8-row") => Some(crate::runner::ActivationsKind::Int8Row),
                 Some("f32") => Some(crate::runner::ActivationsKind::F32),
                 _ => None,
             },

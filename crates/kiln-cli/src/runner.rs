@@ -26,8 +26,20 @@ pub enum ActivationsKind {
     /// f32 activations against the exactly decoded weights: the exact mode.
     F32,
     /// int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's
-    /// numerics) for Q8_0/Q4_0/Q4_1 weights; needs --engine jit.
+    /// numerics) for Q8_0/Q4_0/Q4_1 weights and kiln's int formats; needs --engine jit.
     Int8,
+    /// As int8, but linears on int8 weights with one scale per row (`quantize(format=int8)`)
+    /// take one activation scale per row and sum whole rows in integers: faster, and as
+    /// accurate for encoders (MiniLM); llama-class models want int8.
+    Int8Row,
+}
+
+impl std::fmt::Display for ActivationsKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().expect("no variant is skipped");
+        f.write_str(value.get_name())
+    }
 }
 
 /// Execution flags shared by `run`, `eval`, `generate` and `bench`.
@@ -70,10 +82,12 @@ impl<'g> Runner<'g> {
     /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
     /// for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
-        if exec.activations == Some(ActivationsKind::Int8) && exec.engine != EngineKind::Jit {
+        if let Some(a @ (ActivationsKind::Int8 | ActivationsKind::Int8Row)) = exec.activations
+            && exec.engine != EngineKind::Jit
+        {
             return Err(miette::miette!(
                 help = "add --engine jit",
-                "--activations int8 runs compiled int8 kernels; the interpreter computes in f32 only"
+                "--activations {a} runs compiled int8 kernels; the interpreter computes in f32 only"
             ));
         }
         let start = Instant::now();
@@ -84,6 +98,7 @@ impl<'g> Runner<'g> {
                 let activations = match exec.activations.unwrap_or(ActivationsKind::F32) {
                     ActivationsKind::F32 => Activations::F32,
                     ActivationsKind::Int8 => Activations::Int8,
+                    ActivationsKind::Int8Row => Activations::Int8Row,
                 };
                 let options = EngineOptions { threads, activations, profile: exec.profile };
                 Runner::Jit(Engine::with_options(graph, options).into_diagnostic()?)

@@ -1259,7 +1259,10 @@ fn compile_with_quantize_and_report() {
     assert!(table.contains("activations of linears on quantized weights: int8"), "{table}");
     assert!(table.contains("linears keep f32 activations"), "the bf16 linears are named: {table}");
     ok(&["run".to_string(), s(&out), "--input".into(), s(&input), "--engine".into(), "interp".into()]);
-    fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "int8 or f32"]);
+    ok(&args("quantize(format=int8, activations=int8-row)"));
+    assert_eq!(bench_activations(&[]), "int8-row");
+    assert_eq!(bench_activations(&["--activations", "int8"]), "int8");
+    fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "int8, int8-row or f32"]);
 
     fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);
     fails(&args("frobnicate"), &["unknown pass `frobnicate`"]);

@@ -24,6 +24,7 @@ use crate::linear_i8::{
     LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, MAX_PANEL, QuantizedActivations, emit_linear_i8,
     pack_weight, quantize_rows,
 };
+use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use crate::math::Activation;
 use crate::module::{FunctionId, JitCode, JitModule};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
@@ -60,6 +61,8 @@ enum KernelWeight {
     Owned(Arc<PackedWeight>),
     /// For sgemm linears: the weight as f32.
     Dense(Arc<Value>),
+    /// For per-row int8 linears: `i8` rows and their scales.
+    Rows(Arc<RowWeights>),
 }
 
 /// Rows per panel of the weights of int8 kernels: the kernels then read their weight
@@ -176,6 +179,10 @@ pub enum Activations {
     /// Activations quantized to int8 per row and block of 32, integer dot products (W8A8),
     /// for Q8_0, Q4_0 and Q4_1 weights; other formats keep f32.
     Int8,
+    /// As `Int8`, except that linears on int8 weights with one scale per row (`int8gK`)
+    /// quantize their activations with one scale per row and sum whole rows in integers
+    /// ([`crate::linear_i8row`]).
+    Int8Row,
 }
 
 /// What an [`Engine`] is built with.
@@ -197,6 +204,9 @@ enum Kernel {
     /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
     /// an emitted epilogue kernel for bias, activation and residual (none if identity).
     Sgemm(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
+    /// int8gK weights with per-row int8 activations ([`crate::linear_i8row`]), then the
+    /// epilogue.
+    I8Row(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
 }
 
 impl Kernel {
@@ -204,7 +214,7 @@ impl Kernel {
         match self {
             Kernel::F32(k, _) => *k.spec(),
             Kernel::I8(k, ..) => k.spec().linear(),
-            Kernel::Sgemm(spec, _) => *spec,
+            Kernel::Sgemm(spec, _) | Kernel::I8Row(spec, _) => *spec,
         }
     }
 }
@@ -218,6 +228,8 @@ enum Impl {
     Int8,
     /// sgemm on f32 weights, then an emitted epilogue.
     Sgemm,
+    /// The per-row int8 GEMM, then an emitted epilogue.
+    Int8Row,
 }
 
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
@@ -273,6 +285,8 @@ impl<'g> Engine<'g> {
         let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
         // The weights of sgemm linears, read as f32.
         let mut dense: Vec<NodeId> = Vec::new();
+        // The weights of per-row int8 linears: node, N, K.
+        let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
         // Distinct kernels: the spec, and how it runs.
         let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
         // Per kernel: the emitted function, and an epilogue (sgemm; int8 with the GEMM).
@@ -281,8 +295,12 @@ impl<'g> Engine<'g> {
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
-            let int8 = activations == Activations::Int8 && LinearI8Spec::supports(spec.format);
+            let rows = activations == Activations::Int8Row
+                && matches!(&graph.node(fused.weight).op,
+                    Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
             let how = match spec.format {
+                _ if rows => Impl::Int8Row,
                 _ if int8 => Impl::Int8,
                 Format::F32 => Impl::Sgemm,
                 _ => Impl::Jit,
@@ -313,7 +331,7 @@ impl<'g> Engine<'g> {
                                 let tiles = LinearTiles::for_format(spec.format);
                                 (Some(emit_linear(&mut module, &name, &spec, &tiles)?), None)
                             }
-                            Impl::Sgemm => (None, epilogue_id()?),
+                            Impl::Sgemm | Impl::Int8Row => (None, epilogue_id()?),
                         });
                         specs.push((spec, how));
                         specs.len() - 1
@@ -322,7 +340,7 @@ impl<'g> Engine<'g> {
             };
             let kernel = kernel_for(spec)?;
             let mut columns = Vec::new();
-            if how != Impl::Sgemm && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
+            if how != Impl::Sgemm && how != Impl::Int8Row && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
                 // Int8 kernels' column parts start at a panel (their packed weight's rows).
                 for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
                     columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })?));
@@ -333,6 +351,9 @@ impl<'g> Engine<'g> {
             }
             if how == Impl::Sgemm {
                 dense.push(fused.weight);
+            }
+            if how == Impl::Int8Row {
+                row_weights.push((fused.weight, spec.n, spec.k));
             }
             for a in absorbed {
                 actions.insert(a, Action::Absorbed);
@@ -348,6 +369,7 @@ impl<'g> Engine<'g> {
             let stored = stored_weight(graph, f.weight)?;
             if let Format::Int(int) = stored.format
                 && !owned.contains_key(&f.weight)
+                && !row_weights.iter().any(|(n, ..)| *n == f.weight)
             {
                 let bytes = crate::repack::repack(int, stored.bytes.as_slice());
                 owned.insert(f.weight, Arc::new(PackedWeight::copy_of(&bytes)));
@@ -376,12 +398,21 @@ impl<'g> Engine<'g> {
         dense.sort();
         dense.dedup();
         let dense = decode_weights(graph, &dense).map_err(|e| JitError::Spec(e.to_string()))?;
+        let mut rows: HashMap<NodeId, Arc<RowWeights>> = HashMap::new();
+        for &(node, n, k) in &row_weights {
+            if let std::collections::hash_map::Entry::Vacant(e) = rows.entry(node) {
+                let stored = stored_weight(graph, node)?;
+                let Format::Int(f) = stored.format else { unreachable!("planned for int8gK weights") };
+                e.insert(Arc::new(RowWeights::from_int8(f, stored.bytes.as_slice(), n, k)?));
+            }
+        }
         for action in actions.values_mut() {
             if let Action::Linear(f) = action {
-                f.data = match (owned.get(&f.weight), dense.get(&f.weight)) {
-                    (Some(p), _) => KernelWeight::Owned(p.clone()),
-                    (None, Some(d)) => KernelWeight::Dense(d.clone()),
-                    (None, None) => KernelWeight::Stored,
+                f.data = match (owned.get(&f.weight), dense.get(&f.weight), rows.get(&f.weight)) {
+                    (_, _, Some(r)) => KernelWeight::Rows(r.clone()),
+                    (Some(p), ..) => KernelWeight::Owned(p.clone()),
+                    (None, Some(d), _) => KernelWeight::Dense(d.clone()),
+                    (None, None, None) => KernelWeight::Stored,
                 };
             }
         }
@@ -405,14 +436,14 @@ impl<'g> Engine<'g> {
                     let entry = kernel.entry();
                     Kernel::F32(kernel, entry)
                 }
-                (Impl::Sgemm, _) => Kernel::Sgemm(
-                    spec,
-                    epilogue.map(|id| {
+                (Impl::Sgemm | Impl::Int8Row, _) => {
+                    let epilogue = epilogue.map(|id| {
                         // SAFETY: `id` was defined by `emit_epilogue`, of signature `EpilogueFn`.
                         let f = unsafe { code.function::<EpilogueFn>(id) }.get();
                         (code.clone(), f)
-                    }),
-                ),
+                    });
+                    if how == Impl::Sgemm { Kernel::Sgemm(spec, epilogue) } else { Kernel::I8Row(spec, epilogue) }
+                }
                 (_, None) => unreachable!("emitted kernels have an id"),
             })
             .collect();
@@ -507,6 +538,15 @@ impl<'g> Engine<'g> {
     fn run_with(
         &self,
         inputs: &HashMap<String, Value>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        // The reference kernels share the pool's threads with the compiled ones.
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache))
+    }
+
+    fn run_on_pool(
+        &self,
+        inputs: &HashMap<String, Value>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Vec<(String, Value)>, RunError> {
         let g = self.graph;
@@ -514,7 +554,7 @@ impl<'g> Engine<'g> {
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
         // Int8 activations of values that int8 kernels read, quantized once per value.
-        let mut quantized: HashMap<NodeId, QuantizedActivations> = HashMap::new();
+        let mut quantized: HashMap<NodeId, Quantized> = HashMap::new();
         for (&id, reads) in self.order.iter().zip(&self.reads) {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
@@ -543,8 +583,12 @@ impl<'g> Engine<'g> {
                 let kind = match action {
                     Action::Linear(f) => {
                         let spec = self.kernels[f.kernel].spec();
-                        let int8 = matches!(self.kernels[f.kernel], Kernel::I8(..));
-                        format!("linear {}x{} {}{}", spec.k, spec.n, spec.format, if int8 { " (int8 x)" } else { "" })
+                        let (format, x) = match self.kernels[f.kernel] {
+                            Kernel::I8(..) => (spec.format.to_string(), " (int8 x)"),
+                            Kernel::I8Row(..) => (format!("int8g{}", spec.k), " (int8 x per row)"),
+                            _ => (spec.format.to_string(), ""),
+                        };
+                        format!("linear {}x{} {format}{x}", spec.k, spec.n)
                     }
                     _ => node.op.name().to_string(),
                 };
@@ -570,7 +614,7 @@ impl<'g> Engine<'g> {
         &self,
         f: &Fused,
         values: &HashMap<NodeId, Arc<Value>>,
-        quantized: &mut HashMap<NodeId, QuantizedActivations>,
+        quantized: &mut HashMap<NodeId, Quantized>,
     ) -> Result<Value, String> {
         let kernel = &self.kernels[f.kernel];
         let spec = kernel.spec();
@@ -589,8 +633,8 @@ impl<'g> Engine<'g> {
             };
             let w = w.as_f32().ok_or("the weight of an sgemm linear is not f32")?;
             let (k, n) = (spec.k, spec.n);
-            // One call: matrixmultiply splits the work across its own threads (along M and
-            // N, never K, so the bits do not depend on them).
+            // One call: it splits the rows across the pool (`run_with` runs under
+            // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
             kiln_rt::kernels::linear_rows(&x.data, k, &w.data, n, None, &mut y);
             if let Some((_, epilogue)) = epilogue {
                 // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
@@ -599,16 +643,58 @@ impl<'g> Engine<'g> {
             }
             return Ok(Value::F32(Tensor::new(shape, y)));
         }
+        if let Kernel::I8Row(_, epilogue) = kernel {
+            let KernelWeight::Rows(w) = &f.data else {
+                return Err("the weight of a per-row int8 linear is not prepared".into());
+            };
+            let Quantized::Rows(xq) = quantized.entry(f.x).or_insert_with(|| {
+                let mut q = RowQuantized::new();
+                quantize_per_row(&x.data, spec.k, &mut q);
+                Quantized::Rows(q)
+            }) else {
+                return Err("the input of a per-row int8 linear was quantized per block".into());
+            };
+            let out = SendPtr(y.as_mut_ptr());
+            let epilogue = epilogue.as_ref().map(|(_, e)| *e);
+            let (bias, residual) = (SendPtr(bias.cast_mut()), SendPtr(residual.cast_mut()));
+            if m < MIN_PARALLEL_ROWS * self.pool.threads() {
+                // Few rows: split the columns, then the epilogue on this thread.
+                let groups = spec.n.div_ceil(4);
+                self.pool.for_ranges(groups, 1, 2, |part| {
+                    let cols = 4 * part.start..(4 * part.end).min(spec.n);
+                    // SAFETY: y is [m, N]; the column parts are disjoint.
+                    unsafe { w.gemm_unchecked(xq, out.get(), 0..m, cols) }
+                });
+                if let Some(epilogue) = epilogue {
+                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+                    unsafe { epilogue(y.as_mut_ptr(), bias.get(), residual.get(), 0, m) }
+                }
+            } else {
+                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+                    // SAFETY: as above; the row parts are disjoint.
+                    unsafe {
+                        w.gemm_unchecked(xq, out.get(), rows.clone(), 0..spec.n);
+                        if let Some(epilogue) = epilogue {
+                            epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end);
+                        }
+                    }
+                });
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         let x_ptr = match kernel {
-            Kernel::Sgemm(..) => unreachable!("handled above"),
+            Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("handled above"),
             Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
             Kernel::I8(..) => {
                 let q = quantized.entry(f.x).or_insert_with(|| {
                     let mut q = QuantizedActivations::new();
                     quantize_rows(&x.data, spec.k, &mut q);
-                    q
+                    Quantized::Blocks(q)
                 });
-                q.as_ptr()
+                match q {
+                    Quantized::Blocks(q) => q.as_ptr(),
+                    Quantized::Rows(_) => return Err("the input of an int8 linear was quantized per row".into()),
+                }
             }
         };
         let w = match &f.data {
@@ -646,6 +732,27 @@ impl<'g> Engine<'g> {
         Ok(Value::F32(Tensor::new(shape, y)))
     }
 }
+
+/// The int8 activations of a value, as the int8 linears reading it need them.
+enum Quantized {
+    Blocks(QuantizedActivations),
+    Rows(RowQuantized),
+}
+
+/// A pointer shared by threads that write disjoint parts of what it points at.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: used only for disjoint writes (or reads of shared inputs) while the buffer is
+// borrowed by `Engine::linear`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// The pointers of one kernel call, shared by the threads that split its rows. `x` is f32
 /// rows for f32 kernels and quantized rows for int8 kernels.
@@ -687,7 +794,7 @@ impl KernelArgs {
                     }
                 }
                 Kernel::I8(_, entry, _) => entry(self.x, w, b, r, y, m0, m1),
-                Kernel::Sgemm(..) => unreachable!("sgemm linears do not run through KernelArgs"),
+                Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("these linears do not run through KernelArgs"),
             }
         }
     }

@@ -21,6 +21,7 @@ pub mod gemm_i8;
 pub mod isa;
 pub mod linear;
 pub mod linear_i8;
+pub mod linear_i8row;
 pub mod math;
 pub mod module;
 pub mod repack;

@@ -181,8 +181,9 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
             "activations" => {
                 activations = match value.as_str() {
                     "int8" => Activations::Int8,
+                    "int8-row" => Activations::Int8Row,
                     "f32" => Activations::F32,
-                    _ => return Err(bad("int8 or f32")),
+                    _ => return Err(bad("int8, int8-row or f32")),
                 }
             }
             _ => {

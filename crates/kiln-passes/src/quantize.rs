@@ -165,12 +165,14 @@ pub struct QuantizeOptions {
 
 /// What the model's linears on quantized weights take as activations: recorded in the
 /// report for the backend, which runs `Int8` as W8A8 kernels (activations quantized per
-/// block of 32 at run time, integer dot products).
+/// block of 32 at run time, integer dot products), and `Int8Row` the same except for int8
+/// weights with one scale per row, whose activations get one scale per row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activations {
     #[default]
     F32,
     Int8,
+    Int8Row,
 }
 
 impl std::fmt::Display for Activations {
@@ -178,6 +180,7 @@ impl std::fmt::Display for Activations {
         f.write_str(match self {
             Activations::F32 => "f32",
             Activations::Int8 => "int8",
+            Activations::Int8Row => "int8-row",
         })
     }
 }
@@ -398,7 +401,7 @@ pub fn quantize(
     if options.method == Method::Gptq && fp8 > 0 {
         notes.push(format!("{fp8} fp8 layers were rounded to nearest: GPTQ applies to int formats only"));
     }
-    if options.activations == Activations::Int8 {
+    if options.activations != Activations::F32 {
         let exact: Vec<&str> = layers
             .iter()
             .zip(&formats)
@@ -407,7 +410,8 @@ pub fn quantize(
             .collect();
         if !exact.is_empty() {
             notes.push(format!(
-                "activations=int8: {} linears keep f32 activations, their weights being unquantized (e.g. {})",
+                "activations={}: {} linears keep f32 activations, their weights being unquantized (e.g. {})",
+                options.activations,
                 exact.len(),
                 exact[0]
             ));

@@ -17,15 +17,16 @@
 //! * NaN propagates like in PyTorch: `Max`/`Min` (binary and reduce) return NaN if either
 //!   operand is NaN, `relu(NaN) = NaN`.
 //!
-//! Parallelism: `attention` runs (batch, head) pairs on rayon; batched small `matmul`s run
-//! batches on rayon; large `linear`/`matmul` use matrixmultiply's own threading; the
+//! Parallelism (through [`crate::par`]: rayon, or the JIT engine's pool): `attention` runs
+//! (batch, head) pairs in parallel; batched `matmul`s run batches in parallel, and large
+//! single products (`linear`, `matmul`) split their rows, each part one sgemm; the
 //! compute-heavy elementwise / row kernels (exp, tanh, sigmoid, silu, gelu, log, softmax,
 //! layer/rms norm) go parallel above [`PAR_MIN_ELEMS`] elements. Cheap elementwise kernels
 //! (add, mul, ...) and data movement are memory bound and stay sequential.
 
 use crate::tensor::{Tensor, contiguous_strides, numel_of};
 pub use kiln_ir::{BinaryOp, ReduceOp, UnaryOp};
-use rayon::prelude::*;
+use crate::par::{for_each_chunk, for_each_chunk_init};
 
 /// Errors a kernel can report at run time (everything else is a caller-validated
 /// precondition).
@@ -40,10 +41,8 @@ pub enum KernelError {
 /// split across rayon threads when the tensor has at least this many elements.
 pub const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// Batched matmuls whose single product has `m*k + k*n` below this run one product per rayon
-/// task (matrixmultiply itself only multithreads from about this size on, so for these the
-/// two thread pools do not nest).
-const GEMM_SMALL: usize = 1 << 15;
+/// Multiply-adds from which one product splits its rows across threads.
+const GEMM_PARALLEL: usize = 1 << 18;
 
 // ---------------------------------------------------------------------------------------------
 // sgemm wrapper
@@ -183,7 +182,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         };
         if n * k >= 1 << 18 {
             const CH: usize = 64;
-            y.par_chunks_mut(CH).enumerate().for_each(|(c, out)| fill(c * CH, out));
+            for_each_chunk(&mut y, CH, |c, out| fill(c * CH, out));
         } else {
             fill(0, &mut y);
         }
@@ -201,8 +200,27 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         None => (vec![0f32; m * n], 0.0),
     };
     // A = x as [m, k] row-major; B = W^T: B(p, j) = w[j*k + p].
-    gemm(m, k, n, 1.0, &x.data, k, 1, &w.data, 1, k, beta, &mut y, n, 1);
+    gemm_rows(m, k, n, &x.data, &w.data, (1, k), beta, &mut y);
     Tensor::new(shape, y)
+}
+
+/// `c = a b + beta c` for row-major `a` (`[m, k]`) and `c` (`[m, n]`) and `b` (`[k, n]`)
+/// with row and column strides `(rsb, csb)`, its rows split across threads (one sgemm per
+/// part) when the product is large. sgemm sums every output in an order that depends on
+/// `k` only, so the split never changes a bit.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], (rsb, csb): (usize, usize), beta: f32, c: &mut [f32]) {
+    let parts = if m * n * k >= GEMM_PARALLEL { crate::par::threads().min(m) } else { 1 };
+    if parts <= 1 || n == 0 {
+        gemm(m, k, n, 1.0, a, k, 1, b, rsb, csb, beta, c, n, 1);
+        return;
+    }
+    let rows = m.div_ceil(parts);
+    for_each_chunk(c, rows * n, |i, part| {
+        let r0 = i * rows;
+        let len = part.len() / n;
+        gemm(len, k, n, 1.0, &a[r0 * k..(r0 + len) * k], k, 1, b, rsb, csb, beta, part, n, 1);
+    });
 }
 
 /// `y = x W^T (+ b)` over rows of `x` (`[m, k]` row-major, `w` `[n, k]`, `y` `[m, n]`), always
@@ -223,7 +241,7 @@ pub fn linear_rows(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]
         None => 0.0,
     };
     if m > 0 && n > 0 {
-        gemm(m, k, n, 1.0, x, k, 1, w, 1, k, beta, y, n, 1);
+        gemm_rows(m, k, n, x, w, (1, k), beta, y);
     }
 }
 
@@ -272,7 +290,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     let mat = m * n;
     // One right-hand matrix shared by all batches: fold the batch into the rows.
     if numel_of(bsb) == 1 && numel_of(bsa) == nb {
-        gemm(nb * m, k, n, 1.0, &a.data, k, 1, &b.data, n, 1, 0.0, &mut out, n, 1);
+        gemm_rows(nb * m, k, n, &a.data, &b.data, (n, 1), 0.0, &mut out);
         return Tensor::new(shape, out);
     }
     let sa = broadcast_strides(bsa, &batch);
@@ -292,8 +310,11 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     let one = |o: &mut [f32], &(oa, ob): &(usize, usize)| {
         gemm(m, k, n, 1.0, &a.data[oa..oa + m * k], k, 1, &b.data[ob..ob + k * n], n, 1, 0.0, o, n, 1)
     };
-    if nb > 1 && m * k + k * n < GEMM_SMALL {
-        out.par_chunks_mut(mat).zip(offsets.par_iter()).for_each(|(o, off)| one(o, off));
+    if nb > 1 {
+        for_each_chunk(&mut out, mat, |i, o| one(o, &offsets[i]));
+    } else if nb == 1 {
+        let (oa, ob) = offsets[0];
+        gemm_rows(m, k, n, &a.data[oa..oa + m * k], &b.data[ob..ob + k * n], (n, 1), 0.0, &mut out);
     } else {
         for (o, off) in out.chunks_mut(mat).zip(&offsets) {
             one(o, off);
@@ -456,7 +477,9 @@ pub fn gelu(v: f32) -> f32 {
 
 fn map_unary(x: &Tensor, heavy: bool, f: impl Fn(f32) -> f32 + Sync + Send) -> Tensor {
     let data: Vec<f32> = if heavy && x.numel() >= PAR_MIN_ELEMS {
-        x.data.par_iter().with_min_len(4096).map(|&v| f(v)).collect()
+        let mut out = x.data.clone();
+        for_each_chunk(&mut out, 4096, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
+        out
     } else {
         x.data.iter().map(|&v| f(v)).collect()
     };
@@ -631,7 +654,7 @@ fn for_each_row(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
         return;
     }
     if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
+        for_each_chunk(out, row_len, f);
     } else {
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     }
@@ -1173,7 +1196,7 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
     let per_group = rows * dv;
     // Threads only pay off for more than a few microseconds of work (not for decoding).
     if b * hkv > 1 && b * hq * s * t * (d + dv) >= 1 << 18 {
-        out.par_chunks_mut(per_group).enumerate().for_each_init(Vec::new, |scores, (bg, o)| heads(scores, bg, o));
+        for_each_chunk_init(&mut out, per_group, Vec::new, heads);
     } else {
         let mut scores = Vec::new();
         for (bg, o) in out.chunks_mut(per_group).enumerate() {

@@ -10,6 +10,7 @@
 //! - [`KvCache`]: keys and values a decoder keeps between runs (generation).
 //! - [`artifact`]: compiled models as one safetensors file (weights, IR, metadata).
 //! - [`io`]: values in and out of safetensors files.
+//! - [`par`]: where the reference kernels run in parallel (rayon, or the engine's pool).
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
@@ -20,6 +21,7 @@ pub mod cache;
 pub mod exec;
 pub mod io;
 pub mod kernels;
+pub mod par;
 mod pool;
 pub mod tensor;
 
