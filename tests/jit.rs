@@ -122,7 +122,8 @@ fn single_rows_split_by_columns_give_the_same_bits() {
 /// blocks with the same values: f32 activations match the interpreter, int8 activations
 /// stay close to it, and the bits do not depend on threads or on how rows are split. (With
 /// int8 activations, 7 rows on one thread take the 256-bit GEMM, split 4 + 3 across two
-/// threads the GEMM and the emitted kernel: the two paths give the same bits.)
+/// threads the GEMM and the emitted kernel: the two paths give the same bits. With f32
+/// activations, 9 rows take `gemm_f32`, its columns split across the threads.)
 #[test]
 fn int_format_weights_run_compiled_with_their_exact_values() {
     for (format, k) in [("int4g64", 128), ("int4g64a", 192), ("int3g128a", 256), ("int2g32", 64), ("int8g576", 576)] {
@@ -138,7 +139,7 @@ fn int_format_weights_run_compiled_with_their_exact_values() {
         g.store.insert("w", kiln_ir::TensorData::new(kiln_ir::Format::Int(f), vec![n as u64, k as u64], w).unwrap());
         g.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &values(n)));
         kiln_ir::verify(&g).unwrap();
-        for m in [1, 5, 7] {
+        for m in [1, 5, 7, 9] {
             let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
             let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
             let want = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");

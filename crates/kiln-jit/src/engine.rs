@@ -196,7 +196,10 @@ pub struct EngineOptions {
 
 /// A compiled linear kernel of either activation type.
 enum Kernel {
-    F32(LinearKernel, LinearFn),
+    /// The emitted f32-activation kernel, and for block formats on a host that runs
+    /// [`crate::gemm_f32`] the epilogue for it (as for `I8`): blocks of [`GEMM_F32_ROWS`]
+    /// rows or more take the 256-bit GEMM, then the epilogue, for the same bits.
+    F32(LinearKernel, LinearFn, Option<Option<EpilogueFn>>),
     /// The emitted W8A8 kernel, and when the host runs [`crate::gemm_i8`] the epilogue for
     /// it (`None` inside: the epilogue is the identity): blocks of [`GEMM_I8_ROWS`] rows or
     /// more take the 256-bit GEMM, then the epilogue, for the same bits.
@@ -212,7 +215,7 @@ enum Kernel {
 impl Kernel {
     fn spec(&self) -> LinearSpec {
         match self {
-            Kernel::F32(k, _) => *k.spec(),
+            Kernel::F32(k, ..) => *k.spec(),
             Kernel::I8(k, ..) => k.spec().linear(),
             Kernel::Sgemm(spec, _) | Kernel::I8Row(spec, _) => *spec,
         }
@@ -258,6 +261,11 @@ const MIN_PARALLEL_ROWS: usize = 4;
 /// at 128 rows; with four rows per tile, fewer rows would waste most of one).
 const GEMM_I8_ROWS: usize = 4;
 
+/// Rows from which f32-activation linears on block formats take the 256-bit GEMM
+/// ([`crate::gemm_f32`]), which decodes each weight once per call and computes the emitted
+/// kernel's bits.
+const GEMM_F32_ROWS: usize = 8;
+
 /// Output columns per thread below which a single-row linear is not split by columns.
 const MIN_SPLIT_COLUMNS: usize = 64;
 
@@ -292,6 +300,7 @@ impl<'g> Engine<'g> {
         // Per kernel: the emitted function, and an epilogue (sgemm; int8 with the GEMM).
         let mut ids: Vec<(Option<FunctionId>, Option<FunctionId>)> = Vec::new();
         let gemm_i8 = crate::gemm_i8::available();
+        let gemm_f32 = crate::gemm_f32::available();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
@@ -329,7 +338,9 @@ impl<'g> Engine<'g> {
                             }
                             Impl::Jit => {
                                 let tiles = LinearTiles::for_format(spec.format);
-                                (Some(emit_linear(&mut module, &name, &spec, &tiles)?), None)
+                                let gemm = gemm_f32 && crate::gemm_f32::supports(spec.format);
+                                let after_gemm = if gemm { epilogue_id()? } else { None };
+                                (Some(emit_linear(&mut module, &name, &spec, &tiles)?), after_gemm)
                             }
                             Impl::Sgemm | Impl::Int8Row => (None, epilogue_id()?),
                         });
@@ -434,7 +445,10 @@ impl<'g> Engine<'g> {
                     // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
                     let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
                     let entry = kernel.entry();
-                    Kernel::F32(kernel, entry)
+                    // SAFETY: as for `Impl::Int8`.
+                    let epilogue = epilogue.map(|e| unsafe { code.function::<EpilogueFn>(e) }.get());
+                    let gemm = gemm_f32 && crate::gemm_f32::supports(spec.format);
+                    Kernel::F32(kernel, entry, gemm.then_some(epilogue))
                 }
                 (Impl::Sgemm | Impl::Int8Row, _) => {
                     let epilogue = epilogue.map(|id| {
@@ -682,6 +696,30 @@ impl<'g> Engine<'g> {
             }
             return Ok(Value::F32(Tensor::new(shape, y)));
         }
+        if let (Kernel::F32(_, _, Some(epilogue)), true) = (kernel, m >= GEMM_F32_ROWS) {
+            let w = match &f.data {
+                KernelWeight::Owned(p) => p.bytes(),
+                _ => weight.bytes.as_slice(),
+            };
+            let (xp, wp, out) = (SendPtr(x.data.as_ptr().cast_mut()), SendPtr(w.as_ptr().cast::<f32>().cast_mut()), SendPtr(y.as_mut_ptr()));
+            let (k, n, format) = (spec.k, spec.n, spec.format);
+            // Columns across threads (each decodes only its weights), then the epilogue.
+            self.pool.for_ranges(n.div_ceil(4), 1, 2, |part| {
+                let cols = 4 * part.start..(4 * part.end).min(n);
+                // SAFETY: x is [m, K], the weight [N, K] in `format` (its stored or repacked
+                // bytes, `K % 32 == 0` for block formats), y [m, N]; the column parts are
+                // disjoint; the host runs `gemm_f32` (the kernel has an epilogue only then).
+                unsafe { crate::gemm_f32::gemm_f32(format, k, n, xp.get(), wp.get().cast(), out.get(), 0..m, cols) }
+            });
+            if let Some(epilogue) = epilogue {
+                let (bias, residual) = (SendPtr(bias.cast_mut()), SendPtr(residual.cast_mut()));
+                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+                    unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
+                });
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         let x_ptr = match kernel {
             Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("handled above"),
             Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
@@ -786,7 +824,7 @@ impl KernelArgs {
         // SAFETY: forwarded from the caller.
         unsafe {
             match kernel {
-                Kernel::F32(_, entry) => entry(self.x.cast(), w, b, r, y, m0, m1),
+                Kernel::F32(_, entry, _) => entry(self.x.cast(), w, b, r, y, m0, m1),
                 Kernel::I8(kernel, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
                     crate::gemm_i8::gemm_i8(kernel.spec(), self.x.cast(), w, y, m0, m1);
                     if let Some(epilogue) = epilogue {

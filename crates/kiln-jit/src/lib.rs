@@ -17,6 +17,7 @@
 pub mod arena_plan;
 pub mod engine;
 pub mod epilogue;
+pub mod gemm_f32;
 pub mod gemm_i8;
 pub mod isa;
 pub mod linear;

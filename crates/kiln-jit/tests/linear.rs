@@ -272,3 +272,31 @@ fn kernels_and_code_are_send_and_sync() {
     });
     assert_eq!(bits(&y), bits(&whole));
 }
+
+/// The 256-bit prefill GEMM (`gemm_f32`) computes the emitted kernel's sums bit for bit on
+/// the block formats: short last groups (`N % 4`), row tails, and any split of rows and
+/// columns. (With the epilogue after it, that is the fused kernel: `tests/epilogue.rs`.)
+#[test]
+fn gemm_f32_is_the_emitted_kernel_bitwise() {
+    if !kiln_jit::gemm_f32::available() {
+        eprintln!("skipped: no AVX2/FMA/F16C");
+        return;
+    }
+    let mut seed = 70;
+    for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+        for (k, n) in [(32, 4), (64, 7), (96, 37), (384, 48), (160, 19), (1536, 6)] {
+            for m in [1, 3, 4, 9] {
+                seed += 1;
+                let case = Case::new(spec(k, n, format, false, Activation::None, false), m, seed);
+                let want = case.output(&LinearKernel::compile(isa(), case.spec).unwrap());
+                let mut y = vec![f32::NAN; m * n];
+                let (rc, cc) = (seed as usize % (m + 1), seed as usize * 7 % (n + 1));
+                for (rows, cols) in [(0..rc, 0..cc), (0..rc, cc..n), (rc..m, 0..n)] {
+                    kiln_jit::gemm_f32::run(format, k, n, &case.x, &case.w, &mut y, rows, cols).unwrap();
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} split at ({rc}, {cc})");
+            }
+        }
+    }
+}
