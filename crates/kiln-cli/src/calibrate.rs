@@ -188,6 +188,23 @@ mod tests {
         }
     }
 
+    /// A linear that computes an output (a head) is not run, yet its input's `x^T x` is
+    /// gathered, exactly, along with every other linear's.
+    #[test]
+    fn an_output_linear_still_gets_its_input_statistics() {
+        let text = "graph g {\n  %0 = input \"x\" : f32[n, 2]\n  %1 = weight \"w\" f32 : f32[2, 2]\n  %2 = linear %0, %1 : f32[n, 2]\n  %3 = relu %2 : f32[n, 2]\n  %4 = linear %3, %1 : f32[n, 2]\n  output \"y\" = %4\n}\n";
+        let mut g = kiln_ir::parse(text).unwrap();
+        g.store.insert("w", kiln_ir::TensorData::from_f32(vec![2, 2], &[1.0, -1.0, 2.0, 0.5]));
+        let x = Value::F32(kiln_rt::Tensor::new(vec![3, 2], vec![1.0, 2.0, -1.0, 0.5, 3.0, -2.0]));
+        let c = calibrate(&g, &HashMap::from([("x".to_string(), x)])).unwrap();
+        let nodes: Vec<NodeId> = g.node_ids().collect();
+        let (x_id, hidden) = (nodes[0], nodes[3]);
+        // x^T x of x, and of relu(x W^T): rows (0, 3), (0, 0), (5, 5).
+        assert_eq!(c.inputs[&x_id].sum, vec![11.0, -4.5, -4.5, 8.25]);
+        assert_eq!(c.inputs[&hidden].sum, vec![25.0, 25.0, 25.0, 34.0]);
+        assert_eq!(c.inputs.len(), 2);
+    }
+
     /// Probes get the first ~256 tokens; calibration the other rows, never the same ones.
     #[test]
     fn probe_rows_are_held_out_of_calibration() {
