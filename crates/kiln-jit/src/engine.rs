@@ -374,17 +374,33 @@ impl<'g> Engine<'g> {
         let code = Arc::new(module.finalize()?);
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
-        let mut owned: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        // On the pool: a budget search builds an engine per probe, and repacking a whole
+        // model's weights one after the other took a third of a second.
+        let mut to_repack: Vec<(NodeId, kiln_ir::IntFormat, &[u8])> = Vec::new();
         for action in actions.values() {
             let Action::Linear(f) = action else { continue };
             let stored = stored_weight(graph, f.weight)?;
             if let Format::Int(int) = stored.format
-                && !owned.contains_key(&f.weight)
+                && !to_repack.iter().any(|(n, ..)| *n == f.weight)
                 && !row_weights.iter().any(|(n, ..)| *n == f.weight)
             {
-                let bytes = crate::repack::repack(int, stored.bytes.as_slice());
-                owned.insert(f.weight, Arc::new(PackedWeight::copy_of(&bytes)));
+                to_repack.push((f.weight, int, stored.bytes.as_slice()));
             }
+        }
+        to_repack.sort_by_key(|(n, ..)| *n);
+        let repacked: Vec<std::sync::Mutex<Option<PackedWeight>>> =
+            to_repack.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        pool.for_ranges(to_repack.len(), 1, 2, |part| {
+            for i in part {
+                let (_, int, bytes) = to_repack[i];
+                let packed = PackedWeight::copy_of(&crate::repack::repack(int, bytes));
+                *repacked[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(packed);
+            }
+        });
+        let mut owned: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        for ((node, ..), packed) in to_repack.iter().zip(repacked) {
+            let packed = packed.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every part ran");
+            owned.insert(*node, Arc::new(packed));
         }
         let mut jobs = Vec::new();
         for (&node, spec) in &to_pack {
