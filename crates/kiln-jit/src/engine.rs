@@ -717,7 +717,11 @@ impl<'g> Engine<'g> {
                 KernelWeight::Owned(p) => p.bytes(),
                 _ => weight.bytes.as_slice(),
             };
-            let (xp, wp, out) = (SendPtr(x.data.as_ptr().cast_mut()), SendPtr(w.as_ptr().cast::<f32>().cast_mut()), SendPtr(y.as_mut_ptr()));
+            let (xp, wp, out) = (
+                SendPtr(x.data.as_ptr().cast_mut()),
+                SendPtr(w.as_ptr().cast::<f32>().cast_mut()),
+                SendPtr(y.as_mut_ptr()),
+            );
             let (k, n, format) = (spec.k, spec.n, spec.format);
             // Columns across threads (each decodes only its weights), then the epilogue.
             self.pool.for_ranges(n.div_ceil(4), 1, 2, |part| {

@@ -63,7 +63,12 @@ pub fn run(
     let m = x.len() / k;
     let row_bytes = k / 32 * format.block_bytes() as usize;
     if x.len() != m * k || w.len() != n * row_bytes || y.len() != m * n || rows.end > m || cols.end > n {
-        return fail(format!("x {} values, w {} bytes, y {} values, rows {rows:?}, cols {cols:?}", x.len(), w.len(), y.len()));
+        return fail(format!(
+            "x {} values, w {} bytes, y {} values, rows {rows:?}, cols {cols:?}",
+            x.len(),
+            w.len(),
+            y.len()
+        ));
     }
     // SAFETY: checked above.
     unsafe { gemm_f32(format, k, n, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), rows, cols) };

@@ -277,7 +277,8 @@ mod avx2 {
                 // The four weight rows as the unsigned operand of `vpmaddubsw`, and for Q8_0
                 // the signs to move onto `q`.
                 let (wu, ws): ([__m256i; 4], [__m256i; 4]) = if F == Q8_0 {
-                    let ws: [__m256i; 4] = std::array::from_fn(|r| unsafe { _mm256_loadu_si256(qs.add(32 * r).cast()) });
+                    let ws: [__m256i; 4] =
+                        std::array::from_fn(|r| unsafe { _mm256_loadu_si256(qs.add(32 * r).cast()) });
                     (ws.map(|v| _mm256_abs_epi8(v)), ws)
                 } else {
                     let wu = std::array::from_fn(|r| {
@@ -296,7 +297,16 @@ mod avx2 {
                         let q = if F == Q8_0 { _mm256_sign_epi8(q, ws[r]) } else { q };
                         _mm256_madd_epi16(_mm256_maddubs_epi16(wu[r], q), ones)
                     };
-                    let p = [dot(qa, 0), dot(qa, 1), dot(qa, 2), dot(qa, 3), dot(qb, 0), dot(qb, 1), dot(qb, 2), dot(qb, 3)];
+                    let p = [
+                        dot(qa, 0),
+                        dot(qa, 1),
+                        dot(qa, 2),
+                        dot(qa, 3),
+                        dot(qb, 0),
+                        dot(qb, 1),
+                        dot(qb, 2),
+                        dot(qb, 3),
+                    ];
                     let mut isum = reduce8(p);
                     if F == Q4_0 {
                         let sums = _mm256_set_m128i(_mm_set1_epi32(xb.sum), _mm_set1_epi32(xa.sum));

@@ -165,7 +165,13 @@ impl RowWeights {
     /// Writes `acc` (see the module docs) for rows `rows` and columns `cols` of `y`
     /// (`[M, N]`, row-major) from `xq` (`[M, K]`). Columns are split at multiples of four
     /// for speed, but any split gives the same values.
-    pub fn gemm(&self, xq: &RowQuantized, y: &mut [f32], rows: Range<usize>, cols: Range<usize>) -> Result<(), JitError> {
+    pub fn gemm(
+        &self,
+        xq: &RowQuantized,
+        y: &mut [f32],
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<(), JitError> {
         let m = xq.rows();
         if xq.k() != self.k || y.len() != m * self.n || rows.end > m || cols.end > self.n {
             return Err(JitError::Arguments(format!(
@@ -236,9 +242,7 @@ mod avx2 {
         let wp = w.as_ptr();
         for c in (0..k).step_by(32) {
             // SAFETY: c + 32 <= k, within every row.
-            let (xa, xb) = unsafe {
-                (_mm256_loadu_si256(x[0].add(c).cast()), _mm256_loadu_si256(x[1].add(c).cast()))
-            };
+            let (xa, xb) = unsafe { (_mm256_loadu_si256(x[0].add(c).cast()), _mm256_loadu_si256(x[1].add(c).cast())) };
             for r in 0..4 {
                 // SAFETY: row r of the four, chunk c.
                 let wr = unsafe { _mm256_loadu_si256(wp.add(r * k + c).cast()) };

@@ -12,7 +12,8 @@ fn reference_row(x: &[f32]) -> (Vec<i8>, f32) {
     let amax = x.iter().fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let q = x.iter().map(|&v| if (v * id).is_finite() { (v * id).round().clamp(-127.0, 127.0) as i8 } else { 0 }).collect();
+    let q =
+        x.iter().map(|&v| if (v * id).is_finite() { (v * id).round().clamp(-127.0, 127.0) as i8 } else { 0 }).collect();
     (q, if x.iter().any(|v| v.is_nan()) { f32::NAN } else { d })
 }
 

@@ -838,7 +838,9 @@ fn encode(
         return Ok(None);
     }
     let bytes = match (format, method, &layer.gram, factored) {
-        (Format::Int(f), Method::Gptq, Some(_), Some(fz)) => fz.quantize(&layer.values, n, f).map_err(|e| e.to_string())?.0,
+        (Format::Int(f), Method::Gptq, Some(_), Some(fz)) => {
+            fz.quantize(&layer.values, n, f).map_err(|e| e.to_string())?.0
+        }
         (Format::Int(f), Method::Gptq, Some(g), None) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }

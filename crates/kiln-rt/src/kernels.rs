@@ -24,9 +24,9 @@
 //! layer/rms norm) go parallel above [`PAR_MIN_ELEMS`] elements. Cheap elementwise kernels
 //! (add, mul, ...) and data movement are memory bound and stay sequential.
 
+use crate::par::{for_each_chunk, for_each_chunk_init};
 use crate::tensor::{Tensor, contiguous_strides, numel_of};
 pub use kiln_ir::{BinaryOp, ReduceOp, UnaryOp};
-use crate::par::{for_each_chunk, for_each_chunk_init};
 
 /// Errors a kernel can report at run time (everything else is a caller-validated
 /// precondition).

@@ -96,7 +96,11 @@ mod tests {
             let run = |data: &mut Vec<usize>| {
                 for_each_chunk_init(data, 7, || 1usize, |one, i, c| c.iter_mut().for_each(|v| *v += i + *one));
             };
-            if on_pool { with_pool(&pool, || run(&mut data)) } else { run(&mut data) }
+            if on_pool {
+                with_pool(&pool, || run(&mut data))
+            } else {
+                run(&mut data)
+            }
             let want: Vec<usize> = (0..1000).map(|j| j / 7 + 1).collect();
             assert_eq!(data, want, "on pool: {on_pool}");
         }
