@@ -29,6 +29,7 @@ use crate::math::Activation;
 use crate::module::{FunctionId, JitCode, JitModule};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -684,9 +685,9 @@ impl<'g> Engine<'g> {
             }) else {
                 return Err("the input of a per-row int8 linear was quantized per block".into());
             };
-            let out = SendPtr(y.as_mut_ptr());
+            let out = SharedPtr(y.as_mut_ptr());
             let epilogue = epilogue.as_ref().map(|(_, e)| *e);
-            let (bias, residual) = (SendPtr(bias.cast_mut()), SendPtr(residual.cast_mut()));
+            let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
             if m < MIN_PARALLEL_ROWS * self.pool.threads() {
                 // Few rows: split the columns, then the epilogue on this thread.
                 let groups = spec.n.div_ceil(4);
@@ -717,11 +718,7 @@ impl<'g> Engine<'g> {
                 KernelWeight::Owned(p) => p.bytes(),
                 _ => weight.bytes.as_slice(),
             };
-            let (xp, wp, out) = (
-                SendPtr(x.data.as_ptr().cast_mut()),
-                SendPtr(w.as_ptr().cast::<f32>().cast_mut()),
-                SendPtr(y.as_mut_ptr()),
-            );
+            let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
             let (k, n, format) = (spec.k, spec.n, spec.format);
             // Columns across threads (each decodes only its weights), then the epilogue.
             self.pool.for_ranges(n.div_ceil(4), 1, 2, |part| {
@@ -729,10 +726,10 @@ impl<'g> Engine<'g> {
                 // SAFETY: x is [m, K], the weight [N, K] in `format` (its stored or repacked
                 // bytes, `K % 32 == 0` for block formats), y [m, N]; the column parts are
                 // disjoint; the host runs `gemm_f32` (the kernel has an epilogue only then).
-                unsafe { crate::gemm_f32::gemm_f32(format, k, n, xp.get(), wp.get().cast(), out.get(), 0..m, cols) }
+                unsafe { crate::gemm_f32::gemm_f32(format, k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
             });
             if let Some(epilogue) = epilogue {
-                let (bias, residual) = (SendPtr(bias.cast_mut()), SendPtr(residual.cast_mut()));
+                let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
                 self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
                     // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
                     unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
@@ -796,21 +793,6 @@ enum Quantized {
     Blocks(QuantizedActivations),
     Rows(RowQuantized),
 }
-
-/// A pointer shared by threads that write disjoint parts of what it points at.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: used only for disjoint writes (or reads of shared inputs) while the buffer is
-// borrowed by `Engine::linear`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// The pointers of one kernel call, shared by the threads that split its rows. `x` is f32
 /// rows for f32 kernels and quantized rows for int8 kernels.

@@ -143,7 +143,7 @@ mod avx2 {
                 }),
                 _ => {
                     let q1 = format == Format::Q4_1;
-                    let qs = _mm_loadu_si128(b.add(if q1 { 4 } else { 2 }).cast());
+                    let qs = _mm_loadu_si128(b.add(crate::linear_i8::scale_bytes(format)).cast());
                     let nib = _mm_set1_epi8(15);
                     let lo = _mm_and_si128(qs, nib);
                     let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), nib);

@@ -30,7 +30,7 @@
 //! Groups with fewer than four rows (`N % 4`) take a scalar path with the same arithmetic.
 
 use crate::JitError;
-use crate::linear_i8::{LinearI8Spec, MAX_PANEL, QBLOCK, QBlock, QuantizedActivations};
+use crate::linear_i8::{LinearI8Spec, MAX_PANEL, QBLOCK, QBlock, QuantizedActivations, scale_bytes};
 use half::f16;
 use kiln_ir::Format;
 use std::ops::Range;
@@ -61,11 +61,8 @@ struct Group {
 
 /// Bytes per block and row: scales (`d`, and Q4_1's `m`), then quants.
 fn block_sizes(format: Format) -> (usize, usize) {
-    match format {
-        Format::Q8_0 => (2, 32),
-        Format::Q4_0 => (2, 16),
-        _ => (4, 16),
-    }
+    let sb = scale_bytes(format);
+    (sb, format.block_bytes() as usize - sb)
 }
 
 /// The groups of four rows of a weight packed for `spec`, in row order.
@@ -196,7 +193,7 @@ unsafe fn scalar_group(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::Group;
     use crate::linear_i8::QBlock;
     use std::arch::x86_64::*;
@@ -208,7 +205,7 @@ mod avx2 {
     /// Sums of the lanes of eight `i32x8`: lane `i` of the result is the sum of `p[i]`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn reduce8(p: [__m256i; 8]) -> __m256i {
+    pub(crate) fn reduce8(p: [__m256i; 8]) -> __m256i {
         let h0 = _mm256_hadd_epi32(p[0], p[1]);
         let h1 = _mm256_hadd_epi32(p[2], p[3]);
         let h2 = _mm256_hadd_epi32(p[4], p[5]);
@@ -235,7 +232,7 @@ mod avx2 {
     /// As `gemm_i8`, with AVX2, FMA and F16C present and `g.rows == 4`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group<const F: u8>(
+    pub(super) unsafe fn group<const F: u8>(
         n: usize,
         nb: usize,
         g: Group,

@@ -278,9 +278,21 @@ fn quantize_all(x: &[f32], out: &mut [QBlock]) {
     }
 }
 
-/// One block, written to vectorize (lane-wise maxima, no calls, no branches).
+/// One block (see the module docs).
 #[inline(always)]
 fn quantize_block(x: &[f32; QBLOCK], out: &mut QBlock) {
+    let mut q = [0i8; QBLOCK];
+    let d = quantize_span(x, &mut q);
+    let sum = q.iter().map(|&v| v as i32).sum::<i32>();
+    *out = QBlock { q, d, s: d * sum as f32, sum, pad: 0 };
+}
+
+/// Quantizes `x` (a multiple of 8 values) into `q` with one scale over all of it, and
+/// returns the scale `d` (NaN if `x` holds a NaN): a block here, a whole row in
+/// [`crate::linear_i8row`]. Written to vectorize (lane-wise maxima, no calls, no branches).
+#[inline(always)]
+pub(crate) fn quantize_span(x: &[f32], q: &mut [i8]) -> f32 {
+    debug_assert!(x.len().is_multiple_of(8) && q.len() == x.len());
     let mut amax = [0.0f32; 8];
     let mut nan = [false; 8];
     for c in x.chunks_exact(8) {
@@ -293,7 +305,6 @@ fn quantize_block(x: &[f32; QBLOCK], out: &mut QBlock) {
     let amax = amax.iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = [0i8; QBLOCK];
     for (q, &v) in q.iter_mut().zip(x) {
         // Round half away from zero: with t = trunc(|v id|), `|v id| - t` is exact.
         // `a <= 127.5` (false for NaN) keeps the conversion in range: |v id| <= 127 + 2^-16
@@ -306,9 +317,7 @@ fn quantize_block(x: &[f32; QBLOCK], out: &mut QBlock) {
         let r = if v < 0.0 { -r } else { r };
         *q = r as i8;
     }
-    let sum = q.iter().map(|&v| v as i32).sum::<i32>();
-    let d = if nan.iter().any(|&n| n) { f32::NAN } else { d };
-    *out = QBlock { q, d, s: d * sum as f32, sum, pad: 0 };
+    if nan.iter().any(|&n| n) { f32::NAN } else { d }
 }
 
 /// The C signature of a compiled W8A8 linear kernel (see the module docs for the contract).
@@ -415,7 +424,7 @@ impl LinearI8Spec {
 pub const MAX_PANEL: usize = 16;
 
 /// Bytes of a weight block's scales: `d` (f16), and Q4_1's `m`.
-fn scale_bytes(format: Format) -> usize {
+pub(crate) fn scale_bytes(format: Format) -> usize {
     if format == Format::Q4_1 { 4 } else { 2 }
 }
 

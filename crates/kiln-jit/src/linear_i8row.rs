@@ -38,6 +38,7 @@
 //! (`N % 4`) and CPUs without AVX2 take a scalar path with the same integer sum.
 
 use crate::JitError;
+use crate::linear_i8::quantize_span;
 use kiln_ir::IntFormat;
 use std::ops::Range;
 
@@ -86,36 +87,8 @@ pub fn quantize_per_row(x: &[f32], k: usize, out: &mut RowQuantized) {
     out.q.resize(x.len(), 0);
     out.d.resize(out.rows, 0.0);
     for ((xr, qr), d) in x.chunks_exact(k).zip(out.q.chunks_exact_mut(k)).zip(&mut out.d) {
-        *d = quantize_row(xr, qr);
+        *d = quantize_span(xr, qr);
     }
-}
-
-/// One row (written to vectorize: lane-wise maxima, no calls, no branches); returns `d`.
-#[inline]
-fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let mut amax = [0.0f32; 8];
-    let mut nan = [false; 8];
-    for c in x.chunks_exact(8) {
-        for l in 0..8 {
-            let a = c[l].abs();
-            amax[l] = if a > amax[l] { a } else { amax[l] };
-            nan[l] |= c[l].is_nan();
-        }
-    }
-    let amax = amax.iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, &v) in q.iter_mut().zip(x) {
-        // As `linear_i8::quantize_block`: `a <= 127.5` (false for NaN) keeps the
-        // conversion in range, and `|v id| - trunc(|v id|)` is exact.
-        let a = (v * id).abs();
-        let a = if a <= 127.5 { a } else { 0.0 };
-        // SAFETY: `a` is finite and in [0, 127.5].
-        let t = unsafe { a.to_int_unchecked::<i32>() };
-        let r = t + ((a - t as f32) >= 0.5) as i32;
-        *q = if v < 0.0 { -r } else { r } as i8;
-    }
-    if nan.iter().any(|&n| n) { f32::NAN } else { d }
 }
 
 /// A weight `[N, K]` as the kernel reads it: `i8` rows and one f32 scale per row.
@@ -253,13 +226,7 @@ mod avx2 {
                 acc[4 + r] = _mm256_add_epi32(acc[4 + r], _mm256_madd_epi16(pb, ones));
             }
         }
-        let h0 = _mm256_hadd_epi32(acc[0], acc[1]);
-        let h1 = _mm256_hadd_epi32(acc[2], acc[3]);
-        let h2 = _mm256_hadd_epi32(acc[4], acc[5]);
-        let h3 = _mm256_hadd_epi32(acc[6], acc[7]);
-        let g0 = _mm256_hadd_epi32(h0, h1);
-        let g1 = _mm256_hadd_epi32(h2, h3);
-        let s = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(g0, g1), _mm256_permute2x128_si256::<0x31>(g0, g1));
+        let s = crate::gemm_i8::avx2::reduce8(acc);
         let mut out = [0i32; 8];
         // SAFETY: 8 i32.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), s) };

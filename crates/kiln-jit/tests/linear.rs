@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Rng, assert_close, random_weight, reference};
+use common::{Rng, assert_close, bits, random_weight, reference};
 use kiln_ir::Format;
 use kiln_jit::{Activation, HostIsa, LinearKernel, LinearSpec, LinearTiles, Residual};
 use proptest::prelude::*;
@@ -224,10 +224,6 @@ fn f32_kernel_uses_vfmadd() {
     }
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -294,7 +290,6 @@ fn gemm_f32_is_the_emitted_kernel_bitwise() {
                 for (rows, cols) in [(0..rc, 0..cc), (0..rc, cc..n), (rc..m, 0..n)] {
                     kiln_jit::gemm_f32::run(format, k, n, &case.x, &case.w, &mut y, rows, cols).unwrap();
                 }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} split at ({rc}, {cc})");
             }
         }

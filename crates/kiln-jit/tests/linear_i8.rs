@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Rng, activation64, random_weight};
+use common::{Rng, activation64, bits, random_weight};
 use half::f16;
 use kiln_ir::Format;
 use kiln_jit::linear_i8::{MAX_PANEL, QBLOCK, QBLOCK_BYTES, pack_weight};
@@ -576,10 +576,6 @@ fn argument_checks() {
     assert!(pack_weight(&s.packed(8), &w[1..], &mut out[1..]).is_err());
     assert!(pack_weight(&s.packed(8), &w, &mut out[1..]).is_err());
     assert!(pack_weight(&s.packed(8), &w, &mut out).is_ok());
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The 256-bit prefill GEMM (`gemm_i8`) computes the emitted kernel's sums bit for bit:

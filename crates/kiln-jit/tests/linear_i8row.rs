@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{Rng, bits};
 use kiln_ir::IntFormat;
 use kiln_jit::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 
@@ -28,10 +28,6 @@ fn weight(rng: &mut Rng, n: usize, k: usize) -> (IntFormat, Vec<u8>) {
         bytes.extend((0..k).map(|_| if rng.below(20) == 0 { [0u8, 255][rng.below(2)] } else { rng.u64() as u8 }));
     }
     (f, bytes)
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]

@@ -36,13 +36,29 @@ pub fn threads() -> usize {
     if pool.is_null() { rayon::current_num_threads() } else { unsafe { &*pool }.threads() }
 }
 
-/// A base pointer shared by the threads that write disjoint chunks behind it.
-struct Base<T>(*mut T);
-// SAFETY: each thread forms slices of distinct chunks only (see `for_each_chunk_init`).
-unsafe impl<T: Send> Sync for Base<T> {}
+/// A pointer shared by threads that each touch a disjoint part of what it points at (or
+/// only read it). Whoever dereferences it upholds that; the type only lets it cross
+/// threads.
+pub struct SharedPtr<T>(pub *mut T);
 
-impl<T> Base<T> {
-    fn get(&self) -> *mut T {
+impl<T> Clone for SharedPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedPtr<T> {}
+
+// SAFETY: dereferences are the users' responsibility (disjoint writes, shared reads).
+unsafe impl<T: Send> Send for SharedPtr<T> {}
+unsafe impl<T: Send> Sync for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    /// Of a pointer to read only.
+    pub fn of(p: *const T) -> SharedPtr<T> {
+        SharedPtr(p.cast_mut())
+    }
+
+    pub fn get(self) -> *mut T {
         self.0
     }
 }
@@ -69,7 +85,7 @@ pub fn for_each_chunk_init<T: Send, S>(
     }
     // SAFETY: set by `with_pool` from a reference that outlives its call, which is running.
     let pool = unsafe { &*pool };
-    let (len, base) = (data.len(), Base(data.as_mut_ptr()));
+    let (len, base) = (data.len(), SharedPtr(data.as_mut_ptr()));
     pool.for_ranges(len.div_ceil(chunk), 1, 2, |range| {
         let mut state = init();
         for i in range {

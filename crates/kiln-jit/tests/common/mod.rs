@@ -7,6 +7,11 @@ use half::{bf16, f16};
 use kiln_ir::Format;
 use kiln_jit::{Activation, LinearSpec};
 
+/// The bits of each value, for bitwise comparisons that show where they differ.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// xorshift64*: deterministic and dependency-free.
 pub struct Rng(u64);
 
