@@ -6,6 +6,7 @@ use kiln_interp::{Interpreter, Value};
 use kiln_ir::{Graph, NodeId, Op};
 use kiln_passes::calibration::{Calibration, Gram};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -116,17 +117,10 @@ pub fn distance(want: &[(String, Value)], got: &[(String, Value)]) -> f64 {
         let rows = a.data.chunks_exact(d).zip(b.data.chunks_exact(d));
         let n = (a.data.len() / d).max(1) as f64;
         if name == "logits" {
-            let log_softmax = |x: &[f32]| -> Vec<f64> {
-                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-                x.iter().map(|&v| v as f64 - z).collect()
-            };
-            total += rows
-                .map(|(p, q)| {
-                    log_softmax(p).iter().zip(log_softmax(q)).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>()
-                })
-                .sum::<f64>()
-                / n;
+            // Per row in parallel, summed in order: the same bits on any thread count.
+            let kl: Vec<f64> =
+                a.data.par_chunks_exact(d).zip(b.data.par_chunks_exact(d)).map(|(p, q)| kl_divergence(p, q)).collect();
+            total += kl.iter().sum::<f64>() / n;
         } else {
             total += rows
                 .map(|(p, q)| {
@@ -142,6 +136,23 @@ pub fn distance(want: &[(String, Value)], got: &[(String, Value)]) -> f64 {
     total
 }
 
+/// `KL(softmax(a) || softmax(b))` of two rows of logits, in f64: with `e_i = exp(a_i -
+/// max a)`, it is `sum e_i (a_i - b_i) / sum e_i - logsumexp(a) + logsumexp(b)`, two `exp`s
+/// per logit.
+fn kl_divergence(a: &[f32], b: &[f32]) -> f64 {
+    let max = |x: &[f32]| x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let (ma, mb) = (max(a), max(b));
+    let (mut sa, mut sb, mut cross) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        let e = (x - ma).exp();
+        sa += e;
+        sb += (y - mb).exp();
+        cross += e * (x - y);
+    }
+    cross / sa - (ma + sa.ln()) + (mb + sb.ln())
+}
+
 /// Which token positions count: the attention mask's nonzero ones, if there is a mask.
 fn kept_positions(chunk: &HashMap<String, Value>) -> Option<Vec<bool>> {
     match chunk.get("attention_mask")? {
@@ -154,27 +165,40 @@ fn kept_positions(chunk: &HashMap<String, Value>) -> Option<Vec<bool>> {
 /// are not the mask's positions, e.g. after `last_position`), and how many rows that was.
 fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> Option<(Vec<f32>, u64)> {
     let rows = x.len() / k;
-    let selected: Vec<usize> = match keep {
-        Some(keep) if keep.len() == rows => (0..rows).filter(|&r| keep[r]).collect(),
-        Some(_) => return None,
-        None => (0..rows).collect(),
-    };
-    // Columns of x as rows (x^T), then x^T x = (x^T)(x^T)^T as a linear.
-    let m = selected.len();
-    let mut xt = vec![0f32; k * m];
-    for (i, &r) in selected.iter().enumerate() {
-        for (j, &v) in x[r * k..(r + 1) * k].iter().enumerate() {
-            xt[j * m + i] = v;
+    let kept: Vec<f32>;
+    let x = match keep {
+        Some(keep) if keep.len() == rows => {
+            kept = x.chunks_exact(k).zip(keep).filter(|(_, keep)| **keep).flat_map(|(r, _)| r).copied().collect();
+            &kept[..]
         }
-    }
+        Some(_) => return None,
+        None => x,
+    };
     let mut xtx = vec![0f32; k * k];
-    kiln_rt::kernels::linear_rows(&xt, m, &xt, k, None, &mut xtx);
-    Some((xtx, m as u64))
+    kiln_rt::kernels::gram(x, k, &mut xtx);
+    Some((xtx, (x.len() / k) as u64))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kl_divergence_is_the_textbook_sum() {
+        let a = [1.0f32, -2.0, 0.5, 3.0, 0.0];
+        let b = [0.5f32, -1.0, 0.5, 2.0, 1.0];
+        let log_softmax = |x: &[f32]| -> Vec<f64> {
+            let z = x.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - z).collect()
+        };
+        let (la, lb) = (log_softmax(&a), log_softmax(&b));
+        let want: f64 = la.iter().zip(&lb).map(|(p, q)| p.exp() * (p - q)).sum();
+        assert!((kl_divergence(&a, &b) - want).abs() < 1e-12, "{} vs {want}", kl_divergence(&a, &b));
+        assert!(kl_divergence(&a, &a).abs() < 1e-12);
+        // Shifting logits changes no distribution.
+        let shifted: Vec<f32> = b.iter().map(|v| v + 100.0).collect();
+        assert!((kl_divergence(&a, &shifted) - want).abs() < 1e-9);
+    }
 
     fn ids(rows: usize, seq: usize) -> HashMap<String, Value> {
         let data = (0..(rows * seq) as i64).collect();

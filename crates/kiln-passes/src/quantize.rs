@@ -34,9 +34,9 @@
 //!    *kind* of layer (`blk.*.ffn_down`) is lowered alone to the anchor and measured end to
 //!    end, which converts its layers' errors into distortion of the output. Without one, a
 //!    layer's sensitivity is its error relative to its output's energy.
-//! 4. After the allocation, the layers that moved are quantized, and with a probe the mix is
-//!    measured against the anchor end to end: if the anchor fits the budget and moves the
-//!    outputs less, it is kept. A note says which and by how much.
+//! 4. After the allocation, the layers that moved are quantized. When the anchor fits the
+//!    budget too, a probe measures the mix against it end to end and the one that moves the
+//!    outputs less is kept. A note says which and by how much.
 //!
 //! Overrides are fixed before the search and always honored. A layer no candidate fits
 //! stays as it is.
@@ -205,9 +205,18 @@ pub const CANDIDATES: &[&str] = &[
     "bf16",
 ];
 
-/// A candidate format of a layer as measured: the format, its storage bits, and the
-/// absolute and relative output errors it leaves (see [`errors`]).
-type Measured = (Format, u64, f64, f64);
+/// A candidate format of a layer as measured.
+struct Measured {
+    format: Format,
+    /// Storage bits of the layer in `format`.
+    bits: u64,
+    /// The absolute and relative output errors it leaves (see [`errors`]).
+    absolute: f64,
+    relative: f64,
+    /// GPTQ's bytes of the sampled rows (see [`errors`]), which encoding the whole layer
+    /// in this format reuses: rows are independent given `H`.
+    sample: Option<Vec<u8>>,
+}
 
 /// How far below or above the budget (bits per weight; budgets from 8 bits search
 /// everything from 7.5 up) a layer's format may go in the search. Far from the format the
@@ -352,7 +361,7 @@ pub fn quantize(
                 sensitivities = layers
                     .par_iter()
                     .zip(&formats)
-                    .map(|(l, &f)| errors(l, f, tokens, options.gptq.clip, None).1)
+                    .map(|(l, &f)| errors(l, f, tokens, options.gptq.clip, None).relative)
                     .collect();
             }
             formats
@@ -382,15 +391,17 @@ pub fn quantize(
     let total = layers.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let method = options.method;
-    let results: Vec<Result<Option<Encoded>, String>> = layers
+    let results: Vec<Result<(Encoded, Option<f64>), String>> = layers
         .par_iter()
         .zip(&formats)
         .zip(encoded)
         .map(|((layer, &format), encoded)| {
             let r = match encoded {
-                Some(e) => Ok(Some(e)),
-                None => encode(layer, format, method, &options.gptq, None),
-            };
+                Some(e) => Ok(e),
+                None => encode(layer, format, method, &options.gptq, None, None),
+            }
+            .and_then(|e| Ok((relative_error(layer, format, e.as_deref())?, e)))
+            .map(|(error, e)| (e, error));
             let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress(d, total, &layer.scope);
             r
@@ -421,9 +432,8 @@ pub fn quantize(
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
-        let changed = result.map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
-        let error = changed.as_ref().map_or(layer.gram.as_ref().map(|_| 0.0), |(_, e)| *e);
-        if let Some((bytes, _)) = changed {
+        let (changed, error) = result.map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
+        if let Some(bytes) = changed {
             set_weight(graph, layer, *format, bytes).map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         }
         let bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64);
@@ -503,26 +513,30 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
 }
 
 /// The output error of `layer` stored as `format`, on the calibration data, estimated from
-/// [`ERROR_ROWS`] evenly spaced rows: `(absolute, relative)`, the relative one divided by
-/// the output's energy. With `gptq` (the layer's factored `H`), int formats are measured as
-/// GPTQ leaves them (its tracked `trace(dW H dW^T)`); otherwise rounded, with the diagonal
-/// `sum_j H_jj |dW_:j|^2`. Tables read by rows count `|dE|^2` per calibration token.
-fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&gptq::Factored>) -> (f64, f64) {
+/// the rows `sampled` picks (about [`ERROR_ROWS`], evenly spaced): absolute, and relative
+/// to the output's energy. With `gptq` (the layer's factored `H`), int formats are
+/// measured as GPTQ leaves them (its tracked `trace(dW H dW^T)`), and the sampled rows'
+/// bytes are kept; otherwise rounded, with the diagonal `sum_j H_jj |dW_:j|^2`. Tables
+/// read by rows count `|dE|^2` per calibration token.
+fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&gptq::Factored>) -> Measured {
     let (n, k) = (layer.n as usize, layer.k as usize);
-    let step = (n / ERROR_ROWS).max(1);
-    let sample: Vec<f32> = layer.values.chunks_exact(k).step_by(step).flatten().copied().collect();
+    let sample: Vec<f32> = layer.values.chunks_exact(k).step_by(sample_step(n)).flatten().copied().collect();
     let rows = sample.len() / k.max(1);
     let scale = n as f64 / rows.max(1) as f64;
     let diag = layer.gram.as_ref().map(|g| g.diagonal());
-    let measured = match (format, gptq) {
-        (Format::Int(f), Some(factored)) => factored.quantize(&sample, rows, f).map(|(b, loss)| (b, Some(loss))).ok(),
-        _ => round(&sample, diag.as_deref(), format, clip.then_some(Grid::Coarse)).map(|b| (b, None)).ok(),
+    let bits = format.byte_len(layer.n * layer.k).map_or(u64::MAX / 4, |b| b * 8);
+    let mut measured = Measured { format, bits, absolute: f64::INFINITY, relative: f64::INFINITY, sample: None };
+    let (bytes, loss) = match (format, gptq) {
+        (Format::Int(f), Some(factored)) => match factored.quantize(&sample, rows, f) {
+            Ok((b, loss)) => (b, Some(loss)),
+            Err(_) => return measured,
+        },
+        _ => match round(&sample, diag.as_deref(), format, clip.then_some(Grid::Coarse)) {
+            Ok(b) => (b, None),
+            Err(_) => return measured,
+        },
     };
-    let Some((q, loss)) =
-        measured.and_then(|(b, loss)| format.dequantize(&b, (rows * k) as u64).ok().map(|q| (q, loss)))
-    else {
-        return (f64::INFINITY, f64::INFINITY);
-    };
+    let Ok(q) = format.dequantize(&bytes, (rows * k) as u64) else { return measured };
     let (mut absolute, mut relative) = (0.0, 0.0);
     if let Some(diag) = &diag {
         let (mut error, mut energy) = (0.0, 0.0);
@@ -542,7 +556,14 @@ fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&
         absolute += error * scale * tokens as f64 / layer.n as f64;
         relative += error / energy.max(f64::MIN_POSITIVE);
     }
-    (absolute, relative)
+    (measured.absolute, measured.relative) = (absolute, relative);
+    measured.sample = loss.map(|_| bytes);
+    measured
+}
+
+/// Every how many rows of an `n`-row layer one is sampled to measure errors on.
+fn sample_step(n: usize) -> usize {
+    (n / ERROR_ROWS).max(1)
 }
 
 /// A layer's kind: its scope with numeric components as `*` (`blk.*.attn_q`), so that the
@@ -605,12 +626,13 @@ impl Search<'_> {
                 for c in &candidates {
                     let Some(f) = c.resolve(layer.k, layer.format) else { continue };
                     let b = f.bits_per_weight();
-                    if b < floor || b > ceiling || out.iter().any(|m| m.0 == f) {
+                    if b < floor || b > ceiling || out.iter().any(|m| m.format == f) {
                         continue;
                     }
-                    let Ok(bytes) = f.byte_len(layer.n * layer.k) else { continue };
-                    let (absolute, relative) = errors(layer, f, self.tokens, clip, factored.as_ref());
-                    out.push((f, bytes * 8, absolute, relative));
+                    if f.byte_len(layer.n * layer.k).is_err() {
+                        continue;
+                    }
+                    out.push(errors(layer, f, self.tokens, clip, factored.as_ref()));
                 }
                 let d = measured_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 (self.progress)(d, layers.len(), &format!("measuring {}", layer.scope));
@@ -631,7 +653,7 @@ impl Search<'_> {
             let mut total = (0u64, 0.0f64);
             for ((layer, f), m) in layers.iter().zip(formats).zip(&measured) {
                 total.0 += f.byte_len(layer.n * layer.k).map_or(u64::MAX / 4, |b| b * 8);
-                total.1 += m.iter().find(|m| m.0 == *f).map_or(0.0, |m| m.3);
+                total.1 += m.iter().find(|m| m.format == *f).map_or(0.0, |m| m.relative);
             }
             total
         };
@@ -661,7 +683,9 @@ impl Search<'_> {
                     if skip {
                         return Ok(None);
                     }
-                    let r = encode(layer, f, method, &self.options.gptq, factored[l].as_ref())
+                    let sample = measured[l].iter().find(|m| m.format == f).and_then(|m| m.sample.as_deref());
+                    let r = encode(layer, f, method, &self.options.gptq, factored[l].as_ref(), sample)
+                        .map(Some)
                         .map_err(|e| format!("{}: {e}", layer.scope));
                     let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     (self.progress)(d, todo, &format!("{what} {}", layer.scope));
@@ -674,7 +698,7 @@ impl Search<'_> {
         let with = |formats: &[Format], encoded: &[Option<Encoded>], only: &dyn Fn(usize) -> bool| {
             let mut g = graph.clone();
             for (l, layer) in layers.iter().enumerate().filter(|(l, _)| only(*l)) {
-                if let Some((bytes, _)) = &encoded[l] {
+                if let Some(Some(bytes)) = &encoded[l] {
                     set_weight(&mut g, layer, formats[l], bytes.clone())
                         .map_err(|e| format!("{}: {e}", layer.scope))?;
                 }
@@ -700,7 +724,7 @@ impl Search<'_> {
                     let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?)?;
                     let error: f64 = (0..layers.len())
                         .filter(|&l| kind[l] == k)
-                        .filter_map(|l| measured[l].iter().find(|m| m.0 == base[l]).map(|m| m.2))
+                        .filter_map(|l| measured[l].iter().find(|m| m.format == base[l]).map(|m| m.absolute))
                         .sum();
                     gain[k] = if error > 0.0 { moved.max(0.0) / error } else { 0.0 };
                 }
@@ -709,15 +733,15 @@ impl Search<'_> {
             None => None,
         };
         let sensitivity = |l: usize, m: &Measured| match &gain {
-            Some(gain) => gain[kind[l]] * m.2,
-            None => m.3,
+            Some(gain) => gain[kind[l]] * m.absolute,
+            None => m.relative,
         };
 
         // 5. The allocation.
         let options: Vec<Vec<(Format, u64, f64)>> = (0..layers.len())
             .map(|l| {
                 let mut opts: Vec<(Format, u64, f64)> =
-                    measured[l].iter().map(|m| (m.0, m.1, sensitivity(l, m))).collect();
+                    measured[l].iter().map(|m| (m.format, m.bits, sensitivity(l, m))).collect();
                 if !opts.iter().any(|o| o.0 == base[l]) {
                     // Fixed, or the uniform format is below the search's floor.
                     let bits = base[l].byte_len(layers[l].n * layers[l].k).map_err(|e| e.to_string())? * 8;
@@ -750,14 +774,17 @@ impl Search<'_> {
         }
         let mut notes = Vec::new();
         let changed = moved.iter().filter(|m| **m).count();
-        if let Some(probe) = probe.filter(|_| changed > 0) {
+        if !base_fits {
+            notes.push(format!(
+                "bits={bits}: {changed} layers moved from {uniform}, which everywhere exceeds the budget"
+            ));
+        } else if let Some(probe) = probe.filter(|_| changed > 0) {
             (self.progress)(0, 2, "checking the mix against the uniform format");
             let mix = probe(&with(&formats, &encoded, &|_| true)?)?;
             let flat = probe(&with(&base, &at_base, &|_| true)?)?;
-            if mix < flat || !base_fits {
+            if mix < flat {
                 notes.push(format!(
-                    "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}{}",
-                    if base_fits { "" } else { " (and exceeds the budget)" }
+                    "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}"
                 ));
             } else {
                 notes.push(format!(
@@ -819,28 +846,50 @@ fn round(
 /// Rows of a layer its reported error is measured on (evenly spaced).
 const ERROR_ROWS: usize = 256;
 
-/// A layer's new bytes, and its relative output error if it has calibration data.
-type Encoded = (Vec<u8>, Option<f64>);
+/// A layer's new bytes (`None`: the stored bytes stay).
+type Encoded = Option<Vec<u8>>;
 
-/// The layer's bytes in `format` by `method`, and its relative output error; `None` if
-/// the format does not change (the stored bytes stay, a GGUF block format as it is).
-/// `factored` is the layer's GPTQ factorization when the caller has it (the budget search
-/// factors each layer once for all its phases).
+/// The layer's bytes in `format` by `method`; `None` if the format does not change (the
+/// stored bytes stay, a GGUF block format as it is). `factored` is the layer's GPTQ
+/// factorization when the caller has it (the budget search factors each layer once for
+/// all its phases), and `sample` the bytes it gave the sampled rows ([`errors`]), which
+/// are then not quantized again.
 fn encode(
     layer: &Layer,
     format: Format,
     method: Method,
     opts: &GptqOptions,
     factored: Option<&gptq::Factored>,
-) -> Result<Option<Encoded>, String> {
+    sample: Option<&[u8]>,
+) -> Result<Encoded, String> {
     let (n, k) = (layer.n as usize, layer.k as usize);
     if format == layer.format {
         return Ok(None);
     }
     let bytes = match (format, method, &layer.gram, factored) {
-        (Format::Int(f), Method::Gptq, Some(_), Some(fz)) => {
-            fz.quantize(&layer.values, n, f).map_err(|e| e.to_string())?.0
-        }
+        (Format::Int(f), Method::Gptq, Some(_), Some(fz)) => match sample {
+            Some(sample) => {
+                let step = sample_step(n);
+                let rest: Vec<f32> = layer
+                    .values
+                    .chunks_exact(k)
+                    .enumerate()
+                    .filter(|(r, _)| r % step != 0)
+                    .flat_map(|(_, row)| row)
+                    .copied()
+                    .collect();
+                let rest = fz.quantize(&rest, rest.len() / k, f).map_err(|e| e.to_string())?.0;
+                let row = format.byte_len(k as u64).map_err(|e| e.to_string())? as usize;
+                let (mut sampled, mut others) = (sample.chunks_exact(row), rest.chunks_exact(row));
+                let mut bytes = Vec::with_capacity(sample.len() + rest.len());
+                for r in 0..n {
+                    let from = if r % step == 0 { sampled.next() } else { others.next() };
+                    bytes.extend_from_slice(from.ok_or("the sampled rows do not match the layer")?);
+                }
+                bytes
+            }
+            None => fz.quantize(&layer.values, n, f).map_err(|e| e.to_string())?.0,
+        },
         (Format::Int(f), Method::Gptq, Some(g), None) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
@@ -852,21 +901,23 @@ fn encode(
         )
         .map_err(|e| e.to_string())?,
     };
-    let error = match &layer.gram {
-        Some(g) => {
-            // On every `step`-th row: the exact error costs `n k^2` per layer, which for all
-            // of a model's rows takes longer than GPTQ itself.
-            let q = format.dequantize(&bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
-            let step = (n / ERROR_ROWS).max(1);
-            let sample = |m: &[f32]| -> Vec<f32> { m.chunks_exact(k).step_by(step).flatten().copied().collect() };
-            let (w, q) = (sample(&layer.values), sample(&q));
-            let rows = w.len() / k;
-            let energy = gptq::output_error(&w, &vec![0f32; w.len()], rows, k, &g.sum);
-            Some(gptq::output_error(&w, &q, rows, k, &g.sum) / energy.max(f64::MIN_POSITIVE))
-        }
-        None => None,
+    Ok(Some(bytes))
+}
+
+/// The layer's output error relative to its output's energy, `|dW X|^2 / |W X|^2` over the
+/// calibration inputs, with `bytes` in `format` as its weight (`None`: unchanged, error
+/// 0); `None` without calibration data. On every `step`-th row: the exact error costs
+/// `n k^2` multiply-adds, which for all of a layer's rows takes as long as GPTQ itself,
+/// so it is measured once, for the format the pass keeps.
+fn relative_error(layer: &Layer, format: Format, bytes: Option<&[u8]>) -> Result<Option<f64>, String> {
+    let (Some(g), Some(bytes)) = (&layer.gram, bytes) else {
+        return Ok(layer.gram.as_ref().map(|_| 0.0));
     };
-    Ok(Some((bytes, error)))
+    let (n, k) = (layer.n as usize, layer.k as usize);
+    let q = format.dequantize(bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
+    let sample = |m: &[f32]| -> Vec<f32> { m.chunks_exact(k).step_by(sample_step(n)).flatten().copied().collect() };
+    let (w, q) = (sample(&layer.values), sample(&q));
+    Ok(Some(gptq::relative_output_error(&w, &q, w.len() / k, k, &g.sum)))
 }
 
 /// Glob match: `*` any run of characters (dots included), `?` one character.
