@@ -82,11 +82,12 @@
 //!
 //! `k^3 / 3` multiply-adds (f64, sequential) to factor `H`, then `n k^2 / 2` (f32,
 //! parallel over rows) for the sweep, plus `n k g / 2` for the group solves without
-//! act-order; memory `O(k^2 + n k)`. The rest is one [`IntFormat::code`] per weight, which
-//! is a good part of the time. Measured in a release build on the 2-core development
-//! machine while other builds ran: 50-80 ms for a `1536 x 576` layer, 130-240 ms for a
-//! `576 x 1536` one, about 10 s for the 210 linears of SmolLM2-135M's 30 layers and 2 s for
-//! its `49152 x 576` head.
+//! act-order; memory `O(k^2 + n k)`. The sweep keeps a chunk of rows column major, so that
+//! each column's step (code, value, correction) is vector work across the rows; the scale
+//! search of `clip` costs about as much again. Measured on one thread of the 2-core
+//! development machine (`cargo run --release -p kiln-passes --example gptq_timing`, a
+//! noisy machine): a `1536 x 576` layer in 33 ms (64 ms with `clip`), `288 x 1536` in
+//! 26 ms (41 ms); factoring a `1536`-wide `H` takes 80-100 ms.
 //!
 //! [`output_error`] costs `n k^2` multiply-adds in f64: as much as the sweep, twice over.
 
@@ -422,19 +423,19 @@ struct Part {
 const SEGMENT: usize = 32;
 
 impl Sweep<'_> {
-    /// `acc[:, to] += D[:, from] M[from, to]`, with `delta` holding `D[r, from]` at
-    /// `r * block`, as one product. Transposed so that every operand is column major:
-    /// faer 0.24's x86 kernels mishandle a row-major destination (wrong sums and heap
-    /// corruption), so this form is the one to keep.
+    /// `acc[:, to] += D[:, from] M[from, to]` as one product, for `acc` column-major
+    /// (`[rows, k]`, column `i` at `i * rows`) and `delta` holding `D[:, from]` the same
+    /// way. Every operand but `M` is column major: faer 0.24's x86 kernels mishandle a
+    /// row-major destination (wrong sums and heap corruption).
     fn correct(&self, acc: &mut [f32], rows: usize, from: (usize, usize), to: (usize, usize), delta: &[f32]) {
         let (k, (f1, f2), (t1, t2)) = (self.k, from, to);
         if t1 == t2 {
             return;
         }
-        let dst = MatMut::from_column_major_slice_with_stride_mut(&mut acc[t1..], t2 - t1, rows, k);
-        let mt = MatRef::from_column_major_slice_with_stride(&self.m[f1 * k + t1..], t2 - t1, f2 - f1, k);
-        let dt = MatRef::from_column_major_slice_with_stride(delta, f2 - f1, rows, self.block);
-        matmul(dst, Accum::Add, mt, dt, 1.0f32, Par::Seq);
+        let dst = MatMut::from_column_major_slice_with_stride_mut(&mut acc[t1 * rows..], rows, t2 - t1, rows);
+        let d = MatRef::from_column_major_slice_with_stride(delta, rows, f2 - f1, rows);
+        let mm = MatRef::from_row_major_slice_with_stride(&self.m[f1 * k + t1..], f2 - f1, t2 - t1, k);
+        matmul(dst, Accum::Add, d, mm, 1.0f32, Par::Seq);
         clear_upper_ymm();
     }
 
@@ -454,45 +455,38 @@ impl Sweep<'_> {
         let (f, k, g, m) = (self.f, self.k, self.f.group as usize, self.m);
         let rows = w.len() / k;
         let groups = k / g;
-        // `orig`: the rows in processing order, dead columns zeroed; overwritten by the
-        // quantized values as the sweep goes. `acc`: M^T d, the pending corrections.
-        let mut orig = vec![0f32; rows * k];
-        let mut acc = vec![0f32; rows * k];
+        // Column major, columns in processing order (`(r, i)` at `i * rows + r`): each step
+        // of the sweep is one column of every row, so it runs as vector work over the rows
+        // (a row's columns are a chain of dependent steps). `orig`: the rows, dead columns
+        // zeroed, overwritten by the quantized values as the sweep goes. `acc`: M^T d, the
+        // pending corrections.
+        let mut orig = vec![0f32; k * rows];
+        let mut acc = vec![0f32; k * rows];
         let mut scales = vec![BlockScales { d: Default::default(), m: Default::default() }; rows * groups];
-        // The value of every code of every group, when that is no more work than one value
-        // per weight: `IntFormat::value`'s results, looked up.
-        let levels = 1usize << f.bits;
-        let mut tables = if levels <= g { vec![0f32; rows * groups * levels] } else { Vec::new() };
-        // The scales widened to f32, for `IntFormat::code_in`.
-        let mut wide = vec![(0f32, 0f32); rows * groups];
-        let tabulate = |tables: &mut [f32], wide: &mut [(f32, f32)], slot: usize, s: BlockScales| {
-            wide[slot] = (s.d.to_f32(), s.m.to_f32());
-            if !tables.is_empty() {
-                for (q, v) in tables[slot * levels..(slot + 1) * levels].iter_mut().enumerate() {
-                    *v = f.value(s, q as u8);
-                }
-            }
-        };
+        // The scales widened to f32, by group then row: a column's are contiguous.
+        let mut wide = vec![(0f32, 0f32); groups * rows];
         let mut natural = vec![0f32; k];
         for r in 0..rows {
             for (c, x) in natural.iter_mut().enumerate() {
                 *x = if self.dead[c] { 0.0 } else { w[r * k + c] };
             }
             for (i, &c) in self.perm.iter().enumerate() {
-                orig[r * k + i] = natural[c];
+                orig[i * rows + r] = natural[c];
             }
             if self.act_order {
                 for (j, group) in natural.chunks_exact(g).enumerate() {
-                    scales[r * groups + j] = self.fit(group, j * g);
-                    tabulate(&mut tables, &mut wide, r * groups + j, scales[r * groups + j]);
+                    let s = self.fit(group, j * g);
+                    scales[r * groups + j] = s;
+                    wide[j * rows + r] = (s.d.to_f32(), s.m.to_f32());
                 }
             }
         }
 
         let mut codes = vec![0u8; rows * k];
-        let mut delta = vec![0f32; rows * self.block];
+        let mut delta = vec![0f32; self.block * rows];
         // The current weights of a group, rows by `g`.
         let mut current = vec![0f32; rows * g];
+        let (mut q, mut e) = (vec![0u8; rows], vec![0f32; rows]);
         let mut loss = 0.0f64;
         for i1 in (0..k).step_by(self.block) {
             let i2 = (i1 + self.block).min(k);
@@ -501,13 +495,14 @@ impl Sweep<'_> {
             let mut s1 = i1;
             while s1 < i2 {
                 let s2 = ((s1 / SEGMENT + 1) * SEGMENT).min(i2);
-                let group_start = !self.act_order && s1.is_multiple_of(g);
-                if group_start {
+                if !self.act_order && s1.is_multiple_of(g) {
                     // The group is columns s1..s1 + g; all the corrections from before it
                     // are in `acc` (the block rule): the current weights are
                     // orig + y with M[G, G]^T y = acc[G], solved for every row at once.
-                    for (y, a) in current.chunks_exact_mut(g).zip(acc.chunks_exact(k)) {
-                        y.copy_from_slice(&a[s1..s1 + g]);
+                    for t in 0..g {
+                        for r in 0..rows {
+                            current[r * g + t] = acc[(s1 + t) * rows + r];
+                        }
                     }
                     let mt = MatRef::from_column_major_slice_with_stride(&m[s1 * k + s1..], g, g, k);
                     solve_lower_triangular_in_place(
@@ -516,40 +511,41 @@ impl Sweep<'_> {
                         Par::Seq,
                     );
                     clear_upper_ymm();
-                }
-                for r in 0..rows {
-                    let (orig, acc) = (&mut orig[r * k..(r + 1) * k], &mut acc[r * k..(r + 1) * k]);
-                    if group_start {
+                    let j = s1 / g;
+                    for r in 0..rows {
                         let y = &mut current[r * g..(r + 1) * g];
-                        for (y, &o) in y.iter_mut().zip(&orig[s1..s1 + g]) {
-                            *y += o;
+                        for (t, y) in y.iter_mut().enumerate() {
+                            *y += orig[(s1 + t) * rows + r];
                         }
-                        scales[r * groups + s1 / g] = self.fit(y, s1);
-                        tabulate(&mut tables, &mut wide, r * groups + s1 / g, scales[r * groups + s1 / g]);
+                        let s = self.fit(y, s1);
+                        scales[r * groups + j] = s;
+                        wide[j * rows + r] = (s.d.to_f32(), s.m.to_f32());
                     }
-                    let scales = &scales[r * groups..(r + 1) * groups];
-                    let wide = &wide[r * groups..(r + 1) * groups];
-                    let table = tables.get(r * groups * levels..(r + 1) * groups * levels).unwrap_or_default();
-                    for i in s1..s2 {
-                        let c = self.perm[i];
-                        let j = self.group_of[i] as usize;
-                        let mrow = &m[i * k..];
-                        let x = orig[i] + acc[i] / mrow[i];
-                        let q = f.code_in(wide[j].0, wide[j].1, x);
-                        let v = if table.is_empty() { f.value(scales[j], q) } else { table[j * levels + q as usize] };
-                        codes[r * k + c] = q;
-                        let e = mrow[i] * (x - v);
+                }
+                for i in s1..s2 {
+                    let mrow = &m[i * k..(i + 1) * k];
+                    let j = self.group_of[i] as usize;
+                    let (done, later) = acc[i * rows..s2 * rows].split_at_mut(rows);
+                    let d = &mut delta[(i - i1) * rows..(i - i1 + 1) * rows];
+                    let column = &mut orig[i * rows..(i + 1) * rows];
+                    step(f, mrow[i], &wide[j * rows..(j + 1) * rows], column, done, d, &mut q, &mut e);
+                    // Summed in row order, in f64, as the error is tracked.
+                    for &e in &e {
                         loss += e as f64 * e as f64;
-                        let d = orig[i] - v;
-                        orig[i] = v;
-                        for (a, &mij) in acc[i + 1..s2].iter_mut().zip(&mrow[i + 1..s2]) {
-                            *a += mij * d;
+                    }
+                    let c = self.perm[i];
+                    for (r, &q) in q.iter().enumerate() {
+                        codes[r * k + c] = q;
+                    }
+                    // The rest of the segment: acc[:, t] += M[i, t] d.
+                    for (a, &mit) in later.chunks_exact_mut(rows).zip(&mrow[i + 1..s2]) {
+                        for (a, &d) in a.iter_mut().zip(d.iter()) {
+                            *a += mit * d;
                         }
-                        delta[r * self.block + i - i1] = d;
                     }
                 }
                 // acc[:, s2..i2] += D[:, segment] M[segment, s2..i2]
-                self.correct(&mut acc, rows, (s1, s2), (s2, i2), &delta[s1 - i1..]);
+                self.correct(&mut acc, rows, (s1, s2), (s2, i2), &delta[(s1 - i1) * rows..]);
                 s1 = s2;
             }
             // acc[:, i2..] += D M[i1..i2, i2..]
@@ -564,12 +560,49 @@ impl Sweep<'_> {
             let mut v = vec![0f32; rows * k];
             for r in 0..rows {
                 for (i, &c) in self.perm.iter().enumerate() {
-                    v[r * k + c] = orig[r * k + i];
+                    v[r * k + c] = orig[i * rows + r];
                 }
             }
             v
         });
         Part { bytes, loss, values }
+    }
+}
+
+/// One column of the sweep for every row: the weight with its pending correction,
+/// `x = orig + acc / M_ii`, gets the code nearest under its row's scales
+/// ([`IntFormat::code`]'s choice, exactly), whose value `v` replaces it; `d = orig - v`
+/// (the correction the later columns take) and `e = M_ii (x - v)` (the error) come out.
+/// Plain loops over the rows, which the compiler vectorizes.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn step(
+    f: IntFormat,
+    mii: f32,
+    wide: &[(f32, f32)],
+    orig: &mut [f32],
+    acc: &[f32],
+    d: &mut [f32],
+    q: &mut [u8],
+    e: &mut [f32],
+) {
+    let (zero, top) = (f.zero_code(), f.max_code() as f32);
+    let n = orig.len();
+    let (wide, acc, d, q, e) = (&wide[..n], &acc[..n], &mut d[..n], &mut q[..n], &mut e[..n]);
+    for r in 0..n {
+        let (scale, offset) = wide[r];
+        let x = orig[r] + acc[r] / mii;
+        // IntFormat::code_in and IntFormat::value, without branches.
+        let t = if f.asym { (x - offset) / scale } else { x / scale + zero as f32 };
+        let t = t.max(0.0).min(top);
+        let whole = t as u8;
+        let code = whole + (t - whole as f32 >= 0.5) as u8;
+        let code = if scale == 0.0 || !scale.is_finite() { zero } else { code };
+        let v = if f.asym { scale * code as f32 + offset } else { scale * (code as i32 - zero as i32) as f32 };
+        q[r] = code;
+        e[r] = mii * (x - v);
+        d[r] = orig[r] - v;
+        orig[r] = v;
     }
 }
 
