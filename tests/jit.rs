@@ -161,6 +161,49 @@ fn int_format_weights_run_compiled_with_their_exact_values() {
     }
 }
 
+/// A table in a block format (an embedding tied to the head) is never decoded whole: row
+/// lookups decode the rows they read, with the interpreter's exact values, and a bad id
+/// is an error of the run.
+#[test]
+fn row_lookups_in_quantized_tables_decode_only_their_rows() {
+    for format in ["int4g32a", "q8_0", "bf16"] {
+        let (n, k) = (50, 64);
+        let text = format!(
+            "graph g {{\n  %0 = input \"ids\" : i64[b, s]\n  %1 = weight \"e\" {format} : f32[{n}, {k}]\n  %2 = gather %1, %0 : f32[b, s, {k}]\n  %3 = linear %2, %1 : f32[b, s, {n}]\n  output \"h\" = %2\n  output \"logits\" = %3\n}}\n"
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        let mut rng = Rng::new(4);
+        let values: Vec<f32> = (0..n * k).map(|_| rng.next_f32()).collect();
+        let f: kiln_ir::Format = format.parse().unwrap();
+        let bytes: Vec<u8> = match f {
+            kiln_ir::Format::Int(i) => i.quantize(&values),
+            // Blocks of an f16 scale of 1/64 and 32 codes.
+            kiln_ir::Format::Q8_0 => (0..n * k / 32)
+                .flat_map(|b| [0x00, 0x24].into_iter().chain((0..32).map(move |i| ((b * 7 + i * 13) % 255) as u8)))
+                .collect(),
+            // The upper half of each f32 is a bf16.
+            _ => values.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect(),
+        };
+        g.store.insert(
+            "e",
+            kiln_ir::TensorData::new(f, vec![n as u64, k as u64], kiln_ir::Bytes::from_vec(bytes)).unwrap(),
+        );
+        kiln_ir::verify(&g).unwrap();
+        let inputs: HashMap<String, Value> = [("ids".to_string(), ids(&[&[3, 49, 0], &[7, 7, 12]]))].into();
+        let want = Prepared::new(&g, Exec::Interp).run(&inputs);
+        let jit = Prepared::new(&g, Exec::Jit { threads: 2 });
+        if let Prepared::Jit(e) = &jit {
+            assert_eq!(e.decoded_weights(), 0, "{format}: the table stays in its stored format");
+        }
+        let got = jit.run(&inputs);
+        assert_eq!(f32s(&got, "h"), f32s(&want, "h"), "{format}: the rows decode exactly");
+        let Prepared::Jit(e) = jit else { unreachable!("built as a JIT engine") };
+        let bad: HashMap<String, Value> = [("ids".to_string(), ids(&[&[3, 50]]))].into();
+        let error = e.run(&bad).expect_err("id 50 of 50 rows").to_string();
+        assert!(error.contains("id 50 is outside the table's 50 rows"), "{error}");
+    }
+}
+
 /// Per-row int8 activations: int8 weights with one scale per row take the per-row GEMM
 /// (close to the interpreter, and not the per-block kernels' bits), other int formats the
 /// per-block kernels (the same bits as `int8`); threads and row counts never change a bit.

@@ -169,6 +169,9 @@ enum Action {
     Linear(Fused),
     /// Run the reference kernel.
     Reference,
+    /// A row lookup in a table stored in a block format (an embedding, the tied head's
+    /// table): decode only the rows it reads, from the stored bytes.
+    GatherRows,
 }
 
 /// How linears on quantized weights treat their input activations.
@@ -372,6 +375,21 @@ impl<'g> Engine<'g> {
             }
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
+        // Row lookups in tables kept in a block format read the stored rows: the table is
+        // never decoded whole (SmolLM2's would take 113 MB as f32).
+        for &id in &order {
+            let node = graph.node(id);
+            if node.op != Op::Gather || actions.contains_key(&id) {
+                continue;
+            }
+            if let Ok(t) = stored_weight(graph, graph.operands(id)[0])
+                && t.format != Format::F32
+                && t.shape.len() == 2
+                && t.format.byte_len(t.shape[1]).is_ok()
+            {
+                actions.insert(id, Action::GatherRows);
+            }
+        }
         let code = Arc::new(module.finalize()?);
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
@@ -518,6 +536,12 @@ impl<'g> Engine<'g> {
         rows
     }
 
+    /// Number of weights held decoded to f32 (read by reference kernels); linears and row
+    /// lookups read the others in their stored format.
+    pub fn decoded_weights(&self) -> usize {
+        self.weights.len()
+    }
+
     /// Number of distinct compiled linear kernels.
     pub fn kernel_count(&self) -> usize {
         self.kernels.len()
@@ -533,6 +557,7 @@ impl<'g> Engine<'g> {
         match self.actions.get(&id).unwrap_or(&Action::Reference) {
             Action::Absorbed => vec![],
             Action::Linear(f) => [Some(f.x), f.bias, f.residual].into_iter().flatten().collect(),
+            Action::GatherRows => vec![self.graph.operands(id)[1]],
             Action::Reference => match self.graph.node(id).op {
                 Op::Weight(_) | Op::Input { .. } => vec![],
                 _ => self.graph.operands(id),
@@ -599,6 +624,13 @@ impl<'g> Engine<'g> {
                     None => continue, // read only by compiled kernels, in its stored format
                 },
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
+                (Action::GatherRows, _) => {
+                    let ids = values.get(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
+                    Arc::new(
+                        gather_rows(stored_weight(g, g.operands(id)[0]).map_err(|e| fail(e.to_string()))?, ids)
+                            .map_err(fail)?,
+                    )
+                }
                 // The last read of a value no one else holds: reshape its buffer, no copy.
                 (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
                     let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
@@ -908,6 +940,31 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
         }
     }
     Some((spec, fused, end, absorbed))
+}
+
+/// `table[ids]` for a `[rows, width]` table in a block format: each row read is decoded
+/// from its bytes, exactly as [`Format::dequantize`] decodes the whole table.
+fn gather_rows(table: &kiln_ir::TensorData, ids: &Value) -> Result<Value, String> {
+    let Value::I64 { shape, data } = ids else {
+        return Err("ids must be i64".into());
+    };
+    let (rows, width) = match table.shape[..] {
+        [rows, width] => (rows, width),
+        _ => return Err(format!("the table is not [rows, width]: {:?}", table.shape)),
+    };
+    let row_bytes = table.format.byte_len(width).map_err(|e| e.to_string())? as usize;
+    let mut out = Vec::with_capacity(data.len() * width as usize);
+    for &i in data {
+        if i < 0 || i as u64 >= rows {
+            return Err(format!("id {i} is outside the table's {rows} rows"));
+        }
+        let at = i as usize * row_bytes;
+        let row = table.bytes.as_slice().get(at..at + row_bytes).ok_or("the table's bytes end early")?;
+        out.extend(table.format.dequantize(row, width).map_err(|e| e.to_string())?);
+    }
+    let mut shape = shape.clone();
+    shape.push(width as usize);
+    Ok(Value::F32(Tensor::new(shape, out)))
 }
 
 /// The stored tensor of weight node `id`.
