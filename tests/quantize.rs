@@ -100,6 +100,7 @@ fn run_pass(
         overrides: overrides.iter().map(|(p, c)| (p.to_string(), c.parse::<Choice>().unwrap())).collect(),
         gptq: GptqOptions::default(),
         activations: Activations::F32,
+        measure_activations: false,
     };
     quantize(g, &options, calib, None, &|_, _, _| {}).expect("the pass applies")
 }
@@ -157,6 +158,7 @@ fn overrides_are_honored_and_must_match() {
         overrides: vec![("blk.9.*".into(), Choice::Int8)],
         gptq: GptqOptions::default(),
         activations: Activations::F32,
+        measure_activations: false,
     };
     let err = quantize(&mut model(), &options, None, None, &|_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
@@ -176,6 +178,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         overrides: vec![],
         gptq: GptqOptions::default(),
         activations: Activations::F32,
+        measure_activations: false,
     };
     assert!(quantize(&mut model(), &options, None, None, &|_, _, _| {}).is_err());
 
@@ -195,6 +198,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         overrides: vec![],
         gptq: GptqOptions::default(),
         activations: Activations::F32,
+        measure_activations: false,
     };
     assert!(quantize(&mut model(), &options, Some(&calib), None, &|_, _, _| {}).is_err());
 }
@@ -217,6 +221,7 @@ fn searched_scales_beat_round_to_nearest_scales() {
                 overrides: vec![],
                 gptq: GptqOptions { clip, act_order: true, ..Default::default() },
                 activations: Activations::F32,
+                measure_activations: false,
             };
             let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).expect("the pass applies");
             let layer_error: f64 = report.layers.iter().filter_map(|l| l.error).sum();
@@ -268,7 +273,7 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
     let want = logits(&base);
     for method in [Method::Rtn, Method::Gptq] {
         let calls = std::cell::Cell::new(0);
-        let probe = |g: &Graph| -> Result<f64, String> {
+        let probe = |g: &Graph, _: Activations| -> Result<f64, String> {
             calls.set(calls.get() + 1);
             Ok(relative_error(&logits(g), &want))
         };
@@ -278,6 +283,7 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
             overrides: vec![],
             gptq: GptqOptions::default(),
             activations: Activations::F32,
+            measure_activations: false,
         };
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
@@ -291,6 +297,42 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
         run_pass(&mut uniform, Target::Format("int4g64".parse().unwrap()), method, &[], Some(&calib));
         let (mixed, flat) = (relative_error(&logits(&g), &want), relative_error(&logits(&uniform), &want));
         assert!(mixed <= flat, "{method:?}: the search's result {mixed} vs int4g64 everywhere {flat}");
+    }
+}
+
+/// `activations=int8` (measured) keeps whichever scales, per block of 32 or per row, the
+/// probe says move the outputs less; without a probe, per block, and said so.
+#[test]
+fn int8_activation_scales_are_chosen_by_the_probe() {
+    let calib = calibrate(&model());
+    for (block, row, want) in [(2.0, 1.0, Activations::Int8Row), (1.0, 2.0, Activations::Int8)] {
+        let seen = std::cell::RefCell::new(vec![]);
+        let probe = |_: &Graph, a: Activations| -> Result<f64, String> {
+            seen.borrow_mut().push(a);
+            Ok(match a {
+                Activations::Int8 => block,
+                Activations::Int8Row => row,
+                Activations::F32 => 0.0,
+            })
+        };
+        let options = QuantizeOptions {
+            target: Target::Format("int8".parse().unwrap()),
+            method: Method::Rtn,
+            overrides: vec![],
+            gptq: GptqOptions::default(),
+            activations: Activations::Int8,
+            measure_activations: true,
+        };
+        let mut g = model();
+        let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
+        assert_eq!(report.activations, want, "{:?}", report.notes);
+        assert_eq!(*seen.borrow(), [Activations::Int8, Activations::Int8Row]);
+        assert!(report.notes.iter().any(|n| n.contains("scales per row move the outputs by")), "{:?}", report.notes);
+
+        let mut g = model();
+        let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).unwrap();
+        assert_eq!(report.activations, Activations::Int8);
+        assert!(report.notes.iter().any(|n| n.contains("no probe rows")), "{:?}", report.notes);
     }
 }
 

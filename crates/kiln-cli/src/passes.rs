@@ -4,7 +4,7 @@
 use crate::calibrate;
 use kiln_ir::Graph;
 use kiln_passes::pipeline::{self, Context, PassReport};
-use kiln_passes::quantize::{Choice, QuantizeReport};
+use kiln_passes::quantize::{Activations, Choice, QuantizeReport};
 use miette::{Result, miette};
 use serde_json::{Value as Json, json};
 use std::collections::HashMap;
@@ -61,8 +61,9 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     }
     // The calibration file is read once: its first rows probe, the rest calibrate.
     let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
-    // Only budgets probe (`quantize(bits=...)`); everything else calibrates on every row.
-    let budgeted = calls.iter().any(|c| c.args.iter().any(|(k, _)| k == "bits"));
+    // Only budgets (`quantize(bits=...)`) and the choice of int8 activation scales
+    // (`activations=int8`) probe; everything else calibrates on every row.
+    let budgeted = calls.iter().any(|c| c.args.iter().any(|(k, v)| k == "bits" || (k == "activations" && v == "int8")));
     let split = calib_inputs
         .as_ref()
         .map(|i| if budgeted { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
@@ -78,14 +79,24 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     };
     // Probes run changed copies of the model under the JIT on the first calibration rows.
     let probe_inputs = split.map(|(p, _, _)| p).filter(|p| !p.is_empty());
-    let run = |g: &Graph, inputs: &HashMap<String, kiln_interp::Value>| {
-        let engine = kiln_jit::Engine::new(g, 2).map_err(|e| e.to_string())?;
+    let run = |g: &Graph, inputs: &HashMap<String, kiln_interp::Value>, activations: Activations| {
+        let activations = match activations {
+            Activations::F32 => kiln_jit::Activations::F32,
+            Activations::Int8 => kiln_jit::Activations::Int8,
+            Activations::Int8Row => kiln_jit::Activations::Int8Row,
+        };
+        let options = kiln_jit::EngineOptions { threads: 2, activations, profile: false };
+        let engine = kiln_jit::Engine::with_options(g, options).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())
     };
-    let reference = probe_inputs.as_ref().map(|i| run(graph, i)).transpose().map_err(|e| miette!("probe: {e}"))?;
-    let probe = |g: &Graph| -> Result<f64, String> {
+    let reference = probe_inputs
+        .as_ref()
+        .map(|i| run(graph, i, Activations::F32))
+        .transpose()
+        .map_err(|e| miette!("probe: {e}"))?;
+    let probe = |g: &Graph, activations: Activations| -> Result<f64, String> {
         match (&probe_inputs, &reference) {
-            (Some(inputs), Some(want)) => Ok(calibrate::distance(want, &run(g, inputs)?)),
+            (Some(inputs), Some(want)) => Ok(calibrate::distance(want, &run(g, inputs, activations)?)),
             _ => Err("no calibration inputs to probe with".into()),
         }
     };

@@ -64,10 +64,11 @@ use std::collections::BTreeMap;
 
 const PASS: &str = "quantize";
 
-/// Runs a changed copy of the graph on calibration inputs and says how far its outputs
-/// moved from the unchanged model's (the CLI measures KL divergence of next-token
-/// distributions, or 1 - cosine of embeddings). Passes never run models themselves.
-pub type Probe<'a> = dyn Fn(&Graph) -> Result<f64, String> + 'a;
+/// Runs a changed copy of the graph, its linears on quantized weights taking the given
+/// activations, on calibration inputs and says how far its outputs moved from the
+/// unchanged model's (the CLI measures KL divergence of next-token distributions, or
+/// 1 - cosine of embeddings). Passes never run models themselves.
+pub type Probe<'a> = dyn Fn(&Graph, Activations) -> Result<f64, String> + 'a;
 
 /// How one layer is stored, as a user names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +162,10 @@ pub struct QuantizeOptions {
     pub overrides: Vec<(String, Choice)>,
     pub gptq: GptqOptions,
     pub activations: Activations,
+    /// With `activations: Int8` (the pass's `activations=int8`): per-block or per-row
+    /// scales, whichever the probe measures moving the outputs less, for models with
+    /// per-channel int8 weights (the only ones per-row scales apply to).
+    pub measure_activations: bool,
 }
 
 /// What the model's linears on quantized weights take as activations: recorded in the
@@ -429,6 +434,11 @@ pub fn quantize(
         }
     }
     let mut report = QuantizeReport { notes, activations: options.activations, ..Default::default() };
+    // Whether per-row activation scales apply to any linear (int8, one scale per row).
+    let per_channel_int8 = layers
+        .iter()
+        .zip(&formats)
+        .any(|(l, f)| l.linear && matches!(f, Format::Int(i) if i.bits == 8 && !i.asym && i.group as u64 == l.k));
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
@@ -451,6 +461,29 @@ pub fn quantize(
     report.params = other_params + report.layers.iter().map(|l| l.params).sum::<u64>();
     report.bytes = other_bytes + report.layers.iter().map(|l| l.bytes).sum::<u64>();
     kiln_ir::verify(graph).map_err(|e| fail(format!("the rewritten graph does not verify: {e}")))?;
+    if options.measure_activations && options.activations == Activations::Int8 && !per_channel_int8 {
+        report.notes.push(
+            "activations=int8: per block of 32 (no linear has per-channel int8 weights, the only ones scales per row apply to)"
+                .into(),
+        );
+    } else if options.measure_activations && options.activations == Activations::Int8 {
+        match probe {
+            Some(probe) => {
+                progress(0, 2, "measuring int8 activations per block and per row");
+                let block = probe(graph, Activations::Int8).map_err(fail)?;
+                let row = probe(graph, Activations::Int8Row).map_err(fail)?;
+                report.activations = if row < block { Activations::Int8Row } else { Activations::Int8 };
+                report.notes.push(format!(
+                    "activations=int8: scales per row move the outputs by {row:.4e} on the probe rows, per block of 32 by {block:.4e}: {} kept",
+                    if row < block { "per row (int8-row)" } else { "per block" }
+                ));
+            }
+            None => report.notes.push(
+                "activations=int8: per block of 32 (no probe rows to measure scales per row against it: pass --calib)"
+                    .into(),
+            ),
+        }
+    }
     Ok(report)
 }
 
@@ -721,7 +754,7 @@ impl Search<'_> {
                 let mut gain = vec![0.0; names.len()];
                 for (i, (name, &k)) in names.iter().enumerate() {
                     (self.progress)(i, names.len(), &format!("probing {name} at {uniform}"));
-                    let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?)?;
+                    let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?, Activations::F32)?;
                     let error: f64 = (0..layers.len())
                         .filter(|&l| kind[l] == k)
                         .filter_map(|l| measured[l].iter().find(|m| m.format == base[l]).map(|m| m.absolute))
@@ -780,8 +813,8 @@ impl Search<'_> {
             ));
         } else if let Some(probe) = probe.filter(|_| changed > 0) {
             (self.progress)(0, 2, "checking the mix against the uniform format");
-            let mix = probe(&with(&formats, &encoded, &|_| true)?)?;
-            let flat = probe(&with(&base, &at_base, &|_| true)?)?;
+            let mix = probe(&with(&formats, &encoded, &|_| true)?, Activations::F32)?;
+            let flat = probe(&with(&base, &at_base, &|_| true)?, Activations::F32)?;
             if mix < flat {
                 notes.push(format!(
                     "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}"
