@@ -101,6 +101,7 @@ fn run_pass(
         gptq: GptqOptions::default(),
         activations: Activations::F32,
         measure_activations: false,
+        lorc_rank: 0,
     };
     quantize(g, &options, calib, None, &|_, _, _| {}).expect("the pass applies")
 }
@@ -159,6 +160,7 @@ fn overrides_are_honored_and_must_match() {
         gptq: GptqOptions::default(),
         activations: Activations::F32,
         measure_activations: false,
+        lorc_rank: 0,
     };
     let err = quantize(&mut model(), &options, None, None, &|_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
@@ -179,6 +181,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         gptq: GptqOptions::default(),
         activations: Activations::F32,
         measure_activations: false,
+        lorc_rank: 0,
     };
     assert!(quantize(&mut model(), &options, None, None, &|_, _, _| {}).is_err());
 
@@ -199,6 +202,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
         gptq: GptqOptions::default(),
         activations: Activations::F32,
         measure_activations: false,
+        lorc_rank: 0,
     };
     assert!(quantize(&mut model(), &options, Some(&calib), None, &|_, _, _| {}).is_err());
 }
@@ -222,6 +226,7 @@ fn searched_scales_beat_round_to_nearest_scales() {
                 gptq: GptqOptions { clip, act_order: true, ..Default::default() },
                 activations: Activations::F32,
                 measure_activations: false,
+                lorc_rank: 0,
             };
             let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).expect("the pass applies");
             let layer_error: f64 = report.layers.iter().filter_map(|l| l.error).sum();
@@ -248,6 +253,47 @@ fn gptq_beats_rounding_on_the_model_output() {
         errors.push(relative_error(&logits(&g), &want));
     }
     assert!(errors[1] < errors[0], "GPTQ {} vs RTN {}", errors[1], errors[0]);
+}
+
+/// `lorc_rank`: every quantized linear gets a low-rank correction beside it (two linears
+/// and an add), which lowers the model's error, is counted in the layer's bytes, and runs
+/// compiled as it interprets.
+#[test]
+fn lorc_corrections_lower_the_error_and_run_compiled() {
+    let base = model();
+    let calib = calibrate(&base);
+    let want = logits(&base);
+    let mut errors = vec![];
+    let mut bytes = vec![];
+    for rank in [0, 8] {
+        let mut g = model();
+        let options = QuantizeOptions {
+            target: Target::Format("int3g32a".parse().unwrap()),
+            method: Method::Gptq,
+            overrides: vec![],
+            gptq: GptqOptions::default(),
+            activations: Activations::F32,
+            measure_activations: false,
+            lorc_rank: rank,
+        };
+        let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).unwrap();
+        kiln_ir::verify(&g).unwrap();
+        let corrections = g.store.iter().filter(|(t, _)| t.contains(".lorc_")).count();
+        assert_eq!(corrections, if rank > 0 { 2 * 2 } else { 0 }, "up and down, two factors each");
+        if rank > 0 {
+            assert!(
+                report.notes.iter().any(|n| n.contains("2 quantized linears carry a rank-8")),
+                "{:?}",
+                report.notes
+            );
+            let jit = Prepared::new(&g, Exec::Jit { threads: 2 }).run(&ids());
+            assert!(relative_error(&jit[0].1.as_f32().unwrap().data, &logits(&g)) < 1e-5);
+        }
+        errors.push(relative_error(&logits(&g), &want));
+        bytes.push(report.layers.iter().find(|l| l.scope == "blk.0.up").unwrap().bytes);
+    }
+    assert!(errors[1] < errors[0], "with LoRC {} vs without {}", errors[1], errors[0]);
+    assert_eq!(bytes[1] - bytes[0], 4 * 8 * (96 + 64), "blk.0.up's factors, f32");
 }
 
 #[test]
@@ -284,6 +330,7 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
             gptq: GptqOptions::default(),
             activations: Activations::F32,
             measure_activations: false,
+            lorc_rank: 0,
         };
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
@@ -322,6 +369,7 @@ fn int8_activation_scales_are_chosen_by_the_probe() {
             gptq: GptqOptions::default(),
             activations: Activations::Int8,
             measure_activations: true,
+            lorc_rank: 0,
         };
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();

@@ -1273,6 +1273,7 @@ fn compile_with_quantize_and_report() {
     assert!(!ok(&["report".to_string(), s(&out)]).contains("per-channel int8 weights"));
     fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "int8, int8-block, int8-row or f32"]);
 
+    fails(&args("quantize(format=bf16, lorc_rank=0)"), &["lorc_rank=0", "a rank from 1 to 1024"]);
     fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);
     fails(&args("frobnicate"), &["unknown pass `frobnicate`"]);
     fails(&args("quantize(format=int5g32)"), &["int5g32"]);

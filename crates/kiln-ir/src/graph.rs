@@ -162,8 +162,18 @@ impl Graph {
 
     /// Makes every user of `old` (and every output naming it) use `new` instead.
     pub fn replace_uses(&mut self, old: NodeId, new: NodeId) {
-        let edges: Vec<_> =
-            self.graph.edges_directed(old, Direction::Outgoing).map(|e| (e.id(), e.target(), *e.weight())).collect();
+        self.replace_uses_except(old, new, new);
+    }
+
+    /// [`Graph::replace_uses`] but for `except`, which keeps reading `old` (a node that
+    /// wraps `old` takes its place everywhere else).
+    pub fn replace_uses_except(&mut self, old: NodeId, new: NodeId, except: NodeId) {
+        let edges: Vec<_> = self
+            .graph
+            .edges_directed(old, Direction::Outgoing)
+            .filter(|e| e.target() != except)
+            .map(|e| (e.id(), e.target(), *e.weight()))
+            .collect();
         for (e, target, pos) in edges {
             self.graph.remove_edge(e);
             self.graph.add_edge(new, target, pos);

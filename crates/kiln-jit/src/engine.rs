@@ -307,7 +307,7 @@ impl<'g> Engine<'g> {
         let gemm_f32 = crate::gemm_f32::available();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in &order {
-            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id) else { continue };
+            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
             let rows = activations == Activations::Int8Row
                 && matches!(&graph.node(fused.weight).op,
                     Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
@@ -880,7 +880,11 @@ unsafe impl Sync for KernelArgs {}
 /// If `id` is a linear the kernels support, its spec, its operands, the node that ends its
 /// fusion group, and the nodes absorbed into it (the linear itself, and an activation
 /// before the end).
-fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
+fn plan_linear(
+    g: &Graph,
+    id: NodeId,
+    claimed: &HashMap<NodeId, Action>,
+) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
     if g.node(id).op != Op::Linear {
         return None;
     }
@@ -928,11 +932,18 @@ fn plan_linear(g: &Graph, id: NodeId) -> Option<(LinearSpec, Fused, NodeId, Vec<
             end = u;
         }
     }
+    // The residual add, unless another group has it, or will: of two linears added
+    // together (a layer and its low-rank correction), the larger one takes the add.
+    let weight_len = |l: NodeId| {
+        g.operands(l).get(1).map_or(0, |&w| g.node(w).ty.shape.iter().filter_map(|d| d.known()).product::<u64>())
+    };
     if let Some(add) = single_user(end)
         && g.node(add).op == Op::Binary(BinaryOp::Add)
+        && !claimed.contains_key(&add)
     {
         let other = g.operands(add).into_iter().find(|&o| o != end)?;
-        if g.node(other).ty == g.node(add).ty && g.node(end).ty == g.node(add).ty {
+        let larger_linear = g.node(other).op == Op::Linear && weight_len(other) > weight_len(id);
+        if !larger_linear && g.node(other).ty == g.node(add).ty && g.node(end).ty == g.node(add).ty {
             spec.residual = true;
             fused.residual = Some(other);
             absorbed.push(end);

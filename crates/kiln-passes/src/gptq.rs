@@ -383,7 +383,7 @@ fn factor(h: &[f64], k: usize, diag: &[f64], perm: &[usize], damp: f64) -> Resul
 /// (the f16 conversions in [`IntFormat::code`] and [`IntFormat::value`], the rank-1
 /// updates) ran 5-10x slower on the Zen 3 this was measured on. Call it after faer work,
 /// on the thread that did it.
-fn clear_upper_ymm() {
+pub(crate) fn clear_upper_ymm() {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         #[target_feature(enable = "avx")]

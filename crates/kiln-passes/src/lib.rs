@@ -14,6 +14,7 @@ pub mod calibration;
 pub mod clip;
 pub mod gptq;
 pub mod last_position;
+pub mod lorc;
 pub mod pipeline;
 pub mod quantize;
 

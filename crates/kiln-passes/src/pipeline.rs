@@ -128,7 +128,7 @@ type PassFn = fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport,
 pub const REGISTRY: &[(&str, PassFn, &str)] = &[(
     "quantize",
     run_quantize,
-    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false] [, activations=int8|int8-block|int8-row]): store matrices in fewer bits; activations=int8 runs linears W8A8 with activation scales per block of 32 or per row, whichever a probe on held-out --calib rows measures closer to the model",
+    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false] [, activations=int8|int8-block|int8-row] [, lorc_rank=R]): store matrices in fewer bits; activations=int8 runs linears W8A8 with activation scales per block of 32 or per row, whichever a probe on held-out --calib rows measures closer to the model",
 )];
 
 /// Runs `calls` in order on `graph`.
@@ -157,6 +157,7 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
     // and round-to-nearest from 1.325x to 1.145x.
     let mut gptq = crate::gptq::GptqOptions { act_order: true, clip: true, ..Default::default() };
     let (mut activations, mut measure_activations) = (Activations::F32, false);
+    let mut lorc_rank = 0;
     for (key, value) in &call.args {
         let bad = |what: &str| fail(format!("{key}={value}: expected {what}"));
         match key.as_str() {
@@ -178,6 +179,13 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
             "act_order" => gptq.act_order = value.parse().map_err(|_| bad("true or false"))?,
             "damp" => gptq.damp = value.parse().map_err(|_| bad("a number such as 0.01"))?,
             "clip" => gptq.clip = value.parse().map_err(|_| bad("true or false"))?,
+            "lorc_rank" => {
+                lorc_rank = value
+                    .parse()
+                    .ok()
+                    .filter(|r| (1..=1024).contains(r))
+                    .ok_or_else(|| bad("a rank from 1 to 1024"))?;
+            }
             "activations" => {
                 (activations, measure_activations) = match value.as_str() {
                     "int8" => (Activations::Int8, true),
@@ -189,17 +197,27 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
             }
             _ => {
                 return Err(fail(format!(
-                    "unknown argument `{key}` (quantize takes bits, format, method, act_order, damp, clip, activations)"
+                    "unknown argument `{key}` (quantize takes bits, format, method, act_order, damp, clip, activations, lorc_rank)"
                 )));
             }
         }
     }
     let target = target.ok_or_else(|| fail("give bits=B (a budget) or format=F (one format for all)".into()))?;
+    if lorc_rank > 0 && ctx.calibration.is_none() {
+        return Err(fail("lorc_rank fits corrections to the calibration inputs: pass --calib".into()));
+    }
     if method == Method::Gptq && ctx.calibration.is_none() {
         return Err(fail("method=gptq needs calibration data: pass --calib".into()));
     }
-    let options =
-        QuantizeOptions { target, method, overrides: ctx.overrides.clone(), gptq, activations, measure_activations };
+    let options = QuantizeOptions {
+        target,
+        method,
+        overrides: ctx.overrides.clone(),
+        gptq,
+        activations,
+        measure_activations,
+        lorc_rank,
+    };
     quantize::quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
 }
 

@@ -166,6 +166,9 @@ pub struct QuantizeOptions {
     /// scales, whichever the probe measures moving the outputs less, for models with
     /// per-channel int8 weights (the only ones per-row scales apply to).
     pub measure_activations: bool,
+    /// With calibration: the rank of a low-rank correction of each quantized linear's error
+    /// ([`crate::lorc`]); 0 for none.
+    pub lorc_rank: usize,
 }
 
 /// What the model's linears on quantized weights take as activations: recorded in the
@@ -379,7 +382,9 @@ pub fn quantize(
             };
             let total_params = other_params + layers.iter().map(|l| l.n * l.k).sum::<u64>();
             let budget = (bits * total_params as f64).floor() as u64;
-            let Some(budget) = budget.checked_sub(other_bytes * 8) else {
+            let lorc_bits: u64 =
+                layers.iter().filter(|l| lorc_applies(l, options)).map(|l| lorc_bits(l, options)).sum();
+            let Some(budget) = budget.checked_sub(other_bytes * 8 + lorc_bits) else {
                 return Err(fail(format!("{bits} bits per weight leave nothing for the matrices")));
             };
             let search = Search { layers: &layers, fixed: &fixed, options, tokens: calibration.tokens, progress };
@@ -396,7 +401,7 @@ pub fn quantize(
     let total = layers.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let method = options.method;
-    let results: Vec<Result<(Encoded, Option<f64>), String>> = layers
+    let results: Vec<Result<(Encoded, Option<f64>, Option<Correction>), String>> = layers
         .par_iter()
         .zip(&formats)
         .zip(encoded)
@@ -405,8 +410,26 @@ pub fn quantize(
                 Some(e) => Ok(e),
                 None => encode(layer, format, method, &options.gptq, None, None),
             }
-            .and_then(|e| Ok((relative_error(layer, format, e.as_deref())?, e)))
-            .map(|(error, e)| (e, error));
+            .and_then(|e| {
+                let correction = match (&e, &layer.gram) {
+                    (Some(bytes), Some(g)) if lorc_applies(layer, options) => {
+                        let q = format.dequantize(bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
+                        let (n, k) = (layer.n as usize, layer.k as usize);
+                        Some(crate::lorc::factors(
+                            &layer.values,
+                            &q,
+                            n,
+                            k,
+                            &g.sum,
+                            options.lorc_rank,
+                            options.gptq.damp,
+                        )?)
+                    }
+                    _ => None,
+                };
+                let error = relative_error(layer, format, e.as_deref(), correction.as_ref())?;
+                Ok((e, error, correction))
+            });
             let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress(d, total, &layer.scope);
             r
@@ -434,6 +457,7 @@ pub fn quantize(
         }
     }
     let mut report = QuantizeReport { notes, activations: options.activations, ..Default::default() };
+    let mut corrected = 0;
     // Whether per-row activation scales apply to any linear (int8, one scale per row).
     let per_channel_int8 = layers
         .iter()
@@ -442,11 +466,17 @@ pub fn quantize(
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
-        let (changed, error) = result.map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
+        let (changed, error, correction) = result.map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         if let Some(bytes) = changed {
             set_weight(graph, layer, *format, bytes).map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         }
-        let bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64);
+        let mut bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64);
+        if let Some((a, b)) = correction {
+            bytes += 4 * (a.len() + b.len()) as u64;
+            corrected += 1;
+            crate::lorc::attach(graph, layer.node, &layer.tensor, a, b, layer.n, layer.k)
+                .map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
+        }
         report.layers.push(LayerReport {
             scope: layer.scope.clone(),
             tensor: layer.tensor.clone(),
@@ -457,6 +487,12 @@ pub fn quantize(
             error,
         });
         layer.values = Vec::new();
+    }
+    if options.lorc_rank > 0 {
+        report.notes.push(format!(
+            "lorc_rank={}: {corrected} quantized linears carry a rank-{} correction of their error (f32 factors, counted in their bytes)",
+            options.lorc_rank, options.lorc_rank
+        ));
     }
     report.params = other_params + report.layers.iter().map(|l| l.params).sum::<u64>();
     report.bytes = other_bytes + report.layers.iter().map(|l| l.bytes).sum::<u64>();
@@ -592,6 +628,20 @@ fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&
     (measured.absolute, measured.relative) = (absolute, relative);
     measured.sample = loss.map(|_| bytes);
     measured
+}
+
+/// A low-rank correction's factors `A` (`[n, r]`) and `B` (`[r, k]`).
+type Correction = (Vec<f32>, Vec<f32>);
+
+/// Whether `layer` gets a LoRC correction: a linear (not a table read by rows) with
+/// calibration statistics, when the pass asks for one.
+fn lorc_applies(layer: &Layer, options: &QuantizeOptions) -> bool {
+    options.lorc_rank > 0 && layer.linear && !layer.gathered && layer.gram.is_some()
+}
+
+/// The stored bits of `layer`'s correction (f32 factors).
+fn lorc_bits(layer: &Layer, options: &QuantizeOptions) -> u64 {
+    32 * (layer.n + layer.k) * options.lorc_rank.min(layer.n.min(layer.k) as usize) as u64
 }
 
 /// Every how many rows of an `n`-row layer one is sampled to measure errors on.
@@ -942,12 +992,28 @@ fn encode(
 /// 0); `None` without calibration data. On every `step`-th row: the exact error costs
 /// `n k^2` multiply-adds, which for all of a layer's rows takes as long as GPTQ itself,
 /// so it is measured once, for the format the pass keeps.
-fn relative_error(layer: &Layer, format: Format, bytes: Option<&[u8]>) -> Result<Option<f64>, String> {
+fn relative_error(
+    layer: &Layer,
+    format: Format,
+    bytes: Option<&[u8]>,
+    correction: Option<&Correction>,
+) -> Result<Option<f64>, String> {
     let (Some(g), Some(bytes)) = (&layer.gram, bytes) else {
         return Ok(layer.gram.as_ref().map(|_| 0.0));
     };
     let (n, k) = (layer.n as usize, layer.k as usize);
-    let q = format.dequantize(bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
+    let mut q = format.dequantize(bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
+    if let Some((a, b)) = correction {
+        let r = b.len() / k;
+        for (row, q) in q.chunks_exact_mut(k).enumerate().step_by(sample_step(n)) {
+            for (j, b) in b.chunks_exact(k).enumerate() {
+                let aj = a[row * r + j];
+                for (q, &b) in q.iter_mut().zip(b) {
+                    *q += aj * b;
+                }
+            }
+        }
+    }
     let sample = |m: &[f32]| -> Vec<f32> { m.chunks_exact(k).step_by(sample_step(n)).flatten().copied().collect() };
     let (w, q) = (sample(&layer.values), sample(&q));
     Ok(Some(gptq::relative_output_error(&w, &q, w.len() / k, k, &g.sum)))
