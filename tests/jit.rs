@@ -238,32 +238,36 @@ fn per_row_int8_activations_apply_to_per_channel_int8_weights() {
     }
 }
 
-/// fp8 weights (no kernel of their own yet: decoded to f32 once, then the sgemm path) run
-/// compiled with exactly the interpreter's values.
+/// fp8 weights run compiled (their own kernel, groups repacked to blocks of 32; never an
+/// f32 copy) with the interpreter's values.
 #[test]
 fn fp8_weights_run_compiled_with_their_exact_values() {
-    let (n, k) = (72, 96);
-    let text = format!(
-        "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = weight \"w\" fp8g32 : f32[{n}, {k}]\n  %2 = linear %0, %1 : f32[m, {n}]\n  output \"y\" = %2\n}}\n"
-    );
-    let mut g = kiln_ir::parse(&text).unwrap();
-    let mut rng = Rng::new(9);
-    let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    let f = kiln_ir::Fp8Format::new(32).unwrap();
-    let w = kiln_ir::Bytes::from_vec(f.quantize(&values(n * k)));
-    g.store.insert("w", kiln_ir::TensorData::new(kiln_ir::Format::Fp8(f), vec![n as u64, k as u64], w).unwrap());
-    kiln_ir::verify(&g).unwrap();
-    for m in [1, 7] {
-        let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
-        let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
-        let want = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
-        let jit = Prepared::new(&g, Exec::Jit { threads: 2 });
-        if let Prepared::Jit(e) = &jit {
-            assert_eq!(e.compiled_linears(), 1, "the fp8 linear runs compiled");
+    for group in [32, 96] {
+        let (n, k) = (72, 96);
+        let text = format!(
+            "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = weight \"w\" fp8g{group} : f32[{n}, {k}]\n  %2 = linear %0, %1 : f32[m, {n}]\n  output \"y\" = %2\n}}\n"
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        let mut rng = Rng::new(9);
+        let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+        let f = kiln_ir::Fp8Format::new(group).unwrap();
+        let w = kiln_ir::Bytes::from_vec(f.quantize(&values(n * k)));
+        g.store.insert("w", kiln_ir::TensorData::new(kiln_ir::Format::Fp8(f), vec![n as u64, k as u64], w).unwrap());
+        kiln_ir::verify(&g).unwrap();
+        for m in [1, 7] {
+            let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
+            let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+            let want = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
+            let jit = Prepared::new(&g, Exec::Jit { threads: 2 });
+            if let Prepared::Jit(e) = &jit {
+                assert_eq!(e.compiled_linears(), 1, "the fp8 linear runs compiled");
+                assert_eq!(e.decoded_weights(), 0, "fp8g{group}: no f32 copy");
+            }
+            let got = jit.run(&inputs);
+            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs())).max(1.0);
+            let diff = f32s(&got, "y").iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "fp8g{group}, m = {m}: JIT vs interpreter {diff}");
+            assert_eq!(got, Prepared::new(&g, Exec::Jit { threads: 1 }).run(&inputs), "fp8g{group}, m = {m}: threads");
         }
-        let got = jit.run(&inputs);
-        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs())).max(1.0);
-        let diff = f32s(&got, "y").iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-5 * scale, "m = {m}: JIT vs interpreter {diff}");
     }
 }

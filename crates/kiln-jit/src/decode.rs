@@ -19,6 +19,7 @@
 //! | q8_0 | ~47 | `vpmovsxbw m64`, `vpmovsxwd`, `vcvtdq2ps`, `vmulps d`, FMA; + block scale |
 //! | q4_0 | ~52 | nibbles as below, `vfmadd213ps` (`q d + (-8 d)`) |
 //! | q4_1 | ~54 | `vpmovzxbw m64` x 2 and `vpand`/`vpsrlw` per 16 bytes, `vpmovzxwd` or `vpunpckhwd`, `vcvtdq2ps`, `vfmadd213ps` (`q d + m`), FMA; + block scales |
+//! | fp8 (g32) | — | `vpmovzxbw m64` per 8 weights; per vector a widening, 2 `vpand`, 2 shifts, `vpor`, `vmulps` by 2^120, a compare and a blend for the NaN code, `vmulps d`, FMA (not yet counted in the disassembly) |
 //!
 //! Block scales are gathered from four rows (`movzwl`/`movl`, `vpinsrd`) and widened once
 //! for the four (about 10 instructions per row and block, broadcasts included).
@@ -34,7 +35,10 @@ use cranelift_codegen::ir::{InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
 use kiln_ir::Format;
 
-use crate::emit::{broadcast_lane, cast, f16_to_f32, f32s, gather_f32, gather_i32, load_bf16x4, load_f16x4, ro, u16s};
+use crate::emit::{
+    broadcast_lane, cast, f16_to_f32, f32s, gather_f32, gather_i32, i32s, load_bf16x4, load_f16x4, ro, u16s,
+};
+use cranelift_codegen::ir::condcodes::IntCC;
 
 /// How a tile's weight rows are stored in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +69,9 @@ impl Rows {
         match self.format() {
             Format::F32 | Format::F16 | Format::BF16 => 4,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
+            Format::Fp8(f) if f.group == 32 => 32,
             Format::Int(_) => unreachable!("int formats run as GGUF blocks (repack.rs)"),
-            Format::Fp8(_) => unreachable!("fp8 runs from decoded f32 (engine.rs)"),
+            Format::Fp8(_) => unreachable!("fp8 runs in groups of 32 (repack.rs)"),
         }
     }
 }
@@ -115,6 +120,7 @@ pub(crate) fn decode_rows(
                 let mut each = |b: &mut FunctionBuilder<'_>, i: usize, w: Value| consume(b, r, first + i, w);
                 match format {
                     Format::Q8_0 => q8_0_block(b, p, row + at, d, &mut each),
+                    Format::Fp8(_) => fp8_block(b, p, row + at, d, &mut each),
                     Format::Q4_0 | Format::Q4_1 => q4_block(b, p, row + at, format, d, m, &mut each),
                     _ => unreachable!(),
                 }
@@ -180,6 +186,43 @@ fn q8_0_block(
         let qf = b.ins().fcvt_from_sint(F32X4, q32);
         let w = b.ins().fmul(qf, d);
         each(b, i, w);
+    }
+}
+
+/// fp8 block of 32 `{ d: f16, q: [e4m3; 32] }` at `p + at` (Q8_0's layout): `w = d * e4m3(q)`.
+///
+/// An e4m3 byte `s eeee mmm` placed as the f32 `s 0000eeee mmm0...` (sign to bit 31, the
+/// other seven bits to 26..20) reads `(1 + m/8) 2^(e - 127)`, or for `e = 0` the f32
+/// subnormal `m/8 2^-126`; times `2^120` both are exactly the e4m3 value. The one NaN
+/// code (`eeee mmm` all ones) is selected in. `d * v` is exact (11 x 4 significant bits).
+fn fp8_block(
+    b: &mut FunctionBuilder<'_>,
+    p: Value,
+    at: i32,
+    d: Value,
+    each: &mut dyn FnMut(&mut FunctionBuilder<'_>, usize, Value),
+) {
+    let (low7, sign) = (i32s(b, 0x7F), i32s(b, 0x80));
+    let scale = f32s(b, f32::from_bits((127 + 120) << 23)); // 2^120
+    let nan = i32s(b, f32::NAN.to_bits());
+    for half in 0..4 {
+        // Bytes 8 half .. 8 half + 8, zero-extended to i16 (`pmovzxbw m64`).
+        let q16 = b.ins().uload8x8(ro(), p, at + 2 + 8 * half);
+        for (i, q32) in [b.ins().uwiden_low(q16), b.ins().uwiden_high(q16)].into_iter().enumerate() {
+            let em = b.ins().band(q32, low7);
+            let s = b.ins().band(q32, sign);
+            let s = b.ins().ishl_imm_u(s, 24);
+            let e = b.ins().ishl_imm_u(em, 20);
+            let bits = b.ins().bor(s, e);
+            let bits = cast(b, F32X4, bits);
+            let v = b.ins().fmul(bits, scale);
+            let v = cast(b, I32X4, v);
+            let is_nan = b.ins().icmp(IntCC::Equal, em, low7);
+            let v = b.ins().bitselect(is_nan, nan, v);
+            let v = cast(b, F32X4, v);
+            let w = b.ins().fmul(v, d);
+            each(b, 2 * half as usize + i, w);
+        }
     }
 }
 

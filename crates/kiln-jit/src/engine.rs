@@ -395,15 +395,20 @@ impl<'g> Engine<'g> {
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
         // On the pool: a budget search builds an engine per probe, and repacking a whole
         // model's weights one after the other took a third of a second.
-        let mut to_repack: Vec<(NodeId, kiln_ir::IntFormat, &[u8])> = Vec::new();
+        let mut to_repack: Vec<(NodeId, Format, &[u8])> = Vec::new();
         for action in actions.values() {
             let Action::Linear(f) = action else { continue };
             let stored = stored_weight(graph, f.weight)?;
-            if let Format::Int(int) = stored.format
+            let repacked = match stored.format {
+                Format::Int(_) => true,
+                Format::Fp8(fp8) => fp8.group != 32,
+                _ => false,
+            };
+            if repacked
                 && !to_repack.iter().any(|(n, ..)| *n == f.weight)
                 && !row_weights.iter().any(|(n, ..)| *n == f.weight)
             {
-                to_repack.push((f.weight, int, stored.bytes.as_slice()));
+                to_repack.push((f.weight, stored.format, stored.bytes.as_slice()));
             }
         }
         to_repack.sort_by_key(|(n, ..)| *n);
@@ -411,8 +416,12 @@ impl<'g> Engine<'g> {
             to_repack.iter().map(|_| std::sync::Mutex::new(None)).collect();
         pool.for_ranges(to_repack.len(), 1, 2, |part| {
             for i in part {
-                let (_, int, bytes) = to_repack[i];
-                let packed = PackedWeight::copy_of(&crate::repack::repack(int, bytes));
+                let packed = match to_repack[i] {
+                    (_, Format::Int(int), bytes) => crate::repack::repack(int, bytes),
+                    (_, Format::Fp8(fp8), bytes) => crate::repack::fp8_blocks(fp8, bytes),
+                    _ => unreachable!("only int and fp8 weights are repacked"),
+                };
+                let packed = PackedWeight::copy_of(&packed);
                 *repacked[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(packed);
             }
         });
@@ -898,8 +907,8 @@ fn plan_linear(
     }
     let format = match w.format {
         Format::Int(int) => crate::repack::kernel_format(int),
-        // No fp8 kernel yet: the sgemm path, on weights decoded to f32 at build.
-        Format::Fp8(_) => Format::F32,
+        // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
+        Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
         f => f,
     };
     let mut spec = LinearSpec::new(k, n, format);

@@ -37,7 +37,7 @@ pub fn available() -> bool {
 
 /// Whether weights stored in `format` run here.
 pub fn supports(format: Format) -> bool {
-    matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
+    matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1) || matches!(format, Format::Fp8(f) if f.group == 32)
 }
 
 /// [`gemm_f32`] with every length checked: `x` is `[M, K]`, `w` the weight `[N, K]` as
@@ -140,6 +140,19 @@ mod avx2 {
                 Format::Q8_0 => std::array::from_fn(|i| {
                     let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * i).cast()));
                     _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+                }),
+                // e4m3 as the emitted kernel decodes it (`decode.rs`): the bits placed in an
+                // f32, times 2^120, the NaN code selected in, times d.
+                Format::Fp8(_) => std::array::from_fn(|i| {
+                    let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.add(2 + 8 * i).cast()));
+                    let low7 = _mm256_set1_epi32(0x7F);
+                    let em = _mm256_and_si256(q, low7);
+                    let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(q, _mm256_set1_epi32(0x80)));
+                    let bits = _mm256_or_si256(sign, _mm256_slli_epi32::<20>(em));
+                    let v = _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((127 + 120) << 23)));
+                    let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(em, low7));
+                    let v = _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), nan);
+                    _mm256_mul_ps(v, d)
                 }),
                 _ => {
                     let q1 = format == Format::Q4_1;

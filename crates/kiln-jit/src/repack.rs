@@ -14,7 +14,7 @@
 //! bytes in the artifact and on disk but not yet in memory. Kernels that read the packed
 //! codes directly would remove the copy.
 
-use kiln_ir::{Format, IntFormat};
+use kiln_ir::{Format, Fp8Format, IntFormat};
 
 /// The GGUF format whose kernels run weights stored in `f`.
 pub fn kernel_format(f: IntFormat) -> Format {
@@ -52,9 +52,41 @@ pub fn repack(f: IntFormat, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// fp8 with groups of 32 (`fp8g32`), which the fp8 kernels read: `f` as stored, its
+/// groups cut in blocks of 32 with the group's scale in each (the same values).
+pub fn fp8_blocks(f: Fp8Format, bytes: &[u8]) -> Vec<u8> {
+    let g = f.group as usize;
+    let mut out = Vec::with_capacity(bytes.len() / (2 + g) * g / 32 * 34);
+    for group in bytes.chunks_exact(2 + g) {
+        for block in group[2..].chunks_exact(32) {
+            out.extend_from_slice(&group[..2]);
+            out.extend_from_slice(block);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// fp8 groups cut in blocks of 32 decode to bitwise the same values.
+    #[test]
+    fn fp8_blocks_have_the_same_values() {
+        for group in [32u32, 64, 96, 576] {
+            let f = Fp8Format::new(group).unwrap();
+            let values: Vec<f32> = (0..2 * group).map(|i| ((i * 7919 % 401) as f32 - 200.0) / 37.0).collect();
+            let bytes = f.quantize(&values);
+            let blocks = fp8_blocks(f, &bytes);
+            let want = Format::Fp8(f).dequantize(&bytes, values.len() as u64).unwrap();
+            let got = Format::Fp8(Fp8Format { group: 32 }).dequantize(&blocks, values.len() as u64).unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "fp8g{group}"
+            );
+        }
+    }
 
     /// Every format, random codes and scales (negative, tiny and large ones included):
     /// the repacked bytes decode to bitwise the same values.

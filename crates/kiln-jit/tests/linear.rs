@@ -64,6 +64,12 @@ fn spec(k: usize, n: usize, format: Format, bias: bool, act: Activation, residua
     LinearSpec { k, n, format, bias, activation: act, residual }
 }
 
+/// The formats kernels read: the six of [`Format::ALL`] and fp8 in groups of 32 (int
+/// formats run as GGUF blocks, other fp8 groups as blocks of 32).
+fn kernel_formats() -> Vec<Format> {
+    Format::ALL.into_iter().chain([Format::Fp8(kiln_ir::Fp8Format { group: 32 })]).collect()
+}
+
 fn ks(format: Format) -> Vec<usize> {
     if format.block_len() == 32 { vec![32, 64, 96, 576] } else { vec![1, 3, 17, 40, 64, 96, 576] }
 }
@@ -73,7 +79,7 @@ fn ks(format: Format) -> Vec<usize> {
 #[test]
 fn every_format_and_shape_matches_the_reference() {
     let mut case_no = 0u64;
-    for format in Format::ALL {
+    for format in kernel_formats() {
         for k in ks(format) {
             for n in [1, 5, 33, 97] {
                 let e = case_no as usize % 16;
@@ -89,11 +95,61 @@ fn every_format_and_shape_matches_the_reference() {
     }
 }
 
+/// fp8 decodes every e4m3 code exactly as `Format::dequantize` does: with one-hot rows of
+/// `x`, each output is one weight (subnormal codes, zeros and the largest scales
+/// included); the NaN code makes its row NaN.
+#[test]
+fn fp8_decodes_every_code_exactly() {
+    let f = kiln_ir::Fp8Format { group: 32 };
+    let format = Format::Fp8(f);
+    let (n, k) = (8, 256);
+    let scales = [1.0f32, 0.5e-3, 3.0e4, 1.0 / 448.0, 7.5, 6.1e-5, 1.0, 2.0];
+    let mut w = Vec::new();
+    for r in 0..n {
+        for b in 0..k / 32 {
+            w.extend(half::f16::from_f32(scales[(r + b) % 8]).to_le_bytes());
+            // Codes 0..=255 over the row's blocks, the NaN codes (0x7F, 0xFF) left out.
+            w.extend((0..32).map(|i| match ((b * 32 + i + 37 * r) % 256) as u8 {
+                0x7F | 0xFF => 0x7E,
+                c => c,
+            }));
+        }
+    }
+    let want = format.dequantize(&w, (n * k) as u64).unwrap();
+    let kernel = LinearKernel::compile(isa(), spec(k, n, format, false, Activation::None, false)).unwrap();
+    for m in [1, 9] {
+        let mut y = vec![f32::NAN; k * n];
+        for i0 in (0..k).step_by(m) {
+            let rows = m.min(k - i0);
+            let mut x = vec![0f32; rows * k];
+            for i in 0..rows {
+                x[i * k + i0 + i] = 1.0;
+            }
+            let mut part = vec![f32::NAN; rows * n];
+            kernel.run(&x, &w, None, Residual::None, &mut part, 0..rows).unwrap();
+            y[i0 * n..(i0 + rows) * n].copy_from_slice(&part);
+        }
+        for i in 0..k {
+            for r in 0..n {
+                // A sum of one weight and zeros: the weight (+0 for -0).
+                assert_eq!(y[i * n + r], want[r * k + i] + 0.0, "m = {m}: row {r}, column {i}");
+            }
+        }
+    }
+    // The NaN code poisons its row's outputs, whatever x is.
+    let mut nan = w.clone();
+    nan[2 + 5] = 0xFF;
+    let x = vec![0.5f32; k];
+    let mut y = vec![0f32; n];
+    kernel.run(&x, &nan, None, Residual::None, &mut y, 0..1).unwrap();
+    assert!(y[0].is_nan() && y[1..].iter().all(|v| v.is_finite()), "{y:?}");
+}
+
 /// Every format x every epilogue (bias x activation x residual) on the direct (M = 3) and
 /// the panel (M = 9) path.
 #[test]
 fn every_format_and_epilogue_matches_the_reference() {
-    for format in Format::ALL {
+    for format in kernel_formats() {
         let k = if format.block_len() == 32 { 64 } else { 43 };
         for bias in [false, true] {
             for act in Activation::ALL {
@@ -279,7 +335,7 @@ fn gemm_f32_is_the_emitted_kernel_bitwise() {
         return;
     }
     let mut seed = 70;
-    for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+    for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::Fp8(kiln_ir::Fp8Format { group: 32 })] {
         for (k, n) in [(32, 4), (64, 7), (96, 37), (384, 48), (160, 19), (1536, 6)] {
             for m in [1, 3, 4, 9] {
                 seed += 1;
