@@ -401,7 +401,9 @@ pub fn quantize(
     let total = layers.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let method = options.method;
-    let results: Vec<Result<(Encoded, Option<f64>, Option<Correction>), String>> = layers
+    // Per layer: its bytes, their relative error, and its correction.
+    type Finished = (Encoded, Option<f64>, Option<Correction>);
+    let results: Vec<Result<Finished, String>> = layers
         .par_iter()
         .zip(&formats)
         .zip(encoded)
