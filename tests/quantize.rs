@@ -87,6 +87,19 @@ fn calibrate(g: &Graph) -> Calibration {
     c
 }
 
+/// The pass's options for `target` by `method`, everything else at its default.
+fn options_for(target: Target, method: Method) -> QuantizeOptions {
+    QuantizeOptions {
+        target,
+        method,
+        overrides: vec![],
+        gptq: GptqOptions::default(),
+        activations: Activations::F32,
+        measure_activations: false,
+        lorc_rank: 0,
+    }
+}
+
 fn run_pass(
     g: &mut Graph,
     target: Target,
@@ -95,13 +108,8 @@ fn run_pass(
     calib: Option<&Calibration>,
 ) -> QuantizeReport {
     let options = QuantizeOptions {
-        target,
-        method,
         overrides: overrides.iter().map(|(p, c)| (p.to_string(), c.parse::<Choice>().unwrap())).collect(),
-        gptq: GptqOptions::default(),
-        activations: Activations::F32,
-        measure_activations: false,
-        lorc_rank: 0,
+        ..options_for(target, method)
     };
     quantize(g, &options, calib, None, &|_, _, _| {}).expect("the pass applies")
 }
@@ -154,13 +162,8 @@ fn overrides_are_honored_and_must_match() {
     assert_eq!(formats, ["f32", "int3g32a", "int8g96"]);
 
     let options = QuantizeOptions {
-        target: Target::Format(Choice::Int8),
-        method: Method::Rtn,
         overrides: vec![("blk.9.*".into(), Choice::Int8)],
-        gptq: GptqOptions::default(),
-        activations: Activations::F32,
-        measure_activations: false,
-        lorc_rank: 0,
+        ..options_for(Target::Format(Choice::Int8), Method::Rtn)
     };
     let err = quantize(&mut model(), &options, None, None, &|_, _, _| {}).unwrap_err().to_string();
     assert!(err.contains("`blk.9.*` matches no layer"), "{err}");
@@ -174,15 +177,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
     assert!(report.bits_per_weight() <= 4.5, "{}", report.bits_per_weight());
     assert!(report.bits_per_weight() > 4.0, "the budget is used: {}", report.bits_per_weight());
     // A budget search needs measurements.
-    let options = QuantizeOptions {
-        target: Target::Bits(4.5),
-        method: Method::Rtn,
-        overrides: vec![],
-        gptq: GptqOptions::default(),
-        activations: Activations::F32,
-        measure_activations: false,
-        lorc_rank: 0,
-    };
+    let options = options_for(Target::Bits(4.5), Method::Rtn);
     assert!(quantize(&mut model(), &options, None, None, &|_, _, _| {}).is_err());
 
     // The search's total sensitivity is no worse than a uniform format's within the budget
@@ -195,15 +190,7 @@ fn a_budget_is_met_and_spends_bits_where_they_matter() {
     assert!(total(&report) <= total(&u), "{} vs uniform {}", total(&report), total(&u));
 
     // Infeasible budgets are errors that say so.
-    let options = QuantizeOptions {
-        target: Target::Bits(1.5),
-        method: Method::Rtn,
-        overrides: vec![],
-        gptq: GptqOptions::default(),
-        activations: Activations::F32,
-        measure_activations: false,
-        lorc_rank: 0,
-    };
+    let options = options_for(Target::Bits(1.5), Method::Rtn);
     assert!(quantize(&mut model(), &options, Some(&calib), None, &|_, _, _| {}).is_err());
 }
 
@@ -220,13 +207,8 @@ fn searched_scales_beat_round_to_nearest_scales() {
         for clip in [false, true] {
             let mut g = model();
             let options = QuantizeOptions {
-                target: Target::Format("int3g32a".parse().unwrap()),
-                method,
-                overrides: vec![],
                 gptq: GptqOptions { clip, act_order: true, ..Default::default() },
-                activations: Activations::F32,
-                measure_activations: false,
-                lorc_rank: 0,
+                ..options_for(Target::Format("int3g32a".parse().unwrap()), method)
             };
             let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).expect("the pass applies");
             let layer_error: f64 = report.layers.iter().filter_map(|l| l.error).sum();
@@ -268,13 +250,8 @@ fn lorc_corrections_lower_the_error_and_run_compiled() {
     for rank in [0, 8] {
         let mut g = model();
         let options = QuantizeOptions {
-            target: Target::Format("int3g32a".parse().unwrap()),
-            method: Method::Gptq,
-            overrides: vec![],
-            gptq: GptqOptions::default(),
-            activations: Activations::F32,
-            measure_activations: false,
             lorc_rank: rank,
+            ..options_for(Target::Format("int3g32a".parse().unwrap()), Method::Gptq)
         };
         let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).unwrap();
         kiln_ir::verify(&g).unwrap();
@@ -323,15 +300,7 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
             calls.set(calls.get() + 1);
             Ok(relative_error(&logits(g), &want))
         };
-        let options = QuantizeOptions {
-            target: Target::Bits(4.5),
-            method,
-            overrides: vec![],
-            gptq: GptqOptions::default(),
-            activations: Activations::F32,
-            measure_activations: false,
-            lorc_rank: 0,
-        };
+        let options = options_for(Target::Bits(4.5), method);
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
         assert_eq!(calls.get(), 3 + 2, "{method:?}: 3 kinds, then the mix and the uniform format: {report:?}");
@@ -363,13 +332,9 @@ fn int8_activation_scales_are_chosen_by_the_probe() {
             })
         };
         let options = QuantizeOptions {
-            target: Target::Format("int8".parse().unwrap()),
-            method: Method::Rtn,
-            overrides: vec![],
-            gptq: GptqOptions::default(),
             activations: Activations::Int8,
             measure_activations: true,
-            lorc_rank: 0,
+            ..options_for(Target::Format("int8".parse().unwrap()), Method::Rtn)
         };
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();

@@ -15,7 +15,7 @@
 
 use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Mat, Par, Side};
-use kiln_ir::{BinaryOp, Dim, Graph, NodeId, Op, TensorData, Type, WeightRef};
+use kiln_ir::{BinaryOp, DType, Dim, Format, Graph, NodeId, Op, TensorData, Type, WeightRef};
 
 /// The factors `A` (`[n, r]`, row-major) and `B` (`[r, k]`) of the best rank-`rank`
 /// correction of `q` towards `w` (both `[n, k]` row-major) under `h` (`[k, k]`, the sum of
@@ -74,35 +74,16 @@ pub fn attach(
     if linears.is_empty() {
         return Ok(());
     }
-    let (name_a, name_b) = (format!("{tensor}.lorc_a"), format!("{tensor}.lorc_b"));
-    let data_a = TensorData::from_f32(vec![n, r], &a);
-    let data_b = TensorData::from_f32(vec![r, k], &b);
-    let f32_of = |dims: &[u64]| Type::new(kiln_ir::DType::F32, dims.iter().map(|&d| Dim::Known(d)));
     let scope = graph.node(weight).scope.clone();
-    let weight_a = graph.add_typed(
-        Op::Weight(WeightRef {
-            tensor: name_a.clone(),
-            format: kiln_ir::Format::F32,
-            checksum: Some(data_a.checksum()),
-        }),
-        &[],
-        f32_of(&[n, r]),
-        &scope,
-        None,
-    );
-    let weight_b = graph.add_typed(
-        Op::Weight(WeightRef {
-            tensor: name_b.clone(),
-            format: kiln_ir::Format::F32,
-            checksum: Some(data_b.checksum()),
-        }),
-        &[],
-        f32_of(&[r, k]),
-        &scope,
-        None,
-    );
-    graph.store.insert(name_a, data_a);
-    graph.store.insert(name_b, data_b);
+    let mut add_weight = |name: String, dims: [u64; 2], values: &[f32]| {
+        let data = TensorData::from_f32(dims.to_vec(), values);
+        let op = Op::Weight(WeightRef { tensor: name.clone(), format: Format::F32, checksum: Some(data.checksum()) });
+        let ty = Type::new(DType::F32, dims.map(Dim::Known));
+        graph.store.insert(name, data);
+        graph.add_typed(op, &[], ty, &scope, None)
+    };
+    let weight_a = add_weight(format!("{tensor}.lorc_a"), [n, r], &a);
+    let weight_b = add_weight(format!("{tensor}.lorc_b"), [r, k], &b);
     for linear in linears {
         let x = graph.operands(linear)[0];
         let scope = graph.node(linear).scope.clone();
