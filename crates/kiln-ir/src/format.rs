@@ -294,6 +294,13 @@ impl IntFormat {
         ((1u16 << self.bits) - 1) as u8
     }
 
+    /// Whether rows of `k` values in this format are int8 with one symmetric scale per row
+    /// (`int8gK`, what `quantize(format=int8)` writes): the weights per-row int8
+    /// activation scales apply to.
+    pub fn is_int8_per_row(self, k: u64) -> bool {
+        self.bits == 8 && !self.asym && self.group as u64 == k
+    }
+
     /// The code of zero in symmetric formats (`2^(bits - 1)`); 0 for asymmetric ones.
     pub fn zero_code(self) -> u8 {
         if self.asym { 0 } else { 1 << (self.bits - 1) }

@@ -103,7 +103,7 @@ pub struct RowWeights {
 impl RowWeights {
     /// Whether `format` runs here for rows of `k` values: symmetric int8, one group per row.
     pub fn supports(format: IntFormat, k: usize) -> bool {
-        format.bits == 8 && !format.asym && format.group as usize == k
+        format.is_int8_per_row(k as u64)
     }
 
     /// The weight `[n, k]` stored as `format` (see [`RowWeights::supports`]).

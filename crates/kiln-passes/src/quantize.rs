@@ -461,10 +461,8 @@ pub fn quantize(
     let mut report = QuantizeReport { notes, activations: options.activations, ..Default::default() };
     let mut corrected = 0;
     // Whether per-row activation scales apply to any linear (int8, one scale per row).
-    let per_channel_int8 = layers
-        .iter()
-        .zip(&formats)
-        .any(|(l, f)| l.linear && matches!(f, Format::Int(i) if i.bits == 8 && !i.asym && i.group as u64 == l.k));
+    let per_channel_int8 =
+        layers.iter().zip(&formats).any(|(l, f)| l.linear && matches!(f, Format::Int(i) if i.is_int8_per_row(l.k)));
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
@@ -499,13 +497,12 @@ pub fn quantize(
     report.params = other_params + report.layers.iter().map(|l| l.params).sum::<u64>();
     report.bytes = other_bytes + report.layers.iter().map(|l| l.bytes).sum::<u64>();
     kiln_ir::verify(graph).map_err(|e| fail(format!("the rewritten graph does not verify: {e}")))?;
-    if options.measure_activations && options.activations == Activations::Int8 && !per_channel_int8 {
-        report.notes.push(
-            "activations=int8: per block of 32 (no linear has per-channel int8 weights, the only ones scales per row apply to)"
-                .into(),
-        );
-    } else if options.measure_activations && options.activations == Activations::Int8 {
+    if options.measure_activations && options.activations == Activations::Int8 {
         match probe {
+            _ if !per_channel_int8 => report.notes.push(
+                "activations=int8: per block of 32 (no linear has per-channel int8 weights, the only ones scales per row apply to)"
+                    .into(),
+            ),
             Some(probe) => {
                 progress(0, 2, "measuring int8 activations per block and per row");
                 let block = probe(graph, Activations::Int8).map_err(fail)?;
@@ -1004,20 +1001,24 @@ fn relative_error(
         return Ok(layer.gram.as_ref().map(|_| 0.0));
     };
     let (n, k) = (layer.n as usize, layer.k as usize);
-    let mut q = format.dequantize(bytes, layer.n * layer.k).map_err(|e| e.to_string())?;
-    if let Some((a, b)) = correction {
-        let r = b.len() / k;
-        for (row, q) in q.chunks_exact_mut(k).enumerate().step_by(sample_step(n)) {
+    // Only the sampled rows are decoded (a tied head has 49152 rows for 256 sampled).
+    let row_bytes = format.byte_len(layer.k).map_err(|e| e.to_string())? as usize;
+    let (mut w, mut q) = (Vec::new(), Vec::new());
+    for row in (0..n).step_by(sample_step(n)) {
+        let stored = bytes.get(row * row_bytes..(row + 1) * row_bytes).ok_or("the stored bytes end early")?;
+        let mut values = format.dequantize(stored, layer.k).map_err(|e| e.to_string())?;
+        if let Some((a, b)) = correction {
+            let r = b.len() / k;
             for (j, b) in b.chunks_exact(k).enumerate() {
                 let aj = a[row * r + j];
-                for (q, &b) in q.iter_mut().zip(b) {
+                for (q, &b) in values.iter_mut().zip(b) {
                     *q += aj * b;
                 }
             }
         }
+        w.extend_from_slice(&layer.values[row * k..(row + 1) * k]);
+        q.extend(values);
     }
-    let sample = |m: &[f32]| -> Vec<f32> { m.chunks_exact(k).step_by(sample_step(n)).flatten().copied().collect() };
-    let (w, q) = (sample(&layer.values), sample(&q));
     Ok(Some(gptq::relative_output_error(&w, &q, w.len() / k, k, &g.sum)))
 }
 
