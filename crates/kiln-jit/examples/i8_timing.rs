@@ -11,7 +11,8 @@
 //! ```
 //!
 //! `--panel P` times the kernels on weights packed into panels of `P` rows (`pack_weight`),
-//! and the 256-bit prefill GEMM (`gemm_i8`, "g256") on them.
+//! and the 256-bit prefill GEMM (`gemm_i8`, "g256") on them, and for Q8_0 the GEMM on its
+//! own layout (`gemm_q8`, "q8").
 //! `--cold` times GEMV on weights streamed from memory instead (see `cold`), for each
 //! `--tiles` and each of `--panels 0,16,..` (0: as stored), with `--threads T` splitting
 //! columns as the engine does:
@@ -88,7 +89,7 @@ fn main() {
 
     println!("host: {}  tiles: {tiles:?}", isa.features());
     println!(
-        "{:<6} {:>5} {:>6} {:>4} | {:>9} {:>8} {:>8} {:>8} {:>8} | {:>9} {:>8} | {:>6} | {:>8}",
+        "{:<6} {:>5} {:>6} {:>4} | {:>9} {:>8} {:>8} {:>8} {:>8} | {:>9} {:>8} | {:>6} | {:>8} {:>8}",
         "format",
         "K",
         "N",
@@ -101,7 +102,8 @@ fn main() {
         "f32 us",
         "GFLOP/s",
         "speedup",
-        "g256 GOP/s"
+        "g256 GOP/s",
+        "q8 GOP/s"
     );
     for &format in &formats {
         for &(k, n) in &shapes {
@@ -130,6 +132,13 @@ fn main() {
                     let t = time(|| kiln_jit::gemm_i8::run(&spec, &xq, &w_i8, &mut y, 0..m).unwrap()).as_secs_f64();
                     format!("{:.1}", ops / t * 1e-9)
                 });
+                // Q8_0 on the GEMM's own layout (`gemm_q8`), for the same products.
+                let q8 = (panel > 0 && format == kiln_ir::Format::Q8_0 && kiln_jit::gemm_q8::available()).then(|| {
+                    let mut lw = vec![0u8; kiln_jit::gemm_q8::layout_bytes(n, k)];
+                    kiln_jit::gemm_q8::pack(&w, n, k, &mut lw).unwrap();
+                    let t = time(|| kiln_jit::gemm_q8::run(n, &xq, &lw, &mut y, 0..m).unwrap()).as_secs_f64();
+                    format!("{:.1}", ops / t * 1e-9)
+                });
                 let (f32_us, f32_rate, speedup) = match &f32_kernel {
                     Some(fk) => {
                         let t = time(|| fk.run(&x, &w, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
@@ -142,7 +151,7 @@ fn main() {
                     None => Default::default(),
                 };
                 println!(
-                    "{:<6} {:>5} {:>6} {:>4} | {:>9.1} {:>8.1} {:>8.2} {:>8.1} {:>8.1} | {:>9} {:>8} | {:>6} | {:>8}",
+                    "{:<6} {:>5} {:>6} {:>4} | {:>9.1} {:>8.1} {:>8.2} {:>8.1} {:>8.1} | {:>9} {:>8} | {:>6} | {:>8} {:>8}",
                     format.name(),
                     k,
                     n,
@@ -155,7 +164,8 @@ fn main() {
                     f32_us,
                     f32_rate,
                     speedup,
-                    g256.unwrap_or_default()
+                    g256.unwrap_or_default(),
+                    q8.unwrap_or_default()
                 );
             }
         }

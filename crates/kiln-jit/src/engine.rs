@@ -10,7 +10,9 @@
 //! weights are packed once, when the engine is built, into the panel layout of
 //! [`crate::linear_i8::pack_weight`] (a copy as large as the stored weights; the kernels
 //! then never touch the stored bytes), which they stream at about twice the bandwidth of
-//! the stored layout.
+//! the stored layout. Blocks of rows (prefill, encoders) take the 256-bit GEMMs instead:
+//! [`crate::gemm_i8`] on the same panels, or for Q8_0 weights [`crate::gemm_q8`] on a
+//! second copy in its own layout (so Q8_0 weights take twice their size in memory there).
 //!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
@@ -47,6 +49,9 @@ struct Fused {
     weight: NodeId,
     /// What the kernel reads of the weight.
     data: KernelWeight,
+    /// For int8 kernels on Q8_0 weights, when the host runs it: the weight in the layout of
+    /// the prefill GEMM [`crate::gemm_q8`].
+    gemm_q8: Option<Arc<PackedWeight>>,
     bias: Option<NodeId>,
     residual: Option<NodeId>,
 }
@@ -447,6 +452,36 @@ impl<'g> Engine<'g> {
             })
             .collect::<Result<_, JitError>>()?;
         let packed = pack_weights(&specs_bytes, &pool)?;
+        // Q8_0 weights also in the layout of their prefill GEMM, one weight per unit of work.
+        let q8_jobs: Vec<(NodeId, LinearI8Spec, &[u8])> = match gemm_i8 && crate::gemm_q8::available() {
+            true => jobs
+                .iter()
+                .zip(&specs_bytes)
+                .filter(|((_, spec), _)| spec.format == Format::Q8_0)
+                .map(|((node, spec), (_, bytes))| (*node, *spec, *bytes))
+                .collect(),
+            false => Vec::new(),
+        };
+        let q8_layouts: Vec<PackedWeight> =
+            q8_jobs.iter().map(|(_, s, _)| PackedWeight::zeroed(crate::gemm_q8::layout_bytes(s.n, s.k))).collect();
+        let q8_ptrs: Vec<usize> = q8_layouts.iter().map(|p| p.ptr.as_ptr() as usize).collect();
+        let failed = std::sync::Mutex::new(None);
+        pool.for_ranges(q8_jobs.len(), 1, 2, |part| {
+            for j in part {
+                let (_, spec, bytes) = q8_jobs[j];
+                // SAFETY: each job writes only its own buffer, alive until the end of the
+                // function, of `layout_bytes` bytes.
+                let dst = unsafe { std::slice::from_raw_parts_mut(q8_ptrs[j] as *mut u8, q8_layouts[j].len) };
+                if let Err(e) = crate::gemm_q8::pack(bytes, spec.n, spec.k, dst) {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        let q8_layouts: HashMap<NodeId, Arc<PackedWeight>> =
+            q8_jobs.iter().map(|(n, ..)| *n).zip(q8_layouts.into_iter().map(Arc::new)).collect();
         for ((n, _), p) in jobs.iter().zip(packed) {
             owned.insert(*n, Arc::new(p));
         }
@@ -469,6 +504,7 @@ impl<'g> Engine<'g> {
                     (None, Some(d), _) => KernelWeight::Dense(d.clone()),
                     (None, None, None) => KernelWeight::Stored,
                 };
+                f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
             }
         }
         let kernels = ids
@@ -797,7 +833,8 @@ impl<'g> Engine<'g> {
             KernelWeight::Owned(p) => p.bytes().as_ptr(),
             _ => weight.bytes.as_slice().as_ptr(),
         };
-        let args = KernelArgs { x: x_ptr, w, bias, residual, y: y.as_mut_ptr() };
+        let wq8 = f.gemm_q8.as_ref().map_or(std::ptr::null(), |p| p.bytes().as_ptr());
+        let args = KernelArgs { x: x_ptr, w, wq8, bias, residual, y: y.as_mut_ptr() };
         if m == 1 && !f.columns.is_empty() {
             // Rows of the format the kernel reads (a repacked int format's is not the stored one).
             let row_bytes = spec.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
@@ -841,19 +878,23 @@ enum Quantized {
 struct KernelArgs {
     x: *const u8,
     w: *const u8,
+    /// The weight in [`crate::gemm_q8`]'s layout, or null.
+    wq8: *const u8,
     bias: *const f32,
     residual: *const f32,
     y: *mut f32,
 }
 
 impl KernelArgs {
-    /// The arguments for the outputs from column `n0` on (weight rows of `row_bytes`).
-    /// Null bias or residual pointers stay null.
+    /// The arguments for the outputs from column `n0` on (weight rows of `row_bytes`), for
+    /// single rows (the GEMM's layout is not offset: it is dropped). Null bias or residual
+    /// pointers stay null.
     fn offset_columns(self, n0: usize, row_bytes: usize) -> KernelArgs {
         let f = |p: *const f32| if p.is_null() { p } else { p.wrapping_add(n0) };
         KernelArgs {
             x: self.x,
             w: self.w.wrapping_add(n0 * row_bytes),
+            wq8: std::ptr::null(),
             bias: f(self.bias),
             residual: f(self.residual),
             y: self.y.wrapping_add(n0),
@@ -869,7 +910,11 @@ impl KernelArgs {
             match kernel {
                 Kernel::F32(_, entry, _) => entry(self.x.cast(), w, b, r, y, m0, m1),
                 Kernel::I8(kernel, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
-                    crate::gemm_i8::gemm_i8(kernel.spec(), self.x.cast(), w, y, m0, m1);
+                    let spec = kernel.spec();
+                    match self.wq8.is_null() {
+                        true => crate::gemm_i8::gemm_i8(spec, self.x.cast(), w, y, m0, m1),
+                        false => crate::gemm_q8::gemm_q8(spec.n, spec.k, self.x.cast(), self.wq8, y, m0, m1),
+                    }
                     if let Some(epilogue) = epilogue {
                         epilogue(y, b, r, m0, m1);
                     }
@@ -919,6 +964,7 @@ fn plan_linear(
         x,
         weight,
         data: KernelWeight::Stored,
+        gemm_q8: None,
         bias: operands.get(2).copied(),
         residual: None,
     };

@@ -25,7 +25,7 @@
 //! one `vpmaddubsw` + `vpmaddwd` each (Q8_0 with the sign trick of the emitted kernels,
 //! `vpmaddubsw(|w|, sign(q, w))`; Q4: the nibbles unsigned, no saturation possible for the
 //! same reasons as there), reduces them to two `i32x8` of exact block sums with a tree of
-//! `vphaddd` (lane `4 i + r` = row `i` of a pair of `x` rows, weight row `r`), and updates
+//! interleaves and adds (lane `4 i + r` = row `i` of a pair of `x` rows, weight row `r`), and updates
 //! two `f32x8` accumulators with one `vcvtdq2ps`, one product of scales and one FMA each.
 //! Groups with fewer than four rows (`N % 4`) take a scalar path with the same arithmetic.
 
@@ -206,15 +206,15 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(crate) fn reduce8(p: [__m256i; 8]) -> __m256i {
-        let h0 = _mm256_hadd_epi32(p[0], p[1]);
-        let h1 = _mm256_hadd_epi32(p[2], p[3]);
-        let h2 = _mm256_hadd_epi32(p[4], p[5]);
-        let h3 = _mm256_hadd_epi32(p[6], p[7]);
-        // Per 128-bit half: the sums of p[0..4] (g0) and p[4..8] (g1) over that half.
-        let g0 = _mm256_hadd_epi32(h0, h1);
-        let g1 = _mm256_hadd_epi32(h2, h3);
-        let lo = _mm256_permute2x128_si256::<0x20>(g0, g1);
-        let hi = _mm256_permute2x128_si256::<0x31>(g0, g1);
+        // Interleaves and adds rather than `vphaddd` (several micro-ops each on Zen 3;
+        // `i8_timing --panel 16`: 5-10% faster). Per 128-bit half: `pair` leaves lanes
+        // `[a0+a2, b0+b2, a1+a3, b1+b3]`, `quad` of two pairs the four sums `[a, b, c, d]`.
+        let pair = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        let quad = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+        let q0 = quad(pair(p[0], p[1]), pair(p[2], p[3]));
+        let q1 = quad(pair(p[4], p[5]), pair(p[6], p[7]));
+        let lo = _mm256_permute2x128_si256::<0x20>(q0, q1);
+        let hi = _mm256_permute2x128_si256::<0x31>(q0, q1);
         _mm256_add_epi32(lo, hi)
     }
 

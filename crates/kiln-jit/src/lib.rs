@@ -19,6 +19,7 @@ pub mod engine;
 pub mod epilogue;
 pub mod gemm_f32;
 pub mod gemm_i8;
+pub mod gemm_q8;
 pub mod isa;
 pub mod linear;
 pub mod linear_i8;

@@ -578,7 +578,8 @@ fn argument_checks() {
     assert!(pack_weight(&s.packed(8), &w, &mut out).is_ok());
 }
 
-/// The 256-bit prefill GEMM (`gemm_i8`) computes the emitted kernel's sums bit for bit:
+/// The 256-bit prefill GEMMs (`gemm_i8`, and `gemm_q8` on Q8_0) compute the emitted kernel's
+/// sums bit for bit:
 /// every format, panels, short last panels and groups (`N % 4`), row tails, row splits,
 /// inf/NaN scales (their columns NaN) and NaN inputs. (With the epilogue after it, that is
 /// the fused kernel: `tests/epilogue.rs`.)
@@ -613,6 +614,15 @@ fn gemm_i8_is_the_emitted_kernel_bitwise() {
                     kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, cut..m).unwrap();
                     kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, 0..cut).unwrap();
                     assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} panel {panel} split at {cut}");
+                }
+                if format == Format::Q8_0 {
+                    let mut lw = vec![0u8; kiln_jit::gemm_q8::layout_bytes(n, k)];
+                    kiln_jit::gemm_q8::pack(&case.w, n, k, &mut lw).unwrap();
+                    let mut y = vec![f32::NAN; m * n];
+                    let cut = (seed as usize / 3) % (m + 1);
+                    kiln_jit::gemm_q8::run(n, &case.xq, &lw, &mut y, cut..m).unwrap();
+                    kiln_jit::gemm_q8::run(n, &case.xq, &lw, &mut y, 0..cut).unwrap();
+                    assert_eq!(bits(&y), bits(&want), "gemm_q8 {k}x{n} m={m} split at {cut}");
                 }
             }
         }
