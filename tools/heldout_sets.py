@@ -25,6 +25,15 @@ Outputs (in --out):
   minilm_calib.safetensors    first 64 rows of fixtures/minilm_dev.safetensors
                               (input_ids, attention_mask, token_type_ids): calibration
                               set for kiln's quantize pass.
+  minilm_calib_docs.safetensors, .json
+                              512 sentences for calibration from the docstrings of
+                              third-party packages (CALIB_MODULES: numpy, torch, ...;
+                              the same filters), none equal to, inside or containing a
+                              held-out or dev sentence; evenly spaced over the
+                              candidates, tokenized as minilm_heldout (no embeddings).
+                              Technical prose like the held-out text, unlike the dev
+                              set's paper abstracts. Depends on the installed versions
+                              of those packages (recorded in the metadata).
   smollm2_heldout.safetensors input_ids i64[16,128] and nll f32[16,127].
                               Text: the candidate sentences NOT used for MiniLM, joined
                               by " " within one docstring and "\\n\\n" between
@@ -65,6 +74,14 @@ MODULES = sorted([
 
 N_MINILM, MAX_LEN_MINILM = 256, 128
 N_CALIB = 64
+N_CALIB_DOCS = 512
+CALIB_MODULES = sorted([
+    "filelock", "fsspec", "huggingface_hub", "jinja2", "networkx", "numpy", "numpy.linalg",
+    "numpy.ma", "numpy.polynomial", "numpy.random", "onnxruntime", "packaging", "requests",
+    "safetensors", "sympy", "tokenizers", "torch", "torch.distributions", "torch.nn",
+    "torch.nn.functional", "torch.optim", "torch.utils.data", "tqdm", "transformers",
+    "urllib3", "yaml",
+])
 CHUNKS, CHUNK = 16, 128
 
 CODE_CHARS = set("()[]{}<>=_*`|\\#@$%^~/+;")
@@ -91,11 +108,11 @@ def save_file(tensors, path, metadata):
             f.write(b)
 
 
-def docstrings():
-    """(source, docstring) pairs in a fixed order."""
+def docstrings(modules):
+    """(source, docstring) pairs of `modules` in a fixed order."""
     seen = set()
     warnings.simplefilter("ignore")  # deprecated attributes touched by getattr
-    for name in MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except Exception:
@@ -170,11 +187,13 @@ def good(s):
     return True
 
 
-def candidates():
-    fixture = json.load(open(os.path.join(FIXTURES, "minilm_dev.json")))
+def candidates(modules=MODULES, exclude=()):
+    """(docstring index, sentence) of `modules`, none equal to, inside or containing a
+    sentence of minilm_dev.json or of `exclude`."""
+    fixture = json.load(open(os.path.join(FIXTURES, "minilm_dev.json"))) + list(exclude)
     fix_norm = [" ".join(f.lower().split()) for f in fixture]
     seen, out = set(), []  # (docstring index, sentence)
-    for di, (_, doc) in enumerate(docstrings()):
+    for di, (_, doc) in enumerate(docstrings(modules)):
         for s in split_sentences(doc):
             s = " ".join(s.split())
             if s in seen or not good(s):
@@ -226,6 +245,33 @@ def calib(out):
               metadata={"source": f"first {N_CALIB} rows of fixtures/minilm_dev.safetensors",
                         "use": "calibration set for kiln quantize"})
     return {k: list(v.shape) for k, v in tensors.items()}
+
+
+def docs_calib(out, heldout):
+    """minilm_calib_docs: N_CALIB_DOCS sentences of CALIB_MODULES' docstrings."""
+    from transformers import AutoTokenizer
+
+    cands = [s for _, s in candidates(CALIB_MODULES, exclude=heldout)]
+    if len(cands) < N_CALIB_DOCS:
+        raise SystemExit(f"only {len(cands)} calibration sentences from {CALIB_MODULES}")
+    sentences = [cands[i * len(cands) // N_CALIB_DOCS] for i in range(N_CALIB_DOCS)]
+    tok = AutoTokenizer.from_pretrained(os.path.join(MODELS, "minilm"))
+    enc = tok(sentences, padding=True, truncation=True, max_length=MAX_LEN_MINILM, return_tensors="np")
+    tensors = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    versions = {}
+    for name in sorted({m.split(".")[0] for m in CALIB_MODULES}):
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:
+            versions[name] = "missing"
+    save_file(tensors, os.path.join(out, "minilm_calib_docs.safetensors"),
+              metadata={"source": f"{N_CALIB_DOCS} docstring sentences of third-party packages, "
+                                  "none in minilm_heldout or fixtures/minilm_dev",
+                        "packages": json.dumps(versions, sort_keys=True),
+                        "use": "calibration set for kiln quantize"})
+    with open(os.path.join(out, "minilm_calib_docs.json"), "w") as f:
+        json.dump(sentences, f, indent=1)
+    return {"candidates": len(cands), **{k: list(v.shape) for k, v in tensors.items()}}
 
 
 def smollm2(out, text, with_nll):
@@ -299,6 +345,7 @@ def main():
     report = {"candidates": len(cands), "out": a.out,
               "minilm_heldout": minilm(a.out, sentences),
               "minilm_calib": calib(a.out),
+              "minilm_calib_docs": docs_calib(a.out, sentences),
               "smollm2_heldout": smollm2(a.out, text, not a.no_nll)}
     print(json.dumps(report))
 
