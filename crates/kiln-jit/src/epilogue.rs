@@ -22,7 +22,8 @@ use cranelift_codegen::ir::{InstBuilder, condcodes::IntCC};
 use crate::JitError;
 use crate::emit::{load_f32_partial, ro, rw, store_f32_partial};
 use crate::math::{Activation, activation};
-use crate::module::{FunctionId, JitModule};
+use crate::module::{CodeModule, FunctionId};
+use cranelift_module::Module;
 
 /// The C signature of an epilogue kernel (see the module docs).
 pub type EpilogueFn = unsafe extern "C" fn(y: *mut f32, bias: *const f32, residual: *const f32, m0: usize, m1: usize);
@@ -44,7 +45,11 @@ impl EpilogueSpec {
 }
 
 /// Defines the epilogue kernel for `spec` in `module` under `name`.
-pub fn emit_epilogue(module: &mut JitModule, name: &str, spec: &EpilogueSpec) -> Result<FunctionId, JitError> {
+pub fn emit_epilogue<M: Module>(
+    module: &mut CodeModule<M>,
+    name: &str,
+    spec: &EpilogueSpec,
+) -> Result<FunctionId, JitError> {
     if spec.n == 0 || spec.n.checked_mul(4).is_none_or(|b| b > i32::MAX as usize) {
         return Err(JitError::Spec(format!("epilogue {spec:?}: N out of range")));
     }

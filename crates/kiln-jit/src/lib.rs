@@ -41,7 +41,7 @@ pub use linear_i8::{
     quantize_rows,
 };
 pub use math::Activation;
-pub use module::{FunctionId, FunctionStats, JitCode, JitFn, JitModule};
+pub use module::{CodeModule, FunctionId, FunctionStats, JitCode, JitFn, JitModule, ObjectCodeModule, ObjectFile};
 
 /// Errors of the JIT.
 #[derive(Debug, thiserror::Error)]

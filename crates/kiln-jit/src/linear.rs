@@ -68,7 +68,8 @@ use crate::decode::{Rows, decode_lanes, decode_rows};
 use crate::emit::{barrier, counted_loop, f32s, hsum4, load_f32_partial, ro, rw, store_f32_partial};
 use crate::isa::HostIsa;
 use crate::math::{Activation, activation};
-use crate::module::{FunctionId, FunctionStats, JitCode, JitModule};
+use crate::module::{CodeModule, FunctionId, FunctionStats, JitCode, JitModule};
+use cranelift_module::Module;
 
 /// The C signature of a compiled linear kernel (see the module docs for the contract).
 pub type LinearFn = unsafe extern "C" fn(
@@ -280,8 +281,8 @@ impl LinearKernel {
 
 /// Defines the kernel for `spec` in `module` under `name` and returns its id (signature
 /// [`LinearFn`]).
-pub fn emit_linear(
-    module: &mut JitModule,
+pub fn emit_linear<M: Module>(
+    module: &mut CodeModule<M>,
     name: &str,
     spec: &LinearSpec,
     tiles: &LinearTiles,

@@ -121,7 +121,8 @@ use crate::emit::{
 use crate::isa::HostIsa;
 use crate::linear::{LinearSpec, Residual};
 use crate::math::{Activation, activation};
-use crate::module::{FunctionId, FunctionStats, JitCode, JitModule};
+use crate::module::{CodeModule, FunctionId, FunctionStats, JitCode, JitModule};
+use cranelift_module::Module;
 
 /// Values per quantization block (along `K`), for activations and weights alike.
 pub const QBLOCK: usize = 32;
@@ -622,8 +623,8 @@ impl LinearI8Kernel {
 
 /// Defines the kernel for `spec` in `module` under `name` and returns its id (signature
 /// [`LinearI8Fn`]).
-pub fn emit_linear_i8(
-    module: &mut JitModule,
+pub fn emit_linear_i8<M: Module>(
+    module: &mut CodeModule<M>,
     name: &str,
     spec: &LinearI8Spec,
     tiles: &LinearI8Tiles,

@@ -1,19 +1,24 @@
-//! A small owner of a Cranelift [`JITModule`]: define functions with a
-//! [`FunctionBuilder`], finalize once, then call them through typed function pointers whose
-//! lifetime is tied to the finalized code.
+//! A small owner of a Cranelift module: define functions with a [`FunctionBuilder`], then
+//! either finalize them in memory and call them through typed function pointers whose
+//! lifetime is tied to the finalized code (the JIT), or write them to an object file (ahead
+//! of time). The emitters are the same for both: they only see a [`CodeModule`].
 //!
-//! Two phases, two types:
-//! - [`JitModule`] (building): [`JitModule::define`] runs an emitter closure on a fresh
+//! - [`CodeModule`] (building): [`CodeModule::define`] runs an emitter closure on a fresh
 //!   `FunctionBuilder`, compiles the function and records its statistics (IR build time,
 //!   Cranelift compile time, code size, and the disassembly when asked for);
-//! - [`JitCode`] (finalized, immutable, `Send + Sync`): owns the executable memory and
-//!   frees it on drop. [`JitCode::function`] hands out a [`JitFn`] that borrows the code.
+//! - [`JitModule`] finalizes to [`JitCode`] (immutable, `Send + Sync`): it owns the
+//!   executable memory and frees it on drop. [`JitCode::function`] hands out a [`JitFn`]
+//!   that borrows the code;
+//! - [`ObjectCodeModule`] emits an [`ObjectFile`]: relocatable machine code (ELF on Linux)
+//!   whose functions are global symbols under the names they were defined with, for the
+//!   system linker.
 
 use cranelift_codegen::Context;
 use cranelift_codegen::ir::{AbiParam, Signature, Type, UserFuncName};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+use cranelift_object::{ObjectBuilder, ObjectModule};
 use std::marker::PhantomData;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,7 +26,8 @@ use std::time::{Duration, Instant};
 use crate::JitError;
 use crate::isa::HostIsa;
 
-/// Index of a function defined in a [`JitModule`], valid for the [`JitCode`] it finalizes to.
+/// Index of a function defined in a [`CodeModule`], valid for the [`JitCode`] or
+/// [`ObjectFile`] it becomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FunctionId(usize);
 
@@ -41,21 +47,35 @@ pub struct FunctionStats {
     pub disasm: Option<String>,
 }
 
-/// A module under construction.
-pub struct JitModule {
-    module: JITModule,
+/// A module under construction, for the JIT ([`JitModule`]) or an object file
+/// ([`ObjectCodeModule`]).
+pub struct CodeModule<M: Module> {
+    module: M,
     ctx: Context,
     fctx: FunctionBuilderContext,
     capture_disasm: bool,
+    /// `Local` in the JIT; `Export` in object files, for the linker.
+    linkage: Linkage,
     functions: Vec<(FuncId, FunctionStats)>,
 }
 
-impl JitModule {
-    pub fn new(isa: &HostIsa) -> JitModule {
-        let builder = JITBuilder::with_isa(isa.isa_arc(), default_libcall_names());
-        let module = JITModule::new(builder);
+/// A module compiled into this process's memory.
+pub type JitModule = CodeModule<JITModule>;
+
+/// A module written to an object file.
+pub type ObjectCodeModule = CodeModule<ObjectModule>;
+
+impl<M: Module> CodeModule<M> {
+    fn with(module: M, linkage: Linkage) -> CodeModule<M> {
         let ctx = module.make_context();
-        JitModule { module, ctx, fctx: FunctionBuilderContext::new(), capture_disasm: false, functions: Vec::new() }
+        CodeModule {
+            module,
+            ctx,
+            fctx: FunctionBuilderContext::new(),
+            capture_disasm: false,
+            linkage,
+            functions: Vec::new(),
+        }
     }
 
     /// Capture the disassembly of every function defined from now on (for tests and for
@@ -82,7 +102,7 @@ impl JitModule {
     where
         E: FnOnce(&mut FunctionBuilder<'_>) -> Result<(), JitError>,
     {
-        let id = self.module.declare_function(name, Linkage::Local, &sig).map_err(module_error)?;
+        let id = self.module.declare_function(name, self.linkage, &sig).map_err(module_error)?;
         self.module.clear_context(&mut self.ctx);
         self.ctx.func.signature = sig;
         self.ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -122,6 +142,18 @@ impl JitModule {
         Ok(FunctionId(self.functions.len() - 1))
     }
 
+    /// The statistics of a function defined so far.
+    pub fn stats(&self, id: FunctionId) -> &FunctionStats {
+        &self.functions[id.0].1
+    }
+}
+
+impl JitModule {
+    pub fn new(isa: &HostIsa) -> JitModule {
+        let builder = JITBuilder::with_isa(isa.isa_arc(), default_libcall_names());
+        CodeModule::with(JITModule::new(builder), Linkage::Local)
+    }
+
     /// Links and makes every defined function executable.
     pub fn finalize(mut self) -> Result<JitCode, JitError> {
         let start = Instant::now();
@@ -134,6 +166,29 @@ impl JitModule {
             .collect();
         Ok(JitCode { module: Mutex::new(Some(self.module)), functions, finalize })
     }
+}
+
+impl ObjectCodeModule {
+    /// A module for an object file named `name` (recorded in the file), for `isa`'s target
+    /// and CPU features.
+    pub fn object(isa: &HostIsa, name: &str) -> Result<ObjectCodeModule, JitError> {
+        let builder = ObjectBuilder::new(isa.isa_arc(), name, default_libcall_names()).map_err(module_error)?;
+        Ok(CodeModule::with(ObjectModule::new(builder), Linkage::Export))
+    }
+
+    /// The object file's bytes, and the statistics of each function (by [`FunctionId`]).
+    pub fn emit(self) -> Result<ObjectFile, JitError> {
+        let bytes = self.module.finish().emit().map_err(|e| JitError::Module(e.to_string()))?;
+        Ok(ObjectFile { bytes, functions: self.functions.into_iter().map(|(_, s)| s).collect() })
+    }
+}
+
+/// A relocatable object file of compiled functions.
+pub struct ObjectFile {
+    /// The file's bytes (ELF on Linux).
+    pub bytes: Vec<u8>,
+    /// Per function, by [`FunctionId`]: its statistics; `name` is its symbol.
+    pub functions: Vec<FunctionStats>,
 }
 
 fn module_error(e: cranelift_module::ModuleError) -> JitError {

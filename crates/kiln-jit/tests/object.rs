@@ -1,0 +1,165 @@
+//! Ahead-of-time kernels: the JIT's emitters write the same kernels into an object file
+//! ([`ObjectCodeModule`]); linked by the system C compiler into a program, each computes
+//! the JIT kernel's bits. Needs `cc` (the AOT path of `kiln compile --emit` does too).
+
+mod common;
+
+use common::{Rng, bits, random_weight};
+use kiln_ir::Format;
+use kiln_jit::{
+    Activation, HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, LinearKernel, LinearSpec, LinearTiles,
+    ObjectCodeModule, QuantizedActivations, Residual, emit_linear, emit_linear_i8, quantize_rows,
+};
+use std::process::Command;
+
+/// The C program: runs kernel `argv[1]` (every kernel has the seven pointer-sized
+/// arguments of `LinearFn` / `LinearI8Fn`) over `argv[2]` rows of `x`, writing `argv[3]`
+/// outputs per row to the file `argv[8]`; `-` for no bias or residual.
+fn harness(symbols: &[String]) -> String {
+    let externs: String = symbols
+        .iter()
+        .map(|s| {
+            format!("extern void {s}(const void*, const void*, const void*, const void*, void*, size_t, size_t);\n")
+        })
+        .collect();
+    format!(
+        r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stddef.h>
+{externs}
+typedef void (*kernel)(const void*, const void*, const void*, const void*, void*, size_t, size_t);
+static kernel kernels[] = {{ {table} }};
+
+static void* slurp(const char* path) {{
+    if (strcmp(path, "-") == 0) return NULL;
+    FILE* f = fopen(path, "rb");
+    if (!f) {{ perror(path); exit(2); }}
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void* p = malloc(len > 0 ? len : 1);
+    if (fread(p, 1, len, f) != (size_t)len) {{ perror(path); exit(2); }}
+    fclose(f);
+    return p;
+}}
+
+int main(int argc, char** argv) {{
+    if (argc != 9) return 2;
+    int k = atoi(argv[1]);
+    size_t m = strtoul(argv[2], 0, 10), n = strtoul(argv[3], 0, 10);
+    float* y = malloc(m * n * sizeof(float));
+    kernels[k](slurp(argv[4]), slurp(argv[5]), slurp(argv[6]), slurp(argv[7]), y, 0, m);
+    FILE* out = fopen(argv[8], "wb");
+    fwrite(y, sizeof(float), m * n, out);
+    fclose(out);
+    return 0;
+}}
+"#,
+        table = symbols.join(", ")
+    )
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One kernel call: the JIT's output, and the files the harness reads.
+struct Call {
+    m: usize,
+    n: usize,
+    want: Vec<f32>,
+    x: Vec<u8>,
+    w: Vec<u8>,
+    bias: Option<Vec<f32>>,
+    residual: Option<Vec<f32>>,
+}
+
+#[test]
+fn object_kernels_linked_by_cc_compute_the_jit_bits() {
+    let isa = HostIsa::native().unwrap();
+    let mut module = ObjectCodeModule::object(&isa, "kiln_object_test").unwrap();
+    let mut calls = Vec::new();
+    let mut symbols = Vec::new();
+    let mut rng = Rng::new(77);
+    let m = 5;
+    let f32_specs = [
+        LinearSpec { k: 64, n: 24, format: Format::F32, bias: true, activation: Activation::Gelu, residual: true },
+        LinearSpec { k: 96, n: 33, format: Format::Q8_0, bias: true, activation: Activation::Silu, residual: false },
+        LinearSpec { k: 64, n: 17, format: Format::Q4_1, bias: false, activation: Activation::None, residual: false },
+        LinearSpec { k: 40, n: 9, format: Format::BF16, bias: false, activation: Activation::None, residual: true },
+    ];
+    for spec in f32_specs {
+        let name = format!("kiln_test_linear{}", symbols.len());
+        emit_linear(&mut module, &name, &spec, &LinearTiles::for_format(spec.format)).unwrap();
+        symbols.push(name);
+        let x = rng.vec(m * spec.k, 1.0);
+        let w = random_weight(&mut rng, spec.format, spec.n, spec.k);
+        let bias = spec.bias.then(|| rng.vec(spec.n, 0.5));
+        let residual = spec.residual.then(|| rng.vec(m * spec.n, 1.0));
+        let mut want = vec![f32::NAN; m * spec.n];
+        let r = residual.as_deref().map_or(Residual::None, Residual::Input);
+        LinearKernel::compile(&isa, spec).unwrap().run(&x, &w, bias.as_deref(), r, &mut want, 0..m).unwrap();
+        calls.push(Call { m, n: spec.n, want, x: f32_bytes(&x), w, bias, residual });
+    }
+    // A W8A8 kernel: `x` is the quantized blocks.
+    let spec = LinearI8Spec { bias: true, activation: Activation::Gelu, ..LinearI8Spec::new(96, 20, Format::Q8_0) };
+    let name = format!("kiln_test_linear{}", symbols.len());
+    emit_linear_i8(&mut module, &name, &spec, &LinearI8Tiles::default()).unwrap();
+    symbols.push(name);
+    let x = rng.vec(m * spec.k, 1.0);
+    let mut xq = QuantizedActivations::new();
+    quantize_rows(&x, spec.k, &mut xq);
+    let w = random_weight(&mut rng, spec.format, spec.n, spec.k);
+    let bias = Some(rng.vec(spec.n, 0.5));
+    let mut want = vec![f32::NAN; m * spec.n];
+    LinearI8Kernel::compile(&isa, spec)
+        .unwrap()
+        .run(&xq, &w, bias.as_deref(), Residual::None, &mut want, 0..m)
+        .unwrap();
+    // SAFETY: the blocks are plain old data (`QBlock` is `repr(C)`).
+    let xbytes = unsafe { std::slice::from_raw_parts(xq.as_ptr(), std::mem::size_of_val(xq.blocks())) }.to_vec();
+    calls.push(Call { m, n: spec.n, want, x: xbytes, w, bias, residual: None });
+
+    let object = module.emit().unwrap();
+    assert_eq!(object.functions.iter().map(|f| f.name.clone()).collect::<Vec<_>>(), symbols);
+    let dir = std::env::temp_dir().join(format!("kiln-object-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(path("kernels.o"), &object.bytes).unwrap();
+    std::fs::write(path("harness.c"), harness(&symbols)).unwrap();
+    let cc = Command::new("cc")
+        .args([&path("harness.c"), &path("kernels.o"), "-o", &path("harness")])
+        .output()
+        .expect("the system C compiler `cc` runs");
+    assert!(cc.status.success(), "cc failed: {}", String::from_utf8_lossy(&cc.stderr));
+
+    for (i, call) in calls.iter().enumerate() {
+        let file = |name: String, data: Option<Vec<u8>>| match data {
+            Some(d) => {
+                std::fs::write(path(&name), d).unwrap();
+                path(&name)
+            }
+            None => "-".to_string(),
+        };
+        let args = [
+            i.to_string(),
+            call.m.to_string(),
+            call.n.to_string(),
+            file(format!("x{i}"), Some(call.x.clone())),
+            file(format!("w{i}"), Some(call.w.clone())),
+            file(format!("b{i}"), call.bias.as_deref().map(f32_bytes)),
+            file(format!("r{i}"), call.residual.as_deref().map(f32_bytes)),
+            path(&format!("y{i}")),
+        ];
+        let run = Command::new(path("harness")).args(&args).output().unwrap();
+        assert!(run.status.success(), "kernel {i}: {}", String::from_utf8_lossy(&run.stderr));
+        let y: Vec<f32> = std::fs::read(path(&format!("y{i}")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(bits(&y), bits(&call.want), "kernel {i} ({})", symbols[i]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
