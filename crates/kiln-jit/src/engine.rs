@@ -298,103 +298,11 @@ impl<'g> Engine<'g> {
         let isa = HostIsa::native()?;
         let mut module = JitModule::new(&isa);
         let pool = Pool::new(threads);
-        // The weights of int8 kernels, packed once per weight node.
-        let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
-        // The weights of sgemm linears, read as f32.
-        let mut dense: Vec<NodeId> = Vec::new();
-        // The weights of per-row int8 linears: node, N, K.
-        let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
-        // Distinct kernels: the spec, and how it runs.
-        let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
-        // Per kernel: the emitted function, and an epilogue (sgemm; int8 with the GEMM).
-        let mut ids: Vec<(Option<FunctionId>, Option<FunctionId>)> = Vec::new();
         let gemm_i8 = crate::gemm_i8::available();
         let gemm_f32 = crate::gemm_f32::available();
-        let mut actions: HashMap<NodeId, Action> = HashMap::new();
-        for &id in &order {
-            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
-            let rows = activations == Activations::Int8Row
-                && matches!(&graph.node(fused.weight).op,
-                    Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
-            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
-            let how = match spec.format {
-                _ if rows => Impl::Int8Row,
-                _ if int8 => Impl::Int8,
-                Format::F32 => Impl::Sgemm,
-                _ => Impl::Jit,
-            };
-            let mut kernel_for = |spec: LinearSpec| -> Result<usize, JitError> {
-                Ok(match specs.iter().position(|s| *s == (spec, how)) {
-                    Some(k) => k,
-                    None => {
-                        let name = format!("linear{}", specs.len());
-                        let epilogue = EpilogueSpec {
-                            n: spec.n,
-                            bias: spec.bias,
-                            activation: spec.activation,
-                            residual: spec.residual,
-                        };
-                        let mut epilogue_id = || -> Result<Option<FunctionId>, JitError> {
-                            let name = format!("epilogue{}", specs.len());
-                            (!epilogue.is_identity()).then(|| emit_epilogue(&mut module, &name, &epilogue)).transpose()
-                        };
-                        ids.push(match how {
-                            Impl::Int8 => {
-                                let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
-                                let tiles = LinearI8Tiles::default();
-                                let after_gemm = if gemm_i8 { epilogue_id()? } else { None };
-                                (Some(emit_linear_i8(&mut module, &name, &i8spec, &tiles)?), after_gemm)
-                            }
-                            Impl::Jit => {
-                                let tiles = LinearTiles::for_format(spec.format);
-                                let gemm = gemm_f32 && crate::gemm_f32::supports(spec.format);
-                                let after_gemm = if gemm { epilogue_id()? } else { None };
-                                (Some(emit_linear(&mut module, &name, &spec, &tiles)?), after_gemm)
-                            }
-                            Impl::Sgemm | Impl::Int8Row => (None, epilogue_id()?),
-                        });
-                        specs.push((spec, how));
-                        specs.len() - 1
-                    }
-                })
-            };
-            let kernel = kernel_for(spec)?;
-            let mut columns = Vec::new();
-            if how != Impl::Sgemm && how != Impl::Int8Row && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
-                // Int8 kernels' column parts start at a panel (their packed weight's rows).
-                for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
-                    columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })?));
-                }
-            }
-            if int8 && let Some(i8spec) = LinearI8Spec::from_linear(&spec) {
-                to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
-            }
-            if how == Impl::Sgemm {
-                dense.push(fused.weight);
-            }
-            if how == Impl::Int8Row {
-                row_weights.push((fused.weight, spec.n, spec.k));
-            }
-            for a in absorbed {
-                actions.insert(a, Action::Absorbed);
-            }
-            actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
-        }
-        // Row lookups in tables kept in a block format read the stored rows: the table is
-        // never decoded whole (SmolLM2's would take 113 MB as f32).
-        for &id in &order {
-            let node = graph.node(id);
-            if node.op != Op::Gather || actions.contains_key(&id) {
-                continue;
-            }
-            if let Ok(t) = stored_weight(graph, graph.operands(id)[0])
-                && t.format != Format::F32
-                && t.shape.len() == 2
-                && t.format.byte_len(t.shape[1]).is_ok()
-            {
-                actions.insert(id, Action::GatherRows);
-            }
-        }
+        let Plan { mut actions, specs, to_pack, mut dense, row_weights } =
+            Plan::new(graph, &order, activations, threads);
+        let ids = emit_kernels(&mut module, "", &specs, Host { gemm_i8, gemm_f32 })?;
         let code = Arc::new(module.finalize()?);
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
@@ -930,6 +838,156 @@ impl KernelArgs {
 // while the buffers they point into are borrowed by `Engine::linear`.
 unsafe impl Send for KernelArgs {}
 unsafe impl Sync for KernelArgs {}
+
+/// The fusion plan of a graph: what each node does, and the distinct kernels the linears
+/// run, which the JIT compiles and object files hold ([`emit_kernels`]) in this order.
+struct Plan {
+    actions: HashMap<NodeId, Action>,
+    /// Distinct kernels: the spec, and how it runs.
+    specs: Vec<(LinearSpec, Impl)>,
+    /// The weights of int8 kernels, packed once per weight node.
+    to_pack: HashMap<NodeId, LinearI8Spec>,
+    /// The weights of sgemm linears, read as f32.
+    dense: Vec<NodeId>,
+    /// The weights of per-row int8 linears: node, N, K.
+    row_weights: Vec<(NodeId, usize, usize)>,
+}
+
+impl Plan {
+    /// Plans `graph` (nodes in topological `order`) for linears taking `activations`, with
+    /// single-row linears split by columns across `threads`.
+    fn new(graph: &Graph, order: &[NodeId], activations: Activations, threads: usize) -> Plan {
+        // The weights of int8 kernels, packed once per weight node.
+        let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
+        // The weights of sgemm linears, read as f32.
+        let mut dense: Vec<NodeId> = Vec::new();
+        // The weights of per-row int8 linears: node, N, K.
+        let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
+        // Distinct kernels: the spec, and how it runs.
+        let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
+        let mut actions: HashMap<NodeId, Action> = HashMap::new();
+        for &id in order {
+            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
+            let rows = activations == Activations::Int8Row
+                && matches!(&graph.node(fused.weight).op,
+                Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
+            let how = match spec.format {
+                _ if rows => Impl::Int8Row,
+                _ if int8 => Impl::Int8,
+                Format::F32 => Impl::Sgemm,
+                _ => Impl::Jit,
+            };
+            let mut kernel_for = |spec: LinearSpec| match specs.iter().position(|s| *s == (spec, how)) {
+                Some(k) => k,
+                None => {
+                    specs.push((spec, how));
+                    specs.len() - 1
+                }
+            };
+            let kernel = kernel_for(spec);
+            let mut columns = Vec::new();
+            if how != Impl::Sgemm && how != Impl::Int8Row && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
+                // Int8 kernels' column parts start at a panel (their packed weight's rows).
+                for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
+                    columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })));
+                }
+            }
+            if int8 && let Some(i8spec) = LinearI8Spec::from_linear(&spec) {
+                to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
+            }
+            if how == Impl::Sgemm {
+                dense.push(fused.weight);
+            }
+            if how == Impl::Int8Row {
+                row_weights.push((fused.weight, spec.n, spec.k));
+            }
+            for a in absorbed {
+                actions.insert(a, Action::Absorbed);
+            }
+            actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
+        }
+        // Row lookups in tables kept in a block format read the stored rows: the table is
+        // never decoded whole (SmolLM2's would take 113 MB as f32).
+        for &id in order {
+            let node = graph.node(id);
+            if node.op != Op::Gather || actions.contains_key(&id) {
+                continue;
+            }
+            if let Ok(t) = stored_weight(graph, graph.operands(id)[0])
+                && t.format != Format::F32
+                && t.shape.len() == 2
+                && t.format.byte_len(t.shape[1]).is_ok()
+            {
+                actions.insert(id, Action::GatherRows);
+            }
+        }
+        Plan { actions, specs, to_pack, dense, row_weights }
+    }
+}
+
+/// The kernels an [`Engine`] for `graph` with `options` would compile, written to an object
+/// file for `isa` instead: the same functions (see [`emit_kernels`]), named with `prefix`,
+/// in the order of the plan. For the host's CPU (the GEMMs it runs decide which epilogues
+/// exist).
+pub fn emit_object(
+    graph: &Graph,
+    options: EngineOptions,
+    isa: &HostIsa,
+    prefix: &str,
+) -> Result<crate::module::ObjectFile, JitError> {
+    let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
+    let plan = Plan::new(graph, &order, options.activations, options.threads);
+    let host = Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() };
+    let mut module = crate::module::ObjectCodeModule::object(isa, prefix)?;
+    emit_kernels(&mut module, prefix, &plan.specs, host)?;
+    module.emit()
+}
+
+/// What the host runs besides emitted code, which decides the functions a kernel needs.
+#[derive(Clone, Copy, Debug)]
+struct Host {
+    /// [`crate::gemm_i8`]: int8 kernels also need their epilogue, for after the GEMM.
+    gemm_i8: bool,
+    /// [`crate::gemm_f32`]: f32-activation kernels on block formats too.
+    gemm_f32: bool,
+}
+
+/// Defines the functions of each kernel of `specs` in `module`, in order: the linear kernel
+/// (`{prefix}linear{i}`; emitted kernels only) and the epilogue (`{prefix}epilogue{i}`)
+/// where one runs after a GEMM and is not the identity. The JIT and object files emit the
+/// same functions under the same names.
+fn emit_kernels<M: cranelift_module::Module>(
+    module: &mut crate::module::CodeModule<M>,
+    prefix: &str,
+    specs: &[(LinearSpec, Impl)],
+    host: Host,
+) -> Result<Vec<(Option<FunctionId>, Option<FunctionId>)>, JitError> {
+    let mut ids = Vec::with_capacity(specs.len());
+    for (i, &(spec, how)) in specs.iter().enumerate() {
+        let name = format!("{prefix}linear{i}");
+        let epilogue =
+            EpilogueSpec { n: spec.n, bias: spec.bias, activation: spec.activation, residual: spec.residual };
+        let epilogue_id = |module: &mut crate::module::CodeModule<M>| -> Result<Option<FunctionId>, JitError> {
+            let name = format!("{prefix}epilogue{i}");
+            (!epilogue.is_identity()).then(|| emit_epilogue(module, &name, &epilogue)).transpose()
+        };
+        ids.push(match how {
+            Impl::Int8 => {
+                let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
+                let after_gemm = if host.gemm_i8 { epilogue_id(module)? } else { None };
+                (Some(emit_linear_i8(module, &name, &i8spec, &LinearI8Tiles::default())?), after_gemm)
+            }
+            Impl::Jit => {
+                let gemm = host.gemm_f32 && crate::gemm_f32::supports(spec.format);
+                let after_gemm = if gemm { epilogue_id(module)? } else { None };
+                (Some(emit_linear(module, &name, &spec, &LinearTiles::for_format(spec.format))?), after_gemm)
+            }
+            Impl::Sgemm | Impl::Int8Row => (None, epilogue_id(module)?),
+        });
+    }
+    Ok(ids)
+}
 
 /// If `id` is a linear the kernels support, its spec, its operands, the node that ends its
 /// fusion group, and the nodes absorbed into it (the linear itself, and an activation

@@ -163,3 +163,40 @@ fn object_kernels_linked_by_cc_compute_the_jit_bits() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A model's kernels as an object file: the functions the engine compiles, in the plan's
+/// order, named with the prefix. Three linears: f32 weights with a bias and GELU (sgemm:
+/// only the epilogue is emitted), Q8_0 weights, plain (an emitted kernel; identity
+/// epilogue, none), and the same Q8_0 shape again with a bias (a second kernel, whose
+/// epilogue runs after the 256-bit GEMM where the host has one).
+#[test]
+fn a_models_kernels_are_the_engines_in_order() {
+    let text = "graph g {
+  %0 = input \"x\" : f32[m, 64]
+  %1 = weight \"w1\" f32 : f32[32, 64]
+  %2 = weight \"b1\" f32 : f32[32]
+  %3 = linear %0, %1, %2 : f32[m, 32]
+  %4 = gelu %3 : f32[m, 32]
+  %5 = weight \"w2\" q8_0 : f32[64, 32]
+  %6 = linear %4, %5 : f32[m, 64]
+  %7 = weight \"w3\" q8_0 : f32[64, 32]
+  %8 = weight \"b3\" f32 : f32[64]
+  %9 = linear %4, %7, %8 : f32[m, 64]
+  output \"y\" = %6
+  output \"z\" = %9
+}
+";
+    let g = kiln_ir::parse(text).unwrap();
+    let isa = HostIsa::native().unwrap();
+    let options = kiln_jit::EngineOptions { threads: 1, activations: kiln_jit::Activations::F32, profile: false };
+    let object = kiln_jit::emit_object(&g, options, &isa, "m_").unwrap();
+    let names: Vec<&str> = object.functions.iter().map(|f| f.name.as_str()).collect();
+    let after_gemm = kiln_jit::gemm_f32::available();
+    let mut want = vec!["m_epilogue0", "m_linear1"];
+    if after_gemm {
+        want.push("m_epilogue2");
+    }
+    want.push("m_linear2");
+    assert_eq!(names, want);
+    assert!(object.bytes.starts_with(b"\x7fELF"), "an ELF object");
+}
