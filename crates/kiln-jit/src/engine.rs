@@ -944,6 +944,9 @@ pub fn emit_object(
     module.emit()
 }
 
+/// A kernel's emitted functions: the linear kernel, and the epilogue after a GEMM.
+type KernelFunctions = (Option<FunctionId>, Option<FunctionId>);
+
 /// What the host runs besides emitted code, which decides the functions a kernel needs.
 #[derive(Clone, Copy, Debug)]
 struct Host {
@@ -962,7 +965,7 @@ fn emit_kernels<M: cranelift_module::Module>(
     prefix: &str,
     specs: &[(LinearSpec, Impl)],
     host: Host,
-) -> Result<Vec<(Option<FunctionId>, Option<FunctionId>)>, JitError> {
+) -> Result<Vec<KernelFunctions>, JitError> {
     let mut ids = Vec::with_capacity(specs.len());
     for (i, &(spec, how)) in specs.iter().enumerate() {
         let name = format!("{prefix}linear{i}");
