@@ -15,8 +15,8 @@
 //! Reading maps the file: weights are views into the mapping, not copies.
 
 use kiln_ir::{Bytes, Format, Graph, Op, TensorData};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use safetensors::SafeTensors;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -81,28 +81,63 @@ pub fn write(path: &Path, graph: &Graph, extra: &BTreeMap<String, String>) -> Re
             tensors.insert(&w.tensor, data);
         }
     }
-    let views = tensors
-        .iter()
-        .map(|(name, data)| {
-            let (dtype, shape) = match data.format {
-                Format::F32 => (Dtype::F32, data.shape.iter().map(|&d| d as usize).collect()),
-                Format::F16 => (Dtype::F16, data.shape.iter().map(|&d| d as usize).collect()),
-                Format::BF16 => (Dtype::BF16, data.shape.iter().map(|&d| d as usize).collect()),
-                _ => (Dtype::U8, vec![data.bytes.len()]),
-            };
-            let view = safetensors::tensor::TensorView::new(dtype, shape, data.bytes.as_slice())
-                .map_err(|e| ArtifactError::Write(format!("tensor `{name}`: {e}")))?;
-            Ok((*name, view))
-        })
-        .collect::<Result<Vec<_>, ArtifactError>>()?;
-    let mut metadata: HashMap<String, String> = extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut metadata: BTreeMap<String, String> = extra.clone();
     metadata.insert(VERSION_KEY.into(), FORMAT_VERSION.to_string());
     metadata.insert(IR_KEY.into(), kiln_ir::print(graph));
     metadata.entry(PASSES_KEY.into()).or_insert_with(|| "[]".into());
     // Write beside the target and rename, so a failed write never leaves half a file.
     let tmp = path.with_extension("kiln.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| ArtifactError::Write(e.to_string()))?;
+    let io = |e: std::io::Error| ArtifactError::Write(format!("{}: {e}", tmp.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    serialize(&tensors, &metadata, &mut out).map_err(io)?;
+    std::io::Write::flush(&mut out).map_err(io)?;
+    drop(out);
     std::fs::rename(&tmp, path).map_err(|e| ArtifactError::Write(format!("{}: {e}", path.display())))
+}
+
+/// Writes a safetensors file whose bytes depend only on its contents: the header's keys
+/// sorted (`safetensors::serialize` takes the metadata as a `HashMap` and writes it in
+/// hash order, so the same artifact came out with different bytes), the data of wider
+/// types first so that every tensor starts aligned to its element size (as `safetensors`
+/// lays it out), then by name.
+fn serialize(
+    tensors: &BTreeMap<&str, &TensorData>,
+    metadata: &BTreeMap<String, String>,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let layout = |data: &TensorData| match data.format {
+        Format::F32 => ("F32", 4),
+        Format::F16 => ("F16", 2),
+        Format::BF16 => ("BF16", 2),
+        _ => ("U8", 1),
+    };
+    let mut order: Vec<(&str, &TensorData)> = tensors.iter().map(|(n, d)| (*n, *d)).collect();
+    order.sort_by_key(|(name, data)| (std::cmp::Reverse(layout(data).1), *name));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(std::io::Error::other)?);
+    let mut offset = 0usize;
+    for (name, data) in &order {
+        let shape: Vec<u64> = match data.format {
+            Format::F32 | Format::F16 | Format::BF16 => data.shape.clone(),
+            _ => vec![data.bytes.len() as u64],
+        };
+        let end = offset + data.bytes.len();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": layout(data).0, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    // In key order (serde_json's map sorts, or with `preserve_order` keeps the order above:
+    // deterministic either way); the data starts 8-byte aligned.
+    let mut json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    out.write_all(&(json.len() as u64).to_le_bytes())?;
+    out.write_all(&json)?;
+    for (_, data) in &order {
+        out.write_all(data.bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 /// Reads an artifact: maps the file, parses and verifies its IR, and binds every weight to
@@ -210,6 +245,55 @@ mod tests {
             assert_eq!(a.passes(), "[]");
             assert!(looks_like_artifact(&path));
         }
+    }
+
+    /// The bytes depend on the contents only: the same graph and metadata written twice (the
+    /// metadata built in different orders) give the same file, the header's keys sorted,
+    /// and every tensor starts aligned to its element size; `safetensors` reads it.
+    #[test]
+    fn writes_the_same_bytes_every_time() {
+        let mut g = graph_with(Format::Q8_0, vec![0; Format::Q8_0.byte_len(64).unwrap() as usize]);
+        let x = g.add_typed(
+            Op::Weight(WeightRef { tensor: "a_f32".into(), format: Format::F32, checksum: None }),
+            &[],
+            Type::f32([Dim::Known(3)]),
+            "",
+            None,
+        );
+        g.store.insert("a_f32", TensorData::from_f32(vec![3], &[1.0, 2.0, 3.0]));
+        g.set_output("x", x).unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("kiln.k{i:02}")).collect();
+        let files: Vec<Vec<u8>> = [false, true]
+            .iter()
+            .map(|&reverse| {
+                let mut extra = BTreeMap::new();
+                let mut order = keys.clone();
+                if reverse {
+                    order.reverse();
+                }
+                for k in order {
+                    extra.insert(k.clone(), format!("value of {k}"));
+                }
+                let path = temp(if reverse { "det-b" } else { "det-a" });
+                write(&path, &g, &extra).unwrap();
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        assert_eq!(files[0], files[1]);
+        let st = SafeTensors::deserialize(&files[0]).unwrap();
+        let header_len = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let header = std::str::from_utf8(&files[0][8..8 + header_len]).unwrap();
+        let at = |k: &str| header.find(&format!("\"{k}\"")).unwrap();
+        assert!(keys.windows(2).all(|w| at(&w[0]) < at(&w[1])), "{header}");
+        // The f32 tensor first (aligned), then the bytes of the Q8_0 one.
+        let (_, f32_info) = SafeTensors::read_metadata(&files[0]).unwrap();
+        assert_eq!(f32_info.tensors()["a_f32"].data_offsets.0, 0);
+        assert_eq!(
+            st.tensor("a_f32").unwrap().data(),
+            [1.0f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
+        );
+        assert!(read(&temp("det-a")).is_ok());
     }
 
     #[test]
