@@ -21,14 +21,14 @@
 use crate::JitError;
 use crate::epilogue::{EpilogueFn, EpilogueSpec, emit_epilogue};
 use crate::isa::HostIsa;
-use crate::linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, emit_linear};
+use crate::linear::{LinearFn, LinearSpec, LinearTiles, emit_linear};
 use crate::linear_i8::{
-    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, MAX_PANEL, QuantizedActivations, emit_linear_i8,
-    pack_weight, quantize_rows,
+    LinearI8Fn, LinearI8Spec, LinearI8Tiles, MAX_PANEL, QuantizedActivations, emit_linear_i8, pack_weight,
+    quantize_rows,
 };
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use crate::math::Activation;
-use crate::module::{FunctionId, JitCode, JitModule};
+use crate::module::{FunctionId, JitModule};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
@@ -203,31 +203,66 @@ pub struct EngineOptions {
     pub profile: bool,
 }
 
-/// A compiled linear kernel of either activation type.
+/// A linear kernel of either activation type, as function pointers into code the engine
+/// keeps alive (`Engine::code`).
 enum Kernel {
     /// The emitted f32-activation kernel, and for block formats on a host that runs
     /// [`crate::gemm_f32`] the epilogue for it (as for `I8`): blocks of [`GEMM_F32_ROWS`]
     /// rows or more take the 256-bit GEMM, then the epilogue, for the same bits.
-    F32(LinearKernel, LinearFn, Option<Option<EpilogueFn>>),
+    F32(LinearSpec, LinearFn, Option<Option<EpilogueFn>>),
     /// The emitted W8A8 kernel, and when the host runs [`crate::gemm_i8`] the epilogue for
     /// it (`None` inside: the epilogue is the identity): blocks of [`GEMM_I8_ROWS`] rows or
     /// more take the 256-bit GEMM, then the epilogue, for the same bits.
-    I8(LinearI8Kernel, LinearI8Fn, Option<Option<EpilogueFn>>),
+    I8(LinearI8Spec, LinearI8Fn, Option<Option<EpilogueFn>>),
     /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
     /// an emitted epilogue kernel for bias, activation and residual (none if identity).
-    Sgemm(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
+    Sgemm(LinearSpec, Option<EpilogueFn>),
     /// int8gK weights with per-row int8 activations ([`crate::linear_i8row`]), then the
     /// epilogue.
-    I8Row(LinearSpec, Option<(Arc<JitCode>, EpilogueFn)>),
+    I8Row(LinearSpec, Option<EpilogueFn>),
 }
 
 impl Kernel {
     fn spec(&self) -> LinearSpec {
         match self {
-            Kernel::F32(k, ..) => *k.spec(),
-            Kernel::I8(k, ..) => k.spec().linear(),
-            Kernel::Sgemm(spec, _) | Kernel::I8Row(spec, _) => *spec,
+            Kernel::I8(spec, ..) => spec.linear(),
+            Kernel::F32(spec, ..) | Kernel::Sgemm(spec, _) | Kernel::I8Row(spec, _) => *spec,
         }
+    }
+
+    /// The kernel for `spec` run as `how` from the entry addresses of its functions (see
+    /// [`emit_kernels`]), on a host that runs `host`'s GEMMs.
+    ///
+    /// # Safety
+    /// `linear` and `epilogue` must be the entries of the functions [`emit_kernels`] defines
+    /// for `(spec, how)` and `host` (of signatures [`LinearFn`] or [`LinearI8Fn`], and
+    /// [`EpilogueFn`]), alive as long as the kernel is used.
+    unsafe fn bind(
+        spec: LinearSpec,
+        how: Impl,
+        host: Host,
+        linear: Option<*const u8>,
+        epilogue: Option<*const u8>,
+    ) -> Result<Kernel, JitError> {
+        // SAFETY: the caller's: each address is a function of that signature.
+        let epilogue = epilogue.map(|e| unsafe { std::mem::transmute::<*const u8, EpilogueFn>(e) });
+        let missing = || JitError::Spec(format!("no kernel function for {spec:?} ({how:?})"));
+        Ok(match how {
+            Impl::Int8 => {
+                let i8spec = LinearI8Spec::from_linear(&spec).ok_or_else(missing)?.packed(I8_PANEL);
+                // SAFETY: as above.
+                let entry = unsafe { std::mem::transmute::<*const u8, LinearI8Fn>(linear.ok_or_else(missing)?) };
+                Kernel::I8(i8spec, entry, host.gemm_i8.then_some(epilogue))
+            }
+            Impl::Jit => {
+                // SAFETY: as above.
+                let entry = unsafe { std::mem::transmute::<*const u8, LinearFn>(linear.ok_or_else(missing)?) };
+                let gemm = host.gemm_f32 && crate::gemm_f32::supports(spec.format);
+                Kernel::F32(spec, entry, gemm.then_some(epilogue))
+            }
+            Impl::Sgemm => Kernel::Sgemm(spec, epilogue),
+            Impl::Int8Row => Kernel::I8Row(spec, epilogue),
+        })
     }
 }
 
@@ -251,6 +286,8 @@ pub struct Engine<'g> {
     order: Vec<NodeId>,
     actions: HashMap<NodeId, Action>,
     kernels: Vec<Kernel>,
+    /// The code the kernels point into (the JIT's), kept alive with the engine.
+    _code: Arc<dyn std::any::Any + Send + Sync>,
     weights: HashMap<NodeId, Arc<Value>>,
     /// The values each node of `order` reads under the fusion plan.
     reads: Vec<Vec<NodeId>>,
@@ -302,7 +339,8 @@ impl<'g> Engine<'g> {
         let gemm_f32 = crate::gemm_f32::available();
         let Plan { mut actions, specs, to_pack, mut dense, row_weights } =
             Plan::new(graph, &order, activations, threads);
-        let ids = emit_kernels(&mut module, "", &specs, Host { gemm_i8, gemm_f32 })?;
+        let host = Host { gemm_i8, gemm_f32 };
+        let ids = emit_kernels(&mut module, "", &specs, host)?;
         let code = Arc::new(module.finalize()?);
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
@@ -418,42 +456,20 @@ impl<'g> Engine<'g> {
         let kernels = ids
             .into_iter()
             .zip(specs)
-            .map(|((id, epilogue), (spec, how))| match (how, id) {
-                (Impl::Int8, Some(id)) => {
-                    let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
-                    // SAFETY: `id` was defined by `emit_linear_i8` for `i8spec` in this module.
-                    let kernel = unsafe { LinearI8Kernel::from_code(code.clone(), id, i8spec) };
-                    let entry = kernel.entry();
-                    // SAFETY: `epilogue` was defined by `emit_epilogue`, of signature `EpilogueFn`
-                    // (the kernel keeps the module's code alive).
-                    let epilogue = epilogue.map(|e| unsafe { code.function::<EpilogueFn>(e) }.get());
-                    Kernel::I8(kernel, entry, gemm_i8.then_some(epilogue))
+            .map(|((linear, epilogue), (spec, how))| {
+                // SAFETY: `emit_kernels` defined these functions for `(spec, how)` and `host`
+                // in this module, whose code the engine keeps alive (`code`).
+                unsafe {
+                    Kernel::bind(spec, how, host, linear.map(|f| code.address(f)), epilogue.map(|f| code.address(f)))
                 }
-                (Impl::Jit, Some(id)) => {
-                    // SAFETY: `id` was defined by `emit_linear` for `spec` in this module.
-                    let kernel = unsafe { LinearKernel::from_code(code.clone(), id, spec) };
-                    let entry = kernel.entry();
-                    // SAFETY: as for `Impl::Int8`.
-                    let epilogue = epilogue.map(|e| unsafe { code.function::<EpilogueFn>(e) }.get());
-                    let gemm = gemm_f32 && crate::gemm_f32::supports(spec.format);
-                    Kernel::F32(kernel, entry, gemm.then_some(epilogue))
-                }
-                (Impl::Sgemm | Impl::Int8Row, _) => {
-                    let epilogue = epilogue.map(|id| {
-                        // SAFETY: `id` was defined by `emit_epilogue`, of signature `EpilogueFn`.
-                        let f = unsafe { code.function::<EpilogueFn>(id) }.get();
-                        (code.clone(), f)
-                    });
-                    if how == Impl::Sgemm { Kernel::Sgemm(spec, epilogue) } else { Kernel::I8Row(spec, epilogue) }
-                }
-                (_, None) => unreachable!("emitted kernels have an id"),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let mut engine = Engine {
             graph,
             order,
             actions,
             kernels,
+            _code: code,
             weights: HashMap::new(),
             reads: vec![],
             uses: HashMap::new(),
@@ -652,7 +668,7 @@ impl<'g> Engine<'g> {
             // One call: it splits the rows across the pool (`run_with` runs under
             // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
             kiln_rt::kernels::linear_rows(&x.data, k, &w.data, n, None, &mut y);
-            if let Some((_, epilogue)) = epilogue {
+            if let Some(epilogue) = epilogue {
                 // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
                 // it has one) is [m, N] and distinct from y.
                 unsafe { epilogue(y.as_mut_ptr(), bias, residual, 0, m) }
@@ -671,7 +687,7 @@ impl<'g> Engine<'g> {
                 return Err("the input of a per-row int8 linear was quantized per block".into());
             };
             let out = SharedPtr(y.as_mut_ptr());
-            let epilogue = epilogue.as_ref().map(|(_, e)| *e);
+            let epilogue = *epilogue;
             let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
             if m < MIN_PARALLEL_ROWS * self.pool.threads() {
                 // Few rows: split the columns, then the epilogue on this thread.
@@ -817,8 +833,7 @@ impl KernelArgs {
         unsafe {
             match kernel {
                 Kernel::F32(_, entry, _) => entry(self.x.cast(), w, b, r, y, m0, m1),
-                Kernel::I8(kernel, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
-                    let spec = kernel.spec();
+                Kernel::I8(spec, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
                     match self.wq8.is_null() {
                         true => crate::gemm_i8::gemm_i8(spec, self.x.cast(), w, y, m0, m1),
                         false => crate::gemm_q8::gemm_q8(spec.n, spec.k, self.x.cast(), self.wq8, y, m0, m1),
@@ -948,7 +963,7 @@ pub fn emit_object(
 type KernelFunctions = (Option<FunctionId>, Option<FunctionId>);
 
 /// What the host runs besides emitted code, which decides the functions a kernel needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Host {
     /// [`crate::gemm_i8`]: int8 kernels also need their epilogue, for after the GEMM.
     gemm_i8: bool,
