@@ -51,6 +51,9 @@ pub struct IsaOptions {
     pub verifier: bool,
 }
 
+// Not derivable: the verifier's default follows `debug_assertions` (clippy sees only the
+// release value, `false`).
+#[allow(clippy::derivable_impls)]
 impl Default for IsaOptions {
     fn default() -> Self {
         IsaOptions { opt_level: OptLevel::default(), verifier: cfg!(debug_assertions) }

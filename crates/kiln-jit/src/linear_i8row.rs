@@ -176,8 +176,8 @@ impl RowWeights {
                     // SAFETY: rows and columns in range (the caller's contract).
                     let acc = unsafe { avx2::tile(self.k, ms.map(|r| xq.q(r).as_ptr()), &self.w[n0 * self.k..]) };
                     for (i, &mi) in ms.iter().enumerate().take(rows.end - m) {
-                        for r in 0..4 {
-                            let v = (self.scales[n0 + r] * xq.d(mi)) * (acc[i][r] as f32);
+                        for (r, &a) in acc[i].iter().enumerate() {
+                            let v = (self.scales[n0 + r] * xq.d(mi)) * (a as f32);
                             // SAFETY: (mi, n0 + r) is in rows x cols.
                             unsafe { *y.add(mi * self.n + n0 + r) = v };
                         }
