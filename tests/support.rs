@@ -166,21 +166,21 @@ pub enum Exec {
 /// A graph prepared for repeated runs by the chosen executor.
 pub enum Prepared<'g> {
     Interp(Interpreter<'g>),
-    Jit(kiln_jit::Engine<'g>),
+    Jit(Box<kiln_jit::Engine<'g>>),
 }
 
 impl<'g> Prepared<'g> {
     pub fn new(graph: &'g Graph, exec: Exec) -> Prepared<'g> {
         match exec {
             Exec::Interp => Prepared::Interp(Interpreter::new(graph).expect("weights decode")),
-            Exec::Jit { threads } => Prepared::Jit(kiln_jit::Engine::new(graph, threads).expect("compiles")),
+            Exec::Jit { threads } => Prepared::Jit(Box::new(kiln_jit::Engine::new(graph, threads).expect("compiles"))),
             Exec::JitInt8 { threads } | Exec::JitInt8Row { threads } => {
                 let activations = match exec {
                     Exec::JitInt8 { .. } => kiln_jit::Activations::Int8,
                     _ => kiln_jit::Activations::Int8Row,
                 };
                 let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-                Prepared::Jit(kiln_jit::Engine::with_options(graph, options).expect("compiles"))
+                Prepared::Jit(Box::new(kiln_jit::Engine::with_options(graph, options).expect("compiles")))
             }
         }
     }

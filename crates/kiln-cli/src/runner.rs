@@ -75,7 +75,7 @@ impl ExecArgs {
 
 pub enum Runner<'g> {
     Interp(Interpreter<'g>),
-    Jit(Engine<'g>),
+    Jit(Box<Engine<'g>>),
 }
 
 impl<'g> Runner<'g> {
@@ -101,7 +101,7 @@ impl<'g> Runner<'g> {
                     ActivationsKind::Int8Row => Activations::Int8Row,
                 };
                 let options = EngineOptions { threads, activations, profile: exec.profile };
-                Runner::Jit(Engine::with_options(graph, options).into_diagnostic()?)
+                Runner::Jit(Box::new(Engine::with_options(graph, options).into_diagnostic()?))
             }
         };
         Ok((runner, start.elapsed().as_secs_f64() * 1e3))
