@@ -61,9 +61,9 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     }
     // The calibration file is read once: its first rows probe, the rest calibrate.
     let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
-    // Only budgets (`quantize(bits=...)`) and the choice of int8 activation scales
-    // (`activations=int8`) probe; everything else calibrates on every row.
-    let budgeted = calls.iter().any(|c| c.args.iter().any(|(k, v)| k == "bits" || (k == "activations" && v == "int8")));
+    // Only passes that probe (budgets, the choice of int8 activation scales) hold rows out;
+    // everything else calibrates on every row.
+    let budgeted = pipeline::probes(&calls);
     let split = calib_inputs
         .as_ref()
         .map(|i| if budgeted { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
@@ -112,7 +112,7 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
 }
 
 fn pass_help() -> String {
-    let lines: Vec<&str> = pipeline::REGISTRY.iter().map(|(_, _, help)| *help).collect();
+    let lines: Vec<&str> = pipeline::REGISTRY.iter().map(|p| p.help).collect();
     format!("passes:\n  {}", lines.join("\n  "))
 }
 

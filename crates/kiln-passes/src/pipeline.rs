@@ -1,6 +1,6 @@
 //! Pass pipelines as users write them: `quantize(bits=4.5, method=gptq)`, several calls
 //! separated by commas or semicolons, run in order. [`REGISTRY`] maps each name to its
-//! pass; a new pass is one file and one line there.
+//! [`Pass`]; a new pass is one file and one entry there.
 
 use crate::PassError;
 use crate::calibration::Calibration;
@@ -122,35 +122,64 @@ pub enum PassReport {
     Quantize(QuantizeReport),
 }
 
-type PassFn = fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport, PassError>;
+/// A pass a pipeline may name.
+pub struct Pass {
+    pub name: &'static str,
+    pub run: fn(&mut kiln_ir::Graph, &PassCall, &Context) -> Result<PassReport, PassError>,
+    /// Whether this call measures changed models end to end through [`Context::probe`],
+    /// which needs calibration rows held out from the statistics.
+    pub probes: fn(&PassCall) -> bool,
+    /// One line of help.
+    pub help: &'static str,
+}
 
-/// Every pass a pipeline may name, with a line of help.
-pub const REGISTRY: &[(&str, PassFn, &str)] = &[(
-    "quantize",
-    run_quantize,
-    "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false] [, activations=int8|int8-block|int8-row] [, lorc_rank=R]): store matrices in fewer bits; activations=int8 runs linears W8A8 with activation scales per block of 32 or per row, whichever a probe on held-out --calib rows measures closer to the model",
-)];
+/// Every pass a pipeline may name.
+pub const REGISTRY: &[Pass] = &[Pass {
+    name: "quantize",
+    run: run_quantize,
+    probes: quantize_probes,
+    help: "quantize(bits=B | format=F [, method=rtn|gptq] [, act_order=true|false] [, damp=0.01] [, clip=true|false] [, activations=int8|int8-block|int8-row] [, lorc_rank=R]): store matrices in fewer bits; activations=int8 runs linears W8A8 with activation scales per block of 32 or per row, whichever a probe on held-out --calib rows measures closer to the model",
+}];
+
+fn pass(call: &PassCall) -> Result<&'static Pass, PassError> {
+    REGISTRY.iter().find(|p| p.name == call.name).ok_or_else(|| {
+        let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
+        PassError::NotApplicable {
+            pass: "pipeline",
+            message: format!("unknown pass `{}` (known: {})", call.name, known.join(", ")),
+        }
+    })
+}
 
 /// Runs `calls` in order on `graph`.
 pub fn run(graph: &mut kiln_ir::Graph, calls: &[PassCall], ctx: &Context) -> Result<Vec<PassReport>, PassError> {
-    let mut reports = Vec::new();
-    for call in calls {
-        let Some((_, pass, _)) = REGISTRY.iter().find(|(name, _, _)| *name == call.name) else {
-            let known: Vec<&str> = REGISTRY.iter().map(|(n, _, _)| *n).collect();
-            return Err(PassError::NotApplicable {
-                pass: "pipeline",
-                message: format!("unknown pass `{}` (known: {})", call.name, known.join(", ")),
-            });
-        };
-        reports.push(pass(graph, call, ctx)?);
-    }
-    Ok(reports)
+    calls.iter().map(|call| (pass(call)?.run)(graph, call, ctx)).collect()
+}
+
+/// Whether any of `calls` probes (see [`Pass::probes`]); unknown passes do not (running
+/// them fails).
+pub fn probes(calls: &[PassCall]) -> bool {
+    calls.iter().any(|call| pass(call).is_ok_and(|p| (p.probes)(call)))
+}
+
+/// Budgets probe each kind of layer and the mix; `activations=int8` probes per-block
+/// against per-row scales.
+fn quantize_probes(call: &PassCall) -> bool {
+    quantize_options(call, true).is_ok_and(|o| matches!(o.target, Target::Bits(_)) || o.measure_activations)
 }
 
 fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> Result<PassReport, PassError> {
+    let options =
+        QuantizeOptions { overrides: ctx.overrides.clone(), ..quantize_options(call, ctx.calibration.is_some())? };
+    quantize::quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
+}
+
+/// The options a `quantize(...)` call names (no overrides), for a model with calibration
+/// inputs or without.
+fn quantize_options(call: &PassCall, calibrated: bool) -> Result<QuantizeOptions, PassError> {
     let fail = |message: String| PassError::NotApplicable { pass: "quantize", message };
     let mut target = None;
-    let mut method = if ctx.calibration.is_some() { Method::Gptq } else { Method::Rtn };
+    let mut method = if calibrated { Method::Gptq } else { Method::Rtn };
     // Act-order by default: on SmolLM2 int4g64a it took held-out perplexity from 1.254x to
     // 1.161x of the unquantized model's, for 20% more time.
     // Searched scales by default: on SmolLM2 int4g64a they took GPTQ from 1.161x to 1.089x,
@@ -203,22 +232,13 @@ fn run_quantize(graph: &mut kiln_ir::Graph, call: &PassCall, ctx: &Context) -> R
         }
     }
     let target = target.ok_or_else(|| fail("give bits=B (a budget) or format=F (one format for all)".into()))?;
-    if lorc_rank > 0 && ctx.calibration.is_none() {
+    if lorc_rank > 0 && !calibrated {
         return Err(fail("lorc_rank fits corrections to the calibration inputs: pass --calib".into()));
     }
-    if method == Method::Gptq && ctx.calibration.is_none() {
+    if method == Method::Gptq && !calibrated {
         return Err(fail("method=gptq needs calibration data: pass --calib".into()));
     }
-    let options = QuantizeOptions {
-        target,
-        method,
-        overrides: ctx.overrides.clone(),
-        gptq,
-        activations,
-        measure_activations,
-        lorc_rank,
-    };
-    quantize::quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
+    Ok(QuantizeOptions { target, method, overrides: Vec::new(), gptq, activations, measure_activations, lorc_rank })
 }
 
 #[cfg(test)]
@@ -235,5 +255,19 @@ mod tests {
         assert_eq!(parse("quantize(bits=4").unwrap_err().offset, 15);
         assert!(parse("").is_err());
         assert!(parse("a b").is_err());
+    }
+
+    /// Budgets and `activations=int8` probe; forced formats, forced activation scales and
+    /// unknown passes do not.
+    #[test]
+    fn the_passes_say_whether_they_probe() {
+        let probes = |text: &str| probes(&parse(text).unwrap());
+        assert!(probes("quantize(bits=4.5)"));
+        assert!(probes("quantize(format=int8, activations=int8)"));
+        assert!(probes("quantize(format=int4g64a); quantize(bits=8.5, method=rtn)"));
+        assert!(!probes("quantize(format=int4g64a)"));
+        assert!(!probes("quantize(format=int8, activations=int8-row)"));
+        assert!(!probes("quantize(format=int8, activations=int8-block)"));
+        assert!(!probes("prune(sparsity=0.5)"));
     }
 }
