@@ -87,12 +87,10 @@ impl Model {
     /// The activations an artifact's passes chose, if any.
     pub fn recorded_activations(&self) -> Option<crate::runner::ActivationsKind> {
         match &self.origin {
-            Origin::Artifact { metadata, .. } => match metadata.get(ACTIVATIONS_KEY).map(String::as_str) {
-                Some("int8") => Some(crate::runner::ActivationsKind::Int8),
-                Some("int8-row") => Some(crate::runner::ActivationsKind::Int8Row),
-                Some("f32") => Some(crate::runner::ActivationsKind::F32),
-                _ => None,
-            },
+            // Recorded by its name on the command line (`--activations`).
+            Origin::Artifact { metadata, .. } => metadata
+                .get(ACTIVATIONS_KEY)
+                .and_then(|a| <crate::runner::ActivationsKind as clap::ValueEnum>::from_str(a, false).ok()),
             Origin::Spec { .. } => None,
         }
     }

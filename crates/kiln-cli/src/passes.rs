@@ -80,11 +80,7 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     // Probes run changed copies of the model under the JIT on the first calibration rows.
     let probe_inputs = split.map(|(p, _, _)| p).filter(|p| !p.is_empty());
     let run = |g: &Graph, inputs: &HashMap<String, kiln_interp::Value>, activations: Activations| {
-        let activations = match activations {
-            Activations::F32 => kiln_jit::Activations::F32,
-            Activations::Int8 => kiln_jit::Activations::Int8,
-            Activations::Int8Row => kiln_jit::Activations::Int8Row,
-        };
+        let activations = crate::runner::ActivationsKind::from(activations).into();
         let options = kiln_jit::EngineOptions { threads: 2, activations, profile: false };
         let engine = kiln_jit::Engine::with_options(g, options).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())

@@ -42,6 +42,28 @@ impl std::fmt::Display for ActivationsKind {
     }
 }
 
+impl From<ActivationsKind> for Activations {
+    fn from(a: ActivationsKind) -> Activations {
+        match a {
+            ActivationsKind::F32 => Activations::F32,
+            ActivationsKind::Int8 => Activations::Int8,
+            ActivationsKind::Int8Row => Activations::Int8Row,
+        }
+    }
+}
+
+/// What the quantize pass chose, as the engines take it.
+impl From<kiln_passes::quantize::Activations> for ActivationsKind {
+    fn from(a: kiln_passes::quantize::Activations) -> ActivationsKind {
+        use kiln_passes::quantize::Activations as Pass;
+        match a {
+            Pass::F32 => ActivationsKind::F32,
+            Pass::Int8 => ActivationsKind::Int8,
+            Pass::Int8Row => ActivationsKind::Int8Row,
+        }
+    }
+}
+
 /// Execution flags shared by `run`, `eval`, `generate` and `bench`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExecArgs {
@@ -95,11 +117,7 @@ impl<'g> Runner<'g> {
         let runner = match exec.engine {
             EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
             EngineKind::Jit => {
-                let activations = match exec.activations.unwrap_or(ActivationsKind::F32) {
-                    ActivationsKind::F32 => Activations::F32,
-                    ActivationsKind::Int8 => Activations::Int8,
-                    ActivationsKind::Int8Row => Activations::Int8Row,
-                };
+                let activations = exec.activations.unwrap_or(ActivationsKind::F32).into();
                 let options = EngineOptions { threads, activations, profile: exec.profile };
                 Runner::Jit(Box::new(Engine::with_options(graph, options).into_diagnostic()?))
             }
