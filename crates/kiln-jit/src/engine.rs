@@ -329,19 +329,72 @@ impl<'g> Engine<'g> {
 
     /// [`Engine::new`] with every option.
     pub fn with_options(graph: &'g Graph, options: EngineOptions) -> Result<Engine<'g>, JitError> {
-        let EngineOptions { threads, activations, profile } = options;
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
-        let isa = HostIsa::native()?;
-        let mut module = JitModule::new(&isa);
-        let pool = Pool::new(threads);
-        let gemm_i8 = crate::gemm_i8::available();
-        let gemm_f32 = crate::gemm_f32::available();
-        let Plan { mut actions, specs, to_pack, mut dense, row_weights } =
-            Plan::new(graph, &order, activations, threads);
-        let host = Host { gemm_i8, gemm_f32 };
-        let ids = emit_kernels(&mut module, "", &specs, host)?;
+        let plan = Plan::new(graph, &order, options.activations, options.threads);
+        let host = Host::detect();
+        let mut module = JitModule::new(&HostIsa::native()?);
+        let ids = emit_kernels(&mut module, "", &plan.specs, host)?;
         let code = Arc::new(module.finalize()?);
+        let entries: Vec<KernelEntries> =
+            ids.iter().map(|(l, e)| (l.map(|f| code.address(f)), e.map(|f| code.address(f)))).collect();
+        // SAFETY: `emit_kernels` defined these functions for the plan's specs and `host` in
+        // this module, whose code the engine keeps alive (`code`).
+        unsafe { Engine::assemble(graph, options, order, plan, host, &entries, code, start) }
+    }
+
+    /// An engine whose kernels were compiled ahead of time and linked into this program:
+    /// `table` holds the entry addresses of the functions [`emit_object`] defined for this
+    /// graph and options, in its order (its `{prefix}kernels` symbol), and `fingerprint` its
+    /// `{prefix}plan_fingerprint`. The plan is made again and must match both.
+    ///
+    /// # Safety
+    /// `table` must come from an object [`emit_object`] wrote for a graph and options with
+    /// this plan (the fingerprint checks the specs, not the code), on a CPU with the
+    /// object's features, and `code` must keep the functions alive.
+    pub unsafe fn with_kernel_table(
+        graph: &'g Graph,
+        options: EngineOptions,
+        table: &[KernelEntries],
+        fingerprint: u64,
+        code: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Engine<'g>, JitError> {
+        let start = Instant::now();
+        let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
+        let plan = Plan::new(graph, &order, options.activations, options.threads);
+        let host = Host::detect();
+        if table.len() != plan.specs.len() || fingerprint != plan.fingerprint(host) {
+            return Err(JitError::Spec(format!(
+                "the linked kernels ({} functions, plan {fingerprint:016x}) were compiled for another model, \
+                 options or CPU (this one plans {} kernels, {:016x})",
+                table.len(),
+                plan.specs.len(),
+                plan.fingerprint(host)
+            )));
+        }
+        // SAFETY: the caller's.
+        unsafe { Engine::assemble(graph, options, order, plan, host, table, code, start) }
+    }
+
+    /// The engine around kernels whose functions are at `entries` (see [`Kernel::bind`]).
+    ///
+    /// # Safety
+    /// As [`Kernel::bind`], for every kernel of the plan, with `code` keeping them alive.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn assemble(
+        graph: &'g Graph,
+        options: EngineOptions,
+        order: Vec<NodeId>,
+        plan: Plan,
+        host: Host,
+        entries: &[KernelEntries],
+        code: Arc<dyn std::any::Any + Send + Sync>,
+        start: Instant,
+    ) -> Result<Engine<'g>, JitError> {
+        let EngineOptions { threads, profile, .. } = options;
+        let Host { gemm_i8, .. } = host;
+        let pool = Pool::new(threads);
+        let Plan { mut actions, specs, to_pack, mut dense, row_weights } = plan;
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
         // On the pool: a budget search builds an engine per probe, and repacking a whole
@@ -453,15 +506,12 @@ impl<'g> Engine<'g> {
                 f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
             }
         }
-        let kernels = ids
-            .into_iter()
+        let kernels = entries
+            .iter()
             .zip(specs)
-            .map(|((linear, epilogue), (spec, how))| {
-                // SAFETY: `emit_kernels` defined these functions for `(spec, how)` and `host`
-                // in this module, whose code the engine keeps alive (`code`).
-                unsafe {
-                    Kernel::bind(spec, how, host, linear.map(|f| code.address(f)), epilogue.map(|f| code.address(f)))
-                }
+            .map(|(&(linear, epilogue), (spec, how))| {
+                // SAFETY: the caller's: these are the functions of `(spec, how)` for `host`.
+                unsafe { Kernel::bind(spec, how, host, linear, epilogue) }
             })
             .collect::<Result<_, _>>()?;
         let mut engine = Engine {
@@ -943,8 +993,10 @@ impl Plan {
 
 /// The kernels an [`Engine`] for `graph` with `options` would compile, written to an object
 /// file for `isa` instead: the same functions (see [`emit_kernels`]), named with `prefix`,
-/// in the order of the plan. For the host's CPU (the GEMMs it runs decide which epilogues
-/// exist).
+/// in the order of the plan, for the host's CPU (the GEMMs it runs decide which epilogues
+/// exist). Beside them, for [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers
+/// per kernel (its linear function and its epilogue, null when it has none);
+/// `{prefix}kernel_count` and `{prefix}plan_fingerprint`, little-endian `u64`s.
 pub fn emit_object(
     graph: &Graph,
     options: EngineOptions,
@@ -953,9 +1005,13 @@ pub fn emit_object(
 ) -> Result<crate::module::ObjectFile, JitError> {
     let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
     let plan = Plan::new(graph, &order, options.activations, options.threads);
-    let host = Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() };
+    let host = Host::detect();
     let mut module = crate::module::ObjectCodeModule::object(isa, prefix)?;
-    emit_kernels(&mut module, prefix, &plan.specs, host)?;
+    let ids = emit_kernels(&mut module, prefix, &plan.specs, host)?;
+    let table: Vec<Option<FunctionId>> = ids.iter().flat_map(|&(l, e)| [l, e]).collect();
+    module.define_function_table(&format!("{prefix}kernels"), &table)?;
+    module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes())?;
+    module.define_bytes(&format!("{prefix}plan_fingerprint"), &plan.fingerprint(host).to_le_bytes())?;
     module.emit()
 }
 
@@ -970,6 +1026,26 @@ struct Host {
     /// [`crate::gemm_f32`]: f32-activation kernels on block formats too.
     gemm_f32: bool,
 }
+
+impl Host {
+    /// What this CPU runs.
+    fn detect() -> Host {
+        Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() }
+    }
+}
+
+impl Plan {
+    /// A hash of the kernels' specs and the host's GEMMs, which decide the functions
+    /// [`emit_kernels`] defines: FNV-1a over their `Debug` text, the same in every build.
+    fn fingerprint(&self, host: Host) -> u64 {
+        let text = format!("{:?} {:?}", self.specs, host);
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    }
+}
+
+/// The entry addresses of a kernel's functions: the linear kernel, and the epilogue after
+/// a GEMM (see [`emit_kernels`]).
+pub type KernelEntries = (Option<*const u8>, Option<*const u8>);
 
 /// Defines the functions of each kernel of `specs` in `module`, in order: the linear kernel
 /// (`{prefix}linear{i}`; emitted kernels only) and the epilogue (`{prefix}epilogue{i}`)

@@ -17,7 +17,7 @@ use cranelift_codegen::Context;
 use cranelift_codegen::ir::{AbiParam, Signature, Type, UserFuncName};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+use cranelift_module::{DataDescription, FuncId, Linkage, Module, default_libcall_names};
 use cranelift_object::{ObjectBuilder, ObjectModule};
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -140,6 +140,35 @@ impl<M: Module> CodeModule<M> {
         };
         self.functions.push((id, stats));
         Ok(FunctionId(self.functions.len() - 1))
+    }
+
+    /// Defines `name` as read-only data: the entry address of each of `functions` (null for
+    /// `None`), one pointer each (an object file's loader or linker fills them in).
+    pub fn define_function_table(&mut self, name: &str, functions: &[Option<FunctionId>]) -> Result<(), JitError> {
+        let ptr = self.pointer_type().bytes() as usize;
+        let mut data = DataDescription::new();
+        // Zeros written out, not `define_zeroinit`: that places the table in `.bss`, where
+        // linkers drop its relocations (the entries stayed null in a shared library).
+        data.define(vec![0u8; functions.len().max(1) * ptr].into_boxed_slice());
+        for (i, f) in functions.iter().enumerate() {
+            if let Some(f) = f {
+                let func = self.module.declare_func_in_data(self.functions[f.0].0, &mut data);
+                data.write_function_addr((i * ptr) as u32, func);
+            }
+        }
+        self.define_data(name, &data)
+    }
+
+    /// Defines `name` as read-only data holding `bytes`.
+    pub fn define_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), JitError> {
+        let mut data = DataDescription::new();
+        data.define(bytes.into());
+        self.define_data(name, &data)
+    }
+
+    fn define_data(&mut self, name: &str, data: &DataDescription) -> Result<(), JitError> {
+        let id = self.module.declare_data(name, self.linkage, false, false).map_err(module_error)?;
+        self.module.define_data(id, data).map_err(module_error)
     }
 
     /// The statistics of a function defined so far.
