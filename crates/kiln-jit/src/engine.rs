@@ -14,6 +14,14 @@
 //! [`crate::gemm_i8`] on the same panels, or for Q8_0 weights [`crate::gemm_q8`] on a
 //! second copy in its own layout (so Q8_0 weights take twice their size in memory there).
 //!
+//! Building an engine has three steps, so that the kernels can also come from an object
+//! file compiled ahead of time: `Plan::new` decides the fusion groups and the ordered list
+//! of distinct kernel specs; `emit_kernels` defines their functions in a JIT module
+//! ([`Engine::with_options`]) or an object file ([`emit_object`], with a table of their
+//! addresses); `Kernel::bind` turns entry addresses into kernels, from the JIT's code or
+//! from a linked table ([`Engine::with_kernel_table`], which plans again and checks the
+//! table's fingerprint).
+//!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
 //! [`crate::linear`]), and the reference kernels are deterministic.
@@ -992,7 +1000,7 @@ impl Plan {
 }
 
 /// The kernels an [`Engine`] for `graph` with `options` would compile, written to an object
-/// file for `isa` instead: the same functions (see [`emit_kernels`]), named with `prefix`,
+/// file for `isa` instead: the same functions (see `emit_kernels`), named with `prefix`,
 /// in the order of the plan, for the host's CPU (the GEMMs it runs decide which epilogues
 /// exist). Beside them, for [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers
 /// per kernel (its linear function and its epilogue, null when it has none);
@@ -1044,7 +1052,7 @@ impl Plan {
 }
 
 /// The entry addresses of a kernel's functions: the linear kernel, and the epilogue after
-/// a GEMM (see [`emit_kernels`]).
+/// a GEMM (see `emit_kernels`).
 pub type KernelEntries = (Option<*const u8>, Option<*const u8>);
 
 /// Defines the functions of each kernel of `specs` in `module`, in order: the linear kernel
