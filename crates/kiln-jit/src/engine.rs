@@ -19,8 +19,8 @@
 //! of distinct kernel specs; `emit_kernels` defines their functions in a JIT module
 //! ([`Engine::with_options`]) or an object file ([`emit_object`], with a table of their
 //! addresses); `Kernel::bind` turns entry addresses into kernels, from the JIT's code or
-//! from a linked table ([`Engine::with_kernel_table`], which plans again and checks the
-//! table's fingerprint).
+//! from a linked table ([`Engine::with_kernel_table`], which plans again and looks each
+//! kernel up by its spec).
 //!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
@@ -351,37 +351,52 @@ impl<'g> Engine<'g> {
         unsafe { Engine::assemble(graph, options, order, plan, host, &entries, code, start) }
     }
 
-    /// An engine whose kernels were compiled ahead of time and linked into this program:
-    /// `table` holds the entry addresses of the functions [`emit_object`] defined for this
-    /// graph and options, in its order (its `{prefix}kernels` symbol), and `fingerprint` its
-    /// `{prefix}plan_fingerprint`. The plan is made again and must match both.
+    /// An engine whose kernels were compiled ahead of time and linked into this program
+    /// (see [`emit_object`]): the graph is planned again for `options`, and each kernel the
+    /// plan needs is looked up by its spec in `linked`. A kernel missing there (an object for
+    /// another model, other activations, another CPU's GEMMs, or a thread count it was not
+    /// compiled for) is an error.
     ///
     /// # Safety
-    /// `table` must come from an object [`emit_object`] wrote for a graph and options with
-    /// this plan (the fingerprint checks the specs, not the code), on a CPU with the
-    /// object's features, and `code` must keep the functions alive.
+    /// `linked` must describe an object [`emit_object`] wrote, linked into this program and
+    /// run on a CPU with its features, and `code` must keep its functions alive.
     pub unsafe fn with_kernel_table(
         graph: &'g Graph,
         options: EngineOptions,
-        table: &[KernelEntries],
-        fingerprint: u64,
+        linked: &LinkedKernels<'_>,
         code: Arc<dyn std::any::Any + Send + Sync>,
     ) -> Result<Engine<'g>, JitError> {
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
         let plan = Plan::new(graph, &order, options.activations, options.threads);
         let host = Host::detect();
-        if table.len() != plan.specs.len() || fingerprint != plan.fingerprint(host) {
-            return Err(JitError::Spec(format!(
-                "the linked kernels ({} functions, plan {fingerprint:016x}) were compiled for another model, \
-                 options or CPU (this one plans {} kernels, {:016x})",
-                table.len(),
-                plan.specs.len(),
-                plan.fingerprint(host)
+        let mut lines = linked.specs.lines();
+        let other = |why: String| {
+            JitError::Spec(format!(
+                "the linked kernels were compiled for another model, options, CPU or thread count: {why}"
+            ))
+        };
+        if lines.next() != Some(host_line(host).as_str()) {
+            return Err(other(format!(
+                "they expect {:?}, this CPU has {}",
+                linked.specs.lines().next(),
+                host_line(host)
             )));
         }
-        // SAFETY: the caller's.
-        unsafe { Engine::assemble(graph, options, order, plan, host, table, code, start) }
+        let index: HashMap<&str, usize> = lines.enumerate().map(|(i, l)| (l, i)).collect();
+        if index.len() != linked.table.len() {
+            return Err(other(format!("{} specs for {} kernels", index.len(), linked.table.len())));
+        }
+        let entries = plan
+            .specs
+            .iter()
+            .map(|s| {
+                let line = spec_line(s);
+                index.get(line.as_str()).map(|&i| linked.table[i]).ok_or_else(|| other(format!("no kernel for {line}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: the caller's; each entry is the kernel of its spec.
+        unsafe { Engine::assemble(graph, options, order, plan, host, &entries, code, start) }
     }
 
     /// The engine around kernels whose functions are at `entries` (see [`Kernel::bind`]).
@@ -999,12 +1014,17 @@ impl Plan {
     }
 }
 
-/// The kernels an [`Engine`] for `graph` with `options` would compile, written to an object
-/// file for `isa` instead: the same functions (see `emit_kernels`), named with `prefix`,
-/// in the order of the plan, for the host's CPU (the GEMMs it runs decide which epilogues
-/// exist). Beside them, for [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers
-/// per kernel (its linear function and its epilogue, null when it has none);
-/// `{prefix}kernel_count` and `{prefix}plan_fingerprint`, little-endian `u64`s.
+/// Thread counts an object file has kernels for (see [`emit_object`]).
+pub const AOT_THREADS: std::ops::RangeInclusive<usize> = 1..=8;
+
+/// The kernels an [`Engine`] for `graph` with `options` would compile, for every thread
+/// count in [`AOT_THREADS`] (single rows split their columns by thread count), written to
+/// an object file for `isa`: the same functions (see `emit_kernels`), named with `prefix`,
+/// for the host's CPU (the GEMMs it runs decide which epilogues exist). Beside them, for
+/// [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers per kernel (its linear
+/// function and its epilogue, null when it has none); `{prefix}kernel_count`, a
+/// little-endian `u64`; and `{prefix}kernel_specs` (`{prefix}kernel_specs_len` bytes, a
+/// `u64`), a line naming the host's GEMMs, then one line per kernel naming its spec.
 pub fn emit_object(
     graph: &Graph,
     options: EngineOptions,
@@ -1012,15 +1032,44 @@ pub fn emit_object(
     prefix: &str,
 ) -> Result<crate::module::ObjectFile, JitError> {
     let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
-    let plan = Plan::new(graph, &order, options.activations, options.threads);
+    let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
+    for threads in AOT_THREADS.chain([options.threads]) {
+        for spec in Plan::new(graph, &order, options.activations, threads).specs {
+            if !specs.contains(&spec) {
+                specs.push(spec);
+            }
+        }
+    }
     let host = Host::detect();
     let mut module = crate::module::ObjectCodeModule::object(isa, prefix)?;
-    let ids = emit_kernels(&mut module, prefix, &plan.specs, host)?;
+    let ids = emit_kernels(&mut module, prefix, &specs, host)?;
     let table: Vec<Option<FunctionId>> = ids.iter().flat_map(|&(l, e)| [l, e]).collect();
     module.define_function_table(&format!("{prefix}kernels"), &table)?;
     module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes())?;
-    module.define_bytes(&format!("{prefix}plan_fingerprint"), &plan.fingerprint(host).to_le_bytes())?;
+    let text: String =
+        std::iter::once(host_line(host)).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n");
+    module.define_bytes(&format!("{prefix}kernel_specs"), text.as_bytes())?;
+    module.define_bytes(&format!("{prefix}kernel_specs_len"), &(text.len() as u64).to_le_bytes())?;
     module.emit()
+}
+
+/// The kernels of an object file [`emit_object`] wrote, as linked into this program.
+pub struct LinkedKernels<'a> {
+    /// Its `{prefix}kernel_specs` text.
+    pub specs: &'a str,
+    /// Its `{prefix}kernels` table, a pair of entry addresses per kernel.
+    pub table: &'a [KernelEntries],
+}
+
+/// How an object's spec list names the host's GEMMs.
+fn host_line(host: Host) -> String {
+    format!("{host:?}")
+}
+
+/// How an object's spec list names a kernel: everything that decides its functions (with
+/// the host's line).
+fn spec_line((spec, how): &(LinearSpec, Impl)) -> String {
+    format!("{spec:?} {how:?}")
 }
 
 /// A kernel's emitted functions: the linear kernel, and the epilogue after a GEMM.
@@ -1039,15 +1088,6 @@ impl Host {
     /// What this CPU runs.
     fn detect() -> Host {
         Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() }
-    }
-}
-
-impl Plan {
-    /// A hash of the kernels' specs and the host's GEMMs, which decide the functions
-    /// [`emit_kernels`] defines: FNV-1a over their `Debug` text, the same in every build.
-    fn fingerprint(&self, host: Host) -> u64 {
-        let text = format!("{:?} {:?}", self.specs, host);
-        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
     }
 }
 

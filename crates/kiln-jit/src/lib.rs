@@ -33,7 +33,7 @@ mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use engine::{Activations, Engine, EngineOptions, KernelEntries, emit_object};
+pub use engine::{AOT_THREADS, Activations, Engine, EngineOptions, KernelEntries, LinkedKernels, emit_object};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
 pub use linear_i8::{

@@ -203,12 +203,12 @@ fn a_models_kernels_are_the_engines_in_order() {
 
 /// An engine on kernels compiled ahead of time: the object [`emit_object`] writes, linked
 /// by `cc` into a shared library and loaded, drives `Engine::with_kernel_table`, which
-/// computes the JIT engine's bits for one row (the emitted kernels) and nine (the GEMMs
-/// after which the emitted epilogues run), with f32 and int8 activations; a table for
-/// another model is refused.
+/// computes the JIT engine's bits for one row (the emitted kernels, their columns split
+/// across 1, 2 or 3 threads) and nine (the GEMMs after which the emitted epilogues run),
+/// with f32 and int8 activations; kernels for other activations are refused.
 #[test]
 fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
-    use kiln_jit::{Activations, Engine, EngineOptions, KernelEntries};
+    use kiln_jit::{Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
     use kiln_rt::{Tensor, Value};
     use std::collections::HashMap;
     use std::sync::Arc;
@@ -219,9 +219,9 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
   %2 = weight \"b1\" f32 : f32[64]
   %3 = linear %0, %1, %2 : f32[m, 64]
   %4 = gelu %3 : f32[m, 64]
-  %5 = weight \"w2\" q8_0 : f32[96, 64]
-  %6 = linear %4, %5 : f32[m, 96]
-  %7 = weight \"w3\" q4_1 : f32[64, 96]
+  %5 = weight \"w2\" q8_0 : f32[256, 64]
+  %6 = linear %4, %5 : f32[m, 256]
+  %7 = weight \"w3\" q4_1 : f32[64, 256]
   %8 = weight \"b3\" f32 : f32[64]
   %9 = linear %6, %7, %8 : f32[m, 64]
   %10 = silu %9 : f32[m, 64]
@@ -231,7 +231,7 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     let mut g = kiln_ir::parse(text).unwrap();
     let mut rng = Rng::new(11);
     for (name, format, n, k) in
-        [("w1", Format::F32, 64, 64), ("w2", Format::Q8_0, 96, 64), ("w3", Format::Q4_1, 64, 96)]
+        [("w1", Format::F32, 64, 64), ("w2", Format::Q8_0, 256, 64), ("w3", Format::Q4_1, 64, 256)]
     {
         let bytes = kiln_ir::Bytes::from_vec(random_weight(&mut rng, format, n, k));
         g.store.insert(name, kiln_ir::TensorData::new(format, vec![n as u64, k as u64], bytes).unwrap());
@@ -244,39 +244,50 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     let dir = std::env::temp_dir().join(format!("kiln-object-engine-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (i, activations) in [Activations::F32, Activations::Int8].into_iter().enumerate() {
-        let options = EngineOptions { threads: 2, activations, profile: false };
-        let object = kiln_jit::emit_object(&g, options, &isa, "kiln_t_").unwrap();
+        let options = |threads| EngineOptions { threads, activations, profile: false };
+        let object = kiln_jit::emit_object(&g, options(2), &isa, "kiln_t_").unwrap();
         let (obj, lib) = (dir.join(format!("k{i}.o")), dir.join(format!("libk{i}.so")));
         std::fs::write(&obj, &object.bytes).unwrap();
         let cc = Command::new("cc").arg("-shared").arg(&obj).arg("-o").arg(&lib).output().expect("`cc` runs");
         assert!(cc.status.success(), "cc -shared: {}", String::from_utf8_lossy(&cc.stderr));
-        // SAFETY: the library holds only the kernels and three data symbols; loading it runs
-        // no initializers of ours.
+        // SAFETY: the library holds only the kernels and data; loading it runs no
+        // initializers of ours.
         let lib = Arc::new(unsafe { libloading::Library::new(&lib) }.unwrap());
         // SAFETY: the symbols are data of the types `emit_object` documents.
-        let (count, fingerprint, table) = unsafe {
-            let count = **lib.get::<*const u64>(b"kiln_t_kernel_count").unwrap();
-            let fingerprint = **lib.get::<*const u64>(b"kiln_t_plan_fingerprint").unwrap();
+        let (specs, table) = unsafe {
+            let count = **lib.get::<*const u64>(b"kiln_t_kernel_count").unwrap() as usize;
             let pairs = *lib.get::<*const [*const u8; 2]>(b"kiln_t_kernels").unwrap();
-            let table: Vec<KernelEntries> = std::slice::from_raw_parts(pairs, count as usize)
+            let table: Vec<KernelEntries> = std::slice::from_raw_parts(pairs, count)
                 .iter()
                 .map(|[l, e]| ((!l.is_null()).then_some(*l), (!e.is_null()).then_some(*e)))
                 .collect();
-            (count, fingerprint, table)
+            let len = **lib.get::<*const u64>(b"kiln_t_kernel_specs_len").unwrap() as usize;
+            let text = *lib.get::<*const u8>(b"kiln_t_kernel_specs").unwrap();
+            (std::str::from_utf8(std::slice::from_raw_parts(text, len)).unwrap().to_string(), table)
         };
-        assert!(count >= 3, "{count} kernels");
-        // SAFETY: the table of the object written for this graph and options, on this CPU,
-        // kept alive by `lib`.
-        let linked = unsafe { Engine::with_kernel_table(&g, options, &table, fingerprint, lib.clone()) }.unwrap();
-        let jit = Engine::with_options(&g, options).unwrap();
-        for m in [1, 9] {
-            let x = Value::F32(Tensor::new(vec![m, 64], rng.vec(m * 64, 1.0)));
-            let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
-            assert_eq!(linked.run(&inputs).unwrap(), jit.run(&inputs).unwrap(), "{activations:?}, m = {m}");
+        // Splits of the 256 columns of w2 for 2 and 3 threads besides the whole.
+        assert!(table.len() >= 6, "{specs}");
+        let linked = LinkedKernels { specs: &specs, table: &table };
+        for threads in [1, 2, 3] {
+            // SAFETY: the object written for this graph, on this CPU, kept alive by `lib`.
+            let aot = unsafe { Engine::with_kernel_table(&g, options(threads), &linked, lib.clone()) }.unwrap();
+            let jit = Engine::with_options(&g, options(threads)).unwrap();
+            for m in [1, 9] {
+                let x = Value::F32(Tensor::new(vec![m, 64], rng.vec(m * 64, 1.0)));
+                let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+                assert_eq!(
+                    aot.run(&inputs).unwrap(),
+                    jit.run(&inputs).unwrap(),
+                    "{activations:?}, {threads} threads, m = {m}"
+                );
+            }
         }
-        // Another model's table: the fingerprint differs.
-        let other = unsafe { Engine::with_kernel_table(&g, options, &table, fingerprint ^ 1, lib.clone()) };
-        assert!(other.err().unwrap().to_string().contains("another model"));
+        // Kernels for the other activations are not these.
+        let other = options(2);
+        let other = EngineOptions { activations: if i == 0 { Activations::Int8 } else { Activations::F32 }, ..other };
+        // SAFETY: as above; the call fails before binding anything.
+        let err = unsafe { Engine::with_kernel_table(&g, other, &linked, lib.clone()) }.err().unwrap();
+        assert!(err.to_string().contains("no kernel for"), "{err}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }
