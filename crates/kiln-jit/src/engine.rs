@@ -1045,11 +1045,11 @@ pub fn emit_object(
     let ids = emit_kernels(&mut module, prefix, &specs, host)?;
     let table: Vec<Option<FunctionId>> = ids.iter().flat_map(|&(l, e)| [l, e]).collect();
     module.define_function_table(&format!("{prefix}kernels"), &table)?;
-    module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes())?;
+    module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes(), 8)?;
     let text: String =
         std::iter::once(host_line(host)).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n");
-    module.define_bytes(&format!("{prefix}kernel_specs"), text.as_bytes())?;
-    module.define_bytes(&format!("{prefix}kernel_specs_len"), &(text.len() as u64).to_le_bytes())?;
+    module.define_bytes(&format!("{prefix}kernel_specs"), text.as_bytes(), 1)?;
+    module.define_bytes(&format!("{prefix}kernel_specs_len"), &(text.len() as u64).to_le_bytes(), 8)?;
     module.emit()
 }
 

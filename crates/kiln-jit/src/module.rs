@@ -150,6 +150,7 @@ impl<M: Module> CodeModule<M> {
         // Zeros written out, not `define_zeroinit`: that places the table in `.bss`, where
         // linkers drop its relocations (the entries stayed null in a shared library).
         data.define(vec![0u8; functions.len().max(1) * ptr].into_boxed_slice());
+        data.set_align(ptr as u64);
         for (i, f) in functions.iter().enumerate() {
             if let Some(f) = f {
                 let func = self.module.declare_func_in_data(self.functions[f.0].0, &mut data);
@@ -159,10 +160,12 @@ impl<M: Module> CodeModule<M> {
         self.define_data(name, &data)
     }
 
-    /// Defines `name` as read-only data holding `bytes`.
-    pub fn define_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), JitError> {
+    /// Defines `name` as read-only data holding `bytes`, at an address that is a multiple of
+    /// `align` (a power of two; 8 for a `u64`).
+    pub fn define_bytes(&mut self, name: &str, bytes: &[u8], align: u64) -> Result<(), JitError> {
         let mut data = DataDescription::new();
         data.define(bytes.into());
+        data.set_align(align);
         self.define_data(name, &data)
     }
 
