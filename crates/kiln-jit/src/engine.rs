@@ -354,8 +354,9 @@ impl<'g> Engine<'g> {
     /// An engine whose kernels were compiled ahead of time and linked into this program
     /// (see [`emit_object`]): the graph is planned again for `options`, and each kernel the
     /// plan needs is looked up by its spec in `linked`. A kernel missing there (an object for
-    /// another model, other activations, another CPU's GEMMs, or a thread count it was not
-    /// compiled for) is an error.
+    /// another model, other activations or another CPU's GEMMs) is an error. Single rows
+    /// split their columns into at most as many parts as the object has kernels for
+    /// ([`AOT_THREADS`]), whatever the thread count: the parts are the same sums either way.
     ///
     /// # Safety
     /// `linked` must describe an object [`emit_object`] wrote, linked into this program and
@@ -368,13 +369,12 @@ impl<'g> Engine<'g> {
     ) -> Result<Engine<'g>, JitError> {
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
-        let plan = Plan::new(graph, &order, options.activations, options.threads);
+        let parts = options.threads.min(*AOT_THREADS.end());
+        let plan = Plan::new(graph, &order, options.activations, parts);
         let host = Host::detect();
         let mut lines = linked.specs.lines();
         let other = |why: String| {
-            JitError::Spec(format!(
-                "the linked kernels were compiled for another model, options, CPU or thread count: {why}"
-            ))
+            JitError::Spec(format!("the linked kernels were compiled for another model, options or CPU: {why}"))
         };
         if lines.next() != Some(host_line(host).as_str()) {
             return Err(other(format!(
@@ -1018,7 +1018,8 @@ impl Plan {
 pub const AOT_THREADS: std::ops::RangeInclusive<usize> = 1..=8;
 
 /// The kernels an [`Engine`] for `graph` with `options` would compile, for every thread
-/// count in [`AOT_THREADS`] (single rows split their columns by thread count), written to
+/// count in [`AOT_THREADS`] (single rows split their columns by thread count; engines on
+/// more threads split them as for the largest), written to
 /// an object file for `isa`: the same functions (see `emit_kernels`), named with `prefix`,
 /// for the host's CPU (the GEMMs it runs decide which epilogues exist). Beside them, for
 /// [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers per kernel (its linear
@@ -1033,7 +1034,7 @@ pub fn emit_object(
 ) -> Result<crate::module::ObjectFile, JitError> {
     let order = graph.topo_order().ok_or_else(|| JitError::Spec("the graph has a cycle".into()))?;
     let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
-    for threads in AOT_THREADS.chain([options.threads]) {
+    for threads in AOT_THREADS {
         for spec in Plan::new(graph, &order, options.activations, threads).specs {
             if !specs.contains(&spec) {
                 specs.push(spec);

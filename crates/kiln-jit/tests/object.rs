@@ -204,8 +204,9 @@ fn a_models_kernels_are_the_engines_in_order() {
 /// An engine on kernels compiled ahead of time: the object [`emit_object`] writes, linked
 /// by `cc` into a shared library and loaded, drives `Engine::with_kernel_table`, which
 /// computes the JIT engine's bits for one row (the emitted kernels, their columns split
-/// across 1, 2 or 3 threads) and nine (the GEMMs after which the emitted epilogues run),
-/// with f32 and int8 activations; kernels for other activations are refused.
+/// across 1, 2, 3 or 12 threads: the object has splits for up to 8, which 12 threads
+/// share) and nine (the GEMMs after which the emitted epilogues run), with f32 and int8
+/// activations; kernels for other activations are refused.
 #[test]
 fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     use kiln_jit::{Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
@@ -219,9 +220,9 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
   %2 = weight \"b1\" f32 : f32[64]
   %3 = linear %0, %1, %2 : f32[m, 64]
   %4 = gelu %3 : f32[m, 64]
-  %5 = weight \"w2\" q8_0 : f32[256, 64]
-  %6 = linear %4, %5 : f32[m, 256]
-  %7 = weight \"w3\" q4_1 : f32[64, 256]
+  %5 = weight \"w2\" q8_0 : f32[1024, 64]
+  %6 = linear %4, %5 : f32[m, 1024]
+  %7 = weight \"w3\" q4_1 : f32[64, 1024]
   %8 = weight \"b3\" f32 : f32[64]
   %9 = linear %6, %7, %8 : f32[m, 64]
   %10 = silu %9 : f32[m, 64]
@@ -231,7 +232,7 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     let mut g = kiln_ir::parse(text).unwrap();
     let mut rng = Rng::new(11);
     for (name, format, n, k) in
-        [("w1", Format::F32, 64, 64), ("w2", Format::Q8_0, 256, 64), ("w3", Format::Q4_1, 64, 256)]
+        [("w1", Format::F32, 64, 64), ("w2", Format::Q8_0, 1024, 64), ("w3", Format::Q4_1, 64, 1024)]
     {
         let bytes = kiln_ir::Bytes::from_vec(random_weight(&mut rng, format, n, k));
         g.store.insert(name, kiln_ir::TensorData::new(format, vec![n as u64, k as u64], bytes).unwrap());
@@ -265,10 +266,10 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
             let text = *lib.get::<*const u8>(b"kiln_t_kernel_specs").unwrap();
             (std::str::from_utf8(std::slice::from_raw_parts(text, len)).unwrap().to_string(), table)
         };
-        // Splits of the 256 columns of w2 for 2 and 3 threads besides the whole.
-        assert!(table.len() >= 6, "{specs}");
+        // The whole of each linear, and w2's 1024 columns split for 2..=8 threads.
+        assert!(table.len() >= 10, "{specs}");
         let linked = LinkedKernels { specs: &specs, table: &table };
-        for threads in [1, 2, 3] {
+        for threads in [1, 2, 3, 12] {
             // SAFETY: the object written for this graph, on this CPU, kept alive by `lib`.
             let aot = unsafe { Engine::with_kernel_table(&g, options(threads), &linked, lib.clone()) }.unwrap();
             let jit = Engine::with_options(&g, options(threads)).unwrap();
