@@ -63,10 +63,10 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
     // Only passes that probe (budgets, the choice of int8 activation scales) hold rows out;
     // everything else calibrates on every row.
-    let budgeted = pipeline::probes(&calls);
+    let probes = pipeline::probes(&calls);
     let split = calib_inputs
         .as_ref()
-        .map(|i| if budgeted { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
+        .map(|i| if probes { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
     if let Some((_, _, false)) = &split {
         eprintln!("note: the calibration file is too short to hold rows out for probes; probes reuse calibration rows");
     }

@@ -137,33 +137,77 @@ impl std::fmt::Debug for PackedWeight {
     }
 }
 
-/// Packs the stored `bytes` of each weight for int8 kernels of its spec (whose `panel` is
-/// nonzero), all weights at once on the pool: the time goes mostly into first touches of
-/// the fresh pages, which the threads then share.
-fn pack_weights(jobs: &[(LinearI8Spec, &[u8])], pool: &Pool) -> Result<Vec<PackedWeight>, JitError> {
-    if let Some((spec, w)) = jobs.iter().find(|(s, w)| w.len() != s.weight_bytes()) {
-        return Err(JitError::Spec(format!("{spec:?}: the weight has {} bytes", w.len())));
+/// A layout that int8 kernels read a weight in, copied once at engine build.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// The panels of the emitted kernels and [`crate::gemm_i8`]
+    /// ([`crate::linear_i8::pack_weight`]; the spec's `panel` is nonzero).
+    Panels(LinearI8Spec),
+    /// Q8_0 rows interleaved by eight for [`crate::gemm_q8`].
+    GemmQ8 { n: usize, k: usize },
+}
+
+impl Layout {
+    /// Rows of the weight.
+    fn rows(self) -> usize {
+        match self {
+            Layout::Panels(spec) => spec.n,
+            Layout::GemmQ8 { n, .. } => n,
+        }
     }
-    let out: Vec<PackedWeight> = jobs.iter().map(|(_, w)| PackedWeight::zeroed(w.len())).collect();
-    // Units of whole panels: (job, first row, rows).
+
+    /// Rows that are laid out together: ranges of rows starting at a multiple of this are
+    /// packed on their own, into the bytes from [`Layout::bytes`] of the rows before.
+    fn group(self) -> usize {
+        match self {
+            Layout::Panels(spec) => spec.panel,
+            Layout::GemmQ8 { .. } => crate::gemm_q8::ROWS,
+        }
+    }
+
+    /// Bytes of the first `rows` rows in the layout.
+    fn bytes(self, rows: usize) -> usize {
+        match self {
+            Layout::Panels(spec) => LinearI8Spec { n: rows, ..spec }.weight_bytes(),
+            Layout::GemmQ8 { k, .. } => crate::gemm_q8::layout_bytes(rows, k),
+        }
+    }
+
+    /// Packs `rows` stored rows `w` into `out`.
+    fn pack(self, rows: usize, w: &[u8], out: &mut [u8]) -> Result<(), JitError> {
+        match self {
+            Layout::Panels(spec) => pack_weight(&LinearI8Spec { n: rows, ..spec }, w, out),
+            Layout::GemmQ8 { k, .. } => crate::gemm_q8::pack(w, rows, k, out),
+        }
+    }
+}
+
+/// Packs the stored `bytes` of each weight into its layout, all weights at once on the
+/// pool, in units of about [`PACK_UNIT_BYTES`] of whole row groups: the time goes mostly
+/// into first touches of the fresh pages, which the threads then share.
+fn pack_weights(jobs: &[(Layout, &[u8])], pool: &Pool) -> Result<Vec<PackedWeight>, JitError> {
+    let out: Vec<PackedWeight> =
+        jobs.iter().map(|(layout, _)| PackedWeight::zeroed(layout.bytes(layout.rows()))).collect();
+    // Units of whole row groups: (job, first row, rows).
     let mut units = Vec::new();
-    for (j, (spec, w)) in jobs.iter().enumerate() {
-        let row = w.len() / spec.n;
-        let panels = (PACK_UNIT_BYTES / (spec.panel * row).max(1)).max(1);
-        for r0 in (0..spec.n).step_by(panels * spec.panel) {
-            units.push((j, r0, (panels * spec.panel).min(spec.n - r0)));
+    for (j, (layout, w)) in jobs.iter().enumerate() {
+        let (n, group) = (layout.rows(), layout.group());
+        let groups = (PACK_UNIT_BYTES / (group * w.len() / n.max(1)).max(1)).max(1);
+        for r0 in (0..n).step_by(groups * group) {
+            units.push((j, r0, (groups * group).min(n - r0)));
         }
     }
     let ptrs: Vec<usize> = out.iter().map(|p| p.ptr.as_ptr() as usize).collect();
     let failed = std::sync::Mutex::new(None);
     pool.for_ranges(units.len(), 1, 2, |part| {
         for &(j, r0, n) in &units[part] {
-            let (spec, w) = &jobs[j];
-            let row = w.len() / spec.n;
-            // SAFETY: the units are disjoint row ranges of the weights, so these parts of the
-            // buffers (`w.len()` bytes each, alive until the end of the function) are too.
-            let dst = unsafe { std::slice::from_raw_parts_mut((ptrs[j] as *mut u8).add(r0 * row), n * row) };
-            if let Err(e) = pack_weight(&LinearI8Spec { n, ..*spec }, &w[r0 * row..(r0 + n) * row], dst) {
+            let (layout, w) = jobs[j];
+            let row = w.len() / layout.rows();
+            let (at, len) = (layout.bytes(r0), layout.bytes(r0 + n) - layout.bytes(r0));
+            // SAFETY: the units are disjoint ranges of whole row groups, so these parts of the
+            // buffers (`layout.bytes(rows)` each, alive until the end of the function) are too.
+            let dst = unsafe { std::slice::from_raw_parts_mut((ptrs[j] as *mut u8).add(at), len) };
+            if let Err(e) = layout.pack(n, &w[r0 * row..(r0 + n) * row], dst) {
                 *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
         }
@@ -255,18 +299,18 @@ impl Kernel {
         // SAFETY: the caller's: each address is a function of that signature.
         let epilogue = epilogue.map(|e| unsafe { std::mem::transmute::<*const u8, EpilogueFn>(e) });
         let missing = || JitError::Spec(format!("no kernel function for {spec:?} ({how:?})"));
+        let after_gemm = host.gemm(&spec, how).then_some(epilogue);
         Ok(match how {
             Impl::Int8 => {
                 let i8spec = LinearI8Spec::from_linear(&spec).ok_or_else(missing)?.packed(I8_PANEL);
                 // SAFETY: as above.
                 let entry = unsafe { std::mem::transmute::<*const u8, LinearI8Fn>(linear.ok_or_else(missing)?) };
-                Kernel::I8(i8spec, entry, host.gemm_i8.then_some(epilogue))
+                Kernel::I8(i8spec, entry, after_gemm)
             }
             Impl::Jit => {
                 // SAFETY: as above.
                 let entry = unsafe { std::mem::transmute::<*const u8, LinearFn>(linear.ok_or_else(missing)?) };
-                let gemm = host.gemm_f32 && crate::gemm_f32::supports(spec.format);
-                Kernel::F32(spec, entry, gemm.then_some(epilogue))
+                Kernel::F32(spec, entry, after_gemm)
             }
             Impl::Sgemm => Kernel::Sgemm(spec, epilogue),
             Impl::Int8Row => Kernel::I8Row(spec, epilogue),
@@ -376,12 +420,9 @@ impl<'g> Engine<'g> {
         let other = |why: String| {
             JitError::Spec(format!("the linked kernels were compiled for another model, options or CPU: {why}"))
         };
-        if lines.next() != Some(host_line(host).as_str()) {
-            return Err(other(format!(
-                "they expect {:?}, this CPU has {}",
-                linked.specs.lines().next(),
-                host_line(host)
-            )));
+        let (theirs, ours) = (lines.next().unwrap_or_default(), host_line(host));
+        if theirs != ours {
+            return Err(other(format!("they expect `{theirs}`, this CPU has `{ours}`")));
         }
         let index: HashMap<&str, usize> = lines.enumerate().map(|(i, l)| (l, i)).collect();
         if index.len() != linked.table.len() {
@@ -461,51 +502,33 @@ impl<'g> Engine<'g> {
         for (&node, spec) in &to_pack {
             jobs.push((node, *spec));
         }
-        let specs_bytes: Vec<(LinearI8Spec, &[u8])> = jobs
-            .iter()
-            .map(|(n, spec)| {
-                Ok((
-                    *spec,
-                    match owned.get(n) {
-                        Some(p) => p.bytes(),
-                        None => stored_weight(graph, *n)?.bytes.as_slice(),
-                    },
-                ))
-            })
-            .collect::<Result<_, JitError>>()?;
-        let packed = pack_weights(&specs_bytes, &pool)?;
-        // Q8_0 weights also in the layout of their prefill GEMM, one weight per unit of work.
-        let q8_jobs: Vec<(NodeId, LinearI8Spec, &[u8])> = match gemm_i8 && crate::gemm_q8::available() {
-            true => jobs
-                .iter()
-                .zip(&specs_bytes)
-                .filter(|((_, spec), _)| spec.format == Format::Q8_0)
-                .map(|((node, spec), (_, bytes))| (*node, *spec, *bytes))
-                .collect(),
-            false => Vec::new(),
-        };
-        let q8_layouts: Vec<PackedWeight> =
-            q8_jobs.iter().map(|(_, s, _)| PackedWeight::zeroed(crate::gemm_q8::layout_bytes(s.n, s.k))).collect();
-        let q8_ptrs: Vec<usize> = q8_layouts.iter().map(|p| p.ptr.as_ptr() as usize).collect();
-        let failed = std::sync::Mutex::new(None);
-        pool.for_ranges(q8_jobs.len(), 1, 2, |part| {
-            for j in part {
-                let (_, spec, bytes) = q8_jobs[j];
-                // SAFETY: each job writes only its own buffer, alive until the end of the
-                // function, of `layout_bytes` bytes.
-                let dst = unsafe { std::slice::from_raw_parts_mut(q8_ptrs[j] as *mut u8, q8_layouts[j].len) };
-                if let Err(e) = crate::gemm_q8::pack(bytes, spec.n, spec.k, dst) {
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                }
+        let mut layouts: Vec<(NodeId, Layout, &[u8])> = Vec::new();
+        for (node, spec) in jobs {
+            let bytes = match owned.get(&node) {
+                Some(p) => p.bytes(),
+                None => stored_weight(graph, node)?.bytes.as_slice(),
+            };
+            if bytes.len() != spec.weight_bytes() {
+                return Err(JitError::Spec(format!("{spec:?}: the weight has {} bytes", bytes.len())));
             }
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
+            layouts.push((node, Layout::Panels(spec), bytes));
+            // Q8_0 weights also in the layout of their prefill GEMM.
+            if gemm_i8 && spec.format == Format::Q8_0 {
+                layouts.push((node, Layout::GemmQ8 { n: spec.n, k: spec.k }, bytes));
+            }
         }
-        let q8_layouts: HashMap<NodeId, Arc<PackedWeight>> =
-            q8_jobs.iter().map(|(n, ..)| *n).zip(q8_layouts.into_iter().map(Arc::new)).collect();
-        for ((n, _), p) in jobs.iter().zip(packed) {
-            owned.insert(*n, Arc::new(p));
+        let jobs: Vec<(Layout, &[u8])> = layouts.iter().map(|&(_, layout, bytes)| (layout, bytes)).collect();
+        let packed = pack_weights(&jobs, &pool)?;
+        // The packed panels replace the repacked blocks they were made from.
+        let targets: Vec<(NodeId, bool)> =
+            layouts.iter().map(|(node, layout, _)| (*node, matches!(layout, Layout::GemmQ8 { .. }))).collect();
+        let mut q8_layouts: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        for ((node, q8), p) in targets.into_iter().zip(packed) {
+            if q8 {
+                q8_layouts.insert(node, Arc::new(p))
+            } else {
+                owned.insert(node, Arc::new(p))
+            };
         }
         dense.sort();
         dense.dedup();
@@ -945,13 +968,9 @@ impl Plan {
     /// Plans `graph` (nodes in topological `order`) for linears taking `activations`, with
     /// single-row linears split by columns across `threads`.
     fn new(graph: &Graph, order: &[NodeId], activations: Activations, threads: usize) -> Plan {
-        // The weights of int8 kernels, packed once per weight node.
         let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
-        // The weights of sgemm linears, read as f32.
         let mut dense: Vec<NodeId> = Vec::new();
-        // The weights of per-row int8 linears: node, N, K.
         let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
-        // Distinct kernels: the spec, and how it runs.
         let mut specs: Vec<(LinearSpec, Impl)> = Vec::new();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in order {
@@ -1090,6 +1109,17 @@ impl Host {
     fn detect() -> Host {
         Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() }
     }
+
+    /// Whether a Rust GEMM computes the kernel's sums (for some rows at least), which its
+    /// emitted epilogue then completes: always for sgemm and per-row int8, and where this
+    /// host runs the 256-bit GEMMs for the emitted kernels.
+    fn gemm(self, spec: &LinearSpec, how: Impl) -> bool {
+        match how {
+            Impl::Int8 => self.gemm_i8,
+            Impl::Jit => self.gemm_f32 && crate::gemm_f32::supports(spec.format),
+            Impl::Sgemm | Impl::Int8Row => true,
+        }
+    }
 }
 
 /// The entry addresses of a kernel's functions: the linear kernel, and the epilogue after
@@ -1111,23 +1141,19 @@ fn emit_kernels<M: cranelift_module::Module>(
         let name = format!("{prefix}linear{i}");
         let epilogue =
             EpilogueSpec { n: spec.n, bias: spec.bias, activation: spec.activation, residual: spec.residual };
-        let epilogue_id = |module: &mut crate::module::CodeModule<M>| -> Result<Option<FunctionId>, JitError> {
-            let name = format!("{prefix}epilogue{i}");
-            (!epilogue.is_identity()).then(|| emit_epilogue(module, &name, &epilogue)).transpose()
+        let after_gemm = match host.gemm(&spec, how) && !epilogue.is_identity() {
+            true => Some(emit_epilogue(module, &format!("{prefix}epilogue{i}"), &epilogue)?),
+            false => None,
         };
-        ids.push(match how {
+        let linear = match how {
             Impl::Int8 => {
                 let i8spec = LinearI8Spec::from_linear(&spec).expect("int8 formats").packed(I8_PANEL);
-                let after_gemm = if host.gemm_i8 { epilogue_id(module)? } else { None };
-                (Some(emit_linear_i8(module, &name, &i8spec, &LinearI8Tiles::default())?), after_gemm)
+                Some(emit_linear_i8(module, &name, &i8spec, &LinearI8Tiles::default())?)
             }
-            Impl::Jit => {
-                let gemm = host.gemm_f32 && crate::gemm_f32::supports(spec.format);
-                let after_gemm = if gemm { epilogue_id(module)? } else { None };
-                (Some(emit_linear(module, &name, &spec, &LinearTiles::for_format(spec.format))?), after_gemm)
-            }
-            Impl::Sgemm | Impl::Int8Row => (None, epilogue_id(module)?),
-        });
+            Impl::Jit => Some(emit_linear(module, &name, &spec, &LinearTiles::for_format(spec.format))?),
+            Impl::Sgemm | Impl::Int8Row => None,
+        };
+        ids.push((linear, after_gemm));
     }
     Ok(ids)
 }
