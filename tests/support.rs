@@ -173,14 +173,16 @@ impl<'g> Prepared<'g> {
     pub fn new(graph: &'g Graph, exec: Exec) -> Prepared<'g> {
         match exec {
             Exec::Interp => Prepared::Interp(Interpreter::new(graph).expect("weights decode")),
-            Exec::Jit { threads } => Prepared::Jit(Box::new(kiln_jit::Engine::new(graph, threads).expect("compiles"))),
+            Exec::Jit { threads } => Prepared::Jit(Box::new(
+                kiln_jit::compile(graph, kiln_jit::EngineOptions::threads(threads)).expect("compiles"),
+            )),
             Exec::JitInt8 { threads } | Exec::JitInt8Row { threads } => {
                 let activations = match exec {
                     Exec::JitInt8 { .. } => kiln_jit::Activations::Int8,
                     _ => kiln_jit::Activations::Int8Row,
                 };
                 let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-                Prepared::Jit(Box::new(kiln_jit::Engine::with_options(graph, options).expect("compiles")))
+                Prepared::Jit(Box::new(kiln_jit::compile(graph, options).expect("compiles")))
             }
         }
     }

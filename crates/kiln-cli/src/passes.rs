@@ -82,7 +82,7 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
     let run = |g: &Graph, inputs: &HashMap<String, kiln_interp::Value>, activations: Activations| {
         let activations = crate::runner::ActivationsKind::from(activations).into();
         let options = kiln_jit::EngineOptions { threads: 2, activations, profile: false };
-        let engine = kiln_jit::Engine::with_options(g, options).map_err(|e| e.to_string())?;
+        let engine = kiln_jit::compile(g, options).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())
     };
     let reference = probe_inputs

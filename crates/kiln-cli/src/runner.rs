@@ -119,7 +119,7 @@ impl<'g> Runner<'g> {
             EngineKind::Jit => {
                 let activations = exec.activations.unwrap_or(ActivationsKind::F32).into();
                 let options = EngineOptions { threads, activations, profile: exec.profile };
-                Runner::Jit(Box::new(Engine::with_options(graph, options).into_diagnostic()?))
+                Runner::Jit(Box::new(kiln_jit::compile(graph, options).into_diagnostic()?))
             }
         };
         Ok((runner, start.elapsed().as_secs_f64() * 1e3))

@@ -1,40 +1,39 @@
-//! kiln's Cranelift JIT backend.
+//! kiln's Cranelift backend: it compiles the linear kernels that `kiln-exec` runs.
 //!
-//! This crate turns kiln's IR into native code with Cranelift. Today it holds the
-//! foundation and the first kernel family:
-//! - [`isa`]: the host ISA (always detected with `cranelift_native`) and the CPU features
-//!   kernels choose variants by;
-//! - [`module`]: a small owner of a `cranelift_jit::JITModule` that defines functions,
-//!   finalizes them, and hands out typed function pointers tied to the code's lifetime;
-//! - [`linear`]: fused linear kernels `y = r + act(x W^T + b)` over weights in their stored
-//!   format (f32, f16, bf16, GGUF Q8_0/Q4_0/Q4_1), decoded in registers;
-//! - [`math`]: activations as inline polynomials.
+//! - [`isa`]: the host ISA (detected with `cranelift_native`, or named) and the CPU
+//!   features kernels choose variants by;
+//! - [`module`]: one owner of a Cranelift module, JIT or object file ([`CodeModule`]), that
+//!   defines functions and hands out their code;
+//! - [`linear`], [`linear_i8`], [`epilogue`]: the emitters of the fused kernels whose
+//!   contracts `kiln-exec` states (`y = r + act(x W^T + b)` over weights in their stored
+//!   format, decoded in registers; W8A8; the epilogue after a Rust GEMM);
+//! - [`math`]: activations as inline polynomials;
+//! - [`engine`]: the kernels of a planned graph, JIT-compiled ([`compile`]) or written to an
+//!   object file ahead of time ([`emit_object`]).
 //!
 //! Emitters are written against Cranelift 0.135's x86-64 backend, which has 128-bit vectors
 //! only (see `../shared/KERNELS.md` for what it emits); they also build for any target
 //! Cranelift supports, but are tuned and tested on x86-64.
 
-pub mod arena_plan;
 pub mod engine;
 pub mod epilogue;
-pub mod gemm_f32;
-pub mod gemm_i8;
-pub mod gemm_q8;
 pub mod isa;
 pub mod linear;
 pub mod linear_i8;
-pub mod linear_i8row;
 pub mod math;
 pub mod module;
-pub mod repack;
+
+// The executor side, re-exported at the paths it had before it moved to `kiln-exec`.
+pub use kiln_exec::{ExecError, arena_plan, gemm_f32, gemm_i8, gemm_q8, linear_i8row, repack};
 
 mod decode;
 mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use engine::{AOT_THREADS, Activations, Engine, EngineOptions, KernelEntries, LinkedKernels, emit_object};
+pub use engine::{compile, emit_object};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
+pub use kiln_exec::{AOT_THREADS, Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
 pub use linear_i8::{
     LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, emit_linear_i8,
@@ -61,4 +60,7 @@ pub enum JitError {
     /// A kernel was called with arguments that do not match its spec.
     #[error("invalid kernel arguments: {0}")]
     Arguments(String),
+    /// The executor refused a spec, arguments or linked kernels.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
 }

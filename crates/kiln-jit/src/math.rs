@@ -19,28 +19,7 @@ use cranelift_frontend::FunctionBuilder;
 
 use crate::emit::{cast, f32s, i32s, select_lanes};
 
-/// The activation a fused kernel applies to its result (before the residual add).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Activation {
-    #[default]
-    None,
-    Relu,
-    Silu,
-    Gelu,
-}
-
-impl Activation {
-    pub const ALL: [Activation; 4] = [Activation::None, Activation::Relu, Activation::Silu, Activation::Gelu];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Activation::None => "none",
-            Activation::Relu => "relu",
-            Activation::Silu => "silu",
-            Activation::Gelu => "gelu",
-        }
-    }
-}
+pub use kiln_exec::Activation;
 
 /// Emits `act(v)` for an `f32x4`.
 pub(crate) fn activation(b: &mut FunctionBuilder<'_>, act: Activation, v: Value) -> Value {

@@ -272,7 +272,7 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
         for threads in [1, 2, 3, 12] {
             // SAFETY: the object written for this graph, on this CPU, kept alive by `lib`.
             let aot = unsafe { Engine::with_kernel_table(&g, options(threads), &linked, lib.clone()) }.unwrap();
-            let jit = Engine::with_options(&g, options(threads)).unwrap();
+            let jit = kiln_jit::compile(&g, options(threads)).unwrap();
             for m in [1, 9] {
                 let x = Value::F32(Tensor::new(vec![m, 64], rng.vec(m * 64, 1.0)));
                 let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();

@@ -37,7 +37,7 @@
 //! vectors and their absolute values, two of `x`. Groups of fewer than four weight rows
 //! (`N % 4`) and CPUs without AVX2 take a scalar path with the same integer sum.
 
-use crate::JitError;
+use crate::ExecError;
 use crate::linear_i8::quantize_span;
 use kiln_ir::IntFormat;
 use std::ops::Range;
@@ -107,12 +107,12 @@ impl RowWeights {
     }
 
     /// The weight `[n, k]` stored as `format` (see [`RowWeights::supports`]).
-    pub fn from_int8(format: IntFormat, bytes: &[u8], n: usize, k: usize) -> Result<RowWeights, JitError> {
+    pub fn from_int8(format: IntFormat, bytes: &[u8], n: usize, k: usize) -> Result<RowWeights, ExecError> {
         if !RowWeights::supports(format, k) || !k.is_multiple_of(32) {
-            return Err(JitError::Spec(format!("per-row int8 kernels need int8g{k} weights, not {format}")));
+            return Err(ExecError::Spec(format!("per-row int8 kernels need int8g{k} weights, not {format}")));
         }
         if bytes.len() != n * format.block_bytes() {
-            return Err(JitError::Arguments(format!("{format} weight [{n}, {k}] has {} bytes", bytes.len())));
+            return Err(ExecError::Arguments(format!("{format} weight [{n}, {k}] has {} bytes", bytes.len())));
         }
         let mut w = vec![0i8; n * k];
         let mut scales = Vec::with_capacity(n);
@@ -144,10 +144,10 @@ impl RowWeights {
         y: &mut [f32],
         rows: Range<usize>,
         cols: Range<usize>,
-    ) -> Result<(), JitError> {
+    ) -> Result<(), ExecError> {
         let m = xq.rows();
         if xq.k() != self.k || y.len() != m * self.n || rows.end > m || cols.end > self.n {
-            return Err(JitError::Arguments(format!(
+            return Err(ExecError::Arguments(format!(
                 "per-row int8 GEMM [{}, {}]: x has K = {} and {m} rows, y {} values, rows {rows:?}, columns {cols:?}",
                 self.n,
                 self.k,

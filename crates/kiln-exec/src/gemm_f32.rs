@@ -26,7 +26,7 @@
 //! eight FMAs, each lane of an accumulator being one `acc[l]` of one output. Threads split
 //! the columns (each decodes only its weights), so the epilogue runs after all of them.
 
-use crate::JitError;
+use crate::ExecError;
 use kiln_ir::Format;
 use std::ops::Range;
 
@@ -52,8 +52,8 @@ pub fn run(
     y: &mut [f32],
     rows: Range<usize>,
     cols: Range<usize>,
-) -> Result<(), JitError> {
-    let fail = |why: String| Err(JitError::Arguments(format!("gemm_f32 {format} K={k} N={n}: {why}")));
+) -> Result<(), ExecError> {
+    let fail = |why: String| Err(ExecError::Arguments(format!("gemm_f32 {format} K={k} N={n}: {why}")));
     if !available() {
         return fail("this CPU lacks AVX2, FMA or F16C".into());
     }

@@ -29,7 +29,7 @@
 //! two `f32x8` accumulators with one `vcvtdq2ps`, one product of scales and one FMA each.
 //! Groups with fewer than four rows (`N % 4`) take a scalar path with the same arithmetic.
 
-use crate::JitError;
+use crate::ExecError;
 use crate::linear_i8::{LinearI8Spec, MAX_PANEL, QBLOCK, QBlock, QuantizedActivations, scale_bytes};
 use half::f16;
 use kiln_ir::Format;
@@ -89,8 +89,8 @@ pub fn run(
     w: &[u8],
     y: &mut [f32],
     rows: Range<usize>,
-) -> Result<(), JitError> {
-    let fail = |why: String| Err(JitError::Arguments(format!("gemm_i8 {spec:?}: {why}")));
+) -> Result<(), ExecError> {
+    let fail = |why: String| Err(ExecError::Arguments(format!("gemm_i8 {spec:?}: {why}")));
     if !available() {
         return fail("this CPU lacks AVX2, FMA or F16C".into());
     }

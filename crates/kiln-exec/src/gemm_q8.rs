@@ -27,7 +27,7 @@
 //! sums are exact and the float operations the same ones in the same order, so the result
 //! is bitwise `gemm_i8`'s and the emitted kernel's (tested).
 
-use crate::JitError;
+use crate::ExecError;
 use crate::linear_i8::{QBLOCK, QBlock, QuantizedActivations};
 use std::ops::Range;
 
@@ -50,10 +50,10 @@ pub fn layout_bytes(n: usize, k: usize) -> usize {
 
 /// Writes the Q8_0 weight `w` (`[N, K]`, as stored: rows of `K / 32` blocks) into `out`
 /// ([`layout_bytes`]) in the layout.
-pub fn pack(w: &[u8], n: usize, k: usize, out: &mut [u8]) -> Result<(), JitError> {
+pub fn pack(w: &[u8], n: usize, k: usize, out: &mut [u8]) -> Result<(), ExecError> {
     if k == 0 || !k.is_multiple_of(QBLOCK) || w.len() != n * k / QBLOCK * Q8_0_BLOCK || out.len() != layout_bytes(n, k)
     {
-        return Err(JitError::Arguments(format!(
+        return Err(ExecError::Arguments(format!(
             "gemm_q8::pack: {} bytes of Q8_0 as [{n}, {k}] into {}",
             w.len(),
             out.len()
@@ -78,13 +78,13 @@ pub fn pack(w: &[u8], n: usize, k: usize, out: &mut [u8]) -> Result<(), JitError
 
 /// [`gemm_q8`] with every length checked: rows `rows` of `y` (`[M, N]`) from the quantized
 /// `xq` (`[M, K]`) and `w` in the layout of an `[N, K]` weight.
-pub fn run(n: usize, xq: &QuantizedActivations, w: &[u8], y: &mut [f32], rows: Range<usize>) -> Result<(), JitError> {
+pub fn run(n: usize, xq: &QuantizedActivations, w: &[u8], y: &mut [f32], rows: Range<usize>) -> Result<(), ExecError> {
     let (m, k) = (xq.rows(), xq.k());
     if !available() {
-        return Err(JitError::Arguments("gemm_q8: this CPU lacks AVX2, FMA or F16C".into()));
+        return Err(ExecError::Arguments("gemm_q8: this CPU lacks AVX2, FMA or F16C".into()));
     }
     if w.len() != layout_bytes(n, k) || y.len() != m * n || rows.end > m || rows.start > rows.end {
-        return Err(JitError::Arguments(format!(
+        return Err(ExecError::Arguments(format!(
             "gemm_q8: x [{m}, {k}], w {} bytes, y {} values, rows {rows:?}, N = {n}",
             w.len(),
             y.len()

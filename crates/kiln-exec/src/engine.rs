@@ -1,0 +1,1234 @@
+//! The JIT engine, first increment: every `linear` — with the bias, activation and
+//! residual add that follow it fused in — runs as a Cranelift kernel specialized to its
+//! shape and its weight's *stored* format (no dequantized copy), split across threads by
+//! rows. Every other op runs the runtime's reference kernel, so the engine already runs
+//! any graph; ops move to emitted kernels one family at a time.
+//!
+//! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
+//! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
+//! numerics class); an input shared by several linears (q, k, v) is quantized once. Their
+//! weights are packed once, when the engine is built, into the panel layout of
+//! [`crate::linear_i8::pack_weight`] (a copy as large as the stored weights; the kernels
+//! then never touch the stored bytes), which they stream at about twice the bandwidth of
+//! the stored layout. Blocks of rows (prefill, encoders) take the 256-bit GEMMs instead:
+//! [`crate::gemm_i8`] on the same panels, or for Q8_0 weights [`crate::gemm_q8`] on a
+//! second copy in its own layout (so Q8_0 weights take twice their size in memory there).
+//!
+//! Building an engine has three steps, so that the kernels can also come from an object
+//! file compiled ahead of time: `Plan::new` decides the fusion groups and the ordered list
+//! of distinct kernel specs; `kiln-jit` defines their functions in a JIT module
+//! ([`Engine::with_kernels`]) or an object file (its `emit_object`, with a table of their
+//! addresses and [`kernel_specs_text`]); `Kernel::bind` turns entry addresses into kernels,
+//! from the JIT's code or from a linked table ([`Engine::with_kernel_table`], which plans
+//! again and looks each kernel up by its spec). This crate has no Cranelift: native
+//! executables link it with the object.
+//!
+//! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
+//! batch: the linear kernels compute each output from its row alone in a fixed order (see
+//! [`crate::linear`]), and the reference kernels are deterministic.
+
+use crate::ExecError;
+use crate::activation::Activation;
+use crate::epilogue::EpilogueFn;
+use crate::linear::{LinearFn, LinearSpec};
+use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
+use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
+use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
+use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::par::SharedPtr;
+use kiln_rt::{KvCache, Pool, Tensor, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A linear layer with its fused epilogue, computed when the engine reaches the node that
+/// ends the fusion group.
+#[derive(Clone, Debug)]
+struct Fused {
+    kernel: usize,
+    /// For single-row inputs (decode): the output columns split across threads, as
+    /// `(first column, kernel over that many columns)`; empty when not split.
+    columns: Vec<(usize, usize)>,
+    x: NodeId,
+    weight: NodeId,
+    /// What the kernel reads of the weight.
+    data: KernelWeight,
+    /// For int8 kernels on Q8_0 weights, when the host runs it: the weight in the layout of
+    /// the prefill GEMM [`crate::gemm_q8`].
+    gemm_q8: Option<Arc<PackedWeight>>,
+    bias: Option<NodeId>,
+    residual: Option<NodeId>,
+}
+
+/// The weight a linear kernel reads.
+#[derive(Clone, Debug)]
+enum KernelWeight {
+    /// The stored bytes, in the graph's tensor store.
+    Stored,
+    /// A copy in another layout: an int format repacked as GGUF blocks
+    /// ([`crate::repack`]), and for int8 kernels packed into panels
+    /// ([`crate::linear_i8::pack_weight`]).
+    Owned(Arc<PackedWeight>),
+    /// For sgemm linears: the weight as f32.
+    Dense(Arc<Value>),
+    /// For per-row int8 linears: `i8` rows and their scales.
+    Rows(Arc<RowWeights>),
+}
+
+/// Rows per panel of the weights of int8 kernels: the kernels then read their weight
+/// strictly sequentially (the stored layout, read 16 rows at a time, streamed at half the
+/// bandwidth; `i8_timing --cold`).
+pub const I8_PANEL: usize = MAX_PANEL;
+
+/// Bytes of packed weight per unit of work when the pool packs the weights.
+const PACK_UNIT_BYTES: usize = 1 << 20;
+
+/// A 64-byte aligned copy of a weight in the packed layout of the int8 kernels.
+struct PackedWeight {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: owned memory, written only while uniquely owned (`pack_weights`).
+unsafe impl Send for PackedWeight {}
+unsafe impl Sync for PackedWeight {}
+
+impl PackedWeight {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), 64).expect("a weight's size fits a layout")
+    }
+
+    /// `len` zeroed bytes: fresh pages from the OS for large weights, first written by the
+    /// packing.
+    fn zeroed(len: usize) -> PackedWeight {
+        // SAFETY: the layout has a nonzero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(PackedWeight::layout(len)) };
+        let ptr = std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)));
+        PackedWeight { ptr, len }
+    }
+
+    fn copy_of(bytes: &[u8]) -> PackedWeight {
+        let p = PackedWeight::zeroed(bytes.len());
+        // SAFETY: `p` owns `len` writable bytes and is not shared yet.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.ptr.as_ptr(), bytes.len()) };
+        p
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialized (zeroed, then packed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PackedWeight {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), PackedWeight::layout(self.len)) }
+    }
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight({} bytes)", self.len)
+    }
+}
+
+/// A layout that int8 kernels read a weight in, copied once at engine build.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// The panels of the emitted kernels and [`crate::gemm_i8`]
+    /// ([`crate::linear_i8::pack_weight`]; the spec's `panel` is nonzero).
+    Panels(LinearI8Spec),
+    /// Q8_0 rows interleaved by eight for [`crate::gemm_q8`].
+    GemmQ8 { n: usize, k: usize },
+}
+
+impl Layout {
+    /// Rows of the weight.
+    fn rows(self) -> usize {
+        match self {
+            Layout::Panels(spec) => spec.n,
+            Layout::GemmQ8 { n, .. } => n,
+        }
+    }
+
+    /// Rows that are laid out together: ranges of rows starting at a multiple of this are
+    /// packed on their own, into the bytes from [`Layout::bytes`] of the rows before.
+    fn group(self) -> usize {
+        match self {
+            Layout::Panels(spec) => spec.panel,
+            Layout::GemmQ8 { .. } => crate::gemm_q8::ROWS,
+        }
+    }
+
+    /// Bytes of the first `rows` rows in the layout.
+    fn bytes(self, rows: usize) -> usize {
+        match self {
+            Layout::Panels(spec) => LinearI8Spec { n: rows, ..spec }.weight_bytes(),
+            Layout::GemmQ8 { k, .. } => crate::gemm_q8::layout_bytes(rows, k),
+        }
+    }
+
+    /// Packs `rows` stored rows `w` into `out`.
+    fn pack(self, rows: usize, w: &[u8], out: &mut [u8]) -> Result<(), ExecError> {
+        match self {
+            Layout::Panels(spec) => pack_weight(&LinearI8Spec { n: rows, ..spec }, w, out),
+            Layout::GemmQ8 { k, .. } => crate::gemm_q8::pack(w, rows, k, out),
+        }
+    }
+}
+
+/// Packs the stored `bytes` of each weight into its layout, all weights at once on the
+/// pool, in units of about [`PACK_UNIT_BYTES`] of whole row groups: the time goes mostly
+/// into first touches of the fresh pages, which the threads then share.
+fn pack_weights(jobs: &[(Layout, &[u8])], pool: &Pool) -> Result<Vec<PackedWeight>, ExecError> {
+    let out: Vec<PackedWeight> =
+        jobs.iter().map(|(layout, _)| PackedWeight::zeroed(layout.bytes(layout.rows()))).collect();
+    // Units of whole row groups: (job, first row, rows).
+    let mut units = Vec::new();
+    for (j, (layout, w)) in jobs.iter().enumerate() {
+        let (n, group) = (layout.rows(), layout.group());
+        let groups = (PACK_UNIT_BYTES / (group * w.len() / n.max(1)).max(1)).max(1);
+        for r0 in (0..n).step_by(groups * group) {
+            units.push((j, r0, (groups * group).min(n - r0)));
+        }
+    }
+    let ptrs: Vec<usize> = out.iter().map(|p| p.ptr.as_ptr() as usize).collect();
+    let failed = std::sync::Mutex::new(None);
+    pool.for_ranges(units.len(), 1, 2, |part| {
+        for &(j, r0, n) in &units[part] {
+            let (layout, w) = jobs[j];
+            let row = w.len() / layout.rows();
+            let (at, len) = (layout.bytes(r0), layout.bytes(r0 + n) - layout.bytes(r0));
+            // SAFETY: the units are disjoint ranges of whole row groups, so these parts of the
+            // buffers (`layout.bytes(rows)` each, alive until the end of the function) are too.
+            let dst = unsafe { std::slice::from_raw_parts_mut((ptrs[j] as *mut u8).add(at), len) };
+            if let Err(e) = layout.pack(n, &w[r0 * row..(r0 + n) * row], dst) {
+                *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    /// Computed by a fusion group that ends at a later node.
+    Absorbed,
+    /// Ends a fusion group: run the linear kernel.
+    Linear(Fused),
+    /// Run the reference kernel.
+    Reference,
+    /// A row lookup in a table stored in a block format (an embedding, the tied head's
+    /// table): decode only the rows it reads, from the stored bytes.
+    GatherRows,
+}
+
+/// How linears on quantized weights treat their input activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations against the exactly decoded weights (the default, exact mode).
+    #[default]
+    F32,
+    /// Activations quantized to int8 per row and block of 32, integer dot products (W8A8),
+    /// for Q8_0, Q4_0 and Q4_1 weights; other formats keep f32.
+    Int8,
+    /// As `Int8`, except that linears on int8 weights with one scale per row (`int8gK`)
+    /// quantize their activations with one scale per row and sum whole rows in integers
+    /// ([`crate::linear_i8row`]).
+    Int8Row,
+}
+
+/// What an [`Engine`] is built with.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub threads: usize,
+    pub activations: Activations,
+    /// Time every node and keep the totals per kind of work ([`Engine::profile`]).
+    pub profile: bool,
+}
+
+impl EngineOptions {
+    /// f32 activations on `threads` threads, no profiling.
+    pub fn threads(threads: usize) -> EngineOptions {
+        EngineOptions { threads, activations: Activations::F32, profile: false }
+    }
+}
+
+/// A linear kernel of either activation type, as function pointers into code the engine
+/// keeps alive (`Engine::code`).
+enum Kernel {
+    /// The emitted f32-activation kernel, and for block formats on a host that runs
+    /// [`crate::gemm_f32`] the epilogue for it (as for `I8`): blocks of [`GEMM_F32_ROWS`]
+    /// rows or more take the 256-bit GEMM, then the epilogue, for the same bits.
+    F32(LinearSpec, LinearFn, Option<Option<EpilogueFn>>),
+    /// The emitted W8A8 kernel, and when the host runs [`crate::gemm_i8`] the epilogue for
+    /// it (`None` inside: the epilogue is the identity): blocks of [`GEMM_I8_ROWS`] rows or
+    /// more take the 256-bit GEMM, then the epilogue, for the same bits.
+    I8(LinearI8Spec, LinearI8Fn, Option<Option<EpilogueFn>>),
+    /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
+    /// an emitted epilogue kernel for bias, activation and residual (none if identity).
+    Sgemm(LinearSpec, Option<EpilogueFn>),
+    /// int8gK weights with per-row int8 activations ([`crate::linear_i8row`]), then the
+    /// epilogue.
+    I8Row(LinearSpec, Option<EpilogueFn>),
+}
+
+impl Kernel {
+    fn spec(&self) -> LinearSpec {
+        match self {
+            Kernel::I8(spec, ..) => spec.linear(),
+            Kernel::F32(spec, ..) | Kernel::Sgemm(spec, _) | Kernel::I8Row(spec, _) => *spec,
+        }
+    }
+
+    /// The kernel for `spec` run as `how` from the entry addresses of its functions (see
+    /// [`Engine::with_kernels`]), on a host that runs `host`'s GEMMs.
+    ///
+    /// # Safety
+    /// `linear` and `epilogue` must be the entries of the functions `kiln-jit`'s `emit_kernels` defines
+    /// for `(spec, how)` and `host` (of signatures [`LinearFn`] or [`LinearI8Fn`], and
+    /// [`EpilogueFn`]), alive as long as the kernel is used.
+    unsafe fn bind(
+        spec: LinearSpec,
+        how: Impl,
+        host: Host,
+        linear: Option<*const u8>,
+        epilogue: Option<*const u8>,
+    ) -> Result<Kernel, ExecError> {
+        // SAFETY: the caller's: each address is a function of that signature.
+        let epilogue = epilogue.map(|e| unsafe { std::mem::transmute::<*const u8, EpilogueFn>(e) });
+        let missing = || ExecError::Spec(format!("no kernel function for {spec:?} ({how:?})"));
+        let after_gemm = host.gemm(&spec, how).then_some(epilogue);
+        Ok(match how {
+            Impl::Int8 => {
+                let i8spec = LinearI8Spec::from_linear(&spec).ok_or_else(missing)?.packed(I8_PANEL);
+                // SAFETY: as above.
+                let entry = unsafe { std::mem::transmute::<*const u8, LinearI8Fn>(linear.ok_or_else(missing)?) };
+                Kernel::I8(i8spec, entry, after_gemm)
+            }
+            Impl::Jit => {
+                // SAFETY: as above.
+                let entry = unsafe { std::mem::transmute::<*const u8, LinearFn>(linear.ok_or_else(missing)?) };
+                Kernel::F32(spec, entry, after_gemm)
+            }
+            Impl::Sgemm => Kernel::Sgemm(spec, epilogue),
+            Impl::Int8Row => Kernel::I8Row(spec, epilogue),
+        })
+    }
+}
+
+/// How a planned linear runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Impl {
+    /// The emitted f32-activation kernel ([`crate::linear`]).
+    Jit,
+    /// The emitted int8-activation kernel ([`crate::linear_i8`]) on packed weights.
+    Int8,
+    /// sgemm on f32 weights, then an emitted epilogue.
+    Sgemm,
+    /// The per-row int8 GEMM, then an emitted epilogue.
+    Int8Row,
+}
+
+/// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
+/// that still run reference kernels.
+pub struct Engine<'g> {
+    graph: &'g Graph,
+    order: Vec<NodeId>,
+    actions: HashMap<NodeId, Action>,
+    kernels: Vec<Kernel>,
+    /// The code the kernels point into (the JIT's), kept alive with the engine.
+    _code: Code,
+    weights: HashMap<NodeId, Arc<Value>>,
+    /// The values each node of `order` reads under the fusion plan.
+    reads: Vec<Vec<NodeId>>,
+    /// How often each value is read, for freeing it after its last use.
+    uses: HashMap<NodeId, usize>,
+    pool: Pool,
+    compile_time: Duration,
+    /// Time and calls per kind of work, when profiling.
+    profile: Option<std::sync::Mutex<HashMap<String, (Duration, usize)>>>,
+}
+
+/// Rows below which a linear kernel runs on the calling thread only.
+const MIN_PARALLEL_ROWS: usize = 4;
+
+/// Rows of a block from which W8A8 linears take the 256-bit GEMM ([`crate::gemm_i8`]),
+/// which computes the emitted kernel's bits (`i8_timing --panel 16`: 1.1-2.5x its tile path
+/// at 128 rows; with four rows per tile, fewer rows would waste most of one).
+const GEMM_I8_ROWS: usize = 4;
+
+/// Rows from which f32-activation linears on block formats take the 256-bit GEMM
+/// ([`crate::gemm_f32`]), which decodes each weight once per call and computes the emitted
+/// kernel's bits.
+const GEMM_F32_ROWS: usize = 8;
+
+/// Output columns per thread below which a single-row linear is not split by columns.
+const MIN_SPLIT_COLUMNS: usize = 64;
+
+/// Bytes of `x` per kernel call. The kernel streams all its rows of `x` past each tile of
+/// weight rows (decoding the tile once per call), so calls over blocks of rows whose `x`
+/// fits in L2 keep that stream out of memory while amortizing the decode.
+const ROW_BLOCK_BYTES: usize = 256 << 10;
+
+impl<'g> Engine<'g> {
+    /// Plans fusion for `options` and builds the engine around the kernels `kernels` gives
+    /// for the plan's distinct kernel specs on this host (`kernel_specs[i]` at `entries[i]`),
+    /// with the code they live in, which the engine keeps alive. This is how `kiln-jit`
+    /// builds an engine on JIT-compiled kernels.
+    ///
+    /// # Safety
+    /// Each entry must be the function(s) [`Impl`] and [`Host::gemm`] call for for its spec
+    /// (the linear kernel of signature [`LinearFn`] or [`LinearI8Fn`], and the epilogue after
+    /// a GEMM, of signature [`EpilogueFn`], where one is needed and is not the identity),
+    /// alive as long as the returned code is.
+    pub unsafe fn with_kernels<E: From<ExecError>>(
+        graph: &'g Graph,
+        options: EngineOptions,
+        kernels: impl FnOnce(&[KernelSpec], Host) -> Result<(Vec<KernelEntries>, Code), E>,
+    ) -> Result<Engine<'g>, E> {
+        let start = Instant::now();
+        let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
+        let plan = Plan::new(graph, &order, options.activations, options.threads);
+        let host = Host::detect();
+        let (entries, code) = kernels(&plan.specs, host)?;
+        if entries.len() != plan.specs.len() {
+            return Err(ExecError::Spec(format!("{} kernels for {} specs", entries.len(), plan.specs.len())).into());
+        }
+        // SAFETY: the caller's.
+        Ok(unsafe { Engine::assemble(graph, options, order, plan, host, &entries, code, start) }?)
+    }
+
+    /// An engine whose kernels were compiled ahead of time and linked into this program
+    /// (`kiln-jit`'s `emit_object`): the graph is planned again for `options`, and each kernel the
+    /// plan needs is looked up by its spec in `linked`. A kernel missing there (an object for
+    /// another model, other activations or another CPU's GEMMs) is an error. Single rows
+    /// split their columns into at most as many parts as the object has kernels for
+    /// ([`AOT_THREADS`]), whatever the thread count: the parts are the same sums either way.
+    ///
+    /// # Safety
+    /// `linked` must describe an object `kiln-jit`'s `emit_object` wrote, linked into this program and
+    /// run on a CPU with its features, and `code` must keep its functions alive.
+    pub unsafe fn with_kernel_table(
+        graph: &'g Graph,
+        options: EngineOptions,
+        linked: &LinkedKernels<'_>,
+        code: Code,
+    ) -> Result<Engine<'g>, ExecError> {
+        let start = Instant::now();
+        let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
+        let parts = options.threads.min(*AOT_THREADS.end());
+        let plan = Plan::new(graph, &order, options.activations, parts);
+        let host = Host::detect();
+        let mut lines = linked.specs.lines();
+        let other = ExecError::Linked;
+        let (theirs, ours) = (lines.next().unwrap_or_default(), host_line(host));
+        if theirs != ours {
+            return Err(other(format!("they expect `{theirs}`, this CPU has `{ours}`")));
+        }
+        let index: HashMap<&str, usize> = lines.enumerate().map(|(i, l)| (l, i)).collect();
+        if index.len() != linked.table.len() {
+            return Err(other(format!("{} specs for {} kernels", index.len(), linked.table.len())));
+        }
+        let entries = plan
+            .specs
+            .iter()
+            .map(|s| {
+                let line = spec_line(s);
+                index.get(line.as_str()).map(|&i| linked.table[i]).ok_or_else(|| other(format!("no kernel for {line}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: the caller's; each entry is the kernel of its spec.
+        unsafe { Engine::assemble(graph, options, order, plan, host, &entries, code, start) }
+    }
+
+    /// The engine around kernels whose functions are at `entries` (see [`Kernel::bind`]).
+    ///
+    /// # Safety
+    /// As [`Kernel::bind`], for every kernel of the plan, with `code` keeping them alive.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn assemble(
+        graph: &'g Graph,
+        options: EngineOptions,
+        order: Vec<NodeId>,
+        plan: Plan,
+        host: Host,
+        entries: &[KernelEntries],
+        code: Code,
+        start: Instant,
+    ) -> Result<Engine<'g>, ExecError> {
+        let EngineOptions { threads, profile, .. } = options;
+        let Host { gemm_i8, .. } = host;
+        let pool = Pool::new(threads);
+        let Plan { mut actions, specs, to_pack, mut dense, row_weights } = plan;
+        let compile_time = start.elapsed();
+        // Weights in int formats, repacked once as the GGUF blocks their kernels read.
+        // On the pool: a budget search builds an engine per probe, and repacking a whole
+        // model's weights one after the other took a third of a second.
+        let mut to_repack: Vec<(NodeId, Format, &[u8])> = Vec::new();
+        for action in actions.values() {
+            let Action::Linear(f) = action else { continue };
+            let stored = stored_weight(graph, f.weight)?;
+            let repacked = match stored.format {
+                Format::Int(_) => true,
+                Format::Fp8(fp8) => fp8.group != 32,
+                _ => false,
+            };
+            if repacked
+                && !to_repack.iter().any(|(n, ..)| *n == f.weight)
+                && !row_weights.iter().any(|(n, ..)| *n == f.weight)
+            {
+                to_repack.push((f.weight, stored.format, stored.bytes.as_slice()));
+            }
+        }
+        to_repack.sort_by_key(|(n, ..)| *n);
+        let repacked: Vec<std::sync::Mutex<Option<PackedWeight>>> =
+            to_repack.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        pool.for_ranges(to_repack.len(), 1, 2, |part| {
+            for i in part {
+                let packed = match to_repack[i] {
+                    (_, Format::Int(int), bytes) => crate::repack::repack(int, bytes),
+                    (_, Format::Fp8(fp8), bytes) => crate::repack::fp8_blocks(fp8, bytes),
+                    _ => unreachable!("only int and fp8 weights are repacked"),
+                };
+                let packed = PackedWeight::copy_of(&packed);
+                *repacked[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(packed);
+            }
+        });
+        let mut owned: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        for ((node, ..), packed) in to_repack.iter().zip(repacked) {
+            let packed = packed.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every part ran");
+            owned.insert(*node, Arc::new(packed));
+        }
+        let mut jobs = Vec::new();
+        for (&node, spec) in &to_pack {
+            jobs.push((node, *spec));
+        }
+        let mut layouts: Vec<(NodeId, Layout, &[u8])> = Vec::new();
+        for (node, spec) in jobs {
+            let bytes = match owned.get(&node) {
+                Some(p) => p.bytes(),
+                None => stored_weight(graph, node)?.bytes.as_slice(),
+            };
+            if bytes.len() != spec.weight_bytes() {
+                return Err(ExecError::Spec(format!("{spec:?}: the weight has {} bytes", bytes.len())));
+            }
+            layouts.push((node, Layout::Panels(spec), bytes));
+            // Q8_0 weights also in the layout of their prefill GEMM.
+            if gemm_i8 && spec.format == Format::Q8_0 {
+                layouts.push((node, Layout::GemmQ8 { n: spec.n, k: spec.k }, bytes));
+            }
+        }
+        let jobs: Vec<(Layout, &[u8])> = layouts.iter().map(|&(_, layout, bytes)| (layout, bytes)).collect();
+        let packed = pack_weights(&jobs, &pool)?;
+        // The packed panels replace the repacked blocks they were made from.
+        let targets: Vec<(NodeId, bool)> =
+            layouts.iter().map(|(node, layout, _)| (*node, matches!(layout, Layout::GemmQ8 { .. }))).collect();
+        let mut q8_layouts: HashMap<NodeId, Arc<PackedWeight>> = HashMap::new();
+        for ((node, q8), p) in targets.into_iter().zip(packed) {
+            if q8 {
+                q8_layouts.insert(node, Arc::new(p))
+            } else {
+                owned.insert(node, Arc::new(p))
+            };
+        }
+        dense.sort();
+        dense.dedup();
+        let dense = decode_weights(graph, &dense).map_err(|e| ExecError::Spec(e.to_string()))?;
+        let mut rows: HashMap<NodeId, Arc<RowWeights>> = HashMap::new();
+        for &(node, n, k) in &row_weights {
+            if let std::collections::hash_map::Entry::Vacant(e) = rows.entry(node) {
+                let stored = stored_weight(graph, node)?;
+                let Format::Int(f) = stored.format else { unreachable!("planned for int8gK weights") };
+                e.insert(Arc::new(RowWeights::from_int8(f, stored.bytes.as_slice(), n, k)?));
+            }
+        }
+        for action in actions.values_mut() {
+            if let Action::Linear(f) = action {
+                f.data = match (owned.get(&f.weight), dense.get(&f.weight), rows.get(&f.weight)) {
+                    (_, _, Some(r)) => KernelWeight::Rows(r.clone()),
+                    (Some(p), ..) => KernelWeight::Owned(p.clone()),
+                    (None, Some(d), _) => KernelWeight::Dense(d.clone()),
+                    (None, None, None) => KernelWeight::Stored,
+                };
+                f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
+            }
+        }
+        let kernels = entries
+            .iter()
+            .zip(specs)
+            .map(|(&(linear, epilogue), (spec, how))| {
+                // SAFETY: the caller's: these are the functions of `(spec, how)` for `host`.
+                unsafe { Kernel::bind(spec, how, host, linear, epilogue) }
+            })
+            .collect::<Result<_, _>>()?;
+        let mut engine = Engine {
+            graph,
+            order,
+            actions,
+            kernels,
+            _code: code,
+            weights: HashMap::new(),
+            reads: vec![],
+            uses: HashMap::new(),
+            pool,
+            compile_time,
+            profile: profile.then(Default::default),
+        };
+        engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
+        engine.uses = engine.use_counts();
+        // Weights that some value reads (not only linear kernels, which read stored bytes).
+        let needed: Vec<NodeId> = engine
+            .order
+            .iter()
+            .copied()
+            .filter(|&n| matches!(graph.node(n).op, Op::Weight(_)) && engine.uses.get(&n).is_some_and(|&u| u > 0))
+            .collect();
+        engine.weights = decode_weights(graph, &needed).map_err(|e| ExecError::Spec(e.to_string()))?;
+        Ok(engine)
+    }
+
+    /// Time spent planning and compiling (not decoding weights).
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Time and calls per kind of work (each linear shape and format, each other op) since
+    /// the engine was built, most time first; empty unless built with `profile`.
+    pub fn profile(&self) -> Vec<(String, Duration, usize)> {
+        let Some(p) = &self.profile else { return vec![] };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = p.iter().map(|(k, (t, n))| (k.clone(), *t, *n)).collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        rows
+    }
+
+    /// Number of weights held decoded to f32 (read by reference kernels); linears and row
+    /// lookups read the others in their stored format.
+    pub fn decoded_weights(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Number of distinct compiled linear kernels.
+    pub fn kernel_count(&self) -> usize {
+        self.kernels.len()
+    }
+
+    /// Number of linear layers that run as compiled kernels.
+    pub fn compiled_linears(&self) -> usize {
+        self.actions.values().filter(|a| matches!(a, Action::Linear(_))).count()
+    }
+
+    /// The values each node reads under the fusion plan.
+    fn reads_of(&self, id: NodeId) -> Vec<NodeId> {
+        match self.actions.get(&id).unwrap_or(&Action::Reference) {
+            Action::Absorbed => vec![],
+            Action::Linear(f) => [Some(f.x), f.bias, f.residual].into_iter().flatten().collect(),
+            Action::GatherRows => vec![self.graph.operands(id)[1]],
+            Action::Reference => match self.graph.node(id).op {
+                Op::Weight(_) | Op::Input { .. } => vec![],
+                _ => self.graph.operands(id),
+            },
+        }
+    }
+
+    fn use_counts(&self) -> HashMap<NodeId, usize> {
+        let mut uses: HashMap<NodeId, usize> = HashMap::new();
+        for &o in self.reads.iter().flatten() {
+            *uses.entry(o).or_default() += 1;
+        }
+        for (_, o) in self.graph.outputs() {
+            *uses.entry(*o).or_default() += 1;
+        }
+        uses
+    }
+
+    /// Runs the graph on named inputs; returns every output by name, in declaration order.
+    pub fn run(&self, inputs: &HashMap<String, Value>) -> Result<Vec<(String, Value)>, RunError> {
+        self.run_with(inputs, None)
+    }
+
+    /// Runs the graph over new tokens of the sequences held in `cache` (see
+    /// [`kiln_rt::cache`]), and adds them to it.
+    pub fn run_cached(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        cache.step(|cache| self.run_with(inputs, Some(cache)))
+    }
+
+    fn run_with(
+        &self,
+        inputs: &HashMap<String, Value>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        // The reference kernels share the pool's threads with the compiled ones.
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache))
+    }
+
+    fn run_on_pool(
+        &self,
+        inputs: &HashMap<String, Value>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Vec<(String, Value)>, RunError> {
+        let g = self.graph;
+        let symbols = bind_inputs(g, inputs)?;
+        let mut uses = self.uses.clone();
+        let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
+        // Int8 activations of values that int8 kernels read, quantized once per value.
+        let mut quantized: HashMap<NodeId, Quantized> = HashMap::new();
+        for (&id, reads) in self.order.iter().zip(&self.reads) {
+            let node = g.node(id);
+            let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
+            let action = self.actions.get(&id).unwrap_or(&Action::Reference);
+            let started = self.profile.as_ref().map(|_| Instant::now());
+            let value = match (action, &node.op) {
+                (Action::Absorbed, _) => continue,
+                (_, Op::Input { name }) => Arc::new(inputs[name].clone()),
+                (_, Op::Weight(_)) => match self.weights.get(&id) {
+                    Some(w) => w.clone(),
+                    None => continue, // read only by compiled kernels, in its stored format
+                },
+                (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
+                (Action::GatherRows, _) => {
+                    let ids = values.get(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
+                    Arc::new(
+                        gather_rows(stored_weight(g, g.operands(id)[0]).map_err(|e| fail(e.to_string()))?, ids)
+                            .map_err(fail)?,
+                    )
+                }
+                // The last read of a value no one else holds: reshape its buffer, no copy.
+                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
+                    let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
+                    let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
+                    Arc::new(kiln_rt::exec::reshape_owned(x, shape, &symbols).map_err(fail)?)
+                }
+                (Action::Reference, op) => {
+                    let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
+                    Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)
+                }
+            };
+            if let (Some(profile), Some(started)) = (&self.profile, started) {
+                let kind = match action {
+                    Action::Linear(f) => {
+                        let spec = self.kernels[f.kernel].spec();
+                        let (format, x) = match self.kernels[f.kernel] {
+                            Kernel::I8(..) => (spec.format.to_string(), " (int8 x)"),
+                            Kernel::I8Row(..) => (format!("int8g{}", spec.k), " (int8 x per row)"),
+                            _ => (spec.format.to_string(), ""),
+                        };
+                        format!("linear {}x{} {format}{x}", spec.k, spec.n)
+                    }
+                    _ => node.op.name().to_string(),
+                };
+                let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = p.entry(kind).or_default();
+                entry.0 += started.elapsed();
+                entry.1 += 1;
+            }
+            for o in reads {
+                let left = uses.get_mut(o).expect("counted in use_counts");
+                *left -= 1;
+                if *left == 0 {
+                    values.remove(o);
+                    quantized.remove(o);
+                }
+            }
+            values.insert(id, value);
+        }
+        Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
+    }
+
+    fn linear(
+        &self,
+        f: &Fused,
+        values: &HashMap<NodeId, Arc<Value>>,
+        quantized: &mut HashMap<NodeId, Quantized>,
+    ) -> Result<Value, String> {
+        let kernel = &self.kernels[f.kernel];
+        let spec = kernel.spec();
+        let x = values[&f.x].as_f32().ok_or("the input of a linear must be f32")?;
+        let m = x.numel() / spec.k;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = spec.n;
+        let weight = stored_weight(self.graph, f.weight).map_err(|e| e.to_string())?;
+        let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
+        let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
+        let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
+        let mut y = vec![0f32; m * spec.n];
+        if let Kernel::Sgemm(_, epilogue) = kernel {
+            let KernelWeight::Dense(w) = &f.data else {
+                return Err("the weight of an sgemm linear is not decoded".into());
+            };
+            let w = w.as_f32().ok_or("the weight of an sgemm linear is not f32")?;
+            let (k, n) = (spec.k, spec.n);
+            // One call: it splits the rows across the pool (`run_with` runs under
+            // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
+            kiln_rt::kernels::linear_rows(&x.data, k, &w.data, n, None, &mut y);
+            if let Some(epilogue) = epilogue {
+                // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
+                // it has one) is [m, N] and distinct from y.
+                unsafe { epilogue(y.as_mut_ptr(), bias, residual, 0, m) }
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
+        if let Kernel::I8Row(_, epilogue) = kernel {
+            let KernelWeight::Rows(w) = &f.data else {
+                return Err("the weight of a per-row int8 linear is not prepared".into());
+            };
+            let Quantized::Rows(xq) = quantized.entry(f.x).or_insert_with(|| {
+                let mut q = RowQuantized::new();
+                quantize_per_row(&x.data, spec.k, &mut q);
+                Quantized::Rows(q)
+            }) else {
+                return Err("the input of a per-row int8 linear was quantized per block".into());
+            };
+            let out = SharedPtr(y.as_mut_ptr());
+            let epilogue = *epilogue;
+            let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
+            if m < MIN_PARALLEL_ROWS * self.pool.threads() {
+                // Few rows: split the columns, then the epilogue on this thread.
+                let groups = spec.n.div_ceil(4);
+                self.pool.for_ranges(groups, 1, 2, |part| {
+                    let cols = 4 * part.start..(4 * part.end).min(spec.n);
+                    // SAFETY: y is [m, N]; the column parts are disjoint.
+                    unsafe { w.gemm_unchecked(xq, out.get(), 0..m, cols) }
+                });
+                if let Some(epilogue) = epilogue {
+                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+                    unsafe { epilogue(y.as_mut_ptr(), bias.get(), residual.get(), 0, m) }
+                }
+            } else {
+                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+                    // SAFETY: as above; the row parts are disjoint.
+                    unsafe {
+                        w.gemm_unchecked(xq, out.get(), rows.clone(), 0..spec.n);
+                        if let Some(epilogue) = epilogue {
+                            epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end);
+                        }
+                    }
+                });
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
+        if let (Kernel::F32(_, _, Some(epilogue)), true) = (kernel, m >= GEMM_F32_ROWS) {
+            let w = match &f.data {
+                KernelWeight::Owned(p) => p.bytes(),
+                _ => weight.bytes.as_slice(),
+            };
+            let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
+            let (k, n, format) = (spec.k, spec.n, spec.format);
+            // Columns across threads (each decodes only its weights), then the epilogue.
+            self.pool.for_ranges(n.div_ceil(4), 1, 2, |part| {
+                let cols = 4 * part.start..(4 * part.end).min(n);
+                // SAFETY: x is [m, K], the weight [N, K] in `format` (its stored or repacked
+                // bytes, `K % 32 == 0` for block formats), y [m, N]; the column parts are
+                // disjoint; the host runs `gemm_f32` (the kernel has an epilogue only then).
+                unsafe { crate::gemm_f32::gemm_f32(format, k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
+            });
+            if let Some(epilogue) = epilogue {
+                let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
+                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+                    unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
+                });
+            }
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
+        let x_ptr = match kernel {
+            Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("handled above"),
+            Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
+            Kernel::I8(..) => {
+                let q = quantized.entry(f.x).or_insert_with(|| {
+                    let mut q = QuantizedActivations::new();
+                    quantize_rows(&x.data, spec.k, &mut q);
+                    Quantized::Blocks(q)
+                });
+                match q {
+                    Quantized::Blocks(q) => q.as_ptr(),
+                    Quantized::Rows(_) => return Err("the input of an int8 linear was quantized per row".into()),
+                }
+            }
+        };
+        let w = match &f.data {
+            KernelWeight::Owned(p) => p.bytes().as_ptr(),
+            _ => weight.bytes.as_slice().as_ptr(),
+        };
+        let wq8 = f.gemm_q8.as_ref().map_or(std::ptr::null(), |p| p.bytes().as_ptr());
+        let args = KernelArgs { x: x_ptr, w, wq8, bias, residual, y: y.as_mut_ptr() };
+        if m == 1 && !f.columns.is_empty() {
+            // Rows of the format the kernel reads (a repacked int format's is not the stored one).
+            let row_bytes = spec.format.byte_len(spec.k as u64).map_err(|e| e.to_string())? as usize;
+            self.pool.for_ranges(f.columns.len(), 1, 0, |parts| {
+                for &(n0, k) in &f.columns[parts] {
+                    // SAFETY: as below, for the kernel over columns `n0..n0 + len` of the one
+                    // row: the weight rows from `n0` on hold `len` rows of `row_bytes` (packed:
+                    // `n0` is at a panel, and the packed rows from there are the packed weight
+                    // of those rows alone, see `pack_weight`), and
+                    // bias, residual and y are offset to column `n0` (with a single row, the
+                    // row stride never applies); the column parts are disjoint.
+                    unsafe { args.offset_columns(n0, row_bytes).call(&self.kernels[k], 0..1) }
+                }
+            });
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
+        let block = (ROW_BLOCK_BYTES / (4 * spec.k)).max(8);
+        self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+            // SAFETY: the plan checked the shapes against the spec: x is [m, K] f32 (int8
+            // kernels: its quantized rows), the weight holds N*K values in the spec's format
+            // (int8 kernels: packed for the spec's panels), bias (if the spec has one) is
+            // [N], residual (if any) is [m, N] and distinct from y, y is [m, N]; the row
+            // ranges of `for_ranges` are disjoint, so no two calls write the same output.
+            for start in rows.clone().step_by(block) {
+                unsafe { args.call(kernel, start..(start + block).min(rows.end)) }
+            }
+        });
+        Ok(Value::F32(Tensor::new(shape, y)))
+    }
+}
+
+/// The int8 activations of a value, as the int8 linears reading it need them.
+enum Quantized {
+    Blocks(QuantizedActivations),
+    Rows(RowQuantized),
+}
+
+/// The pointers of one kernel call, shared by the threads that split its rows. `x` is f32
+/// rows for f32 kernels and quantized rows for int8 kernels.
+#[derive(Clone, Copy)]
+struct KernelArgs {
+    x: *const u8,
+    w: *const u8,
+    /// The weight in [`crate::gemm_q8`]'s layout, or null.
+    wq8: *const u8,
+    bias: *const f32,
+    residual: *const f32,
+    y: *mut f32,
+}
+
+impl KernelArgs {
+    /// The arguments for the outputs from column `n0` on (weight rows of `row_bytes`), for
+    /// single rows (the GEMM's layout is not offset: it is dropped). Null bias or residual
+    /// pointers stay null.
+    fn offset_columns(self, n0: usize, row_bytes: usize) -> KernelArgs {
+        let f = |p: *const f32| if p.is_null() { p } else { p.wrapping_add(n0) };
+        KernelArgs {
+            x: self.x,
+            w: self.w.wrapping_add(n0 * row_bytes),
+            wq8: std::ptr::null(),
+            bias: f(self.bias),
+            residual: f(self.residual),
+            y: self.y.wrapping_add(n0),
+        }
+    }
+
+    /// # Safety
+    /// The pointers must satisfy the contract of `kernel` for rows `rows`.
+    unsafe fn call(&self, kernel: &Kernel, rows: std::ops::Range<usize>) {
+        let (w, b, r, y, m0, m1) = (self.w, self.bias, self.residual, self.y, rows.start, rows.end);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match kernel {
+                Kernel::F32(_, entry, _) => entry(self.x.cast(), w, b, r, y, m0, m1),
+                Kernel::I8(spec, _, Some(epilogue)) if m1 - m0 >= GEMM_I8_ROWS => {
+                    match self.wq8.is_null() {
+                        true => crate::gemm_i8::gemm_i8(spec, self.x.cast(), w, y, m0, m1),
+                        false => crate::gemm_q8::gemm_q8(spec.n, spec.k, self.x.cast(), self.wq8, y, m0, m1),
+                    }
+                    if let Some(epilogue) = epilogue {
+                        epilogue(y, b, r, m0, m1);
+                    }
+                }
+                Kernel::I8(_, entry, _) => entry(self.x, w, b, r, y, m0, m1),
+                Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("these linears do not run through KernelArgs"),
+            }
+        }
+    }
+}
+
+// SAFETY: the pointers are only dereferenced by kernel calls over disjoint output rows
+// while the buffers they point into are borrowed by `Engine::linear`.
+unsafe impl Send for KernelArgs {}
+unsafe impl Sync for KernelArgs {}
+
+/// The fusion plan of a graph: what each node does, and the distinct kernels the linears
+/// run, which the JIT compiles and object files hold in this order.
+struct Plan {
+    actions: HashMap<NodeId, Action>,
+    /// Distinct kernels: the spec, and how it runs.
+    specs: Vec<KernelSpec>,
+    /// The weights of int8 kernels, packed once per weight node.
+    to_pack: HashMap<NodeId, LinearI8Spec>,
+    /// The weights of sgemm linears, read as f32.
+    dense: Vec<NodeId>,
+    /// The weights of per-row int8 linears: node, N, K.
+    row_weights: Vec<(NodeId, usize, usize)>,
+}
+
+impl Plan {
+    /// Plans `graph` (nodes in topological `order`) for linears taking `activations`, with
+    /// single-row linears split by columns across `threads`.
+    fn new(graph: &Graph, order: &[NodeId], activations: Activations, threads: usize) -> Plan {
+        let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
+        let mut dense: Vec<NodeId> = Vec::new();
+        let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
+        let mut specs: Vec<KernelSpec> = Vec::new();
+        let mut actions: HashMap<NodeId, Action> = HashMap::new();
+        for &id in order {
+            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
+            let rows = activations == Activations::Int8Row
+                && matches!(&graph.node(fused.weight).op,
+                Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
+            let how = match spec.format {
+                _ if rows => Impl::Int8Row,
+                _ if int8 => Impl::Int8,
+                Format::F32 => Impl::Sgemm,
+                _ => Impl::Jit,
+            };
+            let mut kernel_for = |spec: LinearSpec| match specs.iter().position(|s| *s == (spec, how)) {
+                Some(k) => k,
+                None => {
+                    specs.push((spec, how));
+                    specs.len() - 1
+                }
+            };
+            let kernel = kernel_for(spec);
+            let mut columns = Vec::new();
+            if how != Impl::Sgemm && how != Impl::Int8Row && threads > 1 && spec.n >= threads * MIN_SPLIT_COLUMNS {
+                // Int8 kernels' column parts start at a panel (their packed weight's rows).
+                for part in kiln_rt::split(spec.n, threads, if int8 { I8_PANEL } else { 8 }) {
+                    columns.push((part.start, kernel_for(LinearSpec { n: part.len(), ..spec })));
+                }
+            }
+            if int8 && let Some(i8spec) = LinearI8Spec::from_linear(&spec) {
+                to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
+            }
+            if how == Impl::Sgemm {
+                dense.push(fused.weight);
+            }
+            if how == Impl::Int8Row {
+                row_weights.push((fused.weight, spec.n, spec.k));
+            }
+            for a in absorbed {
+                actions.insert(a, Action::Absorbed);
+            }
+            actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
+        }
+        // Row lookups in tables kept in a block format read the stored rows: the table is
+        // never decoded whole (SmolLM2's would take 113 MB as f32).
+        for &id in order {
+            let node = graph.node(id);
+            if node.op != Op::Gather || actions.contains_key(&id) {
+                continue;
+            }
+            if let Ok(t) = stored_weight(graph, graph.operands(id)[0])
+                && t.format != Format::F32
+                && t.shape.len() == 2
+                && t.format.byte_len(t.shape[1]).is_ok()
+            {
+                actions.insert(id, Action::GatherRows);
+            }
+        }
+        Plan { actions, specs, to_pack, dense, row_weights }
+    }
+}
+
+/// Thread counts an object file has kernels for (see [`object_specs`]).
+pub const AOT_THREADS: std::ops::RangeInclusive<usize> = 1..=8;
+
+/// The distinct kernel specs of the engines for `graph` with `activations` on every thread
+/// count in [`AOT_THREADS`] (single rows split their columns by thread count; engines on
+/// more threads split them as for the largest): what an object file compiled ahead of time
+/// holds (`kiln-jit`'s `emit_object`).
+pub fn object_specs(graph: &Graph, activations: Activations) -> Result<Vec<KernelSpec>, ExecError> {
+    let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
+    let mut specs: Vec<KernelSpec> = Vec::new();
+    for threads in AOT_THREADS {
+        for spec in Plan::new(graph, &order, activations, threads).specs {
+            if !specs.contains(&spec) {
+                specs.push(spec);
+            }
+        }
+    }
+    Ok(specs)
+}
+
+/// The text an object file holds beside its kernel table, which
+/// [`Engine::with_kernel_table`] reads: a line naming `host`'s GEMMs, then a line per
+/// kernel of `specs`, in the table's order, naming its spec.
+pub fn kernel_specs_text(host: Host, specs: &[KernelSpec]) -> String {
+    std::iter::once(host_line(host)).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
+}
+
+/// The kernels of an object file compiled ahead of time (`kiln-jit`'s `emit_object`), as
+/// linked into this program.
+pub struct LinkedKernels<'a> {
+    /// Its `{prefix}kernel_specs` text.
+    pub specs: &'a str,
+    /// Its `{prefix}kernels` table, a pair of entry addresses per kernel.
+    pub table: &'a [KernelEntries],
+}
+
+/// How an object's spec list names the host's GEMMs.
+fn host_line(host: Host) -> String {
+    format!("{host:?}")
+}
+
+/// How an object's spec list names a kernel: everything that decides its functions (with
+/// the host's line).
+fn spec_line((spec, how): &(LinearSpec, Impl)) -> String {
+    format!("{spec:?} {how:?}")
+}
+
+/// What the host runs besides emitted code, which decides the functions a kernel needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// [`crate::gemm_i8`]: int8 kernels also need their epilogue, for after the GEMM.
+    pub gemm_i8: bool,
+    /// [`crate::gemm_f32`]: f32-activation kernels on block formats too.
+    pub gemm_f32: bool,
+}
+
+impl Host {
+    /// What this CPU runs.
+    pub fn detect() -> Host {
+        Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() }
+    }
+
+    /// Whether a Rust GEMM computes the kernel's sums (for some rows at least), which its
+    /// emitted epilogue then completes: always for sgemm and per-row int8, and where this
+    /// host runs the 256-bit GEMMs for the emitted kernels.
+    pub fn gemm(self, spec: &LinearSpec, how: Impl) -> bool {
+        match how {
+            Impl::Int8 => self.gemm_i8,
+            Impl::Jit => self.gemm_f32 && crate::gemm_f32::supports(spec.format),
+            Impl::Sgemm | Impl::Int8Row => true,
+        }
+    }
+}
+
+/// The entry addresses of a kernel's functions: the linear kernel, and the epilogue after
+/// a GEMM (see [`Engine::with_kernels`]).
+pub type KernelEntries = (Option<*const u8>, Option<*const u8>);
+
+/// A distinct kernel of a plan: the linear layer's spec, and how it runs.
+pub type KernelSpec = (LinearSpec, Impl);
+
+/// The code kernels live in, kept alive by the engines on them.
+pub type Code = Arc<dyn std::any::Any + Send + Sync>;
+
+/// If `id` is a linear the kernels support, its spec, its operands, the node that ends its
+/// fusion group, and the nodes absorbed into it (the linear itself, and an activation
+/// before the end).
+fn plan_linear(
+    g: &Graph,
+    id: NodeId,
+    claimed: &HashMap<NodeId, Action>,
+) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
+    if g.node(id).op != Op::Linear {
+        return None;
+    }
+    let operands = g.operands(id);
+    let (x, weight) = (operands[0], operands[1]);
+    let Op::Weight(w) = &g.node(weight).op else { return None };
+    let k = g.node(weight).ty.shape[1].known()? as usize;
+    let n = g.node(weight).ty.shape[0].known()? as usize;
+    if !k.is_multiple_of(w.format.block_len() as usize) {
+        return None;
+    }
+    let format = match w.format {
+        Format::Int(int) => crate::repack::kernel_format(int),
+        // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
+        Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
+        f => f,
+    };
+    let mut spec = LinearSpec::new(k, n, format);
+    spec.bias = operands.len() > 2;
+    let mut fused = Fused {
+        kernel: 0,
+        columns: vec![],
+        x,
+        weight,
+        data: KernelWeight::Stored,
+        gemm_q8: None,
+        bias: operands.get(2).copied(),
+        residual: None,
+    };
+    let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
+    let single_user = |n: NodeId| match g.users(n).as_slice() {
+        [u] if !is_output(n) && g.operands(*u).iter().filter(|&&o| o == n).count() == 1 => Some(*u),
+        _ => None,
+    };
+    let (mut end, mut absorbed) = (id, vec![]);
+    if let Some(u) = single_user(end) {
+        let act = match g.node(u).op {
+            Op::Unary(UnaryOp::Gelu) => Some(Activation::Gelu),
+            Op::Unary(UnaryOp::Silu) => Some(Activation::Silu),
+            Op::Unary(UnaryOp::Relu) => Some(Activation::Relu),
+            _ => None,
+        };
+        if let Some(act) = act {
+            spec.activation = act;
+            absorbed.push(end);
+            end = u;
+        }
+    }
+    // The residual add, unless another group has it, or will: of two linears added
+    // together (a layer and its low-rank correction), the larger one takes the add.
+    let weight_len = |l: NodeId| {
+        g.operands(l).get(1).map_or(0, |&w| g.node(w).ty.shape.iter().filter_map(|d| d.known()).product::<u64>())
+    };
+    if let Some(add) = single_user(end)
+        && g.node(add).op == Op::Binary(BinaryOp::Add)
+        && !claimed.contains_key(&add)
+    {
+        let other = g.operands(add).into_iter().find(|&o| o != end)?;
+        let larger_linear = g.node(other).op == Op::Linear && weight_len(other) > weight_len(id);
+        if !larger_linear && g.node(other).ty == g.node(add).ty && g.node(end).ty == g.node(add).ty {
+            spec.residual = true;
+            fused.residual = Some(other);
+            absorbed.push(end);
+            end = add;
+        }
+    }
+    Some((spec, fused, end, absorbed))
+}
+
+/// `table[ids]` for a `[rows, width]` table in a block format: each row read is decoded
+/// from its bytes, exactly as [`Format::dequantize`] decodes the whole table.
+fn gather_rows(table: &kiln_ir::TensorData, ids: &Value) -> Result<Value, String> {
+    let Value::I64 { shape, data } = ids else {
+        return Err("ids must be i64".into());
+    };
+    let (rows, width) = match table.shape[..] {
+        [rows, width] => (rows, width),
+        _ => return Err(format!("the table is not [rows, width]: {:?}", table.shape)),
+    };
+    let row_bytes = table.format.byte_len(width).map_err(|e| e.to_string())? as usize;
+    let mut out = Vec::with_capacity(data.len() * width as usize);
+    for &i in data {
+        if i < 0 || i as u64 >= rows {
+            return Err(format!("id {i} is outside the table's {rows} rows"));
+        }
+        let at = i as usize * row_bytes;
+        let row = table.bytes.as_slice().get(at..at + row_bytes).ok_or("the table's bytes end early")?;
+        out.extend(table.format.dequantize(row, width).map_err(|e| e.to_string())?);
+    }
+    let mut shape = shape.clone();
+    shape.push(width as usize);
+    Ok(Value::F32(Tensor::new(shape, out)))
+}
+
+/// The stored tensor of weight node `id`.
+fn stored_weight(g: &Graph, id: NodeId) -> Result<&kiln_ir::TensorData, ExecError> {
+    let Op::Weight(w) = &g.node(id).op else {
+        return Err(ExecError::Spec("a linear's weight is not a weight node".into()));
+    };
+    g.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("weight `{}` is not bound", w.tensor)))
+}
