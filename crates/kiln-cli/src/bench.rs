@@ -1,6 +1,6 @@
 //! `kiln bench`: time a model on synthetic inputs of a given shape.
 
-use crate::generate::{Decoder, LanguageModel};
+use crate::generate::{Decoder, generation_graph, language_model};
 use crate::load;
 use crate::runner::{ExecArgs, Runner};
 use kiln_interp::Value;
@@ -88,8 +88,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 /// fresh KV cache, then feed the ids `2000, 2001, ...` one token per step. `median_ms` is
 /// the median over runs of the mean time per decoded token.
 fn bench_decode(args: &BenchArgs, exec: &crate::runner::ExecArgs, graph: &Graph, tokens: usize) -> Result<()> {
-    let lm = LanguageModel::of(graph)?;
-    let graph = &lm.generation_graph(graph);
+    let lm = language_model(graph)?;
+    let graph = &generation_graph(&lm, graph);
     if tokens == 0 || args.prompt_len == 0 {
         return Err(miette!("--decode and --prompt-len must be at least 1"));
     }

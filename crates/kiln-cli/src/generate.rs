@@ -2,11 +2,11 @@
 
 use crate::load;
 use crate::runner::{ExecArgs, Runner};
-use kiln_ir::{DType, Graph, Op};
-use kiln_rt::{KvCache, Value};
+use kiln_ir::Graph;
+use kiln_rt::KvCache;
+use kiln_rt::lm::LanguageModel;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde_json::json;
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,8 +44,8 @@ pub struct Sampling {
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
-    let lm = LanguageModel::of(&model.graph)?;
-    let graph = &lm.generation_graph(&model.graph);
+    let lm = language_model(&model.graph)?;
+    let graph = &generation_graph(&lm, &model.graph);
     args.sampling.validate()?;
     if args.prompt.is_some() && args.prompt_ids.is_some() {
         return Err(miette!("give either --prompt or --prompt-ids, not both"));
@@ -72,7 +72,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         return Err(miette!("the prompt has no tokens"));
     }
-    if let Some(&bad) = prompt.iter().find(|&&i| i < 0 || i as usize >= lm.vocab) {
+    if let Some(&bad) = prompt.iter().find(|&&i| !lm.is_token(i)) {
         return Err(miette!("prompt token id {bad} is outside the vocabulary (0..{})", lm.vocab));
     }
     let eos = if args.ignore_eos { None } else { model.eos_token_id() };
@@ -142,65 +142,21 @@ fn parse_ids(s: &str) -> Result<Vec<i64>> {
         .collect()
 }
 
-/// What generation needs of a graph: token ids in, logits out.
-pub struct LanguageModel {
-    pub ids: String,
-    /// Inputs filled with ones (attention masks).
-    pub masks: Vec<String>,
-    pub logits: String,
-    pub vocab: usize,
+/// The graph's generation interface (see [`LanguageModel::of`]), as a diagnostic when it
+/// has none.
+pub fn language_model(graph: &Graph) -> Result<LanguageModel> {
+    LanguageModel::of(graph).map_err(|e| miette!(help = kiln_rt::lm::NotLanguageModel::HELP, "{e}"))
 }
 
-impl LanguageModel {
-    /// Checks that `graph` is a language model: an i64 `input_ids: [batch, seq]` input and
-    /// an f32 `logits: [batch, seq, vocab]` output.
-    pub fn of(graph: &Graph) -> Result<LanguageModel> {
-        let not_lm = |why: String| {
-            miette!(
-                help = "generation needs an input `input_ids: i64[batch, seq]` and an output `logits: f32[batch, seq, vocab]`",
-                "{why}"
-            )
-        };
-        let mut ids = None;
-        let mut masks = Vec::new();
-        for id in graph.inputs() {
-            let node = graph.node(id);
-            let Op::Input { name } = &node.op else { continue };
-            match (name.as_str(), node.ty.dtype, node.ty.rank()) {
-                ("input_ids", DType::I64, 2) => ids = Some(name.clone()),
-                ("attention_mask", DType::I64, 2) => masks.push(name.clone()),
-                _ => {
-                    return Err(not_lm(format!(
-                        "the model's input `{name}: {}` cannot be filled during generation",
-                        node.ty
-                    )));
-                }
-            }
-        }
-        let ids = ids.ok_or_else(|| not_lm("the model has no `input_ids` input".into()))?;
-        let (_, out) = graph
-            .outputs()
-            .iter()
-            .find(|(name, _)| name == "logits")
-            .ok_or_else(|| not_lm("the model has no `logits` output".into()))?;
-        let ty = &graph.node(*out).ty;
-        let vocab = match ty.shape.as_slice() {
-            [_, _, v] if ty.dtype == DType::F32 => v.known(),
-            _ => None,
-        }
-        .ok_or_else(|| not_lm(format!("`logits` is {ty}, not f32[batch, seq, vocab]")))?;
-        Ok(LanguageModel { ids, masks, logits: "logits".into(), vocab: vocab as usize })
-    }
-    /// The graph generation runs: logits at the last position only, so a prompt's other
-    /// positions skip the output head (see `kiln_passes::last_position`). Falls back, with a
-    /// note, to the whole graph when the rewrite does not apply.
-    pub fn generation_graph(&self, graph: &Graph) -> Graph {
-        match kiln_passes::last_position::last_position(graph, &self.logits, 1) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("note: {e}; computing logits at every position");
-                graph.clone()
-            }
+/// The graph generation runs: logits at the last position only, so a prompt's other
+/// positions skip the output head (see `kiln_passes::last_position`). Falls back, with a
+/// note, to the whole graph when the rewrite does not apply.
+pub fn generation_graph(lm: &LanguageModel, graph: &Graph) -> Graph {
+    match kiln_passes::last_position::last_position(graph, &lm.logits, 1) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("note: {e}; computing logits at every position");
+            graph.clone()
         }
     }
 }
@@ -219,25 +175,13 @@ impl<'a> Decoder<'a> {
 
     /// Feeds `ids` after the tokens so far; returns the logits at the last of them.
     pub fn step(&mut self, ids: &[i64]) -> Result<Vec<f32>> {
-        let shape = vec![1, ids.len()];
-        let mut inputs = HashMap::new();
-        inputs.insert(self.lm.ids.clone(), Value::I64 { shape: shape.clone(), data: ids.to_vec() });
-        for m in &self.lm.masks {
-            inputs.insert(m.clone(), Value::I64 { shape: shape.clone(), data: vec![1; ids.len()] });
-        }
+        let inputs = self.lm.step_inputs(ids);
         let outputs = self
             .runner
             .run_cached(&inputs, &mut self.cache)
             .into_diagnostic()
             .wrap_err_with(|| format!("generation failed at position {}", self.cache.positions()))?;
-        let logits = outputs
-            .into_iter()
-            .find(|(n, _)| *n == self.lm.logits)
-            .and_then(|(_, v)| v.as_f32().cloned())
-            .ok_or_else(|| miette!("the model produced no f32 logits"))?;
-        let vocab = self.lm.vocab;
-        let last = logits.data.len() / vocab - 1;
-        Ok(logits.data[last * vocab..][..vocab].to_vec())
+        self.lm.last_logits(outputs).ok_or_else(|| miette!("the model produced no f32 logits"))
     }
 }
 
@@ -275,10 +219,8 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32]) -> i64 {
-        // Greedy: the first maximum, as torch.argmax.
-        let argmax = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
         if self.config.temperature == 0.0 {
-            return argmax as i64;
+            return kiln_rt::lm::argmax(logits);
         }
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

@@ -1,7 +1,7 @@
 //! Tensors in and out of safetensors files, by name.
 
 use kiln_interp::Value;
-use kiln_ir::{Graph, Op};
+use kiln_ir::Graph;
 use kiln_rt::io::TensorFile;
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use std::collections::HashMap;
@@ -15,41 +15,10 @@ pub fn read(path: &Path) -> Result<TensorFile> {
 
 /// The graph's inputs, taken from `file` by name (other tensors are ignored).
 pub fn inputs_from(file: &TensorFile, path: &Path, graph: &Graph) -> Result<HashMap<String, Value>> {
-    let mut inputs = HashMap::new();
-    for id in graph.inputs() {
-        let node = graph.node(id);
-        let Op::Input { name } = &node.op else { continue };
-        let value = match file.tensors.get(name) {
-            Some(v) => v,
-            None => {
-                if let Some(dtype) = file.other.get(name) {
-                    return Err(miette!(
-                        "input `{name}` in {} has dtype {dtype:?}, but the model takes {}",
-                        path.display(),
-                        node.ty
-                    ));
-                }
-                let names: Vec<&str> = file.tensors.keys().chain(file.other.keys()).map(String::as_str).collect();
-                return Err(miette!(
-                    help = format!("the file holds: {}", names.join(", ")),
-                    "{} has no tensor `{name}`, the model's input {}",
-                    path.display(),
-                    node.ty
-                ));
-            }
-        };
-        if value.dtype() != node.ty.dtype {
-            return Err(miette!(
-                "input `{name}` in {} is {}{:?}, but the model takes {}",
-                path.display(),
-                value.dtype(),
-                value.shape(),
-                node.ty
-            ));
-        }
-        inputs.insert(name.clone(), value.clone());
-    }
-    Ok(inputs)
+    kiln_rt::io::inputs_from(file, &path.display().to_string(), graph).map_err(|e| match e.help {
+        Some(help) => miette!(help = help, "{}", e.message),
+        None => miette!("{}", e.message),
+    })
 }
 
 /// Writes named values to a safetensors file.

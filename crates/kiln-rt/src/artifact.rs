@@ -39,6 +39,29 @@ impl Artifact {
     pub fn passes(&self) -> &str {
         self.metadata.get(PASSES_KEY).map_or("[]", String::as_str)
     }
+
+    /// Another graph over this artifact's weights: the IR text stored under metadata key
+    /// `key` (a native executable stores the graph that generation runs), parsed, verified
+    /// and bound to the tensors of the same names, which must have the formats and shapes
+    /// its weight nodes give.
+    pub fn graph_at(&self, key: &str) -> Result<Graph, ArtifactError> {
+        let damaged = |message: String| ArtifactError::Damaged { path: format!("the artifact's `{key}`"), message };
+        let ir = self.metadata.get(key).ok_or_else(|| damaged("no such metadata entry".into()))?;
+        let mut graph = kiln_ir::parse(ir).map_err(|e| damaged(format!("its IR does not parse: {e}")))?;
+        kiln_ir::verify(&graph).map_err(|e| damaged(format!("its IR does not verify: {e}")))?;
+        for n in graph.node_ids().collect::<Vec<_>>() {
+            let node = graph.node(n);
+            let Op::Weight(w) = &node.op else { continue };
+            let data = self.graph.store.get(&w.tensor).ok_or_else(|| damaged(format!("no tensor `{}`", w.tensor)))?;
+            let shape: Vec<u64> = node.ty.shape.iter().map(|d| d.known().unwrap_or(0)).collect();
+            if data.format != w.format || data.shape != shape {
+                return Err(damaged(format!("tensor `{}` is not {} {shape:?}", w.tensor, w.format)));
+            }
+            let (name, data) = (w.tensor.clone(), data.clone());
+            graph.store.insert(name, data);
+        }
+        Ok(graph)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +171,16 @@ pub fn read(path: &Path) -> Result<Artifact, ArtifactError> {
     // SAFETY: the mapping is read-only; like every mmap-based reader we rely on the file not
     // being truncated while it is in use.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: p.clone(), source })?;
+    read_bytes(Bytes::new(Arc::new(map)), &p, true)
+}
+
+/// Reads an artifact held in memory, as [`read`] does a file (`name` names it in errors).
+/// With `checksums` false, tensors are not checked against the checksums in the IR: an
+/// artifact embedded in a native executable is part of the executable's own bytes, and
+/// hashing them would take most of its start-up.
+pub fn read_bytes(whole: Bytes, name: &str, checksums: bool) -> Result<Artifact, ArtifactError> {
+    let p = name.to_string();
+    let map = whole.as_slice();
     let not_artifact = |message: String| ArtifactError::NotAnArtifact { path: p.clone(), message };
     let damaged = |message: String| ArtifactError::Damaged { path: p.clone(), message };
     let (header_len, header) =
@@ -167,8 +200,6 @@ pub fn read(path: &Path) -> Result<Artifact, ArtifactError> {
 
     let infos = header.tensors();
     let data_start = 8 + header_len;
-    let map: Arc<memmap2::Mmap> = Arc::new(map);
-    let whole = Bytes::new(map);
     let weights: Vec<(String, Format, Option<u64>, Vec<u64>)> = graph
         .node_ids()
         .filter_map(|n| match &graph.node(n).op {
@@ -192,6 +223,7 @@ pub fn read(path: &Path) -> Result<Artifact, ArtifactError> {
             .ok_or_else(|| damaged(format!("tensor `{name}` lies outside the file")))?;
         let data = TensorData::new(format, shape, bytes).map_err(|e| damaged(format!("tensor `{name}`: {e}")))?;
         if let Some(want) = checksum
+            && checksums
             && data.checksum() != want
         {
             return Err(damaged(format!("tensor `{name}` does not match the checksum in its IR")));

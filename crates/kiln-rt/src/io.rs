@@ -2,8 +2,9 @@
 //! evaluation data, reference fixtures.
 
 use crate::{Tensor, Value};
+use kiln_ir::{Graph, Op};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The f32 and i64 tensors of a safetensors file as values, and the dtypes of the others
 /// (which no model input can take, but which an error message should name).
@@ -75,4 +76,50 @@ mod tests {
         }
         assert!(decode(b"not safetensors").is_err());
     }
+}
+
+/// An input file that does not fit the model.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct InputError {
+    pub message: String,
+    /// What would help, when there is something to say.
+    pub help: Option<String>,
+}
+
+/// The graph's inputs, taken from `file` (named `source` in errors) by name; other
+/// tensors are ignored.
+pub fn inputs_from(file: &TensorFile, source: &str, graph: &Graph) -> Result<HashMap<String, Value>, InputError> {
+    let fail = |message: String, help: Option<String>| Err(InputError { message, help });
+    let mut inputs = HashMap::new();
+    for id in graph.inputs() {
+        let node = graph.node(id);
+        let Op::Input { name } = &node.op else { continue };
+        let Some(value) = file.tensors.get(name) else {
+            if let Some(dtype) = file.other.get(name) {
+                return fail(
+                    format!("input `{name}` in {source} has dtype {dtype:?}, but the model takes {}", node.ty),
+                    None,
+                );
+            }
+            let names: Vec<&str> = file.tensors.keys().chain(file.other.keys()).map(String::as_str).collect();
+            return fail(
+                format!("{source} has no tensor `{name}`, the model's input {}", node.ty),
+                Some(format!("the file holds: {}", names.join(", "))),
+            );
+        };
+        if value.dtype() != node.ty.dtype {
+            return fail(
+                format!(
+                    "input `{name}` in {source} is {}{:?}, but the model takes {}",
+                    value.dtype(),
+                    value.shape(),
+                    node.ty
+                ),
+                None,
+            );
+        }
+        inputs.insert(name.clone(), value.clone());
+    }
+    Ok(inputs)
 }

@@ -1,5 +1,5 @@
-//! kiln's runtime: what compiled kernels run under, shared by the JIT and (later) by
-//! native executables, so it must not depend on Cranelift.
+//! kiln's runtime: what compiled kernels run under, shared by the JIT and by native
+//! executables, so it must not depend on Cranelift.
 //!
 //! - [`Pool`]: a fixed set of worker threads and a *static* split of work into contiguous
 //!   ranges. Kernels compute every output element with a reduction order that does not
@@ -9,7 +9,8 @@
 //!   offsets planned by liveness.
 //! - [`KvCache`]: keys and values a decoder keeps between runs (generation).
 //! - [`artifact`]: compiled models as one safetensors file (weights, IR, metadata).
-//! - [`io`]: values in and out of safetensors files.
+//! - [`io`]: values in and out of safetensors files, and a model's inputs taken from them.
+//! - [`lm`]: what generation needs of a language model (ids in, logits out, greedy choice).
 //! - [`par`]: where the reference kernels run in parallel (rayon, or the engine's pool).
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod exec;
 pub mod io;
 pub mod kernels;
+pub mod lm;
 pub mod par;
 mod pool;
 pub mod tensor;
