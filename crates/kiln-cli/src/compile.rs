@@ -1,6 +1,9 @@
-//! `kiln compile`: a spec bound to its checkpoint, written as one artifact file.
+//! `kiln compile`: a spec bound to its checkpoint, written as one artifact file or, with
+//! `--emit exe`, as a native executable (see [`crate::native`]).
 
 use crate::load::{self, ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
+use crate::native::Emit;
+use crate::runner::ActivationsKind;
 use kiln_ir::Op;
 use miette::{IntoDiagnostic, Result, miette};
 use std::collections::BTreeMap;
@@ -9,43 +12,64 @@ use std::time::Instant;
 
 pub struct CompileArgs {
     pub spec: PathBuf,
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     pub output: PathBuf,
     pub tokenizer: Option<PathBuf>,
     pub passes: crate::passes::PassArgs,
+    pub emit: Emit,
+    pub target_cpu: String,
+    pub activations: Option<ActivationsKind>,
 }
 
 pub fn compile(args: CompileArgs) -> Result<()> {
     let start = Instant::now();
-    let mut model = load::load(&args.spec, Some(&args.weights))?;
-    if model.is_artifact() {
-        return Err(miette!("{} is already a compiled artifact", args.spec.display()));
+    let is_artifact = kiln_rt::artifact::looks_like_artifact(&args.spec);
+    if args.emit == Emit::Artifact && args.target_cpu != "native" {
+        return Err(miette!("--target-cpu chooses the CPU of compiled kernels: it needs --emit exe"));
     }
-    let ran = crate::passes::apply(&mut model.graph, &args.passes)?;
-    crate::passes::summarize(&ran);
-    let mut metadata = BTreeMap::new();
-    metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), crate::passes::metadata(&ran));
-    // The last pass that chose activations decides what `run`, `eval`, `generate` and
-    // `bench` use by default.
-    if let Some(a) = ran.iter().rev().find_map(|r| r.report["activations"].as_str()) {
-        metadata.insert(ACTIVATIONS_KEY.to_string(), a.to_string());
+    if args.emit == Emit::Artifact && args.activations.is_some() {
+        return Err(miette!(
+            help = "activations are chosen by `quantize(..., activations=int8)` in an artifact, or by `kiln run --activations`",
+            "--activations on `kiln compile` chooses the kernels of --emit exe"
+        ));
     }
-    // The tokenizer travels with the model, so that text in and out needs only the artifact.
-    match model.tokenizer(args.tokenizer.as_deref()) {
-        Ok(tok) => {
-            let json = tok.to_string(false).map_err(|e| miette!("cannot store the tokenizer: {e}"))?;
-            metadata.insert(TOKENIZER_KEY.to_string(), json);
+    let (model, metadata) = match (is_artifact, args.emit) {
+        (true, Emit::Artifact) => return Err(miette!("{} is already a compiled artifact", args.spec.display())),
+        (true, _) => {
+            if !args.passes.is_empty() {
+                return Err(miette!(
+                    help = "run the passes when compiling the spec, or compile the artifact without --passes",
+                    "{} is a compiled artifact: its passes have run",
+                    args.spec.display()
+                ));
+            }
+            let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+            let metadata = match &model.origin {
+                load::Origin::Artifact { metadata, .. } => metadata.clone(),
+                load::Origin::Spec { .. } => unreachable!("read as an artifact"),
+            };
+            (model, metadata)
         }
-        Err(e) if args.tokenizer.is_some() => return Err(e),
-        Err(_) => eprintln!("note: no tokenizer found beside the weights; the artifact will take tensors, not text"),
+        (false, _) => {
+            let weights = args.weights.as_deref().ok_or_else(|| {
+                miette!(
+                    help = "pass --weights CHECKPOINT (safetensors or GGUF)",
+                    "{} is a model spec: compiling it needs its weights",
+                    args.spec.display()
+                )
+            })?;
+            let mut model = load::load(&args.spec, Some(weights))?;
+            let metadata = bind(&mut model, &args, weights)?;
+            (model, metadata)
+        }
+    };
+    if args.emit == Emit::Exe {
+        let activations = args.activations.or_else(|| model.recorded_activations()).unwrap_or(ActivationsKind::F32);
+        crate::native::emit_exe(&model.graph, metadata, activations, &args.target_cpu, &args.output)?;
+        eprintln!("in {:.1} s", start.elapsed().as_secs_f64());
+        return Ok(());
     }
-    if let Some(eos) = model.eos_token_id() {
-        metadata.insert(EOS_KEY.to_string(), eos.to_string());
-    }
-    let source = format!("{} + {}", file_name(&args.spec), file_name(&args.weights));
-    metadata.insert(SOURCE_KEY.to_string(), source);
     kiln_rt::artifact::write(&args.output, &model.graph, &metadata).into_diagnostic()?;
-
     let g = &model.graph;
     let mut by_format: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
@@ -73,6 +97,35 @@ pub fn compile(args: CompileArgs) -> Result<()> {
         start.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// Runs the passes on a spec's graph and gathers the artifact's metadata: the pass
+/// reports, the activations they chose, the tokenizer, the end of sequence and the source.
+fn bind(model: &mut load::Model, args: &CompileArgs, weights: &std::path::Path) -> Result<BTreeMap<String, String>> {
+    let ran = crate::passes::apply(&mut model.graph, &args.passes)?;
+    crate::passes::summarize(&ran);
+    let mut metadata = BTreeMap::new();
+    metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), crate::passes::metadata(&ran));
+    // The last pass that chose activations decides what `run`, `eval`, `generate` and
+    // `bench` use by default.
+    if let Some(a) = ran.iter().rev().find_map(|r| r.report["activations"].as_str()) {
+        metadata.insert(ACTIVATIONS_KEY.to_string(), a.to_string());
+    }
+    // The tokenizer travels with the model, so that text in and out needs only the artifact.
+    match model.tokenizer(args.tokenizer.as_deref()) {
+        Ok(tok) => {
+            let json = tok.to_string(false).map_err(|e| miette!("cannot store the tokenizer: {e}"))?;
+            metadata.insert(TOKENIZER_KEY.to_string(), json);
+        }
+        Err(e) if args.tokenizer.is_some() => return Err(e),
+        Err(_) => eprintln!("note: no tokenizer found beside the weights; the artifact will take tensors, not text"),
+    }
+    if let Some(eos) = model.eos_token_id() {
+        metadata.insert(EOS_KEY.to_string(), eos.to_string());
+    }
+    let source = format!("{} + {}", file_name(&args.spec), file_name(weights));
+    metadata.insert(SOURCE_KEY.to_string(), source);
+    Ok(metadata)
 }
 
 fn file_name(p: &std::path::Path) -> String {

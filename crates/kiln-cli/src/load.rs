@@ -15,7 +15,7 @@ pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
 pub const EOS_KEY: &str = "kiln.eos_token_id";
 pub const SOURCE_KEY: &str = "kiln.source";
 /// `int8` when `quantize(..., activations=int8)` chose int8 activations for the JIT.
-pub const ACTIVATIONS_KEY: &str = "kiln.activations";
+pub use kiln_rt::artifact::ACTIVATIONS_KEY;
 
 pub struct Model {
     pub graph: Graph,

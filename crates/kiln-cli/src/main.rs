@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod gguf_tokenizer;
 mod load;
+mod native;
 mod passes;
 mod progress;
 mod report;
@@ -51,12 +52,12 @@ enum Command {
         after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, the pass reports, and the tokenizer when one is found.\n`run`, `eval`, `generate` and `bench` take it in place of SPEC --weights W and give bitwise\nthe same outputs; `kiln report` prints what the passes did.\n\nPasses:\n  quantize(bits=B)              one format per layer, minimizing the measured error with at\n                                most B bits per parameter on average (needs --calib)\n  quantize(format=F)            F for every layer: f16, bf16, int8 (per output channel),\n                                intBgG (B = 2, 3, 4, 8 bits, groups of G), intBgGa (asymmetric)\n  method=rtn|gptq               round to nearest, or GPTQ (needs --calib; the default with it)\n\nExamples:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\"\n  kiln compile minilm.kiln -w model.safetensors --passes \"quantize(bits=4.5)\" --calib calib.safetensors -o minilm-q.kiln.st"
     )]
     Compile {
-        /// The model spec (.kiln source).
+        /// The model spec (.kiln source), or with --emit exe a compiled artifact.
         spec: PathBuf,
-        /// Checkpoint (safetensors or GGUF).
+        /// Checkpoint (safetensors or GGUF); a spec needs one, an artifact holds its own.
         #[arg(long, short)]
-        weights: PathBuf,
-        /// Where to write the artifact.
+        weights: Option<PathBuf>,
+        /// Where to write the artifact (or the executable).
         #[arg(long, short)]
         output: PathBuf,
         /// tokenizer.json to store (default: beside the weights, else the GGUF's own).
@@ -64,6 +65,19 @@ enum Command {
         tokenizer: Option<PathBuf>,
         #[command(flatten)]
         passes: passes::PassArgs,
+        /// What to write: an artifact, or a standalone executable (kernels compiled ahead of
+        /// time, weights inside; links with the system's `cc`).
+        #[arg(long, value_enum, default_value_t = native::Emit::Artifact)]
+        emit: native::Emit,
+        /// With --emit exe: the CPU the kernels are compiled for: `native` (this one) or a
+        /// name such as x86-64-v3, haswell, znver3. The program refuses to run on a CPU
+        /// whose features its kernels do not match.
+        #[arg(long, default_value = "native")]
+        target_cpu: String,
+        /// With --emit exe: the activations the kernels take (default: what the passes
+        /// chose, else f32); the program runs as `kiln run --activations` would.
+        #[arg(long, value_enum)]
+        activations: Option<runner::ActivationsKind>,
     },
     /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
     #[command(
@@ -237,8 +251,17 @@ fn main() -> Result<()> {
             passes::summarize(&ran);
             print!("{}", kiln_ir::print(&model.graph));
         }
-        Command::Compile { spec, weights, output, tokenizer, passes } => {
-            compile::compile(compile::CompileArgs { spec, weights, output, tokenizer, passes })?;
+        Command::Compile { spec, weights, output, tokenizer, passes, emit, target_cpu, activations } => {
+            compile::compile(compile::CompileArgs {
+                spec,
+                weights,
+                output,
+                tokenizer,
+                passes,
+                emit,
+                target_cpu,
+                activations,
+            })?;
         }
         Command::Report { artifact, json, plot } => report::report(&artifact, json, plot.as_deref())?,
         Command::Run { spec, weights, input, output, text, tokenizer, exec } => {

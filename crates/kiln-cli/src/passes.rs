@@ -29,6 +29,13 @@ pub struct PassArgs {
     pub overrides: Vec<String>,
 }
 
+impl PassArgs {
+    /// Whether no pass flag was given.
+    pub fn is_empty(&self) -> bool {
+        self.passes.is_none() && self.calib.is_none() && self.overrides.is_empty()
+    }
+}
+
 /// One pass as it ran: how it was called, and its report as JSON.
 pub struct Ran {
     pub call: String,

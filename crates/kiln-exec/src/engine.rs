@@ -1042,17 +1042,19 @@ impl Plan {
 /// Thread counts an object file has kernels for (see [`object_specs`]).
 pub const AOT_THREADS: std::ops::RangeInclusive<usize> = 1..=8;
 
-/// The distinct kernel specs of the engines for `graph` with `activations` on every thread
+/// The distinct kernel specs of the engines for `graphs` with `activations` on every thread
 /// count in [`AOT_THREADS`] (single rows split their columns by thread count; engines on
 /// more threads split them as for the largest): what an object file compiled ahead of time
 /// holds (`kiln-jit`'s `emit_object`).
-pub fn object_specs(graph: &Graph, activations: Activations) -> Result<Vec<KernelSpec>, ExecError> {
-    let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
+pub fn object_specs(graphs: &[&Graph], activations: Activations) -> Result<Vec<KernelSpec>, ExecError> {
     let mut specs: Vec<KernelSpec> = Vec::new();
-    for threads in AOT_THREADS {
-        for spec in Plan::new(graph, &order, activations, threads).specs {
-            if !specs.contains(&spec) {
-                specs.push(spec);
+    for graph in graphs {
+        let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
+        for threads in AOT_THREADS {
+            for spec in Plan::new(graph, &order, activations, threads).specs {
+                if !specs.contains(&spec) {
+                    specs.push(spec);
+                }
             }
         }
     }

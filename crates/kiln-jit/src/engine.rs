@@ -30,16 +30,23 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
     unsafe { Engine::with_kernels(graph, options, kernels) }
 }
 
-/// The kernels an [`Engine`] for `graph` with `options` would compile, for every thread
+/// The kernels [`Engine`]s for `graphs` with `options` would compile, for every thread
 /// count in [`kiln_exec::AOT_THREADS`] ([`object_specs`]), written to an object file for
 /// `isa`: the same functions (see [`emit_kernels`]), named with `prefix`, for the host's CPU
 /// (the GEMMs it runs decide which epilogues exist). Beside them, for
 /// [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers per kernel (its linear
 /// function and its epilogue, null when it has none); `{prefix}kernel_count`, a
 /// little-endian `u64`; and `{prefix}kernel_specs` (`{prefix}kernel_specs_len` bytes, a
-/// `u64`), the text of [`kernel_specs_text`].
-pub fn emit_object(graph: &Graph, options: EngineOptions, isa: &HostIsa, prefix: &str) -> Result<ObjectFile, JitError> {
-    let specs = object_specs(graph, options.activations)?;
+/// `u64`), the text of [`kernel_specs_text`]. Each `(name, bytes)` of `data` becomes
+/// `{prefix}{name}`, 64-byte aligned, with its length in `{prefix}{name}_len`.
+pub fn emit_object(
+    graphs: &[&Graph],
+    options: EngineOptions,
+    isa: &HostIsa,
+    prefix: &str,
+    data: &[(&str, &[u8])],
+) -> Result<ObjectFile, JitError> {
+    let specs = object_specs(graphs, options.activations)?;
     let host = Host::detect();
     let mut module = ObjectCodeModule::object(isa, prefix)?;
     let ids = emit_kernels(&mut module, prefix, &specs, host)?;
@@ -47,8 +54,11 @@ pub fn emit_object(graph: &Graph, options: EngineOptions, isa: &HostIsa, prefix:
     module.define_function_table(&format!("{prefix}kernels"), &table)?;
     module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes(), 8)?;
     let text = kernel_specs_text(host, &specs);
-    module.define_bytes(&format!("{prefix}kernel_specs"), text.as_bytes(), 1)?;
-    module.define_bytes(&format!("{prefix}kernel_specs_len"), &(text.len() as u64).to_le_bytes(), 8)?;
+    let data = [("kernel_specs", text.as_bytes())].into_iter().chain(data.iter().copied());
+    for (name, bytes) in data {
+        module.define_bytes(&format!("{prefix}{name}"), bytes, 64)?;
+        module.define_bytes(&format!("{prefix}{name}_len"), &(bytes.len() as u64).to_le_bytes(), 8)?;
+    }
     module.emit()
 }
 

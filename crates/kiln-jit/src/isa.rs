@@ -129,6 +129,13 @@ impl HostIsa {
     }
 
     pub fn with_options(options: IsaOptions) -> Result<HostIsa, JitError> {
+        HostIsa::for_cpu("native", options)
+    }
+
+    /// The ISA of the host's architecture for the CPU named `cpu`: `native` (this CPU's
+    /// features, detected) or one of Cranelift's presets (`x86-64-v3`, `znver3`, `haswell`,
+    /// ...), for code compiled ahead of time to run on other machines.
+    pub fn for_cpu(cpu: &str, options: IsaOptions) -> Result<HostIsa, JitError> {
         let mut flags = settings::builder();
         let set = |flags: &mut settings::Builder, name: &str, value: &str| {
             flags.set(name, value).map_err(|e| JitError::Isa(format!("setting {name}={value}: {e}")))
@@ -143,11 +150,30 @@ impl HostIsa {
         // so a stack overflow hits the guard page instead of jumping over it.
         set(&mut flags, "enable_probestack", "true")?;
         set(&mut flags, "probestack_strategy", "inline")?;
-        let isa_builder = cranelift_native::builder().map_err(|e| JitError::Isa(format!("host: {e}")))?;
+        let native = cranelift_native::builder().map_err(|e| JitError::Isa(format!("host: {e}")))?;
+        let isa_builder = match cpu {
+            "native" => native,
+            preset => {
+                let mut b = cranelift_codegen::isa::lookup(native.triple().clone())
+                    .map_err(|e| JitError::Isa(format!("host architecture: {e}")))?;
+                b.enable(preset).map_err(|_| {
+                    JitError::Isa(format!(
+                        "unknown target CPU `{preset}`: give `native` or a CPU name such as x86-64-v2, x86-64-v3, x86-64-v4, haswell, skylake, znver3"
+                    ))
+                })?;
+                b
+            }
+        };
         let isa =
             isa_builder.finish(settings::Flags::new(flags)).map_err(|e| JitError::Isa(format!("host ISA: {e}")))?;
         let features = HostFeatures::from_isa(&isa);
         Ok(HostIsa { isa, features, options })
+    }
+
+    /// The target and the CPU features code is compiled for, e.g.
+    /// `x86_64-unknown-linux-gnu: sse4.1 avx avx2 fma -avx512f ...`.
+    pub fn describe(&self) -> String {
+        format!("{}: {}", self.isa.triple(), self.features)
     }
 
     pub fn features(&self) -> HostFeatures {

@@ -189,7 +189,7 @@ fn a_models_kernels_are_the_engines_in_order() {
     let g = kiln_ir::parse(text).unwrap();
     let isa = HostIsa::native().unwrap();
     let options = kiln_jit::EngineOptions { threads: 1, activations: kiln_jit::Activations::F32, profile: false };
-    let object = kiln_jit::emit_object(&g, options, &isa, "m_").unwrap();
+    let object = kiln_jit::emit_object(&[&g], options, &isa, "m_", &[]).unwrap();
     let names: Vec<&str> = object.functions.iter().map(|f| f.name.as_str()).collect();
     let after_gemm = kiln_jit::gemm_f32::available();
     let mut want = vec!["m_epilogue0", "m_linear1"];
@@ -246,7 +246,7 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     std::fs::create_dir_all(&dir).unwrap();
     for (i, activations) in [Activations::F32, Activations::Int8].into_iter().enumerate() {
         let options = |threads| EngineOptions { threads, activations, profile: false };
-        let object = kiln_jit::emit_object(&g, options(2), &isa, "kiln_t_").unwrap();
+        let object = kiln_jit::emit_object(&[&g], options(2), &isa, "kiln_t_", &[]).unwrap();
         let (obj, lib) = (dir.join(format!("k{i}.o")), dir.join(format!("libk{i}.so")));
         std::fs::write(&obj, &object.bytes).unwrap();
         let cc = Command::new("cc").arg("-shared").arg(&obj).arg("-o").arg(&lib).output().expect("`cc` runs");

@@ -26,6 +26,14 @@ pub const FORMAT_VERSION: u32 = 1;
 const VERSION_KEY: &str = "kiln.format_version";
 const IR_KEY: &str = "kiln.ir";
 pub const PASSES_KEY: &str = "kiln.passes";
+/// The activations the passes chose for the compiled kernels (`f32`, `int8`, `int8-row`, as
+/// `kiln run --activations` names them); native programs were compiled for them.
+pub const ACTIVATIONS_KEY: &str = "kiln.activations";
+/// In a native program's artifact: the graph generation runs (logits at the last position
+/// only), for language models.
+pub const GENERATE_IR_KEY: &str = "kiln.native.generate_ir";
+/// In a native program's artifact: the target CPU its kernels were compiled for.
+pub const TARGET_KEY: &str = "kiln.native.target";
 
 /// A model read from an artifact: the graph, bound to the artifact's tensors, and the
 /// metadata entries.
@@ -94,6 +102,29 @@ pub fn looks_like_artifact(path: &Path) -> bool {
 /// Writes `graph` (which must be bound: every weight in its store) and `extra` metadata
 /// (keys should start with `kiln.`) to `path`.
 pub fn write(path: &Path, graph: &Graph, extra: &BTreeMap<String, String>) -> Result<(), ArtifactError> {
+    let (tensors, metadata) = contents(graph, extra)?;
+    // Write beside the target and rename, so a failed write never leaves half a file.
+    let tmp = path.with_extension("kiln.partial");
+    let io = |e: std::io::Error| ArtifactError::Write(format!("{}: {e}", tmp.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    serialize(&tensors, &metadata, &mut out).map_err(io)?;
+    std::io::Write::flush(&mut out).map_err(io)?;
+    drop(out);
+    std::fs::rename(&tmp, path).map_err(|e| ArtifactError::Write(format!("{}: {e}", path.display())))
+}
+
+/// The bytes [`write`] writes.
+pub fn to_bytes(graph: &Graph, extra: &BTreeMap<String, String>) -> Result<Vec<u8>, ArtifactError> {
+    let (tensors, metadata) = contents(graph, extra)?;
+    let mut out = Vec::new();
+    serialize(&tensors, &metadata, &mut out).map_err(|e| ArtifactError::Write(e.to_string()))?;
+    Ok(out)
+}
+
+/// An artifact's tensors by name and its metadata.
+type Contents<'g> = (BTreeMap<&'g str, &'g TensorData>, BTreeMap<String, String>);
+
+fn contents<'g>(graph: &'g Graph, extra: &BTreeMap<String, String>) -> Result<Contents<'g>, ArtifactError> {
     let mut tensors: BTreeMap<&str, &TensorData> = BTreeMap::new();
     for n in graph.node_ids() {
         if let Op::Weight(w) = &graph.node(n).op {
@@ -108,14 +139,7 @@ pub fn write(path: &Path, graph: &Graph, extra: &BTreeMap<String, String>) -> Re
     metadata.insert(VERSION_KEY.into(), FORMAT_VERSION.to_string());
     metadata.insert(IR_KEY.into(), kiln_ir::print(graph));
     metadata.entry(PASSES_KEY.into()).or_insert_with(|| "[]".into());
-    // Write beside the target and rename, so a failed write never leaves half a file.
-    let tmp = path.with_extension("kiln.partial");
-    let io = |e: std::io::Error| ArtifactError::Write(format!("{}: {e}", tmp.display()));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    serialize(&tensors, &metadata, &mut out).map_err(io)?;
-    std::io::Write::flush(&mut out).map_err(io)?;
-    drop(out);
-    std::fs::rename(&tmp, path).map_err(|e| ArtifactError::Write(format!("{}: {e}", path.display())))
+    Ok((tensors, metadata))
 }
 
 /// Writes a safetensors file whose bytes depend only on its contents: the header's keys
@@ -184,7 +208,7 @@ pub fn read_bytes(whole: Bytes, name: &str, checksums: bool) -> Result<Artifact,
     let not_artifact = |message: String| ArtifactError::NotAnArtifact { path: p.clone(), message };
     let damaged = |message: String| ArtifactError::Damaged { path: p.clone(), message };
     let (header_len, header) =
-        SafeTensors::read_metadata(&map).map_err(|e| not_artifact(format!("not a safetensors file ({e})")))?;
+        SafeTensors::read_metadata(map).map_err(|e| not_artifact(format!("not a safetensors file ({e})")))?;
     let metadata: BTreeMap<String, String> =
         header.metadata().clone().unwrap_or_default().into_iter().collect::<BTreeMap<_, _>>();
     match metadata.get(VERSION_KEY) {
