@@ -63,7 +63,8 @@ struct Fused {
 /// The weight a linear kernel reads.
 #[derive(Clone, Debug)]
 enum KernelWeight {
-    /// The stored bytes, in the graph's tensor store.
+    /// The stored bytes, in the graph's tensor store (for sgemm linears, f32 weights stored
+    /// aligned, read in place).
     Stored,
     /// A copy in another layout: an int format repacked as GGUF blocks
     /// ([`crate::repack`]), and for int8 kernels packed into panels
@@ -538,6 +539,15 @@ impl<'g> Engine<'g> {
         }
         dense.sort();
         dense.dedup();
+        // f32 weights stored aligned are read in place (an artifact's mapping, a native
+        // program's data): decoding would copy them, most of a small model's start-up.
+        let mut in_place = Vec::new();
+        for &node in &dense {
+            if stored_f32(stored_weight(graph, node)?).is_some() {
+                in_place.push(node);
+            }
+        }
+        dense.retain(|n| !in_place.contains(n));
         let dense = decode_weights(graph, &dense).map_err(|e| ExecError::Spec(e.to_string()))?;
         let mut rows: HashMap<NodeId, Arc<RowWeights>> = HashMap::new();
         for &(node, n, k) in &row_weights {
@@ -762,14 +772,15 @@ impl<'g> Engine<'g> {
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
         if let Kernel::Sgemm(_, epilogue) = kernel {
-            let KernelWeight::Dense(w) = &f.data else {
-                return Err("the weight of an sgemm linear is not decoded".into());
+            let w: &[f32] = match &f.data {
+                KernelWeight::Dense(w) => &w.as_f32().ok_or("the weight of an sgemm linear is not f32")?.data,
+                KernelWeight::Stored => stored_f32(weight).ok_or("the weight of an sgemm linear is not stored f32")?,
+                _ => return Err("the weight of an sgemm linear is not decoded".into()),
             };
-            let w = w.as_f32().ok_or("the weight of an sgemm linear is not f32")?;
             let (k, n) = (spec.k, spec.n);
             // One call: it splits the rows across the pool (`run_with` runs under
             // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
-            kiln_rt::kernels::linear_rows(&x.data, k, &w.data, n, None, &mut y);
+            kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
             if let Some(epilogue) = epilogue {
                 // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
                 // it has one) is [m, N] and distinct from y.
@@ -1020,15 +1031,14 @@ impl Plan {
             }
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
-        // Row lookups in tables kept in a block format read the stored rows: the table is
-        // never decoded whole (SmolLM2's would take 113 MB as f32).
+        // Row lookups read the stored rows: the table is never decoded whole (SmolLM2's
+        // would take 113 MB as f32; MiniLM's f32 one, copied, 47 MB).
         for &id in order {
             let node = graph.node(id);
             if node.op != Op::Gather || actions.contains_key(&id) {
                 continue;
             }
             if let Ok(t) = stored_weight(graph, graph.operands(id)[0])
-                && t.format != Format::F32
                 && t.shape.len() == 2
                 && t.format.byte_len(t.shape[1]).is_ok()
             {
@@ -1225,6 +1235,18 @@ fn gather_rows(table: &kiln_ir::TensorData, ids: &Value) -> Result<Value, String
     let mut shape = shape.clone();
     shape.push(width as usize);
     Ok(Value::F32(Tensor::new(shape, out)))
+}
+
+/// A stored f32 tensor's values in place, when its bytes are aligned for `f32` (and the
+/// host is little-endian, as the stored bytes are).
+fn stored_f32(t: &kiln_ir::TensorData) -> Option<&[f32]> {
+    let bytes = t.bytes.as_slice();
+    let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<f32>()) == 0 && bytes.len() % 4 == 0;
+    (t.format == Format::F32 && aligned && cfg!(target_endian = "little")).then(|| {
+        // SAFETY: aligned, `len / 4` whole f32s of initialized bytes, any bit pattern is an
+        // f32, and the slice borrows `t`.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
+    })
 }
 
 /// The stored tensor of weight node `id`.
