@@ -1241,7 +1241,7 @@ fn gather_rows(table: &kiln_ir::TensorData, ids: &Value) -> Result<Value, String
 /// host is little-endian, as the stored bytes are).
 fn stored_f32(t: &kiln_ir::TensorData) -> Option<&[f32]> {
     let bytes = t.bytes.as_slice();
-    let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<f32>()) == 0 && bytes.len() % 4 == 0;
+    let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<f32>()) == 0 && bytes.len().is_multiple_of(4);
     (t.format == Format::F32 && aligned && cfg!(target_endian = "little")).then(|| {
         // SAFETY: aligned, `len / 4` whole f32s of initialized bytes, any bit pattern is an
         // f32, and the slice borrows `t`.
