@@ -1,0 +1,319 @@
+//! `kiln compile --emit exe`: native programs compute what `kiln run` and `kiln generate`
+//! compute, bit for bit, and fail on bad input with the same messages. The tiny model runs
+//! always; the real models when fetched.
+
+mod common;
+
+use common::*;
+use kiln_tests::{MINILM_WEIGHTS, SMOLLM2_WEIGHTS, fixtures, real_checkpoint, spec};
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Builds kiln's runtime library where `kiln compile --emit exe` looks for it: beside the
+/// `kiln` under test, in the directory of cargo's profile (`cargo test` builds the binary,
+/// not the static library). Once per test binary.
+fn runtime_library() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+        let dir = kiln.parent().expect("the binary's directory");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(other) => other,
+            None => panic!("no profile directory above {}", kiln.display()),
+        };
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "kiln-native", "--profile", profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "building kiln-native failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(dir.join("libkiln_native.a").is_file(), "no libkiln_native.a in {}", dir.display());
+    });
+}
+
+/// Runs a native program with `args`.
+fn program<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S]) -> Output {
+    Command::new(exe).args(args).env_remove("RUST_BACKTRACE").output().expect("the program runs")
+}
+
+fn program_ok<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S]) -> String {
+    let out = program(exe, args);
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}",
+        exe.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Compiles `model` (a spec with `weights`, or an artifact) to an executable in `dir`.
+fn compile_exe(dir: &Path, model: &str, weights: Option<&Path>, extra: &[&str]) -> PathBuf {
+    runtime_library();
+    let exe = dir.join("model-exe");
+    let mut args = vec!["compile".to_string(), model.to_string()];
+    if let Some(w) = weights {
+        args.extend(["-w".into(), s(w)]);
+    }
+    args.extend(["--emit".into(), "exe".into(), "-o".into(), s(&exe)]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    ok(&args);
+    assert!(exe.is_file(), "no executable at {}", exe.display());
+    exe
+}
+
+/// The ids of a `{"ids": [...]}` line (kiln generate --json, or a program's).
+fn ids_of(json: &str) -> Vec<i64> {
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{json:?}: {e}"));
+    v["ids"].as_array().expect("ids").iter().map(|i| i.as_i64().expect("an id")).collect()
+}
+
+const IDS: [i64; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+
+fn tiny_input(dir: &Path) -> PathBuf {
+    let input = dir.join("in.safetensors");
+    let mask = [1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+    write_safetensors(&input, &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[2, 5], &mask)]);
+    input
+}
+
+/// The tiny model as an executable: its outputs are `kiln run`'s, byte for byte (on other
+/// thread counts), its greedy continuation is `kiln generate`'s, and `--help` names the
+/// model, its inputs and outputs.
+#[test]
+fn tiny_executable_runs_and_generates_like_kiln() {
+    let (dir, weights) = tiny_setup("native-tiny");
+    let exe = compile_exe(&dir, &s(&spec("tiny/tiny.kiln")), Some(&weights), &[]);
+    let input = tiny_input(&dir);
+    let (by_exe, by_jit) = (dir.join("exe.safetensors"), dir.join("jit.safetensors"));
+    program_ok(&exe, &["--input", &s(&input), "--output", &s(&by_exe), "--threads", "3"]);
+    ok(&[
+        "run",
+        &s(&spec("tiny/tiny.kiln")),
+        "-w",
+        &s(&weights),
+        "-i",
+        &s(&input),
+        "-o",
+        &s(&by_jit),
+        "--threads",
+        "1",
+    ]);
+    let (a, b) = (read_safetensors(&by_exe), read_safetensors(&by_jit));
+    assert_eq!(a.iter().map(|t| &t.0).collect::<Vec<_>>(), b.iter().map(|t| &t.0).collect::<Vec<_>>());
+    assert!(!a.is_empty());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x, y, "output `{}` differs from kiln run's", x.0);
+    }
+
+    let generated = program_ok(&exe, &["--prompt-ids", "3,1,4,1,5", "--max-tokens", "12", "--json"]);
+    let want = ok(&[
+        "generate",
+        &s(&spec("tiny/tiny.kiln")),
+        "-w",
+        &s(&weights),
+        "--prompt-ids",
+        "3,1,4,1,5",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    assert_eq!(ids_of(&generated), ids_of(&want));
+    assert_eq!(ids_of(&generated).len(), 12);
+
+    let help = program_ok(&exe, &["--help"]);
+    for needle in
+        ["`tiny`", "input_ids: i64[batch, seq]", "attention_mask: i64[batch, seq]", "logits: f32[batch, seq, 32]"]
+    {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+}
+
+/// Bad input gets the message `kiln run` gives (and a non-zero exit, no panic).
+#[test]
+fn tiny_executable_rejects_bad_input_as_kiln_run_does() {
+    let (dir, weights) = tiny_setup("native-errors");
+    let exe = compile_exe(&dir, &s(&spec("tiny/tiny.kiln")), Some(&weights), &[]);
+    let input = tiny_input(&dir);
+    let bytes = std::fs::read(&input).expect("read");
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..20]).expect("write");
+    let no_mask = dir.join("no_mask.safetensors");
+    write_safetensors(&no_mask, &[i64s("input_ids", &[2, 5], &IDS), i64s("mask", &[2, 5], &[1; 10])]);
+    let f32_ids = dir.join("f32_ids.safetensors");
+    write_safetensors(&f32_ids, &[f32s("input_ids", &[2, 5], &[1.0; 10]), i64s("attention_mask", &[2, 5], &[1; 10])]);
+    let i32_ids = dir.join("i32_ids.safetensors");
+    let raw: Raw =
+        ("input_ids".into(), Dtype::I32, vec![2, 5], IDS.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect());
+    write_safetensors(&i32_ids, &[raw, i64s("attention_mask", &[2, 5], &[1; 10])]);
+    let absent = dir.join("absent.safetensors");
+    // Errors of the input file: the same message, word for word.
+    for file in [&absent, &cut, &no_mask, &f32_ids, &i32_ids] {
+        let out = program(&exe, &["--input", &s(file)]);
+        assert!(!out.status.success() && out.status.code() != Some(101), "{}: {}", file.display(), out.status);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let message = stderr.trim().strip_prefix("Error: ").unwrap_or_else(|| panic!("no `Error: ` in {stderr:?}"));
+        let message = message.lines().next().expect("a message");
+        let kiln = fails(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(file)], &[]);
+        // The same words in the same order (kiln's report draws a cause on its own line).
+        let words = |t: &str| t.chars().filter(|c| c.is_alphanumeric()).collect::<String>();
+        assert!(words(&kiln).contains(&words(message)), "the program says {message:?}, kiln run says:\n{kiln}");
+    }
+    // Errors of the run: the same facts.
+    let oov = dir.join("oov.safetensors");
+    let mut ids = IDS;
+    ids[3] = 1000;
+    write_safetensors(&oov, &[i64s("input_ids", &[2, 5], &ids), i64s("attention_mask", &[2, 5], &[1; 10])]);
+    let batch = dir.join("batch.safetensors");
+    write_safetensors(&batch, &[i64s("input_ids", &[2, 5], &IDS), i64s("attention_mask", &[3, 5], &[1; 15])]);
+    for (file, needles) in
+        [(&oov, &["oov.safetensors", "1000", "32"][..]), (&batch, &["attention_mask", "`batch` is 2"])]
+    {
+        let out = program(&exe, &["--input", &s(file)]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && out.status.code() != Some(101), "{stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{} lacks {needle:?}: {stderr}", file.display());
+        }
+        fails(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(file)], needles);
+    }
+    // Usage errors.
+    for (args, needle) in [
+        (vec![], "--input"),
+        (vec!["--input", "x", "--prompt-ids", "1"], "not both"),
+        (vec!["--prompt-ids", "1,x"], "`x` is not a token id"),
+        (vec!["--prompt-ids", "99"], "outside the vocabulary"),
+        (vec!["--threads", "0", "--prompt-ids", "1"], "--threads"),
+        (vec!["--no-such-flag"], "--no-such-flag"),
+    ] {
+        let out = program(&exe, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && out.status.code() != Some(101), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
+    }
+}
+
+/// What `kiln compile --emit exe` refuses, and how.
+#[test]
+fn compile_exe_errors_are_clear() {
+    let (dir, weights) = tiny_setup("native-compile-errors");
+    runtime_library();
+    let exe = s(&dir.join("p"));
+    let (tiny, w) = (tiny_spec(), s(&weights));
+    let compile = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["compile", &tiny, "-w", &w, "--emit", "exe", "-o", &exe]).args(extra).env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("kiln runs");
+        assert!(!out.status.success() && out.status.code() != Some(101), "{env:?} {extra:?}: {}", out.status);
+        flatten(&String::from_utf8_lossy(&out.stderr))
+    };
+    let stderr = compile(&[("CC", "/nonexistent/cc")], &[]);
+    assert!(stderr.contains(&flatten("cannot run the C compiler `/nonexistent/cc`")), "{stderr}");
+    assert!(stderr.contains(&flatten("apt install gcc")), "{stderr}");
+    let stderr = compile(&[("KILN_NATIVE_LIB", "/nonexistent/libkiln_native.a")], &[]);
+    assert!(stderr.contains(&flatten("/nonexistent/libkiln_native.a")), "{stderr}");
+    let stderr = compile(&[], &["--target-cpu", "pentium-mmx"]);
+    assert!(stderr.contains(&flatten("unknown target CPU `pentium-mmx`")), "{stderr}");
+    assert!(!dir.join("p").exists(), "a failed compile left a program");
+    // Artifacts: their passes have run.
+    let artifact = dir.join("tiny.kiln.st");
+    ok(&["compile", &tiny, "-w", &w, "-o", &s(&artifact)]);
+    let a = s(&artifact);
+    fails(&["compile", &a, "--emit", "exe", "-o", &exe, "--passes", "quantize(format=int8)"], &["its passes have run"]);
+    fails(&["compile", &a, "-o", &exe], &["already a compiled artifact"]);
+    fails(&["compile", &tiny, "-w", &w, "-o", &exe, "--target-cpu", "x86-64-v3"], &["--emit exe"]);
+}
+
+/// Reads the named i64 tensors of a fixture file.
+fn fixture_ids(file: &str, names: &[&str]) -> Vec<Vec<i64>> {
+    let raw = read_safetensors(&fixtures().join(file));
+    names
+        .iter()
+        .map(|n| {
+            let t = raw.iter().find(|t| t.0 == *n).unwrap_or_else(|| panic!("{file} has no `{n}`"));
+            t.3.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()
+        })
+        .collect()
+}
+
+/// MiniLM as an executable: its embeddings of 24 dev sentences are `kiln run`'s, bit for bit.
+#[test]
+fn minilm_executable_embeddings_are_kiln_runs() {
+    let Some(weights) = real_checkpoint(MINILM_WEIGHTS) else { return };
+    let dir = scratch("native-minilm");
+    let exe = compile_exe(&dir, &s(&spec("minilm/minilm.kiln")), Some(&weights), &[]);
+    // The first 24 rows of the dev fixture's inputs.
+    let rows = 24;
+    let raw = read_safetensors(&fixtures().join("minilm_dev.safetensors"));
+    let inputs: Vec<Raw> = raw
+        .iter()
+        .filter(|t| t.0 == "input_ids" || t.0 == "attention_mask")
+        .map(|(n, d, shape, bytes)| {
+            let row = bytes.len() / shape[0];
+            (n.clone(), *d, vec![rows, shape[1]], bytes[..rows * row].to_vec())
+        })
+        .collect();
+    assert_eq!(inputs.len(), 2);
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &inputs);
+    let (by_exe, by_jit) = (dir.join("exe.safetensors"), dir.join("jit.safetensors"));
+    program_ok(&exe, &["-i", &s(&input), "-o", &s(&by_exe), "--threads", "2"]);
+    let minilm = s(&spec("minilm/minilm.kiln"));
+    ok(&["run", &minilm, "-w", &s(&weights), "-i", &s(&input), "-o", &s(&by_jit), "--threads", "1"]);
+    let (a, b) = (read_safetensors(&by_exe), read_safetensors(&by_jit));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].2, vec![rows, 384]);
+    assert_eq!(a, b, "the program's embeddings differ from kiln run's");
+}
+
+/// SmolLM2 as executables: the exact model continues the fixture's prompt as PyTorch does,
+/// and a quantized one with int8 activations as `kiln generate` does on the same artifact.
+#[test]
+fn smollm2_executables_generate_kiln_s_tokens() {
+    let Some(weights) = real_checkpoint(SMOLLM2_WEIGHTS) else { return };
+    let dir = scratch("native-smollm2");
+    let [prompt, want] = &fixture_ids("smollm2_greedy.safetensors", &["prompt_ids", "generated_ids"])[..] else {
+        unreachable!()
+    };
+    let prompt: String = prompt.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let n = want.len().to_string();
+    let smollm2 = s(&spec("smollm2/smollm2.kiln"));
+    let exe = compile_exe(&dir, &smollm2, Some(&weights), &[]);
+    let got = program_ok(&exe, &["--prompt-ids", &prompt, "--max-tokens", &n, "--ignore-eos", "--json"]);
+    assert_eq!(&ids_of(&got), want, "the exact program's continuation is not PyTorch's");
+
+    let artifact = dir.join("q.kiln.st");
+    ok(&[
+        "compile",
+        &smollm2,
+        "-w",
+        &s(&weights),
+        "--passes",
+        "quantize(format=int4g64a, method=rtn)",
+        "-o",
+        &s(&artifact),
+    ]);
+    let exe = compile_exe(&dir, &s(&artifact), None, &["--activations", "int8"]);
+    let got = program_ok(&exe, &["--prompt-ids", &prompt, "--max-tokens", "16", "--threads", "3", "--json"]);
+    let by_kiln = ok(&[
+        "generate",
+        &s(&artifact),
+        "--prompt-ids",
+        &prompt,
+        "--max-tokens",
+        "16",
+        "--activations",
+        "int8",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(ids_of(&got), ids_of(&by_kiln), "the quantized program's tokens are not kiln generate's");
+}
