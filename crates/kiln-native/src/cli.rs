@@ -8,6 +8,7 @@ use kiln_rt::KvCache;
 use kiln_rt::lm::{LanguageModel, argmax};
 use std::ffi::{CStr, c_char, c_int};
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Debug, Parser)]
 #[command(disable_version_flag = true)]
@@ -34,6 +35,10 @@ struct Args {
     /// Worker threads (default: all cores). Outputs are bitwise the same for any count.
     #[arg(long)]
     threads: Option<usize>,
+    /// With --input: run the model this many more times after the first and print the
+    /// median and fastest time of those runs (as `kiln bench` does).
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
 }
 
 /// The executable's `main`, called by the generated C with the linked model.
@@ -89,7 +94,7 @@ fn run(program: &Program, args: &Args) -> Result<(), Failure> {
         return Err(failure("--threads must be at least 1"));
     }
     match (&args.input, &args.prompt_ids) {
-        (Some(input), None) => run_tensors(program, input, args.output.as_deref(), threads),
+        (Some(input), None) => run_tensors(program, input, args, threads),
         (None, Some(ids)) => generate(program, ids, args, threads),
         (Some(_), Some(_)) => Err(failure("give either --input or --prompt-ids, not both")),
         (None, None) => Err((
@@ -99,22 +104,34 @@ fn run(program: &Program, args: &Args) -> Result<(), Failure> {
     }
 }
 
-fn run_tensors(
-    program: &Program,
-    input: &std::path::Path,
-    output: Option<&std::path::Path>,
-    threads: usize,
-) -> Result<(), Failure> {
+fn run_tensors(program: &Program, input: &std::path::Path, args: &Args, threads: usize) -> Result<(), Failure> {
     let graph = program.graph();
     let bytes = std::fs::read(input).map_err(|e| failure(format!("cannot read {}: {e}", input.display())))?;
     let file = kiln_rt::io::decode(&bytes)
         .map_err(|e| failure(format!("{} is not a valid safetensors file: {e}", input.display())))?;
     let inputs =
         kiln_rt::io::inputs_from(&file, &input.display().to_string(), graph).map_err(|e| (e.message, e.help))?;
+    let start = Instant::now();
     let engine = program.engine(graph, threads).map_err(failure)?;
-    let outputs =
-        engine.run(&inputs).map_err(|e| failure(format!("cannot run the model on {}: {e}", input.display())))?;
-    match output {
+    let ready = start.elapsed();
+    let run = || engine.run(&inputs).map_err(|e| failure(format!("cannot run the model on {}: {e}", input.display())));
+    let outputs = run()?;
+    if let Some(runs) = args.runs.filter(|&r| r > 0) {
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            run()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "median {:.2} ms, min {:.2} ms over {runs} runs; ready in {:.1} ms",
+            times[runs / 2],
+            times[0],
+            ready.as_secs_f64() * 1e3
+        );
+    }
+    match args.output.as_deref() {
         Some(path) => {
             let bytes = kiln_rt::io::encode(&outputs).map_err(failure)?;
             std::fs::write(path, bytes).map_err(|e| failure(format!("cannot write {}: {e}", path.display())))?;
