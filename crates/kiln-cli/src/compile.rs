@@ -63,9 +63,9 @@ pub fn compile(args: CompileArgs) -> Result<()> {
             (model, metadata)
         }
     };
-    if args.emit == Emit::Exe {
+    if args.emit != Emit::Artifact {
         let activations = args.activations.or_else(|| model.recorded_activations()).unwrap_or(ActivationsKind::F32);
-        crate::native::emit_exe(&model.graph, metadata, activations, &args.target_cpu, &args.output)?;
+        crate::native::emit(args.emit, &model.graph, metadata, activations, &args.target_cpu, &args.output)?;
         eprintln!("in {:.1} s", start.elapsed().as_secs_f64());
         return Ok(());
     }

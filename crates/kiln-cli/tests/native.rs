@@ -317,3 +317,132 @@ fn smollm2_executables_generate_kiln_s_tokens() {
     ]);
     assert_eq!(ids_of(&got), ids_of(&by_kiln), "the quantized program's tokens are not kiln generate's");
 }
+
+/// Compiles `model` to `DIR/libNAME.a` (and `NAME.h`), then `c_source` against it with the
+/// link line the header documents; returns the C program.
+fn build_c_program(dir: &Path, name: &str, model: &str, weights: Option<&Path>, c_source: &Path) -> PathBuf {
+    runtime_library();
+    let lib = dir.join(format!("lib{name}.a"));
+    let mut args = vec!["compile".to_string(), model.to_string()];
+    if let Some(w) = weights {
+        args.extend(["-w".into(), s(w)]);
+    }
+    args.extend(["--emit".into(), "lib".into(), "-o".into(), s(&lib)]);
+    ok(&args);
+    let header = std::fs::read_to_string(dir.join(format!("{name}.h"))).expect("the header is written");
+    let link = header
+        .lines()
+        .find_map(|l| l.trim_start_matches([' ', '*']).strip_prefix(&format!("Link: cc program.c lib{name}.a ")))
+        .unwrap_or_else(|| panic!("{name}.h documents no link line:\n{header}"));
+    let exe = dir.join(format!("{name}-c"));
+    let out = Command::new("cc")
+        .arg(c_source)
+        .arg("-I")
+        .arg(dir)
+        .arg(&lib)
+        .args(link.split_whitespace())
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("cc runs");
+    assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+/// The values a C program printed one per line after a `NAME [shape]` line, as f32 bits.
+fn printed_floats(stdout: &str, output: &str) -> Vec<u32> {
+    let mut lines = stdout.lines().skip_while(|l| !l.starts_with(&format!("{output} [")));
+    assert!(lines.next().is_some(), "no output `{output}` in:\n{stdout}");
+    lines
+        .take_while(|l| !l.contains('['))
+        .map(|l| l.trim().parse::<f32>().unwrap_or_else(|e| panic!("{l:?}: {e}")).to_bits())
+        .collect()
+}
+
+fn f32_bits(raw: &Raw) -> Vec<u32> {
+    raw.3.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// A C program on the tiny model's library: its logits are `kiln run`'s bit for bit (9
+/// significant digits give back every f32), two models live at once, and a bad input is
+/// reported through `kiln_last_error`.
+#[test]
+fn tiny_library_from_c() {
+    let (dir, weights) = tiny_setup("native-tiny-lib");
+    let c = dir.join("tiny.c");
+    std::fs::write(
+        &c,
+        r#"#include <stdint.h>
+#include <stdio.h>
+#include "tiny.h"
+
+int main(void) {
+    int64_t ids[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, mask[10] = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
+    size_t shape[2] = {2, 5};
+    kiln_tensor in[2] = {{"input_ids", KILN_I64, 2, shape, ids}, {"attention_mask", KILN_I64, 2, shape, mask}};
+    kiln_model *a = tiny_create(3), *b = tiny_create(1);
+    if (!a || !b) { printf("create: %s\n", kiln_last_error()); return 1; }
+    kiln_result *ra = NULL, *rb = NULL;
+    if (kiln_run(a, in, 2, &ra) || kiln_run(b, in, 2, &rb)) { printf("run: %s\n", kiln_last_error()); return 1; }
+    const kiln_tensor *t = kiln_result_get(ra, 0), *u = kiln_result_get(rb, 0);
+    size_t n = 1;
+    printf("%s [", t->name);
+    for (size_t d = 0; d < t->rank; d++) { printf(d ? ", %zu" : "%zu", t->shape[d]); n *= t->shape[d]; }
+    printf("]\n");
+    for (size_t i = 0; i < n; i++) {
+        float x = ((const float *)t->data)[i], y = ((const float *)u->data)[i];
+        if (x != y) { printf("threads differ at %zu\n", i); return 1; }
+        printf("%.9g\n", x);
+    }
+    if (kiln_result_get(ra, kiln_result_count(ra)) != NULL) return 1;
+    kiln_result_free(ra);
+    kiln_result_free(rb);
+    in[1].name = "mask";
+    kiln_result *bad = NULL;
+    if (kiln_run(a, in, 2, &bad) != -1 || bad != NULL) return 1;
+    printf("[error] %s\n", kiln_last_error());
+    kiln_free(a);
+    kiln_free(b);
+    return 0;
+}
+"#,
+    )
+    .expect("write");
+    let exe = build_c_program(&dir, "tiny", &tiny_spec(), Some(&weights), &c);
+    let stdout = program_ok(&exe, &[] as &[&str]);
+    let input = tiny_input(&dir);
+    let by_jit = dir.join("jit.safetensors");
+    ok(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(&input), "-o", &s(&by_jit)]);
+    let want = read_safetensors(&by_jit);
+    let logits = want.iter().find(|t| t.0 == "logits").expect("logits");
+    assert!(
+        stdout
+            .starts_with(&format!("logits [{}]", logits.2.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")))
+    );
+    assert_eq!(printed_floats(&stdout, "logits"), f32_bits(logits));
+    let error = stdout.lines().find_map(|l| l.strip_prefix("[error] ")).expect("the error line");
+    assert!(error.contains("attention_mask"), "{error}");
+}
+
+/// `examples/c/minilm.c` builds against MiniLM's library and embeds a sentence as `kiln run`
+/// does, bit for bit.
+#[test]
+fn minilm_c_example_matches_kiln_run() {
+    let Some(weights) = real_checkpoint(MINILM_WEIGHTS) else { return };
+    let dir = scratch("native-minilm-c");
+    let example = kiln_tests::root().join("examples/c/minilm.c");
+    let exe = build_c_program(&dir, "minilm", &s(&spec("minilm/minilm.kiln")), Some(&weights), &example);
+    let ids = [101i64, 1037, 6251, 2055, 24264, 1012, 102];
+    let args: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let stdout = program_ok(&exe, &args);
+    let input = dir.join("in.safetensors");
+    write_safetensors(
+        &input,
+        &[i64s("input_ids", &[1, ids.len()], &ids), i64s("attention_mask", &[1, ids.len()], &[1; 7])],
+    );
+    let by_jit = dir.join("jit.safetensors");
+    ok(&["run", &s(&spec("minilm/minilm.kiln")), "-w", &s(&weights), "-i", &s(&input), "-o", &s(&by_jit)]);
+    let want = read_safetensors(&by_jit);
+    assert!(stdout.starts_with("embeddings [1, 384]"), "{stdout}");
+    assert_eq!(printed_floats(&stdout, "embeddings"), f32_bits(&want[0]));
+}

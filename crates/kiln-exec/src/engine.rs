@@ -602,6 +602,11 @@ impl<'g> Engine<'g> {
         Ok(engine)
     }
 
+    /// The graph the engine runs.
+    pub fn graph(&self) -> &'g Graph {
+        self.graph
+    }
+
     /// Time spent planning and compiling (not decoding weights).
     pub fn compile_time(&self) -> Duration {
         self.compile_time

@@ -11,8 +11,10 @@
 //! - [`ModelData`]: what the generated C passes in (the kernel table, the spec text and
 //!   the artifact's bytes, all in the program's read-only data);
 //! - [`Program`]: the artifact read from them, and engines built on the linked kernels;
-//! - [`cli`]: `main` for executables (`PROGRAM --input IN --output OUT`, generation).
+//! - [`cli`]: `main` for executables (`PROGRAM --input IN --output OUT`, generation);
+//! - [`capi`]: the C API of libraries (create, run, read outputs, free).
 
+pub mod capi;
 pub mod cli;
 
 use kiln_exec::{Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
