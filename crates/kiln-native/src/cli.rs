@@ -177,7 +177,10 @@ fn generate(program: &Program, ids: &str, args: &Args, threads: usize) -> Result
             .map_err(|e| failure(format!("generation failed at position {at}: {e}")))?;
         lm.last_logits(outputs).ok_or_else(|| failure("the model produced no f32 logits"))
     };
+    let start = Instant::now();
     let mut logits = step(&prompt, &mut cache)?;
+    let prefill = start.elapsed();
+    let decode_start = Instant::now();
     let mut out: Vec<i64> = Vec::new();
     while out.len() < args.max_tokens {
         let next = argmax(&logits);
@@ -187,11 +190,21 @@ fn generate(program: &Program, ids: &str, args: &Args, threads: usize) -> Result
         }
         logits = step(&[next], &mut cache)?;
     }
+    let decode = decode_start.elapsed();
     let list = out.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     match args.json {
         true => println!("{{\"ids\": [{list}]}}"),
         false => println!("{list}"),
     }
+    // As `kiln generate` reports it.
+    eprintln!(
+        "{} prompt tokens in {:.1} ms; {} tokens generated, {:.1} ms/token (cache {:.1} MB)",
+        prompt.len(),
+        prefill.as_secs_f64() * 1e3,
+        out.len(),
+        decode.as_secs_f64() * 1e3 / out.len().saturating_sub(1).max(1) as f64,
+        cache.bytes() as f64 / 1e6,
+    );
     Ok(())
 }
 
