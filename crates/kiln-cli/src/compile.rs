@@ -19,18 +19,22 @@ pub struct CompileArgs {
     pub emit: Emit,
     pub target_cpu: String,
     pub activations: Option<ActivationsKind>,
+    pub weights_beside: bool,
 }
 
 pub fn compile(args: CompileArgs) -> Result<()> {
     let start = Instant::now();
     let is_artifact = kiln_rt::artifact::looks_like_artifact(&args.spec);
     if args.emit == Emit::Artifact && args.target_cpu != "native" {
-        return Err(miette!("--target-cpu chooses the CPU of compiled kernels: it needs --emit exe"));
+        return Err(miette!("--target-cpu chooses the CPU of compiled kernels: it needs --emit exe or lib"));
+    }
+    if args.emit != Emit::Exe && args.weights_beside {
+        return Err(miette!("--weights-beside puts an executable's weights in a file beside it: it needs --emit exe"));
     }
     if args.emit == Emit::Artifact && args.activations.is_some() {
         return Err(miette!(
             help = "activations are chosen by `quantize(..., activations=int8)` in an artifact, or by `kiln run --activations`",
-            "--activations on `kiln compile` chooses the kernels of --emit exe"
+            "--activations on `kiln compile` chooses the kernels of --emit exe or lib"
         ));
     }
     let (model, metadata) = match (is_artifact, args.emit) {
@@ -65,7 +69,12 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     };
     if args.emit != Emit::Artifact {
         let activations = args.activations.or_else(|| model.recorded_activations()).unwrap_or(ActivationsKind::F32);
-        crate::native::emit(args.emit, &model.graph, metadata, activations, &args.target_cpu, &args.output)?;
+        let native = crate::native::NativeArgs {
+            activations,
+            target_cpu: &args.target_cpu,
+            weights_beside: args.weights_beside,
+        };
+        crate::native::emit(args.emit, &model.graph, metadata, &native, &args.output)?;
         eprintln!("in {:.1} s", start.elapsed().as_secs_f64());
         return Ok(());
     }

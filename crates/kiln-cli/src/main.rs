@@ -78,6 +78,10 @@ enum Command {
         /// chose, else f32); the program runs as `kiln run --activations` would.
         #[arg(long, value_enum)]
         activations: Option<runner::ActivationsKind>,
+        /// With --emit exe: keep the weights in a file beside the program (PROGRAM.kiln, an
+        /// artifact), mapped when it starts, instead of inside it.
+        #[arg(long)]
+        weights_beside: bool,
     },
     /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
     #[command(
@@ -251,7 +255,17 @@ fn main() -> Result<()> {
             passes::summarize(&ran);
             print!("{}", kiln_ir::print(&model.graph));
         }
-        Command::Compile { spec, weights, output, tokenizer, passes, emit, target_cpu, activations } => {
+        Command::Compile {
+            spec,
+            weights,
+            output,
+            tokenizer,
+            passes,
+            emit,
+            target_cpu,
+            activations,
+            weights_beside,
+        } => {
             compile::compile(compile::CompileArgs {
                 spec,
                 weights,
@@ -261,6 +275,7 @@ fn main() -> Result<()> {
                 emit,
                 target_cpu,
                 activations,
+                weights_beside,
             })?;
         }
         Command::Report { artifact, json, plot } => report::report(&artifact, json, plot.as_deref())?,

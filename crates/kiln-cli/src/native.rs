@@ -43,6 +43,9 @@ fn model_data_c(prefix: &str) -> String {
     uint64_t kernel_specs_len;
     const unsigned char *artifact;
     uint64_t artifact_len;
+    const char *weights_file;
+    uint64_t weights_file_len;
+    uint64_t weights_header_hash;
 }};
 
 extern const void *const {p}kernels[];
@@ -51,9 +54,12 @@ extern const char {p}kernel_specs[];
 extern const uint64_t {p}kernel_specs_len;
 extern const unsigned char {p}artifact[];
 extern const uint64_t {p}artifact_len;
+extern const char {p}weights_file[];
+extern const uint64_t {p}weights_file_len;
+extern const uint64_t {p}weights_header_hash;
 
 #define KILN_MODEL_DATA {{ {p}kernels, {p}kernel_count, {p}kernel_specs, {p}kernel_specs_len, \
-    {p}artifact, {p}artifact_len }}
+    {p}artifact, {p}artifact_len, {p}weights_file, {p}weights_file_len, {p}weights_header_hash }}
 "#,
         p = prefix
     )
@@ -196,20 +202,32 @@ kiln_model *{name}_create(int threads);
     )
 }
 
+/// How a native program is built.
+pub struct NativeArgs<'a> {
+    pub activations: ActivationsKind,
+    pub target_cpu: &'a str,
+    /// Executables: the weights in a file beside the program (`PROGRAM.kiln`, an artifact),
+    /// mapped at start-up, instead of inside it.
+    pub weights_beside: bool,
+}
+
 /// Writes the executable or library `output` for `graph` (bound) with the artifact
 /// metadata `metadata`.
 pub fn emit(
     emit: Emit,
     graph: &Graph,
     mut metadata: BTreeMap<String, String>,
-    activations: ActivationsKind,
-    target_cpu: &str,
+    args: &NativeArgs<'_>,
     output: &Path,
 ) -> Result<()> {
+    let NativeArgs { activations, target_cpu, weights_beside } = *args;
     let name = match emit {
         Emit::Lib => Some(library_name(output)?),
         _ => None,
     };
+    if weights_beside && emit != Emit::Exe {
+        return Err(miette!("--weights-beside puts an executable's weights in a file beside it: it needs --emit exe"));
+    }
     let runtime = runtime_library()?;
     let isa = HostIsa::for_cpu(target_cpu, IsaOptions::default()).into_diagnostic()?;
     eprintln!("kernels for {target_cpu} ({})", isa.describe());
@@ -221,13 +239,30 @@ pub fn emit(
         metadata.insert(kiln_rt::artifact::GENERATE_IR_KEY.into(), kiln_ir::print(g));
     }
     let artifact = kiln_rt::artifact::to_bytes(graph, &metadata).into_diagnostic()?;
+    // With --weights-beside the artifact goes to PROGRAM.kiln, and the program holds its
+    // name and the hash of its header.
+    let beside = weights_beside.then(|| {
+        let file = output.file_name().map_or_else(|| "program".into(), |f| f.to_string_lossy().into_owned());
+        output.with_file_name(format!("{file}.kiln"))
+    });
+    let (embedded, weights_file, header_hash): (&[u8], String, u64) = match &beside {
+        None => (&artifact, String::new(), 0),
+        Some(path) => {
+            let header =
+                kiln_rt::artifact::header_of(&artifact).ok_or_else(|| miette!("the artifact has no header"))?;
+            let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            (&[], name, kiln_ir::store::fnv1a(header))
+        }
+    };
+    let hash = header_hash.to_le_bytes();
+    let data = [("artifact", embedded), ("weights_file", weights_file.as_bytes()), ("weights_header_hash", &hash[..])];
     let graphs: Vec<&Graph> = std::iter::once(graph).chain(generation.as_ref()).collect();
     let options = EngineOptions { threads: 1, activations: activations.into(), profile: false };
     let prefix = match &name {
         Some(name) => format!("kiln_{name}_"),
         None => "kiln_".into(),
     };
-    let object = kiln_jit::emit_object(&graphs, options, &isa, &prefix, &[("artifact", &artifact)])
+    let object = kiln_jit::emit_object(&graphs, options, &isa, &prefix, &data)
         .into_diagnostic()
         .wrap_err("cannot compile the kernels")?;
     let dir = TempDir::new()?;
@@ -259,6 +294,12 @@ pub fn emit(
             write_library(&runtime, &extra, output)?;
             eprintln!("wrote {} (the API and {name}_create)", header_path.display());
         }
+    }
+    if let Some(path) = &beside {
+        std::fs::write(path, &artifact)
+            .into_diagnostic()
+            .wrap_err_with(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote the weights to {} (keep it beside the program)", path.display());
     }
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     println!(

@@ -231,6 +231,50 @@ fn compile_exe_errors_are_clear() {
     fails(&["compile", &tiny, "-w", &w, "-o", &exe, "--target-cpu", "x86-64-v3"], &["--emit exe"]);
 }
 
+/// `--weights-beside`: the weights in `PROGRAM.kiln`, mapped at start-up; the same outputs,
+/// and clear errors when the file is missing or is not the one the program was built with.
+#[test]
+fn tiny_executable_with_weights_beside() {
+    let (dir, weights) = tiny_setup("native-beside");
+    let exe = compile_exe(&dir, &tiny_spec(), Some(&weights), &["--weights-beside"]);
+    let sidecar = dir.join("model-exe.kiln");
+    assert!(sidecar.is_file(), "no {}", sidecar.display());
+    let input = tiny_input(&dir);
+    let (by_exe, by_jit) = (dir.join("exe.safetensors"), dir.join("jit.safetensors"));
+    program_ok(&exe, &["--input", &s(&input), "--output", &s(&by_exe)]);
+    ok(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(&input), "-o", &s(&by_jit)]);
+    assert_eq!(read_safetensors(&by_exe), read_safetensors(&by_jit));
+    // The sidecar is an artifact: kiln runs it too.
+    let by_artifact = dir.join("artifact.safetensors");
+    ok(&["run", &s(&sidecar), "-i", &s(&input), "-o", &s(&by_artifact)]);
+    assert_eq!(read_safetensors(&by_artifact), read_safetensors(&by_jit));
+    // Other weights of the same model (another seed) are refused, then none at all.
+    let other = dir.join("other.safetensors");
+    kiln_tests::write_tiny_checkpoint(&other, 8);
+    ok(&["compile", &tiny_spec(), "-w", &s(&other), "-o", &s(&sidecar)]);
+    let out = program(&exe, &["--input", &s(&input)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not the weights this program was compiled with"), "{stderr}");
+    std::fs::remove_file(&sidecar).expect("remove");
+    let out = program(&exe, &["--input", &s(&input)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("model-exe.kiln"), "{stderr}");
+    fails(
+        &[
+            "compile",
+            &tiny_spec(),
+            "-w",
+            &s(&weights),
+            "--emit",
+            "lib",
+            "-o",
+            &s(&dir.join("libt.a")),
+            "--weights-beside",
+        ],
+        &["--emit exe"],
+    );
+}
+
 /// Reads the named i64 tensors of a fixture file.
 fn fixture_ids(file: &str, names: &[&str]) -> Vec<Vec<i64>> {
     let raw = read_safetensors(&fixtures().join(file));

@@ -37,9 +37,16 @@ pub struct ModelData {
     /// The kernel spec text (`kiln_exec::engine::kernel_specs_text`), UTF-8, not terminated.
     pub kernel_specs: *const u8,
     pub kernel_specs_len: u64,
-    /// The artifact's bytes (a safetensors file).
+    /// The artifact's bytes (a safetensors file); none when the weights are beside the
+    /// program.
     pub artifact: *const u8,
     pub artifact_len: u64,
+    /// With `--weights-beside`: the artifact's file name, in the executable's directory
+    /// (UTF-8, not terminated), and the FNV-1a hash of its header ([`artifact::header_of`]),
+    /// which names every tensor's checksum and place. Empty otherwise.
+    pub weights_file: *const u8,
+    pub weights_file_len: u64,
+    pub weights_header_hash: u64,
 }
 
 /// Errors of a native program.
@@ -47,10 +54,36 @@ pub struct ModelData {
 pub enum NativeError {
     #[error("the program's embedded model is damaged: {0}")]
     Damaged(String),
+    #[error("{0}")]
+    Weights(String),
     #[error(transparent)]
     Artifact(#[from] artifact::ArtifactError),
     #[error(transparent)]
     Exec(#[from] kiln_exec::ExecError),
+}
+
+/// The artifact `name` beside the executable, mapped, after checking that its header is the
+/// one the program was compiled with (the header names every tensor's checksum and place;
+/// the tensors are not hashed at start-up).
+fn weights_beside(name: &str, header_hash: u64) -> Result<Artifact, NativeError> {
+    use std::io::Read;
+    let exe = std::env::current_exe().map_err(|e| NativeError::Weights(format!("cannot find this program: {e}")))?;
+    let path = exe.with_file_name(name);
+    let fail = |why: String| NativeError::Weights(format!("cannot use the weights {}: {why}", path.display()));
+    let mut file = std::fs::File::open(&path).map_err(|e| fail(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| fail(e.to_string()))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 1 << 30 {
+        return Err(fail("not a kiln artifact".into()));
+    }
+    let mut header = len.to_vec();
+    header.resize(8 + header_len as usize, 0);
+    file.read_exact(&mut header[8..]).map_err(|e| fail(e.to_string()))?;
+    if kiln_ir::store::fnv1a(&header) != header_hash {
+        return Err(fail("they are not the weights this program was compiled with".into()));
+    }
+    Ok(artifact::open(&path, false)?)
 }
 
 /// A model linked into this program: its artifact, read in place, and its kernels.
@@ -69,25 +102,39 @@ impl Program {
     pub unsafe fn from_data(data: &ModelData) -> Result<Program, NativeError> {
         let damaged = |why: &str| NativeError::Damaged(why.into());
         let len = |n: u64| usize::try_from(n).map_err(|_| damaged("a length does not fit this machine"));
-        let (count, specs_len, artifact_len) =
-            (len(data.kernel_count)?, len(data.kernel_specs_len)?, len(data.artifact_len)?);
-        if data.kernels.is_null() || data.kernel_specs.is_null() || data.artifact.is_null() {
+        let (count, specs_len) = (len(data.kernel_count)?, len(data.kernel_specs_len)?);
+        let (artifact_len, file_len) = (len(data.artifact_len)?, len(data.weights_file_len)?);
+        if data.kernels.is_null()
+            || data.kernel_specs.is_null()
+            || data.artifact.is_null()
+            || data.weights_file.is_null()
+        {
             return Err(damaged("a null pointer"));
         }
         // SAFETY: the caller's: static data of these lengths.
-        let (raw, specs, bytes) = unsafe {
+        let (raw, specs, bytes, file) = unsafe {
             (
                 std::slice::from_raw_parts(data.kernels, 2 * count),
                 std::slice::from_raw_parts(data.kernel_specs, specs_len),
                 std::slice::from_raw_parts(data.artifact, artifact_len),
+                std::slice::from_raw_parts(data.weights_file, file_len),
             )
         };
         let entry = |p: *const u8| (!p.is_null()).then_some(p);
         let table = raw.chunks_exact(2).map(|p| (entry(p[0]), entry(p[1]))).collect();
         let specs = std::str::from_utf8(specs).map_err(|_| damaged("the kernel specs are not UTF-8"))?;
-        let static_bytes: &'static [u8] = bytes;
-        // The artifact is part of the program's own bytes: not hashed again at start-up.
-        let artifact = artifact::read_bytes(Bytes::new(Arc::new(static_bytes)), "the embedded model", false)?;
+        let artifact = match file.is_empty() {
+            true => {
+                let static_bytes: &'static [u8] = bytes;
+                // The artifact is part of the program's own bytes: not hashed again at
+                // start-up.
+                artifact::read_bytes(Bytes::new(Arc::new(static_bytes)), "the embedded model", false)?
+            }
+            false => {
+                let name = std::str::from_utf8(file).map_err(|_| damaged("the weights' file name is not UTF-8"))?;
+                weights_beside(name, data.weights_header_hash)?
+            }
+        };
         Ok(Program { artifact, specs, table })
     }
 

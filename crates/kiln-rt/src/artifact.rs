@@ -190,12 +190,24 @@ fn serialize(
 /// Reads an artifact: maps the file, parses and verifies its IR, and binds every weight to
 /// its bytes after checking format, size and checksum.
 pub fn read(path: &Path) -> Result<Artifact, ArtifactError> {
+    open(path, true)
+}
+
+/// [`read`], checking the tensors' checksums or not (see [`read_bytes`]).
+pub fn open(path: &Path, checksums: bool) -> Result<Artifact, ArtifactError> {
     let p = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| ArtifactError::Io { path: p.clone(), source })?;
     // SAFETY: the mapping is read-only; like every mmap-based reader we rely on the file not
     // being truncated while it is in use.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: p.clone(), source })?;
-    read_bytes(Bytes::new(Arc::new(map)), &p, true)
+    read_bytes(Bytes::new(Arc::new(map)), &p, checksums)
+}
+
+/// The bytes of an artifact file's header (its 8-byte length and the JSON: the IR with every
+/// tensor's checksum and place, and the metadata), which identify its contents.
+pub fn header_of(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    bytes.get(..8usize.checked_add(usize::try_from(len).ok()?)?)
 }
 
 /// Reads an artifact held in memory, as [`read`] does a file (`name` names it in errors).
