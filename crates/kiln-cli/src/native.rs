@@ -225,9 +225,7 @@ pub fn emit(
         Emit::Lib => Some(library_name(output)?),
         _ => None,
     };
-    if weights_beside && emit != Emit::Exe {
-        return Err(miette!("--weights-beside puts an executable's weights in a file beside it: it needs --emit exe"));
-    }
+    debug_assert!(!weights_beside || emit == Emit::Exe, "compile.rs refuses --weights-beside without --emit exe");
     let runtime = runtime_library()?;
     let isa = HostIsa::for_cpu(target_cpu, IsaOptions::default()).into_diagnostic()?;
     eprintln!("kernels for {target_cpu} ({})", isa.describe());
