@@ -125,6 +125,16 @@ fn tiny_executable_runs_and_generates_like_kiln() {
     assert_eq!(ids_of(&generated), ids_of(&want));
     assert_eq!(ids_of(&generated).len(), 12);
 
+    // Kernels for an older CPU (no AVX, no FMA: the program's engine takes no 256-bit GEMM)
+    // run here and compute the same bits.
+    let old_cpu = dir.join("old-cpu");
+    std::fs::create_dir_all(&old_cpu).expect("mkdir");
+    let old = compile_exe(&old_cpu, &s(&spec("tiny/tiny.kiln")), Some(&weights), &["--target-cpu", "x86-64-v2"]);
+    let by_old = dir.join("old.safetensors");
+    program_ok(&old, &["--input", &s(&input), "--output", &s(&by_old)]);
+    assert_eq!(read_safetensors(&by_old), b);
+    assert!(program_ok(&old, &["--help"]).contains("x86-64-v2"));
+
     let help = program_ok(&exe, &["--help"]);
     for needle in
         ["`tiny`", "input_ids: i64[batch, seq]", "attention_mask: i64[batch, seq]", "logits: f32[batch, seq, 32]"]

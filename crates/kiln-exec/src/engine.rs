@@ -424,12 +424,17 @@ impl<'g> Engine<'g> {
         let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
         let parts = options.threads.min(*AOT_THREADS.end());
         let plan = Plan::new(graph, &order, options.activations, parts);
-        let host = Host::detect();
         let mut lines = linked.specs.lines();
         let other = ExecError::Linked;
-        let (theirs, ours) = (lines.next().unwrap_or_default(), host_line(host));
-        if theirs != ours {
-            return Err(other(format!("they expect `{theirs}`, this CPU has `{ours}`")));
+        let first = lines.next().unwrap_or_default();
+        // The kernels were compiled for the GEMMs of the CPU they target: the engine uses
+        // those (a program for an older CPU runs on a newer one), if this CPU runs them.
+        let host = Host::from_line(first).ok_or_else(|| other(format!("no host line, `{first}` instead")))?;
+        let here = Host::detect();
+        if (host.gemm_i8 && !here.gemm_i8) || (host.gemm_f32 && !here.gemm_f32) {
+            return Err(other(format!(
+                "they run 256-bit GEMMs (AVX2, FMA, F16C) this CPU lacks; compile for it with --target-cpu native (`{first}`)"
+            )));
         }
         let index: HashMap<&str, usize> = lines.enumerate().map(|(i, l)| (l, i)).collect();
         if index.len() != linked.table.len() {
@@ -1080,7 +1085,7 @@ pub fn object_specs(graphs: &[&Graph], activations: Activations) -> Result<Vec<K
 /// [`Engine::with_kernel_table`] reads: a line naming `host`'s GEMMs, then a line per
 /// kernel of `specs`, in the table's order, naming its spec.
 pub fn kernel_specs_text(host: Host, specs: &[KernelSpec]) -> String {
-    std::iter::once(host_line(host)).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
+    std::iter::once(host.line()).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
 }
 
 /// The kernels of an object file compiled ahead of time (`kiln-jit`'s `emit_object`), as
@@ -1090,11 +1095,6 @@ pub struct LinkedKernels<'a> {
     pub specs: &'a str,
     /// Its `{prefix}kernels` table, a pair of entry addresses per kernel.
     pub table: &'a [KernelEntries],
-}
-
-/// How an object's spec list names the host's GEMMs.
-fn host_line(host: Host) -> String {
-    format!("{host:?}")
 }
 
 /// How an object's spec list names a kernel: everything that decides its functions (with
@@ -1116,6 +1116,25 @@ impl Host {
     /// What this CPU runs.
     pub fn detect() -> Host {
         Host { gemm_i8: crate::gemm_i8::available(), gemm_f32: crate::gemm_f32::available() }
+    }
+
+    /// What a CPU with these features runs (code compiled ahead of time for it): the
+    /// 256-bit GEMMs need AVX2 and FMA (and F16C, which every such x86 CPU has).
+    pub fn for_features(avx2: bool, fma: bool) -> Host {
+        let gemm = cfg!(target_arch = "x86_64") && avx2 && fma;
+        Host { gemm_i8: gemm, gemm_f32: gemm }
+    }
+
+    /// How an object's spec list names the host's GEMMs: `host gemm_i8=B gemm_f32=B`.
+    pub fn line(self) -> String {
+        format!("host gemm_i8={} gemm_f32={}", self.gemm_i8, self.gemm_f32)
+    }
+
+    /// The host a [`Host::line`] names.
+    pub fn from_line(line: &str) -> Option<Host> {
+        let rest = line.strip_prefix("host gemm_i8=")?;
+        let (i8, f32) = rest.split_once(" gemm_f32=")?;
+        Some(Host { gemm_i8: i8.parse().ok()?, gemm_f32: f32.parse().ok()? })
     }
 
     /// Whether a Rust GEMM computes the kernel's sums (for some rows at least), which its
@@ -1260,4 +1279,24 @@ fn stored_weight(g: &Graph, id: NodeId) -> Result<&kiln_ir::TensorData, ExecErro
         return Err(ExecError::Spec("a linear's weight is not a weight node".into()));
     };
     g.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("weight `{}` is not bound", w.tensor)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host line names the host it was written for, and nothing else parses as one.
+    #[test]
+    fn host_lines_round_trip() {
+        for (i8, f32) in [(false, false), (true, false), (false, true), (true, true)] {
+            let host = Host { gemm_i8: i8, gemm_f32: f32 };
+            assert_eq!(Host::from_line(&host.line()), Some(host));
+        }
+        for bad in ["", "host", "host gemm_i8=yes gemm_f32=true", "Host { gemm_i8: true, gemm_f32: true }"] {
+            assert_eq!(Host::from_line(bad), None, "{bad:?}");
+        }
+        let x86 = cfg!(target_arch = "x86_64");
+        assert_eq!(Host::for_features(true, true), Host { gemm_i8: x86, gemm_f32: x86 });
+        assert_eq!(Host::for_features(true, false), Host { gemm_i8: false, gemm_f32: false });
+    }
 }

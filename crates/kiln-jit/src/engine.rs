@@ -32,8 +32,9 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
 
 /// The kernels [`Engine`]s for `graphs` with `options` would compile, for every thread
 /// count in [`kiln_exec::AOT_THREADS`] ([`object_specs`]), written to an object file for
-/// `isa`: the same functions (see [`emit_kernels`]), named with `prefix`, for the host's CPU
-/// (the GEMMs it runs decide which epilogues exist). Beside them, for
+/// `isa`: the same functions (see [`emit_kernels`]), named with `prefix`, for the GEMMs a
+/// CPU with `isa`'s features runs ([`Host::for_features`]; they decide which epilogues
+/// exist). Beside them, for
 /// [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers per kernel (its linear
 /// function and its epilogue, null when it has none); `{prefix}kernel_count`, a
 /// little-endian `u64`; and `{prefix}kernel_specs` (`{prefix}kernel_specs_len` bytes, a
@@ -47,7 +48,8 @@ pub fn emit_object(
     data: &[(&str, &[u8])],
 ) -> Result<ObjectFile, JitError> {
     let specs = object_specs(graphs, options.activations)?;
-    let host = Host::detect();
+    let features = isa.features();
+    let host = Host::for_features(features.avx2, features.fma);
     let mut module = ObjectCodeModule::object(isa, prefix)?;
     let ids = emit_kernels(&mut module, prefix, &specs, host)?;
     let table: Vec<Option<FunctionId>> = ids.iter().flat_map(|&(l, e)| [l, e]).collect();

@@ -289,6 +289,12 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
         // SAFETY: as above; the call fails before binding anything.
         let err = unsafe { Engine::with_kernel_table(&g, other, &linked, lib.clone()) }.err().unwrap();
         assert!(err.to_string().contains("no kernel for"), "{err}");
+        // A spec text without its host line is refused.
+        let headless = specs.split_once('\n').unwrap().1;
+        let linked = LinkedKernels { specs: headless, table: &table };
+        // SAFETY: as above; the call fails before binding anything.
+        let err = unsafe { Engine::with_kernel_table(&g, options(2), &linked, lib.clone()) }.err().unwrap();
+        assert!(err.to_string().contains("no host line"), "{err}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }
