@@ -228,7 +228,8 @@ fn about(program: &Program) -> String {
     }
     let passes = pass_list(program.artifact.passes());
     s += &format!("Passes: {}\n", if passes.is_empty() { "none".into() } else { passes });
-    s += &format!("Activations: {:?}\n", program.activations());
+    let activations = program.artifact.metadata.get(crate::ACTIVATIONS_KEY).map_or("f32", String::as_str);
+    s += &format!("Activations: {activations}\n");
     if let Some(target) = meta.get(crate::TARGET_KEY) {
         s += &format!("Kernels compiled for: {target}\n");
     }
