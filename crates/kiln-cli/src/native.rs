@@ -231,6 +231,10 @@ pub fn emit(
     eprintln!("kernels for {target_cpu} ({})", isa.describe());
     metadata.insert(kiln_rt::artifact::TARGET_KEY.into(), format!("{target_cpu} ({})", isa.describe()));
     metadata.insert(kiln_rt::artifact::ACTIVATIONS_KEY.into(), activations.to_string());
+    // Weights the engine would repack at start-up are stored repacked (the same values).
+    let mut graph = graph.clone();
+    kiln_jit::repack::prepack(&mut graph, activations.into()).into_diagnostic()?;
+    let graph = &graph;
     // A language model also carries the graph generation runs (logits at the last position).
     let generation = kiln_rt::lm::LanguageModel::of(graph).ok().map(|lm| crate::generate::generation_graph(&lm, graph));
     if let Some(g) = &generation {

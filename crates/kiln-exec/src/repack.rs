@@ -14,7 +14,8 @@
 //! bytes in the artifact and on disk but not yet in memory. Kernels that read the packed
 //! codes directly would remove the copy.
 
-use kiln_ir::{Format, Fp8Format, IntFormat};
+use crate::engine::Activations;
+use kiln_ir::{Bytes, Format, Fp8Format, Graph, IntFormat, Op, TensorData};
 
 /// The GGUF format whose kernels run weights stored in `f`.
 pub fn kernel_format(f: IntFormat) -> Format {
@@ -64,6 +65,48 @@ pub fn fp8_blocks(f: Fp8Format, bytes: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Stores every weight of `graph` that an engine for `activations` would repack when it is
+/// built ([`repack`], [`fp8_blocks`]) in the format its kernels read, with the same values:
+/// what native programs embed, so that they start without repacking (SmolLM2 at
+/// `bits=4.5`: most of a second). Engines on the result compute the same bits: the same
+/// kernel specs, the same bytes. Under [`Activations::Int8Row`] int8 weights keep their
+/// format (the per-row kernels read them as stored). Returns how many tensors changed.
+pub fn prepack(graph: &mut Graph, activations: Activations) -> Result<usize, kiln_ir::FormatError> {
+    let mut changed = 0;
+    let nodes: Vec<_> = graph.node_ids().collect();
+    let mut done: std::collections::HashMap<String, (Format, u64)> = Default::default();
+    for id in nodes {
+        let Op::Weight(w) = &graph.node(id).op else { continue };
+        let name = w.tensor.clone();
+        if let Some(&(format, checksum)) = done.get(&name) {
+            // A tied weight: another node read the same tensor.
+            if let Op::Weight(w) = &mut graph.node_mut(id).op {
+                (w.format, w.checksum) = (format, Some(checksum));
+            }
+            continue;
+        }
+        let Some(data) = graph.store.get(&name) else { continue };
+        let (format, bytes) = match data.format {
+            Format::Int(f) if !(activations == Activations::Int8Row && f.bits == 8) => {
+                (kernel_format(f), repack(f, data.bytes.as_slice()))
+            }
+            Format::Fp8(f) if f.group != 32 => {
+                (Format::Fp8(Fp8Format { group: 32 }), fp8_blocks(f, data.bytes.as_slice()))
+            }
+            _ => continue,
+        };
+        let data = TensorData::new(format, data.shape.clone(), Bytes::from_vec(bytes))?;
+        let checksum = data.checksum();
+        graph.store.insert(name.clone(), data);
+        if let Op::Weight(w) = &mut graph.node_mut(id).op {
+            (w.format, w.checksum) = (format, Some(checksum));
+        }
+        done.insert(name, (format, checksum));
+        changed += 1;
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]
@@ -117,6 +160,61 @@ mod tests {
                     assert!(same, "{f}");
                 }
             }
+        }
+    }
+
+    /// `prepack` stores int weights as their kernel formats, with the same values and the
+    /// checksums of the new bytes, in every node that reads them; int8 weights stay as
+    /// stored for per-row activations.
+    #[test]
+    fn prepack_stores_kernel_formats() {
+        let f = IntFormat::new(4, 64, true).unwrap();
+        let int8 = IntFormat::new(8, 64, false).unwrap();
+        let mut g = Graph::new("t");
+        let mut bytes = Vec::new();
+        for i in 0..4u8 {
+            let codes: Vec<u8> = (0..64).map(|j| (j as u8 + i) % 16).collect();
+            let scales = kiln_ir::BlockScales { d: half::f16::from_f32(0.25), m: half::f16::from_f32(-1.0) };
+            f.pack_block(scales, &codes, &mut bytes);
+        }
+        let mut bytes8 = Vec::new();
+        for _ in 0..4 {
+            let codes: Vec<u8> = (0..64).map(|j| j as u8 * 3).collect();
+            int8.pack_block(
+                kiln_ir::BlockScales { d: half::f16::from_f32(0.5), m: half::f16::ZERO },
+                &codes,
+                &mut bytes8,
+            );
+        }
+        let weight = |g: &mut Graph, name: &str, format: IntFormat, bytes: &[u8]| {
+            let data = TensorData::new(Format::Int(format), vec![4, 64], Bytes::from_vec(bytes.to_vec())).unwrap();
+            let w = kiln_ir::WeightRef {
+                tensor: name.into(),
+                format: Format::Int(format),
+                checksum: Some(data.checksum()),
+            };
+            g.store.insert(name, data);
+            let ty = kiln_ir::Type::f32([kiln_ir::Dim::Known(4), kiln_ir::Dim::Known(64)]);
+            g.add_typed(Op::Weight(w), &[], ty, "", None)
+        };
+        let (a, b, c) =
+            (weight(&mut g, "w", f, &bytes), weight(&mut g, "w", f, &bytes), weight(&mut g, "w8", int8, &bytes8));
+        let values = |g: &Graph, name: &str| g.store.get(name).unwrap().to_f32().unwrap();
+        let (want, want8) = (values(&g, "w"), values(&g, "w8"));
+        let mut rows = g.clone();
+        assert_eq!(prepack(&mut rows, Activations::Int8Row).unwrap(), 1);
+        assert_eq!(rows.store.get("w8").unwrap().format, Format::Int(int8));
+        assert_eq!(prepack(&mut g, Activations::F32).unwrap(), 2);
+        for (node, name, format, values) in
+            [(a, "w", Format::Q4_1, &want), (b, "w", Format::Q4_1, &want), (c, "w8", Format::Q8_0, &want8)]
+        {
+            let Op::Weight(w) = &g.node(node).op else { unreachable!() };
+            let data = g.store.get(name).unwrap();
+            assert_eq!((w.format, data.format, w.checksum), (format, format, Some(data.checksum())));
+            assert_eq!(
+                data.to_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }
