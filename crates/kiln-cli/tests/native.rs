@@ -339,21 +339,20 @@ fn smollm2_executables_generate_kiln_s_tokens() {
     let prompt: String = prompt.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let n = want.len().to_string();
     let smollm2 = s(&spec("smollm2/smollm2.kiln"));
+    let w = s(&weights);
     let exe = compile_exe(&dir, &smollm2, Some(&weights), &[]);
     let got = program_ok(&exe, &["--prompt-ids", &prompt, "--max-tokens", &n, "--ignore-eos", "--json"]);
     assert_eq!(&ids_of(&got), want, "the exact program's continuation is not PyTorch's");
 
+    // Every kernel format: int4g64a and int3g32a run as Q4_1, int4g96 as Q4_0, int8 as
+    // Q8_0, fp8g64 as fp8g32 (and the program stores them so, `repack::prepack`).
     let artifact = dir.join("q.kiln.st");
-    ok(&[
-        "compile",
-        &smollm2,
-        "-w",
-        &s(&weights),
-        "--passes",
-        "quantize(format=int4g64a, method=rtn)",
-        "-o",
-        &s(&artifact),
-    ]);
+    let overrides = ["blk.0.*=int3g32a", "blk.1.*=int4g96", "blk.2.*=int8", "blk.3.*=fp8g64"];
+    let mut args = vec!["compile", &smollm2, "-w", &w, "--passes", "quantize(format=int4g64a, method=rtn)"];
+    args.extend(overrides.iter().flat_map(|o| ["--override", o]));
+    let a = s(&artifact);
+    args.extend(["-o", &a]);
+    ok(&args);
     let exe = compile_exe(&dir, &s(&artifact), None, &["--activations", "int8"]);
     let got = program_ok(&exe, &["--prompt-ids", &prompt, "--max-tokens", "16", "--threads", "3", "--json"]);
     let by_kiln = ok(&[
