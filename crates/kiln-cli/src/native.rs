@@ -267,34 +267,11 @@ pub fn emit(
     let object = kiln_jit::emit_object(&graphs, options, &isa, &prefix, &data)
         .into_diagnostic()
         .wrap_err("cannot compile the kernels")?;
-    let dir = TempDir::new()?;
-    let obj = dir.0.join(format!("{prefix}kernels.o"));
-    std::fs::write(&obj, &object.bytes).into_diagnostic()?;
     match &name {
-        None => {
-            let main = dir.0.join("main.c");
-            std::fs::write(&main, main_c()).into_diagnostic()?;
-            let mut cc = c_compiler();
-            cc.arg("-O2").arg(&main).arg(&obj).arg(&runtime).args(SYSTEM_LIBS);
-            cc.arg("-Wl,--gc-sections").arg("-o").arg(output);
-            run_tool(cc, "the C compiler", "link the program")?;
-        }
+        None => link_executable(&object.bytes, &runtime, output)?,
         Some(name) => {
-            let header_path = output.with_file_name(format!("{name}.h"));
-            std::fs::write(&header_path, header(name, graph, &metadata))
-                .into_diagnostic()
-                .wrap_err_with(|| format!("cannot write {}", header_path.display()))?;
-            let (glue, glue_o) = (dir.0.join(format!("{name}_create.c")), dir.0.join(format!("{prefix}create.o")));
-            std::fs::write(&glue, create_c(name)).into_diagnostic()?;
-            let include = header_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let mut cc = c_compiler();
-            cc.arg("-O2").arg("-c").arg("-I").arg(include).arg(&glue).arg("-o").arg(&glue_o);
-            run_tool(cc, "the C compiler", "compile the library's glue")?;
-            // The runtime's archive with the model's two objects added.
-            let extra =
-                [(format!("{prefix}kernels.o"), object.bytes.clone()), (format!("{prefix}create.o"), read(&glue_o)?)];
-            write_library(&runtime, &extra, output)?;
-            eprintln!("wrote {} (the API and {name}_create)", header_path.display());
+            let header = header(name, graph, &metadata);
+            build_library(name, &prefix, &object.bytes, &header, &runtime, output)?;
         }
     }
     if let Some(path) = &beside {
@@ -311,6 +288,40 @@ pub fn emit(
         object.functions.len(),
         artifact.len() as f64 / 1e6
     );
+    Ok(())
+}
+
+/// Links the object `kernels` (symbols prefixed `kiln_`) with the generated `main` and the
+/// runtime library into the executable `output`.
+fn link_executable(kernels: &[u8], runtime: &Path, output: &Path) -> Result<()> {
+    let dir = TempDir::new()?;
+    let (obj, main) = (dir.0.join("kiln_kernels.o"), dir.0.join("main.c"));
+    std::fs::write(&obj, kernels).into_diagnostic()?;
+    std::fs::write(&main, main_c()).into_diagnostic()?;
+    let mut cc = c_compiler();
+    cc.arg("-O2").arg(&main).arg(&obj).arg(runtime).args(SYSTEM_LIBS);
+    cc.arg("-Wl,--gc-sections").arg("-o").arg(output);
+    run_tool(cc, "the C compiler", "link the program")
+}
+
+/// Writes the library `output` (`libNAME.a`): the runtime's members, the object `kernels`
+/// (symbols prefixed `prefix`) and the compiled `NAME_create`; and `header` beside it as
+/// `NAME.h`.
+fn build_library(name: &str, prefix: &str, kernels: &[u8], header: &str, runtime: &Path, output: &Path) -> Result<()> {
+    let header_path = output.with_file_name(format!("{name}.h"));
+    std::fs::write(&header_path, header)
+        .into_diagnostic()
+        .wrap_err_with(|| format!("cannot write {}", header_path.display()))?;
+    let dir = TempDir::new()?;
+    let (glue, glue_o) = (dir.0.join(format!("{name}_create.c")), dir.0.join(format!("{prefix}create.o")));
+    std::fs::write(&glue, create_c(name)).into_diagnostic()?;
+    let include = header_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut cc = c_compiler();
+    cc.arg("-O2").arg("-c").arg("-I").arg(include).arg(&glue).arg("-o").arg(&glue_o);
+    run_tool(cc, "the C compiler", "compile the library's glue")?;
+    let extra = [(format!("{prefix}kernels.o"), kernels.to_vec()), (format!("{prefix}create.o"), read(&glue_o)?)];
+    write_library(runtime, &extra, output)?;
+    eprintln!("wrote {} (the API and {name}_create)", header_path.display());
     Ok(())
 }
 
