@@ -68,7 +68,10 @@ pub fn compile(args: CompileArgs) -> Result<()> {
         }
     };
     if args.emit != Emit::Artifact {
-        let activations = args.activations.or_else(|| model.recorded_activations()).unwrap_or(ActivationsKind::F32);
+        // What the passes chose (recorded in the metadata, for a spec as for an artifact).
+        let recorded =
+            metadata.get(ACTIVATIONS_KEY).and_then(|a| <ActivationsKind as clap::ValueEnum>::from_str(a, false).ok());
+        let activations = args.activations.or(recorded).unwrap_or(ActivationsKind::F32);
         let native = crate::native::NativeArgs {
             activations,
             target_cpu: &args.target_cpu,

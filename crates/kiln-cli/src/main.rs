@@ -53,7 +53,7 @@ enum Command {
         after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, the pass reports, and the tokenizer when one is found.\n`run`, `eval`, `generate` and `bench` take it in place of SPEC --weights W and give bitwise\nthe same outputs; `kiln report` prints what the passes did.\n\nWith --emit exe, the kernels `kiln run` would JIT-compile are compiled ahead of time and linked\nby the system's C compiler (cc, or $CC) with kiln's runtime library (libkiln_native.a, beside\nthe kiln binary or at $KILN_NATIVE_LIB) into one program holding the weights:\n`PROGRAM --input IN --output OUT` computes kiln run's outputs bit for bit, `PROGRAM --help` says\nmore. --emit lib -o libNAME.a writes a static library and NAME.h (a C API; see\nexamples/c/minilm.c). Either takes a spec with --weights, or an artifact.\n\nPasses:\n  quantize(bits=B)              one format per layer, minimizing the measured error with at\n                                most B bits per parameter on average (needs --calib)\n  quantize(format=F)            F for every layer: f16, bf16, int8 (per output channel),\n                                intBgG (B = 2, 3, 4, 8 bits, groups of G), intBgGa (asymmetric)\n  method=rtn|gptq               round to nearest, or GPTQ (needs --calib; the default with it)\n\nExamples:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\"\n  kiln compile minilm.kiln -w model.safetensors --passes \"quantize(bits=4.5)\" --calib calib.safetensors -o minilm-q.kiln.st\n  kiln compile minilm-q.kiln.st --emit exe -o minilm && ./minilm --input in.safetensors --output out.safetensors\n  kiln compile minilm.kiln -w model.safetensors --emit lib -o build/libminilm.a"
     )]
     Compile {
-        /// The model spec (.kiln source), or with --emit exe a compiled artifact.
+        /// The model spec (.kiln source), or with --emit exe or lib a compiled artifact.
         spec: PathBuf,
         /// Checkpoint (safetensors or GGUF); a spec needs one, an artifact holds its own.
         #[arg(long, short)]
@@ -70,12 +70,12 @@ enum Command {
         /// time, weights inside; links with the system's `cc`).
         #[arg(long, value_enum, default_value_t = native::Emit::Artifact)]
         emit: native::Emit,
-        /// With --emit exe: the CPU the kernels are compiled for: `native` (this one) or a
-        /// name such as x86-64-v3, haswell, znver3. The program refuses to run on a CPU
-        /// whose features its kernels do not match.
+        /// With --emit exe or lib: the CPU the kernels are compiled for: `native` (this one)
+        /// or a name such as x86-64-v2, x86-64-v3, haswell, znver3. The program refuses to run
+        /// on a CPU that lacks a feature its kernels may use.
         #[arg(long, default_value = "native")]
         target_cpu: String,
-        /// With --emit exe: the activations the kernels take (default: what the passes
+        /// With --emit exe or lib: the activations the kernels take (default: what the passes
         /// chose, else f32); the program runs as `kiln run --activations` would.
         #[arg(long, value_enum)]
         activations: Option<runner::ActivationsKind>,

@@ -164,7 +164,7 @@ fn tiny_executable_rejects_bad_input_as_kiln_run_does() {
     // Errors of the input file: the same message, word for word.
     for file in [&absent, &cut, &no_mask, &f32_ids, &i32_ids] {
         let out = program(&exe, &["--input", &s(file)]);
-        assert!(!out.status.success() && out.status.code() != Some(101), "{}: {}", file.display(), out.status);
+        assert_eq!(out.status.code(), Some(1), "{}: {:?}", file.display(), out);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let message = stderr.trim().strip_prefix("Error: ").unwrap_or_else(|| panic!("no `Error: ` in {stderr:?}"));
         let message = message.lines().next().expect("a message");
@@ -185,26 +185,39 @@ fn tiny_executable_rejects_bad_input_as_kiln_run_does() {
     {
         let out = program(&exe, &["--input", &s(file)]);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success() && out.status.code() != Some(101), "{stderr}");
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
         for needle in needles {
             assert!(stderr.contains(needle), "{} lacks {needle:?}: {stderr}", file.display());
         }
         fails(&["run", &tiny_spec(), "-w", &s(&weights), "-i", &s(file)], needles);
     }
-    // Usage errors.
-    for (args, needle) in [
-        (vec![], "--input"),
-        (vec!["--input", "x", "--prompt-ids", "1"], "not both"),
-        (vec!["--prompt-ids", "1,x"], "`x` is not a token id"),
-        (vec!["--prompt-ids", "99"], "outside the vocabulary"),
-        (vec!["--threads", "0", "--prompt-ids", "1"], "--threads"),
-        (vec!["--no-such-flag"], "--no-such-flag"),
+    // Usage errors: status 1, or clap's 2 for what it parses.
+    for (args, needle, status) in [
+        (vec![], "--input", 1),
+        (vec!["--input", "x", "--prompt-ids", "1"], "not both", 1),
+        (vec!["--prompt-ids", "1,x"], "`x` is not a token id", 1),
+        (vec!["--prompt-ids", "99"], "outside the vocabulary", 1),
+        (vec!["--threads", "0", "--prompt-ids", "1"], "--threads", 1),
+        (vec!["--no-such-flag"], "--no-such-flag", 2),
     ] {
         let out = program(&exe, &args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success() && out.status.code() != Some(101), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
     }
+}
+
+/// A spec compiled straight to a program keeps what its passes chose: the activations
+/// `kiln run` would take for the artifact.
+#[test]
+fn compile_exe_keeps_the_activations_the_passes_chose() {
+    let (dir, weights) = tiny_setup("native-activations");
+    let passes = "quantize(format=int8, activations=int8-block)";
+    let exe = compile_exe(&dir, &tiny_spec(), Some(&weights), &["--passes", passes]);
+    let help = program_ok(&exe, &["--help"]);
+    assert!(help.contains("Activations: int8\n") && help.contains(passes), "{help}");
+    let exe = compile_exe(&dir, &tiny_spec(), Some(&weights), &["--passes", passes, "--activations", "f32"]);
+    assert!(program_ok(&exe, &["--help"]).contains("Activations: f32\n"));
 }
 
 /// What `kiln compile --emit exe` refuses, and how.
@@ -239,6 +252,8 @@ fn compile_exe_errors_are_clear() {
     fails(&["compile", &a, "--emit", "exe", "-o", &exe, "--passes", "quantize(format=int8)"], &["its passes have run"]);
     fails(&["compile", &a, "-o", &exe], &["already a compiled artifact"]);
     fails(&["compile", &tiny, "-w", &w, "-o", &exe, "--target-cpu", "x86-64-v3"], &["--emit exe"]);
+    fails(&["compile", &tiny, "-w", &w, "--emit", "lib", "-o", &s(&dir.join("libkiln.a"))], &["kiln_create"]);
+    fails(&["compile", &tiny, "-w", &w, "--emit", "lib", "-o", &s(&dir.join("lib9x.a"))], &["C identifier"]);
 }
 
 /// `--weights-beside`: the weights in `PROGRAM.kiln`, mapped at start-up; the same outputs,
@@ -448,6 +463,9 @@ int main(void) {
         printf("%.9g\n", x);
     }
     if (kiln_result_get(ra, kiln_result_count(ra)) != NULL) return 1;
+    kiln_result *none = NULL;
+    if (kiln_run(a, NULL, 0, &none) != -1 || none != NULL) return 1;
+    printf("[no inputs] %s\n", kiln_last_error());
     kiln_result_free(ra);
     kiln_result_free(rb);
     in[1].name = "mask";
@@ -475,6 +493,8 @@ int main(void) {
     assert_eq!(printed_floats(&stdout, "logits"), f32_bits(logits));
     let error = stdout.lines().find_map(|l| l.strip_prefix("[error] ")).expect("the error line");
     assert!(error.contains("attention_mask"), "{error}");
+    let error = stdout.lines().find_map(|l| l.strip_prefix("[no inputs] ")).expect("the error line");
+    assert!(error.contains("kiln_run's inputs has no tensor `input_ids`"), "{error}");
 }
 
 /// `examples/c/minilm.c` builds against MiniLM's library and embeds a sentence as `kiln run`

@@ -430,11 +430,20 @@ impl<'g> Engine<'g> {
         // The kernels were compiled for the GEMMs of the CPU they target: the engine uses
         // those (a program for an older CPU runs on a newer one), if this CPU runs them.
         let host = Host::from_line(first).ok_or_else(|| other(format!("no host line, `{first}` instead")))?;
+        let cpu = lines.next().and_then(|l| l.strip_prefix("cpu")).ok_or_else(|| other("no cpu line".into()))?;
+        let lacks = |what: String| {
+            other(format!(
+                "they were compiled for a CPU with {what}, which this one lacks; compile them for it with --target-cpu native"
+            ))
+        };
+        for feature in cpu.split_whitespace() {
+            if !cpu_has(feature) {
+                return Err(lacks(feature.to_string()));
+            }
+        }
         let here = Host::detect();
         if (host.gemm_i8 && !here.gemm_i8) || (host.gemm_f32 && !here.gemm_f32) {
-            return Err(other(format!(
-                "they run 256-bit GEMMs (AVX2, FMA, F16C) this CPU lacks; compile for it with --target-cpu native (`{first}`)"
-            )));
+            return Err(lacks("AVX2, FMA and F16C (for the 256-bit GEMMs)".into()));
         }
         let index: HashMap<&str, usize> = lines.enumerate().map(|(i, l)| (l, i)).collect();
         if index.len() != linked.table.len() {
@@ -1082,10 +1091,48 @@ pub fn object_specs(graphs: &[&Graph], activations: Activations) -> Result<Vec<K
 }
 
 /// The text an object file holds beside its kernel table, which
-/// [`Engine::with_kernel_table`] reads: a line naming `host`'s GEMMs, then a line per
-/// kernel of `specs`, in the table's order, naming its spec.
-pub fn kernel_specs_text(host: Host, specs: &[KernelSpec]) -> String {
-    std::iter::once(host.line()).chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
+/// [`Engine::with_kernel_table`] reads: a line naming `host`'s GEMMs, a line `cpu F1 F2 ...`
+/// naming the CPU features the code may use (Cranelift's names, e.g. `sse41 avx2 fma`),
+/// then a line per kernel of `specs`, in the table's order, naming its spec.
+pub fn kernel_specs_text(host: Host, cpu: &[String], specs: &[KernelSpec]) -> String {
+    let head = [host.line(), format!("cpu {}", cpu.join(" ")).trim_end().to_string()];
+    head.into_iter().chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
+}
+
+/// Whether this CPU has the feature Cranelift names `name` (false for a name this build
+/// does not know: code that may use it cannot be vouched for).
+fn cpu_has(name: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        match name {
+            "sse3" => has!("sse3"),
+            "ssse3" => has!("ssse3"),
+            "cmpxchg16b" => has!("cmpxchg16b"),
+            "sse41" => has!("sse4.1"),
+            "sse42" => has!("sse4.2"),
+            "popcnt" => has!("popcnt"),
+            "avx" => has!("avx"),
+            "avx2" => has!("avx2"),
+            "fma" => has!("fma"),
+            "bmi1" => has!("bmi1"),
+            "bmi2" => has!("bmi2"),
+            "lzcnt" => has!("lzcnt"),
+            "avx512f" => has!("avx512f"),
+            "avx512vl" => has!("avx512vl"),
+            "avx512dq" => has!("avx512dq"),
+            "avx512vbmi" => has!("avx512vbmi"),
+            "avx512bitalg" => has!("avx512bitalg"),
+            "avx512vnni" => has!("avx512vnni"),
+            "avx_vnni" => has!("avxvnni"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = name;
+        false
+    }
 }
 
 /// The kernels of an object file compiled ahead of time (`kiln-jit`'s `emit_object`), as

@@ -38,7 +38,8 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
 /// [`Engine::with_kernel_table`]: `{prefix}kernels`, two pointers per kernel (its linear
 /// function and its epilogue, null when it has none); `{prefix}kernel_count`, a
 /// little-endian `u64`; and `{prefix}kernel_specs` (`{prefix}kernel_specs_len` bytes, a
-/// `u64`), the text of [`kernel_specs_text`]. Each `(name, bytes)` of `data` becomes
+/// `u64`), the text of [`kernel_specs_text`] (with the CPU features `isa` lets the code use,
+/// which the program checks for when it starts). Each `(name, bytes)` of `data` becomes
 /// `{prefix}{name}`, 64-byte aligned, with its length in `{prefix}{name}_len`.
 pub fn emit_object(
     graphs: &[&Graph],
@@ -55,7 +56,7 @@ pub fn emit_object(
     let table: Vec<Option<FunctionId>> = ids.iter().flat_map(|&(l, e)| [l, e]).collect();
     module.define_function_table(&format!("{prefix}kernels"), &table)?;
     module.define_bytes(&format!("{prefix}kernel_count"), &(ids.len() as u64).to_le_bytes(), 8)?;
-    let text = kernel_specs_text(host, &specs);
+    let text = kernel_specs_text(host, &isa.required_features(), &specs);
     let data = [("kernel_specs", text.as_bytes())].into_iter().chain(data.iter().copied());
     for (name, bytes) in data {
         module.define_bytes(&format!("{prefix}{name}"), bytes, 64)?;

@@ -49,6 +49,10 @@ pub struct IsaOptions {
     /// Run Cranelift's IR verifier on every function (20-40% of compile time). On by default
     /// in debug builds of kiln only.
     pub verifier: bool,
+    /// Position-independent code, for object files linked into executables and libraries
+    /// (calls to libm, e.g. `fmaf` on CPUs without FMA, then go through the PLT instead of
+    /// text relocations). The JIT needs none.
+    pub pic: bool,
 }
 
 // Not derivable: the verifier's default follows `debug_assertions` (clippy sees only the
@@ -56,7 +60,7 @@ pub struct IsaOptions {
 #[allow(clippy::derivable_impls)]
 impl Default for IsaOptions {
     fn default() -> Self {
-        IsaOptions { opt_level: OptLevel::default(), verifier: cfg!(debug_assertions) }
+        IsaOptions { opt_level: OptLevel::default(), verifier: cfg!(debug_assertions), pic: false }
     }
 }
 
@@ -143,8 +147,9 @@ impl HostIsa {
         set(&mut flags, "opt_level", options.opt_level.setting())?;
         set(&mut flags, "enable_verifier", if options.verifier { "true" } else { "false" })?;
         // The JIT places code anywhere in the address space and calls no libcalls relative
-        // to it (the x64 backend also does not support PIC in the JIT).
-        set(&mut flags, "is_pic", "false")?;
+        // to it (the x64 backend also does not support PIC in the JIT); object files for
+        // programs ask for it.
+        set(&mut flags, "is_pic", if options.pic { "true" } else { "false" })?;
         set(&mut flags, "use_colocated_libcalls", "false")?;
         // Kernels keep weight panels on the stack (see `linear`): probe large frames inline
         // so a stack overflow hits the guard page instead of jumping over it.
@@ -174,6 +179,19 @@ impl HostIsa {
     /// `x86_64-unknown-linux-gnu: sse4.1 avx avx2 fma -avx512f ...`.
     pub fn describe(&self) -> String {
         format!("{}: {}", self.isa.triple(), self.features)
+    }
+
+    /// Every CPU feature code for this ISA may use (Cranelift's `has_*` flags that are on,
+    /// without the prefix: `sse3`, `avx2`, `fma`, `bmi1`, ...), which a program compiled
+    /// ahead of time checks the CPU it runs on for.
+    pub fn required_features(&self) -> Vec<String> {
+        let on = |v: &cranelift_codegen::settings::Value| v.as_bool() == Some(true);
+        self.isa
+            .isa_flags()
+            .iter()
+            .filter(|v| on(v))
+            .filter_map(|v| v.name.strip_prefix("has_").map(String::from))
+            .collect()
     }
 
     pub fn features(&self) -> HostFeatures {

@@ -289,6 +289,14 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
         // SAFETY: as above; the call fails before binding anything.
         let err = unsafe { Engine::with_kernel_table(&g, other, &linked, lib.clone()) }.err().unwrap();
         assert!(err.to_string().contains("no kernel for"), "{err}");
+        // Code that may use a CPU feature this build cannot check for is refused.
+        let (host, rest) = specs.split_once('\n').unwrap();
+        let (_, rest) = rest.split_once('\n').unwrap();
+        let strange = format!("{host}\ncpu sse41 avx2 fma made_up_feature\n{rest}");
+        let linked = LinkedKernels { specs: &strange, table: &table };
+        // SAFETY: as above; the call fails before binding anything.
+        let err = unsafe { Engine::with_kernel_table(&g, options(2), &linked, lib.clone()) }.err().unwrap();
+        assert!(err.to_string().contains("made_up_feature"), "{err}");
         // A spec text without its host line is refused.
         let headless = specs.split_once('\n').unwrap().1;
         let linked = LinkedKernels { specs: headless, table: &table };

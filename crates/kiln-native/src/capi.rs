@@ -8,7 +8,7 @@
 
 use crate::{ModelData, Program};
 use kiln_exec::Engine;
-use kiln_ir::{DType, Graph};
+use kiln_ir::DType;
 use kiln_rt::{Tensor, Value};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -28,11 +28,23 @@ pub struct KilnTensor {
     pub data: *const std::ffi::c_void,
 }
 
-/// A model ready to run (`kiln_model`). The engine borrows the program's graph, which is
-/// boxed so that it never moves, and is dropped before it.
+/// A model ready to run (`kiln_model`). The engine borrows the program's graph, which lives
+/// behind a raw pointer (never moved, never reborrowed uniquely) and is freed after the
+/// engine.
 pub struct KilnModel {
-    engine: Engine<'static>,
-    _program: Box<Program>,
+    engine: std::mem::ManuallyDrop<Engine<'static>>,
+    program: *mut Program,
+}
+
+impl Drop for KilnModel {
+    fn drop(&mut self) {
+        // SAFETY: the engine is dropped once, here, before the program it borrows, which
+        // `kiln_create` leaked from a box and nothing else frees.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.engine);
+            drop(Box::from_raw(self.program));
+        }
+    }
 }
 
 /// The outputs of a run (`kiln_result`), owned until [`kiln_result_free`].
@@ -91,12 +103,22 @@ pub unsafe extern "C" fn kiln_create(data: *const ModelData, threads: c_int) -> 
             t => return Err(format!("kiln_create: {t} threads")),
         };
         // SAFETY: the caller's.
-        let program = Box::new(unsafe { Program::from_data(&*data) }.map_err(|e| e.to_string())?);
-        // SAFETY: the graph lives in the box, which the model owns and drops after the
-        // engine (field order), and which never moves.
-        let graph: &'static Graph = unsafe { &*(program.graph() as *const Graph) };
-        let engine = program.engine(graph, threads).map_err(|e| e.to_string())?;
-        Ok(Box::into_raw(Box::new(KilnModel { engine, _program: program })))
+        let program = unsafe { Program::from_data(&*data) }.map_err(|e| e.to_string())?;
+        let program: *mut Program = Box::into_raw(Box::new(program));
+        // SAFETY: `program` is valid until the model frees it, after its engine (`Drop`);
+        // only shared references to it are made.
+        let shared: &'static Program = unsafe { &*program };
+        match shared.engine(shared.graph(), threads) {
+            Ok(engine) => {
+                let model = KilnModel { engine: std::mem::ManuallyDrop::new(engine), program };
+                Ok(Box::into_raw(Box::new(model)))
+            }
+            Err(e) => {
+                // SAFETY: nothing borrows the program any more.
+                drop(unsafe { Box::from_raw(program) });
+                Err(e.to_string())
+            }
+        }
     })
 }
 
@@ -130,8 +152,9 @@ pub unsafe extern "C" fn kiln_run(
         if model.is_null() || result.is_null() || (inputs.is_null() && n_inputs > 0) {
             return Err("kiln_run: a null argument".into());
         }
-        // SAFETY: the caller's.
-        let (model, given) = unsafe { (&*model, std::slice::from_raw_parts(inputs, n_inputs)) };
+        // SAFETY: the caller's (a null `inputs` only with no inputs).
+        let (model, given) =
+            unsafe { (&*model, if n_inputs == 0 { &[][..] } else { std::slice::from_raw_parts(inputs, n_inputs) }) };
         let mut values = HashMap::new();
         for t in given {
             // SAFETY: the caller's (see above).
@@ -139,10 +162,11 @@ pub unsafe extern "C" fn kiln_run(
             values.insert(name, value);
         }
         let file = kiln_rt::io::TensorFile { tensors: values.into_iter().collect(), other: Default::default() };
-        let inputs = kiln_rt::io::inputs_from(&file, "the inputs", model.engine.graph()).map_err(|e| match e.help {
-            Some(help) => format!("{} ({help})", e.message),
-            None => e.message,
-        })?;
+        let inputs =
+            kiln_rt::io::inputs_from(&file, "kiln_run's inputs", model.engine.graph()).map_err(|e| match e.help {
+                Some(help) => format!("{} ({help})", e.message),
+                None => e.message,
+            })?;
         let outputs = model.engine.run(&inputs).map_err(|e| format!("cannot run the model: {e}"))?;
         let mut r = KilnResult { names: vec![], shapes: vec![], values: vec![], tensors: vec![] };
         for (name, value) in outputs {
@@ -180,8 +204,9 @@ unsafe fn input(t: &KilnTensor) -> Result<(String, Value), String> {
     }
     // SAFETY: the caller's.
     let name = unsafe { CStr::from_ptr(t.name) }.to_string_lossy().into_owned();
-    // SAFETY: the caller's.
-    let shape: Vec<usize> = unsafe { std::slice::from_raw_parts(t.shape, t.rank) }.to_vec();
+    // SAFETY: the caller's (a null `shape` only for rank 0).
+    let shape: Vec<usize> =
+        if t.rank == 0 { vec![] } else { unsafe { std::slice::from_raw_parts(t.shape, t.rank) }.to_vec() };
     let n =
         shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or(format!("input `{name}`: shape overflows"))?;
     if t.data.is_null() && n > 0 {

@@ -52,20 +52,36 @@ pub unsafe extern "C" fn kiln_native_main(argc: c_int, argv: *const *const c_cha
     let args: Vec<String> = (0..argc.max(0) as usize)
         .map(|i| unsafe { CStr::from_ptr(*argv.add(i)) }.to_string_lossy().into_owned())
         .collect();
+    // A panic is a bug, reported as one, with the exit status of an error (no unwinding
+    // into C).
     // SAFETY: the caller's.
-    let program = match unsafe { Program::from_data(&*model) } {
-        Ok(p) => p,
-        Err(e) => return fail(&e.to_string(), None),
+    let main = std::panic::AssertUnwindSafe(|| unsafe { main(args, &*model) });
+    std::panic::catch_unwind(main).unwrap_or_else(|_| fail("internal error (a panic in kiln's runtime)", None))
+}
+
+/// # Safety
+/// As [`kiln_native_main`]'s `model`.
+unsafe fn main(args: Vec<String>, model: &ModelData) -> c_int {
+    // SAFETY: the caller's.
+    let program = unsafe { Program::from_data(model) };
+    // `--help` works even when the model cannot be read (say, its weights file is missing).
+    let about = match &program {
+        Ok(p) => about(p),
+        Err(e) => format!("A model compiled by kiln into this executable, which cannot be read: {e}"),
     };
     let name =
         args.first().map(std::path::Path::new).and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
-    let command = Args::command().bin_name(name.unwrap_or_else(|| "model".into())).about(about(&program));
+    let command = Args::command().bin_name(name.unwrap_or_else(|| "model".into())).about(about);
     let args = match command.try_get_matches_from(args).and_then(|m| Args::from_arg_matches(&m)) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return e.exit_code();
         }
+    };
+    let program = match program {
+        Ok(p) => p,
+        Err(e) => return fail(&e.to_string(), None),
     };
     match run(&program, &args) {
         Ok(()) => 0,

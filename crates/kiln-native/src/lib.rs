@@ -74,7 +74,7 @@ fn weights_beside(name: &str, header_hash: u64) -> Result<Artifact, NativeError>
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|e| fail(e.to_string()))?;
     let header_len = u64::from_le_bytes(len);
-    if header_len > 1 << 30 {
+    if header_len > 256 << 20 {
         return Err(fail("not a kiln artifact".into()));
     }
     let mut header = len.to_vec();

@@ -105,7 +105,7 @@ pub fn inputs_from(file: &TensorFile, source: &str, graph: &Graph) -> Result<Has
             let names: Vec<&str> = file.tensors.keys().chain(file.other.keys()).map(String::as_str).collect();
             return fail(
                 format!("{source} has no tensor `{name}`, the model's input {}", node.ty),
-                Some(format!("the file holds: {}", names.join(", "))),
+                Some(format!("{source} holds: {}", names.join(", "))),
             );
         };
         if value.dtype() != node.ty.dtype {

@@ -59,6 +59,7 @@ impl LanguageModel {
             [_, _, v] if ty.dtype == DType::F32 => v.known(),
             _ => None,
         }
+        .filter(|&v| v > 0)
         .ok_or_else(|| NotLanguageModel(format!("`logits` is {ty}, not f32[batch, seq, vocab]")))?;
         Ok(LanguageModel { ids, masks, logits: "logits".into(), vocab: vocab as usize })
     }
