@@ -69,8 +69,7 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     };
     if args.emit != Emit::Artifact {
         // What the passes chose (recorded in the metadata, for a spec as for an artifact).
-        let recorded =
-            metadata.get(ACTIVATIONS_KEY).and_then(|a| <ActivationsKind as clap::ValueEnum>::from_str(a, false).ok());
+        let recorded = ActivationsKind::recorded(&metadata);
         let activations = args.activations.or(recorded).unwrap_or(ActivationsKind::F32);
         let native = crate::native::NativeArgs {
             activations,

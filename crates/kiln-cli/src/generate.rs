@@ -60,7 +60,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             let enc = tok.encode(text.as_str(), true).map_err(|e| miette!("cannot tokenize the prompt: {e}"))?;
             enc.get_ids().iter().map(|&i| i as i64).collect()
         }
-        (None, Some(ids)) => parse_ids(ids)?,
+        (None, Some(ids)) => kiln_rt::lm::parse_ids(ids).map_err(|e| miette!("{e}"))?,
         (Some(_), Some(_)) => unreachable!("rejected above"),
         (None, None) => {
             return Err(miette!(
@@ -69,12 +69,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             ));
         }
     };
-    if prompt.is_empty() {
-        return Err(miette!("the prompt has no tokens"));
-    }
-    if let Some(&bad) = prompt.iter().find(|&&i| !lm.is_token(i)) {
-        return Err(miette!("prompt token id {bad} is outside the vocabulary (0..{})", lm.vocab));
-    }
+    lm.check_prompt(&prompt).map_err(|e| miette!("{e}"))?;
     let eos = if args.ignore_eos { None } else { model.eos_token_id() };
 
     let (runner, _) = Runner::new(graph, &args.exec.for_model(&model))?;
@@ -133,13 +128,6 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 fn decode(tok: &tokenizers::Tokenizer, ids: &[i64]) -> String {
     let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
     tok.decode(&ids, true).unwrap_or_default()
-}
-
-fn parse_ids(s: &str) -> Result<Vec<i64>> {
-    s.split(',')
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| t.trim().parse::<i64>().map_err(|_| miette!("--prompt-ids: `{t}` is not a token id")))
-        .collect()
 }
 
 /// The graph's generation interface (see [`LanguageModel::of`]), as a diagnostic when it

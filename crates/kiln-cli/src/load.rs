@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 /// Metadata keys the CLI adds to artifacts.
 pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
-pub const EOS_KEY: &str = "kiln.eos_token_id";
-pub const SOURCE_KEY: &str = "kiln.source";
 /// `int8` when `quantize(..., activations=int8)` chose int8 activations for the JIT.
 pub use kiln_rt::artifact::ACTIVATIONS_KEY;
+pub use kiln_rt::artifact::{EOS_KEY, SOURCE_KEY};
 
 pub struct Model {
     pub graph: Graph,
@@ -88,9 +87,7 @@ impl Model {
     pub fn recorded_activations(&self) -> Option<crate::runner::ActivationsKind> {
         match &self.origin {
             // Recorded by its name on the command line (`--activations`).
-            Origin::Artifact { metadata, .. } => metadata
-                .get(ACTIVATIONS_KEY)
-                .and_then(|a| <crate::runner::ActivationsKind as clap::ValueEnum>::from_str(a, false).ok()),
+            Origin::Artifact { metadata, .. } => crate::runner::ActivationsKind::recorded(metadata),
             Origin::Spec { .. } => None,
         }
     }

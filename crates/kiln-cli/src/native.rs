@@ -302,8 +302,8 @@ pub fn emit(
 /// Links the object `kernels` (symbols prefixed `kiln_`) with the generated `main` and the
 /// runtime library into the executable `output`.
 fn link_executable(kernels: &[u8], runtime: &Path, output: &Path) -> Result<()> {
-    let dir = TempDir::new()?;
-    let (obj, main) = (dir.0.join("kiln_kernels.o"), dir.0.join("main.c"));
+    let dir = temp_dir()?;
+    let (obj, main) = (dir.path().join("kiln_kernels.o"), dir.path().join("main.c"));
     std::fs::write(&obj, kernels).into_diagnostic()?;
     std::fs::write(&main, main_c()).into_diagnostic()?;
     let mut cc = c_compiler();
@@ -320,8 +320,8 @@ fn build_library(name: &str, prefix: &str, kernels: &[u8], header: &str, runtime
     std::fs::write(&header_path, header)
         .into_diagnostic()
         .wrap_err_with(|| format!("cannot write {}", header_path.display()))?;
-    let dir = TempDir::new()?;
-    let (glue, glue_o) = (dir.0.join(format!("{name}_create.c")), dir.0.join(format!("{prefix}create.o")));
+    let dir = temp_dir()?;
+    let (glue, glue_o) = (dir.path().join(format!("{name}_create.c")), dir.path().join(format!("{prefix}create.o")));
     std::fs::write(&glue, create_c(name)).into_diagnostic()?;
     let include = header_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut cc = c_compiler();
@@ -430,28 +430,11 @@ fn runtime_library() -> Result<PathBuf> {
     ))
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A new directory of our own (never one that already exists: the temp dir is shared).
-    fn new() -> Result<TempDir> {
-        let mut last = None;
-        for attempt in 0..16u32 {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!("kiln-native-{}-{nanos}-{attempt}", std::process::id()));
-            match std::fs::create_dir(&dir) {
-                Ok(()) => return Ok(TempDir(dir)),
-                Err(e) => last = Some((dir, e)),
-            }
-        }
-        let (dir, e) = last.expect("sixteen attempts");
-        Err(miette!("cannot create a temporary directory {}: {e}", dir.display()))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory of our own in the temp dir, removed when dropped.
+fn temp_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("kiln-native-")
+        .tempdir()
+        .into_diagnostic()
+        .wrap_err("cannot create a temporary directory")
 }

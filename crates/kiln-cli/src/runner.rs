@@ -42,6 +42,14 @@ impl std::fmt::Display for ActivationsKind {
     }
 }
 
+impl ActivationsKind {
+    /// What an artifact's metadata records (by the flag's own names).
+    pub fn recorded(metadata: &std::collections::BTreeMap<String, String>) -> Option<ActivationsKind> {
+        let name = metadata.get(crate::load::ACTIVATIONS_KEY)?;
+        <ActivationsKind as clap::ValueEnum>::from_str(name, false).ok()
+    }
+}
+
 impl From<ActivationsKind> for Activations {
     fn from(a: ActivationsKind) -> Activations {
         match a {
@@ -172,5 +180,20 @@ impl<'g> Runner<'g> {
             Runner::Interp(_) => "interp",
             Runner::Jit(_) => "jit",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Native programs read an artifact's activations with `Activations::from_name`: it
+    /// must know the flag's names, and map them as the CLI does.
+    #[test]
+    fn the_flag_s_names_are_the_engine_s() {
+        for kind in [ActivationsKind::F32, ActivationsKind::Int8, ActivationsKind::Int8Row] {
+            assert_eq!(Activations::from_name(&kind.to_string()), Some(kind.into()), "{kind}");
+        }
+        assert_eq!(Activations::from_name("int8-block"), None);
     }
 }

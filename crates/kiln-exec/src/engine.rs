@@ -243,6 +243,19 @@ pub enum Activations {
     Int8Row,
 }
 
+impl Activations {
+    /// The activations named `name` as `kiln run --activations` and artifacts name them
+    /// (`f32`, `int8`, `int8-row`).
+    pub fn from_name(name: &str) -> Option<Activations> {
+        match name {
+            "f32" => Some(Activations::F32),
+            "int8" => Some(Activations::Int8),
+            "int8-row" => Some(Activations::Int8Row),
+            _ => None,
+        }
+    }
+}
+
 /// What an [`Engine`] is built with.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {

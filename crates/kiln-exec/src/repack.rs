@@ -70,8 +70,8 @@ pub fn fp8_blocks(f: Fp8Format, bytes: &[u8]) -> Vec<u8> {
 /// Stores every weight of `graph` that an engine for `activations` would repack when it is
 /// built ([`repack`], [`fp8_blocks`]) in the format its kernels read, with the same values:
 /// what native programs embed, so that they start without repacking (SmolLM2 at
-/// `bits=4.5`: most of a second). Engines on the result compute the same bits: the same
-/// kernel specs, the same bytes. Under [`Activations::Int8Row`] int8 weights keep their
+/// `bits=4.5`: 400-500 ms of start-up before, 160-180 after; see ARCHITECTURE.md). Engines
+/// on the result compute the same bits: the same kernel specs, the same bytes. Under [`Activations::Int8Row`] int8 weights keep their
 /// format (the per-row kernels read them as stored). Returns how many tensors changed.
 pub fn prepack(graph: &mut Graph, activations: Activations) -> Result<usize, kiln_ir::FormatError> {
     let mut changed = 0;

@@ -165,20 +165,11 @@ fn run_tensors(program: &Program, input: &std::path::Path, args: &Args, threads:
 fn generate(program: &Program, ids: &str, args: &Args, threads: usize) -> Result<(), Failure> {
     let lm = LanguageModel::of(program.graph())
         .map_err(|e| (e.to_string(), Some(kiln_rt::lm::NotLanguageModel::HELP.into())))?;
-    let prompt = ids
-        .split(',')
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| t.trim().parse::<i64>().map_err(|_| failure(format!("--prompt-ids: `{t}` is not a token id"))))
-        .collect::<Result<Vec<i64>, _>>()?;
-    if prompt.is_empty() {
-        return Err(failure("the prompt has no tokens"));
-    }
-    if let Some(&bad) = prompt.iter().find(|&&i| !lm.is_token(i)) {
-        return Err(failure(format!("prompt token id {bad} is outside the vocabulary (0..{})", lm.vocab)));
-    }
+    let prompt = kiln_rt::lm::parse_ids(ids).map_err(failure)?;
+    lm.check_prompt(&prompt).map_err(failure)?;
     let eos: Option<i64> = match args.ignore_eos {
         true => None,
-        false => program.artifact.metadata.get("kiln.eos_token_id").and_then(|e| e.parse().ok()),
+        false => program.artifact.metadata.get(kiln_rt::artifact::EOS_KEY).and_then(|e| e.parse().ok()),
     };
     let graph: Graph = match program.generation_graph() {
         Some(g) => g.map_err(failure)?,
@@ -229,7 +220,7 @@ fn about(program: &Program) -> String {
     let g = program.graph();
     let meta = &program.artifact.metadata;
     let mut s = format!("The model `{}`, compiled by kiln into this executable", g.name);
-    if let Some(source) = meta.get("kiln.source") {
+    if let Some(source) = meta.get(kiln_rt::artifact::SOURCE_KEY) {
         s += &format!(" from {source}");
     }
     s += ".\n\nInputs:\n";

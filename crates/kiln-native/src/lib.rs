@@ -140,11 +140,7 @@ impl Program {
 
     /// The activations the kernels were compiled for.
     pub fn activations(&self) -> Activations {
-        match self.artifact.metadata.get(ACTIVATIONS_KEY).map(String::as_str) {
-            Some("int8") => Activations::Int8,
-            Some("int8-row") => Activations::Int8Row,
-            _ => Activations::F32,
-        }
+        self.artifact.metadata.get(ACTIVATIONS_KEY).and_then(|a| Activations::from_name(a)).unwrap_or_default()
     }
 
     /// The graph `kiln run` runs.

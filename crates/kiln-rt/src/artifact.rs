@@ -29,6 +29,10 @@ pub const PASSES_KEY: &str = "kiln.passes";
 /// The activations the passes chose for the compiled kernels (`f32`, `int8`, `int8-row`, as
 /// `kiln run --activations` names them); native programs were compiled for them.
 pub const ACTIVATIONS_KEY: &str = "kiln.activations";
+/// The end-of-sequence token id of a language model, when its checkpoint names one.
+pub const EOS_KEY: &str = "kiln.eos_token_id";
+/// Where the model came from (`SPEC + CHECKPOINT` file names).
+pub const SOURCE_KEY: &str = "kiln.source";
 /// In a native program's artifact: the graph generation runs (logits at the last position
 /// only), for language models.
 pub const GENERATE_IR_KEY: &str = "kiln.native.generate_ir";

@@ -87,6 +87,25 @@ impl LanguageModel {
     pub fn is_token(&self, id: i64) -> bool {
         id >= 0 && (id as u64) < self.vocab as u64
     }
+
+    /// Checks a prompt: at least one token, every one in the vocabulary.
+    pub fn check_prompt(&self, prompt: &[i64]) -> Result<(), String> {
+        if prompt.is_empty() {
+            return Err("the prompt has no tokens".into());
+        }
+        match prompt.iter().find(|&&i| !self.is_token(i)) {
+            Some(bad) => Err(format!("prompt token id {bad} is outside the vocabulary (0..{})", self.vocab)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Token ids written `1,2,3` (as `--prompt-ids` takes them; empty items are skipped).
+pub fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
+    s.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().parse::<i64>().map_err(|_| format!("--prompt-ids: `{t}` is not a token id")))
+        .collect()
 }
 
 /// Greedy decoding's choice: the first maximum, as `torch.argmax`.
