@@ -300,7 +300,8 @@ pub fn emit(
 }
 
 /// Links the object `kernels` (symbols prefixed `kiln_`) with the generated `main` and the
-/// runtime library into the executable `output`.
+/// runtime library into the executable `output`. The runtime's debug information (line
+/// tables, about 14 MB) is left out; its symbols stay, for profilers and backtraces.
 fn link_executable(kernels: &[u8], runtime: &Path, output: &Path) -> Result<()> {
     let dir = temp_dir()?;
     let (obj, main) = (dir.path().join("kiln_kernels.o"), dir.path().join("main.c"));
@@ -308,7 +309,7 @@ fn link_executable(kernels: &[u8], runtime: &Path, output: &Path) -> Result<()> 
     std::fs::write(&main, main_c()).into_diagnostic()?;
     let mut cc = c_compiler();
     cc.arg("-O2").arg(&main).arg(&obj).arg(runtime).args(SYSTEM_LIBS);
-    cc.arg("-Wl,--gc-sections").arg("-o").arg(output);
+    cc.arg("-Wl,--gc-sections").arg("-Wl,--strip-debug").arg("-o").arg(output);
     run_tool(cc, "the C compiler", "link the program")
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use kiln_tests::{MINILM_WEIGHTS, SMOLLM2_WEIGHTS, fixtures, real_checkpoint, spec};
+use object::{Object, ObjectSection, ObjectSymbol};
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -141,6 +142,14 @@ fn tiny_executable_runs_and_generates_like_kiln() {
     {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
+
+    // The runtime's debug information is left out (it was most of a program's size beside
+    // its weights); the symbols stay, for profilers.
+    let elf = std::fs::read(&exe).expect("the program");
+    let elf = object::File::parse(&*elf).expect("an object file");
+    let debug: Vec<_> = elf.sections().filter_map(|s| s.name().ok()).filter(|n| n.starts_with(".debug")).collect();
+    assert!(debug.is_empty(), "the program keeps debug sections {debug:?}");
+    assert!(elf.symbols().any(|s| s.name() == Ok("kiln_native_main")), "the program lost its symbols");
 }
 
 /// Bad input gets the message `kiln run` gives (and a non-zero exit, no panic).
