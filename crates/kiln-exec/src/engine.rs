@@ -810,13 +810,29 @@ impl<'g> Engine<'g> {
                 _ => return Err("the weight of an sgemm linear is not decoded".into()),
             };
             let (k, n) = (spec.k, spec.n);
-            // One call: it splits the rows across the pool (`run_with` runs under
-            // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
-            kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
+            if crate::sgemm::available() && k > 0 {
+                let (xp, wp, out) =
+                    (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
+                // Columns across threads (each reads only its weights), then the epilogue.
+                self.pool.for_ranges(n.div_ceil(3), 1, 2, |part| {
+                    let cols = 3 * part.start..(3 * part.end).min(n);
+                    // SAFETY: x is [m, K], w [N, K], y [m, N]; the column parts are disjoint;
+                    // the CPU runs `sgemm` (checked above).
+                    unsafe { crate::sgemm::sgemm(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
+                });
+            } else {
+                // One call: it splits the rows across the pool (`run_with` runs under
+                // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
+                kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
+            }
             if let Some(epilogue) = epilogue {
-                // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual (when
-                // it has one) is [m, N] and distinct from y.
-                unsafe { epilogue(y.as_mut_ptr(), bias, residual, 0, m) }
+                let (bias, residual, out) = (SharedPtr::of(bias), SharedPtr::of(residual), SharedPtr(y.as_mut_ptr()));
+                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+                    // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual
+                    // (when it has one) is [m, N] and distinct from y; the row parts are
+                    // disjoint.
+                    unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
+                });
             }
             return Ok(Value::F32(Tensor::new(shape, y)));
         }

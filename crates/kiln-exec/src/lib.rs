@@ -21,6 +21,7 @@ pub mod linear;
 pub mod linear_i8;
 pub mod linear_i8row;
 pub mod repack;
+pub mod sgemm;
 
 pub use activation::Activation;
 pub use engine::{
