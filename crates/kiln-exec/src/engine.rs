@@ -810,14 +810,17 @@ impl<'g> Engine<'g> {
                 _ => return Err("the weight of an sgemm linear is not decoded".into()),
             };
             let (k, n) = (spec.k, spec.n);
+            if w.len() < n * k || x.data.len() < m * k {
+                return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", w.len(), x.data.len()));
+            }
             if crate::sgemm::available() && k > 0 {
                 let (xp, wp, out) =
                     (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
                 // Columns across threads (each reads only its weights), then the epilogue.
                 self.pool.for_ranges(n.div_ceil(3), 1, 2, |part| {
                     let cols = 3 * part.start..(3 * part.end).min(n);
-                    // SAFETY: x is [m, K], w [N, K], y [m, N]; the column parts are disjoint;
-                    // the CPU runs `sgemm` (checked above).
+                    // SAFETY: x holds [m, K] and w [N, K] values (checked above), y is
+                    // [m, N]; the column parts are disjoint; the CPU runs `sgemm` (checked).
                     unsafe { crate::sgemm::sgemm(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
                 });
             } else {

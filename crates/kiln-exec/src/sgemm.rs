@@ -60,7 +60,14 @@ pub fn run(
         return fail("this CPU lacks AVX2 or FMA".into());
     }
     let m = x.len().checked_div(k).unwrap_or(0);
-    if k == 0 || x.len() != m * k || w.len() != n * k || y.len() != m * n || rows.end > m || cols.end > n {
+    let len = |a: usize, b: usize| a.checked_mul(b);
+    if k == 0
+        || len(m, k) != Some(x.len())
+        || len(n, k) != Some(w.len())
+        || len(m, n) != Some(y.len())
+        || rows.end > m
+        || cols.end > n
+    {
         return fail(format!(
             "x {} values, w {} values, y {} values, rows {rows:?}, cols {cols:?}",
             x.len(),
@@ -100,8 +107,8 @@ const ROW_BLOCK_BYTES: usize = 256 * 1024;
 ///
 /// # Safety
 /// [`available`] must hold; `K > 0`; `x` must hold rows `0..rows.end` of `K` values, `w`
-/// rows `0..cols.end` of `K` values, `y` `[rows.end, N]` values of which no one else
-/// writes `rows x cols`, with `cols.end <= N`.
+/// rows `0..cols.end` of `K` values, `y` `[rows.end, N]` values, with `cols.end <= N`; no
+/// one writes `x` or `w` during the call, nor reads or writes `y`'s `rows x cols`.
 pub unsafe fn sgemm(
     k: usize,
     n: usize,
@@ -141,8 +148,9 @@ mod avx2 {
         rows: Range<usize>,
         cols: Range<usize>,
     ) {
-        let col_block = (COL_BLOCK_BYTES / (4 * k) / NR * NR).max(NR);
-        let row_block = (ROW_BLOCK_BYTES / (4 * k) / MR * MR).max(MR);
+        let row_bytes = k.saturating_mul(4);
+        let col_block = (COL_BLOCK_BYTES / row_bytes / NR * NR).max(NR);
+        let row_block = (ROW_BLOCK_BYTES / row_bytes / MR * MR).max(MR);
         let mut r0 = rows.start;
         while r0 < rows.end {
             let r1 = (r0 + row_block).min(rows.end);
@@ -275,7 +283,9 @@ mod tests {
             eprintln!("skipped: no AVX2/FMA");
             return;
         }
-        for (m, k, n) in [(1, 8, 1), (5, 13, 7), (4, 64, 3), (9, 384, 10), (13, 7, 5), (2, 1536, 50), (17, 40, 33), (45, 1536, 20)] {
+        for (m, k, n) in
+            [(1, 8, 1), (5, 13, 7), (4, 64, 3), (9, 384, 10), (13, 7, 5), (2, 1536, 50), (17, 40, 33), (45, 1536, 20)]
+        {
             let (x, w) = (values(m * k, k as u64), values(n * k, n as u64 + 99));
             let mut y = vec![f32::NAN; m * n];
             run(k, n, &x, &w, &mut y, 0..m, 0..n).expect("valid arguments");
@@ -285,10 +295,16 @@ mod tests {
                     assert_eq!(y[i * n + j].to_bits(), want.to_bits(), "m={m} k={k} n={n} at ({i}, {j})");
                 }
             }
-            // Parts computed separately give the same bits and touch nothing else.
+            // Parts computed separately give the same bits, and each writes only its part.
             let mut parts = vec![f32::NAN; m * n];
             let (mh, nh) = (m / 2, n / 3);
             for (r, c) in [(0..mh, 0..nh), (0..mh, nh..n), (mh..m, 0..n)] {
+                let mut alone = vec![f32::NAN; m * n];
+                run(k, n, &x, &w, &mut alone, r.clone(), c.clone()).expect("valid arguments");
+                for (at, v) in alone.iter().enumerate() {
+                    let inside = r.contains(&(at / n)) && c.contains(&(at % n));
+                    assert_eq!(v.is_nan(), !inside, "m={m} k={k} n={n}: part {r:?} x {c:?} at {at}");
+                }
                 run(k, n, &x, &w, &mut parts, r, c).expect("valid arguments");
             }
             assert_eq!(
