@@ -1,7 +1,7 @@
 /* Embeds one sentence with MiniLM through kiln's C API.
  *
  *   kiln compile examples/minilm/minilm.kiln -w model.safetensors --emit lib -o build/libminilm.a
- *   cc examples/c/minilm.c -I build build/libminilm.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o build/minilm
+ *   cc examples/c/minilm.c -I build build/libminilm.a -Wl,--gc-sections -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o build/minilm
  *   build/minilm 101 7592 2088 102        # token ids of "[CLS] hello world [SEP]"
  *
  * It prints each output's name and shape, then its values, one per line, with 9
