@@ -283,8 +283,9 @@ enum Kernel {
     /// it (`None` inside: the epilogue is the identity): blocks of [`GEMM_I8_ROWS`] rows or
     /// more take the 256-bit GEMM, then the epilogue, for the same bits.
     I8(LinearI8Spec, LinearI8Fn, Option<Option<EpilogueFn>>),
-    /// f32 weights: the runtime's sgemm (256-bit AVX2, which Cranelift cannot emit), then
-    /// an emitted epilogue kernel for bias, activation and residual (none if identity).
+    /// f32 weights: [`crate::sgemm`] (256-bit AVX2, which Cranelift cannot emit; without
+    /// AVX2 and FMA, matrixmultiply), then an emitted epilogue kernel for bias, activation
+    /// and residual (none if identity).
     Sgemm(LinearSpec, Option<EpilogueFn>),
     /// int8gK weights with per-row int8 activations ([`crate::linear_i8row`]), then the
     /// epilogue.
@@ -813,12 +814,10 @@ impl<'g> Engine<'g> {
             if w.len() < n * k || x.data.len() < m * k {
                 return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", w.len(), x.data.len()));
             }
-            if crate::sgemm::available() && k > 0 {
+            if crate::sgemm::available() {
                 let (xp, wp, out) =
                     (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
-                // Columns across threads (each reads only its weights), then the epilogue.
-                self.pool.for_ranges(n.div_ceil(3), 1, 2, |part| {
-                    let cols = 3 * part.start..(3 * part.end).min(n);
+                self.columns(n, 3, |cols| {
                     // SAFETY: x holds [m, K] and w [N, K] values (checked above), y is
                     // [m, N]; the column parts are disjoint; the CPU runs `sgemm` (checked).
                     unsafe { crate::sgemm::sgemm(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
@@ -828,15 +827,8 @@ impl<'g> Engine<'g> {
                 // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
                 kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
             }
-            if let Some(epilogue) = epilogue {
-                let (bias, residual, out) = (SharedPtr::of(bias), SharedPtr::of(residual), SharedPtr(y.as_mut_ptr()));
-                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
-                    // SAFETY: y is [m, N]; bias (when the spec has one) is [N]; the residual
-                    // (when it has one) is [m, N] and distinct from y; the row parts are
-                    // disjoint.
-                    unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
-                });
-            }
+            // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
+            unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
             return Ok(Value::F32(Tensor::new(shape, y)));
         }
         if let Kernel::I8Row(_, epilogue) = kernel {
@@ -854,17 +846,13 @@ impl<'g> Engine<'g> {
             let epilogue = *epilogue;
             let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
             if m < MIN_PARALLEL_ROWS * self.pool.threads() {
-                // Few rows: split the columns, then the epilogue on this thread.
-                let groups = spec.n.div_ceil(4);
-                self.pool.for_ranges(groups, 1, 2, |part| {
-                    let cols = 4 * part.start..(4 * part.end).min(spec.n);
+                // Few rows: split the columns, then the epilogue.
+                self.columns(spec.n, 4, |cols| {
                     // SAFETY: y is [m, N]; the column parts are disjoint.
                     unsafe { w.gemm_unchecked(xq, out.get(), 0..m, cols) }
                 });
-                if let Some(epilogue) = epilogue {
-                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
-                    unsafe { epilogue(y.as_mut_ptr(), bias.get(), residual.get(), 0, m) }
-                }
+                // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+                unsafe { self.epilogue_rows(epilogue, m, y.as_mut_ptr(), bias.get(), residual.get()) };
             } else {
                 self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
                     // SAFETY: as above; the row parts are disjoint.
@@ -885,21 +873,14 @@ impl<'g> Engine<'g> {
             };
             let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
             let (k, n, format) = (spec.k, spec.n, spec.format);
-            // Columns across threads (each decodes only its weights), then the epilogue.
-            self.pool.for_ranges(n.div_ceil(4), 1, 2, |part| {
-                let cols = 4 * part.start..(4 * part.end).min(n);
+            self.columns(n, 4, |cols| {
                 // SAFETY: x is [m, K], the weight [N, K] in `format` (its stored or repacked
                 // bytes, `K % 32 == 0` for block formats), y [m, N]; the column parts are
                 // disjoint; the host runs `gemm_f32` (the kernel has an epilogue only then).
                 unsafe { crate::gemm_f32::gemm_f32(format, k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
             });
-            if let Some(epilogue) = epilogue {
-                let (bias, residual) = (SharedPtr::of(bias), SharedPtr::of(residual));
-                self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
-                    // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
-                    unsafe { epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end) }
-                });
-            }
+            // SAFETY: y is [m, N], bias [N] and the residual [m, N] when the spec has them.
+            unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
             return Ok(Value::F32(Tensor::new(shape, y)));
         }
         let x_ptr = match kernel {
@@ -951,6 +932,33 @@ impl<'g> Engine<'g> {
             }
         });
         Ok(Value::F32(Tensor::new(shape, y)))
+    }
+
+    /// Runs `gemm` on parts of `0..n` (whole groups of `group` columns) across the pool:
+    /// the split of the Rust GEMMs, where each thread reads only its columns' weights.
+    fn columns(&self, n: usize, group: usize, gemm: impl Fn(std::ops::Range<usize>) + Sync) {
+        self.pool.for_ranges(n.div_ceil(group), 1, 2, |part| gemm(group * part.start..(group * part.end).min(n)));
+    }
+
+    /// Runs `epilogue` (if any) on the `m` rows of `y`, split across the pool.
+    ///
+    /// # Safety
+    /// `y` is `[m, N]` for the epilogue's `N`, which no one else uses meanwhile; `bias` is
+    /// `[N]` and `residual` `[m, N]` (distinct from `y`) where the epilogue has them.
+    unsafe fn epilogue_rows(
+        &self,
+        epilogue: Option<EpilogueFn>,
+        m: usize,
+        y: *mut f32,
+        bias: *const f32,
+        residual: *const f32,
+    ) {
+        let Some(epilogue) = epilogue else { return };
+        let (y, bias, residual) = (SharedPtr(y), SharedPtr::of(bias), SharedPtr::of(residual));
+        self.pool.for_ranges(m, 1, MIN_PARALLEL_ROWS, |rows| {
+            // SAFETY: the caller's; the row parts are disjoint.
+            unsafe { epilogue(y.get(), bias.get(), residual.get(), rows.start, rows.end) }
+        });
     }
 }
 

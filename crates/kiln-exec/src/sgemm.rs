@@ -151,44 +151,42 @@ mod avx2 {
         let row_bytes = k.saturating_mul(4);
         let col_block = (COL_BLOCK_BYTES / row_bytes / NR * NR).max(NR);
         let row_block = (ROW_BLOCK_BYTES / row_bytes / MR * MR).max(MR);
-        let mut r0 = rows.start;
-        while r0 < rows.end {
+        for r0 in rows.clone().step_by(row_block) {
             let r1 = (r0 + row_block).min(rows.end);
-            let mut c0 = cols.start;
-            while c0 < cols.end {
+            for c0 in cols.clone().step_by(col_block) {
                 let c1 = (c0 + col_block).min(cols.end);
-                let mut i = r0;
-                while i < r1 {
-                    let mr = MR.min(r1 - i);
-                    let mut j = c0;
-                    while j < c1 {
-                        let nr = NR.min(c1 - j);
-                        // SAFETY: rows i..i + mr and columns j..j + nr lie inside the caller's
-                        // ranges.
-                        unsafe {
-                            let (xs, ws, ys) = (x.add(i * k), w.add(j * k), y.add(i * n + j));
-                            match (mr, nr) {
-                                (4, 3) => tile::<4, 3>(k, n, xs, ws, ys),
-                                (4, 2) => tile::<4, 2>(k, n, xs, ws, ys),
-                                (4, _) => tile::<4, 1>(k, n, xs, ws, ys),
-                                (3, 3) => tile::<3, 3>(k, n, xs, ws, ys),
-                                (3, 2) => tile::<3, 2>(k, n, xs, ws, ys),
-                                (3, _) => tile::<3, 1>(k, n, xs, ws, ys),
-                                (2, 3) => tile::<2, 3>(k, n, xs, ws, ys),
-                                (2, 2) => tile::<2, 2>(k, n, xs, ws, ys),
-                                (2, _) => tile::<2, 1>(k, n, xs, ws, ys),
-                                (_, 3) => tile::<1, 3>(k, n, xs, ws, ys),
-                                (_, 2) => tile::<1, 2>(k, n, xs, ws, ys),
-                                (_, _) => tile::<1, 1>(k, n, xs, ws, ys),
-                            }
+                for i in (r0..r1).step_by(MR) {
+                    // SAFETY: rows i..i + MR.min(r1 - i) and columns c0..c1 lie inside the
+                    // caller's ranges.
+                    unsafe {
+                        let (xs, ys) = (x.add(i * k), y.add(i * n));
+                        match MR.min(r1 - i) {
+                            4 => tiles::<4>(k, n, xs, w, ys, c0..c1),
+                            3 => tiles::<3>(k, n, xs, w, ys, c0..c1),
+                            2 => tiles::<2>(k, n, xs, w, ys, c0..c1),
+                            _ => tiles::<1>(k, n, xs, w, ys, c0..c1),
                         }
-                        j += nr;
                     }
-                    i += mr;
                 }
-                c0 = c1;
             }
-            r0 = r1;
+        }
+    }
+
+    /// The tiles of the `R` rows at `x` (rows of `K`) over columns `cols` of `w` (rows of
+    /// `K`) into `y` (the rows' start, rows of `N`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tiles<const R: usize>(k: usize, n: usize, x: *const f32, w: *const f32, y: *mut f32, cols: Range<usize>) {
+        for j in cols.clone().step_by(NR) {
+            // SAFETY: columns j..j + NR.min(cols.end - j) lie inside the caller's.
+            unsafe {
+                let (ws, ys) = (w.add(j * k), y.add(j));
+                match NR.min(cols.end - j) {
+                    3 => tile::<R, 3>(k, n, x, ws, ys),
+                    2 => tile::<R, 2>(k, n, x, ws, ys),
+                    _ => tile::<R, 1>(k, n, x, ws, ys),
+                }
+            }
         }
     }
 
@@ -231,13 +229,12 @@ mod avx2 {
         }
         // Reduce four accumulators at a time (the last group padded with zeros, which only
         // its unused outputs see), then the tail.
-        let flat: [[__m256; C]; R] = acc;
         let mut sums = [[0f32; C]; R];
         let mut q = 0;
         while q < R * C {
             let v: [__m256; 4] = std::array::from_fn(|e| {
                 let f = q + e;
-                if f < R * C { flat[f / C][f % C] } else { _mm256_setzero_ps() }
+                if f < R * C { acc[f / C][f % C] } else { _mm256_setzero_ps() }
             });
             let s = reduce4(v);
             for (e, s) in s.iter().enumerate().take((R * C - q).min(4)) {
