@@ -2,7 +2,7 @@
 
 use kiln_interp::Value;
 use kiln_ir::Op;
-use kiln_passes::last_position::last_position;
+use kiln_passes::cleanup::last_position::last_position;
 use kiln_tests::*;
 use std::collections::HashMap;
 

@@ -5,8 +5,8 @@
 use kiln_interp::Value;
 use kiln_ir::{Format, Graph, NodeId, Op};
 use kiln_passes::calibration::{Calibration, Gram};
-use kiln_passes::gptq::GptqOptions;
 use kiln_passes::quantize::Activations;
+use kiln_passes::quantize::gptq::GptqOptions;
 use kiln_passes::quantize::{Choice, Method, QuantizeOptions, QuantizeReport, Target, quantize};
 use kiln_tests::*;
 use std::collections::HashMap;

@@ -137,10 +137,10 @@ pub fn language_model(graph: &Graph) -> Result<LanguageModel> {
 }
 
 /// The graph generation runs: logits at the last position only, so a prompt's other
-/// positions skip the output head (see `kiln_passes::last_position`). Falls back, with a
+/// positions skip the output head (see `kiln_passes::cleanup::last_position`). Falls back, with a
 /// note, to the whole graph when the rewrite does not apply.
 pub fn generation_graph(lm: &LanguageModel, graph: &Graph) -> Graph {
-    match kiln_passes::last_position::last_position(graph, &lm.logits, 1) {
+    match kiln_passes::cleanup::last_position::last_position(graph, &lm.logits, 1) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("note: {e}; computing logits at every position");

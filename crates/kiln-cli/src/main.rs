@@ -43,14 +43,18 @@ enum Command {
         /// Checkpoint to bind: weight formats and checksums appear in the IR.
         #[arg(long, short)]
         weights: Option<PathBuf>,
-        /// Print the IR after these passes (see `kiln compile --help`).
+        /// Print the IR after these passes (`kiln passes` lists them).
         #[command(flatten)]
         passes: passes::PassArgs,
+        /// Print the IR after each pass of --passes (`all`) or after the passes of one name,
+        /// each section headed by `; after NAME(options)`, instead of once at the end.
+        #[arg(long, value_name = "all|NAME", requires = "passes")]
+        print_after: Option<String>,
     },
     /// Compile a spec and its checkpoint into one artifact file (weights as stored, IR, tokenizer),
     /// or with --emit exe|lib into a native executable or static library.
     #[command(
-        after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, the pass reports, and the tokenizer when one is found.\n`run`, `eval`, `generate` and `bench` take it in place of SPEC --weights W and give bitwise\nthe same outputs; `kiln report` prints what the passes did.\n\nWith --emit exe, the kernels `kiln run` would JIT-compile are compiled ahead of time and linked\nby the system's C compiler (cc, or $CC) with kiln's runtime library (libkiln_native.a, beside\nthe kiln binary or at $KILN_NATIVE_LIB) into one program holding the weights:\n`PROGRAM --input IN --output OUT` computes kiln run's outputs bit for bit, `PROGRAM --help` says\nmore. --emit lib -o libNAME.a writes a static library and NAME.h (a C API; see\nexamples/c/minilm.c). Either takes a spec with --weights, or an artifact.\n\nPasses:\n  quantize(bits=B)              one format per layer, minimizing the measured error with at\n                                most B bits per parameter on average (needs --calib)\n  quantize(format=F)            F for every layer: f16, bf16, int8 (per output channel),\n                                intBgG (B = 2, 3, 4, 8 bits, groups of G), intBgGa (asymmetric)\n  method=rtn|gptq               round to nearest, or GPTQ (needs --calib; the default with it)\n\nExamples:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\"\n  kiln compile minilm.kiln -w model.safetensors --passes \"quantize(bits=4.5)\" --calib calib.safetensors -o minilm-q.kiln.st\n  kiln compile minilm-q.kiln.st --emit exe -o minilm && ./minilm --input in.safetensors --output out.safetensors\n  kiln compile minilm.kiln -w model.safetensors --emit lib -o build/libminilm.a"
+        after_help = "The artifact is a safetensors file: the weights in their stored formats, the IR text and\nformat version in its metadata, the pass reports, and the tokenizer when one is found.\n`run`, `eval`, `generate` and `bench` take it in place of SPEC --weights W and give bitwise\nthe same outputs; `kiln report` prints what the passes did.\n\nWith --emit exe, the kernels `kiln run` would JIT-compile are compiled ahead of time and linked\nby the system's C compiler (cc, or $CC) with kiln's runtime library (libkiln_native.a, beside\nthe kiln binary or at $KILN_NATIVE_LIB) into one program holding the weights:\n`PROGRAM --input IN --output OUT` computes kiln run's outputs bit for bit, `PROGRAM --help` says\nmore. --emit lib -o libNAME.a writes a static library and NAME.h (a C API; see\nexamples/c/minilm.c). Either takes a spec with --weights, or an artifact.\n\n--passes runs compression and clean-up passes first: `kiln passes` lists each with its\noptions and defaults.\n\nExamples:\n  kiln compile smollm2.kiln -w model.gguf -o smollm2.kiln.st && kiln generate smollm2.kiln.st --prompt \"Hi\"\n  kiln compile minilm.kiln -w model.safetensors --passes \"quantize(bits=4.5)\" --calib calib.safetensors -o minilm-q.kiln.st\n  kiln compile minilm-q.kiln.st --emit exe -o minilm && ./minilm --input in.safetensors --output out.safetensors\n  kiln compile minilm.kiln -w model.safetensors --emit lib -o build/libminilm.a"
     )]
     Compile {
         /// The model spec (.kiln source), or with --emit exe or lib a compiled artifact.
@@ -178,6 +182,11 @@ enum Command {
         #[command(flatten)]
         exec: runner::ExecArgs,
     },
+    /// List every pass --passes can name, with its options and their defaults.
+    #[command(
+        after_help = "A pipeline is a list of calls separated by `,` or `;`, run in order:\n  kiln compile minilm.kiln -w model.safetensors --calib calib.safetensors \\\n    --passes \"quantize(bits=4.5); dead_code\" -o minilm-q.kiln\n  kiln ir smollm2.kiln -w model.gguf --passes \"quantize(format=int8), last_position\" --print-after all"
+    )]
+    Passes,
     /// Time a model on synthetic inputs (median of repeated runs after warm-up).
     #[command(
         after_help = "Token ids are spread over the embedding table; masks are all ones.\nExamples:\n  kiln bench minilm.kiln -w model.safetensors --shape batch=1,seq=128 --json\n  kiln bench smollm2.kiln -w model.gguf --decode 64 --prompt-len 128 --engine jit"
@@ -250,11 +259,24 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Command::Ir { spec, weights, passes } => {
+        Command::Ir { spec, weights, passes, print_after } => {
             let mut model = load::load(&spec, weights.as_deref())?;
-            let ran = passes::apply(&mut model.graph, &passes)?;
+            if let Some(name) = &print_after
+                && name != "all"
+            {
+                kiln_passes::manager::lookup(name).map_err(|e| miette::miette!("--print-after: {e}"))?;
+            }
+            let mut after = |call: &kiln_passes::PassCall, g: &kiln_ir::Graph| match &print_after {
+                Some(name) if name == "all" || *name == call.name => {
+                    print!("; after {call}\n{}", kiln_ir::print(g));
+                }
+                _ => {}
+            };
+            let ran = passes::apply(&mut model.graph, &passes, &mut after)?;
             passes::summarize(&ran);
-            print!("{}", kiln_ir::print(&model.graph));
+            if print_after.is_none() {
+                print!("{}", kiln_ir::print(&model.graph));
+            }
         }
         Command::Compile {
             spec,
@@ -311,6 +333,7 @@ fn main() -> Result<()> {
                 exec,
             })?;
         }
+        Command::Passes => print!("{}", kiln_passes::manager::help()),
         Command::Bench { spec, weights, shape, decode, prompt_len, runs, warmup, json, exec } => {
             bench::bench(bench::BenchArgs { spec, weights, shape, decode, prompt_len, runs, warmup, json, exec })?;
         }

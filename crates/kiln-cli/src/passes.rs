@@ -3,8 +3,9 @@
 
 use crate::calibrate;
 use kiln_ir::Graph;
-use kiln_passes::pipeline::{self, Context, PassReport};
-use kiln_passes::quantize::{Activations, Choice, QuantizeReport};
+use kiln_passes::manager::{self, PassCall};
+use kiln_passes::quantize::Activations;
+use kiln_passes::{Context, Probe};
 use miette::{Result, miette};
 use serde_json::{Value as Json, json};
 use std::collections::HashMap;
@@ -14,18 +15,18 @@ use std::path::PathBuf;
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct PassArgs {
     /// Passes to run, in order, e.g. "quantize(bits=4.5)" or
-    /// "quantize(format=int4g64a, method=gptq)". Formats: f32, f16, bf16, int8 (per output
-    /// channel), intBgG[a] (B bits in 2, 3, 4, 8; groups of G; `a`: asymmetric), fp8 (e4m3
-    /// per output channel) or fp8gG.
-    #[arg(long)]
+    /// "quantize(format=int4g64a, method=gptq); dead_code". `kiln passes` lists every pass
+    /// with its options and defaults.
+    #[arg(long, value_name = "PIPELINE")]
     pub passes: Option<String>,
     /// Calibration inputs (safetensors, tensors named like the model's inputs, one sequence
-    /// per row), for passes that measure activations (bits=..., method=gptq).
+    /// per row), for passes that measure activations (quantize's bits=..., method=gptq).
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// PATTERN=FORMAT: layers whose scope matches the glob get FORMAT whatever the search
-    /// picks (e.g. "blk.0.*=int8"); repeatable. A pattern that matches nothing is an error.
-    #[arg(long = "override", value_name = "PATTERN=FORMAT")]
+    /// PATTERN=VALUE: layers whose scope matches the glob get VALUE whatever the passes
+    /// would choose (e.g. "blk.0.*=int8" for quantize); repeatable. A pattern that matches
+    /// nothing is an error.
+    #[arg(long = "override", value_name = "PATTERN=VALUE")]
     pub overrides: Vec<String>,
 }
 
@@ -42,35 +43,38 @@ pub struct Ran {
     pub report: Json,
 }
 
-/// Runs the pipeline of `args` on `graph` (nothing if no `--passes`).
-pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
+/// Runs the pipeline of `args` on `graph` (nothing if no `--passes`); `after(call, graph)`
+/// sees the graph after each pass (`kiln ir --print-after`).
+pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall, &Graph)) -> Result<Vec<Ran>> {
     let Some(text) = &args.passes else {
         if args.calib.is_some() || !args.overrides.is_empty() {
             return Err(miette!("--calib and --override configure passes: give --passes too"));
         }
         return Ok(vec![]);
     };
-    let calls = pipeline::parse(text).map_err(|e| {
+    let calls = manager::parse(text).map_err(|e| {
         miette!(
             labels = vec![miette::LabeledSpan::at(e.offset..e.offset + 1, e.message.clone())],
-            help = pass_help(),
+            help = "`kiln passes` lists every pass with its options",
             "invalid --passes: {}",
             e.message
         )
         .with_source_code(text.clone())
     })?;
+    // Names and options are checked before calibration runs.
+    manager::check(&calls, args.calib.is_some())
+        .map_err(|e| miette!(help = "`kiln passes` lists every pass with its options", "{e}"))?;
     let mut overrides = Vec::new();
     for o in &args.overrides {
-        let (pattern, format) =
-            o.split_once('=').ok_or_else(|| miette!("--override `{o}`: expected PATTERN=FORMAT, e.g. blk.0.*=int8"))?;
-        let choice: Choice = format.trim().parse().map_err(|e: String| miette!("--override `{o}`: {e}"))?;
-        overrides.push((pattern.trim().to_string(), choice));
+        let (pattern, value) =
+            o.split_once('=').ok_or_else(|| miette!("--override `{o}`: expected PATTERN=VALUE, e.g. blk.0.*=int8"))?;
+        overrides.push((pattern.trim().to_string(), value.trim().to_string()));
     }
     // The calibration file is read once: its first rows probe, the rest calibrate.
     let calib_inputs = args.calib.as_deref().map(|p| calibrate::read_inputs(graph, p)).transpose()?;
     // Only passes that probe (budgets, the choice of int8 activation scales) hold rows out;
     // everything else calibrates on every row.
-    let probes = pipeline::probes(&calls);
+    let probes = manager::probes_any(&calls);
     let split = calib_inputs
         .as_ref()
         .map(|i| if probes { calibrate::split_probe(i) } else { (HashMap::new(), i.clone(), true) });
@@ -103,55 +107,18 @@ pub fn apply(graph: &mut Graph, args: &PassArgs) -> Result<Vec<Ran>> {
             _ => Err("no calibration inputs to probe with".into()),
         }
     };
-    let probe_ref: Option<&kiln_passes::quantize::Probe> = reference.as_ref().map(|_| &probe as _);
+    let probe_ref: Option<&Probe> = reference.as_ref().map(|_| &probe as _);
     let ctx = Context { calibration: calibration.as_ref(), probe: probe_ref, overrides, progress: &progress };
-    let reports = pipeline::run(graph, &calls, &ctx).map_err(|e| miette!("{e}"))?;
+    let mut after = |call: &PassCall, g: &Graph| {
+        bar.suspend(|| after(call, g));
+    };
+    let reports = manager::run(graph, &calls, &ctx, &mut after).map_err(|e| miette!("{e}"))?;
     bar.finish_and_clear();
     Ok(calls
         .iter()
         .zip(reports)
-        .map(|(call, report)| Ran { call: call.to_string(), report: to_json(&report) })
+        .map(|(call, report)| Ran { call: call.to_string(), report: report.to_json() })
         .collect())
-}
-
-fn pass_help() -> String {
-    let lines: Vec<&str> = pipeline::REGISTRY.iter().map(|p| p.help).collect();
-    format!("passes:\n  {}", lines.join("\n  "))
-}
-
-/// A pass report as JSON; a quantize report in the shape `kiln report --json` prints.
-fn to_json(report: &PassReport) -> Json {
-    match report {
-        PassReport::Quantize(q) => quantize_json(q),
-    }
-}
-
-fn quantize_json(q: &QuantizeReport) -> Json {
-    let layers: Vec<Json> = q
-        .layers
-        .iter()
-        .map(|l| {
-            json!({
-                "scope": l.scope,
-                "tensor": l.tensor,
-                "format": l.format.name(),
-                "params": l.params,
-                "bits_per_weight": l.bytes as f64 * 8.0 / l.params.max(1) as f64,
-                "bytes": l.bytes,
-                "sensitivity": l.sensitivity,
-                "error": l.error,
-            })
-        })
-        .collect();
-    json!({
-        "pass": "quantize",
-        "layers": layers,
-        "params": q.params,
-        "bytes": q.bytes,
-        "bits_per_weight": q.bits_per_weight(),
-        "notes": q.notes,
-        "activations": q.activations.to_string(),
-    })
 }
 
 /// The JSON stored under `kiln.passes`.
@@ -163,7 +130,13 @@ pub fn metadata(ran: &[Ran]) -> String {
 /// Prints a one-paragraph summary of each pass to stderr (notes included).
 pub fn summarize(ran: &[Ran]) {
     for r in ran {
-        let bits = r.report["bits_per_weight"].as_f64().unwrap_or(0.0);
+        let Some(bits) = r.report["bits_per_weight"].as_f64() else {
+            eprintln!("{}", r.call);
+            for note in r.report["notes"].as_array().into_iter().flatten() {
+                eprintln!("  note: {}", note.as_str().unwrap_or_default());
+            }
+            continue;
+        };
         let mut formats: std::collections::BTreeMap<String, u64> = Default::default();
         for l in r.report["layers"].as_array().into_iter().flatten() {
             *formats.entry(l["format"].as_str().unwrap_or("?").to_string()).or_default() += 1;

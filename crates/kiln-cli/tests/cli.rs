@@ -159,6 +159,35 @@ fn check_notes_unused_checkpoint_tensors() {
     assert!(stdout.contains("1 checkpoint tensors are not used by the model: lm_head.weight"), "{stdout}");
 }
 
+/// `kiln passes` lists every pass with its options; `kiln ir --print-after` shows the IR
+/// after each pass, each section headed by the call, and each section is the IR that
+/// running the pipeline up to that pass prints.
+#[test]
+fn passes_are_listed_and_printed_after() {
+    let listed = ok(&["passes"]);
+    for needle in ["quantize: ", "last_position: ", "dead_code: ", "  bits=B", "  method=rtn|gptq  (default: "] {
+        assert!(listed.contains(needle), "{needle:?} in\n{listed}");
+    }
+    let (_dir, weights) = tiny_setup("print-after");
+    let pipeline = "quantize(format=bf16), last_position(output=logits), dead_code";
+    let all = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline, "--print-after", "all"]);
+    let headers: Vec<&str> = all.lines().filter(|l| l.starts_with("; after ")).collect();
+    assert_eq!(headers, ["; after quantize(format=bf16)", "; after last_position(output=logits)", "; after dead_code"]);
+    let sections: Vec<&str> = all.split("; after ").skip(1).map(|s| &s[s.find('\n').unwrap() + 1..]).collect();
+    let first = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", "quantize(format=bf16)"]);
+    assert_eq!(sections[0], first);
+    let whole = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline]);
+    assert_eq!(sections[2], whole, "the last section is the pipeline's result");
+    assert!(sections[1].contains("slice") && !sections[0].contains("slice"), "{all}");
+    let one = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline, "--print-after", "last_position"]);
+    assert_eq!(one, format!("; after last_position(output=logits)\n{}", sections[1]));
+    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "prune"], &["unknown pass `prune`"]);
+    fails(
+        &["ir", &tiny_spec(), "--passes", "quantize(format=bf16, bitz=3)"],
+        &["unknown option `bitz`", "kiln passes"],
+    );
+}
+
 #[test]
 fn ir_tiny_shows_formats_when_bound() {
     let (_dir, weights) = tiny_setup("ir");
@@ -1115,7 +1144,7 @@ fn compile_with_quantize_and_report() {
     ok(&args("quantize(format=int8, activations=int8-block)"));
     assert_eq!(bench_activations(&[]), "int8");
     assert!(!ok(&["report".to_string(), s(&out)]).contains("per-channel int8 weights"));
-    fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "int8, int8-block, int8-row or f32"]);
+    fails(&args("quantize(format=bf16, activations=int4)"), &["activations=int4", "f32|int8|int8-block|int8-row"]);
 
     fails(&args("quantize(format=bf16, lorc_rank=0)"), &["lorc_rank=0", "a rank from 1 to 1024"]);
     fails(&args("quantize(bits 4)"), &["invalid --passes", "expected `key=value`"]);

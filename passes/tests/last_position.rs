@@ -1,7 +1,7 @@
 //! `last_position` on hand-written IR: where the slice goes and what it moves past.
 //! (Value checks on real graphs are in the workspace's `tests/passes.rs`.)
 
-use kiln_passes::last_position::last_position;
+use kiln_passes::cleanup::last_position::last_position;
 
 fn rewrite(ir: &str) -> String {
     let g = kiln_ir::parse(ir).expect("test IR parses");

@@ -108,7 +108,7 @@ pub struct GptqOptions {
     pub block: usize,
     /// Quantize columns by decreasing `H_ii`, with scales fitted up front (false).
     pub act_order: bool,
-    /// Fit each group's scales by [`crate::clip::fit`]'s search, weighting columns by
+    /// Fit each group's scales by [`super::clip::fit`]'s search, weighting columns by
     /// `H_ii`, instead of round-to-nearest's range (false).
     pub clip: bool,
 }
@@ -444,7 +444,7 @@ impl Sweep<'_> {
         if self.importance.is_empty() {
             self.f.fit(group)
         } else {
-            crate::clip::fit(self.f, group, &self.importance[start..start + group.len()])
+            super::clip::fit(self.f, group, &self.importance[start..start + group.len()])
         }
     }
 

@@ -2,7 +2,7 @@
 //! `cargo run --release -p kiln-passes --example gptq_timing [THREADS]`.
 
 use kiln_ir::IntFormat;
-use kiln_passes::gptq::{Factored, GptqOptions};
+use kiln_passes::quantize::gptq::{Factored, GptqOptions};
 use std::time::Instant;
 
 fn main() {

@@ -44,7 +44,7 @@ pub fn factors(
     let svd = el.thin_svd().map_err(|e| format!("LoRC: the SVD did not converge ({e:?})"))?;
     let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
     let a: Vec<f32> = (0..n).flat_map(|r| (0..rank).map(move |j| (u[(r, j)] * s[j]) as f32)).collect();
-    crate::gptq::clear_upper_ymm();
+    super::gptq::clear_upper_ymm();
     // B^T = L^-T V_r: solve L^T X = V_r.
     let mut bt = Mat::<f64>::from_fn(k, rank, |i, j| v[(i, j)]);
     solve_upper_triangular_in_place(l.transpose(), bt.as_mut(), Par::Seq);

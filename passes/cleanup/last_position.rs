@@ -11,10 +11,71 @@
 //! the original output's last position; executors whose kernels sum a row in an order that
 //! does not depend on the other rows (the JIT's) give it bitwise.
 
-use crate::PassError;
+use crate::options::{Args, OptionHelp, Options};
+use crate::{Context, Pass, PassError, PassReport};
 use kiln_ir::{Graph, NodeId, Op};
 
 const PASS: &str = "last_position";
+
+/// The pass as a pipeline names it: `last_position(output=NAME, axis=A)`.
+pub struct LastPosition;
+
+/// The options of [`LastPosition`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastPositionOptions {
+    /// The output to cut; `None`: the graph's only output.
+    pub output: Option<String>,
+    pub axis: usize,
+}
+
+impl Options for LastPositionOptions {
+    const HELP: &'static [OptionHelp] = &[
+        OptionHelp {
+            name: "output",
+            values: "NAME",
+            default: "the graph's only output",
+            help: "the output to keep at its last position",
+        },
+        OptionHelp { name: "axis", values: "A", default: "1", help: "the sequence axis of that output" },
+    ];
+
+    fn parse(args: &mut Args) -> Result<LastPositionOptions, PassError> {
+        Ok(LastPositionOptions {
+            output: args.text("output").map(str::to_string),
+            axis: args.get("axis")?.unwrap_or(1),
+        })
+    }
+}
+
+impl Pass for LastPosition {
+    const NAME: &'static str = "last_position";
+    const SUMMARY: &'static str = "compute an output at its last sequence position only, and the row-wise ops before it (final norm, output head) on that position only";
+    type Options = LastPositionOptions;
+
+    fn run(graph: &mut Graph, options: &LastPositionOptions, _: &Context) -> Result<PassReport, PassError> {
+        let name = match &options.output {
+            Some(name) => name.clone(),
+            None => match graph.outputs() {
+                [(name, _)] => name.clone(),
+                outputs => {
+                    let names: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(PassError::options(
+                        Self::NAME,
+                        format!(
+                            "the graph has {} outputs ({}): name one with output=NAME",
+                            names.len(),
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            },
+        };
+        let before = graph.len();
+        *graph = last_position(graph, &name, options.axis)?;
+        let notes = vec![format!("`{name}` keeps the last position of axis {}", options.axis)];
+        Ok(PassReport::Cleanup { pass: Self::NAME, nodes: graph.len().abs_diff(before), notes })
+    }
+}
 
 /// Rewrites `graph` so output `name` keeps only the last element of `axis`.
 pub fn last_position(graph: &Graph, name: &str, axis: usize) -> Result<Graph, PassError> {

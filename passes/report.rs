@@ -1,0 +1,63 @@
+//! What a pass reports about its work, and its JSON form: the form `kiln compile` stores in
+//! the artifact (`kiln.passes`) and `kiln report` reads.
+
+use crate::quantize::QuantizeReport;
+use serde_json::{Value as Json, json};
+
+/// What a pass reports about its work.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PassReport {
+    Quantize(QuantizeReport),
+    /// A clean-up pass: how many nodes it removed or rewrote, and notes.
+    Cleanup {
+        pass: &'static str,
+        nodes: usize,
+        notes: Vec<String>,
+    },
+}
+
+impl PassReport {
+    /// Things the user should know.
+    pub fn notes(&self) -> &[String] {
+        match self {
+            PassReport::Quantize(q) => &q.notes,
+            PassReport::Cleanup { notes, .. } => notes,
+        }
+    }
+
+    /// The report as JSON; a quantize report in the shape `kiln report --json` prints.
+    pub fn to_json(&self) -> Json {
+        match self {
+            PassReport::Quantize(q) => quantize_json(q),
+            PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
+        }
+    }
+}
+
+fn quantize_json(q: &QuantizeReport) -> Json {
+    let layers: Vec<Json> = q
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "scope": l.scope,
+                "tensor": l.tensor,
+                "format": l.format.name(),
+                "params": l.params,
+                "bits_per_weight": l.bytes as f64 * 8.0 / l.params.max(1) as f64,
+                "bytes": l.bytes,
+                "sensitivity": l.sensitivity,
+                "error": l.error,
+            })
+        })
+        .collect();
+    json!({
+        "pass": "quantize",
+        "layers": layers,
+        "params": q.params,
+        "bytes": q.bytes,
+        "bits_per_weight": q.bits_per_weight(),
+        "notes": q.notes,
+        "activations": q.activations.to_string(),
+    })
+}
