@@ -45,14 +45,23 @@ pub fn models() -> PathBuf {
 }
 
 /// A real checkpoint if it has been fetched; otherwise prints why the test is skipped.
+/// With `KILN_REQUIRE_MODELS=1` (as `.ci/run` sets it), a missing checkpoint fails the
+/// test instead: CI must never pass by skipping the real models.
 pub fn real_checkpoint(rel: &str) -> Option<PathBuf> {
     let p = models().join(rel);
     if p.exists() {
         Some(p)
+    } else if require_models() {
+        panic!("{} is not fetched and KILN_REQUIRE_MODELS=1: run examples/fetch.sh", p.display());
     } else {
         eprintln!("SKIPPED: {} is not fetched (run examples/fetch.sh)", p.display());
         None
     }
+}
+
+/// Whether `KILN_REQUIRE_MODELS=1`: tests that need a real checkpoint fail without it.
+pub fn require_models() -> bool {
+    std::env::var_os("KILN_REQUIRE_MODELS").is_some_and(|v| v == "1")
 }
 
 pub const MINILM_WEIGHTS: &str = "minilm/model.safetensors";
