@@ -24,7 +24,7 @@ pub mod math;
 pub mod module;
 
 // The executor side, re-exported at the paths it had before it moved to `kiln-exec`.
-pub use kiln_exec::{ExecError, arena_plan, gemm_f32, gemm_i8, gemm_q8, linear_i8row, repack};
+pub use kiln_exec::{ExecError, gemm_f32, gemm_i8, gemm_q8, linear_i8row, repack};
 
 mod decode;
 mod emit;

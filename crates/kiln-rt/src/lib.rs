@@ -5,8 +5,6 @@
 //!   ranges. Kernels compute every output element with a reduction order that does not
 //!   depend on the range they are given, so outputs are bitwise identical for any thread
 //!   count.
-//! - [`Arena`]: one 64-byte aligned buffer that a compiled program carves into tensors at
-//!   offsets planned by liveness.
 //! - [`KvCache`]: keys and values a decoder keeps between runs (generation).
 //! - [`artifact`]: compiled models as one safetensors file (weights, IR, metadata).
 //! - [`io`]: values in and out of safetensors files, and a model's inputs taken from them.
@@ -16,7 +14,6 @@
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
 
-mod arena;
 pub mod artifact;
 pub mod cache;
 pub mod exec;
@@ -27,7 +24,6 @@ pub mod par;
 mod pool;
 pub mod tensor;
 
-pub use arena::Arena;
 pub use cache::KvCache;
 pub use pool::{Pool, split};
 pub use tensor::{Tensor, Value};
