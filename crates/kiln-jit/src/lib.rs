@@ -23,9 +23,6 @@ pub mod linear_i8;
 pub mod math;
 pub mod module;
 
-// The executor side, re-exported at the paths it had before it moved to `kiln-exec`.
-pub use kiln_exec::{ExecError, gemm_f32, gemm_i8, gemm_q8, linear_i8row, repack};
-
 mod decode;
 mod emit;
 #[cfg(test)]
@@ -33,12 +30,11 @@ mod testing;
 
 pub use engine::{compile, emit_object};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
-pub use kiln_exec::{AOT_THREADS, Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
+// The engine `compile` returns and the options it and `emit_object` take; everything else
+// of the executor's is used from `kiln_exec`.
+pub use kiln_exec::{Activations, Engine, EngineOptions};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
-pub use linear_i8::{
-    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, emit_linear_i8,
-    quantize_rows,
-};
+pub use linear_i8::{LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, emit_linear_i8};
 pub use math::Activation;
 pub use module::{CodeModule, FunctionId, FunctionStats, JitCode, JitFn, JitModule, ObjectCodeModule, ObjectFile};
 
@@ -62,5 +58,5 @@ pub enum JitError {
     Arguments(String),
     /// The executor refused a spec, arguments or linked kernels.
     #[error(transparent)]
-    Exec(#[from] ExecError),
+    Exec(#[from] kiln_exec::ExecError),
 }
