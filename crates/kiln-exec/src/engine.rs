@@ -34,7 +34,7 @@ use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
-use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
@@ -749,7 +749,7 @@ impl<'g> Engine<'g> {
                 (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
                     let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
-                    Arc::new(kiln_rt::exec::reshape_owned(x, shape, &symbols).map_err(fail)?)
+                    Arc::new(kiln_rt::eval::reshape_owned(x, shape, &symbols).map_err(fail)?)
                 }
                 (Action::Reference, op) => {
                     let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();

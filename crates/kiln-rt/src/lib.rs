@@ -10,13 +10,16 @@
 //! - [`io`]: values in and out of safetensors files, and a model's inputs taken from them.
 //! - [`lm`]: what generation needs of a language model (ids in, logits out, greedy choice).
 //! - [`par`]: where the reference kernels run in parallel (rayon, or the engine's pool).
+//! - [`eval`]: what every executor needs around the kernels: binding inputs and symbolic
+//!   dimensions, decoding weights, evaluating one op with the reference kernels
+//!   ([`eval::eval_node`]), and [`eval::RunError`].
 //! - [`kernels`]: the reference kernels, one plain function per IR op over a contiguous
 //!   [`Tensor`]: the interpreter's arithmetic, and the fallback of compiled programs for ops
 //!   that have no emitted kernel yet.
 
 pub mod artifact;
 pub mod cache;
-pub mod exec;
+pub mod eval;
 pub mod io;
 pub mod kernels;
 pub mod lm;
