@@ -8,14 +8,13 @@
 //!   contracts `kiln-exec` states (`y = r + act(x W^T + b)` over weights in their stored
 //!   format, decoded in registers; W8A8; the epilogue after a Rust GEMM);
 //! - [`math`]: activations as inline polynomials;
-//! - [`engine`]: the kernels of a planned graph, JIT-compiled ([`compile`]) or written to an
-//!   object file ahead of time ([`emit_object`]).
+//! - [`compile()`] and [`emit_object`]: the kernels of an engine's plan, JIT-compiled at load
+//!   time or written to an object file ahead of time (module `compile`).
 //!
 //! Emitters are written against Cranelift 0.135's x86-64 backend, which has 128-bit vectors
 //! only (see `../shared/KERNELS.md` for what it emits); they also build for any target
 //! Cranelift supports, but are tuned and tested on x86-64.
 
-pub mod engine;
 pub mod epilogue;
 pub mod isa;
 pub mod linear;
@@ -23,12 +22,13 @@ pub mod linear_i8;
 pub mod math;
 pub mod module;
 
+mod compile;
 mod decode;
 mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use engine::{compile, emit_object};
+pub use compile::{compile, emit_object};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
 // The engine `compile` returns and the options it and `emit_object` take; everything else
 // of the executor's is used from `kiln_exec`.
