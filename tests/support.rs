@@ -209,7 +209,7 @@ impl<'g> Prepared<'g> {
         &self,
         inputs: &HashMap<String, Value>,
         cache: &mut kiln_rt::KvCache,
-    ) -> Result<Vec<(String, Value)>, kiln_rt::exec::RunError> {
+    ) -> Result<Vec<(String, Value)>, kiln_rt::eval::RunError> {
         match self {
             Prepared::Interp(i) => i.run_cached(inputs, cache),
             Prepared::Jit(e) => e.run_cached(inputs, cache),

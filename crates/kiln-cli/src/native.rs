@@ -239,7 +239,7 @@ pub fn emit(
     metadata.insert(kiln_rt::artifact::ACTIVATIONS_KEY.into(), activations.to_string());
     // Weights the engine would repack at start-up are stored repacked (the same values).
     let mut graph = graph.clone();
-    kiln_jit::repack::prepack(&mut graph, activations.into()).into_diagnostic()?;
+    kiln_exec::repack::prepack(&mut graph, activations.into()).into_diagnostic()?;
     let graph = &graph;
     // A language model also carries the graph generation runs (logits at the last position).
     let generation = kiln_rt::lm::LanguageModel::of(graph).ok().map(|lm| crate::generate::generation_graph(&lm, graph));

@@ -3,7 +3,7 @@
 use kiln_interp::Interpreter;
 use kiln_ir::Graph;
 use kiln_jit::{Activations, Engine, EngineOptions};
-use kiln_rt::exec::RunError;
+use kiln_rt::eval::RunError;
 use kiln_rt::{KvCache, Value};
 use miette::{IntoDiagnostic, Result};
 use std::collections::HashMap;

@@ -20,8 +20,8 @@
 //! ([`Engine::with_kernels`]) or an object file (its `emit_object`, with a table of their
 //! addresses and [`kernel_specs_text`]); `Kernel::bind` turns entry addresses into kernels,
 //! from the JIT's code or from a linked table ([`Engine::with_kernel_table`], which plans
-//! again and looks each kernel up by its spec). This crate has no Cranelift: native
-//! executables link it with the object.
+//! again and looks each kernel up by its [`KernelSpec::key`]). This crate has no
+//! Cranelift: native executables link it with the object.
 //!
 //! Outputs are bitwise identical for any thread count and for a sequence alone or inside a
 //! batch: the linear kernels compute each output from its row alone in a fixed order (see
@@ -34,7 +34,7 @@ use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
-use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
@@ -349,6 +349,18 @@ pub enum Impl {
     Int8Row,
 }
 
+impl Impl {
+    /// The name [`KernelSpec::key`] spells it with: `jit`, `int8`, `sgemm`, `int8row`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Impl::Jit => "jit",
+            Impl::Int8 => "int8",
+            Impl::Sgemm => "sgemm",
+            Impl::Int8Row => "int8row",
+        }
+    }
+}
+
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
 /// that still run reference kernels.
 pub struct Engine<'g> {
@@ -419,11 +431,12 @@ impl<'g> Engine<'g> {
     }
 
     /// An engine whose kernels were compiled ahead of time and linked into this program
-    /// (`kiln-jit`'s `emit_object`): the graph is planned again for `options`, and each kernel the
-    /// plan needs is looked up by its spec in `linked`. A kernel missing there (an object for
-    /// another model, other activations or another CPU's GEMMs) is an error. Single rows
-    /// split their columns into at most as many parts as the object has kernels for
-    /// ([`AOT_THREADS`]), whatever the thread count: the parts are the same sums either way.
+    /// (`kiln-jit`'s `emit_object`): the graph is planned again for `options`, and each kernel
+    /// the plan needs is looked up by its [`KernelSpec::key`] in `linked`. A kernel missing
+    /// there (an object for another model, other activations or another CPU's GEMMs) is an
+    /// error. Single rows split their columns into at most as many parts as the object has
+    /// kernels for ([`AOT_THREADS`]), whatever the thread count: the parts are the same sums
+    /// either way.
     ///
     /// # Safety
     /// `linked` must describe an object `kiln-jit`'s `emit_object` wrote, linked into this program and
@@ -467,8 +480,8 @@ impl<'g> Engine<'g> {
             .specs
             .iter()
             .map(|s| {
-                let line = spec_line(s);
-                index.get(line.as_str()).map(|&i| linked.table[i]).ok_or_else(|| other(format!("no kernel for {line}")))
+                let key = s.key();
+                index.get(key.as_str()).map(|&i| linked.table[i]).ok_or_else(|| other(format!("no kernel for {key}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         // SAFETY: the caller's; each entry is the kernel of its spec.
@@ -599,7 +612,7 @@ impl<'g> Engine<'g> {
         let kernels = entries
             .iter()
             .zip(specs)
-            .map(|(&(linear, epilogue), (spec, how))| {
+            .map(|(&(linear, epilogue), KernelSpec { linear: spec, how })| {
                 // SAFETY: the caller's: these are the functions of `(spec, how)` for `host`.
                 unsafe { Kernel::bind(spec, how, host, linear, epilogue) }
             })
@@ -749,7 +762,7 @@ impl<'g> Engine<'g> {
                 (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
                     let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
-                    Arc::new(kiln_rt::exec::reshape_owned(x, shape, &symbols).map_err(fail)?)
+                    Arc::new(kiln_rt::eval::reshape_owned(x, shape, &symbols).map_err(fail)?)
                 }
                 (Action::Reference, op) => {
                     let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
@@ -1061,11 +1074,14 @@ impl Plan {
                 Format::F32 => Impl::Sgemm,
                 _ => Impl::Jit,
             };
-            let mut kernel_for = |spec: LinearSpec| match specs.iter().position(|s| *s == (spec, how)) {
-                Some(k) => k,
-                None => {
-                    specs.push((spec, how));
-                    specs.len() - 1
+            let mut kernel_for = |linear: LinearSpec| {
+                let spec = KernelSpec { linear, how };
+                match specs.iter().position(|s| *s == spec) {
+                    Some(k) => k,
+                    None => {
+                        specs.push(spec);
+                        specs.len() - 1
+                    }
                 }
             };
             let kernel = kernel_for(spec);
@@ -1133,10 +1149,10 @@ pub fn object_specs(graphs: &[&Graph], activations: Activations) -> Result<Vec<K
 /// The text an object file holds beside its kernel table, which
 /// [`Engine::with_kernel_table`] reads: a line naming `host`'s GEMMs, a line `cpu F1 F2 ...`
 /// naming the CPU features the code may use (Cranelift's names, e.g. `sse41 avx2 fma`),
-/// then a line per kernel of `specs`, in the table's order, naming its spec.
+/// then a line per kernel of `specs`, in the table's order: its [`KernelSpec::key`].
 pub fn kernel_specs_text(host: Host, cpu: &[String], specs: &[KernelSpec]) -> String {
     let head = [host.line(), format!("cpu {}", cpu.join(" ")).trim_end().to_string()];
-    head.into_iter().chain(specs.iter().map(spec_line)).collect::<Vec<_>>().join("\n")
+    head.into_iter().chain(specs.iter().map(KernelSpec::key)).collect::<Vec<_>>().join("\n")
 }
 
 /// Whether this CPU has the feature Cranelift names `name` (false for a name this build
@@ -1182,12 +1198,6 @@ pub struct LinkedKernels<'a> {
     pub specs: &'a str,
     /// Its `{prefix}kernels` table, a pair of entry addresses per kernel.
     pub table: &'a [KernelEntries],
-}
-
-/// How an object's spec list names a kernel: everything that decides its functions (with
-/// the host's line).
-fn spec_line((spec, how): &(LinearSpec, Impl)) -> String {
-    format!("{spec:?} {how:?}")
 }
 
 /// What the host runs besides emitted code, which decides the functions a kernel needs.
@@ -1241,7 +1251,26 @@ impl Host {
 pub type KernelEntries = (Option<*const u8>, Option<*const u8>);
 
 /// A distinct kernel of a plan: the linear layer's spec, and how it runs.
-pub type KernelSpec = (LinearSpec, Impl);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSpec {
+    pub linear: LinearSpec,
+    pub how: Impl,
+}
+
+impl KernelSpec {
+    /// The kernel's name in an object's spec list ([`kernel_specs_text`]), by which
+    /// [`Engine::with_kernel_table`] looks it up: every field, spelled by name, in this
+    /// order, e.g. `linear k=1536 n=576 format=q4_1 bias=true activation=gelu residual=false
+    /// impl=jit`. Formats are named as in the IR text ([`Format::name`]), activations by
+    /// [`Activation::name`], `impl` by [`Impl::name`]; each of these names one value only, so
+    /// distinct specs have distinct keys. The key is part of the object format: it does not
+    /// follow `Debug`, and a field added to the spec fails to compile here until it is named.
+    pub fn key(&self) -> String {
+        let KernelSpec { linear: LinearSpec { k, n, format, bias, activation, residual }, how } = *self;
+        let (format, activation, how) = (format.name(), activation.name(), how.name());
+        format!("linear k={k} n={n} format={format} bias={bias} activation={activation} residual={residual} impl={how}")
+    }
+}
 
 /// The code kernels live in, kept alive by the engines on them.
 pub type Code = Arc<dyn std::any::Any + Send + Sync>;
@@ -1385,5 +1414,91 @@ mod tests {
         let x86 = cfg!(target_arch = "x86_64");
         assert_eq!(Host::for_features(true, true), Host { gemm_i8: x86, gemm_f32: x86 });
         assert_eq!(Host::for_features(true, false), Host { gemm_i8: false, gemm_f32: false });
+    }
+
+    /// The keys an object's spec list names kernels by are part of the object format:
+    /// pinned here, so that nothing (a derived `Debug`, a renamed variant) changes them
+    /// silently.
+    #[test]
+    fn kernel_keys_are_pinned() {
+        let linear =
+            LinearSpec { bias: true, activation: Activation::Gelu, ..LinearSpec::new(1536, 576, Format::Q4_1) };
+        assert_eq!(
+            KernelSpec { linear, how: Impl::Jit }.key(),
+            "linear k=1536 n=576 format=q4_1 bias=true activation=gelu residual=false impl=jit"
+        );
+        let int = Format::Int(kiln_ir::IntFormat::new(4, 64, true).unwrap());
+        let linear = LinearSpec { residual: true, ..LinearSpec::new(576, 49152, int) };
+        assert_eq!(
+            KernelSpec { linear, how: Impl::Int8Row }.key(),
+            "linear k=576 n=49152 format=int4g64a bias=false activation=none residual=true impl=int8row"
+        );
+        let names: Vec<&str> = [Impl::Jit, Impl::Int8, Impl::Sgemm, Impl::Int8Row].map(Impl::name).to_vec();
+        assert_eq!(names, ["jit", "int8", "sgemm", "int8row"]);
+    }
+
+    /// Distinct specs have distinct keys, each one line: over every value of every field
+    /// (formats of each family), and over the specs of objects for a small model.
+    #[test]
+    fn distinct_kernel_specs_have_distinct_keys() {
+        let int = |bits, group, asym| Format::Int(kiln_ir::IntFormat::new(bits, group, asym).unwrap());
+        let fp8 = |group| Format::Fp8(kiln_ir::Fp8Format::new(group).unwrap());
+        let mut formats = Format::ALL.to_vec();
+        formats.extend([int(4, 64, true), int(4, 64, false), int(8, 32, false), int(2, 128, true), fp8(32), fp8(576)]);
+        let hows = [Impl::Jit, Impl::Int8, Impl::Sgemm, Impl::Int8Row];
+        let mut keys: HashMap<String, KernelSpec> = HashMap::new();
+        let mut count = 0;
+        for format in formats {
+            for (k, n) in [(64, 32), (32, 64), (1536, 576), (576, 1536), (576, 576)] {
+                for bias in [false, true] {
+                    for activation in Activation::ALL {
+                        for residual in [false, true] {
+                            for how in hows {
+                                let linear = LinearSpec { k, n, format, bias, activation, residual };
+                                let spec = KernelSpec { linear, how };
+                                let key = spec.key();
+                                assert!(!key.contains('\n'), "{key:?}");
+                                if let Some(other) = keys.insert(key.clone(), spec) {
+                                    panic!("{other:?} and {spec:?} share the key `{key}`");
+                                }
+                                count += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(keys.len(), count);
+
+        // f32 weights (sgemm), Q4_1 with a bias and GELU (split by columns on more
+        // threads), int8 per row with a residual add (per-row int8, or Q8_0), f16 with SiLU.
+        let text = "graph g {
+  %0 = input \"x\" : f32[m, 64]
+  %1 = weight \"w1\" q4_1 : f32[576, 64]
+  %2 = weight \"b1\" f32 : f32[576]
+  %3 = linear %0, %1, %2 : f32[m, 576]
+  %4 = gelu %3 : f32[m, 576]
+  %5 = weight \"w2\" int8g576 : f32[64, 576]
+  %6 = linear %4, %5 : f32[m, 64]
+  %7 = add %6, %0 : f32[m, 64]
+  %8 = weight \"w3\" f32 : f32[64, 64]
+  %9 = linear %7, %8 : f32[m, 64]
+  %10 = silu %9 : f32[m, 64]
+  %11 = weight \"w4\" f16 : f32[128, 64]
+  %12 = linear %10, %11 : f32[m, 128]
+  output \"y\" = %12
+}
+";
+        let g = kiln_ir::parse(text).unwrap();
+        for activations in [Activations::F32, Activations::Int8, Activations::Int8Row] {
+            let specs = object_specs(&[&g], activations).unwrap();
+            assert!(specs.len() > 4, "{activations:?}: column splits too");
+            let text = kernel_specs_text(Host { gemm_i8: true, gemm_f32: true }, &["avx2".into()], &specs);
+            let lines: Vec<&str> = text.lines().skip(2).collect();
+            let keys: Vec<String> = specs.iter().map(KernelSpec::key).collect();
+            assert_eq!(lines, keys, "{activations:?}: a line per kernel, its key");
+            let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+            assert_eq!(distinct.len(), specs.len(), "{activations:?}: {keys:#?}");
+        }
     }
 }

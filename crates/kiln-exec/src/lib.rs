@@ -11,7 +11,6 @@
 //! the weight layouts the kernels read ([`linear_i8::pack_weight`], [`repack`]).
 
 pub mod activation;
-pub mod arena_plan;
 pub mod engine;
 pub mod epilogue;
 pub mod gemm_f32;

@@ -2,7 +2,7 @@
 //! reference kernels of [`kiln_rt::kernels`], return the named outputs.
 
 use kiln_ir::{Graph, NodeId, Op};
-use kiln_rt::exec::{RunError, bind_inputs, decode_weights, eval_node, use_counts};
+use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node, use_counts};
 use kiln_rt::{KvCache, Value};
 use std::collections::HashMap;
 use std::sync::Arc;

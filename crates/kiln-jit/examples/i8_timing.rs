@@ -29,10 +29,10 @@
 //! kernels. "quant" is the time of `quantize_rows` for the `[M, K]` activations, included
 //! in the "+q" column. GEMV is timed "hot" (the same weight every call).
 
+use kiln_exec::linear_i8::{pack_weight, quantize_rows};
 use kiln_ir::Format;
 use kiln_jit::{
     HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, LinearKernel, LinearSpec, QuantizedActivations, Residual,
-    quantize_rows,
 };
 use std::time::{Duration, Instant};
 
@@ -115,7 +115,7 @@ fn main() {
                 0 => w.clone(),
                 _ => {
                     let mut out = vec![0; w.len()];
-                    kiln_jit::linear_i8::pack_weight(&spec, &w, &mut out).unwrap();
+                    pack_weight(&spec, &w, &mut out).unwrap();
                     out
                 }
             };
@@ -128,15 +128,15 @@ fn main() {
                 let t_i8 = time(|| kernel.run(&xq, &w_i8, None, Residual::None, &mut y, 0..m).unwrap()).as_secs_f64();
                 let t_q = time(|| quantize_rows(&x, k, &mut xq)).as_secs_f64();
                 // The 256-bit GEMM on the same packed weight (`--panel` only).
-                let g256 = (panel > 0 && kiln_jit::gemm_i8::available()).then(|| {
-                    let t = time(|| kiln_jit::gemm_i8::run(&spec, &xq, &w_i8, &mut y, 0..m).unwrap()).as_secs_f64();
+                let g256 = (panel > 0 && kiln_exec::gemm_i8::available()).then(|| {
+                    let t = time(|| kiln_exec::gemm_i8::run(&spec, &xq, &w_i8, &mut y, 0..m).unwrap()).as_secs_f64();
                     format!("{:.1}", ops / t * 1e-9)
                 });
                 // Q8_0 on the GEMM's own layout (`gemm_q8`), for the same products.
-                let q8 = (panel > 0 && format == kiln_ir::Format::Q8_0 && kiln_jit::gemm_q8::available()).then(|| {
-                    let mut lw = vec![0u8; kiln_jit::gemm_q8::layout_bytes(n, k)];
-                    kiln_jit::gemm_q8::pack(&w, n, k, &mut lw).unwrap();
-                    let t = time(|| kiln_jit::gemm_q8::run(n, &xq, &lw, &mut y, 0..m).unwrap()).as_secs_f64();
+                let q8 = (panel > 0 && format == kiln_ir::Format::Q8_0 && kiln_exec::gemm_q8::available()).then(|| {
+                    let mut lw = vec![0u8; kiln_exec::gemm_q8::layout_bytes(n, k)];
+                    kiln_exec::gemm_q8::pack(&w, n, k, &mut lw).unwrap();
+                    let t = time(|| kiln_exec::gemm_q8::run(n, &xq, &lw, &mut y, 0..m).unwrap()).as_secs_f64();
                     format!("{:.1}", ops / t * 1e-9)
                 });
                 let (f32_us, f32_rate, speedup) = match &f32_kernel {
@@ -230,8 +230,8 @@ fn cold(
                         0 => w.clone(),
                         p => {
                             let mut out = vec![0; w.len()];
-                            kiln_jit::linear_i8::pack_weight(&spec.packed(p), &w, &mut out).unwrap();
-                            let t = time(|| kiln_jit::linear_i8::pack_weight(&spec.packed(p), &w, &mut out).unwrap());
+                            pack_weight(&spec.packed(p), &w, &mut out).unwrap();
+                            let t = time(|| pack_weight(&spec.packed(p), &w, &mut out).unwrap());
                             println!(
                                 "{format} {k}x{n} pack_weight panel {p}: {:.2} GB/s",
                                 w.len() as f64 / t.as_secs_f64() * 1e-9

@@ -5,7 +5,7 @@
 //! cargo run --release -p kiln-jit --example row_timing
 //! ```
 
-use kiln_jit::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
+use kiln_exec::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use std::time::{Duration, Instant};
 
 fn main() {

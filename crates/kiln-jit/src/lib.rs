@@ -8,14 +8,13 @@
 //!   contracts `kiln-exec` states (`y = r + act(x W^T + b)` over weights in their stored
 //!   format, decoded in registers; W8A8; the epilogue after a Rust GEMM);
 //! - [`math`]: activations as inline polynomials;
-//! - [`engine`]: the kernels of a planned graph, JIT-compiled ([`compile`]) or written to an
-//!   object file ahead of time ([`emit_object`]).
+//! - [`compile()`] and [`emit_object`]: the kernels of an engine's plan, JIT-compiled at load
+//!   time or written to an object file ahead of time (module `compile`).
 //!
 //! Emitters are written against Cranelift 0.135's x86-64 backend, which has 128-bit vectors
 //! only (see `../shared/KERNELS.md` for what it emits); they also build for any target
 //! Cranelift supports, but are tuned and tested on x86-64.
 
-pub mod engine;
 pub mod epilogue;
 pub mod isa;
 pub mod linear;
@@ -23,22 +22,19 @@ pub mod linear_i8;
 pub mod math;
 pub mod module;
 
-// The executor side, re-exported at the paths it had before it moved to `kiln-exec`.
-pub use kiln_exec::{ExecError, arena_plan, gemm_f32, gemm_i8, gemm_q8, linear_i8row, repack};
-
+mod compile;
 mod decode;
 mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use engine::{compile, emit_object};
+pub use compile::{compile, emit_object};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
-pub use kiln_exec::{AOT_THREADS, Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
+// The engine `compile` returns and the options it and `emit_object` take; everything else
+// of the executor's is used from `kiln_exec`.
+pub use kiln_exec::{Activations, Engine, EngineOptions};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
-pub use linear_i8::{
-    LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, emit_linear_i8,
-    quantize_rows,
-};
+pub use linear_i8::{LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, emit_linear_i8};
 pub use math::Activation;
 pub use module::{CodeModule, FunctionId, FunctionStats, JitCode, JitFn, JitModule, ObjectCodeModule, ObjectFile};
 
@@ -62,5 +58,5 @@ pub enum JitError {
     Arguments(String),
     /// The executor refused a spec, arguments or linked kernels.
     #[error(transparent)]
-    Exec(#[from] ExecError),
+    Exec(#[from] kiln_exec::ExecError),
 }

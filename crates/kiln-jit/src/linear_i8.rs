@@ -52,10 +52,8 @@ use crate::linear::Residual;
 use crate::math::activation;
 use crate::module::{CodeModule, FunctionId, FunctionStats, JitCode, JitModule};
 use cranelift_module::Module;
-pub use kiln_exec::linear_i8::{
-    D_OFF, LinearI8Fn, LinearI8Spec, MAX_PANEL, Q_OFF, QBLOCK, QBLOCK_BYTES, QBlock, QuantizedActivations, S_OFF,
-    SUM_OFF, pack_weight, quantize_rows, scale_bytes,
-};
+use kiln_exec::linear_i8::{D_OFF, MAX_PANEL, Q_OFF, QBLOCK, QBLOCK_BYTES, S_OFF, SUM_OFF, scale_bytes};
+pub use kiln_exec::linear_i8::{LinearI8Fn, LinearI8Spec, QuantizedActivations};
 
 /// Register tiling of a W8A8 kernel; [`LinearI8Tiles::default`] gives the measured defaults,
 /// the fields are public for experiments (`examples/i8_timing.rs`).
@@ -229,8 +227,9 @@ struct Args {
 enum Layout {
     /// As stored: row `r` at `r * row_bytes`; the block pointer steps by a block.
     Plain,
-    /// Packed ([`pack_weight`]): the tile is consecutive groups of four rows of a panel of
-    /// `panel_len` rows, starting at a group; the block pointer steps by `panel_len` blocks.
+    /// Packed ([`kiln_exec::linear_i8::pack_weight`]): the tile is consecutive groups of four
+    /// rows of a panel of `panel_len` rows, starting at a group; the block pointer steps by
+    /// `panel_len` blocks.
     Packed { panel_len: usize },
 }
 

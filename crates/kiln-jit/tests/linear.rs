@@ -330,7 +330,7 @@ fn kernels_and_code_are_send_and_sync() {
 /// columns. (With the epilogue after it, that is the fused kernel: `tests/epilogue.rs`.)
 #[test]
 fn gemm_f32_is_the_emitted_kernel_bitwise() {
-    if !kiln_jit::gemm_f32::available() {
+    if !kiln_exec::gemm_f32::available() {
         eprintln!("skipped: no AVX2/FMA/F16C");
         return;
     }
@@ -344,7 +344,7 @@ fn gemm_f32_is_the_emitted_kernel_bitwise() {
                 let mut y = vec![f32::NAN; m * n];
                 let (rc, cc) = (seed as usize % (m + 1), seed as usize * 7 % (n + 1));
                 for (rows, cols) in [(0..rc, 0..cc), (0..rc, cc..n), (rc..m, 0..n)] {
-                    kiln_jit::gemm_f32::run(format, k, n, &case.x, &case.w, &mut y, rows, cols).unwrap();
+                    kiln_exec::gemm_f32::run(format, k, n, &case.x, &case.w, &mut y, rows, cols).unwrap();
                 }
                 assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} split at ({rc}, {cc})");
             }

@@ -6,12 +6,9 @@ mod common;
 
 use common::{Rng, activation64, bits, random_weight};
 use half::f16;
+use kiln_exec::linear_i8::{MAX_PANEL, QBLOCK, QBLOCK_BYTES, QBlock, pack_weight, quantize_rows};
 use kiln_ir::Format;
-use kiln_jit::linear_i8::{MAX_PANEL, QBLOCK, QBLOCK_BYTES, pack_weight};
-use kiln_jit::{
-    Activation, HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QBlock, QuantizedActivations, Residual,
-    quantize_rows,
-};
+use kiln_jit::{Activation, HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, Residual};
 use proptest::prelude::*;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -585,7 +582,7 @@ fn argument_checks() {
 /// the fused kernel: `tests/epilogue.rs`.)
 #[test]
 fn gemm_i8_is_the_emitted_kernel_bitwise() {
-    if !kiln_jit::gemm_i8::available() {
+    if !kiln_exec::gemm_i8::available() {
         eprintln!("skipped: no AVX2/FMA/F16C");
         return;
     }
@@ -611,17 +608,17 @@ fn gemm_i8_is_the_emitted_kernel_bitwise() {
                     let pw = packed(s, &case.w, panel);
                     let mut y = vec![f32::NAN; m * n];
                     let cut = seed as usize % (m + 1);
-                    kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, cut..m).unwrap();
-                    kiln_jit::gemm_i8::run(&ps, &case.xq, &pw, &mut y, 0..cut).unwrap();
+                    kiln_exec::gemm_i8::run(&ps, &case.xq, &pw, &mut y, cut..m).unwrap();
+                    kiln_exec::gemm_i8::run(&ps, &case.xq, &pw, &mut y, 0..cut).unwrap();
                     assert_eq!(bits(&y), bits(&want), "{format} {k}x{n} m={m} panel {panel} split at {cut}");
                 }
                 if format == Format::Q8_0 {
-                    let mut lw = vec![0u8; kiln_jit::gemm_q8::layout_bytes(n, k)];
-                    kiln_jit::gemm_q8::pack(&case.w, n, k, &mut lw).unwrap();
+                    let mut lw = vec![0u8; kiln_exec::gemm_q8::layout_bytes(n, k)];
+                    kiln_exec::gemm_q8::pack(&case.w, n, k, &mut lw).unwrap();
                     let mut y = vec![f32::NAN; m * n];
                     let cut = (seed as usize / 3) % (m + 1);
-                    kiln_jit::gemm_q8::run(n, &case.xq, &lw, &mut y, cut..m).unwrap();
-                    kiln_jit::gemm_q8::run(n, &case.xq, &lw, &mut y, 0..cut).unwrap();
+                    kiln_exec::gemm_q8::run(n, &case.xq, &lw, &mut y, cut..m).unwrap();
+                    kiln_exec::gemm_q8::run(n, &case.xq, &lw, &mut y, 0..cut).unwrap();
                     assert_eq!(bits(&y), bits(&want), "gemm_q8 {k}x{n} m={m} split at {cut}");
                 }
             }

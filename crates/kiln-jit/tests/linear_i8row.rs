@@ -4,8 +4,8 @@
 mod common;
 
 use common::{Rng, bits};
+use kiln_exec::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 use kiln_ir::IntFormat;
-use kiln_jit::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 
 /// The activation contract written plainly (f32::round rounds half away from zero).
 fn reference_row(x: &[f32]) -> (Vec<i8>, f32) {

@@ -5,10 +5,11 @@
 mod common;
 
 use common::{Rng, bits, random_weight};
+use kiln_exec::linear_i8::quantize_rows;
 use kiln_ir::Format;
 use kiln_jit::{
     Activation, HostIsa, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, LinearKernel, LinearSpec, LinearTiles,
-    ObjectCodeModule, QuantizedActivations, Residual, emit_linear, emit_linear_i8, quantize_rows,
+    ObjectCodeModule, QuantizedActivations, Residual, emit_linear, emit_linear_i8,
 };
 use std::process::Command;
 
@@ -191,7 +192,7 @@ fn a_models_kernels_are_the_engines_in_order() {
     let options = kiln_jit::EngineOptions { threads: 1, activations: kiln_jit::Activations::F32, profile: false };
     let object = kiln_jit::emit_object(&[&g], options, &isa, "m_", &[]).unwrap();
     let names: Vec<&str> = object.functions.iter().map(|f| f.name.as_str()).collect();
-    let after_gemm = kiln_jit::gemm_f32::available();
+    let after_gemm = kiln_exec::gemm_f32::available();
     let mut want = vec!["m_epilogue0", "m_linear1"];
     if after_gemm {
         want.push("m_epilogue2");
@@ -209,7 +210,8 @@ fn a_models_kernels_are_the_engines_in_order() {
 /// activations; kernels for other activations are refused.
 #[test]
 fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
-    use kiln_jit::{Activations, Engine, EngineOptions, KernelEntries, LinkedKernels};
+    use kiln_exec::{KernelEntries, LinkedKernels};
+    use kiln_jit::{Activations, Engine, EngineOptions};
     use kiln_rt::{Tensor, Value};
     use std::collections::HashMap;
     use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! hand both to this library, which it links into one program with the system's `cc`. The
 //! program carries no Cranelift and compiles nothing when it starts: it reads the embedded
 //! artifact in place, plans the graph again and binds each kernel the plan needs from the
-//! linked table by its spec ([`kiln_exec::Engine::with_kernel_table`]), so it runs the very
+//! linked table by its spec's key ([`kiln_exec::Engine::with_kernel_table`]), so it runs the very
 //! kernels, in the very order, that `kiln run` JIT-compiles, and computes the same bits.
 //!
 //! - [`ModelData`]: what the generated C passes in (the kernel table, the spec text and

@@ -79,7 +79,7 @@ fn emit_kernels<M: cranelift_module::Module>(
     host: Host,
 ) -> Result<Vec<KernelFunctions>, JitError> {
     let mut ids = Vec::with_capacity(specs.len());
-    for (i, &(spec, how)) in specs.iter().enumerate() {
+    for (i, &KernelSpec { linear: spec, how }) in specs.iter().enumerate() {
         let name = format!("{prefix}linear{i}");
         let epilogue =
             EpilogueSpec { n: spec.n, bias: spec.bias, activation: spec.activation, residual: spec.residual };
