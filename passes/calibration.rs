@@ -1,12 +1,12 @@
-//! Activation statistics gathered from calibration runs: the data that passes which need
-//! activations take (passes never run the model themselves; the CLI runs the interpreter
-//! and fills a [`Calibration`]).
+//! Activation statistics gathered from calibration runs, and the [`Executor`] trait through
+//! which passes get them: passes never run the model themselves.
 //!
 //! Memory is bounded by the model, not by the calibration set: one `k x k` sum per distinct
 //! linear input (the q, k and v projections of a layer share one), whatever the number of
 //! calibration rows.
 
-use kiln_ir::NodeId;
+use crate::quantize::Activations;
+use kiln_ir::{Graph, NodeId, Op};
 use std::collections::HashMap;
 
 /// The second moment of one linear input `x: [rows, k]`: `sum` holds `sum over rows of x x^T`
@@ -40,12 +40,47 @@ impl Gram {
     }
 }
 
-/// What calibration runs measured, keyed by node ids of the graph they ran on (passes that
-/// take a `Calibration` must run on that graph, before any pass that renumbers nodes).
+/// What calibration runs measured, keyed by node ids of the graph they ran on ([`crate::Context::calibration`]
+/// gathers it anew for each state of the graph a pass asks about).
 #[derive(Clone, Debug, Default)]
 pub struct Calibration {
     /// The input of linears: keyed by the node that *is* the input (a linear's operand 0).
     pub inputs: HashMap<NodeId, Gram>,
     /// Tokens (rows of the model's token inputs) the statistics were gathered over.
     pub tokens: u64,
+}
+
+/// What passes need of a model's activations, computed by whoever can run models: the
+/// engines implement it (`kiln_interp::Calibrator` runs the interpreter for statistics and
+/// takes an engine for probes), so that passes never run a model themselves. The passes ask
+/// through their [`crate::Context`], which gathers lazily, on the graph as it stands.
+pub trait Executor: Sync {
+    /// Runs `graph` over the calibration rows and returns `x^T x` of the value of every
+    /// node in `nodes`, over the rows of its last dimension (positions the inputs mark as
+    /// padding left out), keyed by those nodes, with the tokens the rows held.
+    /// `progress(done, total)` counts rows.
+    fn second_moments(
+        &self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Calibration, String>;
+
+    /// Whether the executor has rows to probe with (held out of the statistics).
+    fn can_probe(&self) -> bool;
+
+    /// How far `graph`'s outputs move from the unchanged model's on the probe rows, its
+    /// linears on quantized weights taking `activations` (KL divergence of next-token
+    /// distributions for logits, 1 - cosine for other outputs).
+    fn probe(&self, graph: &Graph, activations: Activations) -> Result<f64, String>;
+}
+
+/// The nodes whose second moments passes use: the input of every `linear` (operand 0), in
+/// node order, each once.
+pub fn linear_inputs(graph: &Graph) -> Vec<NodeId> {
+    let mut nodes: Vec<NodeId> =
+        graph.node_ids().filter(|&n| graph.node(n).op == Op::Linear).map(|n| graph.operands(n)[0]).collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
 }

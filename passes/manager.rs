@@ -131,7 +131,7 @@ fn parse_options<P: Pass>(call: &PassCall, calibrated: bool) -> Result<P::Option
 }
 
 fn run_pass<P: Pass>(graph: &mut Graph, call: &PassCall, ctx: &Context) -> Result<PassReport, PassError> {
-    let options = parse_options::<P>(call, ctx.calibration.is_some())?;
+    let options = parse_options::<P>(call, ctx.calibrated())?;
     P::run(graph, &options, ctx)
 }
 

@@ -3,8 +3,8 @@
 //! rewritten graph still computes (close to) what the original computes.
 
 use kiln_interp::Value;
-use kiln_ir::{Format, Graph, NodeId, Op};
-use kiln_passes::calibration::{Calibration, Gram};
+use kiln_ir::{Format, Graph, Op};
+use kiln_passes::calibration::Calibration;
 use kiln_passes::quantize::Activations;
 use kiln_passes::quantize::gptq::GptqOptions;
 use kiln_passes::quantize::{Choice, Method, QuantizeOptions, QuantizeReport, Target, quantize};
@@ -56,35 +56,10 @@ fn ids() -> HashMap<String, Value> {
 }
 
 /// Calibration the way the CLI gathers it: `x^T x` of every linear's input, from the
-/// interpreter's values.
+/// interpreter's values (`kiln_interp::calibrate`, the executor passes are given).
 fn calibrate(g: &Graph) -> Calibration {
-    let interp = kiln_interp::Interpreter::new(g).unwrap();
-    let xs: HashMap<NodeId, usize> = g
-        .node_ids()
-        .filter(|&n| g.node(n).op == Op::Linear)
-        .map(|n| {
-            let x = g.operands(n)[0];
-            (x, g.node(x).ty.shape.last().unwrap().known().unwrap() as usize)
-        })
-        .collect();
-    let mut c = Calibration { tokens: 64, ..Default::default() };
-    interp
-        .run_observed(&ids(), &mut |id, v| {
-            let Some(&k) = xs.get(&id) else { return };
-            let x = &v.as_f32().unwrap().data;
-            let rows = x.len() / k;
-            let mut xtx = vec![0f32; k * k];
-            for r in x.chunks_exact(k) {
-                for i in 0..k {
-                    for j in 0..k {
-                        xtx[i * k + j] += r[i] * r[j];
-                    }
-                }
-            }
-            c.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, rows as u64);
-        })
-        .unwrap();
-    c
+    let nodes = kiln_passes::calibration::linear_inputs(g);
+    kiln_interp::calibrate::second_moments(g, &ids(), &nodes, &|_, _| {}).expect("calibration runs")
 }
 
 /// The pass's options for `target` by `method`, everything else at its default.

@@ -92,7 +92,13 @@ impl Pass for Quantize {
                 .map_err(|e: String| PassError::options(PASS, format!("--override `{pattern}={value}`: {e}")))?;
             options.overrides.push((pattern.clone(), choice));
         }
-        quantize(graph, &options, ctx.calibration, ctx.probe, ctx.progress).map(PassReport::Quantize)
+        let calibration = ctx.calibration(graph)?;
+        let probe = ctx.probe();
+        let probe: Option<&Probe<'_>> = match &probe {
+            Some(p) => Some(p),
+            None => None,
+        };
+        quantize(graph, &options, calibration.as_deref(), probe, ctx.progress).map(PassReport::Quantize)
     }
 }
 

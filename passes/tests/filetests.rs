@@ -17,19 +17,18 @@
 //! ```
 //!
 //! Weights the IR names are bound to seeded values (from the tensor's name), so checksums in
-//! the expected IR pin the bytes a pass writes. With `; calib:`, the interpreter runs the
-//! graph on seeded token ids and the harness gathers what the CLI gathers (`x^T x` of every
-//! linear's input); a pipeline that probes gets its first two rows held out and a probe that
-//! measures the relative squared error of every output on them. The expected sections are
+//! the expected IR pin the bytes a pass writes. With `; calib:`, the passes get the CLI's
+//! executor (`kiln_interp::Calibrator`) over seeded token ids, with the interpreter as the
+//! engine its probes run on. The expected sections are
 //! what `kiln ir --passes P --print-after all` prints. `KILN_BLESS=1 cargo test -p
 //! kiln-passes --test filetests` rewrites them from what the passes do now: review the diff.
 
-use kiln_interp::{Interpreter, Tensor, Value};
-use kiln_ir::{DType, Dim, Graph, NodeId, Op, TensorData};
-use kiln_passes::calibration::{Calibration, Gram};
+use kiln_interp::calibrate::{Calibrator, interpreter_engine};
+use kiln_interp::{Tensor, Value};
+use kiln_ir::{DType, Dim, Graph, Op, TensorData};
+use kiln_passes::Context;
+use kiln_passes::calibration::Executor;
 use kiln_passes::manager;
-use kiln_passes::quantize::Activations;
-use kiln_passes::{Context, Probe};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -168,75 +167,18 @@ fn inputs(graph: &Graph, rows: usize, seq: usize, seed: u64) -> HashMap<String, 
     out
 }
 
-fn rows_of(inputs: &HashMap<String, Value>, start: usize, end: usize) -> HashMap<String, Value> {
-    inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect()
-}
-
-/// `x^T x` of every linear's input over `inputs`, as the CLI gathers it.
-fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Calibration {
-    let widths: HashMap<NodeId, usize> = graph
-        .node_ids()
-        .filter(|&n| graph.node(n).op == Op::Linear)
-        .filter_map(|n| {
-            let x = graph.operands(n)[0];
-            Some((x, graph.node(x).ty.shape.last()?.known()? as usize))
-        })
-        .collect();
-    let tokens = inputs.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>());
-    let mut calibration = Calibration { tokens: tokens as u64, ..Default::default() };
-    Interpreter::new(graph)
-        .expect("the interpreter takes the graph")
-        .run_observed(inputs, &mut |id, value| {
-            let (Some(&k), Some(x)) = (widths.get(&id), value.as_f32()) else { return };
-            let mut xtx = vec![0f32; k * k];
-            for r in x.data.chunks_exact(k) {
-                for i in 0..k {
-                    for j in 0..k {
-                        xtx[i * k + j] += r[i] * r[j];
-                    }
-                }
-            }
-            calibration.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, (x.data.len() / k) as u64);
-        })
-        .expect("calibration runs");
-    calibration
-}
-
-fn outputs(graph: &Graph, inputs: &HashMap<String, Value>) -> Vec<f32> {
-    let out = Interpreter::new(graph).and_then(|i| i.run(inputs)).expect("the graph runs");
-    out.iter().filter_map(|(_, v)| v.as_f32()).flat_map(|t| t.data.iter().copied()).collect()
-}
-
 /// Runs the test's pipeline and prints the IR after each pass as `--print-after all` does.
 fn run(test: &FileTest, path: &Path) -> String {
     let mut graph = kiln_ir::parse(&test.input).unwrap_or_else(|e| panic!("{}: the input IR: {e}", path.display()));
     bind_weights(&mut graph);
     kiln_ir::verify(&graph).unwrap_or_else(|e| panic!("{}: the input IR does not verify: {e}", path.display()));
     let calls = manager::parse(&test.run).unwrap_or_else(|e| panic!("{}: `; run:`: {e}", path.display()));
-    let probes = manager::probes_any(&calls);
-    let data = test.calib.map(|(rows, seq)| inputs(&graph, rows, seq, 1));
-    let held_out = if probes { 2 } else { 0 };
-    let calibration = data.as_ref().map(|d| {
-        let rows = d.values().next().map_or(0, |v| v.shape()[0]);
-        assert!(rows > held_out, "{}: too few calibration rows", path.display());
-        calibrate(&graph, &rows_of(d, held_out, rows))
+    let calibrator = test.calib.map(|(rows, seq)| {
+        let inputs = inputs(&graph, rows, seq, 1);
+        Calibrator::new(&graph, inputs, manager::probes_any(&calls), interpreter_engine())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     });
-    let probe_inputs = data.as_ref().filter(|_| probes).map(|d| rows_of(d, 0, held_out));
-    let reference = probe_inputs.as_ref().map(|i| outputs(&graph, i));
-    let probe = |g: &Graph, _: Activations| -> Result<f64, String> {
-        let (Some(i), Some(want)) = (&probe_inputs, &reference) else { return Err("no probe rows".into()) };
-        let got = outputs(g, i);
-        let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-        Ok(num / den.max(f64::MIN_POSITIVE))
-    };
-    let probe_ref: Option<&Probe> = reference.as_ref().map(|_| &probe as _);
-    let ctx = Context {
-        calibration: calibration.as_ref(),
-        probe: probe_ref,
-        overrides: test.overrides.clone(),
-        progress: &|_, _, _| {},
-    };
+    let ctx = Context::new(calibrator.as_ref().map(|c| c as &dyn Executor), test.overrides.clone(), &|_, _, _| {});
     let mut printed = String::new();
     let mut after = |call: &manager::PassCall, g: &Graph| {
         printed.push_str(&format!("; after {call}\n{}", kiln_ir::print(g)));

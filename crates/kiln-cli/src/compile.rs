@@ -116,10 +116,10 @@ fn bind(model: &mut load::Model, args: &CompileArgs, weights: &std::path::Path) 
     let ran = crate::passes::apply(&mut model.graph, &args.passes, &mut |_, _| {})?;
     crate::passes::summarize(&ran);
     let mut metadata = BTreeMap::new();
-    metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), crate::passes::metadata(&ran));
+    metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), kiln_passes::report::pipeline_json(&ran));
     // The last pass that chose activations decides what `run`, `eval`, `generate` and
     // `bench` use by default.
-    if let Some(a) = ran.iter().rev().find_map(|r| r.report["activations"].as_str()) {
+    if let Some(a) = kiln_passes::report::chosen_activations(&ran) {
         metadata.insert(ACTIVATIONS_KEY.to_string(), a.to_string());
     }
     // The tokenizer travels with the model, so that text in and out needs only the artifact.

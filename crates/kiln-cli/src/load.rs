@@ -11,10 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Metadata keys the CLI adds to artifacts.
-pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
-/// `int8` when `quantize(..., activations=int8)` chose int8 activations for the JIT.
-pub use kiln_rt::artifact::ACTIVATIONS_KEY;
-pub use kiln_rt::artifact::{EOS_KEY, SOURCE_KEY};
+pub use kiln_rt::artifact::{ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
 
 pub struct Model {
     pub graph: Graph,

@@ -1,7 +1,6 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
 mod bench;
-mod calibrate;
 mod compile;
 mod eval;
 mod generate;

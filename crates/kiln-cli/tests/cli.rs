@@ -1154,3 +1154,56 @@ fn compile_with_quantize_and_report() {
     nomatch.extend(["--override".to_string(), "nothing.*=int8".into()]);
     fails(&nomatch, &["`nothing.*` matches no layer"]);
 }
+
+/// The `compress` example of kiln-passes (the library calls, no CLI) writes the artifact
+/// `kiln compile` writes, byte for byte: MiniLM under a bit budget with calibration (the
+/// first 48 dev sentences; the budget probes on held-out rows, GPTQ on the rest).
+#[test]
+fn the_compress_example_writes_kiln_compiles_bytes() {
+    let Some(weights) = real_checkpoint(kiln_tests::MINILM_WEIGHTS) else {
+        return;
+    };
+    // The example, built as `cargo test` built `kiln` (same profile, same directory).
+    let kiln = std::path::Path::new(env!("CARGO_BIN_EXE_kiln"));
+    let dir = kiln.parent().expect("the binary's directory");
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile directory above {}", kiln.display()),
+    };
+    let built = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "kiln-passes", "--example", "compress", "--profile", profile])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    assert!(built.status.success(), "building the example failed:\n{}", String::from_utf8_lossy(&built.stderr));
+    let example = dir.join("examples/compress");
+
+    let scratch = scratch("compress-example");
+    let calib = scratch.join("calib.safetensors");
+    let rows = 48;
+    let dev: Vec<Raw> = read_safetensors(&fixtures().join("minilm_dev.safetensors"))
+        .into_iter()
+        .filter(|(n, ..)| n == "input_ids" || n == "attention_mask")
+        .map(|(n, d, shape, bytes)| {
+            let row = bytes.len() / shape[0];
+            (n, d, vec![rows, shape[1]], bytes[..rows * row].to_vec())
+        })
+        .collect();
+    assert_eq!(dev.len(), 2, "input_ids and attention_mask in the fixture");
+    write_safetensors(&calib, &dev);
+    let minilm = s(&spec("minilm/minilm.kiln"));
+    let passes = "quantize(bits=4.5)";
+    let by_kiln = scratch.join("kiln.kiln");
+    ok(&["compile", &minilm, "-w", &s(&weights), "--passes", passes, "--calib", &s(&calib), "-o", &s(&by_kiln)]);
+    let by_example = scratch.join("example.kiln");
+    let out = std::process::Command::new(&example)
+        .args([&minilm, &s(&weights), &s(&calib), passes, &s(&by_example)])
+        .output()
+        .expect("the example runs");
+    assert!(out.status.success(), "the example failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (std::fs::read(&by_kiln).unwrap(), std::fs::read(&by_example).unwrap());
+    assert!(a == b, "the artifacts differ ({} and {} bytes)", a.len(), b.len());
+    // And the pass did its work: a 4.5-bit model, not the f32 one.
+    assert!(a.len() < 15_000_000, "{} bytes", a.len());
+}

@@ -29,6 +29,9 @@ pub const PASSES_KEY: &str = "kiln.passes";
 /// The activations the passes chose for the compiled kernels (`f32`, `int8`, `int8-row`, as
 /// `kiln run --activations` names them); native programs were compiled for them.
 pub const ACTIVATIONS_KEY: &str = "kiln.activations";
+/// The tokenizer (a `tokenizer.json`, as the `tokenizers` crate writes it), so that text in
+/// and out needs only the artifact.
+pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
 /// The end-of-sequence token id of a language model, when its checkpoint names one.
 pub const EOS_KEY: &str = "kiln.eos_token_id";
 /// Where the model came from (`SPEC + CHECKPOINT` file names).

@@ -1,44 +1,110 @@
-//! `--calib FILE`: run the model's input tensors through the interpreter and gather the
-//! statistics passes take ([`kiln_passes::calibration`]).
+//! Calibration: the interpreter as the [`Executor`] passes gather their statistics with.
+//!
+//! A [`Calibrator`] holds the calibration inputs (one sequence per row). Passes that probe
+//! (quantize's budgets, its choice of int8 activation scales) get the first ~256 tokens held
+//! out of the statistics and run changed models on them, on an engine the caller chooses
+//! (the CLI's is the JIT, [`interpreter_engine`] the interpreter). Statistics run on the
+//! interpreter, a few sequences at a time: memory holds one `k x k` sum per distinct linear
+//! input, whatever the number of rows.
 
-use crate::tensors;
-use kiln_interp::{Interpreter, Value};
+use crate::Interpreter;
 use kiln_ir::{Graph, NodeId, Op};
-use kiln_passes::calibration::{Calibration, Gram};
-use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use kiln_passes::calibration::{Calibration, Executor, Gram};
+use kiln_passes::quantize::Activations;
+use kiln_rt::Value;
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::Path;
 
 /// Sequences per interpreter run.
 const BATCH: usize = 4;
 
-/// The calibration inputs in `path`: tensors named like the model's inputs, one sequence
-/// per row of their first dimension.
-pub fn read_inputs(graph: &Graph, path: &Path) -> Result<HashMap<String, Value>> {
-    let file = tensors::read(path)?;
-    let inputs = tensors::inputs_from(&file, path, graph)?;
-    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
-    if rows == 0 || inputs.values().any(|v| v.shape().first() != Some(&rows)) {
-        return Err(miette!("the calibration inputs in {} must share a nonzero first dimension", path.display()));
-    }
-    Ok(inputs)
+/// Tokens the probes run (each probe is one forward pass over them).
+pub const PROBE_TOKENS: usize = 256;
+
+/// Named inputs, one sequence per row of their first dimension.
+pub type Inputs = HashMap<String, Value>;
+
+/// Runs a graph on inputs with its linears taking the given activations: what probes run
+/// changed models on.
+pub type ProbeEngine = Box<dyn Fn(&Graph, &Inputs, Activations) -> Result<Vec<(String, Value)>, String> + Sync>;
+
+/// The interpreter as a probe engine (it runs every linear in f32, whatever the activations).
+pub fn interpreter_engine() -> ProbeEngine {
+    Box::new(|g, inputs, _| Interpreter::new(g).and_then(|i| i.run(inputs)).map_err(|e| e.to_string()))
 }
 
-/// Runs `inputs` ([`read_inputs`]) through `graph` and returns `x^T x` of every linear's
-/// input. Positions whose `attention_mask` is 0 (padding) are left out.
-pub fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Calibration> {
-    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
-    // Linear inputs by width (what their Gram matrices are indexed by).
-    let mut widths: HashMap<NodeId, usize> = HashMap::new();
-    for n in graph.node_ids() {
-        if graph.node(n).op == Op::Linear {
-            let x = graph.operands(n)[0];
-            if let Some(k) = graph.node(x).ty.shape.last().and_then(|d| d.known()) {
-                widths.insert(x, k as usize);
-            }
+/// Calibration inputs and the engine probes run on: see the module documentation.
+pub struct Calibrator {
+    /// The rows statistics come from.
+    statistics: Inputs,
+    /// The rows probes run on, and the unchanged model's outputs on them.
+    probe: Option<(Inputs, Vec<(String, Value)>)>,
+    engine: ProbeEngine,
+    held_out: bool,
+}
+
+impl Calibrator {
+    /// Calibration on `inputs` for `graph` (the model before any pass). With `probes`, the
+    /// first rows (about [`PROBE_TOKENS`] tokens) are held out for probes, and the unchanged
+    /// model's outputs on them are computed now by `engine`; with too few rows to spare, the
+    /// same rows do both ([`Calibrator::held_out`] says which).
+    pub fn new(graph: &Graph, inputs: Inputs, probes: bool, engine: ProbeEngine) -> Result<Calibrator, String> {
+        let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
+        if rows == 0 || inputs.values().any(|v| v.shape().first() != Some(&rows)) {
+            return Err("the calibration inputs must share a nonzero first dimension (one sequence per row)".into());
         }
+        if !probes {
+            return Ok(Calibrator { statistics: inputs, probe: None, engine, held_out: true });
+        }
+        let (probe_rows, statistics, held_out) = split_probe(&inputs);
+        let reference = engine(graph, &probe_rows, Activations::F32).map_err(|e| format!("probe: {e}"))?;
+        Ok(Calibrator { statistics, probe: Some((probe_rows, reference)), engine, held_out })
     }
+
+    /// Whether the probe rows are held out of the statistics (false when the inputs were
+    /// too short to spare them, and every row does both).
+    pub fn held_out(&self) -> bool {
+        self.held_out
+    }
+}
+
+impl Executor for Calibrator {
+    fn second_moments(
+        &self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Calibration, String> {
+        second_moments(graph, &self.statistics, nodes, progress)
+    }
+
+    fn can_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    fn probe(&self, graph: &Graph, activations: Activations) -> Result<f64, String> {
+        let (inputs, want) = self.probe.as_ref().ok_or("no calibration inputs to probe with")?;
+        Ok(distance(want, &(self.engine)(graph, inputs, activations)?))
+    }
+}
+
+/// Runs `inputs` through `graph` on the interpreter and returns `x^T x` of every node in
+/// `nodes` (rows of its last dimension). Positions whose `attention_mask` is 0 (padding) are
+/// left out.
+pub fn second_moments(
+    graph: &Graph,
+    inputs: &Inputs,
+    nodes: &[NodeId],
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Calibration, String> {
+    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
+    let widths: HashMap<NodeId, usize> = nodes
+        .iter()
+        .map(|&n| {
+            let k = graph.node(n).ty.shape.last().and_then(|d| d.known());
+            k.map(|k| (n, k as usize)).ok_or_else(|| format!("{}: no known last dimension", graph.node(n).scope))
+        })
+        .collect::<Result<_, String>>()?;
     // Outputs computed by a linear (a language model's head) are not needed, only their
     // inputs: the graph run ends at those. SmolLM2's head is a fifth of its multiply-adds
     // over calibration tokens (every position's 49152 logits). Node ids stay the same.
@@ -50,13 +116,11 @@ pub fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Calib
         }
     }
     trimmed.remove_dead();
-    let interp = Interpreter::new(&trimmed).into_diagnostic()?;
-    let bar = crate::progress::bar(rows as u64, "sequences");
-    bar.set_message("calibrating");
+    let interp = Interpreter::new(&trimmed).map_err(|e| e.to_string())?;
     let mut calibration = Calibration::default();
     for start in (0..rows).step_by(BATCH) {
         let end = (start + BATCH).min(rows);
-        let chunk: HashMap<String, Value> = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
+        let chunk: Inputs = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
         let keep = kept_positions(&chunk);
         calibration.tokens += keep.as_ref().map_or_else(
             || chunk.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
@@ -72,29 +136,24 @@ pub fn calibrate(graph: &Graph, inputs: &HashMap<String, Value>) -> Result<Calib
                     None => failed = Some(id),
                 }
             })
-            .into_diagnostic()
-            .wrap_err_with(|| format!("cannot run calibration rows {start}..{end}"))?;
+            .map_err(|e| format!("cannot run calibration rows {start}..{end}: {e}"))?;
         if let Some(id) = failed {
-            return Err(miette!(
+            return Err(format!(
                 "calibration: the input of a linear ({}) does not match the mask",
                 graph.node(id).scope
             ));
         }
-        bar.inc((end - start) as u64);
+        progress(end, rows);
     }
-    bar.finish_and_clear();
     Ok(calibration)
 }
-
-/// Sequences the quantize pass's probe runs (each probe is one forward pass over them).
-const PROBE_TOKENS: usize = 256;
 
 /// The calibration inputs split in two: the first rows, about [`PROBE_TOKENS`] tokens, that
 /// probes run changed models on, and the rest, that calibration statistics come from.
 /// Probes judge what GPTQ fitted, so they must not see the rows it fitted to: that would
 /// favour the formats that fit calibration data closest, not those that generalize. With
-/// too few rows for both, every row does both (the second value is `false`).
-pub fn split_probe(inputs: &HashMap<String, Value>) -> (HashMap<String, Value>, HashMap<String, Value>, bool) {
+/// too few rows for both, every row does both (the third value is `false`).
+pub fn split_probe(inputs: &Inputs) -> (Inputs, Inputs, bool) {
     let shape = inputs.values().next().map(|v| v.shape().to_vec()).unwrap_or_default();
     let (rows, seq) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(1).max(1));
     let take = (PROBE_TOKENS / seq).clamp(1, rows.max(1)).min(rows);
@@ -154,7 +213,7 @@ fn kl_divergence(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Which token positions count: the attention mask's nonzero ones, if there is a mask.
-fn kept_positions(chunk: &HashMap<String, Value>) -> Option<Vec<bool>> {
+fn kept_positions(chunk: &Inputs) -> Option<Vec<bool>> {
     match chunk.get("attention_mask")? {
         Value::I64 { data, .. } => Some(data.iter().map(|&v| v != 0).collect()),
         Value::F32(m) => Some(m.data.iter().map(|&v| v != 0.0).collect()),
@@ -200,12 +259,12 @@ mod tests {
         assert!((kl_divergence(&a, &shifted) - want).abs() < 1e-9);
     }
 
-    fn ids(rows: usize, seq: usize) -> HashMap<String, Value> {
+    fn ids(rows: usize, seq: usize) -> Inputs {
         let data = (0..(rows * seq) as i64).collect();
         HashMap::from([("input_ids".to_string(), Value::I64 { shape: vec![rows, seq], data })])
     }
 
-    fn first_ids(v: &HashMap<String, Value>) -> Vec<i64> {
+    fn first_ids(v: &Inputs) -> Vec<i64> {
         match &v["input_ids"] {
             Value::I64 { data, shape } => data.iter().step_by(shape[1]).copied().collect(),
             Value::F32(_) => unreachable!(),
@@ -220,7 +279,8 @@ mod tests {
         let mut g = kiln_ir::parse(text).unwrap();
         g.store.insert("w", kiln_ir::TensorData::from_f32(vec![2, 2], &[1.0, -1.0, 2.0, 0.5]));
         let x = Value::F32(kiln_rt::Tensor::new(vec![3, 2], vec![1.0, 2.0, -1.0, 0.5, 3.0, -2.0]));
-        let c = calibrate(&g, &HashMap::from([("x".to_string(), x)])).unwrap();
+        let inputs = HashMap::from([("x".to_string(), x)]);
+        let c = second_moments(&g, &inputs, &kiln_passes::calibration::linear_inputs(&g), &|_, _| {}).unwrap();
         let nodes: Vec<NodeId> = g.node_ids().collect();
         let (x_id, hidden) = (nodes[0], nodes[3]);
         // x^T x of x, and of relu(x W^T): rows (0, 3), (0, 0), (5, 5).
