@@ -74,9 +74,9 @@ impl<'a> Context<'a> {
     }
 
     /// The probe, if the executor has rows to probe with.
-    pub fn probe(&self) -> Option<impl Fn(&Graph, Activations) -> Result<f64, String> + '_> {
+    pub fn probe(&self) -> Option<Box<Probe<'a>>> {
         let executor = self.executor.filter(|e| e.can_probe())?;
-        Some(move |g: &Graph, a: Activations| executor.probe(g, a))
+        Some(Box::new(move |g: &Graph, a: Activations| executor.probe(g, a)))
     }
 }
 

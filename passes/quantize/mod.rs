@@ -94,11 +94,7 @@ impl Pass for Quantize {
         }
         let calibration = ctx.calibration(graph)?;
         let probe = ctx.probe();
-        let probe: Option<&Probe<'_>> = match &probe {
-            Some(p) => Some(p),
-            None => None,
-        };
-        quantize(graph, &options, calibration.as_deref(), probe, ctx.progress).map(PassReport::Quantize)
+        quantize(graph, &options, calibration.as_deref(), probe.as_deref(), ctx.progress).map(PassReport::Quantize)
     }
 }
 
