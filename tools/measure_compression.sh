@@ -11,27 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KILN=${KILN:-target/release/kiln}
-MODELS=${KILN_MODELS:-$HOME/.cache/kiln/models}
-FIXTURES=${KILN_FIXTURES:-../shared/fixtures}
-HELDOUT=${KILN_HELDOUT:-$HOME/.cache/kiln/heldout}
-OUT=${KILN_MEASURE_OUT:-/tmp/kiln-measure}
+source tools/measure_common.sh
 which=${1:-all}
 
-MINILM_SPEC=examples/minilm/minilm.kiln
-MINILM_W=$MODELS/minilm/model.safetensors
-SMOLLM2_SPEC=examples/smollm2/smollm2.kiln
-SMOLLM2_W=$MODELS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 CALIB=$HELDOUT/minilm_calib.safetensors        # 64 dev sentences (paper abstracts)
 DOCS=$HELDOUT/minilm_calib_docs.safetensors    # 512 docstring sentences: the `docs` rows
 SMOLLM2_CALIB=$FIXTURES/smollm2_dev.safetensors
 TIMEFORMAT="compile: %R s"
-
-run() { # prints a command, then runs it
-  echo "+ $*" >&2
-  "$@"
-}
-section() { printf '\n== %s\n' "$*"; }
 
 # quantize NAME SPEC WEIGHTS PASSES CALIB: writes $OUT/NAME.kiln; prints its time and size.
 quantize() {

@@ -16,27 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KILN=${KILN:-target/release/kiln}
-MODELS=${KILN_MODELS:-$HOME/.cache/kiln/models}
-FIXTURES=${KILN_FIXTURES:-../shared/fixtures}
-HELDOUT=${KILN_HELDOUT:-$HOME/.cache/kiln/heldout}
-PEERS=${KILN_PEERS_CACHE:-$HOME/.cache/kiln-peers}
-OUT=${KILN_MEASURE_OUT:-/tmp/kiln-measure}
-PY=$PEERS/venv/bin/python
+source tools/measure_common.sh
 
-MINILM_SPEC=examples/minilm/minilm.kiln
-MINILM_W=$MODELS/minilm/model.safetensors
-SMOLLM2_SPEC=examples/smollm2/smollm2.kiln
-SMOLLM2_W=$MODELS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 H=$HELDOUT/minilm_heldout.safetensors
 ONE128=$OUT/one128.safetensors
 Q=$OUT/smollm2-bits4.5.kiln
-
-run() { # prints a command, then runs it
-  echo "+ $*" >&2
-  "$@"
-}
-section() { printf '\n== %s\n' "$*"; }
 
 # The greedy fixture's prompt, as comma-separated ids.
 prompt_ids() {
