@@ -15,7 +15,7 @@
 
 use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Mat, Par, Side};
-use kiln_ir::{BinaryOp, DType, Dim, Format, Graph, NodeId, Op, TensorData, Type, WeightRef};
+use kiln_ir::{BinaryOp, DType, Dim, Format, Graph, NodeId, Op, Role, TensorData, Type, WeightRef};
 
 /// The factors `A` (`[n, r]`, row-major) and `B` (`[r, k]`) of the best rank-`rank`
 /// correction of `q` towards `w` (both `[n, k]` row-major) under `h` (`[k, k]`, the sum of
@@ -55,7 +55,9 @@ pub fn factors(
 
 /// Adds `A (B x)` to the output of every linear that reads `weight` (`[n, k]`): two new
 /// weights `{tensor}.lorc_a` (`[n, r]`) and `{tensor}.lorc_b` (`[r, k]`), two linears on the
-/// linear's input, and an `add` whose result replaces the linear's everywhere.
+/// linear's input, and an `add` whose result replaces the linear's everywhere. The factors
+/// join the layer whose main weight is `weight` in the layer table, as its `correction_a`
+/// and `correction_b`.
 pub fn attach(
     graph: &mut Graph,
     weight: NodeId,
@@ -84,6 +86,11 @@ pub fn attach(
     };
     let weight_a = add_weight(format!("{tensor}.lorc_a"), [n, r], &a);
     let weight_b = add_weight(format!("{tensor}.lorc_b"), [r, k], &b);
+    if let Some(name) = graph.layers.layer_of_main(weight).map(str::to_string)
+        && let Some(layer) = graph.layers.get_mut(&name)
+    {
+        layer.weights.extend([(Role::CorrectionA, weight_a), (Role::CorrectionB, weight_b)]);
+    }
     for linear in linears {
         let x = graph.operands(linear)[0];
         let scope = graph.node(linear).scope.clone();

@@ -1,10 +1,12 @@
 //! `quantize`: stores the model's matrices in lower-precision formats.
 //!
-//! **Layers.** Every rank-2 weight that a `linear` reads as its weight, or that a `gather`
-//! or a `slice` along rows reads as a table (embeddings, position tables, and a tied
-//! output head that is both), is one layer; other weights
-//! (norms, biases) stay as they are. A layer is named by its weight node's scope
-//! (`blk.0.attn_q`), which is what `--override` patterns match.
+//! **Layers.** The layers are the graph's layer table's ([`kiln_ir::LayerTable`]): each
+//! layer's main weight, when a `linear` reads it as its weight or a `gather` or a `slice`
+//! along rows reads it as a table (embeddings, position tables, and a tied output head
+//! that is both); other weights (norms, biases, a layer's LoRC factors) stay as they are.
+//! A layer is named by its name in the table, its weight node's scope (`blk.0.attn_q`; see
+//! [`kiln_ir::layers`] for weights sharing a scope), which is what `--override` patterns
+//! match and what the report lists.
 //!
 //! **Formats.** A [`Choice`] per layer: `f32` (keep), `f16`, `bf16`, `int8` (one scale per
 //! output channel: `int8g<K>`), an [`IntFormat`] such as `int4g64a`, or `fp8` (e4m3, one
@@ -44,8 +46,9 @@
 //! **Methods.** `rtn` rounds each group to nearest ([`IntFormat::quantize`]); `gptq`
 //! ([`gptq`]) spreads each column's rounding error over the columns not yet
 //! quantized, using the layer input's `H`. A weight read by a linear (the tied head too) is
-//! GPTQ'd against that linear's input; a table read only by gathers has no `H` and is
-//! rounded. With `clip` (the pipeline's default), both methods take each group's scales
+//! GPTQ'd against that linear's input; a weight read by several linears, against the sum
+//! of their inputs' `H` (its output error is the sum of theirs); a table read only by
+//! gathers has no `H` and is rounded. With `clip` (the pipeline's default), both methods take each group's scales
 //! from [`clip::fit`]'s search, weighted by `H_ii`, instead of the group's full
 //! range; the search's errors are measured the same way.
 //!
@@ -414,13 +417,16 @@ impl QuantizeReport {
 /// A matrix the pass may store differently.
 struct Layer {
     node: NodeId,
+    /// The layer's name in the graph's layer table.
     scope: String,
+    /// Its kind ([`kind_of`] its weight's scope, or tensor name if the scope is empty).
+    kind: String,
     tensor: String,
     n: u64,
     k: u64,
     format: Format,
     values: Vec<f32>,
-    /// The input statistics of the linears reading it (the first one's, if several).
+    /// The input statistics of the linears reading it (summed over them, if several).
     gram: Option<Gram>,
     /// Read by a gather or a slice (an embedding or position table).
     gathered: bool,
@@ -653,11 +659,17 @@ pub fn quantize(
     Ok(report)
 }
 
-/// The layers of `graph`, in topological order, with their values decoded.
+/// The layers of `graph` (its layer table's main weights), in the topological order of
+/// their first reader, with their values decoded. A layer whose main weight no `linear`,
+/// `gather` or row `slice` reads, or that is not a matrix, is left alone.
 fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<Layer>, String> {
     let order = graph.topo_order().ok_or("the graph has a cycle")?;
+    let names: BTreeMap<NodeId, &str> =
+        graph.layers.iter().filter_map(|(name, layer)| layer.main().map(|m| (m, name))).collect();
     let mut layers: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut out: Vec<Layer> = Vec::new();
+    // Per layer, the inputs of the linears reading its main weight, in topological order.
+    let mut inputs: Vec<Vec<NodeId>> = Vec::new();
     for &id in &order {
         let node = graph.node(id);
         let (table, x) = match node.op {
@@ -667,6 +679,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
             Op::Gather | Op::Slice { axis: 0, .. } => (graph.operands(id)[0], None),
             _ => continue,
         };
+        let Some(&name) = names.get(&table) else { continue };
         let Op::Weight(w) = &graph.node(table).op else { continue };
         let shape = &graph.node(table).ty.shape;
         let (Some(n), Some(k)) = (shape.first().and_then(|d| d.known()), shape.get(1).and_then(|d| d.known())) else {
@@ -680,11 +693,11 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
             None => {
                 let data = graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?;
                 let values = data.to_f32().map_err(|e| format!("weight `{}`: {e}", w.tensor))?;
-                let scope = graph.node(table).scope.clone();
-                let scope = if scope.is_empty() { w.tensor.clone() } else { scope };
+                let scope = &graph.node(table).scope;
                 out.push(Layer {
                     node: table,
-                    scope,
+                    scope: name.to_string(),
+                    kind: kind_of(if scope.is_empty() { &w.tensor } else { scope }),
                     tensor: w.tensor.clone(),
                     n,
                     k,
@@ -694,6 +707,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
                     gathered: false,
                     linear: false,
                 });
+                inputs.push(Vec::new());
                 layers.insert(table, out.len() - 1);
                 out.len() - 1
             }
@@ -701,14 +715,33 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
         match x {
             Some(x) => {
                 out[l].linear = true;
-                if out[l].gram.is_none() {
-                    out[l].gram = calibration.and_then(|c| c.inputs.get(&x)).cloned();
-                }
+                inputs[l].push(x);
             }
             None => out[l].gathered = true,
         }
     }
+    if let Some(calibration) = calibration {
+        for (layer, inputs) in out.iter_mut().zip(&inputs) {
+            layer.gram = summed_gram(inputs, calibration);
+        }
+    }
     Ok(out)
+}
+
+/// The statistics of a weight read by the linears whose inputs are `inputs` (one entry
+/// per linear): the sum of their inputs' Gram matrices, since the layer's output error is
+/// the sum of the errors of every linear that reads it (`trace(dW (H_1 + H_2) dW^T)`).
+/// Inputs without statistics add nothing; `None` if none has any.
+pub(crate) fn summed_gram(inputs: &[NodeId], calibration: &Calibration) -> Option<Gram> {
+    let mut grams = inputs.iter().filter_map(|x| calibration.inputs.get(x));
+    let mut sum = grams.next()?.clone();
+    for g in grams {
+        for (s, v) in sum.sum.iter_mut().zip(&g.sum) {
+            *s += v;
+        }
+        sum.rows += g.rows;
+    }
+    Some(sum)
 }
 
 /// The output error of `layer` stored as `format`, on the calibration data, estimated from
@@ -779,8 +812,11 @@ fn sample_step(n: usize) -> usize {
     (n / ERROR_ROWS).max(1)
 }
 
-/// A layer's kind: its scope with numeric components as `*` (`blk.*.attn_q`), so that the
-/// same projection in every block is one kind.
+/// A layer's kind: its weight's scope with numeric components as `*` (`blk.*.attn_q`), so
+/// that the same projection in every block is one kind. Kinds follow scopes, not layer
+/// names: two tables in one scope (MiniLM's position and token-type embeddings, layers
+/// `embeddings` and `embeddings.token_type_embeddings.weight`) are one kind, as before
+/// the layer table.
 fn kind_of(scope: &str) -> String {
     let parts: Vec<&str> =
         scope.split('.').map(|c| if c.bytes().all(|b| b.is_ascii_digit()) { "*" } else { c }).collect();
@@ -926,7 +962,7 @@ impl Search<'_> {
             .iter()
             .map(|layer| {
                 let n = names.len();
-                *names.entry(kind_of(&layer.scope)).or_insert(n)
+                *names.entry(layer.kind.clone()).or_insert(n)
             })
             .collect();
         let gain: Option<Vec<f64>> = match probe {
@@ -1185,6 +1221,36 @@ mod tests {
         assert_eq!(kind_of("blk.12.ffn_down"), "blk.*.ffn_down");
         assert_eq!(kind_of("encoder.layer.3.attention.self.query"), "encoder.layer.*.attention.self.query");
         assert_eq!(kind_of("token_embd"), "token_embd");
+    }
+
+    /// A weight read by two linears with different inputs is one layer whose statistics
+    /// are the sum of both inputs' Gram matrices.
+    #[test]
+    fn a_weight_read_by_two_linears_sums_their_grams() {
+        let text = "graph g {\n  %0 = input \"x\" : f32[4, 8]\n  %1 = input \"z\" : f32[4, 8]\n  %2 = weight \"w\" f32 : f32[3, 8] @fc\n  %3 = linear %0, %2 : f32[4, 3] @fc\n  %4 = linear %1, %2 : f32[4, 3] @fc\n  %5 = add %3, %4 : f32[4, 3]\n  output \"y\" = %5\n}\n";
+        let mut graph = kiln_ir::parse(text).unwrap();
+        let values: Vec<f32> = (0..24).map(|i| i as f32 / 24.0 - 0.5).collect();
+        graph.store.insert("w", TensorData::from_f32(vec![3, 8], &values));
+        kiln_ir::verify(&graph).unwrap();
+        let [x, z] = graph.inputs()[..] else { panic!("two inputs") };
+        let gram = |seed: f64, rows: u64| {
+            let mut g = Gram::new(8);
+            g.sum = (0..64).map(|i| seed + i as f64).collect();
+            g.rows = rows;
+            g
+        };
+        let calibration =
+            Calibration { inputs: [(x, gram(1.0, 5)), (z, gram(100.0, 7))].into_iter().collect(), tokens: 12 };
+        let layers = find_layers(&graph, Some(&calibration)).unwrap();
+        assert_eq!(layers.len(), 1);
+        assert_eq!((layers[0].scope.as_str(), layers[0].linear, layers[0].gathered), ("fc", true, false));
+        let sum = layers[0].gram.as_ref().unwrap();
+        assert_eq!(sum.rows, 12);
+        let expected: Vec<f64> = (0..64).map(|i| 101.0 + 2.0 * i as f64).collect();
+        assert_eq!(sum.sum, expected);
+        // One input without statistics adds nothing.
+        let one = Calibration { inputs: [(z, gram(100.0, 7))].into_iter().collect(), tokens: 7 };
+        assert_eq!(find_layers(&graph, Some(&one)).unwrap()[0].gram.as_ref().unwrap().rows, 7);
     }
 
     #[test]

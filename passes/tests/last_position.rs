@@ -36,6 +36,7 @@ fn moves_past_the_head_and_the_final_norm() {
       %6 = rms_norm %5, %3 {eps = 1e-5} : f32[batch, 1, 8] @norm
       %7 = linear %6, %4 : f32[batch, 1, 32] @head
       output "logits" = %7
+      layer "head" = main %4
     }
     "#);
 }
@@ -61,6 +62,7 @@ fn stops_at_a_shared_value() {
       %4 = gelu %3 : f32[batch, 1, 32]
       output "logits" = %4
       output "hidden" = %2
+      layer "head" = main %1
     }
     "#);
 }

@@ -184,6 +184,7 @@ pub fn elaborate(file: &File, prelude: &File, checkpoint: Option<&Checkpoint>) -
             .with_help("add `output name: f32[...] = expression`"));
     }
     e.graph.remove_dead();
+    e.graph.layers = kiln_ir::LayerTable::derive(&e.graph);
     if let Err(err) = kiln_ir::verify(&e.graph) {
         return Err(Diagnostic::new(
             format!("internal compiler error: {err}"),

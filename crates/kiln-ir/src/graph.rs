@@ -1,6 +1,7 @@
 //! The graph: nodes (op + result type + scope path + source span) on a petgraph
 //! `StableGraph`, with ordered operand edges, named outputs and the tensor store.
 
+use crate::layers::LayerTable;
 use crate::op::{Op, TypeError};
 use crate::store::TensorStore;
 use crate::types::Type;
@@ -40,6 +41,8 @@ pub struct Graph {
     outputs: Vec<(String, NodeId)>,
     /// The tensors that `weight` nodes refer to.
     pub store: TensorStore,
+    /// The logical layers: which weight nodes make up each layer, in which role.
+    pub layers: LayerTable,
 }
 
 /// Error from building a graph.
@@ -185,8 +188,8 @@ impl Graph {
         }
     }
 
-    /// Removes nodes that no output depends on (inputs are kept: they are the interface).
-    /// Returns how many nodes were removed.
+    /// Removes nodes that no output depends on (inputs are kept: they are the interface),
+    /// and their entries in the layer table. Returns how many nodes were removed.
     pub fn remove_dead(&mut self) -> usize {
         let mut live = vec![false; self.graph.node_bound()];
         let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
@@ -199,6 +202,7 @@ impl Graph {
         let dead: Vec<NodeId> = self.graph.node_indices().filter(|n| !live[n.index()]).collect();
         for &n in &dead {
             self.graph.remove_node(n);
+            self.layers.remove_node(n);
         }
         dead.len()
     }

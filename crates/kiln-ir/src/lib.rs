@@ -20,12 +20,17 @@
 //! interpreter implements that meaning; backends must agree with it up to the order of
 //! floating-point reductions.
 //!
+//! # Layers
+//! `graph.layers` ([`LayerTable`]) names the model's logical layers and the weight nodes
+//! each is made of, with their [`Role`]s; passes, overrides and reports key by it.
+//!
 //! # Text form
 //! [`text::print`] and [`text::parse`] convert to and from a stable line-per-node text
 //! (see the module docs); [`verify::verify`] checks every invariant.
 
 pub mod format;
 pub mod graph;
+pub mod layers;
 pub mod op;
 pub mod store;
 pub mod text;
@@ -34,6 +39,7 @@ pub mod verify;
 
 pub use format::{BlockScales, Format, FormatError, Fp8Format, IntFormat};
 pub use graph::{Graph, GraphError, Node, NodeId, Span};
+pub use layers::{Layer, LayerTable, Role};
 pub use op::{BinaryOp, Op, ReduceOp, TypeError, UnaryOp, WeightRef, broadcast};
 pub use store::{Bytes, TensorData, TensorStore};
 pub use text::{ParseError, parse, print};

@@ -7,15 +7,22 @@
 //!   %2 = gather %1, %0 : f32[batch, seq, 8] @embed
 //!   %3 = layer_norm %2, %4, %5 {eps = 1e-5} : f32[batch, seq, 8] @norm
 //!   output "hidden" = %3
+//!   layer "embed" = main %1
 //! }
 //! ```
 //! Values are numbered densely in the graph's deterministic topological order, so
 //! printing is independent of how the graph was built or edited. Weights print as
 //! references (tensor name, storage format, checksum of the bytes), never as numbers.
+//! After the outputs, one `layer` line per entry of the graph's layer table, in name order:
+//! `layer "blk.0.up" = main %5, correction_a %9, correction_b %10` (roles as
+//! [`Role::name`], entries in their recorded order). Text without any `layer` line (older
+//! artifacts, hand-written IR) parses to a graph whose table is [`LayerTable::derive`]d, so
+//! it keeps the layers it always had; text with layer lines gets exactly those.
 //! `print(parse(text)) == text` for any printed graph.
 
 use crate::format::Format;
 use crate::graph::{Graph, NodeId};
+use crate::layers::{Layer, LayerTable, Role};
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp, WeightRef};
 use crate::types::{DType, Dim, ShapeDisplay, Type};
 use std::collections::HashMap;
@@ -58,6 +65,17 @@ pub fn print(graph: &Graph) -> String {
     }
     for (name, id) in graph.outputs() {
         writeln!(out, "  output {name:?} = %{}", number[id]).unwrap();
+    }
+    for (name, layer) in graph.layers.iter() {
+        let entries: Vec<String> = layer
+            .weights
+            .iter()
+            .map(|(role, id)| match number.get(id) {
+                Some(n) => format!("{role} %{n}"),
+                None => format!("{role} %?"),
+            })
+            .collect();
+        writeln!(out, "  layer {name:?} = {}", entries.join(", ")).unwrap();
     }
     out.push_str("}\n");
     out
@@ -310,9 +328,11 @@ impl Line {
 }
 
 /// Parses IR text into a graph with an empty tensor store (weights are references).
-/// Types written in the text are taken as given; run the verifier to check them.
+/// Types written in the text are taken as given; run the verifier to check them. Without
+/// `layer` lines, the layer table is [`LayerTable::derive`]d.
 pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut graph = Graph::default();
+    let mut layers: Option<LayerTable> = None;
     let mut values: HashMap<usize, NodeId> = HashMap::new();
     let mut header = false;
     let mut closed = false;
@@ -341,12 +361,38 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             l.punct('=')?;
             let id = value_ref(&mut l, &values)?;
             graph.set_output(&name, id).map_err(|e| l.error(e.to_string()))?;
+        } else if matches!(l.peek(), Some(Tok::Ident(s)) if s == "layer") {
+            l.at += 1;
+            let name = l.string("a layer name")?;
+            let table = layers.get_or_insert_with(LayerTable::default);
+            if table.get(&name).is_some() {
+                l.at -= 1;
+                return Err(l.error(format!("layer `{name}` is defined twice")));
+            }
+            l.punct('=')?;
+            let mut layer = Layer::default();
+            loop {
+                let role = l.ident("a role (main, correction_a, ...)")?;
+                let role = Role::from_name(&role).ok_or_else(|| {
+                    l.at -= 1;
+                    let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+                    l.error(format!("unknown role `{role}` (expected one of {})", names.join(", ")))
+                })?;
+                layer.weights.push((role, value_ref(&mut l, &values)?));
+                if !l.eat(',') {
+                    break;
+                }
+            }
+            if l.peek().is_some() {
+                return Err(l.error("expected `,` or the end of the line"));
+            }
+            table.insert(name, layer);
         } else {
             let number = match l.next() {
                 Some(Tok::Value(n)) => n,
                 _ => {
                     l.at -= 1;
-                    return Err(l.error("expected `%N = ...`, `output \"name\" = %N` or `}`"));
+                    return Err(l.error("expected `%N = ...`, `output \"name\" = %N`, `layer \"name\" = ...` or `}`"));
                 }
             };
             if values.contains_key(&number) {
@@ -375,6 +421,7 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
         let line = text.lines().count().max(1);
         return Err(ParseError { line, col: 1, message: "missing closing `}` of the graph".into() });
     }
+    graph.layers = layers.unwrap_or_else(|| LayerTable::derive(&graph));
     Ok(graph)
 }
 

@@ -2,6 +2,7 @@
 //! the front end, after every pass in debug builds and tests, and on parsed IR text.
 
 use crate::graph::Graph;
+use crate::layers::Role;
 use crate::op::Op;
 use crate::types::{DType, Dim};
 use std::collections::{HashMap, HashSet};
@@ -20,7 +21,9 @@ pub struct VerifyError {
 /// - input names are distinct; inputs are `f32` or `i64` with any shape;
 /// - weights are `f32` with fully known shapes, and where the store holds the tensor, its
 ///   shape and storage format match the node's;
-/// - symbols are never used where a known size is required (checked by `infer`).
+/// - symbols are never used where a known size is required (checked by `infer`);
+/// - every entry of the layer table names a `weight` node of the graph, each layer has
+///   exactly one `main` weight, and no node has two roles in one layer.
 pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     let order = graph.topo_order().ok_or_else(|| VerifyError {
         location: format!("graph {}", graph.name),
@@ -81,6 +84,29 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                     return Err(fail(format!("type is {} but the operands give {inferred}", node.ty)));
                 }
             }
+        }
+    }
+    for (name, layer) in graph.layers.iter() {
+        let fail = |message: String| VerifyError { location: format!("layer {name:?}"), message };
+        let mut nodes = HashSet::new();
+        for &(role, id) in &layer.weights {
+            if !graph.contains(id) {
+                return Err(fail(format!("its {role} weight is not a node of the graph")));
+            }
+            if !matches!(graph.node(id).op, Op::Weight(_)) {
+                return Err(fail(format!(
+                    "its {role} entry %{} is a {}, not a weight",
+                    number[&id],
+                    graph.node(id).op.name()
+                )));
+            }
+            if !nodes.insert(id) {
+                return Err(fail(format!("%{} has two roles in the layer", number[&id])));
+            }
+        }
+        let mains = layer.role(Role::Main).count();
+        if mains != 1 {
+            return Err(fail(format!("a layer has exactly one main weight, this one has {mains}")));
         }
     }
     if graph.outputs().is_empty() {

@@ -1,6 +1,6 @@
 //! The IR text form: hand-written IR in, printed IR out, and the verifier's verdicts.
 
-use kiln_ir::{Dim, Op, parse, print, verify};
+use kiln_ir::{Dim, LayerTable, Op, Role, parse, print, verify};
 
 const BLOCK: &str = r#"graph tiny {
   %0 = input "input_ids" : i64[batch, seq]
@@ -24,6 +24,7 @@ const BLOCK: &str = r#"graph tiny {
   %18 = softmax %17 {axis = 1} : f32[seq, 16]
   output "pooled" = %15
   output "table" = %18
+  layer "embed" = main %2
 }
 "#;
 
@@ -98,5 +99,119 @@ fn parse_errors_have_positions() {
     assert_eq!(
         err("graph g {\n  %0 = weight \"w\" int4g48 : f32[4, 48]\n}\n"),
         "2:19: `int4g48`: the group must be a positive multiple of 32"
+    );
+}
+
+/// A tied embedding (gathered and read by the head), a linear with a LoRC correction, and
+/// a weight in the top-level scope.
+const LAYERS: &str = r#"graph toy {
+  %0 = input "ids" : i64[b, s]
+  %1 = weight "embd" f32 : f32[16, 8] @embd
+  %2 = gather %1, %0 : f32[b, s, 8] @embd
+  %3 = weight "up" f32 : f32[12, 8] @blk.0.up
+  %4 = linear %2, %3 : f32[b, s, 12] @blk.0.up
+  %5 = weight "up.lorc_a" f32 : f32[12, 2] @blk.0.up
+  %6 = weight "up.lorc_b" f32 : f32[2, 8] @blk.0.up
+  %7 = linear %2, %6 : f32[b, s, 2] @blk.0.up
+  %8 = linear %7, %5 : f32[b, s, 12] @blk.0.up
+  %9 = add %4, %8 : f32[b, s, 12] @blk.0.up
+  %10 = weight "down" f32 : f32[8, 12]
+  %11 = linear %9, %10 : f32[b, s, 8]
+  %12 = linear %11, %1 : f32[b, s, 16] @head
+  output "logits" = %12
+  layer "blk.0.up" = main %3, correction_a %5, correction_b %6
+  layer "down" = main %10
+  layer "embd" = main %1
+}
+"#;
+
+#[test]
+fn layer_lines_round_trip() {
+    let g = parse(LAYERS).expect("parses");
+    verify(&g).expect("verifies");
+    assert_eq!(print(&g), LAYERS);
+    let up = g.layers.get("blk.0.up").unwrap();
+    let roles: Vec<Role> = up.weights.iter().map(|&(r, _)| r).collect();
+    assert_eq!(roles, [Role::Main, Role::CorrectionA, Role::CorrectionB]);
+    let names: Vec<&str> = g.layers.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["blk.0.up", "down", "embd"]);
+    for role in Role::ALL {
+        assert_eq!(Role::from_name(role.name()), Some(role));
+    }
+}
+
+#[test]
+fn text_without_layer_lines_gets_the_derived_table() {
+    // Without layer lines, every matrix read by a linear or by rows is its own layer: the
+    // LoRC factors of an older artifact too, named by their tensors since their scope is
+    // taken. The tied embedding is one layer although two nodes read it.
+    let old: String =
+        LAYERS.lines().filter(|l| !l.trim_start().starts_with("layer ")).map(|l| format!("{l}\n")).collect();
+    let g = parse(&old).expect("parses");
+    verify(&g).expect("verifies");
+    assert_eq!(g.layers, LayerTable::derive(&g));
+    let order = g.topo_order().unwrap();
+    let layers: Vec<(&str, Vec<(Role, usize)>)> = g
+        .layers
+        .iter()
+        .map(|(n, l)| (n, l.weights.iter().map(|&(r, id)| (r, order.iter().position(|&o| o == id).unwrap())).collect()))
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            ("blk.0.up", vec![(Role::Main, 3)]),
+            ("down", vec![(Role::Main, 10)]),
+            ("embd", vec![(Role::Main, 1)]),
+            ("up.lorc_a", vec![(Role::Main, 5)]),
+            ("up.lorc_b", vec![(Role::Main, 6)]),
+        ]
+    );
+    // ... and prints them, so the printed text round-trips.
+    let printed = print(&g);
+    assert!(printed.contains("  layer \"up.lorc_b\" = main %6\n"), "{printed}");
+    assert_eq!(print(&parse(&printed).unwrap()), printed);
+}
+
+#[test]
+fn remove_dead_drops_the_entries_of_removed_nodes() {
+    // %5 and %6 are read by nothing once the correction is cut off.
+    let text = LAYERS.replace("  %12 = linear %11, %1", "  %12 = linear %2, %1").replace("%9, %10", "%2, %10");
+    let mut g = parse(&text).unwrap();
+    g.remove_dead();
+    let names: Vec<&str> = g.layers.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["embd"]);
+}
+
+#[test]
+fn verifier_checks_the_layer_table() {
+    let with = |layers: &str| LAYERS.replace("  layer \"down\" = main %10\n", layers);
+    assert_eq!(
+        verify_error(&with("  layer \"down\" = main %10, mask %11\n")),
+        "layer \"down\": its mask entry %11 is a linear, not a weight"
+    );
+    assert_eq!(
+        verify_error(&with("  layer \"down\" = main %10, main %6\n")),
+        "layer \"down\": a layer has exactly one main weight, this one has 2"
+    );
+    assert_eq!(
+        verify_error(&with("  layer \"down\" = delta %10\n")),
+        "layer \"down\": a layer has exactly one main weight, this one has 0"
+    );
+    assert_eq!(
+        verify_error(&with("  layer \"down\" = main %10, shared_base %10\n")),
+        "layer \"down\": %10 has two roles in the layer"
+    );
+}
+
+#[test]
+fn layer_lines_parse_errors() {
+    let err = |t: &str| parse(t).expect_err("must not parse").to_string();
+    assert_eq!(
+        err(&LAYERS.replace("main %10", "base %10")),
+        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, mask, shared_base, delta)"
+    );
+    assert_eq!(
+        err(&LAYERS.replace("\"down\" = main %10", "\"embd\" = main %10")),
+        "18:9: layer `embd` is defined twice"
     );
 }
