@@ -187,13 +187,13 @@ impl<'g> Runner<'g> {
 mod tests {
     use super::*;
 
-    /// Native programs read an artifact's activations with `Activations::from_name`: it
+    /// Native programs read an artifact's activations with `Activations`' `FromStr`: it
     /// must know the flag's names, and map them as the CLI does.
     #[test]
     fn the_flag_s_names_are_the_engine_s() {
         for kind in [ActivationsKind::F32, ActivationsKind::Int8, ActivationsKind::Int8Row] {
-            assert_eq!(Activations::from_name(&kind.to_string()), Some(kind.into()), "{kind}");
+            assert_eq!(kind.to_string().parse::<Activations>().ok(), Some(kind.into()), "{kind}");
         }
-        assert_eq!(Activations::from_name("int8-block"), None);
+        assert_eq!("int8-block".parse::<Activations>().ok(), None);
     }
 }

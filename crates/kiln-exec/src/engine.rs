@@ -33,6 +33,7 @@ use crate::epilogue::EpilogueFn;
 use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
+pub use kiln_ir::Activations;
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
@@ -226,34 +227,6 @@ enum Action {
     /// A row lookup in a table stored in a block format (an embedding, the tied head's
     /// table): decode only the rows it reads, from the stored bytes.
     GatherRows,
-}
-
-/// How linears on quantized weights treat their input activations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Activations {
-    /// f32 activations against the exactly decoded weights (the default, exact mode).
-    #[default]
-    F32,
-    /// Activations quantized to int8 per row and block of 32, integer dot products (W8A8),
-    /// for Q8_0, Q4_0 and Q4_1 weights; other formats keep f32.
-    Int8,
-    /// As `Int8`, except that linears on int8 weights with one scale per row (`int8gK`)
-    /// quantize their activations with one scale per row and sum whole rows in integers
-    /// ([`crate::linear_i8row`]).
-    Int8Row,
-}
-
-impl Activations {
-    /// The activations named `name` as `kiln run --activations` and artifacts name them
-    /// (`f32`, `int8`, `int8-row`).
-    pub fn from_name(name: &str) -> Option<Activations> {
-        match name {
-            "f32" => Some(Activations::F32),
-            "int8" => Some(Activations::Int8),
-            "int8-row" => Some(Activations::Int8Row),
-            _ => None,
-        }
-    }
 }
 
 /// What an [`Engine`] is built with.
@@ -1064,10 +1037,12 @@ impl Plan {
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
-            let rows = activations == Activations::Int8Row
-                && matches!(&graph.node(fused.weight).op,
-                Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
-            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
+            let Op::Weight(w) = &graph.node(fused.weight).op else { unreachable!("plan_linear takes weight nodes") };
+            let mode = activations.for_weight(w.format, spec.k as u64);
+            let rows = mode == Activations::Int8Row;
+            let int8 = mode == Activations::Int8;
+            debug_assert!(!rows || matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            debug_assert!(!int8 || LinearI8Spec::supports(spec.format));
             let how = match spec.format {
                 _ if rows => Impl::Int8Row,
                 _ if int8 => Impl::Int8,
