@@ -271,3 +271,46 @@ fn fp8_weights_run_compiled_with_their_exact_values() {
         }
     }
 }
+
+/// The bits of every value of output `name`.
+fn bits(outputs: &[(String, Value)], name: &str) -> Vec<u32> {
+    f32s(outputs, name).iter().map(|v| v.to_bits()).collect()
+}
+
+/// Under `int8-row` one value can feed a per-row linear (int8gK weights) and a per-block
+/// one (other int formats): each gets its own quantization, the bits of each linear alone.
+#[test]
+fn a_value_read_by_per_row_and_per_block_linears_is_quantized_both_ways() {
+    let (k, n) = (128, 72);
+    let graph = |linears: &[&str]| {
+        let mut text = format!("graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n");
+        for (i, format) in linears.iter().enumerate() {
+            let name = format.replace(|c: char| !c.is_ascii_alphanumeric(), "");
+            text += &format!("  %{} = weight \"{name}\" {format} : f32[{n}, {k}]\n", 1 + 2 * i);
+            text += &format!("  %{} = linear %0, %{} : f32[m, {n}]\n", 2 + 2 * i, 1 + 2 * i);
+        }
+        for (i, format) in linears.iter().enumerate() {
+            text += &format!("  output \"{format}\" = %{}\n", 2 + 2 * i);
+        }
+        let mut g = kiln_ir::parse(&(text + "}\n")).unwrap();
+        for format in linears {
+            let f: kiln_ir::IntFormat = format.parse().unwrap();
+            let mut rng = Rng::new(f.bits as u64); // the same weights in every graph
+            let w = kiln_ir::Bytes::from_vec(f.quantize(&(0..n * k).map(|_| rng.next_f32()).collect::<Vec<f32>>()));
+            let name = format.replace(|c: char| !c.is_ascii_alphanumeric(), "");
+            g.store
+                .insert(name, kiln_ir::TensorData::new(kiln_ir::Format::Int(f), vec![n as u64, k as u64], w).unwrap());
+        }
+        kiln_ir::verify(&g).unwrap();
+        g
+    };
+    let mut rng = Rng::new(2);
+    let x = Value::F32(kiln_rt::Tensor::new(vec![5, k], (0..5 * k).map(|_| rng.next_f32()).collect()));
+    let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+    let both = graph(&["int8g128", "int4g32a"]);
+    let got = Prepared::new(&both, Exec::JitInt8Row { threads: 2 }).run(&inputs);
+    for format in ["int8g128", "int4g32a"] {
+        let alone = Prepared::new(&graph(&[format]), Exec::JitInt8Row { threads: 2 }).run(&inputs);
+        assert!(bits(&got, format) == bits(&alone, format), "{format}");
+    }
+}

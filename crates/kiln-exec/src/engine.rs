@@ -6,7 +6,8 @@
 //!
 //! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
 //! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
-//! numerics class); an input shared by several linears (q, k, v) is quantized once. Their
+//! numerics class); an input shared by several linears (q, k, v) is quantized once (once
+//! per row and once per block when it feeds both kinds, under [`Activations::Int8Row`]). Their
 //! weights are packed once, when the engine is built, into the panel layout of
 //! [`crate::linear_i8::pack_weight`] (a copy as large as the stored weights; the kernels
 //! then never touch the stored bytes), which they stream at about twice the bandwidth of
@@ -709,8 +710,9 @@ impl<'g> Engine<'g> {
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
-        // Int8 activations of values that int8 kernels read, quantized once per value.
-        let mut quantized: HashMap<NodeId, Quantized> = HashMap::new();
+        // Int8 activations of values that int8 kernels read, quantized once per value and
+        // kind (per row or not): a value may feed per-row and per-block linears alike.
+        let mut quantized: HashMap<(NodeId, bool), Quantized> = HashMap::new();
         for (&id, reads) in self.order.iter().zip(&self.reads) {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
@@ -765,7 +767,8 @@ impl<'g> Engine<'g> {
                 *left -= 1;
                 if *left == 0 {
                     values.remove(o);
-                    quantized.remove(o);
+                    quantized.remove(&(*o, false));
+                    quantized.remove(&(*o, true));
                 }
             }
             values.insert(id, value);
@@ -777,7 +780,7 @@ impl<'g> Engine<'g> {
         &self,
         f: &Fused,
         values: &HashMap<NodeId, Arc<Value>>,
-        quantized: &mut HashMap<NodeId, Quantized>,
+        quantized: &mut HashMap<(NodeId, bool), Quantized>,
     ) -> Result<Value, String> {
         let kernel = &self.kernels[f.kernel];
         let spec = kernel.spec();
@@ -821,7 +824,7 @@ impl<'g> Engine<'g> {
             let KernelWeight::Rows(w) = &f.data else {
                 return Err("the weight of a per-row int8 linear is not prepared".into());
             };
-            let Quantized::Rows(xq) = quantized.entry(f.x).or_insert_with(|| {
+            let Quantized::Rows(xq) = quantized.entry((f.x, true)).or_insert_with(|| {
                 let mut q = RowQuantized::new();
                 quantize_per_row(&x.data, spec.k, &mut q);
                 Quantized::Rows(q)
@@ -873,7 +876,7 @@ impl<'g> Engine<'g> {
             Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("handled above"),
             Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
             Kernel::I8(..) => {
-                let q = quantized.entry(f.x).or_insert_with(|| {
+                let q = quantized.entry((f.x, false)).or_insert_with(|| {
                     let mut q = QuantizedActivations::new();
                     quantize_rows(&x.data, spec.k, &mut q);
                     Quantized::Blocks(q)
