@@ -601,6 +601,22 @@ impl fmt::Display for UnaryOp {
 /// kernel with the same operations, except that its `silu` and `gelu` are polynomials
 /// (`kiln-jit`'s `math`: silu within a few ulp, gelu within `0.5 |v| * 5e-7` absolute).
 ///
+/// # Interpreter against engine
+///
+/// Both compute every number above with the same operations in the same order, so the
+/// output of each W8A8 linear, with its bias, a `relu` and a residual `add`, is bitwise the
+/// same (tested for every integer format, per block and per row, on single rows and on the
+/// row counts that take the engine's 256-bit GEMMs). After a fused `silu` or `gelu` they
+/// differ by the polynomials' error: within `1e-6` of the output's largest magnitude
+/// (measured: `1.9e-7`). Further on in a model that difference is carried along, so whole
+/// models agree within a tolerance, not bitwise: on the tiny test model widened to
+/// multiples of 32 with every linear on int2 to int8 weights, within `1e-5` of each
+/// output's largest magnitude (measured: `6.3e-8`; at most `2.4e-7` over 60 random weight
+/// sets). A larger difference is possible in principle: where a carried difference moves
+/// `x[i] * id` across a rounding boundary of a later quantization, that `q[i]` differs by
+/// one and the linear's output by `dw * d * w[i]`, one quantization step (none was seen
+/// in those 60 models).
+///
 /// Against f32 activations on the same weights: quantizing moves each `x[i]` by at most
 /// `d / 2`, so before the bias `acc` is within `sum_b d_b / 2 * sum_{i in b} |dw w[i] + mw|`
 /// (plus f32 rounding) of the f32 linear's value, `b` over the blocks (one block of
