@@ -12,7 +12,8 @@ use std::time::Instant;
 /// Which executor runs a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// The reference interpreter: f32, op by op; the numeric oracle.
+    /// The reference interpreter, op by op: the numeric oracle. f32, or with --activations
+    /// int8 the compiled engine's W8A8 numbers in plain loops.
     Interp,
     /// Compiled kernels (the default): linear layers with bias, activation and residual
     /// fused, on weights in their stored format (Cranelift kernels; sgemm plus a Cranelift
@@ -26,7 +27,7 @@ pub fn activations_parser() -> impl clap::builder::TypedValueParser<Value = Acti
     let help = |a: Activations| match a {
         Activations::F32 => "f32 activations against the exactly decoded weights: the exact mode",
         Activations::Int8 => {
-            "int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's numerics) for Q8_0/Q4_0/Q4_1 weights and kiln's int formats; needs --engine jit"
+            "int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's numerics) for Q8_0/Q4_0/Q4_1 weights and kiln's int formats"
         }
         Activations::Int8Row => {
             "As int8, but linears on int8 weights with one scale per row (`quantize(format=int8)`) take one activation scale per row and sum whole rows in integers: faster, and as accurate for encoders (MiniLM); llama-class models want int8"
@@ -52,7 +53,7 @@ pub struct ExecArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Activations of linears on quantized weights (default: what the artifact's
-    /// `quantize(..., activations=int8)` recorded, else f32).
+    /// `quantize(..., activations=int8)` recorded for the JIT, else f32).
     #[arg(long, value_parser = activations_parser())]
     pub activations: Option<Activations>,
     /// Print where the time went (per linear shape and per op), JIT engine.
@@ -62,7 +63,8 @@ pub struct ExecArgs {
 
 impl ExecArgs {
     /// These flags for `model`: activations not given on the command line are what the
-    /// artifact recorded, for the compiled engine (the interpreter is the f32 oracle).
+    /// artifact recorded, for the compiled engine (the interpreter, the oracle, runs f32
+    /// unless `--activations` says otherwise).
     pub fn for_model(&self, model: &crate::load::Model) -> ExecArgs {
         let mut exec = self.clone();
         if exec.activations.is_none() && exec.engine == EngineKind::Jit {
@@ -81,18 +83,13 @@ impl<'g> Runner<'g> {
     /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
     /// for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
-        if let Some(a @ (Activations::Int8 | Activations::Int8Row)) = exec.activations
-            && exec.engine != EngineKind::Jit
-        {
-            return Err(miette::miette!(
-                help = "add --engine jit",
-                "--activations {a} runs compiled int8 kernels; the interpreter computes in f32 only"
-            ));
-        }
         let start = Instant::now();
         let threads = exec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let runner = match exec.engine {
-            EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
+            EngineKind::Interp => {
+                let activations = exec.activations.unwrap_or_default();
+                Runner::Interp(Interpreter::with_activations(graph, activations).into_diagnostic()?)
+            }
             EngineKind::Jit => {
                 let activations = exec.activations.unwrap_or_default();
                 let options = EngineOptions { threads, activations, profile: exec.profile };
