@@ -271,3 +271,216 @@ fn fp8_weights_run_compiled_with_their_exact_values() {
         }
     }
 }
+
+/// The bits of every value of output `name`.
+fn bits(outputs: &[(String, Value)], name: &str) -> Vec<u32> {
+    f32s(outputs, name).iter().map(|v| v.to_bits()).collect()
+}
+
+/// The largest difference between two outputs, and the largest magnitude of `want`.
+fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    (diff, want.iter().fold(0f32, |a, x| a.max(x.abs())))
+}
+
+/// A weight `[n, k]` stored in `format`: kiln's int formats rounded from `values`, GGUF
+/// blocks with f16 scales near 0.01 and codes from a fixed pattern.
+fn int_weight(format: &str, n: usize, k: usize, values: &[f32]) -> kiln_ir::TensorData {
+    let f: kiln_ir::Format = format.parse().unwrap();
+    let scale = |b: usize| half::f16::from_f32(0.008 + (b % 7) as f32 * 1e-3).to_le_bytes();
+    let code = |b: usize, j: usize| ((b * 7 + j * 13) % 255) as u8;
+    let blocks = 0..n * k / 32;
+    let bytes: Vec<u8> = match f {
+        kiln_ir::Format::Int(i) => i.quantize(values),
+        kiln_ir::Format::Q8_0 => {
+            blocks.flat_map(|b| scale(b).into_iter().chain((0..32).map(move |j| code(b, j)))).collect()
+        }
+        kiln_ir::Format::Q4_0 => {
+            blocks.flat_map(|b| scale(b).into_iter().chain((0..16).map(move |j| code(b, j)))).collect()
+        }
+        kiln_ir::Format::Q4_1 => blocks
+            .flat_map(|b| {
+                let m = half::f16::from_f32(-0.06 + (b % 5) as f32 * 0.01).to_le_bytes();
+                scale(b).into_iter().chain(m).chain((0..16).map(move |j| code(b, j)))
+            })
+            .collect(),
+        _ => unreachable!("an integer format"),
+    };
+    kiln_ir::TensorData::new(f, vec![n as u64, k as u64], kiln_ir::Bytes::from_vec(bytes)).unwrap()
+}
+
+/// The interpreter with int8 activations computes a linear on integer weights as the
+/// engine's W8A8 kernels do, bit for bit: every integer format, per block and per row,
+/// with bias, relu and residual fused in the engine, for single rows (the emitted kernel,
+/// columns split across threads) and blocks of rows (the 256-bit GEMMs). A fused silu or
+/// gelu differs by the engine's polynomials only (the bound `kiln_ir::Activations` states).
+#[test]
+fn the_interpreter_computes_w8a8_linears_bit_for_bit() {
+    let (k, n) = (384, 136);
+    let formats = ["q8_0", "q4_0", "q4_1", "int4g64", "int4g64a", "int3g128a", "int2g32", "int8g64", "int8g384"];
+    let mut worst_activation = 0f32;
+    for format in formats {
+        for act in ["none", "relu", "silu", "gelu"] {
+            let (bias, op) =
+                if act == "none" { ("", String::new()) } else { (", %3", format!("  %5 = {act} %4 : f32[m, {n}]\n")) };
+            let y = if act == "none" { "%4" } else { "%5" };
+            let text = format!(
+                "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = input \"r\" : f32[m, {n}]\n  %2 = weight \"w\" {format} : f32[{n}, {k}]\n  %3 = weight \"b\" f32 : f32[{n}]\n  %4 = linear %0, %2{bias} : f32[m, {n}]\n{op}  %6 = add {y}, %1 : f32[m, {n}]\n  output \"y\" = %6\n}}\n"
+            );
+            let mut g = kiln_ir::parse(&text).unwrap();
+            let mut rng = Rng::new(12);
+            let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+            g.store.insert("w", int_weight(format, n, k, &values(n * k)));
+            g.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &values(n)));
+            kiln_ir::verify(&g).unwrap();
+            for m in [1, 3, 4, 9] {
+                let mut x = values(m * k);
+                // Blocks of very different magnitudes, so that scales per row and per block differ.
+                x.iter_mut().enumerate().for_each(|(i, v)| *v *= [1.0, 0.05, 3.0][i / 32 % 3]);
+                let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], x));
+                let r = Value::F32(kiln_rt::Tensor::new(vec![m, n], values(m * n)));
+                let inputs: HashMap<String, Value> = [("x".to_string(), x), ("r".to_string(), r)].into();
+                let exact = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
+                for activations in [kiln_ir::Activations::Int8, kiln_ir::Activations::Int8Row] {
+                    let what = format!("{format}, {act}, m = {m}, {activations}");
+                    let interp = kiln_interp::Interpreter::with_activations(&g, activations).unwrap();
+                    let want = interp.run(&inputs).unwrap();
+                    let (diff, scale) = max_diff(&f32s(&want, "y"), &exact);
+                    assert!(diff > 1e-4 * scale && diff < 0.05 * scale, "{what}: W8A8 against f32 activations {diff}");
+                    for threads in [1, 2] {
+                        let options = kiln_jit::EngineOptions { threads, activations, profile: false };
+                        let engine = kiln_jit::compile(&g, options).unwrap();
+                        assert_eq!(engine.compiled_linears(), 1, "{what}");
+                        let got = engine.run(&inputs).unwrap();
+                        if act == "silu" || act == "gelu" {
+                            let (diff, scale) = max_diff(&f32s(&got, "y"), &f32s(&want, "y"));
+                            worst_activation = worst_activation.max(diff / scale);
+                            assert!(diff <= 1e-6 * scale, "{what}, threads = {threads}: {diff} (scale {scale})");
+                        } else {
+                            assert!(bits(&got, "y") == bits(&want, "y"), "{what}, threads = {threads}: not bitwise");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("largest difference after a fused silu or gelu, relative to the output's scale: {worst_activation:e}");
+}
+
+/// The tiny model at widths that are multiples of 32 (hidden 64, MLPs of 96 and 128), every
+/// linear on integer weights (int2 to int8, per block and per row, symmetric and not): its
+/// graph, bound to random weights.
+fn tiny_on_int_weights(seed: u64) -> kiln_ir::Graph {
+    let source =
+        read_spec("tiny/tiny.kiln").replace("let hidden = 16", "let hidden = 64").replace("[24, 40]", "[96, 128]");
+    let mut g = kiln_frontend::compile(&source, None).expect("the widened spec compiles").graph;
+    let linear_weights: Vec<kiln_ir::NodeId> = g
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .filter(|&n| g.node(n).op == kiln_ir::Op::Linear)
+        .map(|n| g.operands(n)[1])
+        .collect();
+    let mut rng = Rng::new(seed);
+    let mut at = 0;
+    for id in g.topo_order().unwrap() {
+        let node = g.node(id);
+        let kiln_ir::Op::Weight(w) = &node.op else { continue };
+        let shape: Vec<u64> = node.ty.shape.iter().map(|d| d.known().unwrap()).collect();
+        let is_norm = w.tensor.contains("norm");
+        let values: Vec<f32> = (0..shape.iter().product::<u64>())
+            .map(|_| if is_norm { 1.0 + 0.1 * rng.next_f32() } else { 0.5 * rng.next_f32() })
+            .collect();
+        let (name, data) = if linear_weights.contains(&id) {
+            let k = shape[1];
+            let format =
+                ["int4g32", &format!("int8g{k}"), "int4g32a", "int3g32a", "int2g32", "int8g32", &format!("int4g{k}a")]
+                    [at % 7]
+                    .parse::<kiln_ir::IntFormat>()
+                    .unwrap();
+            at += 1;
+            let bytes = kiln_ir::Bytes::from_vec(format.quantize(&values));
+            (w.tensor.clone(), kiln_ir::TensorData::new(kiln_ir::Format::Int(format), shape, bytes).unwrap())
+        } else {
+            (w.tensor.clone(), kiln_ir::TensorData::from_f32(shape, &values))
+        };
+        let (format, checksum) = (data.format, data.checksum());
+        g.store.insert(name, data);
+        if let kiln_ir::Op::Weight(w) = &mut g.node_mut(id).op {
+            (w.format, w.checksum) = (format, Some(checksum));
+        }
+    }
+    assert_eq!(at, 13, "every linear has an integer weight");
+    kiln_ir::verify(&g).unwrap();
+    g
+}
+
+/// Through a whole model the interpreter with int8 activations stays within the bound
+/// `kiln_ir::Activations` states of the engine (the fused silu and gelu are the engine's
+/// polynomials, and a difference they leave can move a later quantization by one step),
+/// while int8 activations move the outputs far more than that from f32 ones. (Under
+/// `int8-row` the attention's input feeds per-row and per-block linears: the engine
+/// quantizes it both ways.)
+#[test]
+fn the_interpreter_reproduces_w8a8_models_within_the_stated_bound() {
+    let g = tiny_on_int_weights(21);
+    let inputs = feed(&ROWS);
+    let exact = Prepared::new(&g, Exec::Interp).run(&inputs);
+    for activations in [kiln_ir::Activations::Int8, kiln_ir::Activations::Int8Row] {
+        let want = kiln_interp::Interpreter::with_activations(&g, activations).unwrap().run(&inputs).unwrap();
+        let options = kiln_jit::EngineOptions { threads: 2, activations, profile: false };
+        let engine = kiln_jit::compile(&g, options).unwrap();
+        assert_eq!(engine.compiled_linears(), 13, "{activations}");
+        let got = engine.run(&inputs).unwrap();
+        for name in ["logits", "hidden"] {
+            let (diff, scale) = max_diff(&f32s(&got, name), &f32s(&want, name));
+            let (moved, _) = max_diff(&f32s(&want, name), &f32s(&exact, name));
+            eprintln!(
+                "{activations} {name}: interpreter vs engine {diff:e} (scale {scale}), vs f32 activations {moved:e}"
+            );
+            assert!(diff <= 1e-5 * scale, "{activations}, {name}: interpreter vs engine {diff} (scale {scale})");
+            assert!(
+                moved > 1e-3 * scale && moved > 100.0 * diff,
+                "{activations}, {name}: int8 activations moved the outputs by {moved} only"
+            );
+        }
+    }
+}
+
+/// Under `int8-row` one value can feed a per-row linear (int8gK weights) and a per-block
+/// one (other int formats): each gets its own quantization, the bits of each linear alone.
+#[test]
+fn a_value_read_by_per_row_and_per_block_linears_is_quantized_both_ways() {
+    let (k, n) = (128, 72);
+    let graph = |linears: &[&str]| {
+        let mut text = format!("graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n");
+        for (i, format) in linears.iter().enumerate() {
+            let name = format.replace(|c: char| !c.is_ascii_alphanumeric(), "");
+            text += &format!("  %{} = weight \"{name}\" {format} : f32[{n}, {k}]\n", 1 + 2 * i);
+            text += &format!("  %{} = linear %0, %{} : f32[m, {n}]\n", 2 + 2 * i, 1 + 2 * i);
+        }
+        for (i, format) in linears.iter().enumerate() {
+            text += &format!("  output \"{format}\" = %{}\n", 2 + 2 * i);
+        }
+        let mut g = kiln_ir::parse(&(text + "}\n")).unwrap();
+        for format in linears {
+            let f: kiln_ir::IntFormat = format.parse().unwrap();
+            let mut rng = Rng::new(f.bits as u64); // the same weights in every graph
+            let w = kiln_ir::Bytes::from_vec(f.quantize(&(0..n * k).map(|_| rng.next_f32()).collect::<Vec<f32>>()));
+            let name = format.replace(|c: char| !c.is_ascii_alphanumeric(), "");
+            g.store
+                .insert(name, kiln_ir::TensorData::new(kiln_ir::Format::Int(f), vec![n as u64, k as u64], w).unwrap());
+        }
+        kiln_ir::verify(&g).unwrap();
+        g
+    };
+    let mut rng = Rng::new(2);
+    let x = Value::F32(kiln_rt::Tensor::new(vec![5, k], (0..5 * k).map(|_| rng.next_f32()).collect()));
+    let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+    let both = graph(&["int8g128", "int4g32a"]);
+    let got = Prepared::new(&both, Exec::JitInt8Row { threads: 2 }).run(&inputs);
+    for format in ["int8g128", "int4g32a"] {
+        let alone = Prepared::new(&graph(&[format]), Exec::JitInt8Row { threads: 2 }).run(&inputs);
+        assert!(bits(&got, format) == bits(&alone, format), "{format}");
+    }
+}

@@ -314,26 +314,8 @@ pub struct QuantizeOptions {
 }
 
 /// What the model's linears on quantized weights take as activations: recorded in the
-/// report for the backend, which runs `Int8` as W8A8 kernels (activations quantized per
-/// block of 32 at run time, integer dot products), and `Int8Row` the same except for int8
-/// weights with one scale per row, whose activations get one scale per row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Activations {
-    #[default]
-    F32,
-    Int8,
-    Int8Row,
-}
-
-impl std::fmt::Display for Activations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Activations::F32 => "f32",
-            Activations::Int8 => "int8",
-            Activations::Int8Row => "int8-row",
-        })
-    }
-}
+/// report for the backend (the numbers are documented on [`kiln_ir::Activations`]).
+pub use kiln_ir::Activations;
 
 /// The formats the budgeted search chooses from (those whose groups divide a layer's rows).
 pub const CANDIDATES: &[&str] = &[

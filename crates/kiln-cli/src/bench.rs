@@ -66,7 +66,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "load_ms": load_ms,
         "tokens_per_s": tokens as f64 / median * 1e3,
         "threads": exec.threads.unwrap_or_else(rayon_threads),
-        "activations": exec.activations.unwrap_or(crate::runner::ActivationsKind::F32).to_string(),
+        "activations": exec.activations.unwrap_or_default().to_string(),
     });
     if args.json {
         println!("{report}");
@@ -128,7 +128,7 @@ fn bench_decode(args: &BenchArgs, exec: &crate::runner::ExecArgs, graph: &Graph,
         "tokens_per_s": 1e3 / median,
         "load_ms": load_ms,
         "threads": exec.threads.unwrap_or_else(rayon_threads),
-        "activations": exec.activations.unwrap_or(crate::runner::ActivationsKind::F32).to_string(),
+        "activations": exec.activations.unwrap_or_default().to_string(),
     });
     runner.print_profile();
     if args.json {

@@ -3,7 +3,6 @@
 
 use crate::load::{self, ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
 use crate::native::Emit;
-use crate::runner::ActivationsKind;
 use kiln_ir::Op;
 use miette::{IntoDiagnostic, Result, miette};
 use std::collections::BTreeMap;
@@ -18,7 +17,7 @@ pub struct CompileArgs {
     pub passes: crate::passes::PassArgs,
     pub emit: Emit,
     pub target_cpu: String,
-    pub activations: Option<ActivationsKind>,
+    pub activations: Option<kiln_ir::Activations>,
     pub weights_beside: bool,
 }
 
@@ -69,8 +68,8 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     };
     if args.emit != Emit::Artifact {
         // What the passes chose (recorded in the metadata, for a spec as for an artifact).
-        let recorded = ActivationsKind::recorded(&metadata);
-        let activations = args.activations.or(recorded).unwrap_or(ActivationsKind::F32);
+        let recorded = crate::runner::recorded_activations(&metadata);
+        let activations = args.activations.or(recorded).unwrap_or_default();
         let native = crate::native::NativeArgs {
             activations,
             target_cpu: &args.target_cpu,

@@ -81,10 +81,10 @@ impl Model {
     }
 
     /// The activations an artifact's passes chose, if any.
-    pub fn recorded_activations(&self) -> Option<crate::runner::ActivationsKind> {
+    pub fn recorded_activations(&self) -> Option<kiln_ir::Activations> {
         match &self.origin {
             // Recorded by its name on the command line (`--activations`).
-            Origin::Artifact { metadata, .. } => crate::runner::ActivationsKind::recorded(metadata),
+            Origin::Artifact { metadata, .. } => crate::runner::recorded_activations(metadata),
             Origin::Spec { .. } => None,
         }
     }

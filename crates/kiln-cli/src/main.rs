@@ -80,8 +80,8 @@ enum Command {
         target_cpu: String,
         /// With --emit exe or lib: the activations the kernels take (default: what the passes
         /// chose, else f32); the program runs as `kiln run --activations` would.
-        #[arg(long, value_enum)]
-        activations: Option<runner::ActivationsKind>,
+        #[arg(long, value_parser = runner::activations_parser())]
+        activations: Option<kiln_ir::Activations>,
         /// With --emit exe: keep the weights in a file beside the program (PROGRAM.kiln, an
         /// artifact), mapped when it starts, instead of inside it.
         #[arg(long)]

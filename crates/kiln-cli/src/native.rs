@@ -4,7 +4,6 @@
 //! (`kiln-native`): the system's C compiler links the three into an executable, or they
 //! are gathered into one static library with a generated header for C programs.
 
-use crate::runner::ActivationsKind;
 use kiln_ir::Graph;
 use kiln_jit::{EngineOptions, HostIsa, IsaOptions};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
@@ -209,7 +208,7 @@ kiln_model *{name}_create(int threads);
 
 /// How a native program is built.
 pub struct NativeArgs<'a> {
-    pub activations: ActivationsKind,
+    pub activations: kiln_ir::Activations,
     pub target_cpu: &'a str,
     /// Executables: the weights in a file beside the program (`PROGRAM.kiln`, an artifact),
     /// mapped at start-up, instead of inside it.
@@ -239,7 +238,7 @@ pub fn emit(
     metadata.insert(kiln_rt::artifact::ACTIVATIONS_KEY.into(), activations.to_string());
     // Weights the engine would repack at start-up are stored repacked (the same values).
     let mut graph = graph.clone();
-    kiln_exec::repack::prepack(&mut graph, activations.into()).into_diagnostic()?;
+    kiln_exec::repack::prepack(&mut graph, activations).into_diagnostic()?;
     let graph = &graph;
     // A language model also carries the graph generation runs (logits at the last position).
     let generation = kiln_rt::lm::LanguageModel::of(graph).ok().map(|lm| crate::generate::generation_graph(&lm, graph));
@@ -265,7 +264,7 @@ pub fn emit(
     let hash = header_hash.to_le_bytes();
     let data = [("artifact", embedded), ("weights_file", weights_file.as_bytes()), ("weights_header_hash", &hash[..])];
     let graphs: Vec<&Graph> = std::iter::once(graph).chain(generation.as_ref()).collect();
-    let options = EngineOptions { threads: 1, activations: activations.into(), profile: false };
+    let options = EngineOptions { threads: 1, activations, profile: false };
     let prefix = match &name {
         Some(name) => format!("kiln_{name}_"),
         None => "kiln_".into(),

@@ -79,7 +79,6 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
             let inputs = crate::tensors::inputs_from(&crate::tensors::read(path)?, path, graph)?;
             // Probes run changed copies of the model under the JIT.
             let engine: ProbeEngine = Box::new(move |g, inputs, activations| {
-                let activations = crate::runner::ActivationsKind::from(activations).into();
                 let options = kiln_jit::EngineOptions { threads, activations, profile: false };
                 let engine = kiln_jit::compile(g, options).map_err(|e| e.to_string())?;
                 engine.run(inputs).map_err(|e| e.to_string())

@@ -1,8 +1,8 @@
 //! Choosing and building the executor that runs a model (`--engine`, `--threads`).
 
 use kiln_interp::Interpreter;
-use kiln_ir::Graph;
-use kiln_jit::{Activations, Engine, EngineOptions};
+use kiln_ir::{Activations, Graph};
+use kiln_jit::{Engine, EngineOptions};
 use kiln_rt::eval::RunError;
 use kiln_rt::{KvCache, Value};
 use miette::{IntoDiagnostic, Result};
@@ -12,7 +12,8 @@ use std::time::Instant;
 /// Which executor runs a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// The reference interpreter: f32, op by op; the numeric oracle.
+    /// The reference interpreter, op by op: the numeric oracle. f32, or with --activations
+    /// int8 the compiled engine's W8A8 numbers in plain loops.
     Interp,
     /// Compiled kernels (the default): linear layers with bias, activation and residual
     /// fused, on weights in their stored format (Cranelift kernels; sgemm plus a Cranelift
@@ -20,56 +21,25 @@ pub enum EngineKind {
     Jit,
 }
 
-/// Activations of linears on quantized weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ActivationsKind {
-    /// f32 activations against the exactly decoded weights: the exact mode.
-    F32,
-    /// int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's
-    /// numerics) for Q8_0/Q4_0/Q4_1 weights and kiln's int formats; needs --engine jit.
-    Int8,
-    /// As int8, but linears on int8 weights with one scale per row (`quantize(format=int8)`)
-    /// take one activation scale per row and sum whole rows in integers: faster, and as
-    /// accurate for encoders (MiniLM); llama-class models want int8.
-    Int8Row,
-}
-
-impl std::fmt::Display for ActivationsKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use clap::ValueEnum;
-        let value = self.to_possible_value().expect("no variant is skipped");
-        f.write_str(value.get_name())
-    }
-}
-
-impl ActivationsKind {
-    /// What an artifact's metadata records (by the flag's own names).
-    pub fn recorded(metadata: &std::collections::BTreeMap<String, String>) -> Option<ActivationsKind> {
-        let name = metadata.get(crate::load::ACTIVATIONS_KEY)?;
-        <ActivationsKind as clap::ValueEnum>::from_str(name, false).ok()
-    }
-}
-
-impl From<ActivationsKind> for Activations {
-    fn from(a: ActivationsKind) -> Activations {
-        match a {
-            ActivationsKind::F32 => Activations::F32,
-            ActivationsKind::Int8 => Activations::Int8,
-            ActivationsKind::Int8Row => Activations::Int8Row,
+/// The `--activations` values, each with its help, parsed into [`Activations`] by name.
+pub fn activations_parser() -> impl clap::builder::TypedValueParser<Value = Activations> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let help = |a: Activations| match a {
+        Activations::F32 => "f32 activations against the exactly decoded weights: the exact mode",
+        Activations::Int8 => {
+            "int8 activations per block of 32 and integer dot products (W8A8, llama.cpp's numerics) for Q8_0/Q4_0/Q4_1 weights and kiln's int formats"
         }
-    }
+        Activations::Int8Row => {
+            "As int8, but linears on int8 weights with one scale per row (`quantize(format=int8)`) take one activation scale per row and sum whole rows in integers: faster, and as accurate for encoders (MiniLM); llama-class models want int8"
+        }
+    };
+    PossibleValuesParser::new(Activations::ALL.map(|a| PossibleValue::new(a.name()).help(help(a))))
+        .map(|name| name.parse::<Activations>().expect("a possible value is a name"))
 }
 
-/// What the quantize pass chose, as the engines take it.
-impl From<kiln_passes::quantize::Activations> for ActivationsKind {
-    fn from(a: kiln_passes::quantize::Activations) -> ActivationsKind {
-        use kiln_passes::quantize::Activations as Pass;
-        match a {
-            Pass::F32 => ActivationsKind::F32,
-            Pass::Int8 => ActivationsKind::Int8,
-            Pass::Int8Row => ActivationsKind::Int8Row,
-        }
-    }
+/// What an artifact's metadata records (by the flag's own names).
+pub fn recorded_activations(metadata: &std::collections::BTreeMap<String, String>) -> Option<Activations> {
+    metadata.get(crate::load::ACTIVATIONS_KEY)?.parse().ok()
 }
 
 /// Execution flags shared by `run`, `eval`, `generate` and `bench`.
@@ -83,9 +53,9 @@ pub struct ExecArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Activations of linears on quantized weights (default: what the artifact's
-    /// `quantize(..., activations=int8)` recorded, else f32).
-    #[arg(long, value_enum)]
-    pub activations: Option<ActivationsKind>,
+    /// `quantize(..., activations=int8)` recorded for the JIT, else f32).
+    #[arg(long, value_parser = activations_parser())]
+    pub activations: Option<Activations>,
     /// Print where the time went (per linear shape and per op), JIT engine.
     #[arg(long)]
     pub profile: bool,
@@ -93,7 +63,8 @@ pub struct ExecArgs {
 
 impl ExecArgs {
     /// These flags for `model`: activations not given on the command line are what the
-    /// artifact recorded, for the compiled engine (the interpreter is the f32 oracle).
+    /// artifact recorded, for the compiled engine (the interpreter, the oracle, runs f32
+    /// unless `--activations` says otherwise).
     pub fn for_model(&self, model: &crate::load::Model) -> ExecArgs {
         let mut exec = self.clone();
         if exec.activations.is_none() && exec.engine == EngineKind::Jit {
@@ -112,20 +83,15 @@ impl<'g> Runner<'g> {
     /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
     /// for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
-        if let Some(a @ (ActivationsKind::Int8 | ActivationsKind::Int8Row)) = exec.activations
-            && exec.engine != EngineKind::Jit
-        {
-            return Err(miette::miette!(
-                help = "add --engine jit",
-                "--activations {a} runs compiled int8 kernels; the interpreter computes in f32 only"
-            ));
-        }
         let start = Instant::now();
         let threads = exec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let runner = match exec.engine {
-            EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
+            EngineKind::Interp => {
+                let activations = exec.activations.unwrap_or_default();
+                Runner::Interp(Interpreter::with_activations(graph, activations).into_diagnostic()?)
+            }
             EngineKind::Jit => {
-                let activations = exec.activations.unwrap_or(ActivationsKind::F32).into();
+                let activations = exec.activations.unwrap_or_default();
                 let options = EngineOptions { threads, activations, profile: exec.profile };
                 Runner::Jit(Box::new(kiln_jit::compile(graph, options).into_diagnostic()?))
             }
@@ -186,14 +152,30 @@ impl<'g> Runner<'g> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    /// Native programs read an artifact's activations with `Activations::from_name`: it
-    /// must know the flag's names, and map them as the CLI does.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        exec: ExecArgs,
+    }
+
+    /// The flag takes exactly the names artifacts record and native programs read
+    /// (`Activations`' `FromStr`), and lists them in `--help`.
     #[test]
-    fn the_flag_s_names_are_the_engine_s() {
-        for kind in [ActivationsKind::F32, ActivationsKind::Int8, ActivationsKind::Int8Row] {
-            assert_eq!(Activations::from_name(&kind.to_string()), Some(kind.into()), "{kind}");
+    fn the_flag_takes_the_recorded_names() {
+        for a in Activations::ALL {
+            let flags = Flags::try_parse_from(["kiln", "--activations", a.name()]).unwrap();
+            assert_eq!(flags.exec.activations, Some(a));
+            let metadata = [(crate::load::ACTIVATIONS_KEY.to_string(), a.to_string())].into();
+            assert_eq!(recorded_activations(&metadata), Some(a));
         }
-        assert_eq!(Activations::from_name("int8-block"), None);
+        assert!(Flags::try_parse_from(["kiln", "--activations", "int8-block"]).is_err());
+        assert_eq!(Flags::try_parse_from(["kiln"]).unwrap().exec.activations, None);
+        use clap::CommandFactory;
+        let help = Flags::command().render_long_help().to_string();
+        assert!(help.contains("- int8-row:") && help.contains("- f32:"), "{help}");
+        let short = Flags::command().render_help().to_string();
+        assert!(short.contains("[possible values: f32, int8, int8-row]"), "{short}");
     }
 }

@@ -927,10 +927,53 @@ fn generate_errors() {
     fails(&[&base[..], &["--prompt", "hi"]].concat(), &["tokenizer"]);
     fails(&[&base[..], &["--prompt-ids", "1", "--temperature=-1"]].concat(), &["--temperature"]);
     fails(&[&base[..], &["--prompt-ids", "1", "--top-p", "0"]].concat(), &["--top-p"]);
-    fails(
-        &[&base[..], &["--prompt-ids", "1", "--engine", "interp", "--activations", "int8"]].concat(),
-        &["--engine jit"],
+    fails(&[&base[..], &["--prompt-ids", "1", "--activations", "int8-block"]].concat(), &["int8-block", "int8-row"]);
+}
+
+/// `--engine interp --activations int8|int8-row` computes what the JIT computes with int8
+/// activations (bit for bit here: the only activation is a relu), not the f32 outputs; an
+/// artifact's recorded activations are the JIT's default only.
+#[test]
+fn the_interpreter_runs_int8_activations_as_the_jit() {
+    let dir = scratch("interp-w8a8");
+    let model = dir.join("mlp.kiln");
+    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
+    std::fs::write(&model, source).unwrap();
+    let mut rng = kiln_tests::Rng::new(3);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let weights = dir.join("mlp.safetensors");
+    write_safetensors(
+        &weights,
+        &[
+            f32s("up.weight", &[96, 64], &values(96 * 64)),
+            f32s("up.bias", &[96], &values(96)),
+            f32s("down.weight", &[64, 96], &values(64 * 96)),
+            f32s("down.bias", &[64], &values(64)),
+        ],
     );
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let artifact = dir.join("mlp-q.kiln");
+    let run = |extra: &[&str]| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&[&["run", &s(&artifact), "-i", &s(&input), "-o", &s(&out)][..], extra].concat());
+        as_f32(&read_safetensors(&out)[0])
+    };
+    for (passes, activations) in
+        [("quantize(format=int4g32)", "int8"), ("quantize(format=int8, activations=int8-row)", "int8-row")]
+    {
+        ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", passes, "-o", &s(&artifact)]);
+        let exact = run(&["--engine", "interp"]);
+        let interp = run(&["--engine", "interp", "--activations", activations]);
+        let jit = run(&["--engine", "jit", "--activations", activations]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&interp), bits(&jit), "{passes}: the interpreter's int8 activations are the JIT's");
+        assert_ne!(bits(&interp), bits(&exact), "{passes}: --activations {activations} changed nothing");
+        assert_eq!(bits(&run(&["--engine", "interp", "--activations", "f32"])), bits(&exact), "{passes}");
+    }
+    // The artifact recorded int8-row: the JIT's default, not the interpreter's.
+    assert_eq!(run(&[]), run(&["--activations", "int8-row"]));
+    assert_ne!(run(&["--engine", "interp"]), run(&[]), "the interpreter runs f32 unless told otherwise");
 }
 
 /// The fixture's prompt, as text through the GGUF's tokenizer, continues greedily into
@@ -1116,7 +1159,8 @@ fn compile_with_quantize_and_report() {
     ok(&["run".to_string(), s(&out), "--input".into(), s(&input)]);
 
     // int8 activations are recorded in the artifact and become its default: bench says
-    // which it ran, the flag still decides, and the interpreter (the f32 oracle) ignores it.
+    // which it ran, the flag still decides, and the interpreter (the f32 oracle) runs f32
+    // unless the flag says otherwise.
     let bench_activations = |extra: &[&str]| -> String {
         let mut a = vec!["bench".to_string(), s(&out), "--shape".into(), "batch=1,seq=4".into(), "--runs".into()];
         a.extend(["2".to_string(), "--warmup".into(), "0".into(), "--json".into()]);

@@ -6,7 +6,8 @@
 //!
 //! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
 //! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
-//! numerics class); an input shared by several linears (q, k, v) is quantized once. Their
+//! numerics class); an input shared by several linears (q, k, v) is quantized once (once
+//! per row and once per block when it feeds both kinds, under [`Activations::Int8Row`]). Their
 //! weights are packed once, when the engine is built, into the panel layout of
 //! [`crate::linear_i8::pack_weight`] (a copy as large as the stored weights; the kernels
 //! then never touch the stored bytes), which they stream at about twice the bandwidth of
@@ -33,6 +34,7 @@ use crate::epilogue::EpilogueFn;
 use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
+pub use kiln_ir::Activations;
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
 use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
@@ -226,34 +228,6 @@ enum Action {
     /// A row lookup in a table stored in a block format (an embedding, the tied head's
     /// table): decode only the rows it reads, from the stored bytes.
     GatherRows,
-}
-
-/// How linears on quantized weights treat their input activations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Activations {
-    /// f32 activations against the exactly decoded weights (the default, exact mode).
-    #[default]
-    F32,
-    /// Activations quantized to int8 per row and block of 32, integer dot products (W8A8),
-    /// for Q8_0, Q4_0 and Q4_1 weights; other formats keep f32.
-    Int8,
-    /// As `Int8`, except that linears on int8 weights with one scale per row (`int8gK`)
-    /// quantize their activations with one scale per row and sum whole rows in integers
-    /// ([`crate::linear_i8row`]).
-    Int8Row,
-}
-
-impl Activations {
-    /// The activations named `name` as `kiln run --activations` and artifacts name them
-    /// (`f32`, `int8`, `int8-row`).
-    pub fn from_name(name: &str) -> Option<Activations> {
-        match name {
-            "f32" => Some(Activations::F32),
-            "int8" => Some(Activations::Int8),
-            "int8-row" => Some(Activations::Int8Row),
-            _ => None,
-        }
-    }
 }
 
 /// What an [`Engine`] is built with.
@@ -736,8 +710,9 @@ impl<'g> Engine<'g> {
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
-        // Int8 activations of values that int8 kernels read, quantized once per value.
-        let mut quantized: HashMap<NodeId, Quantized> = HashMap::new();
+        // Int8 activations of values that int8 kernels read, quantized once per value and
+        // kind (per row or not): a value may feed per-row and per-block linears alike.
+        let mut quantized: HashMap<(NodeId, bool), Quantized> = HashMap::new();
         for (&id, reads) in self.order.iter().zip(&self.reads) {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
@@ -792,7 +767,8 @@ impl<'g> Engine<'g> {
                 *left -= 1;
                 if *left == 0 {
                     values.remove(o);
-                    quantized.remove(o);
+                    quantized.remove(&(*o, false));
+                    quantized.remove(&(*o, true));
                 }
             }
             values.insert(id, value);
@@ -804,7 +780,7 @@ impl<'g> Engine<'g> {
         &self,
         f: &Fused,
         values: &HashMap<NodeId, Arc<Value>>,
-        quantized: &mut HashMap<NodeId, Quantized>,
+        quantized: &mut HashMap<(NodeId, bool), Quantized>,
     ) -> Result<Value, String> {
         let kernel = &self.kernels[f.kernel];
         let spec = kernel.spec();
@@ -848,7 +824,7 @@ impl<'g> Engine<'g> {
             let KernelWeight::Rows(w) = &f.data else {
                 return Err("the weight of a per-row int8 linear is not prepared".into());
             };
-            let Quantized::Rows(xq) = quantized.entry(f.x).or_insert_with(|| {
+            let Quantized::Rows(xq) = quantized.entry((f.x, true)).or_insert_with(|| {
                 let mut q = RowQuantized::new();
                 quantize_per_row(&x.data, spec.k, &mut q);
                 Quantized::Rows(q)
@@ -900,7 +876,7 @@ impl<'g> Engine<'g> {
             Kernel::Sgemm(..) | Kernel::I8Row(..) => unreachable!("handled above"),
             Kernel::F32(..) => x.data.as_ptr().cast::<u8>(),
             Kernel::I8(..) => {
-                let q = quantized.entry(f.x).or_insert_with(|| {
+                let q = quantized.entry((f.x, false)).or_insert_with(|| {
                     let mut q = QuantizedActivations::new();
                     quantize_rows(&x.data, spec.k, &mut q);
                     Quantized::Blocks(q)
@@ -1064,10 +1040,12 @@ impl Plan {
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
-            let rows = activations == Activations::Int8Row
-                && matches!(&graph.node(fused.weight).op,
-                Op::Weight(w) if matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
-            let int8 = !rows && activations != Activations::F32 && LinearI8Spec::supports(spec.format);
+            let Op::Weight(w) = &graph.node(fused.weight).op else { unreachable!("plan_linear takes weight nodes") };
+            let mode = activations.for_weight(w.format, spec.k as u64);
+            let rows = mode == Activations::Int8Row;
+            let int8 = mode == Activations::Int8;
+            debug_assert!(!rows || matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            debug_assert!(!int8 || LinearI8Spec::supports(spec.format));
             let how = match spec.format {
                 _ if rows => Impl::Int8Row,
                 _ if int8 => Impl::Int8,

@@ -1,8 +1,14 @@
 //! Evaluating a graph: bind the inputs, run every node in topological order with the
 //! reference kernels of [`kiln_rt::kernels`], return the named outputs.
+//!
+//! With int8 activations ([`Interpreter::with_activations`]), the linears that
+//! [`Activations::for_weight`] names run [`kernels::linear_int8`] on their weight's stored
+//! integers instead: the numbers [`Activations`] states, which the engine's W8A8 kernels
+//! compute too.
 
-use kiln_ir::{Graph, NodeId, Op};
+use kiln_ir::{Activations, Graph, NodeId, Op};
 use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node, use_counts};
+use kiln_rt::kernels::{self, IntWeight};
 use kiln_rt::{KvCache, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,18 +27,54 @@ pub struct Interpreter<'g> {
     operands: Vec<Vec<NodeId>>,
     uses: HashMap<NodeId, usize>,
     weights: HashMap<NodeId, Arc<Value>>,
+    /// The linears that take int8 activations: their weight's integers, and whether with
+    /// one scale per row (`Activations::Int8Row`) rather than per block of 32.
+    int8: HashMap<NodeId, (Arc<IntWeight>, bool)>,
 }
 
 impl<'g> Interpreter<'g> {
-    /// Decodes every weight of `graph` from its store (in parallel).
+    /// Decodes every weight of `graph` from its store (in parallel); every op computes in
+    /// f32, the graph's meaning.
     pub fn new(graph: &'g Graph) -> Result<Interpreter<'g>, InterpError> {
+        Interpreter::with_activations(graph, Activations::F32)
+    }
+
+    /// [`Interpreter::new`], with linears on integer weights taking `activations` as the
+    /// engine's do (see [`Activations`]); `Activations::F32` is [`Interpreter::new`].
+    pub fn with_activations(graph: &'g Graph, activations: Activations) -> Result<Interpreter<'g>, InterpError> {
         let order = graph.topo_order().ok_or(InterpError::Cycle)?;
         let weight_nodes: Vec<NodeId> =
             order.iter().copied().filter(|&n| matches!(graph.node(n).op, Op::Weight(_))).collect();
         let weights = decode_weights(graph, &weight_nodes)?;
         let operands = order.iter().map(|&n| graph.operands(n)).collect();
         let uses = use_counts(graph, &order);
-        Ok(Interpreter { graph, order, operands, uses, weights })
+        let mut int8 = HashMap::new();
+        let mut by_weight: HashMap<NodeId, Arc<IntWeight>> = HashMap::new();
+        for &id in &order {
+            if graph.node(id).op != Op::Linear {
+                continue;
+            }
+            let weight = graph.operands(id)[1];
+            let Op::Weight(w) = &graph.node(weight).op else { continue };
+            let shape = &graph.node(weight).ty.shape;
+            let (Some(n), Some(k)) = (shape[0].known(), shape[1].known()) else { continue };
+            let mode = activations.for_weight(w.format, k);
+            if mode == Activations::F32 {
+                continue;
+            }
+            let int = match by_weight.get(&weight) {
+                Some(int) => int.clone(),
+                None => {
+                    let fail = |message: String| InterpError::Weight { tensor: w.tensor.clone(), message };
+                    let data = graph.store.get(&w.tensor).ok_or_else(|| fail("not in the store".into()))?;
+                    let int =
+                        IntWeight::new(data.format, data.bytes.as_slice(), n as usize, k as usize).map_err(fail)?;
+                    by_weight.entry(weight).or_insert(Arc::new(int)).clone()
+                }
+            };
+            int8.insert(id, (int, mode == Activations::Int8Row));
+        }
+        Ok(Interpreter { graph, order, operands, uses, weights, int8 })
     }
 
     /// Runs the graph on named inputs; returns every output by name, in declaration order.
@@ -79,8 +121,14 @@ impl<'g> Interpreter<'g> {
                 Op::Weight(_) => self.weights[&id].clone(),
                 op => {
                     let args: Vec<Arc<Value>> = operands.iter().map(|o| values[o].clone()).collect();
-                    let value = eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(|message| {
-                        InterpError::Node { op: node.op.name(), scope: node.scope.clone(), message }
+                    let value = match self.int8.get(&id) {
+                        Some((w, per_row)) => linear_int8(&args, w, *per_row),
+                        None => eval_node(id, op, &args, &symbols, cache.as_deref_mut()),
+                    };
+                    let value = value.map_err(|message| InterpError::Node {
+                        op: node.op.name(),
+                        scope: node.scope.clone(),
+                        message,
                     })?;
                     Arc::new(value)
                 }
@@ -99,4 +147,11 @@ impl<'g> Interpreter<'g> {
         }
         Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
     }
+}
+
+/// A linear's value with int8 activations: `args` are `x`, the weight, and the bias if any.
+fn linear_int8(args: &[Arc<Value>], w: &IntWeight, per_row: bool) -> Result<Value, String> {
+    let f = |i: usize| args[i].as_f32().ok_or_else(|| format!("operand {i} must be f32"));
+    let bias = if args.len() > 2 { Some(f(2)?) } else { None };
+    Ok(Value::F32(kernels::linear_int8(f(0)?, w, bias, per_row)))
 }

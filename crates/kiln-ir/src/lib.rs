@@ -40,7 +40,7 @@ pub mod verify;
 pub use format::{BlockScales, Format, FormatError, Fp8Format, IntFormat};
 pub use graph::{Graph, GraphError, Node, NodeId, Span};
 pub use layers::{Layer, LayerTable, Role};
-pub use op::{BinaryOp, Op, ReduceOp, TypeError, UnaryOp, WeightRef, broadcast};
+pub use op::{Activations, BinaryOp, Op, ReduceOp, TypeError, UnaryOp, UnknownActivations, WeightRef, broadcast};
 pub use store::{Bytes, TensorData, TensorStore};
 pub use text::{ParseError, parse, print};
 pub use types::{DType, Dim, Shape, Type};

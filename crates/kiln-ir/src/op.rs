@@ -549,3 +549,175 @@ impl fmt::Display for UnaryOp {
         f.write_str(self.name())
     }
 }
+
+/// How `linear`s on integer weights treat their input when a graph runs: in f32 (the
+/// graph's meaning, the default) or quantized to int8 with the dot products summed in
+/// integers ("W8A8", llama.cpp's numerics class). An execution option, not part of the
+/// graph: the engine (`kiln-exec`) runs it on its kernels and the interpreter
+/// (`kiln-interp`'s `Interpreter::with_activations`) on plain loops, with the numbers below.
+/// `kiln run --activations`, the artifact metadata `kiln.activations` and the quantize
+/// pass's report name the variants as [`Activations::name`] does: `f32`, `int8`, `int8-row`.
+///
+/// # Which linears
+///
+/// Only a `linear` whose weight operand is a `weight` node stored in an integer block
+/// format: GGUF `q8_0`, `q4_0`, `q4_1` or kiln's `intBgG[a]`. Every other linear (weights in
+/// f32, f16, bf16 or fp8, or computed by other ops) and every other op keeps f32.
+/// Under `Int8Row`, weights in symmetric int8 with one group per row (`int8gK`, `K` the
+/// row length) take one activation scale per row; other integer weights take `Int8`'s
+/// blocks. [`Activations::for_weight`] is this rule.
+///
+/// # Numbers
+///
+/// **Weights.** Each row `n` of `W: [N, K]` is cut into blocks of 32 along `K`; a block has
+/// integers `w[i]` and an f32 scale `dw`, and for asymmetric formats an offset `mw`, both
+/// widened exactly from the stored f16, such that the weight's value
+/// ([`crate::Format::dequantize`]) is `dw * w[i]` (`+ mw`): `q8_0` `w = q`; `q4_0`
+/// `w = nibble - 8`; `q4_1` `w = nibble` with `mw = m`; `intBgG` `w = code - 2^(B-1)`;
+/// `intBgGa` `w = code` with `mw = m`. A group of `G` values lends its scales to each of
+/// its `G / 32` blocks.
+///
+/// **Activations.** One scale per block of 32 values of an input row (`Int8`), or per
+/// whole row (`Int8Row`):
+/// 1. `amax = max |x[i]|`, `d = amax / 127` (f32 division), `id = 1 / d`, or 0 if `d == 0`;
+/// 2. `q[i] = round_half_away_from_zero(x[i] * id)` (`x[i] * id` rounded to f32 first), in
+///    `[-127, 127]`; a product that is NaN or infinite (a NaN or infinite `x[i]`, or an
+///    infinite `id`, which a `d` below `2^-128` gives) makes `q[i] = 0`;
+/// 3. if the span holds a NaN, `d = NaN`; for `Int8`, also `s = d * (sum_i q[i] as f32)`
+///    (the integer sum is exact).
+///
+/// **`Int8` output** `(m, n)`: `acc = +0.0`; for each block in order along `K`,
+/// `isum = sum_i q[i] * w[i]` exactly in integers (`|isum| <= 32 * 127 * 128 < 2^24`, so
+/// `isum as f32` is exact), then `acc = fma(dw * d, isum as f32, acc)` (the product of the
+/// scales rounded to f32, then one fused multiply-add), and with an offset
+/// `acc = fma(mw, s, acc)`. If any `dw` or `mw` of row `n` is infinite or NaN, `acc` is NaN.
+///
+/// **`Int8Row` output** (`int8gK` weights, `w = code - 128`, one `dw[n]` per row; `d[m]` the
+/// row's activation scale): `isum = sum_k q[m, k] * w[n, k]` exactly in integers over all of
+/// `K`, then `acc = (dw[n] * d[m]) * (isum as f32)`, three roundings.
+///
+/// **Then**, as with f32 activations, `acc + b[n]` when the linear has a bias; the ops after
+/// it (activation, residual `add`) compute as usual. The engine fuses those into the
+/// kernel with the same operations, except that its `silu` and `gelu` are polynomials
+/// (`kiln-jit`'s `math`: silu within a few ulp, gelu within `0.5 |v| * 5e-7` absolute).
+///
+/// # Interpreter against engine
+///
+/// Both compute every number above with the same operations in the same order, so the
+/// output of each W8A8 linear, with its bias, a `relu` and a residual `add`, is bitwise the
+/// same (tested for every integer format, per block and per row, on single rows and on the
+/// row counts that take the engine's 256-bit GEMMs). After a fused `silu` or `gelu` they
+/// differ by the polynomials' error: within `1e-6` of the output's largest magnitude
+/// (measured: `1.9e-7`). Further on in a model that difference is carried along, so whole
+/// models agree within a tolerance, not bitwise: on the tiny test model widened to
+/// multiples of 32 with every linear on int2 to int8 weights, within `1e-5` of each
+/// output's largest magnitude (measured: `6.3e-8`; at most `2.4e-7` over 60 random weight
+/// sets). A larger difference is possible in principle: where a carried difference moves
+/// `x[i] * id` across a rounding boundary of a later quantization, that `q[i]` differs by
+/// one and the linear's output by `dw * d * w[i]`, one quantization step (none was seen
+/// in those 60 models).
+///
+/// Against f32 activations on the same weights: quantizing moves each `x[i]` by at most
+/// `d / 2`, so before the bias `acc` is within `sum_b d_b / 2 * sum_{i in b} |dw w[i] + mw|`
+/// (plus f32 rounding) of the f32 linear's value, `b` over the blocks (one block of
+/// `K` values under `Int8Row`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// f32 activations against the exactly decoded weights: the graph's meaning.
+    #[default]
+    F32,
+    /// int8 activations with one scale per block of 32 values, for every linear on integer
+    /// weights.
+    Int8,
+    /// As `Int8`, except that linears on int8 weights with one scale per row (`int8gK`)
+    /// quantize their input with one scale per row and sum whole rows in integers.
+    Int8Row,
+}
+
+impl Activations {
+    pub const ALL: [Activations; 3] = [Activations::F32, Activations::Int8, Activations::Int8Row];
+
+    /// The name `--activations`, artifacts and reports use: `f32`, `int8`, `int8-row`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+            Activations::Int8Row => "int8-row",
+        }
+    }
+
+    /// What a `linear` on a `weight` node stored in `format`, with rows of `k` values, takes
+    /// under `self` (see "Which linears"): `F32` for a weight that is not in an integer
+    /// block format, `Int8Row` only for `int8gK` weights.
+    pub fn for_weight(self, format: Format, k: u64) -> Activations {
+        match (self, format) {
+            (Activations::F32, _) => Activations::F32,
+            (Activations::Int8Row, Format::Int(f)) if f.is_int8_per_row(k) => Activations::Int8Row,
+            (_, Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Int(_)) => Activations::Int8,
+            _ => Activations::F32,
+        }
+    }
+}
+
+impl fmt::Display for Activations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not one of [`Activations::name`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown activations `{0}` (expected f32, int8 or int8-row)")]
+pub struct UnknownActivations(pub String);
+
+impl std::str::FromStr for Activations {
+    type Err = UnknownActivations;
+
+    /// Exactly the names of [`Activations::name`].
+    fn from_str(s: &str) -> Result<Activations, UnknownActivations> {
+        Activations::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| UnknownActivations(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_parse_exactly_their_names() {
+        for a in Activations::ALL {
+            assert_eq!(a.name().parse::<Activations>(), Ok(a));
+            assert_eq!(a.to_string(), a.name());
+        }
+        assert_eq!(Activations::default(), Activations::F32);
+        for bad in ["int8-block", "INT8", "int8_row", "", "f16"] {
+            let err = bad.parse::<Activations>().unwrap_err();
+            assert_eq!(err, UnknownActivations(bad.to_string()));
+            assert!(err.to_string().contains("f32, int8 or int8-row"), "{err}");
+        }
+    }
+
+    #[test]
+    fn activations_apply_to_integer_weights_only() {
+        let int = |s: &str| Format::Int(s.parse().unwrap());
+        use Activations::*;
+        for (format, k, f32, int8, int8_row) in [
+            (Format::F32, 64, F32, F32, F32),
+            (Format::F16, 64, F32, F32, F32),
+            (Format::BF16, 64, F32, F32, F32),
+            (Format::Fp8(crate::Fp8Format { group: 64 }), 64, F32, F32, F32),
+            (Format::Q8_0, 64, F32, Int8, Int8),
+            (Format::Q4_0, 64, F32, Int8, Int8),
+            (Format::Q4_1, 64, F32, Int8, Int8),
+            (int("int4g64a"), 64, F32, Int8, Int8),
+            (int("int2g32"), 64, F32, Int8, Int8),
+            (int("int8g32"), 64, F32, Int8, Int8),
+            (int("int8g64"), 64, F32, Int8, Int8Row),
+            (int("int8g64"), 128, F32, Int8, Int8),
+        ] {
+            assert_eq!(F32.for_weight(format, k), f32, "{format}");
+            assert_eq!(Int8.for_weight(format, k), int8, "{format}");
+            assert_eq!(Int8Row.for_weight(format, k), int8_row, "{format}, k = {k}");
+        }
+    }
+}

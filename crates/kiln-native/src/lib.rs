@@ -140,7 +140,7 @@ impl Program {
 
     /// The activations the kernels were compiled for.
     pub fn activations(&self) -> Activations {
-        self.artifact.metadata.get(ACTIVATIONS_KEY).and_then(|a| Activations::from_name(a)).unwrap_or_default()
+        self.artifact.metadata.get(ACTIVATIONS_KEY).and_then(|a| a.parse().ok()).unwrap_or_default()
     }
 
     /// The graph `kiln run` runs.

@@ -27,6 +27,7 @@
 use crate::par::{for_each_chunk, for_each_chunk_init};
 use crate::tensor::{Tensor, contiguous_strides, numel_of};
 pub use kiln_ir::{BinaryOp, ReduceOp, UnaryOp};
+use kiln_ir::{Format, IntFormat};
 
 /// Errors a kernel can report at run time (everything else is a caller-validated
 /// precondition).
@@ -1243,6 +1244,154 @@ pub fn attention_over(q: &Tensor, kv: &KeyValues, key_mask: Option<&[f32]>, caus
 }
 
 // ---------------------------------------------------------------------------------------------
+// linear with int8 activations (W8A8)
+// ---------------------------------------------------------------------------------------------
+
+/// A weight `[n, k]` in an integer block format as a linear with int8 activations reads it
+/// (see [`kiln_ir::Activations`]): per block of 32 values along a row, integers `w` and
+/// the f32 scale `d` (and offset `m`) with `value = d * w (+ m)`, exactly
+/// [`Format::dequantize`]'s value (tested).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntWeight {
+    pub n: usize,
+    pub k: usize,
+    /// The integers, `[n, k]`.
+    pub w: Vec<i8>,
+    /// The scale of each block of 32, `[n, k / 32]`.
+    pub d: Vec<f32>,
+    /// The offset of each block, for asymmetric formats (`q4_1`, `intBgGa`).
+    pub m: Option<Vec<f32>>,
+}
+
+impl IntWeight {
+    /// The integers and scales of `bytes`, a weight `[n, k]` stored in `format`: `q8_0`,
+    /// `q4_0`, `q4_1` or an [`IntFormat`], with `k` a multiple of its blocks.
+    pub fn new(format: Format, bytes: &[u8], n: usize, k: usize) -> Result<IntWeight, String> {
+        let expected = format.byte_len((n * k) as u64).map_err(|e| e.to_string())?;
+        if bytes.len() as u64 != expected || !k.is_multiple_of(32) || !(k as u64).is_multiple_of(format.block_len()) {
+            return Err(format!(
+                "{format} weight [{n}, {k}]: {} bytes, or rows that are not whole blocks",
+                bytes.len()
+            ));
+        }
+        let f16_at = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let (mut w, mut d, mut m) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k / 32), Vec::new());
+        match format {
+            Format::Q8_0 => {
+                for block in bytes.chunks_exact(34) {
+                    d.push(f16_at(&block[0..2]));
+                    w.extend(block[2..].iter().map(|&q| q as i8));
+                }
+            }
+            Format::Q4_0 | Format::Q4_1 => {
+                let asym = format == Format::Q4_1;
+                let at = if asym { 4 } else { 2 };
+                for block in bytes.chunks_exact(at + 16) {
+                    d.push(f16_at(&block[0..2]));
+                    if asym {
+                        m.push(f16_at(&block[2..4]));
+                    }
+                    let zero = if asym { 0 } else { 8 };
+                    let qs = &block[at..];
+                    w.extend(qs.iter().map(|&q| (q & 0xF) as i8 - zero));
+                    w.extend(qs.iter().map(|&q| (q >> 4) as i8 - zero));
+                }
+            }
+            Format::Int(f) => {
+                let mut codes = vec![0u8; f.group as usize];
+                for block in bytes.chunks_exact(f.block_bytes()) {
+                    let s = f.unpack_block(block, &mut codes);
+                    for _ in 0..f.group / 32 {
+                        d.push(s.d.to_f32());
+                        if f.asym {
+                            m.push(s.m.to_f32());
+                        }
+                    }
+                    w.extend(codes.iter().map(|&q| (q as i32 - f.zero_code() as i32) as i8));
+                }
+            }
+            _ => return Err(format!("{format} is not an integer block format")),
+        }
+        let asym = matches!(format, Format::Q4_1 | Format::Int(IntFormat { asym: true, .. }));
+        Ok(IntWeight { n, k, w, d, m: asym.then_some(m) })
+    }
+}
+
+/// `x` (a block of 32 activations, or a row) quantized to int8 with one scale, as
+/// [`kiln_ir::Activations`] states: `(q, d)`.
+pub fn quantize_int8(x: &[f32]) -> (Vec<i8>, f32) {
+    let mut amax = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+        }
+    }
+    let d = amax / 127.0;
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut q = Vec::with_capacity(x.len());
+    for &v in x {
+        let p = v * id;
+        // `round` rounds halves away from zero; NaN and infinite products fail the test.
+        q.push(if p.abs() <= 127.5 { p.round() as i8 } else { 0 });
+    }
+    let d = if x.iter().any(|v| v.is_nan()) { f32::NAN } else { d };
+    (q, d)
+}
+
+/// `linear(x, w, b)` with int8 activations, as [`kiln_ir::Activations`] states it:
+/// `per_row` for `Int8Row` (`w` must then be `int8gK`, one scale per row), else `Int8`'s
+/// blocks of 32. `x`: `[..., k]`, `b`: `[n]`; returns `[..., n]`. Plain loops, each output
+/// computed on its own (rows of `x` in parallel), for the interpreter: the engine's kernels
+/// compute the same bits.
+pub fn linear_int8(x: &Tensor, w: &IntWeight, b: Option<&Tensor>, per_row: bool) -> Tensor {
+    let (n, k) = (w.n, w.k);
+    debug_assert_eq!(x.shape[x.rank() - 1], k, "linear_int8: x's last dim != w's in-dim");
+    let mut shape = x.shape[..x.rank() - 1].to_vec();
+    shape.push(n);
+    let blocks = k / 32;
+    let mut y = vec![0f32; numel_of(&shape)];
+    for_each_chunk(&mut y, n.max(1), |r, out| {
+        let x = &x.data[r * k..(r + 1) * k];
+        if per_row {
+            let (q, dx) = quantize_int8(x);
+            for (j, out) in out.iter_mut().enumerate() {
+                let wj = &w.w[j * k..(j + 1) * k];
+                let isum: i64 = q.iter().zip(wj).map(|(&q, &w)| q as i64 * w as i64).sum();
+                // int8gK: every block of the row has the row's scale.
+                *out = (w.d[j * blocks] * dx) * (isum as f32);
+            }
+        } else {
+            let xq: Vec<(Vec<i8>, f32)> = x.chunks_exact(32).map(quantize_int8).collect();
+            for (j, out) in out.iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                let mut finite = true;
+                for (bi, (q, dx)) in xq.iter().enumerate() {
+                    let wb = &w.w[j * k + bi * 32..j * k + bi * 32 + 32];
+                    let isum: i32 = q.iter().zip(wb).map(|(&q, &w)| q as i32 * w as i32).sum();
+                    let dw = w.d[j * blocks + bi];
+                    acc = (dw * dx).mul_add(isum as f32, acc);
+                    finite &= dw.is_finite();
+                    if let Some(m) = &w.m {
+                        let sum: i32 = q.iter().map(|&q| q as i32).sum();
+                        let s = dx * sum as f32;
+                        let mw = m[j * blocks + bi];
+                        acc = mw.mul_add(s, acc);
+                        finite &= mw.is_finite();
+                    }
+                }
+                *out = if finite { acc } else { f32::NAN };
+            }
+        }
+        if let Some(b) = b {
+            for (o, &b) in out.iter_mut().zip(&b.data) {
+                *o += b;
+            }
+        }
+    });
+    Tensor::new(shape, y)
+}
+
+// ---------------------------------------------------------------------------------------------
 // tests
 // ---------------------------------------------------------------------------------------------
 
@@ -1254,6 +1403,118 @@ mod tests {
     //! f64 accumulation (proptest over random shapes, including odd sizes), plus hand-computed
     //! values.
     use super::*;
+
+    /// Each integer format's integers and scales give exactly its decoded values.
+    #[test]
+    fn int_weights_have_the_decoded_values() {
+        let (n, k) = (3, 128);
+        let mut s = 7u32;
+        let mut byte = move || {
+            s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (s >> 16) as u8
+        };
+        // GGUF blocks with f16 scales in [2^-8, 2^-7) (and offsets for Q4_1), random codes.
+        let gguf = |format: Format, byte: &mut dyn FnMut() -> u8| -> Vec<u8> {
+            let per = format.block_bytes() as usize;
+            (0..n * k / 32)
+                .flat_map(|_| {
+                    let mut block: Vec<u8> = (0..per).map(|_| byte()).collect();
+                    block[1] = 0x1C; // f16 exponent 7: 2^-8 times 1.mantissa
+                    if format == Format::Q4_1 {
+                        block[3] = 0xA0 | (block[3] & 3); // a negative offset
+                    }
+                    block
+                })
+                .collect()
+        };
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0).collect();
+        let mut formats: Vec<(Format, Vec<u8>)> =
+            [Format::Q8_0, Format::Q4_0, Format::Q4_1].into_iter().map(|f| (f, gguf(f, &mut byte))).collect();
+        for name in ["int4g64", "int4g32a", "int3g128a", "int2g32", "int8g128", "int8g32"] {
+            let f: IntFormat = name.parse().unwrap();
+            formats.push((Format::Int(f), f.quantize(&values)));
+        }
+        for (format, bytes) in formats {
+            let want = format.dequantize(&bytes, (n * k) as u64).unwrap();
+            let w = IntWeight::new(format, &bytes, n, k).unwrap();
+            assert_eq!((w.w.len(), w.d.len()), (n * k, n * k / 32), "{format}");
+            for (i, &want) in want.iter().enumerate() {
+                let (d, q) = (w.d[i / 32], w.w[i] as f32);
+                let got = match &w.m {
+                    Some(m) => d * q + m[i / 32],
+                    None => d * q,
+                };
+                assert_eq!(got.to_bits(), want.to_bits(), "{format}, value {i}");
+            }
+        }
+        assert!(IntWeight::new(Format::BF16, &[0; 2 * 32], 1, 32).is_err());
+        assert!(IntWeight::new(Format::Q8_0, &[0; 33], 1, 32).is_err());
+    }
+
+    /// Activations quantize as `kiln_ir::Activations` states, on hand-computed values.
+    #[test]
+    fn int8_quantization_of_hand_computed_values() {
+        // amax 2.54: d = 0.02, and 0.03 / 0.02 = 1.5 (up to rounding) rounds away from zero.
+        let (q, d) = quantize_int8(&[2.54, -2.54, 0.0, 1.0, -0.01, 0.03, -0.03, 0.0099]);
+        assert_eq!(d, 2.54f32 / 127.0);
+        assert_eq!(q, [127, -127, 0, 50, -1, 2, -2, 0]);
+        // Exact halves: amax 127 gives d = 1.
+        assert_eq!(
+            quantize_int8(&[127.0, 0.5, -0.5, 1.5, -2.5, 0.49, 126.5, -127.0]).0,
+            [127, 1, -1, 2, -3, 0, 127, -127]
+        );
+        assert_eq!(quantize_int8(&[0.0; 8]), (vec![0; 8], 0.0));
+        let (q, d) = quantize_int8(&[1.0, f32::NAN, -1.0, 0.5]);
+        assert!(d.is_nan());
+        assert_eq!(q, [127, 0, -127, 64]);
+        let (q, d) = quantize_int8(&[1.0, f32::INFINITY, -1.0, 0.5]);
+        assert_eq!((q, d), (vec![0; 4], f32::INFINITY));
+        // 1 / d overflows: every value quantizes to 0.
+        let tiny = f32::from_bits(1 << 21); // 2^-128, so d < 2^-134
+        let (q, d) = quantize_int8(&[tiny, -tiny, 0.0]);
+        assert!(d > 0.0 && (1.0 / d).is_infinite());
+        assert_eq!(q, [0, 0, 0]);
+    }
+
+    /// W8A8 linears on hand-computed numbers: per block, with an offset, per row, a bias,
+    /// and a non-finite weight scale.
+    #[test]
+    fn int8_linear_of_hand_computed_values() {
+        // x: one row of 64, block 0 all 1.27 (d = 0.01, q = 127), block 1 all -0.254 (d =
+        // 0.002, q = -127). W: 2 rows; weights [1; 32] then [2; 32], scales 0.5, 0.25.
+        let mut xs = vec![1.27f32; 32];
+        xs.extend([-0.254f32; 32]);
+        let x = Tensor::new(vec![1, 64], xs);
+        let (d0, d1) = (1.27f32 / 127.0, 0.254f32 / 127.0);
+        let mut w = IntWeight {
+            n: 2,
+            k: 64,
+            w: [[1i8; 32], [2; 32], [-3; 32], [0; 32]].concat(),
+            d: vec![0.5, 0.25, 1.0, 1.0],
+            m: None,
+        };
+        let acc0 = (0.25 * d1).mul_add((-127 * 2 * 32) as f32, (0.5 * d0).mul_add((127 * 32) as f32, 0.0));
+        let acc1 = (1.0 * d1).mul_add(0.0, (1.0 * d0).mul_add((127 * -3 * 32) as f32, 0.0));
+        let b = Tensor::new(vec![2], vec![0.125, -1.0]);
+        let y = linear_int8(&x, &w, Some(&b), false);
+        assert_eq!(y.shape, [1, 2]);
+        assert_eq!(y.data, [acc0 + 0.125, acc1 - 1.0]);
+        // An offset per block adds m * d * sum(q).
+        w.m = Some(vec![0.0625, 0.0, 0.0, -0.5]);
+        let s0 = d0 * (127 * 32) as f32;
+        let s1 = -d1 * (127 * 32) as f32;
+        let block0 = 0.0625f32.mul_add(s0, (0.5 * d0).mul_add((127 * 32) as f32, 0.0));
+        let with_m = 0.0f32.mul_add(s1, (0.25 * d1).mul_add((-127 * 2 * 32) as f32, block0));
+        assert_eq!(linear_int8(&x, &w, None, false).data[0], with_m);
+        // Per row: one scale over the row (amax 1.27, so block 1 quantizes to -25.4 -> -25).
+        let w = IntWeight { n: 1, k: 64, w: vec![1; 64], d: vec![0.5, 0.5], m: None };
+        let y = linear_int8(&x, &w, None, true);
+        assert_eq!(y.data, [(0.5 * d0) * ((127 - 25) * 32) as f32]);
+        // A non-finite weight scale makes its row NaN under blocks.
+        let w = IntWeight { n: 2, k: 64, w: vec![1; 128], d: vec![1.0, f32::INFINITY, 1.0, 1.0], m: None };
+        let y = linear_int8(&x, &w, None, false);
+        assert!(y.data[0].is_nan() && y.data[1].is_finite(), "{:?}", y.data);
+    }
 
     #[test]
     fn gram_is_x_transpose_x() {
