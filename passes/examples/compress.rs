@@ -18,7 +18,6 @@
 use kiln_interp::Calibrator;
 use kiln_interp::calibrate::ProbeEngine;
 use kiln_passes::calibration::Executor;
-use kiln_passes::quantize::Activations;
 use kiln_passes::{Context, manager, report};
 use kiln_rt::artifact;
 use std::collections::BTreeMap;
@@ -52,11 +51,6 @@ fn compress(spec: &Path, weights: &Path, calib: &Path, passes: &str, out: &Path)
     let inputs = kiln_rt::io::inputs_from(&file, &calib.display().to_string(), &graph).map_err(|e| e.to_string())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let engine: ProbeEngine = Box::new(move |g, inputs, activations| {
-        let activations = match activations {
-            Activations::F32 => kiln_jit::Activations::F32,
-            Activations::Int8 => kiln_jit::Activations::Int8,
-            Activations::Int8Row => kiln_jit::Activations::Int8Row,
-        };
         let options = kiln_jit::EngineOptions { threads, activations, profile: false };
         let engine = kiln_jit::compile(g, options).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())

@@ -28,9 +28,12 @@ pub type Inputs = HashMap<String, Value>;
 /// changed models on.
 pub type ProbeEngine = Box<dyn Fn(&Graph, &Inputs, Activations) -> Result<Vec<(String, Value)>, String> + Sync>;
 
-/// The interpreter as a probe engine (it runs every linear in f32, whatever the activations).
+/// The interpreter as a probe engine (its linears take the activations asked for, with the
+/// engine's W8A8 numerics).
 pub fn interpreter_engine() -> ProbeEngine {
-    Box::new(|g, inputs, _| Interpreter::new(g).and_then(|i| i.run(inputs)).map_err(|e| e.to_string()))
+    Box::new(|g, inputs, activations| {
+        Interpreter::with_activations(g, activations).and_then(|i| i.run(inputs)).map_err(|e| e.to_string())
+    })
 }
 
 /// Calibration inputs and the engine probes run on: see the module documentation.
