@@ -61,6 +61,7 @@ pub mod gptq;
 pub mod lorc;
 
 use crate::calibration::{Calibration, Gram};
+use crate::layers::{apply_overrides, kind_of};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport, Probe};
 use allocate::{Choice as Candidate, Layer as Knapsack};
@@ -402,6 +403,9 @@ struct Layer {
     /// The layer's name in the graph's layer table.
     scope: String,
     /// Its kind ([`kind_of`] its weight's scope, or tensor name if the scope is empty).
+    /// Kinds follow scopes, not layer names: two tables in one scope (MiniLM's position and
+    /// token-type embeddings, layers `embeddings` and `embeddings.token_type_embeddings.weight`)
+    /// are one kind, as before the layer table.
     kind: String,
     tensor: String,
     n: u64,
@@ -430,36 +434,11 @@ pub fn quantize(
     let mut notes = Vec::new();
 
     // Overrides first: every pattern must name a layer.
-    let mut fixed: Vec<Option<Choice>> = vec![None; layers.len()];
-    for (pattern, choice) in &options.overrides {
-        let mut matched = false;
-        for (l, layer) in layers.iter().enumerate() {
-            if glob(pattern, &layer.scope) {
-                fixed[l] = Some(*choice);
-                matched = true;
-            }
-        }
-        if !matched {
-            let examples: Vec<&str> = layers.iter().take(3).map(|l| l.scope.as_str()).collect();
-            return Err(fail(format!(
-                "--override `{pattern}` matches no layer (layer scopes look like {})",
-                examples.join(", ")
-            )));
-        }
-    }
+    let names: Vec<&str> = layers.iter().map(|l| l.scope.as_str()).collect();
+    let fixed: Vec<Option<Choice>> = apply_overrides(&names, &options.overrides).map_err(fail)?;
 
     // Parameters and bytes that no layer accounts for (norms, biases).
-    let mut other_params = 0u64;
-    let mut other_bytes = 0u64;
-    for n in graph.node_ids() {
-        if let Op::Weight(w) = &graph.node(n).op
-            && !layers.iter().any(|l| l.node == n)
-            && let Some(t) = graph.store.get(&w.tensor)
-        {
-            other_params += t.elements();
-            other_bytes += t.bytes.len() as u64;
-        }
-    }
+    let (other_params, other_bytes) = crate::budget::outside_layers(graph, |n| layers.iter().any(|l| l.node == n));
 
     let resolve = |choice: Choice, layer: &Layer, notes: &mut Vec<String>| -> Format {
         match choice.resolve(layer.k, layer.format) {
@@ -792,17 +771,6 @@ fn lorc_bits(layer: &Layer, options: &QuantizeOptions) -> u64 {
 /// Every how many rows of an `n`-row layer one is sampled to measure errors on.
 fn sample_step(n: usize) -> usize {
     (n / ERROR_ROWS).max(1)
-}
-
-/// A layer's kind: its weight's scope with numeric components as `*` (`blk.*.attn_q`), so
-/// that the same projection in every block is one kind. Kinds follow scopes, not layer
-/// names: two tables in one scope (MiniLM's position and token-type embeddings, layers
-/// `embeddings` and `embeddings.token_type_embeddings.weight`) are one kind, as before
-/// the layer table.
-fn kind_of(scope: &str) -> String {
-    let parts: Vec<&str> =
-        scope.split('.').map(|c| if c.bytes().all(|b| b.is_ascii_digit()) { "*" } else { c }).collect();
-    parts.join(".")
 }
 
 /// The budgeted search (`bits=B`): see the module documentation.
@@ -1171,39 +1139,9 @@ fn relative_error(
     Ok(Some(gptq::relative_output_error(&w, &q, w.len() / k, k, &g.sum)))
 }
 
-/// Glob match: `*` any run of characters (dots included), `?` one character.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kinds_replace_block_indices() {
-        assert_eq!(kind_of("blk.12.ffn_down"), "blk.*.ffn_down");
-        assert_eq!(kind_of("encoder.layer.3.attention.self.query"), "encoder.layer.*.attention.self.query");
-        assert_eq!(kind_of("token_embd"), "token_embd");
-    }
 
     /// A weight read by two linears with different inputs is one layer whose statistics
     /// are the sum of both inputs' Gram matrices.
@@ -1233,13 +1171,5 @@ mod tests {
         // One input without statistics adds nothing.
         let one = Calibration { inputs: [(z, gram(100.0, 7))].into_iter().collect(), tokens: 7 };
         assert_eq!(find_layers(&graph, Some(&one)).unwrap()[0].gram.as_ref().unwrap().rows, 7);
-    }
-
-    #[test]
-    fn globs_match_whole_scopes() {
-        assert!(glob("blk.0.*", "blk.0.attn_q"));
-        assert!(!glob("blk.0.*", "blk.10.attn_q"));
-        assert!(glob("*attn_?", "blk.3.attn_q"));
-        assert!(!glob("attn", "blk.3.attn_q"));
     }
 }
