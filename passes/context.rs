@@ -81,7 +81,12 @@ impl<'a> Context<'a> {
 }
 
 /// Identifies a state of a graph: its printed text (structure, formats, checksums of every
-/// weight's bytes) hashed.
+/// weight's bytes) and the node ids in printing order (statistics are keyed by ids, which
+/// the text renumbers), hashed.
 fn fingerprint(graph: &Graph) -> u64 {
-    kiln_ir::store::fnv1a(kiln_ir::print(graph).as_bytes())
+    let mut text = kiln_ir::print(graph);
+    for id in graph.topo_order().unwrap_or_default() {
+        text.push_str(&format!(" {}", id.index()));
+    }
+    kiln_ir::store::fnv1a(text.as_bytes())
 }

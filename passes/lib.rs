@@ -35,6 +35,9 @@ pub use report::PassReport;
 
 use kiln_ir::Graph;
 
+/// How a pass checks the value of a `--override PATTERN=VALUE` it would take.
+pub type OverrideCheck = fn(&str) -> Result<(), String>;
+
 /// A pass: its name, one line saying what it does, its options, and the rewrite.
 pub trait Pass {
     /// The name a pipeline calls it by.
@@ -42,6 +45,10 @@ pub trait Pass {
     /// One line for `kiln passes`.
     const SUMMARY: &'static str;
     type Options: Options;
+
+    /// How the pass checks a `--override PATTERN=VALUE`'s value, if it takes overrides
+    /// (`None`: it takes none, and a pipeline whose passes take none refuses overrides).
+    const OVERRIDES: Option<OverrideCheck> = None;
 
     /// Whether a call with these options measures changed models end to end through
     /// [`Context::probe`], which needs calibration rows held out from the statistics.

@@ -117,17 +117,32 @@ pub struct Entry {
     pub name: &'static str,
     pub summary: &'static str,
     pub options: &'static [OptionHelp],
+    /// How the pass checks an override's value, if it takes overrides.
+    pub overrides: Option<crate::OverrideCheck>,
     run: fn(&mut Graph, &PassCall, &Context) -> Result<PassReport, PassError>,
+    check: fn(&PassCall, bool) -> Result<(), PassError>,
     probes: fn(&PassCall) -> bool,
 }
 
 /// The registry entry of pass `P`.
 pub const fn entry<P: Pass>() -> Entry {
-    Entry { name: P::NAME, summary: P::SUMMARY, options: P::Options::HELP, run: run_pass::<P>, probes: probes::<P> }
+    Entry {
+        name: P::NAME,
+        summary: P::SUMMARY,
+        options: P::Options::HELP,
+        overrides: P::OVERRIDES,
+        run: run_pass::<P>,
+        check: check_pass::<P>,
+        probes: probes::<P>,
+    }
 }
 
 fn parse_options<P: Pass>(call: &PassCall, calibrated: bool) -> Result<P::Options, PassError> {
     P::Options::parse(&mut Args::new(P::NAME, P::Options::HELP, call, calibrated)?)
+}
+
+fn check_pass<P: Pass>(call: &PassCall, calibrated: bool) -> Result<(), PassError> {
+    parse_options::<P>(call, calibrated).map(|_| ())
 }
 
 fn run_pass<P: Pass>(graph: &mut Graph, call: &PassCall, ctx: &Context) -> Result<PassReport, PassError> {
@@ -155,12 +170,29 @@ pub fn lookup(name: &str) -> Result<&'static Entry, PassError> {
     })
 }
 
-/// Checks every call's name and options without running anything (a pipeline with a typo
-/// fails before calibration starts).
-pub fn check(calls: &[PassCall], calibrated: bool) -> Result<(), PassError> {
+/// Checks every call's name and options (values included) and every override's value
+/// without running anything, so that a pipeline with a typo fails before calibration
+/// starts. Overrides need a pass that takes them: none is ever skipped silently.
+pub fn check(calls: &[PassCall], calibrated: bool, overrides: &[(String, String)]) -> Result<(), PassError> {
+    let mut takers = Vec::new();
     for call in calls {
         let entry = lookup(&call.name)?;
-        let _ = Args::new(entry.name, entry.options, call, calibrated)?;
+        (entry.check)(call, calibrated)?;
+        if let Some(check) = entry.overrides {
+            takers.push((entry.name, check));
+        }
+    }
+    if !overrides.is_empty() && takers.is_empty() {
+        let known: Vec<&str> = REGISTRY.iter().filter(|e| e.overrides.is_some()).map(|e| e.name).collect();
+        return Err(PassError::not_applicable(
+            "pipeline",
+            format!("no pass in the pipeline takes --override (passes that do: {})", known.join(", ")),
+        ));
+    }
+    for (pattern, value) in overrides {
+        for (name, check) in &takers {
+            check(value).map_err(|e| PassError::options(name, format!("--override `{pattern}={value}`: {e}")))?;
+        }
     }
     Ok(())
 }
@@ -173,6 +205,7 @@ pub fn run(
     ctx: &Context,
     after: &mut dyn FnMut(&PassCall, &Graph),
 ) -> Result<Vec<PassReport>, PassError> {
+    check(calls, ctx.calibrated(), &ctx.overrides)?;
     let mut reports = Vec::with_capacity(calls.len());
     for call in calls {
         let entry = lookup(&call.name)?;
@@ -235,7 +268,7 @@ mod tests {
     /// and the errors name what is known.
     #[test]
     fn unknown_passes_and_options_are_errors_that_list_the_known_ones() {
-        let check = |text: &str| check(&parse(text).unwrap(), true).map_err(|e| e.to_string());
+        let check = |text: &str| check(&parse(text).unwrap(), true, &[]).map_err(|e| e.to_string());
         assert!(check("quantize(bits=4.5); last_position(output=logits, axis=1); dead_code").is_ok());
         let err = check("prune(sparsity=0.5)").unwrap_err();
         assert!(err.contains("unknown pass `prune`") && err.contains("quantize, last_position, dead_code"), "{err}");
@@ -283,5 +316,21 @@ mod tests {
                 assert!(flat.contains(o.help), "{}.{}", entry.name, o.name);
             }
         }
+    }
+
+    /// Values are checked up front too, and overrides need a pass that takes them.
+    #[test]
+    fn values_and_overrides_are_checked_before_anything_runs() {
+        let o = |p: &str, v: &str| vec![(p.to_string(), v.to_string())];
+        let check = |text: &str, overrides: &[(String, String)]| {
+            check(&parse(text).unwrap(), true, overrides).map_err(|e| e.to_string())
+        };
+        let err = check("quantize(format=int8, method=awq)", &[]).unwrap_err();
+        assert!(err.contains("method=awq"), "{err}");
+        assert!(check("quantize(format=int8)", &o("blk.0.*", "f16")).is_ok());
+        let err = check("quantize(format=int8)", &o("blk.0.*", "int5g32")).unwrap_err();
+        assert!(err.contains("--override `blk.0.*=int5g32`"), "{err}");
+        let err = check("dead_code", &o("blk.0.*", "int8")).unwrap_err();
+        assert!(err.contains("no pass in the pipeline takes --override") && err.contains("quantize"), "{err}");
     }
 }

@@ -43,7 +43,7 @@ fn compress(spec: &Path, weights: &Path, calib: &Path, passes: &str, out: &Path)
 
     // The pipeline, checked before anything runs.
     let calls = manager::parse(passes).map_err(|e| format!("--passes at byte {}: {e}", e.offset))?;
-    manager::check(&calls, true).map_err(|e| e.to_string())?;
+    manager::check(&calls, true, &[]).map_err(|e| e.to_string())?;
 
     // The calibration inputs, and the executor passes ask for statistics and probes.
     let bytes = std::fs::read(calib).map_err(|e| format!("{}: {e}", calib.display()))?;

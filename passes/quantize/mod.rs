@@ -81,6 +81,7 @@ impl Pass for Quantize {
     const NAME: &'static str = PASS;
     const SUMMARY: &'static str = "store matrices in fewer bits: one format for all (format=F) or the formats that fit a budget (bits=B), chosen per layer from measured sensitivities; --override PATTERN=FORMAT fixes layers";
     type Options = QuantizeOptions;
+    const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Choice>().map(|_| ()));
 
     /// Budgets probe each kind of layer and the mix; `activations=int8` probes per-block
     /// against per-row scales.

@@ -130,8 +130,8 @@ fn bind_weights(graph: &mut Graph) {
 }
 
 /// Seeded inputs: `rows x seq` of every input. Token ids (i64 inputs read by a gather)
-/// spread over the table's rows; other i64 inputs (masks) are ones; f32 inputs roughly
-/// normal. Symbolic dims: the first is `rows`, the second `seq`.
+/// spread over the table's rows; other i64 inputs are masks (row `r` has its last `r % 3`
+/// positions padded); f32 inputs roughly normal. Symbolic dims: the first is `rows`, the second `seq`.
 fn inputs(graph: &Graph, rows: usize, seq: usize, seed: u64) -> HashMap<String, Value> {
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
@@ -157,7 +157,13 @@ fn inputs(graph: &Graph, rows: usize, seq: usize, seed: u64) -> HashMap<String, 
                     Op::Gather => graph.node(graph.operands(u)[0]).ty.shape[0].known(),
                     _ => None,
                 });
-                let data = (0..count).map(|_| vocab.map_or(1, |v| (rng.next() % v) as i64)).collect();
+                // Masks: row r has its last r % 3 positions padded (0).
+                let data = (0..count)
+                    .map(|i| match vocab {
+                        Some(v) => (rng.next() % v) as i64,
+                        None => i64::from(i % seq < seq - (i / seq) % 3),
+                    })
+                    .collect();
                 Value::I64 { shape, data }
             }
             DType::F32 => Value::F32(Tensor::new(shape, (0..count).map(|_| rng.normal()).collect())),

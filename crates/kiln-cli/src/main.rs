@@ -264,6 +264,11 @@ fn main() -> Result<()> {
                 && name != "all"
             {
                 kiln_passes::manager::lookup(name).map_err(|e| miette::miette!("--print-after: {e}"))?;
+                let pipeline = passes.passes.as_deref().unwrap_or_default();
+                let calls = kiln_passes::manager::parse(pipeline).unwrap_or_default();
+                if !calls.iter().any(|c| c.name == *name) {
+                    return Err(miette::miette!("--print-after {name}: the pipeline `{pipeline}` does not run {name}"));
+                }
             }
             let mut after = |call: &kiln_passes::PassCall, g: &kiln_ir::Graph| match &print_after {
                 Some(name) if name == "all" || *name == call.name => {

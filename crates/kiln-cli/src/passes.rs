@@ -61,15 +61,15 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
         )
         .with_source_code(text.clone())
     })?;
-    // Names and options are checked before calibration runs.
-    manager::check(&calls, args.calib.is_some())
-        .map_err(|e| miette!(help = "`kiln passes` lists every pass with its options", "{e}"))?;
     let mut overrides = Vec::new();
     for o in &args.overrides {
         let (pattern, value) =
             o.split_once('=').ok_or_else(|| miette!("--override `{o}`: expected PATTERN=VALUE, e.g. blk.0.*=int8"))?;
         overrides.push((pattern.trim().to_string(), value.trim().to_string()));
     }
+    // Names, options and overrides are checked before calibration runs.
+    manager::check(&calls, args.calib.is_some(), &overrides)
+        .map_err(|e| miette!(help = "`kiln passes` lists every pass with its options", "{e}"))?;
     // The calibration file is read once. Only pipelines that probe (budgets, the choice of
     // int8 activation scales) hold its first rows out for probes; the statistics come from
     // the rest, gathered when a pass first asks, on the graph as it stands then.

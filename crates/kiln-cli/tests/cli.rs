@@ -186,6 +186,11 @@ fn passes_are_listed_and_printed_after() {
         &["ir", &tiny_spec(), "--passes", "quantize(format=bf16, bitz=3)"],
         &["unknown option `bitz`", "kiln passes"],
     );
+    fails(&["ir", &tiny_spec(), "--passes", "dead_code", "--print-after", "quantize"], &["does not run quantize"]);
+    fails(
+        &["ir", &tiny_spec(), "--passes", "dead_code", "--override", "embed=int8"],
+        &["no pass in the pipeline takes --override"],
+    );
 }
 
 #[test]

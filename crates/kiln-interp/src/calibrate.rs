@@ -129,23 +129,14 @@ pub fn second_moments(
             || chunk.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
             |k| k.iter().filter(|&&b| b).count(),
         ) as u64;
-        let mut failed = None;
         interp
             .run_observed(&chunk, &mut |id, value| {
                 let Some(&k) = widths.get(&id) else { return };
                 let Some(x) = value.as_f32() else { return };
-                match gram_of(&x.data, k, keep.as_deref()) {
-                    Some((xtx, used)) => calibration.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, used),
-                    None => failed = Some(id),
-                }
+                let (xtx, used) = gram_of(&x.data, k, keep.as_deref());
+                calibration.inputs.entry(id).or_insert_with(|| Gram::new(k)).add(&xtx, used);
             })
             .map_err(|e| format!("cannot run calibration rows {start}..{end}: {e}"))?;
-        if let Some(id) = failed {
-            return Err(format!(
-                "calibration: the input of a linear ({}) does not match the mask",
-                graph.node(id).scope
-            ));
-        }
         progress(end, rows);
     }
     Ok(calibration)
@@ -225,7 +216,7 @@ fn kept_positions(chunk: &Inputs) -> Option<Vec<bool>> {
 
 /// `x^T x` of the rows of `x` (`[rows, k]`) that `keep` selects (all if `None`, or if the rows
 /// are not the mask's positions, e.g. after `last_position`), and how many rows that was.
-fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> Option<(Vec<f32>, u64)> {
+fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> (Vec<f32>, u64) {
     let rows = x.len() / k;
     let kept: Vec<f32>;
     let x = match keep {
@@ -233,12 +224,13 @@ fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> Option<(Vec<f32>, u64)
             kept = x.chunks_exact(k).zip(keep).filter(|(_, keep)| **keep).flat_map(|(r, _)| r).copied().collect();
             &kept[..]
         }
-        Some(_) => return None,
-        None => x,
+        // Rows that are not the mask's positions (after `last_position`, one per sequence):
+        // every row counts.
+        Some(_) | None => x,
     };
     let mut xtx = vec![0f32; k * k];
     kiln_rt::kernels::gram(x, k, &mut xtx);
-    Some((xtx, (x.len() / k) as u64))
+    (xtx, (x.len() / k) as u64)
 }
 
 #[cfg(test)]
