@@ -608,14 +608,14 @@ impl fmt::Display for UnaryOp {
 /// same (tested for every integer format, per block and per row, on single rows and on the
 /// row counts that take the engine's 256-bit GEMMs). After a fused `silu` or `gelu` they
 /// differ by the polynomials' error: within `1e-6` of the output's largest magnitude
-/// (measured: `1.9e-7`). Further on in a model that difference is carried along, so whole
-/// models agree within a tolerance, not bitwise: on the tiny test model widened to
-/// multiples of 32 with every linear on int2 to int8 weights, within `1e-5` of each
-/// output's largest magnitude (measured: `6.3e-8`; at most `2.4e-7` over 60 random weight
-/// sets). A larger difference is possible in principle: where a carried difference moves
-/// `x[i] * id` across a rounding boundary of a later quantization, that `q[i]` differs by
-/// one and the linear's output by `dw * d * w[i]`, one quantization step (none was seen
-/// in those 60 models).
+/// (`tests/jit.rs`, `the_interpreter_computes_w8a8_linears_bit_for_bit`). Further on in a
+/// model that difference is carried along, so whole models agree within a tolerance, not
+/// bitwise: on the tiny test model widened to multiples of 32 with every linear on int2 to
+/// int8 weights, within `1e-5` of each output's largest magnitude
+/// (`the_interpreter_reproduces_w8a8_models_within_the_stated_bound`). A larger difference
+/// is possible in principle: where a carried difference moves `x[i] * id` across a rounding
+/// boundary of a later quantization, that `q[i]` differs by one and the linear's output by
+/// `dw * d * w[i]`, one quantization step.
 ///
 /// Against f32 activations on the same weights: quantizing moves each `x[i]` by at most
 /// `d / 2`, so before the bias `acc` is within `sum_b d_b / 2 * sum_{i in b} |dw w[i] + mw|`
