@@ -113,20 +113,18 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
 /// Prints a one-paragraph summary of each pass to stderr (notes included).
 pub fn summarize(ran: &[Ran]) {
     for (call, report) in ran {
-        let json = report.to_json();
-        let Some(bits) = json["bits_per_weight"].as_f64() else {
-            eprintln!("{call}");
-            for note in report.notes() {
-                eprintln!("  note: {note}");
+        match report {
+            PassReport::Quantize(q) => {
+                let mut formats: std::collections::BTreeMap<String, u64> = Default::default();
+                for l in &q.layers {
+                    *formats.entry(l.format.name()).or_default() += 1;
+                }
+                let formats: Vec<String> = formats.iter().map(|(f, n)| format!("{n} x {f}")).collect();
+                let bits = q.bits_per_weight();
+                eprintln!("{call}: {bits:.3} bits per weight overall; layers: {}", formats.join(", "));
             }
-            continue;
-        };
-        let mut formats: std::collections::BTreeMap<String, u64> = Default::default();
-        for l in json["layers"].as_array().into_iter().flatten() {
-            *formats.entry(l["format"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            PassReport::Cleanup { .. } => eprintln!("{call}"),
         }
-        let formats: Vec<String> = formats.iter().map(|(f, n)| format!("{n} x {f}")).collect();
-        eprintln!("{call}: {bits:.3} bits per weight overall; layers: {}", formats.join(", "));
         for note in report.notes() {
             eprintln!("  note: {note}");
         }
