@@ -14,10 +14,10 @@ pub fn outside_layers(graph: &Graph, in_layer: impl Fn(NodeId) -> bool) -> (u64,
         if let Op::Weight(w) = &graph.node(n).op
             && !in_layer(n)
             && seen.insert(w.tensor.as_str())
-            && let Some(t) = graph.store.get(&w.tensor)
+            && graph.store.get(&w.tensor).is_some()
         {
-            params += t.elements();
-            bytes += t.bytes.len() as u64;
+            params += graph.node(n).ty.shape.iter().filter_map(|d| d.known()).product::<u64>();
+            bytes += w.stored_bytes(&graph.store);
         }
     }
     (params, bytes)

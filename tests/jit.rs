@@ -484,3 +484,67 @@ fn a_value_read_by_per_row_and_per_block_linears_is_quantized_both_ways() {
         assert!(bits(&got, format) == bits(&alone, format), "{format}");
     }
 }
+
+/// A sparse weight (2:4 over int4 values; 5:16 over f16) means its dense matrix: the
+/// interpreter gives exactly the outputs of the same graph with that matrix stored densely
+/// as f32, and the engine (which runs sparse linears on their dense value until sparse
+/// kernels exist, with f32 activations under any mode) agrees with it.
+#[test]
+fn sparse_weights_run_as_their_dense_matrix() {
+    let (n, k) = (40, 128);
+    let mut rng = Rng::new(11);
+    let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    for (format, pattern, (sn, sm)) in [("int4g32", "2:4", (2u64, 4u64)), ("f16", "5:16", (5, 16))] {
+        let text = |weight: &str| {
+            format!(
+                "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = {weight} : f32[{n}, {k}]\n  %2 = weight \"b\" f32 : f32[{n}]\n  %3 = linear %0, %1, %2 : f32[m, {n}]\n  output \"y\" = %3\n}}\n"
+            )
+        };
+        let f: kiln_ir::Format = format.parse().unwrap();
+        // Keep the largest `sn` magnitudes of each group, as a magnitude pruner would.
+        let dense = values(n * k);
+        let mut keep = vec![false; n * k];
+        for group in (0..n * k).collect::<Vec<_>>().chunks(sm as usize) {
+            let mut order = group.to_vec();
+            order.sort_by(|&a, &b| dense[b].abs().total_cmp(&dense[a].abs()));
+            order[..sn as usize].iter().for_each(|&i| keep[i] = true);
+        }
+        let (kept, mask) = kiln_ir::sparse::pack(sn, sm, n as u64, k as u64, &dense, &keep).unwrap();
+        let stored = match f {
+            kiln_ir::Format::Int(i) => i.quantize(&kept),
+            _ => kept.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        };
+        let mut g = kiln_ir::parse(&text(&format!("weight \"w\" {format} sparse {pattern} \"w.mask\""))).unwrap();
+        let slots = k as u64 / sm * sn;
+        g.store
+            .insert("w", kiln_ir::TensorData::new(f, vec![n as u64, slots], kiln_ir::Bytes::from_vec(stored)).unwrap());
+        let mask =
+            kiln_ir::TensorData::new(kiln_ir::Format::U8, vec![n as u64, k as u64 / 8], kiln_ir::Bytes::from_vec(mask));
+        g.store.insert("w.mask", mask.unwrap());
+        let bias = values(n);
+        g.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &bias));
+        kiln_ir::verify(&g).unwrap();
+
+        // The same matrix, dense, built here: the kept entries take the stored values in
+        // column order, the others are zero.
+        let stored = g.store.get("w").unwrap().to_f32().unwrap();
+        let mut next = stored.iter();
+        let matrix: Vec<f32> = (0..n * k).map(|i| if keep[i] { *next.next().unwrap() } else { 0.0 }).collect();
+        let kiln_ir::Op::Weight(w) = &g.node(g.topo_order().unwrap()[1]).op else { panic!("%1 is the weight") };
+        assert_eq!(w.value(&g.store, &[n as u64, k as u64]).unwrap(), matrix, "{pattern}");
+        let mut d = kiln_ir::parse(&text("weight \"w\" f32")).unwrap();
+        d.store.insert("w", kiln_ir::TensorData::from_f32(vec![n as u64, k as u64], &matrix));
+        d.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &bias));
+
+        for m in [1, 6] {
+            let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
+            let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
+            let want = Prepared::new(&d, Exec::Interp).run(&inputs);
+            assert_eq!(Prepared::new(&g, Exec::Interp).run(&inputs), want, "{pattern}, m = {m}");
+            let jit = Prepared::new(&g, Exec::Jit { threads: 2 }).run(&inputs);
+            let (diff, scale) = max_diff(&f32s(&jit, "y"), &f32s(&want, "y"));
+            assert!(diff <= 1e-5 * scale.max(1.0), "{pattern}, m = {m}: JIT vs interpreter {diff}");
+            assert_eq!(Prepared::new(&g, Exec::JitInt8 { threads: 1 }).run(&inputs), jit, "{pattern}: f32 activations");
+        }
+    }
+}

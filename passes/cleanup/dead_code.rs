@@ -18,9 +18,9 @@ impl Pass for DeadCode {
         let nodes = graph.remove_dead();
         let read: BTreeSet<String> = graph
             .node_ids()
-            .filter_map(|n| match &graph.node(n).op {
-                Op::Weight(w) => Some(w.tensor.clone()),
-                _ => None,
+            .flat_map(|n| match &graph.node(n).op {
+                Op::Weight(w) => w.tensors().map(String::from).collect(),
+                _ => vec![],
             })
             .collect();
         let unread: Vec<String> =
@@ -65,5 +65,37 @@ mod tests {
         let PassReport::Cleanup { nodes, notes, .. } = report else { panic!("a clean-up report") };
         assert_eq!(nodes, 2);
         assert!(notes.iter().any(|n| n.contains("w2")), "{notes:?}");
+    }
+
+    /// A sparse weight reads two tensors: a live one keeps both, a dead one loses both.
+    #[test]
+    fn dead_code_keeps_or_drops_a_sparse_weight_whole() {
+        let mut g = kiln_ir::parse(
+            r#"graph dead {
+  %0 = input "x" : f32[b, 8]
+  %1 = weight "w" f32 sparse 2:4 "w.mask" : f32[4, 8] @proj
+  %2 = linear %0, %1 : f32[b, 4] @proj
+  %3 = weight "w2" f32 sparse 1:4 "w2.mask" : f32[4, 8] @spare
+  %4 = linear %0, %3 : f32[b, 4] @spare
+  output "y" = %2
+}
+"#,
+        )
+        .unwrap();
+        let mask = |n: u64| {
+            kiln_ir::TensorData::new(
+                kiln_ir::Format::U8,
+                vec![4, 1],
+                kiln_ir::Bytes::from_vec(vec![0b0011_0011 & if n == 1 { 0x11 } else { 0xff }; 4]),
+            )
+        };
+        g.store.insert("w", kiln_ir::TensorData::from_f32(vec![4, 4], &[0.5; 16]));
+        g.store.insert("w.mask", mask(2).unwrap());
+        g.store.insert("w2", kiln_ir::TensorData::from_f32(vec![4, 2], &[0.5; 8]));
+        g.store.insert("w2.mask", mask(1).unwrap());
+        kiln_ir::verify(&g).unwrap();
+        DeadCode::run(&mut g, &crate::options::NoOptions, &Context::empty()).unwrap();
+        let kept: Vec<&str> = g.store.iter().map(|(name, _)| name).collect();
+        assert_eq!(kept, ["w", "w.mask"]);
     }
 }

@@ -79,7 +79,7 @@ pub fn attach(
     let scope = graph.node(weight).scope.clone();
     let mut add_weight = |name: String, dims: [u64; 2], values: &[f32]| {
         let data = TensorData::from_f32(dims.to_vec(), values);
-        let op = Op::Weight(WeightRef { tensor: name.clone(), format: Format::F32, checksum: Some(data.checksum()) });
+        let op = Op::Weight(WeightRef::dense(name.clone(), Format::F32, Some(data.checksum())));
         let ty = Type::new(DType::F32, dims.map(Dim::Known));
         graph.store.insert(name, data);
         graph.add_typed(op, &[], ty, &scope, None)

@@ -653,6 +653,12 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
         let l = match layers.get(&table) {
             Some(&l) => l,
             None => {
+                if let Some(sparse) = &w.sparse {
+                    return Err(format!(
+                        "layer {name} is sparse ({sparse}); quantizing a sparse weight's values is not built yet: \
+                         run quantize before the pass that sparsifies it"
+                    ));
+                }
                 let data = graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?;
                 let values = data.to_f32().map_err(|e| format!("weight `{}`: {e}", w.tensor))?;
                 let scope = &graph.node(table).scope;

@@ -86,11 +86,11 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     for n in g.node_ids() {
         if let Op::Weight(w) = &g.node(n).op
             && seen.insert(w.tensor.clone())
-            && let Some(data) = g.store.get(&w.tensor)
+            && g.store.get(&w.tensor).is_some()
         {
-            let e = by_format.entry(w.format.name()).or_default();
-            e.0 += data.elements();
-            e.1 += data.bytes.len() as u64;
+            let e = by_format.entry(w.storage()).or_default();
+            e.0 += g.node(n).ty.shape.iter().filter_map(|d| d.known()).product::<u64>();
+            e.1 += w.stored_bytes(&g.store);
         }
     }
     let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);

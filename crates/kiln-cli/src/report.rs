@@ -76,14 +76,18 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     let mut layers = Vec::new();
     for n in graph.topo_order().unwrap_or_default() {
         let Op::Weight(w) = &graph.node(n).op else { continue };
-        let Some(t) = graph.store.get(&w.tensor) else { continue };
-        params += t.elements();
-        bytes += t.bytes.len() as u64;
-        if t.shape.len() == 2 {
+        if graph.store.get(&w.tensor).is_none() {
+            continue;
+        }
+        let shape: Vec<u64> = graph.node(n).ty.shape.iter().filter_map(|d| d.known()).collect();
+        let (elements, stored) = (shape.iter().product::<u64>(), w.stored_bytes(&graph.store));
+        params += elements;
+        bytes += stored;
+        if shape.len() == 2 {
             layers.push(json!({
-                "scope": graph.node(n).scope, "format": w.format.name(),
-                "bits_per_weight": t.bytes.len() as f64 * 8.0 / t.elements().max(1) as f64,
-                "bytes": t.bytes.len(), "sensitivity": null, "error": null,
+                "scope": graph.node(n).scope, "format": w.storage(),
+                "bits_per_weight": stored as f64 * 8.0 / elements.max(1) as f64,
+                "bytes": stored, "sensitivity": null, "error": null,
             }));
         }
     }

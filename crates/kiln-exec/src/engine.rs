@@ -1267,6 +1267,10 @@ fn plan_linear(
     let operands = g.operands(id);
     let (x, weight) = (operands[0], operands[1]);
     let Op::Weight(w) = &g.node(weight).op else { return None };
+    // Sparse weights run on their dense value until pruning brings kernels that read them.
+    if w.sparse.is_some() {
+        return None;
+    }
     let k = g.node(weight).ty.shape[1].known()? as usize;
     let n = g.node(weight).ty.shape[0].known()? as usize;
     if !k.is_multiple_of(w.format.block_len() as usize) {
@@ -1367,11 +1371,15 @@ fn stored_f32(t: &kiln_ir::TensorData) -> Option<&[f32]> {
     })
 }
 
-/// The stored tensor of weight node `id`.
+/// The stored tensor of dense weight node `id` (a sparse weight has no one tensor that holds
+/// its value).
 fn stored_weight(g: &Graph, id: NodeId) -> Result<&kiln_ir::TensorData, ExecError> {
     let Op::Weight(w) = &g.node(id).op else {
         return Err(ExecError::Spec("a linear's weight is not a weight node".into()));
     };
+    if w.sparse.is_some() {
+        return Err(ExecError::Spec(format!("weight `{}` is sparse: it runs on its dense value", w.tensor)));
+    }
     g.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("weight `{}` is not bound", w.tensor)))
 }
 

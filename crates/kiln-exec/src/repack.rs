@@ -79,6 +79,9 @@ pub fn prepack(graph: &mut Graph, activations: Activations) -> Result<usize, kil
     let mut done: std::collections::HashMap<String, (Format, u64)> = Default::default();
     for id in nodes {
         let Op::Weight(w) = &graph.node(id).op else { continue };
+        if w.sparse.is_some() {
+            continue; // read through its dense value (engine.rs)
+        }
         let name = w.tensor.clone();
         if let Some(&(format, checksum)) = done.get(&name) {
             // A tied weight: another node read the same tensor.
@@ -188,11 +191,7 @@ mod tests {
         }
         let weight = |g: &mut Graph, name: &str, format: IntFormat, bytes: &[u8]| {
             let data = TensorData::new(Format::Int(format), vec![4, 64], Bytes::from_vec(bytes.to_vec())).unwrap();
-            let w = kiln_ir::WeightRef {
-                tensor: name.into(),
-                format: Format::Int(format),
-                checksum: Some(data.checksum()),
-            };
+            let w = kiln_ir::WeightRef::dense(name, Format::Int(format), Some(data.checksum()));
             g.store.insert(name, data);
             let ty = kiln_ir::Type::f32([kiln_ir::Dim::Known(4), kiln_ir::Dim::Known(64)]);
             g.add_typed(Op::Weight(w), &[], ty, "", None)

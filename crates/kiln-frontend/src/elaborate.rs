@@ -570,7 +570,7 @@ impl Elaborator<'_> {
             }
             return Ok(Value::Tensor(id));
         }
-        let mut weight = WeightRef { tensor: name.clone(), format: Format::F32, checksum: None };
+        let mut weight = WeightRef::dense(name.clone(), Format::F32, None);
         if let Some(ck) = self.checkpoint {
             let data = ck.require(&name).map_err(|e| match e {
                 CheckpointError::MissingTensor { path, name, nearest } => {

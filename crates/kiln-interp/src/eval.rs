@@ -56,6 +56,9 @@ impl<'g> Interpreter<'g> {
             }
             let weight = graph.operands(id)[1];
             let Op::Weight(w) = &graph.node(weight).op else { continue };
+            if w.sparse.is_some() {
+                continue; // sparse weights take f32 activations, as in the engine
+            }
             let shape = &graph.node(weight).ty.shape;
             let (Some(n), Some(k)) = (shape[0].known(), shape[1].known()) else { continue };
             let mode = activations.for_weight(w.format, k);

@@ -38,6 +38,9 @@ pub enum Format {
     /// 8-bit floats (OCP e4m3, "fn": no infinities) with an f16 scale per group; see
     /// [`Fp8Format`] (`fp8g576`, `fp8g32`).
     Fp8(Fp8Format),
+    /// Raw bytes, each read as its unsigned value. Not a format for a weight's values: it
+    /// stores the bitmask of a sparse weight (see [`crate::Sparse`]).
+    U8,
 }
 
 /// fp8 e4m3 values in groups of `group` consecutive values along a row, one f16 scale per
@@ -86,7 +89,7 @@ pub enum FormatError {
     #[error("{format} stores blocks of {block} values; {elements} elements is not a multiple")]
     Blocks { format: Format, elements: u64, block: u64 },
     #[error(
-        "unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G)"
+        "unknown weight format `{0}` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G; u8 for the bitmasks of sparse weights)"
     )]
     Unknown(String),
     #[error("`{0}`: {1}")]
@@ -108,13 +111,14 @@ impl Format {
             Format::Q4_1 => "q4_1".into(),
             Format::Int(i) => i.to_string(),
             Format::Fp8(f) => f.to_string(),
+            Format::U8 => "u8".into(),
         }
     }
 
     /// Number of consecutive values that share one block (1 for plain formats).
     pub fn block_len(self) -> u64 {
         match self {
-            Format::F32 | Format::F16 | Format::BF16 => 1,
+            Format::F32 | Format::F16 | Format::BF16 | Format::U8 => 1,
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => 32,
             Format::Int(i) => i.group as u64,
             Format::Fp8(f) => f.group as u64,
@@ -126,6 +130,7 @@ impl Format {
         match self {
             Format::F32 => 4,
             Format::F16 | Format::BF16 => 2,
+            Format::U8 => 1,
             Format::Q8_0 => 34,
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
@@ -160,6 +165,7 @@ impl Format {
         match self {
             Format::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             Format::F16 => out.extend(bytes.chunks_exact(2).map(half)),
+            Format::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
             Format::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
             Format::Q8_0 => {
                 for block in bytes.chunks_exact(34) {
@@ -451,7 +457,11 @@ impl std::str::FromStr for Format {
             let group = group.parse().ok().filter(|_| group.bytes().all(|b| b.is_ascii_digit()));
             return Fp8Format::new(group.ok_or_else(|| FormatError::Unknown(s.to_string()))?).map(Format::Fp8);
         }
-        Format::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| FormatError::Unknown(s.to_string()))
+        Format::ALL
+            .into_iter()
+            .chain([Format::U8])
+            .find(|f| f.name() == s)
+            .ok_or_else(|| FormatError::Unknown(s.to_string()))
     }
 }
 

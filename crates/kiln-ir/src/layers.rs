@@ -26,7 +26,9 @@
 //! - `correction_a`, `correction_b`: LoRC's factors `A` (`[n, r]`) and `B` (`[r, k]`) of a
 //!   quantized main weight `[n, k]`; `A (B x)` is added to the main weight's output.
 //! - `lowrank_u`, `lowrank_v`: a factorized weight `W ~ U V` (for the factorize pass).
-//! - `mask`: a sparse weight's mask (for the prune pass).
+//!
+//! A sparse weight has no role of its own: its mask is one of the tensors of its weight
+//! node ([`crate::sparse`]), so a pruned layer's main weight is simply a sparse weight.
 //! - `shared_base`, `delta`: a tied weight shared between layers and this layer's low-rank
 //!   delta from it (for the tie pass).
 //!
@@ -48,19 +50,17 @@ pub enum Role {
     LowRankV,
     CorrectionA,
     CorrectionB,
-    Mask,
     SharedBase,
     Delta,
 }
 
 impl Role {
-    pub const ALL: [Role; 8] = [
+    pub const ALL: [Role; 7] = [
         Role::Main,
         Role::LowRankU,
         Role::LowRankV,
         Role::CorrectionA,
         Role::CorrectionB,
-        Role::Mask,
         Role::SharedBase,
         Role::Delta,
     ];
@@ -73,7 +73,6 @@ impl Role {
             Role::LowRankV => "lowrank_v",
             Role::CorrectionA => "correction_a",
             Role::CorrectionB => "correction_b",
-            Role::Mask => "mask",
             Role::SharedBase => "shared_base",
             Role::Delta => "delta",
         }

@@ -12,11 +12,13 @@
 //! (`batch`, `seq`) bound when the graph runs; a symbol has one value across the graph.
 //! Parameters are `weight` nodes: `f32` values of fully known shape whose numbers live in
 //! the graph's [`TensorStore`] in some storage [`Format`] (f32, f16, bf16, GGUF blocks,
-//! and the formats compression passes introduce).
+//! and the formats compression passes introduce), densely or as a [`Sparse`] values and
+//! mask pair.
 //!
 //! # Numeric contract
 //! The meaning of a graph is f32 arithmetic as specified op by op in [`op`], where a
-//! weight's value is exactly [`Format::dequantize`] of its stored bytes. The reference
+//! weight's value is exactly [`WeightRef::value`] of its stored tensors ([`Format::dequantize`]
+//! of its bytes, scattered by its mask if it is sparse). The reference
 //! interpreter implements that meaning; backends must agree with it up to the order of
 //! floating-point reductions.
 //!
@@ -32,6 +34,7 @@ pub mod format;
 pub mod graph;
 pub mod layers;
 pub mod op;
+pub mod sparse;
 pub mod store;
 pub mod text;
 pub mod types;
@@ -40,7 +43,11 @@ pub mod verify;
 pub use format::{BlockScales, Format, FormatError, Fp8Format, IntFormat};
 pub use graph::{Graph, GraphError, Node, NodeId, Span};
 pub use layers::{Layer, LayerTable, Role};
-pub use op::{Activations, BinaryOp, Op, ReduceOp, TypeError, UnaryOp, UnknownActivations, WeightRef, broadcast};
+pub use op::{
+    Activations, BinaryOp, Op, ReduceOp, TypeError, UnaryOp, UnknownActivations, WeightError, WeightPart, WeightRef,
+    broadcast,
+};
+pub use sparse::{Sparse, SparseError};
 pub use store::{Bytes, TensorData, TensorStore};
 pub use text::{ParseError, parse, print};
 pub use types::{DType, Dim, Shape, Type};

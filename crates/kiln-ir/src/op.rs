@@ -22,18 +22,125 @@
 //! is one store entry referenced by several layers.
 
 use crate::format::Format;
+use crate::sparse::Sparse;
 use crate::types::{DType, Dim, Shape, ShapeDisplay, Type, symbolic_numel};
 use std::fmt;
 
-/// A reference from a `weight` node to a tensor in the graph's [`crate::TensorStore`].
+/// A reference from a `weight` node to the tensors of the graph's [`crate::TensorStore`]
+/// that hold its value: one tensor for a dense weight; values and a mask for a sparse one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WeightRef {
-    /// Name of the store entry (the checkpoint tensor name, e.g. `blk.0.attn_q.weight`).
+    /// Name of the store entry (the checkpoint tensor name, e.g. `blk.0.attn_q.weight`):
+    /// the whole weight, or a sparse weight's values.
     pub tensor: String,
-    /// How the entry is stored; the value is `format.dequantize(bytes)`.
+    /// How the entry is stored; its values are `format.dequantize(bytes)`.
     pub format: Format,
     /// FNV-1a hash of the stored bytes, when the graph is bound to a checkpoint.
     pub checksum: Option<u64>,
+    /// The sparse layout, if only some values are stored (see [`crate::sparse`]).
+    pub sparse: Option<Sparse>,
+}
+
+/// One store tensor a weight is made of, with the format and shape it must have.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightPart<'w> {
+    /// `"values"` or `"mask"`.
+    pub role: &'static str,
+    pub tensor: &'w str,
+    pub format: Format,
+    pub checksum: Option<u64>,
+    pub shape: Vec<u64>,
+}
+
+/// Why a weight's value could not be read from the store.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WeightError {
+    #[error("tensor `{0}` is not in the store")]
+    Missing(String),
+    #[error("tensor `{tensor}` is stored as {found} {found_shape:?}, not {format} {shape:?}")]
+    Stored { tensor: String, format: Format, shape: Vec<u64>, found: Format, found_shape: Vec<u64> },
+    #[error(transparent)]
+    Format(#[from] crate::FormatError),
+    #[error(transparent)]
+    Sparse(#[from] crate::sparse::SparseError),
+}
+
+impl WeightRef {
+    /// A dense weight: all its values in one tensor.
+    pub fn dense(tensor: impl Into<String>, format: Format, checksum: Option<u64>) -> WeightRef {
+        WeightRef { tensor: tensor.into(), format, checksum, sparse: None }
+    }
+
+    /// The store tensors of a weight of logical `shape`, values first.
+    pub fn parts(&self, shape: &[u64]) -> Vec<WeightPart<'_>> {
+        let values = |shape| WeightPart {
+            role: "values",
+            tensor: &self.tensor,
+            format: self.format,
+            checksum: self.checksum,
+            shape,
+        };
+        match (&self.sparse, shape) {
+            (Some(s), &[rows, cols]) => vec![
+                values(s.values_shape(rows, cols)),
+                WeightPart {
+                    role: "mask",
+                    tensor: &s.mask,
+                    format: Format::U8,
+                    checksum: s.mask_checksum,
+                    shape: Sparse::mask_shape(rows, cols),
+                },
+            ],
+            _ => vec![values(shape.to_vec())],
+        }
+    }
+
+    /// The value of a weight of logical `shape`, from `store`: `format.dequantize` of its
+    /// tensor, or for a sparse weight [`crate::sparse::densify`] of its dequantized values
+    /// and its mask. This function *is* the meaning of a `weight` node.
+    pub fn value(&self, store: &crate::TensorStore, shape: &[u64]) -> Result<Vec<f32>, WeightError> {
+        let parts = self.parts(shape);
+        let mut stored = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let t = store.get(p.tensor).ok_or_else(|| WeightError::Missing(p.tensor.to_string()))?;
+            if t.format != p.format || t.shape != p.shape {
+                return Err(WeightError::Stored {
+                    tensor: p.tensor.to_string(),
+                    format: p.format,
+                    shape: p.shape.clone(),
+                    found: t.format,
+                    found_shape: t.shape.clone(),
+                });
+            }
+            stored.push(t);
+        }
+        let values = stored[0].to_f32()?;
+        match (&self.sparse, shape) {
+            (Some(s), &[rows, cols]) => {
+                Ok(crate::sparse::densify(s.n, s.m, rows, cols, &values, stored[1].bytes.as_slice())?)
+            }
+            _ => Ok(values),
+        }
+    }
+
+    /// Names of the store tensors this weight reads.
+    pub fn tensors(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.tensor.as_str()).chain(self.sparse.as_ref().map(|s| s.mask.as_str()))
+    }
+
+    /// Bytes of this weight's tensors that `store` holds.
+    pub fn stored_bytes(&self, store: &crate::TensorStore) -> u64 {
+        self.tensors().filter_map(|t| store.get(t)).map(|t| t.bytes.len() as u64).sum()
+    }
+
+    /// The storage as reports name it: the format, and the pattern if sparse
+    /// (`int4g32`, `int4g32 2:4`).
+    pub fn storage(&self) -> String {
+        match &self.sparse {
+            Some(s) => format!("{} {s}", self.format),
+            None => self.format.name(),
+        }
+    }
 }
 
 /// Elementwise binary operations; both operands broadcast (see module docs).
@@ -99,8 +206,9 @@ pub enum Op {
     Input { name: String },
 
     /// A parameter. - operands: none. - result: `f32[shape]`, shape fully known.
-    /// - semantics: `weight.format.dequantize(store[weight.tensor])`, reshaped to the
-    ///   result shape. The stored shape must equal the result shape.
+    /// - semantics: [`WeightRef::value`]: `weight.format.dequantize(store[weight.tensor])`,
+    ///   whose stored shape equals the result shape; or, for a sparse weight (2-D only), the
+    ///   dense matrix of its values and mask as [`crate::sparse`] defines.
     Weight(WeightRef),
 
     /// A scalar constant. - operands: none. - result: `f32[]`.

@@ -12,7 +12,9 @@
 //! ```
 //! Values are numbered densely in the graph's deterministic topological order, so
 //! printing is independent of how the graph was built or edited. Weights print as
-//! references (tensor name, storage format, checksum of the bytes), never as numbers.
+//! references (tensor name, storage format, checksum of the bytes), never as numbers; a
+//! sparse weight adds its pattern and mask: `weight "w.values" int4g32 #.. sparse 2:4
+//! "w.mask" #..` (see [`crate::sparse`]).
 //! After the outputs, one `layer` line per entry of the graph's layer table, in name order:
 //! `layer "blk.0.up" = main %5, correction_a %9, correction_b %10` (roles as
 //! [`Role::name`], entries in their recorded order). Text without any `layer` line (older
@@ -24,6 +26,7 @@ use crate::format::Format;
 use crate::graph::{Graph, NodeId};
 use crate::layers::{Layer, LayerTable, Role};
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp, WeightRef};
+use crate::sparse::Sparse;
 use crate::types::{DType, Dim, ShapeDisplay, Type};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -43,6 +46,12 @@ pub fn print(graph: &Graph) -> String {
                 write!(out, " {:?} {}", w.tensor, w.format).unwrap();
                 if let Some(sum) = w.checksum {
                     write!(out, " #{sum:016x}").unwrap();
+                }
+                if let Some(sparse) = &w.sparse {
+                    write!(out, " sparse {sparse} {:?}", sparse.mask).unwrap();
+                    if let Some(sum) = sparse.mask_checksum {
+                        write!(out, " #{sum:016x}").unwrap();
+                    }
                 }
             }
             Op::Const { value } => write!(out, " {value:?}").unwrap(),
@@ -227,6 +236,17 @@ impl Line {
                 Ok(())
             }
             _ => Err(self.error(format!("expected `{c}`"))),
+        }
+    }
+    /// An optional `#hex` checksum.
+    fn checksum(&mut self) -> Option<u64> {
+        match self.peek() {
+            Some(Tok::Hash(h)) => {
+                let h = *h;
+                self.at += 1;
+                Some(h)
+            }
+            _ => None,
         }
     }
     fn eat(&mut self, c: char) -> bool {
@@ -450,15 +470,19 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
                 l.at -= 1;
                 l.error(e.to_string())
             })?;
-            let checksum = match l.peek() {
-                Some(Tok::Hash(h)) => {
-                    let h = *h;
+            let checksum = l.checksum();
+            let sparse = match l.peek() {
+                Some(Tok::Ident(s)) if s == "sparse" => {
                     l.at += 1;
-                    Some(h)
+                    let n = l.int()?;
+                    l.punct(':')?;
+                    let m = l.int()?;
+                    let mask = l.string("the mask's tensor name")?;
+                    Some(Sparse { n, m, mask, mask_checksum: l.checksum() })
                 }
                 _ => None,
             };
-            Op::Weight(WeightRef { tensor, format, checksum })
+            Op::Weight(WeightRef { tensor, format, checksum, sparse })
         }
         "const" => Op::Const { value: l.float()? },
         "linear" => Op::Linear,

@@ -1,10 +1,12 @@
 //! The verifier: checks every invariant the rest of the compiler relies on. It runs after
 //! the front end, after every pass in debug builds and tests, and on parsed IR text.
 
+use crate::format::Format;
 use crate::graph::Graph;
 use crate::layers::Role;
 use crate::op::Op;
-use crate::types::{DType, Dim};
+use crate::sparse::Sparse;
+use crate::types::DType;
 use std::collections::{HashMap, HashSet};
 
 /// A violated invariant, naming the node by its number in the printed IR.
@@ -19,8 +21,10 @@ pub struct VerifyError {
 /// - the graph is acyclic and has at least one output;
 /// - every node's type equals what [`Op::infer`] computes from its operands;
 /// - input names are distinct; inputs are `f32` or `i64` with any shape;
-/// - weights are `f32` with fully known shapes, and where the store holds the tensor, its
-///   shape and storage format match the node's;
+/// - weights are `f32` with fully known shapes; a sparse weight is a matrix with a valid
+///   pattern; the values' format is not `u8` and its blocks divide the stored rows; and
+///   where the store holds a weight's tensors, their shapes and formats are those
+///   [`crate::WeightRef::parts`] gives;
 /// - symbols are never used where a known size is required (checked by `infer`);
 /// - every entry of the layer table names a `weight` node of the graph, each layer has
 ///   exactly one `main` weight, and no node has two roles in one layer.
@@ -51,28 +55,34 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 if !operands.is_empty() {
                     return Err(fail("a weight takes no operands".into()));
                 }
-                if node.ty.dtype != DType::F32 || node.ty.shape.iter().any(|d| matches!(d, Dim::Sym(_))) {
+                let shape: Option<Vec<u64>> = node.ty.shape.iter().map(|d| d.known()).collect();
+                let Some(shape) = shape.filter(|_| node.ty.dtype == DType::F32) else {
                     return Err(fail(format!("a weight must be f32 with a known shape, found {}", node.ty)));
+                };
+                if w.format == Format::U8 {
+                    return Err(fail("u8 stores the masks of sparse weights, not a weight's values".into()));
                 }
+                if let Some(s) = &w.sparse {
+                    let &[_, cols] = shape.as_slice() else {
+                        return Err(fail(format!("a sparse weight is a matrix, not {}", node.ty)));
+                    };
+                    Sparse::check(s.n, s.m, cols).map_err(|e| fail(e.to_string()))?;
+                }
+                let parts = w.parts(&shape);
                 let block = w.format.block_len();
-                if block > 1 && node.ty.shape.last().and_then(|d| d.known()).is_none_or(|r| !r.is_multiple_of(block)) {
+                if parts[0].shape.last().is_none_or(|r| !r.is_multiple_of(block)) {
                     return Err(fail(format!(
-                        "{} stores blocks of {block} values, which must divide the rows of {}",
-                        w.format, node.ty
+                        "{} stores blocks of {block} values, which must divide the rows of {:?}",
+                        w.format, parts[0].shape
                     )));
                 }
-                if let Some(t) = graph.store.get(&w.tensor) {
-                    let shape: Vec<Dim> = t.shape.iter().map(|&n| Dim::Known(n)).collect();
-                    if shape != node.ty.shape {
+                for part in &parts {
+                    if let Some(t) = graph.store.get(part.tensor)
+                        && (t.shape != part.shape || t.format != part.format)
+                    {
                         return Err(fail(format!(
-                            "tensor `{}` is stored as {:?} but used as {}",
-                            w.tensor, t.shape, node.ty
-                        )));
-                    }
-                    if t.format != w.format {
-                        return Err(fail(format!(
-                            "tensor `{}` is stored as {} but referenced as {}",
-                            w.tensor, t.format, w.format
+                            "tensor `{}` is stored as {} {:?}; the weight's {} must be {} {:?}",
+                            part.tensor, t.format, t.shape, part.role, part.format, part.shape
                         )));
                     }
                 }

@@ -94,7 +94,7 @@ fn parse_errors_have_positions() {
     assert_eq!(err("graph g {\n  %0 = input \"x\" : f32[4]\n"), "2:1: missing closing `}` of the graph");
     assert_eq!(
         err("graph g {\n  %0 = weight \"w\" q9 : f32[4]\n}\n"),
-        "2:19: unknown weight format `q9` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G)"
+        "2:19: unknown weight format `q9` (expected f32, f16, bf16, q8_0, q4_0, q4_1, intBgG[a]: B bits in 2, 3, 4, 8, groups of G (a multiple of 32), `a` for asymmetric, e.g. int4g64a, or fp8gG: e4m3 floats in groups of G; u8 for the bitmasks of sparse weights)"
     );
     assert_eq!(
         err("graph g {\n  %0 = weight \"w\" int4g48 : f32[4, 48]\n}\n"),
@@ -186,8 +186,8 @@ fn remove_dead_drops_the_entries_of_removed_nodes() {
 fn verifier_checks_the_layer_table() {
     let with = |layers: &str| LAYERS.replace("  layer \"down\" = main %10\n", layers);
     assert_eq!(
-        verify_error(&with("  layer \"down\" = main %10, mask %11\n")),
-        "layer \"down\": its mask entry %11 is a linear, not a weight"
+        verify_error(&with("  layer \"down\" = main %10, delta %11\n")),
+        "layer \"down\": its delta entry %11 is a linear, not a weight"
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = main %10, main %6\n")),
@@ -208,10 +208,88 @@ fn layer_lines_parse_errors() {
     let err = |t: &str| parse(t).expect_err("must not parse").to_string();
     assert_eq!(
         err(&LAYERS.replace("main %10", "base %10")),
-        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, mask, shared_base, delta)"
+        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, shared_base, delta)"
     );
     assert_eq!(
         err(&LAYERS.replace("\"down\" = main %10", "\"embd\" = main %10")),
         "18:9: layer `embd` is defined twice"
     );
+}
+
+const SPARSE: &str = r#"graph sparse {
+  %0 = input "x" : f32[b, 64]
+  %1 = weight "up.values" int4g32 #00000000000000aa sparse 2:4 "up.mask" #00000000000000bb : f32[16, 64] @up
+  %2 = linear %0, %1 : f32[b, 16] @up
+  %3 = weight "down.values" f16 sparse 5:16 "down.mask" : f32[64, 16] @down
+  %4 = linear %2, %3 : f32[b, 64] @down
+  output "y" = %4
+  layer "down" = main %3
+  layer "up" = main %1
+}
+"#;
+
+#[test]
+fn sparse_weights_round_trip() {
+    let g = parse(SPARSE).expect("parses");
+    verify(&g).expect("verifies");
+    assert_eq!(print(&g), SPARSE);
+    let order = g.topo_order().unwrap();
+    let Op::Weight(w) = &g.node(order[1]).op else { panic!("%1 is a weight") };
+    let s = w.sparse.as_ref().expect("sparse");
+    assert_eq!((s.n, s.m, s.mask.as_str(), s.mask_checksum), (2, 4, "up.mask", Some(0xbb)));
+    let parts: Vec<(&str, &str, String, Vec<u64>)> =
+        w.parts(&[16, 64]).into_iter().map(|p| (p.role, p.tensor, p.format.name(), p.shape)).collect();
+    assert_eq!(
+        parts,
+        [("values", "up.values", "int4g32".into(), vec![16, 32]), ("mask", "up.mask", "u8".into(), vec![16, 8])]
+    );
+    assert_eq!(w.tensors().collect::<Vec<_>>(), ["up.values", "up.mask"]);
+}
+
+#[test]
+fn verifier_checks_sparse_weights() {
+    let with = |from: &str, to: &str| {
+        assert!(SPARSE.contains(from), "{from}");
+        verify_error(&SPARSE.replace(from, to))
+    };
+    // 3:4 keeps 48 of 64 values per row: not a whole number of int4g32 blocks.
+    assert_eq!(
+        with("sparse 2:4", "sparse 3:4"),
+        "%1 (weight @up): int4g32 stores blocks of 32 values, which must divide the rows of [16, 48]"
+    );
+    assert_eq!(
+        with("sparse 2:4", "sparse 4:4"),
+        "%1 (weight @up): sparsity 4:4 over rows of 64: n must be at least 1 and less than m"
+    );
+    assert_eq!(
+        with("sparse 5:16", "sparse 5:12"),
+        "%3 (weight @down): sparsity 5:12 over rows of 16: m must divide the row"
+    );
+    assert_eq!(
+        with("\"down.values\" f16", "\"down.values\" u8"),
+        "%3 (weight @down): u8 stores the masks of sparse weights, not a weight's values"
+    );
+}
+
+/// A sparse weight's value is its dense matrix, read from the values and the mask.
+#[test]
+fn a_sparse_weight_means_its_dense_matrix() {
+    use kiln_ir::{Bytes, Format, TensorData};
+    let text = "graph g {\n  %0 = weight \"w\" f32 sparse 2:4 \"w.mask\" : f32[2, 8]\n  output \"y\" = %0\n}\n";
+    let mut g = parse(text).unwrap();
+    let values: Vec<f32> = (1..=8).map(|v| v as f32).collect();
+    g.store.insert("w", TensorData::from_f32(vec![2, 4], &values));
+    let mask = TensorData::new(Format::U8, vec![2, 1], Bytes::from_vec(vec![0b1001_0011, 0b0110_1000])).unwrap();
+    g.store.insert("w.mask", mask);
+    verify(&g).expect("verifies");
+    let Op::Weight(w) = g.node(g.topo_order().unwrap()[0]).op.clone() else { panic!() };
+    let dense = w.value(&g.store, &[2, 8]).unwrap();
+    // Row 1's first group stores one value: its second slot (6) is never read.
+    assert_eq!(dense, [1.0, 2.0, 0.0, 0.0, 3.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 5.0, 0.0, 7.0, 8.0, 0.0]);
+    // A mask stored with the wrong shape is refused by the verifier and by `value`.
+    let bad = TensorData::new(Format::U8, vec![1, 2], Bytes::from_vec(vec![0, 0])).unwrap();
+    g.store.insert("w.mask", bad);
+    let err = verify(&g).unwrap_err().to_string();
+    assert!(err.contains("tensor `w.mask` is stored as u8 [1, 2]; the weight's mask must be u8 [2, 1]"), "{err}");
+    assert!(w.value(&g.store, &[2, 8]).is_err());
 }

@@ -235,6 +235,7 @@ fn weight(format: Format, n: usize, k: usize, seed: u64) -> Vec<u8> {
             let values: Vec<f32> = (0..elems).map(|_| (next() % 2001) as f32 / 1e4 - 0.1).collect();
             out = f.quantize(&values);
         }
+        Format::U8 => unreachable!("u8 is not a linear weight format"),
     }
     out
 }

@@ -72,6 +72,7 @@ impl Rows {
             Format::Fp8(f) if f.group == 32 => 32,
             Format::Int(_) => unreachable!("int formats run as GGUF blocks (repack.rs)"),
             Format::Fp8(_) => unreachable!("fp8 runs in groups of 32 (repack.rs)"),
+            Format::U8 => unreachable!("u8 stores sparse masks, never a linear's values (the verifier)"),
         }
     }
 }
@@ -285,5 +286,6 @@ pub(crate) fn decode_lanes(b: &mut FunctionBuilder<'_>, rows: Rows, at: &[(Value
         Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Int(_) | Format::Fp8(_) => {
             unreachable!("block formats have no k tail")
         }
+        Format::U8 => unreachable!("u8 stores sparse masks, never a linear's values (the verifier)"),
     }
 }

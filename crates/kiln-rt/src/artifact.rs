@@ -64,15 +64,21 @@ impl Artifact {
         let ir = self.metadata.get(key).ok_or_else(|| damaged("no such metadata entry".into()))?;
         let mut graph = kiln_ir::parse(ir).map_err(|e| damaged(format!("its IR does not parse: {e}")))?;
         kiln_ir::verify(&graph).map_err(|e| damaged(format!("its IR does not verify: {e}")))?;
-        for n in graph.node_ids().collect::<Vec<_>>() {
+        let mut bound = Vec::new();
+        for n in graph.node_ids() {
             let node = graph.node(n);
             let Op::Weight(w) = &node.op else { continue };
-            let data = self.graph.store.get(&w.tensor).ok_or_else(|| damaged(format!("no tensor `{}`", w.tensor)))?;
             let shape: Vec<u64> = node.ty.shape.iter().map(|d| d.known().unwrap_or(0)).collect();
-            if data.format != w.format || data.shape != shape {
-                return Err(damaged(format!("tensor `{}` is not {} {shape:?}", w.tensor, w.format)));
+            for p in w.parts(&shape) {
+                let data =
+                    self.graph.store.get(p.tensor).ok_or_else(|| damaged(format!("no tensor `{}`", p.tensor)))?;
+                if data.format != p.format || data.shape != p.shape {
+                    return Err(damaged(format!("tensor `{}` is not {} {:?}", p.tensor, p.format, p.shape)));
+                }
+                bound.push((p.tensor.to_string(), data.clone()));
             }
-            let (name, data) = (w.tensor.clone(), data.clone());
+        }
+        for (name, data) in bound {
             graph.store.insert(name, data);
         }
         Ok(graph)
@@ -135,11 +141,13 @@ fn contents<'g>(graph: &'g Graph, extra: &BTreeMap<String, String>) -> Result<Co
     let mut tensors: BTreeMap<&str, &TensorData> = BTreeMap::new();
     for n in graph.node_ids() {
         if let Op::Weight(w) = &graph.node(n).op {
-            let data = graph
-                .store
-                .get(&w.tensor)
-                .ok_or_else(|| ArtifactError::Write(format!("weight `{}` is not bound to data", w.tensor)))?;
-            tensors.insert(&w.tensor, data);
+            for name in w.tensors() {
+                let data = graph
+                    .store
+                    .get(name)
+                    .ok_or_else(|| ArtifactError::Write(format!("weight `{name}` is not bound to data")))?;
+                tensors.insert(name, data);
+            }
         }
     }
     let mut metadata: BTreeMap<String, String> = extra.clone();
@@ -243,18 +251,15 @@ pub fn read_bytes(whole: Bytes, name: &str, checksums: bool) -> Result<Artifact,
 
     let infos = header.tensors();
     let data_start = 8 + header_len;
-    let weights: Vec<(String, Format, Option<u64>, Vec<u64>)> = graph
-        .node_ids()
-        .filter_map(|n| match &graph.node(n).op {
-            Op::Weight(w) => Some((
-                w.tensor.clone(),
-                w.format,
-                w.checksum,
-                graph.node(n).ty.shape.iter().map(|d| d.known().unwrap_or(0)).collect(),
-            )),
-            _ => None,
-        })
-        .collect();
+    // Every store tensor of every weight (a sparse weight's values and mask), as its IR says.
+    let mut weights: Vec<(String, Format, Option<u64>, Vec<u64>)> = Vec::new();
+    for n in graph.node_ids() {
+        let Op::Weight(w) = &graph.node(n).op else { continue };
+        let shape: Vec<u64> = graph.node(n).ty.shape.iter().map(|d| d.known().unwrap_or(0)).collect();
+        for p in w.parts(&shape) {
+            weights.push((p.tensor.to_string(), p.format, p.checksum, p.shape));
+        }
+    }
     for (name, format, checksum, shape) in weights {
         if graph.store.get(&name).is_some() {
             continue; // a tied weight read by several nodes
@@ -291,7 +296,7 @@ mod tests {
     fn graph_with(format: Format, bytes: Vec<u8>) -> Graph {
         let mut g = Graph::new("t");
         let data = TensorData::new(format, vec![2, 32], Bytes::from_vec(bytes)).unwrap();
-        let w = WeightRef { tensor: "w".into(), format, checksum: Some(data.checksum()) };
+        let w = WeightRef::dense("w", format, Some(data.checksum()));
         g.store.insert("w", data);
         let ty = Type::f32([Dim::Known(2), Dim::Known(32)]);
         let n = g.add_typed(Op::Weight(w), &[], ty, "", None);
@@ -322,6 +327,47 @@ mod tests {
         }
     }
 
+    /// A sparse weight's values and mask are both written and both bound on reading, with
+    /// their checksums checked; a damaged mask is refused.
+    #[test]
+    fn round_trips_sparse_weights() {
+        let text =
+            "graph t {\n  %0 = weight \"w\" int4g32 sparse 2:4 \"w.mask\" : f32[2, 64]\n  output \"y\" = %0\n}\n";
+        let mut g = kiln_ir::parse(text).unwrap();
+        let dense: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) / 64.0).collect();
+        let keep: Vec<bool> = (0..128).map(|i| i % 4 == 1 || i % 4 == 2).collect();
+        let (values, mask) = kiln_ir::sparse::pack(2, 4, 2, 64, &dense, &keep).unwrap();
+        let int4 = kiln_ir::IntFormat::new(4, 32, false).unwrap();
+        let values = TensorData::new(Format::Int(int4), vec![2, 32], Bytes::from_vec(int4.quantize(&values))).unwrap();
+        let mask = TensorData::new(Format::U8, vec![2, 8], Bytes::from_vec(mask)).unwrap();
+        let sums = (values.checksum(), mask.checksum());
+        g.store.insert("w", values);
+        g.store.insert("w.mask", mask);
+        let id = g.topo_order().unwrap()[0];
+        if let Op::Weight(w) = &mut g.node_mut(id).op {
+            w.checksum = Some(sums.0);
+            w.sparse.as_mut().unwrap().mask_checksum = Some(sums.1);
+        }
+        kiln_ir::verify(&g).unwrap();
+        let path = temp("sparse");
+        write(&path, &g, &BTreeMap::new()).unwrap();
+        let a = read(&path).unwrap();
+        assert_eq!(kiln_ir::print(&a.graph), kiln_ir::print(&g));
+        let Op::Weight(w) = &a.graph.node(a.graph.topo_order().unwrap()[0]).op else { panic!() };
+        let Op::Weight(orig) = &g.node(id).op else { panic!() };
+        assert_eq!(w.value(&a.graph.store, &[2, 64]).unwrap(), orig.value(&g.store, &[2, 64]).unwrap());
+        // Two rows of 32 int4 values (one 18-byte block each), and two 8-byte mask rows.
+        assert_eq!(w.stored_bytes(&a.graph.store), 2 * 18 + 2 * 8);
+
+        // Flip one bit of the mask (its bytes are the file's last: the smallest alignment).
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read(&path).err().expect("a damaged mask is refused").to_string();
+        assert!(err.contains("tensor `w.mask` does not match the checksum"), "{err}");
+    }
+
     /// The bytes depend on the contents only: the same graph and metadata written twice (the
     /// metadata built in different orders) give the same file, the header's keys sorted,
     /// and every tensor starts aligned to its element size; `safetensors` reads it.
@@ -329,7 +375,7 @@ mod tests {
     fn writes_the_same_bytes_every_time() {
         let mut g = graph_with(Format::Q8_0, vec![0; Format::Q8_0.byte_len(64).unwrap() as usize]);
         let x = g.add_typed(
-            Op::Weight(WeightRef { tensor: "a_f32".into(), format: Format::F32, checksum: None }),
+            Op::Weight(WeightRef::dense("a_f32", Format::F32, None)),
             &[],
             Type::f32([Dim::Known(3)]),
             "",

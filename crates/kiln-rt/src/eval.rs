@@ -4,7 +4,7 @@
 use crate::cache::KvCache;
 use crate::kernels;
 use crate::{Tensor, Value};
-use kiln_ir::{DType, Dim, Graph, NodeId, Op};
+use kiln_ir::{DType, Dim, Graph, NodeId, Op, WeightError};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,19 +35,21 @@ impl Symbols {
     }
 }
 
-/// Decodes the given weight nodes to f32 (in parallel), exactly as `Format::dequantize`.
+/// Decodes the given weight nodes to f32 (in parallel), exactly as [`kiln_ir::WeightRef::value`].
 pub fn decode_weights(graph: &Graph, nodes: &[NodeId]) -> Result<HashMap<NodeId, Arc<Value>>, RunError> {
     nodes
         .par_iter()
         .map(|&n| {
             let Op::Weight(w) = &graph.node(n).op else { unreachable!("decode_weights takes weight nodes") };
             let fail = |message: String| RunError::Weight { tensor: w.tensor.clone(), message };
-            let data = graph
-                .store
-                .get(&w.tensor)
-                .ok_or_else(|| fail("not bound to a checkpoint (pass --weights, or load an artifact)".into()))?;
-            let values = data.to_f32().map_err(|e| fail(e.to_string()))?;
-            let shape = data.shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
+            let shape: Vec<u64> = graph.node(n).ty.shape.iter().filter_map(|d| d.known()).collect();
+            let values = w.value(&graph.store, &shape).map_err(|e| match e {
+                WeightError::Missing(_) => {
+                    fail("not bound to a checkpoint (pass --weights, or load an artifact)".into())
+                }
+                e => fail(e.to_string()),
+            })?;
+            let shape = shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
             Ok((n, Arc::new(Value::F32(Tensor::new(shape, values)))))
         })
         .collect()

@@ -73,6 +73,7 @@ pub fn random_weight(rng: &mut Rng, format: Format, n: usize, k: usize) -> Vec<u
             let values: Vec<f32> = (0..elems).map(|_| rng.f32() * 0.2).collect();
             out = f.quantize(&values);
         }
+        Format::U8 => unreachable!("u8 is not a linear weight format"),
     }
     out
 }
