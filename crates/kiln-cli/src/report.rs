@@ -70,26 +70,34 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Layers of an artifact no quantize pass ran on: every matrix as stored.
+/// Layers of an artifact no quantize pass ran on, from its layer table: each layer's main
+/// weight as stored, its bytes counting every weight of the layer. The average counts every
+/// stored tensor once.
 fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     let (mut params, mut bytes) = (0u64, 0u64);
-    let mut layers = Vec::new();
-    for n in graph.topo_order().unwrap_or_default() {
+    let mut seen = std::collections::HashSet::new();
+    for n in graph.node_ids() {
         let Op::Weight(w) = &graph.node(n).op else { continue };
-        if graph.store.get(&w.tensor).is_none() {
-            continue;
+        if graph.store.get(&w.tensor).is_some() && seen.insert(w.tensor.clone()) {
+            params += graph.node(n).ty.shape.iter().filter_map(|d| d.known()).product::<u64>();
+            bytes += w.stored_bytes(&graph.store);
         }
-        let shape: Vec<u64> = graph.node(n).ty.shape.iter().filter_map(|d| d.known()).collect();
-        let (elements, stored) = (shape.iter().product::<u64>(), w.stored_bytes(&graph.store));
-        params += elements;
-        bytes += stored;
-        if shape.len() == 2 {
-            layers.push(json!({
-                "scope": graph.node(n).scope, "format": w.storage(),
-                "bits_per_weight": stored as f64 * 8.0 / elements.max(1) as f64,
-                "bytes": stored, "sensitivity": null, "error": null,
-            }));
-        }
+    }
+    let stored = |id| match &graph.node(id).op {
+        Op::Weight(w) => w.stored_bytes(&graph.store),
+        _ => 0,
+    };
+    let mut layers = Vec::new();
+    for (name, layer) in graph.layers.iter() {
+        let Some(id) = layer.main() else { continue };
+        let Op::Weight(main) = &graph.node(id).op else { continue };
+        let elements: u64 = graph.node(id).ty.shape.iter().filter_map(|d| d.known()).product();
+        let layer_bytes: u64 = layer.weights.iter().map(|&(_, id)| stored(id)).sum();
+        layers.push(json!({
+            "scope": name, "format": main.storage(),
+            "bits_per_weight": layer_bytes as f64 * 8.0 / elements.max(1) as f64,
+            "bytes": layer_bytes, "sensitivity": null, "error": null,
+        }));
     }
     (layers, json!(bytes as f64 * 8.0 / params.max(1) as f64))
 }

@@ -1126,6 +1126,15 @@ fn compile_with_quantize_and_report() {
     };
     // The tiny model's rows (16 wide) fit no int group: 16-bit formats here; the int
     // formats and GPTQ are tested on wider hand-written graphs (tests/quantize.rs).
+    // Without a quantize pass, the report lists the layer table's layers as stored.
+    ok(&args("dead_code"));
+    let report = ok(&["report".to_string(), s(&out), "--json".into()]);
+    let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
+    let layers = json["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 14, "{json}");
+    assert!(layers.iter().all(|l| l["format"] == "f32" && l["bits_per_weight"] == 32.0), "{json}");
+    assert!(layers.iter().any(|l| l["scope"] == "layers.1.attn.q"), "{json}");
+
     ok(&args("quantize(format=bf16)"));
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
     let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
