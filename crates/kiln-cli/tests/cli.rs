@@ -164,10 +164,21 @@ fn check_notes_unused_checkpoint_tensors() {
 /// running the pipeline up to that pass prints.
 #[test]
 fn passes_are_listed_and_printed_after() {
+    // Every pass of the registry with its summary, and every option with its values,
+    // default and help, whatever the wrapping.
     let listed = ok(&["passes"]);
-    for needle in ["quantize: ", "last_position: ", "dead_code: ", "  bits=B", "  method=rtn|gptq  (default: "] {
-        assert!(listed.contains(needle), "{needle:?} in\n{listed}");
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat = words(&listed);
+    for pass in kiln_passes::manager::REGISTRY {
+        assert!(listed.contains(&format!("{}: ", pass.name)), "{} in\n{listed}", pass.name);
+        assert!(flat.contains(&words(pass.summary)), "{}'s summary in\n{listed}", pass.name);
+        for o in pass.options {
+            for text in [o.name, o.values, o.default, o.help] {
+                assert!(flat.contains(&words(text)), "{}'s {}: {text:?} in\n{listed}", pass.name, o.name);
+            }
+        }
     }
+    assert!(kiln_passes::manager::REGISTRY.iter().any(|p| p.name == "quantize" && p.options.len() > 5));
     let (_dir, weights) = tiny_setup("print-after");
     let pipeline = "quantize(format=bf16), last_position(output=logits), dead_code";
     let all = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline, "--print-after", "all"]);
