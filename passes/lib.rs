@@ -22,6 +22,7 @@ pub mod budget;
 pub mod calibration;
 pub mod cleanup;
 pub mod context;
+pub mod factorize;
 pub mod layers;
 pub mod manager;
 pub mod options;

@@ -1,0 +1,3 @@
+//! `factorize`: low-rank factorization of linear weights (`W ~ A B`, run as two linears).
+
+pub mod lowrank;
