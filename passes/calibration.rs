@@ -5,7 +5,6 @@
 //! linear input (the q, k and v projections of a layer share one), whatever the number of
 //! calibration rows.
 
-use crate::quantize::Activations;
 use kiln_ir::{Graph, NodeId, Op};
 use std::collections::HashMap;
 
@@ -69,17 +68,20 @@ pub trait Executor: Sync {
     /// Whether the executor has rows to probe with (held out of the statistics).
     fn can_probe(&self) -> bool;
 
-    /// How far `graph`'s outputs move from the unchanged model's on the probe rows, its
-    /// linears on quantized weights taking `activations` (KL divergence of next-token
-    /// distributions for logits, 1 - cosine for other outputs).
-    fn probe(&self, graph: &Graph, activations: Activations) -> Result<f64, String>;
+    /// How far `graph`'s outputs move from the unchanged model's (with f32 activations) on
+    /// the probe rows, its linears taking the activations their attributes say (KL
+    /// divergence of next-token distributions for logits, 1 - cosine for other outputs).
+    fn probe(&self, graph: &Graph) -> Result<f64, String>;
 }
 
 /// The nodes whose second moments passes use: the input of every `linear` (operand 0), in
 /// node order, each once.
 pub fn linear_inputs(graph: &Graph) -> Vec<NodeId> {
-    let mut nodes: Vec<NodeId> =
-        graph.node_ids().filter(|&n| graph.node(n).op == Op::Linear).map(|n| graph.operands(n)[0]).collect();
+    let mut nodes: Vec<NodeId> = graph
+        .node_ids()
+        .filter(|&n| matches!(graph.node(n).op, Op::Linear { .. }))
+        .map(|n| graph.operands(n)[0])
+        .collect();
     nodes.sort();
     nodes.dedup();
     nodes

@@ -9,14 +9,13 @@
 
 use crate::PassError;
 use crate::calibration::{Calibration, Executor, linear_inputs};
-use crate::quantize::Activations;
 use kiln_ir::Graph;
 use std::sync::{Arc, Mutex};
 
-/// Runs a changed copy of the graph, its linears on quantized weights taking the given
-/// activations, on held-out calibration inputs, and says how far its outputs moved from the
+/// Runs a changed copy of the graph, its linears taking the activations their attributes
+/// say, on held-out calibration inputs, and says how far its outputs moved from the
 /// unchanged model's (see [`Executor::probe`]).
-pub type Probe<'a> = dyn Fn(&Graph, Activations) -> Result<f64, String> + 'a;
+pub type Probe<'a> = dyn Fn(&Graph) -> Result<f64, String> + 'a;
 
 /// What passes get besides the graph and their options.
 pub struct Context<'a> {
@@ -76,7 +75,7 @@ impl<'a> Context<'a> {
     /// The probe, if the executor has rows to probe with.
     pub fn probe(&self) -> Option<Box<Probe<'a>>> {
         let executor = self.executor.filter(|e| e.can_probe())?;
-        Some(Box::new(move |g: &Graph, a: Activations| executor.probe(g, a)))
+        Some(Box::new(move |g: &Graph| executor.probe(g)))
     }
 }
 

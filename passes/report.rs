@@ -2,7 +2,7 @@
 //! the artifact (`kiln.passes`) and `kiln report` reads.
 
 use crate::manager::PassCall;
-use crate::quantize::{Activations, QuantizeReport};
+use crate::quantize::QuantizeReport;
 use serde_json::{Value as Json, json};
 
 /// What a pass reports about its work.
@@ -26,14 +26,6 @@ impl PassReport {
         }
     }
 
-    /// The activations the pass chose for linears on quantized weights, if it chose any.
-    pub fn activations(&self) -> Option<Activations> {
-        match self {
-            PassReport::Quantize(q) => Some(q.activations),
-            PassReport::Cleanup { .. } => None,
-        }
-    }
-
     /// The report as JSON; a quantize report in the shape `kiln report --json` prints.
     pub fn to_json(&self) -> Json {
         match self {
@@ -48,12 +40,6 @@ impl PassReport {
 pub fn pipeline_json(ran: &[(PassCall, PassReport)]) -> String {
     let list: Vec<Json> = ran.iter().map(|(c, r)| json!({"call": c.to_string(), "report": r.to_json()})).collect();
     Json::Array(list).to_string()
-}
-
-/// The activations a pipeline leaves the model's linears: the last pass that chose any
-/// decides.
-pub fn chosen_activations(ran: &[(PassCall, PassReport)]) -> Option<Activations> {
-    ran.iter().rev().find_map(|(_, r)| r.activations())
 }
 
 fn quantize_json(q: &QuantizeReport) -> Json {

@@ -30,7 +30,7 @@ fn jit_matches_the_interpreter_on_the_tiny_model() {
     let g = tiny();
     let engine = Prepared::new(&g, Exec::Jit { threads: 2 });
     if let Prepared::Jit(e) = &engine {
-        let linears = g.node_ids().filter(|&n| g.node(n).op == kiln_ir::Op::Linear).count();
+        let linears = g.node_ids().filter(|&n| matches!(g.node(n).op, kiln_ir::Op::Linear { .. })).count();
         assert_eq!(linears, 13, "4 attention linears per layer, a gated and a plain MLP");
         assert_eq!(e.compiled_linears(), linears, "every linear runs compiled");
     }
@@ -309,6 +309,14 @@ fn int_weight(format: &str, n: usize, k: usize, values: &[f32]) -> kiln_ir::Tens
     kiln_ir::TensorData::new(f, vec![n as u64, k as u64], kiln_ir::Bytes::from_vec(bytes)).unwrap()
 }
 
+/// `g` with its linears' activations set by `mode` (each as its weight allows).
+fn with_activations(g: &kiln_ir::Graph, mode: kiln_ir::Activations) -> kiln_ir::Graph {
+    let mut g = g.clone();
+    kiln_ir::set_activations(&mut g, mode);
+    kiln_ir::verify(&g).unwrap();
+    g
+}
+
 /// The interpreter with int8 activations computes a linear on integer weights as the
 /// engine's W8A8 kernels do, bit for bit: every integer format, per block and per row,
 /// with bias, relu and residual fused in the engine, for single rows (the emitted kernel,
@@ -343,13 +351,13 @@ fn the_interpreter_computes_w8a8_linears_bit_for_bit() {
                 let exact = f32s(&Prepared::new(&g, Exec::Interp).run(&inputs), "y");
                 for activations in [kiln_ir::Activations::Int8, kiln_ir::Activations::Int8Row] {
                     let what = format!("{format}, {act}, m = {m}, {activations}");
-                    let interp = kiln_interp::Interpreter::with_activations(&g, activations).unwrap();
+                    let g = with_activations(&g, activations);
+                    let interp = kiln_interp::Interpreter::new(&g).unwrap();
                     let want = interp.run(&inputs).unwrap();
                     let (diff, scale) = max_diff(&f32s(&want, "y"), &exact);
                     assert!(diff > 1e-4 * scale && diff < 0.05 * scale, "{what}: W8A8 against f32 activations {diff}");
                     for threads in [1, 2] {
-                        let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-                        let engine = kiln_jit::compile(&g, options).unwrap();
+                        let engine = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(threads)).unwrap();
                         assert_eq!(engine.compiled_linears(), 1, "{what}");
                         let got = engine.run(&inputs).unwrap();
                         if act == "silu" || act == "gelu" {
@@ -378,7 +386,7 @@ fn tiny_on_int_weights(seed: u64) -> kiln_ir::Graph {
         .topo_order()
         .unwrap()
         .into_iter()
-        .filter(|&n| g.node(n).op == kiln_ir::Op::Linear)
+        .filter(|&n| matches!(g.node(n).op, kiln_ir::Op::Linear { .. }))
         .map(|n| g.operands(n)[1])
         .collect();
     let mut rng = Rng::new(seed);
@@ -427,9 +435,9 @@ fn the_interpreter_reproduces_w8a8_models_within_the_stated_bound() {
     let inputs = feed(&ROWS);
     let exact = Prepared::new(&g, Exec::Interp).run(&inputs);
     for activations in [kiln_ir::Activations::Int8, kiln_ir::Activations::Int8Row] {
-        let want = kiln_interp::Interpreter::with_activations(&g, activations).unwrap().run(&inputs).unwrap();
-        let options = kiln_jit::EngineOptions { threads: 2, activations, profile: false };
-        let engine = kiln_jit::compile(&g, options).unwrap();
+        let g = with_activations(&g, activations);
+        let want = kiln_interp::Interpreter::new(&g).unwrap().run(&inputs).unwrap();
+        let engine = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(2)).unwrap();
         assert_eq!(engine.compiled_linears(), 13, "{activations}");
         let got = engine.run(&inputs).unwrap();
         for name in ["logits", "hidden"] {

@@ -271,7 +271,8 @@ fn a_probe_measures_each_kind_and_the_mix_never_loses_to_the_uniform_format() {
     let want = logits(&base);
     for method in [Method::Rtn, Method::Gptq] {
         let calls = std::cell::Cell::new(0);
-        let probe = |g: &Graph, _: Activations| -> Result<f64, String> {
+        let probe = |g: &Graph| -> Result<f64, String> {
+            assert_eq!(g.activations(), Activations::F32, "the search probes f32 activations");
             calls.set(calls.get() + 1);
             Ok(relative_error(&logits(g), &want))
         };
@@ -298,7 +299,9 @@ fn int8_activation_scales_are_chosen_by_the_probe() {
     let calib = calibrate(&model());
     for (block, row, want) in [(2.0, 1.0, Activations::Int8Row), (1.0, 2.0, Activations::Int8)] {
         let seen = std::cell::RefCell::new(vec![]);
-        let probe = |_: &Graph, a: Activations| -> Result<f64, String> {
+        // The probe sees each mode on the linears of the graph it is given.
+        let probe = |g: &Graph| -> Result<f64, String> {
+            let a = g.activations();
             seen.borrow_mut().push(a);
             Ok(match a {
                 Activations::Int8 => block,
@@ -314,12 +317,15 @@ fn int8_activation_scales_are_chosen_by_the_probe() {
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), Some(&probe), &|_, _, _| {}).unwrap();
         assert_eq!(report.activations, want, "{:?}", report.notes);
+        assert_eq!(g.activations(), want, "the chosen mode is on the linears");
+        kiln_ir::verify(&g).unwrap();
         assert_eq!(*seen.borrow(), [Activations::Int8, Activations::Int8Row]);
         assert!(report.notes.iter().any(|n| n.contains("scales per row move the outputs by")), "{:?}", report.notes);
 
         let mut g = model();
         let report = quantize(&mut g, &options, Some(&calib), None, &|_, _, _| {}).unwrap();
         assert_eq!(report.activations, Activations::Int8);
+        assert_eq!(g.activations(), Activations::Int8);
         assert!(report.notes.iter().any(|n| n.contains("no probe rows")), "{:?}", report.notes);
     }
 }

@@ -162,7 +162,8 @@ pub enum Exec {
     Jit {
         threads: usize,
     },
-    /// The JIT with int8 activations for quantized-weight linears.
+    /// The JIT with int8 activations set on the quantized-weight linears
+    /// ([`kiln_ir::set_activations`]).
     JitInt8 {
         threads: usize,
     },
@@ -190,8 +191,14 @@ impl<'g> Prepared<'g> {
                     Exec::JitInt8 { .. } => kiln_jit::Activations::Int8,
                     _ => kiln_jit::Activations::Int8Row,
                 };
-                let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-                Prepared::Jit(Box::new(kiln_jit::compile(graph, options).expect("compiles")))
+                // The mode set on a copy of the graph, as `kiln run --activations` does; the
+                // engine borrows it for as long as the test runs (weights are shared, not
+                // copied).
+                let mut copy = graph.clone();
+                kiln_ir::set_activations(&mut copy, activations);
+                let copy: &'g Graph = Box::leak(Box::new(copy));
+                let options = kiln_jit::EngineOptions::threads(threads);
+                Prepared::Jit(Box::new(kiln_jit::compile(copy, options).expect("compiles")))
             }
         }
     }

@@ -133,7 +133,7 @@ pub fn last_position(graph: &Graph, name: &str, axis: usize) -> Result<Graph, Pa
 fn row_wise(op: &Op, axis: usize, rank: usize) -> bool {
     match op {
         Op::Unary(_) => true,
-        Op::Linear | Op::RmsNorm { .. } | Op::LayerNorm { .. } => axis + 1 < rank,
+        Op::Linear { .. } | Op::RmsNorm { .. } | Op::LayerNorm { .. } => axis + 1 < rank,
         _ => false,
     }
 }

@@ -50,9 +50,8 @@ fn compress(spec: &Path, weights: &Path, calib: &Path, passes: &str, out: &Path)
     let file = kiln_rt::io::decode(&bytes).map_err(|e| format!("{}: {e}", calib.display()))?;
     let inputs = kiln_rt::io::inputs_from(&file, &calib.display().to_string(), &graph).map_err(|e| e.to_string())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let engine: ProbeEngine = Box::new(move |g, inputs, activations| {
-        let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-        let engine = kiln_jit::compile(g, options).map_err(|e| e.to_string())?;
+    let engine: ProbeEngine = Box::new(move |g, inputs| {
+        let engine = kiln_jit::compile(g, kiln_jit::EngineOptions::threads(threads)).map_err(|e| e.to_string())?;
         engine.run(inputs).map_err(|e| e.to_string())
     });
     let calibrator = Calibrator::new(&graph, inputs, manager::probes_any(&calls), engine)?;
@@ -64,13 +63,10 @@ fn compress(spec: &Path, weights: &Path, calib: &Path, passes: &str, out: &Path)
     eprintln!();
     let ran: Vec<_> = calls.into_iter().zip(reports).collect();
 
-    // The artifact: the graph with its weights as the passes left them, and the metadata
-    // `kiln compile` writes.
+    // The artifact: the graph with its weights (and its linears' activations) as the passes
+    // left them, and the metadata `kiln compile` writes.
     let mut metadata = BTreeMap::new();
     metadata.insert(artifact::PASSES_KEY.to_string(), report::pipeline_json(&ran));
-    if let Some(a) = report::chosen_activations(&ran) {
-        metadata.insert(artifact::ACTIVATIONS_KEY.to_string(), a.to_string());
-    }
     let tokenizer = weights.with_file_name("tokenizer.json");
     if tokenizer.exists() {
         let tok = tokenizers::Tokenizer::from_file(&tokenizer).map_err(|e| format!("{}: {e}", tokenizer.display()))?;

@@ -71,7 +71,7 @@ pub fn attach(
     let linears: Vec<NodeId> = graph
         .users(weight)
         .into_iter()
-        .filter(|&u| graph.node(u).op == Op::Linear && graph.operands(u).get(1) == Some(&weight))
+        .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u).get(1) == Some(&weight))
         .collect();
     if linears.is_empty() {
         return Ok(());
@@ -95,8 +95,12 @@ pub fn attach(
         let x = graph.operands(linear)[0];
         let scope = graph.node(linear).scope.clone();
         let fail = |e: kiln_ir::GraphError| format!("LoRC on {scope}: {e}");
-        let low = graph.add(Op::Linear, &[x, weight_b], &scope, None).map_err(fail)?;
-        let correction = graph.add(Op::Linear, &[low, weight_a], &scope, None).map_err(fail)?;
+        let low = graph
+            .add(Op::Linear { activations: kiln_ir::Activations::F32 }, &[x, weight_b], &scope, None)
+            .map_err(fail)?;
+        let correction = graph
+            .add(Op::Linear { activations: kiln_ir::Activations::F32 }, &[low, weight_a], &scope, None)
+            .map_err(fail)?;
         let sum = graph.add(Op::Binary(BinaryOp::Add), &[linear, correction], &scope, None).map_err(fail)?;
         graph.replace_uses_except(linear, sum, sum);
     }

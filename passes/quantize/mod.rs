@@ -315,8 +315,9 @@ pub struct QuantizeOptions {
     pub lorc_rank: usize,
 }
 
-/// What the model's linears on quantized weights take as activations: recorded in the
-/// report for the backend (the numbers are documented on [`kiln_ir::Activations`]).
+/// What the model's linears on quantized weights take as activations: set on each linear
+/// by [`kiln_ir::set_activations`] and named in the report (the numbers are documented on
+/// [`kiln_ir::Activations`]).
 pub use kiln_ir::Activations;
 
 /// The formats the budgeted search chooses from (those whose groups divide a layer's rows).
@@ -387,7 +388,8 @@ pub struct QuantizeReport {
     pub bytes: u64,
     /// Things the user should know (fallback groups, layers left as they were).
     pub notes: Vec<String>,
-    /// The activations chosen for linears on quantized weights.
+    /// The activations chosen for linears on quantized weights: the mode the pass set on
+    /// the linears by [`kiln_ir::set_activations`] (each takes what its weight allows).
     pub activations: Activations,
 }
 
@@ -431,6 +433,9 @@ pub fn quantize(
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<QuantizeReport, PassError> {
     let fail = |message: String| PassError::NotApplicable { pass: PASS, message };
+    // The formats change, so the linears' activations are set anew at the end; until then
+    // they are f32, which is what the search's probes measure.
+    kiln_ir::set_activations(graph, Activations::F32);
     let mut layers = find_layers(graph, calibration).map_err(fail)?;
     let mut notes = Vec::new();
 
@@ -604,8 +609,13 @@ pub fn quantize(
             ),
             Some(probe) => {
                 progress(0, 2, "measuring int8 activations per block and per row");
-                let block = probe(graph, Activations::Int8).map_err(fail)?;
-                let row = probe(graph, Activations::Int8Row).map_err(fail)?;
+                let with = |mode: Activations| {
+                    let mut g = graph.clone();
+                    kiln_ir::set_activations(&mut g, mode);
+                    g
+                };
+                let block = probe(&with(Activations::Int8)).map_err(fail)?;
+                let row = probe(&with(Activations::Int8Row)).map_err(fail)?;
                 report.activations = if row < block { Activations::Int8Row } else { Activations::Int8 };
                 report.notes.push(format!(
                     "activations=int8: scales per row move the outputs by {row:.4e} on the probe rows, per block of 32 by {block:.4e}: {} kept",
@@ -618,6 +628,9 @@ pub fn quantize(
             ),
         }
     }
+    // Each linear takes what the chosen mode gives its weight's new format: the attribute
+    // engines run (f32 on weights left unquantized, and on LoRC's f32 factors).
+    kiln_ir::set_activations(graph, report.activations);
     Ok(report)
 }
 
@@ -635,7 +648,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
     for &id in &order {
         let node = graph.node(id);
         let (table, x) = match node.op {
-            Op::Linear => (graph.operands(id)[1], Some(graph.operands(id)[0])),
+            Op::Linear { .. } => (graph.operands(id)[1], Some(graph.operands(id)[0])),
             // A table read by rows: an embedding, or a position table sliced to the
             // sequence.
             Op::Gather | Op::Slice { axis: 0, .. } => (graph.operands(id)[0], None),
@@ -927,7 +940,7 @@ impl Search<'_> {
                 let mut gain = vec![0.0; names.len()];
                 for (i, (name, &k)) in names.iter().enumerate() {
                     (self.progress)(i, names.len(), &format!("probing {name} at {uniform}"));
-                    let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?, Activations::F32)?;
+                    let moved = probe(&with(&base, &at_base, &|l| kind[l] == k)?)?;
                     let error: f64 = (0..layers.len())
                         .filter(|&l| kind[l] == k)
                         .filter_map(|l| measured[l].iter().find(|m| m.format == base[l]).map(|m| m.absolute))
@@ -986,8 +999,8 @@ impl Search<'_> {
             ));
         } else if let Some(probe) = probe.filter(|_| changed > 0) {
             (self.progress)(0, 2, "checking the mix against the uniform format");
-            let mix = probe(&with(&formats, &encoded, &|_| true)?, Activations::F32)?;
-            let flat = probe(&with(&base, &at_base, &|_| true)?, Activations::F32)?;
+            let mix = probe(&with(&formats, &encoded, &|_| true)?)?;
+            let flat = probe(&with(&base, &at_base, &|_| true)?)?;
             if mix < flat {
                 notes.push(format!(
                     "bits={bits}: the mix ({changed} layers moved from {uniform}) moves the outputs by {mix:.4e} on the probe rows, {uniform} everywhere by {flat:.4e}"

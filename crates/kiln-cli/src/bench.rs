@@ -24,9 +24,10 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let mut model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    args.exec.apply_activations(&mut model.graph);
     let graph = &model.graph;
-    let exec = args.exec.for_model(&model);
+    let exec = args.exec.clone();
     let shape = match (&args.shape, args.decode) {
         (Some(shape), None) => shape.clone(),
         (None, Some(tokens)) => return bench_decode(&args, &exec, graph, tokens),
@@ -66,7 +67,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "load_ms": load_ms,
         "tokens_per_s": tokens as f64 / median * 1e3,
         "threads": exec.threads.unwrap_or_else(rayon_threads),
-        "activations": exec.activations.unwrap_or_default().to_string(),
+        "activations": graph.activations().to_string(),
     });
     if args.json {
         println!("{report}");
@@ -128,7 +129,7 @@ fn bench_decode(args: &BenchArgs, exec: &crate::runner::ExecArgs, graph: &Graph,
         "tokens_per_s": 1e3 / median,
         "load_ms": load_ms,
         "threads": exec.threads.unwrap_or_else(rayon_threads),
-        "activations": exec.activations.unwrap_or_default().to_string(),
+        "activations": graph.activations().to_string(),
     });
     runner.print_profile();
     if args.json {

@@ -1,7 +1,7 @@
 //! `kiln compile`: a spec bound to its checkpoint, written as one artifact file or, with
 //! `--emit exe`, as a native executable (see [`crate::native`]).
 
-use crate::load::{self, ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
+use crate::load::{self, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
 use crate::native::Emit;
 use kiln_ir::Op;
 use miette::{IntoDiagnostic, Result, miette};
@@ -32,8 +32,8 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     }
     if args.emit == Emit::Artifact && args.activations.is_some() {
         return Err(miette!(
-            help = "activations are chosen by `quantize(..., activations=int8)` in an artifact, or by `kiln run --activations`",
-            "--activations on `kiln compile` chooses the kernels of --emit exe or lib"
+            help = "an artifact's linears take the activations `quantize(..., activations=int8)` gives them; `kiln run --activations` overrides them",
+            "--activations on `kiln compile` overrides the activations of --emit exe or lib"
         ));
     }
     let (model, metadata) = match (is_artifact, args.emit) {
@@ -67,11 +67,10 @@ pub fn compile(args: CompileArgs) -> Result<()> {
         }
     };
     if args.emit != Emit::Artifact {
-        // What the passes chose (recorded in the metadata, for a spec as for an artifact).
-        let recorded = crate::runner::recorded_activations(&metadata);
-        let activations = args.activations.or(recorded).unwrap_or_default();
+        // Without --activations, what the IR says (the passes' choice, for a spec as for an
+        // artifact).
         let native = crate::native::NativeArgs {
-            activations,
+            activations: args.activations,
             target_cpu: &args.target_cpu,
             weights_beside: args.weights_beside,
         };
@@ -110,17 +109,13 @@ pub fn compile(args: CompileArgs) -> Result<()> {
 }
 
 /// Runs the passes on a spec's graph and gathers the artifact's metadata: the pass
-/// reports, the activations they chose, the tokenizer, the end of sequence and the source.
+/// reports, the tokenizer, the end of sequence and the source (the activations the passes
+/// chose are the linears' attributes, in the IR).
 fn bind(model: &mut load::Model, args: &CompileArgs, weights: &std::path::Path) -> Result<BTreeMap<String, String>> {
     let ran = crate::passes::apply(&mut model.graph, &args.passes, &mut |_, _| {})?;
     crate::passes::summarize(&ran);
     let mut metadata = BTreeMap::new();
     metadata.insert(kiln_rt::artifact::PASSES_KEY.to_string(), kiln_passes::report::pipeline_json(&ran));
-    // The last pass that chose activations decides what `run`, `eval`, `generate` and
-    // `bench` use by default.
-    if let Some(a) = kiln_passes::report::chosen_activations(&ran) {
-        metadata.insert(ACTIVATIONS_KEY.to_string(), a.to_string());
-    }
     // The tokenizer travels with the model, so that text in and out needs only the artifact.
     match model.tokenizer(args.tokenizer.as_deref()) {
         Ok(tok) => {

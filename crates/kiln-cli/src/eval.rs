@@ -30,9 +30,10 @@ struct Metrics {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let mut model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    args.exec.apply_activations(&mut model.graph);
     let graph = &model.graph;
-    let (interp, _) = Runner::new(graph, &args.exec.for_model(&model))?;
+    let (interp, _) = Runner::new(graph, &args.exec)?;
     let file = tensors::read(&args.data)?;
     let inputs = tensors::inputs_from(&file, &args.data, graph)?;
     let rows = tensors::batch_of(&inputs)?;

@@ -43,7 +43,8 @@ pub struct Sampling {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let mut model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    args.exec.apply_activations(&mut model.graph);
     let lm = language_model(&model.graph)?;
     let graph = &generation_graph(&lm, &model.graph);
     args.sampling.validate()?;
@@ -72,7 +73,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     lm.check_prompt(&prompt).map_err(|e| miette!("{e}"))?;
     let eos = if args.ignore_eos { None } else { model.eos_token_id() };
 
-    let (runner, _) = Runner::new(graph, &args.exec.for_model(&model))?;
+    let (runner, _) = Runner::new(graph, &args.exec)?;
     let mut decoder = Decoder::new(&runner, &lm);
     let mut sampler = Sampler::new(args.sampling.clone());
     let start = Instant::now();

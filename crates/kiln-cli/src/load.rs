@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Metadata keys the CLI adds to artifacts.
-pub use kiln_rt::artifact::{ACTIVATIONS_KEY, EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
+pub use kiln_rt::artifact::{EOS_KEY, SOURCE_KEY, TOKENIZER_KEY};
 
 pub struct Model {
     pub graph: Graph,
@@ -77,15 +77,6 @@ impl Model {
         match &self.origin {
             Origin::Spec { checkpoint } => checkpoint.as_ref(),
             Origin::Artifact { .. } => None,
-        }
-    }
-
-    /// The activations an artifact's passes chose, if any.
-    pub fn recorded_activations(&self) -> Option<kiln_ir::Activations> {
-        match &self.origin {
-            // Recorded by its name on the command line (`--activations`).
-            Origin::Artifact { metadata, .. } => crate::runner::recorded_activations(metadata),
-            Origin::Spec { .. } => None,
         }
     }
 

@@ -78,8 +78,10 @@ enum Command {
         /// on a CPU that lacks a feature its kernels may use.
         #[arg(long, default_value = "native")]
         target_cpu: String,
-        /// With --emit exe or lib: the activations the kernels take (default: what the passes
-        /// chose, else f32); the program runs as `kiln run --activations` would.
+        /// With --emit exe or lib: set every linear's activations by this mode before the
+        /// kernels are chosen (int8 only where its weight's format allows it); default: what
+        /// the IR says (the quantize pass's choice). The program runs as `kiln run
+        /// --activations` would.
         #[arg(long, value_parser = runner::activations_parser())]
         activations: Option<kiln_ir::Activations>,
         /// With --emit exe: keep the weights in a file beside the program (PROGRAM.kiln, an

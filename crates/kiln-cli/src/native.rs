@@ -5,7 +5,7 @@
 //! are gathered into one static library with a generated header for C programs.
 
 use kiln_ir::Graph;
-use kiln_jit::{EngineOptions, HostIsa, IsaOptions};
+use kiln_jit::{HostIsa, IsaOptions};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -208,7 +208,9 @@ kiln_model *{name}_create(int threads);
 
 /// How a native program is built.
 pub struct NativeArgs<'a> {
-    pub activations: kiln_ir::Activations,
+    /// `--activations`: set on every linear by the rule ([`kiln_ir::set_activations`])
+    /// before the kernels are chosen; `None` keeps what the IR says.
+    pub activations: Option<kiln_ir::Activations>,
     pub target_cpu: &'a str,
     /// Executables: the weights in a file beside the program (`PROGRAM.kiln`, an artifact),
     /// mapped at start-up, instead of inside it.
@@ -235,10 +237,12 @@ pub fn emit(
     let isa = HostIsa::for_cpu(target_cpu, IsaOptions { pic: true, ..IsaOptions::default() }).into_diagnostic()?;
     eprintln!("kernels for {target_cpu} ({})", isa.describe());
     metadata.insert(kiln_rt::artifact::TARGET_KEY.into(), format!("{target_cpu} ({})", isa.describe()));
-    metadata.insert(kiln_rt::artifact::ACTIVATIONS_KEY.into(), activations.to_string());
-    // Weights the engine would repack at start-up are stored repacked (the same values).
     let mut graph = graph.clone();
-    kiln_exec::repack::prepack(&mut graph, activations).into_diagnostic()?;
+    if let Some(mode) = activations {
+        kiln_ir::set_activations(&mut graph, mode);
+    }
+    // Weights the engine would repack at start-up are stored repacked (the same values).
+    kiln_exec::repack::prepack(&mut graph).into_diagnostic()?;
     let graph = &graph;
     // A language model also carries the graph generation runs (logits at the last position).
     let generation = kiln_rt::lm::LanguageModel::of(graph).ok().map(|lm| crate::generate::generation_graph(&lm, graph));
@@ -264,12 +268,11 @@ pub fn emit(
     let hash = header_hash.to_le_bytes();
     let data = [("artifact", embedded), ("weights_file", weights_file.as_bytes()), ("weights_header_hash", &hash[..])];
     let graphs: Vec<&Graph> = std::iter::once(graph).chain(generation.as_ref()).collect();
-    let options = EngineOptions { threads: 1, activations, profile: false };
     let prefix = match &name {
         Some(name) => format!("kiln_{name}_"),
         None => "kiln_".into(),
     };
-    let object = kiln_jit::emit_object(&graphs, options, &isa, &prefix, &data)
+    let object = kiln_jit::emit_object(&graphs, &isa, &prefix, &data)
         .into_diagnostic()
         .wrap_err("cannot compile the kernels")?;
     // The weights file first (beside the target, then renamed, so that a program running on

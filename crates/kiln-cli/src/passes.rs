@@ -77,10 +77,11 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
     let calibrator = match args.calib.as_deref() {
         Some(path) => {
             let inputs = crate::tensors::inputs_from(&crate::tensors::read(path)?, path, graph)?;
-            // Probes run changed copies of the model under the JIT.
-            let engine: ProbeEngine = Box::new(move |g, inputs, activations| {
-                let options = kiln_jit::EngineOptions { threads, activations, profile: false };
-                let engine = kiln_jit::compile(g, options).map_err(|e| e.to_string())?;
+            // Probes run changed copies of the model under the JIT, with the activations
+            // their linears say.
+            let engine: ProbeEngine = Box::new(move |g, inputs| {
+                let engine =
+                    kiln_jit::compile(g, kiln_jit::EngineOptions::threads(threads)).map_err(|e| e.to_string())?;
                 engine.run(inputs).map_err(|e| e.to_string())
             });
             let calibrator = Calibrator::new(graph, inputs, manager::probes_any(&calls), engine)

@@ -41,10 +41,18 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             .into_diagnostic()
             .wrap_err_with(|| format!("cannot write {}", plot.display()))?;
     }
-    // What `run`, `eval`, `generate` and `bench` use by default (`--activations`).
-    let activations = artifact.metadata.get(crate::load::ACTIVATIONS_KEY).map_or("f32", String::as_str);
+    // The mode the last quantize pass set, and what each linear of the IR takes by it (what
+    // `run`, `eval`, `generate` and `bench` run unless `--activations` overrides it).
+    let activations = quantize.and_then(|q| q["report"]["activations"].as_str()).unwrap_or("f32");
+    let mut linears: std::collections::BTreeMap<&str, usize> = Default::default();
+    for id in artifact.graph.node_ids() {
+        if let Op::Linear { activations } = artifact.graph.node(id).op {
+            *linears.entry(activations.name()).or_default() += 1;
+        }
+    }
     if as_json {
-        println!("{}", json!({"layers": summary, "bits_per_weight": bits, "activations": activations}));
+        let json = json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
+        println!("{json}");
         return Ok(());
     }
     let calls: Vec<&str> = passes.as_array().into_iter().flatten().filter_map(|p| p["call"].as_str()).collect();
@@ -63,7 +71,8 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         );
     }
     println!("average over all parameters: {:.3} bits per weight", bits.as_f64().unwrap_or(0.0));
-    println!("activations of linears on quantized weights: {activations}");
+    let by_mode: Vec<String> = linears.iter().map(|(mode, n)| format!("{n} {mode}")).collect();
+    println!("activations of linears on quantized weights: {activations} (linears: {})", by_mode.join(", "));
     for note in quantize.into_iter().flat_map(|q| q["report"]["notes"].as_array().cloned().unwrap_or_default()) {
         println!("note: {}", note.as_str().unwrap_or_default());
     }

@@ -20,9 +20,10 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    let mut model = load::load_runnable(&args.spec, args.weights.as_deref())?;
+    args.exec.apply_activations(&mut model.graph);
     let graph = &model.graph;
-    let (interp, _) = Runner::new(graph, &args.exec.for_model(&model))?;
+    let (interp, _) = Runner::new(graph, &args.exec)?;
     let mut tokenizer = None;
     let inputs = match (&args.input, args.text.is_empty()) {
         (Some(path), true) => {

@@ -12,8 +12,9 @@ use std::time::Instant;
 /// Which executor runs a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// The reference interpreter, op by op: the numeric oracle. f32, or with --activations
-    /// int8 the compiled engine's W8A8 numbers in plain loops.
+    /// The reference interpreter, op by op: the numeric oracle. Linears taking int8
+    /// activations (in the IR, or by --activations) compute the compiled engine's W8A8
+    /// numbers in plain loops.
     Interp,
     /// Compiled kernels (the default): linear layers with bias, activation and residual
     /// fused, on weights in their stored format (Cranelift kernels; sgemm plus a Cranelift
@@ -37,11 +38,6 @@ pub fn activations_parser() -> impl clap::builder::TypedValueParser<Value = Acti
         .map(|name| name.parse::<Activations>().expect("a possible value is a name"))
 }
 
-/// What an artifact's metadata records (by the flag's own names).
-pub fn recorded_activations(metadata: &std::collections::BTreeMap<String, String>) -> Option<Activations> {
-    metadata.get(crate::load::ACTIVATIONS_KEY)?.parse().ok()
-}
-
 /// Execution flags shared by `run`, `eval`, `generate` and `bench`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExecArgs {
@@ -52,8 +48,10 @@ pub struct ExecArgs {
     /// same for any thread count.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Activations of linears on quantized weights (default: what the artifact's
-    /// `quantize(..., activations=int8)` recorded for the JIT, else f32).
+    /// Override the activations of the model's linears: each takes what this mode gives
+    /// its weight (int8 only on integer block formats, int8-row only on int8gK weights;
+    /// the others stay f32). Default: what the IR says, which `quantize(...,
+    /// activations=int8)` sets in an artifact; f32 for a spec.
     #[arg(long, value_parser = activations_parser())]
     pub activations: Option<Activations>,
     /// Print where the time went (per linear shape and per op), JIT engine.
@@ -62,15 +60,13 @@ pub struct ExecArgs {
 }
 
 impl ExecArgs {
-    /// These flags for `model`: activations not given on the command line are what the
-    /// artifact recorded, for the compiled engine (the interpreter, the oracle, runs f32
-    /// unless `--activations` says otherwise).
-    pub fn for_model(&self, model: &crate::load::Model) -> ExecArgs {
-        let mut exec = self.clone();
-        if exec.activations.is_none() && exec.engine == EngineKind::Jit {
-            exec.activations = model.recorded_activations();
+    /// `--activations`, if given, set on `graph`'s linears by the rule
+    /// ([`kiln_ir::set_activations`]) before an executor is built on it; without it, every
+    /// engine runs what the IR says.
+    pub fn apply_activations(&self, graph: &mut Graph) {
+        if let Some(mode) = self.activations {
+            kiln_ir::set_activations(graph, mode);
         }
-        exec
     }
 }
 
@@ -80,19 +76,16 @@ pub enum Runner<'g> {
 }
 
 impl<'g> Runner<'g> {
-    /// Builds the executor; returns it and the milliseconds it took (decoding weights and,
-    /// for the JIT, compiling kernels).
+    /// Builds the executor for `graph` as it is (apply `--activations` to it first,
+    /// [`ExecArgs::apply_activations`]); returns it and the milliseconds it took (decoding
+    /// weights and, for the JIT, compiling kernels).
     pub fn new(graph: &'g Graph, exec: &ExecArgs) -> Result<(Runner<'g>, f64)> {
         let start = Instant::now();
         let threads = exec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let runner = match exec.engine {
-            EngineKind::Interp => {
-                let activations = exec.activations.unwrap_or_default();
-                Runner::Interp(Interpreter::with_activations(graph, activations).into_diagnostic()?)
-            }
+            EngineKind::Interp => Runner::Interp(Interpreter::new(graph).into_diagnostic()?),
             EngineKind::Jit => {
-                let activations = exec.activations.unwrap_or_default();
-                let options = EngineOptions { threads, activations, profile: exec.profile };
+                let options = EngineOptions { threads, profile: exec.profile };
                 Runner::Jit(Box::new(kiln_jit::compile(graph, options).into_diagnostic()?))
             }
         };
@@ -160,15 +153,13 @@ mod tests {
         exec: ExecArgs,
     }
 
-    /// The flag takes exactly the names artifacts record and native programs read
-    /// (`Activations`' `FromStr`), and lists them in `--help`.
+    /// The flag takes exactly the names the IR text prints (`Activations`' `FromStr`), and
+    /// lists them in `--help`.
     #[test]
-    fn the_flag_takes_the_recorded_names() {
+    fn the_flag_takes_the_names_of_the_ir() {
         for a in Activations::ALL {
             let flags = Flags::try_parse_from(["kiln", "--activations", a.name()]).unwrap();
             assert_eq!(flags.exec.activations, Some(a));
-            let metadata = [(crate::load::ACTIVATIONS_KEY.to_string(), a.to_string())].into();
-            assert_eq!(recorded_activations(&metadata), Some(a));
         }
         assert!(Flags::try_parse_from(["kiln", "--activations", "int8-block"]).is_err());
         assert_eq!(Flags::try_parse_from(["kiln"]).unwrap().exec.activations, None);

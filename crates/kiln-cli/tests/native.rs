@@ -216,17 +216,52 @@ fn tiny_executable_rejects_bad_input_as_kiln_run_does() {
     }
 }
 
-/// A spec compiled straight to a program keeps what its passes chose: the activations
-/// `kiln run` would take for the artifact.
+/// A spec compiled straight to a program keeps what its passes chose: the activations its
+/// IR gives the linears, which `kiln run` takes too; `--activations` overrides them, and
+/// either way the program computes `kiln run`'s bits with the same flag.
 #[test]
 fn compile_exe_keeps_the_activations_the_passes_chose() {
-    let (dir, weights) = tiny_setup("native-activations");
-    let passes = "quantize(format=int8, activations=int8-block)";
-    let exe = compile_exe(&dir, &tiny_spec(), Some(&weights), &["--passes", passes]);
+    let dir = scratch("native-activations");
+    let model = dir.join("mlp.kiln");
+    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
+    std::fs::write(&model, source).unwrap();
+    let mut rng = kiln_tests::Rng::new(5);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let weights = dir.join("mlp.safetensors");
+    write_safetensors(
+        &weights,
+        &[
+            f32s("up.weight", &[96, 64], &values(96 * 64)),
+            f32s("up.bias", &[96], &values(96)),
+            f32s("down.weight", &[64, 96], &values(64 * 96)),
+            f32s("down.bias", &[64], &values(64)),
+        ],
+    );
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let passes = "quantize(format=int4g32, activations=int8-block)";
+    let artifact = dir.join("mlp.kiln.st");
+    ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", passes, "-o", &s(&artifact)]);
+    let by_kiln = |extra: &[&str]| {
+        let out = dir.join("by-kiln.safetensors");
+        ok(&[&["run", &s(&artifact), "-i", &s(&input), "-o", &s(&out)][..], extra].concat());
+        read_safetensors(&out)
+    };
+    let by_program = |exe: &Path| {
+        let out = dir.join("by-program.safetensors");
+        program_ok(exe, &["--input", &s(&input), "--output", &s(&out)]);
+        read_safetensors(&out)
+    };
+    let exe = compile_exe(&dir, &s(&model), Some(&weights), &["--passes", passes]);
     let help = program_ok(&exe, &["--help"]);
     assert!(help.contains("Activations: int8\n") && help.contains(passes), "{help}");
-    let exe = compile_exe(&dir, &tiny_spec(), Some(&weights), &["--passes", passes, "--activations", "f32"]);
+    let int8 = by_kiln(&[]);
+    assert_eq!(by_program(&exe), int8, "the IR's int8 activations");
+    let exe = compile_exe(&dir, &s(&model), Some(&weights), &["--passes", passes, "--activations", "f32"]);
     assert!(program_ok(&exe, &["--help"]).contains("Activations: f32\n"));
+    let exact = by_kiln(&["--activations", "f32"]);
+    assert_eq!(by_program(&exe), exact, "overridden to f32");
+    assert_ne!(exact, int8, "int8 activations changed the outputs");
 }
 
 /// What `kiln compile --emit exe` refuses, and how.

@@ -4,7 +4,8 @@
 //! rows. Every other op runs the runtime's reference kernel, so the engine already runs
 //! any graph; ops move to emitted kernels one family at a time.
 //!
-//! With [`Activations::Int8`], linears on Q8_0/Q4_0/Q4_1 weights quantize their input rows
+//! Linears whose IR attribute says [`Activations::Int8`] (on Q8_0/Q4_0/Q4_1 weights, and
+//! kiln's int formats repacked to those) quantize their input rows
 //! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
 //! numerics class); an input shared by several linears (q, k, v) is quantized once (once
 //! per row and once per block when it feeds both kinds, under [`Activations::Int8Row`]). Their
@@ -230,19 +231,20 @@ enum Action {
     GatherRows,
 }
 
-/// What an [`Engine`] is built with.
+/// What an [`Engine`] is built with. The activations of each linear are the graph's (its
+/// `activations` attribute); to run other ones, set them on the graph first
+/// ([`kiln_ir::set_activations`]).
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {
     pub threads: usize,
-    pub activations: Activations,
     /// Time every node and keep the totals per kind of work ([`Engine::profile`]).
     pub profile: bool,
 }
 
 impl EngineOptions {
-    /// f32 activations on `threads` threads, no profiling.
+    /// `threads` threads, no profiling.
     pub fn threads(threads: usize) -> EngineOptions {
-        EngineOptions { threads, activations: Activations::F32, profile: false }
+        EngineOptions { threads, profile: false }
     }
 }
 
@@ -394,7 +396,7 @@ impl<'g> Engine<'g> {
     ) -> Result<Engine<'g>, E> {
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
-        let plan = Plan::new(graph, &order, options.activations, options.threads);
+        let plan = Plan::new(graph, &order, options.threads);
         let host = Host::detect();
         let (entries, code) = kernels(&plan.specs, host)?;
         if entries.len() != plan.specs.len() {
@@ -424,7 +426,7 @@ impl<'g> Engine<'g> {
         let start = Instant::now();
         let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
         let parts = options.threads.min(*AOT_THREADS.end());
-        let plan = Plan::new(graph, &order, options.activations, parts);
+        let plan = Plan::new(graph, &order, parts);
         let mut lines = linked.specs.lines();
         let other = ExecError::Linked;
         let first = lines.next().unwrap_or_default();
@@ -1030,9 +1032,9 @@ struct Plan {
 }
 
 impl Plan {
-    /// Plans `graph` (nodes in topological `order`) for linears taking `activations`, with
-    /// single-row linears split by columns across `threads`.
-    fn new(graph: &Graph, order: &[NodeId], activations: Activations, threads: usize) -> Plan {
+    /// Plans `graph` (nodes in topological `order`), each linear taking the activations of
+    /// its attribute, with single-row linears split by columns across `threads`.
+    fn new(graph: &Graph, order: &[NodeId], threads: usize) -> Plan {
         let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
         let mut dense: Vec<NodeId> = Vec::new();
         let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
@@ -1041,7 +1043,11 @@ impl Plan {
         for &id in order {
             let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
             let Op::Weight(w) = &graph.node(fused.weight).op else { unreachable!("plan_linear takes weight nodes") };
-            let mode = activations.for_weight(w.format, spec.k as u64);
+            let Op::Linear { activations: mode } = graph.node(id).op else { unreachable!("plan_linear takes linears") };
+            // The verifier holds every linear to this rule (the attribute is what it gives);
+            // applied again, an unverified graph never reaches a kernel that cannot read its
+            // weight.
+            let mode = mode.for_weight(w.format, spec.k as u64);
             let rows = mode == Activations::Int8Row;
             let int8 = mode == Activations::Int8;
             debug_assert!(!rows || matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
@@ -1105,16 +1111,16 @@ impl Plan {
 /// Thread counts an object file has kernels for (see [`object_specs`]).
 pub const AOT_THREADS: std::ops::RangeInclusive<usize> = 1..=8;
 
-/// The distinct kernel specs of the engines for `graphs` with `activations` on every thread
+/// The distinct kernel specs of the engines for `graphs` (their linears' activations) on every thread
 /// count in [`AOT_THREADS`] (single rows split their columns by thread count; engines on
 /// more threads split them as for the largest): what an object file compiled ahead of time
 /// holds (`kiln-jit`'s `emit_object`).
-pub fn object_specs(graphs: &[&Graph], activations: Activations) -> Result<Vec<KernelSpec>, ExecError> {
+pub fn object_specs(graphs: &[&Graph]) -> Result<Vec<KernelSpec>, ExecError> {
     let mut specs: Vec<KernelSpec> = Vec::new();
     for graph in graphs {
         let order = graph.topo_order().ok_or_else(|| ExecError::Spec("the graph has a cycle".into()))?;
         for threads in AOT_THREADS {
-            for spec in Plan::new(graph, &order, activations, threads).specs {
+            for spec in Plan::new(graph, &order, threads).specs {
                 if !specs.contains(&spec) {
                     specs.push(spec);
                 }
@@ -1261,7 +1267,7 @@ fn plan_linear(
     id: NodeId,
     claimed: &HashMap<NodeId, Action>,
 ) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
-    if g.node(id).op != Op::Linear {
+    if !matches!(g.node(id).op, Op::Linear { .. }) {
         return None;
     }
     let operands = g.operands(id);
@@ -1323,7 +1329,7 @@ fn plan_linear(
         && !claimed.contains_key(&add)
     {
         let other = g.operands(add).into_iter().find(|&o| o != end)?;
-        let larger_linear = g.node(other).op == Op::Linear && weight_len(other) > weight_len(id);
+        let larger_linear = matches!(g.node(other).op, Op::Linear { .. }) && weight_len(other) > weight_len(id);
         if !larger_linear && g.node(other).ty == g.node(add).ty && g.node(end).ty == g.node(add).ty {
             spec.residual = true;
             fused.residual = Some(other);
@@ -1475,9 +1481,10 @@ mod tests {
   output \"y\" = %12
 }
 ";
-        let g = kiln_ir::parse(text).unwrap();
+        let mut g = kiln_ir::parse(text).unwrap();
         for activations in [Activations::F32, Activations::Int8, Activations::Int8Row] {
-            let specs = object_specs(&[&g], activations).unwrap();
+            kiln_ir::set_activations(&mut g, activations);
+            let specs = object_specs(&[&g]).unwrap();
             assert!(specs.len() > 4, "{activations:?}: column splits too");
             let text = kernel_specs_text(Host { gemm_i8: true, gemm_f32: true }, &["avx2".into()], &specs);
             let lines: Vec<&str> = text.lines().skip(2).collect();

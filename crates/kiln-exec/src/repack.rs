@@ -67,14 +67,24 @@ pub fn fp8_blocks(f: Fp8Format, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Stores every weight of `graph` that an engine for `activations` would repack when it is
+/// Stores every weight of `graph` that an engine would repack when it is
 /// built ([`repack`], [`fp8_blocks`]) in the format its kernels read, with the same values:
 /// what native programs embed, so that they start without repacking (SmolLM2 at
 /// `bits=4.5`: 400-500 ms of start-up before, 160-180 after; see ARCHITECTURE.md). Engines
-/// on the result compute the same bits: the same kernel specs, the same bytes. Under [`Activations::Int8Row`] int8 weights keep their
+/// on the result compute the same bits: the same kernel specs, the same bytes (and every
+/// linear's activations stay allowed: repacked int weights are GGUF blocks, which take
+/// `int8` as they did). The weights of linears taking [`Activations::Int8Row`] keep their
 /// format (the per-row kernels read them as stored). Returns how many tensors changed.
-pub fn prepack(graph: &mut Graph, activations: Activations) -> Result<usize, kiln_ir::FormatError> {
+pub fn prepack(graph: &mut Graph) -> Result<usize, kiln_ir::FormatError> {
     let mut changed = 0;
+    let per_row: std::collections::HashSet<String> = graph
+        .node_ids()
+        .filter(|&id| matches!(graph.node(id).op, Op::Linear { activations: Activations::Int8Row }))
+        .filter_map(|id| match &graph.node(graph.operands(id)[1]).op {
+            Op::Weight(w) => Some(w.tensor.clone()),
+            _ => None,
+        })
+        .collect();
     let nodes: Vec<_> = graph.node_ids().collect();
     let mut done: std::collections::HashMap<String, (Format, u64)> = Default::default();
     for id in nodes {
@@ -92,9 +102,7 @@ pub fn prepack(graph: &mut Graph, activations: Activations) -> Result<usize, kil
         }
         let Some(data) = graph.store.get(&name) else { continue };
         let (format, bytes) = match data.format {
-            Format::Int(f) if !(activations == Activations::Int8Row && f.bits == 8) => {
-                (kernel_format(f), repack(f, data.bytes.as_slice()))
-            }
+            Format::Int(f) if !per_row.contains(&name) => (kernel_format(f), repack(f, data.bytes.as_slice())),
             Format::Fp8(f) if f.group != 32 => {
                 (Format::Fp8(Fp8Format { group: 32 }), fp8_blocks(f, data.bytes.as_slice()))
             }
@@ -200,10 +208,24 @@ mod tests {
             (weight(&mut g, "w", f, &bytes), weight(&mut g, "w", f, &bytes), weight(&mut g, "w8", int8, &bytes8));
         let values = |g: &Graph, name: &str| g.store.get(name).unwrap().to_f32().unwrap();
         let (want, want8) = (values(&g, "w"), values(&g, "w8"));
+        // Linears on both: under int8-row the one on int8g64 (64 values per row) takes
+        // per-row activations, which read its weight as stored.
+        let ty = kiln_ir::Type::f32([kiln_ir::Dim::Known(1), kiln_ir::Dim::Known(64)]);
+        let x = g.add_typed(Op::Input { name: "x".into() }, &[], ty, "", None);
+        for w in [a, c] {
+            let y = g.add(Op::Linear { activations: Activations::F32 }, &[x, w], "", None).unwrap();
+            g.set_output(&format!("y{}", w.index()), y).unwrap();
+        }
         let mut rows = g.clone();
-        assert_eq!(prepack(&mut rows, Activations::Int8Row).unwrap(), 1);
+        assert_eq!(kiln_ir::set_activations(&mut rows, Activations::Int8Row), 2);
+        assert_eq!(prepack(&mut rows).unwrap(), 1);
         assert_eq!(rows.store.get("w8").unwrap().format, Format::Int(int8));
-        assert_eq!(prepack(&mut g, Activations::F32).unwrap(), 2);
+        kiln_ir::verify(&rows).unwrap();
+        let mut blocks = g.clone();
+        assert_eq!(kiln_ir::set_activations(&mut blocks, Activations::Int8), 2);
+        assert_eq!(prepack(&mut blocks).unwrap(), 2);
+        kiln_ir::verify(&blocks).unwrap();
+        assert_eq!(prepack(&mut g).unwrap(), 2);
         for (node, name, format, values) in
             [(a, "w", Format::Q4_1, &want), (b, "w", Format::Q4_1, &want), (c, "w8", Format::Q8_0, &want8)]
         {

@@ -863,7 +863,7 @@ impl Elaborator<'_> {
                 if !matches!(args[2].0, Value::None) {
                     operands.push(tensor(self, 2)?);
                 }
-                return self.emit(frame, Op::Linear, &operands, span, scope);
+                return self.emit(frame, Op::Linear { activations: kiln_ir::Activations::F32 }, &operands, span, scope);
             }
             "matmul" => Op::MatMul,
             "gather" => Op::Gather,

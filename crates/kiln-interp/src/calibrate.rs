@@ -8,9 +8,9 @@
 //! input, whatever the number of rows.
 
 use crate::Interpreter;
+use kiln_ir::Activations;
 use kiln_ir::{Graph, NodeId, Op};
 use kiln_passes::calibration::{Calibration, Executor, Gram};
-use kiln_passes::quantize::Activations;
 use kiln_rt::Value;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -24,16 +24,13 @@ pub const PROBE_TOKENS: usize = 256;
 /// Named inputs, one sequence per row of their first dimension.
 pub type Inputs = HashMap<String, Value>;
 
-/// Runs a graph on inputs with its linears taking the given activations: what probes run
-/// changed models on.
-pub type ProbeEngine = Box<dyn Fn(&Graph, &Inputs, Activations) -> Result<Vec<(String, Value)>, String> + Sync>;
+/// Runs a graph on inputs, its linears taking the activations their attributes say: what
+/// probes run changed models on.
+pub type ProbeEngine = Box<dyn Fn(&Graph, &Inputs) -> Result<Vec<(String, Value)>, String> + Sync>;
 
-/// The interpreter as a probe engine (its linears take the activations asked for, with the
-/// engine's W8A8 numerics).
+/// The interpreter as a probe engine (int8 linears with the engine's W8A8 numerics).
 pub fn interpreter_engine() -> ProbeEngine {
-    Box::new(|g, inputs, activations| {
-        Interpreter::with_activations(g, activations).and_then(|i| i.run(inputs)).map_err(|e| e.to_string())
-    })
+    Box::new(|g, inputs| Interpreter::new(g).and_then(|i| i.run(inputs)).map_err(|e| e.to_string()))
 }
 
 /// Calibration inputs and the engine probes run on: see the module documentation.
@@ -49,8 +46,8 @@ pub struct Calibrator {
 impl Calibrator {
     /// Calibration on `inputs` for `graph` (the model before any pass). With `probes`, the
     /// first rows (about [`PROBE_TOKENS`] tokens) are held out for probes, and the unchanged
-    /// model's outputs on them are computed now by `engine`; with too few rows to spare, the
-    /// same rows do both ([`Calibrator::held_out`] says which).
+    /// model's outputs on them, with f32 activations, are computed now by `engine`; with too
+    /// few rows to spare, the same rows do both ([`Calibrator::held_out`] says which).
     pub fn new(graph: &Graph, inputs: Inputs, probes: bool, engine: ProbeEngine) -> Result<Calibrator, String> {
         let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
         if rows == 0 || inputs.values().any(|v| v.shape().first() != Some(&rows)) {
@@ -60,7 +57,10 @@ impl Calibrator {
             return Ok(Calibrator { statistics: inputs, probe: None, engine, held_out: true });
         }
         let (probe_rows, statistics, held_out) = split_probe(&inputs);
-        let reference = engine(graph, &probe_rows, Activations::F32).map_err(|e| format!("probe: {e}"))?;
+        // The model's f32 meaning, whatever activations its linears were given.
+        let mut exact = graph.clone();
+        kiln_ir::set_activations(&mut exact, Activations::F32);
+        let reference = engine(&exact, &probe_rows).map_err(|e| format!("probe: {e}"))?;
         Ok(Calibrator { statistics, probe: Some((probe_rows, reference)), engine, held_out })
     }
 
@@ -85,9 +85,9 @@ impl Executor for Calibrator {
         self.probe.is_some()
     }
 
-    fn probe(&self, graph: &Graph, activations: Activations) -> Result<f64, String> {
+    fn probe(&self, graph: &Graph) -> Result<f64, String> {
         let (inputs, want) = self.probe.as_ref().ok_or("no calibration inputs to probe with")?;
-        Ok(distance(want, &(self.engine)(graph, inputs, activations)?))
+        Ok(distance(want, &(self.engine)(graph, inputs)?))
     }
 }
 
@@ -114,11 +114,13 @@ pub fn second_moments(
     let mut trimmed = graph.clone();
     let outputs = trimmed.outputs().to_vec();
     for (name, id) in outputs {
-        if trimmed.node(id).op == Op::Linear {
+        if matches!(trimmed.node(id).op, Op::Linear { .. }) {
             trimmed.replace_output(&name, trimmed.operands(id)[0]);
         }
     }
     trimmed.remove_dead();
+    // Statistics of the model's f32 values, also where its linears take int8 activations.
+    kiln_ir::set_activations(&mut trimmed, Activations::F32);
     let interp = Interpreter::new(&trimmed).map_err(|e| e.to_string())?;
     let mut calibration = Calibration::default();
     for start in (0..rows).step_by(BATCH) {

@@ -1,10 +1,10 @@
 //! Evaluating a graph: bind the inputs, run every node in topological order with the
 //! reference kernels of [`kiln_rt::kernels`], return the named outputs.
 //!
-//! With int8 activations ([`Interpreter::with_activations`]), the linears that
-//! [`Activations::for_weight`] names run [`kernels::linear_int8`] on their weight's stored
-//! integers instead: the numbers [`Activations`] states, which the engine's W8A8 kernels
-//! compute too.
+//! Linears whose `activations` attribute is `int8` or `int8-row` run
+//! [`kernels::linear_int8`] on their weight's stored integers instead: the numbers
+//! [`Activations`] states, which the engine's W8A8 kernels compute too. To run a graph with
+//! other activations, set them on it first ([`kiln_ir::set_activations`]).
 
 use kiln_ir::{Activations, Graph, NodeId, Op};
 use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node, use_counts};
@@ -33,15 +33,10 @@ pub struct Interpreter<'g> {
 }
 
 impl<'g> Interpreter<'g> {
-    /// Decodes every weight of `graph` from its store (in parallel); every op computes in
-    /// f32, the graph's meaning.
+    /// Decodes every weight of `graph` from its store (in parallel), and the integers of the
+    /// weights of linears taking int8 activations (their attribute, see [`Activations`]);
+    /// every other op computes in f32.
     pub fn new(graph: &'g Graph) -> Result<Interpreter<'g>, InterpError> {
-        Interpreter::with_activations(graph, Activations::F32)
-    }
-
-    /// [`Interpreter::new`], with linears on integer weights taking `activations` as the
-    /// engine's do (see [`Activations`]); `Activations::F32` is [`Interpreter::new`].
-    pub fn with_activations(graph: &'g Graph, activations: Activations) -> Result<Interpreter<'g>, InterpError> {
         let order = graph.topo_order().ok_or(InterpError::Cycle)?;
         let weight_nodes: Vec<NodeId> =
             order.iter().copied().filter(|&n| matches!(graph.node(n).op, Op::Weight(_))).collect();
@@ -51,9 +46,7 @@ impl<'g> Interpreter<'g> {
         let mut int8 = HashMap::new();
         let mut by_weight: HashMap<NodeId, Arc<IntWeight>> = HashMap::new();
         for &id in &order {
-            if graph.node(id).op != Op::Linear {
-                continue;
-            }
+            let Op::Linear { activations } = graph.node(id).op else { continue };
             let weight = graph.operands(id)[1];
             let Op::Weight(w) = &graph.node(weight).op else { continue };
             if w.sparse.is_some() {
@@ -61,6 +54,8 @@ impl<'g> Interpreter<'g> {
             }
             let shape = &graph.node(weight).ty.shape;
             let (Some(n), Some(k)) = (shape[0].known(), shape[1].known()) else { continue };
+            // The attribute, held to this rule by the verifier (and here for graphs that
+            // were not verified), as the engine applies it.
             let mode = activations.for_weight(w.format, k);
             if mode == Activations::F32 {
                 continue;

@@ -1,8 +1,9 @@
 //! The graph: nodes (op + result type + scope path + source span) on a petgraph
 //! `StableGraph`, with ordered operand edges, named outputs and the tensor store.
 
+use crate::format::Format;
 use crate::layers::LayerTable;
-use crate::op::{Op, TypeError};
+use crate::op::{Activations, Op, TypeError};
 use crate::store::TensorStore;
 use crate::types::Type;
 use petgraph::Direction;
@@ -211,4 +212,61 @@ impl Graph {
     pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.graph.node_indices()
     }
+
+    /// The stored weight a `linear` reads: the format of its weight operand and its rows'
+    /// length `k`, when that operand is a `weight` node of known shape `[n, k]`; `None` for
+    /// a linear on a computed weight (and for any other node).
+    pub fn linear_weight(&self, id: NodeId) -> Option<(Format, u64)> {
+        if !matches!(self.node(id).op, Op::Linear { .. }) {
+            return None;
+        }
+        let weight = *self.operands(id).get(1)?;
+        let Op::Weight(w) = &self.node(weight).op else { return None };
+        let k = self.node(weight).ty.shape.get(1)?.known()?;
+        Some((w.format, k))
+    }
+
+    /// The activations `linear` node `id` is allowed under `mode`: what
+    /// [`Activations::for_weight`] gives its stored weight, `F32` on a computed or a sparse
+    /// weight (which runs on its dense value until sparse kernels exist).
+    pub fn allowed_activations(&self, id: NodeId, mode: Activations) -> Activations {
+        let sparse =
+            self.operands(id).get(1).is_some_and(|&w| matches!(&self.node(w).op, Op::Weight(w) if w.sparse.is_some()));
+        match self.linear_weight(id) {
+            Some((format, k)) if !sparse => mode.for_weight(format, k),
+            _ => Activations::F32,
+        }
+    }
+
+    /// The activations of the linears, as one mode: `Int8Row` if any linear takes it, else
+    /// `Int8` if any does, else `F32` (what reports and `kiln bench` name).
+    pub fn activations(&self) -> Activations {
+        let mut most = Activations::F32;
+        for id in self.node_ids() {
+            match self.node(id).op {
+                Op::Linear { activations: Activations::Int8Row } => return Activations::Int8Row,
+                Op::Linear { activations: Activations::Int8 } => most = Activations::Int8,
+                _ => {}
+            }
+        }
+        most
+    }
+}
+
+/// Sets the activations of every `linear` of `graph` by the rule of [`Op::Linear`]: each
+/// takes `mode.for_weight(format, k)` of its stored weight (`F32` on a computed weight),
+/// whatever it took before. This is the one way a mode is applied to a graph: the quantize
+/// pass's `activations=`, `kiln run --activations`, old artifacts' `kiln.activations`.
+/// Returns how many linears take int8 activations afterwards.
+pub fn set_activations(graph: &mut Graph, mode: Activations) -> usize {
+    let mut int8 = 0;
+    for id in graph.node_ids().collect::<Vec<_>>() {
+        if !matches!(graph.node(id).op, Op::Linear { .. }) {
+            continue;
+        }
+        let activations = graph.allowed_activations(id, mode);
+        int8 += usize::from(activations != Activations::F32);
+        graph.node_mut(id).op = Op::Linear { activations };
+    }
+    int8
 }

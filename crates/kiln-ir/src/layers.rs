@@ -133,7 +133,7 @@ impl LayerTable {
         for id in order {
             let operands = graph.operands(id);
             let table_operand = match graph.node(id).op {
-                Op::Linear => operands.get(1),
+                Op::Linear { .. } => operands.get(1),
                 Op::Gather | Op::Slice { axis: 0, .. } => operands.first(),
                 _ => None,
             };

@@ -41,7 +41,7 @@ pub mod types;
 pub mod verify;
 
 pub use format::{BlockScales, Format, FormatError, Fp8Format, IntFormat};
-pub use graph::{Graph, GraphError, Node, NodeId, Span};
+pub use graph::{Graph, GraphError, Node, NodeId, Span, set_activations};
 pub use layers::{Layer, LayerTable, Role};
 pub use op::{
     Activations, BinaryOp, Op, ReduceOp, TypeError, UnaryOp, UnknownActivations, WeightError, WeightPart, WeightRef,

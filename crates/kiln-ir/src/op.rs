@@ -216,9 +216,27 @@ pub enum Op {
 
     /// Fully connected layer, PyTorch layout.
     /// - operands: `x: f32[..., in]`, `w: f32[out, in]`, optionally `b: f32[out]`.
+    /// - attributes: `activations` (printed `{activations = int8}` or `int8-row`; not
+    ///   printed when `f32`, the default).
     /// - result: `f32[..., out]`.
-    /// - semantics: `y[..., o] = sum_i x[..., i] * w[o, i] (+ b[o])`.
-    Linear,
+    /// - semantics: with `activations = f32`, `y[..., o] = sum_i x[..., i] * w[o, i] (+ b[o])`.
+    ///   With `int8` the linear quantizes each row of `x` to int8 with one scale per block of
+    ///   32 values and sums integer products of them with its weight's stored integers
+    ///   (W8A8); with `int8-row`, one scale per row and whole rows summed in integers. The
+    ///   exact numbers, and how far they are from the f32 value, are [`Activations`]'
+    ///   documentation.
+    ///
+    /// Which weights allow which attribute (the verifier checks it): `int8` needs `w` to be
+    /// a `weight` node stored in an integer block format (`q8_0`, `q4_0`, `q4_1`,
+    /// `intBgG[a]`); `int8-row` needs `w` stored in symmetric int8 with one group per row
+    /// (`int8gK`, `K` = `in`); `f32` is always allowed. Formally, a linear on a `weight` node
+    /// of format `F` with rows of `k` values must have `activations ==
+    /// activations.for_weight(F, k)` ([`Activations::for_weight`]), and a linear whose
+    /// weight is computed by other ops must have `f32`. So an `f32`, `f16`, `bf16` or `fp8`
+    /// weight's linear is always `f32`, and `int8-row` on a weight that is not `int8gK` is
+    /// an error, not `int8`: [`crate::set_activations`] is what applies a mode to every
+    /// linear by this rule.
+    Linear { activations: Activations },
 
     /// Batched matrix product.
     /// - operands: `a: f32[..., m, k]`, `b: f32[..., k, n]`, rank >= 2; leading dims broadcast.
@@ -372,7 +390,7 @@ impl Op {
             Op::Input { .. } => "input",
             Op::Weight(_) => "weight",
             Op::Const { .. } => "const",
-            Op::Linear => "linear",
+            Op::Linear { .. } => "linear",
             Op::MatMul => "matmul",
             Op::Binary(b) => b.name(),
             Op::Unary(u) => u.name(),
@@ -422,7 +440,7 @@ impl Op {
                 arity(0, 0)?;
                 Ok(Type::f32([]))
             }
-            Op::Linear => {
+            Op::Linear { .. } => {
                 arity(2, 3)?;
                 let x = f32_operand(0, "input")?;
                 let w = f32_operand(1, "weight")?;
@@ -658,22 +676,26 @@ impl fmt::Display for UnaryOp {
     }
 }
 
-/// How `linear`s on integer weights treat their input when a graph runs: in f32 (the
-/// graph's meaning, the default) or quantized to int8 with the dot products summed in
-/// integers ("W8A8", llama.cpp's numerics class). An execution option, not part of the
-/// graph: the engine (`kiln-exec`) runs it on its kernels and the interpreter
-/// (`kiln-interp`'s `Interpreter::with_activations`) on plain loops, with the numbers below.
-/// `kiln run --activations`, the artifact metadata `kiln.activations` and the quantize
-/// pass's report name the variants as [`Activations::name`] does: `f32`, `int8`, `int8-row`.
+/// How a `linear` on integer weights treats its input: in f32 (the default) or quantized to
+/// int8 with the dot products summed in integers ("W8A8", llama.cpp's numerics class). An
+/// attribute of each [`Op::Linear`], so part of the graph's meaning: the engine
+/// (`kiln-exec`) runs it on its kernels and the interpreter (`kiln-interp`) on plain loops,
+/// with the numbers below. The quantize pass's `activations=` sets it
+/// ([`crate::set_activations`]); `kiln run --activations` overrides it the same way before a
+/// run. The IR text, those flags and the pass's report name the variants as
+/// [`Activations::name`] does: `f32`, `int8`, `int8-row`.
 ///
 /// # Which linears
 ///
 /// Only a `linear` whose weight operand is a `weight` node stored in an integer block
-/// format: GGUF `q8_0`, `q4_0`, `q4_1` or kiln's `intBgG[a]`. Every other linear (weights in
-/// f32, f16, bf16 or fp8, or computed by other ops) and every other op keeps f32.
-/// Under `Int8Row`, weights in symmetric int8 with one group per row (`int8gK`, `K` the
-/// row length) take one activation scale per row; other integer weights take `Int8`'s
-/// blocks. [`Activations::for_weight`] is this rule.
+/// format may take int8 activations: GGUF `q8_0`, `q4_0`, `q4_1` or kiln's `intBgG[a]`.
+/// Every other linear (weights in f32, f16, bf16 or fp8, or computed by other ops) and
+/// every other op keeps f32. `Int8Row` is for weights in symmetric int8 with one group per
+/// row (`int8gK`, `K` the row length) only. Setting a mode on a whole graph
+/// ([`crate::set_activations`]: the quantize pass, `--activations`) gives each linear
+/// [`Activations::for_weight`]: under `Int8Row`, `int8gK` weights take one activation
+/// scale per row and other integer weights `Int8`'s blocks. The verifier accepts exactly
+/// the attributes this rule gives (see [`Op::Linear`]).
 ///
 /// # Numbers
 ///

@@ -25,7 +25,7 @@
 use crate::format::Format;
 use crate::graph::{Graph, NodeId};
 use crate::layers::{Layer, LayerTable, Role};
-use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp, WeightRef};
+use crate::op::{Activations, BinaryOp, Op, ReduceOp, UnaryOp, UnknownActivations, WeightRef};
 use crate::sparse::Sparse;
 use crate::types::{DType, Dim, ShapeDisplay, Type};
 use std::collections::HashMap;
@@ -109,14 +109,28 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Attention { causal, scale } => {
             vec![("causal", causal.to_string()), ("scale", format!("{scale:?}"))]
         }
+        // Printed only when not f32, so graphs without int8 activations print as they
+        // always did.
+        Op::Linear { activations } if *activations != Activations::F32 => {
+            vec![("activations", activations.to_string())]
+        }
         Op::Input { .. }
         | Op::Weight(_)
         | Op::Const { .. }
-        | Op::Linear
+        | Op::Linear { .. }
         | Op::MatMul
         | Op::Binary(_)
         | Op::Unary(_)
         | Op::Gather => vec![],
+    }
+}
+
+/// Attributes an op's text may leave out, taking their default: a linear's `activations`
+/// (`f32`).
+fn optional_attributes(op: &Op) -> &'static [&'static str] {
+    match op {
+        Op::Linear { .. } => &["activations"],
+        _ => &[],
     }
 }
 
@@ -337,6 +351,27 @@ impl Line {
             }
         }
     }
+    /// An [`Activations`] name: `f32`, `int8` or `int8-row` (which lexes as `int8` and a
+    /// touching `-row`).
+    fn activations(&mut self) -> Result<Activations, ParseError> {
+        let start = self.at;
+        let (col, mut name) = match self.toks.get(self.at) {
+            Some((col, Tok::Ident(s))) => (*col, s.clone()),
+            _ => return Err(self.error("expected f32, int8 or int8-row")),
+        };
+        self.at += 1;
+        if let Some((c, Tok::Num(rest))) = self.toks.get(self.at)
+            && rest.starts_with('-')
+            && *c == col + name.len()
+        {
+            name.push_str(rest);
+            self.at += 1;
+        }
+        name.parse().map_err(|e: UnknownActivations| {
+            self.at = start;
+            self.error(e.to_string())
+        })
+    }
     fn ty(&mut self) -> Result<Type, ParseError> {
         let name = self.ident("a type such as f32[4, 8]")?;
         let dtype = DType::parse(&name).ok_or_else(|| {
@@ -485,7 +520,7 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
             Op::Weight(WeightRef { tensor, format, checksum, sparse })
         }
         "const" => Op::Const { value: l.float()? },
-        "linear" => Op::Linear,
+        "linear" => Op::Linear { activations: Activations::F32 },
         "matmul" => Op::MatMul,
         "gather" => Op::Gather,
         "softmax" => Op::Softmax { axis: 0 },
@@ -520,7 +555,9 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
             }
         }
     }
-    let expected: Vec<&str> = attributes(&op).iter().map(|(k, _)| *k).collect();
+    let required: Vec<&str> = attributes(&op).iter().map(|(k, _)| *k).collect();
+    let mut expected = required.clone();
+    expected.extend(optional_attributes(&op));
     let mut seen = Vec::new();
     if l.eat('{') {
         loop {
@@ -540,7 +577,7 @@ fn op_line(l: &mut Line, values: &HashMap<usize, NodeId>) -> Result<(Op, Vec<Nod
             l.punct(',')?;
         }
     }
-    if let Some(missing) = expected.iter().find(|k| !seen.iter().any(|s| s == *k)) {
+    if let Some(missing) = required.iter().find(|k| !seen.iter().any(|s| s == *k)) {
         return Err(l.error(format!("{name} needs attribute `{missing}`")));
     }
     Ok((op, operands))
@@ -562,6 +599,7 @@ fn set_attribute(op: &mut Op, key: &str, l: &mut Line) -> Result<(), ParseError>
             let name = l.ident("an element type")?;
             *to = DType::parse(&name).ok_or_else(|| l.error(format!("unknown element type `{name}`")))?;
         }
+        (Op::Linear { activations }, "activations") => *activations = l.activations()?,
         (Op::Attention { causal, .. }, "causal") => *causal = l.bool()?,
         (Op::Attention { scale, .. }, "scale") => *scale = l.float()?,
         _ => unreachable!("attribute names are checked against `attributes` first"),

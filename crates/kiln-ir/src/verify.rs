@@ -4,7 +4,7 @@
 use crate::format::Format;
 use crate::graph::Graph;
 use crate::layers::Role;
-use crate::op::Op;
+use crate::op::{Activations, Op};
 use crate::sparse::Sparse;
 use crate::types::DType;
 use std::collections::{HashMap, HashSet};
@@ -26,6 +26,9 @@ pub struct VerifyError {
 ///   where the store holds a weight's tensors, their shapes and formats are those
 ///   [`crate::WeightRef::parts`] gives;
 /// - symbols are never used where a known size is required (checked by `infer`);
+/// - a `linear`'s `activations` are what [`Activations::for_weight`] gives them on its
+///   stored weight (`activations == activations.for_weight(format, k)`; `f32` on a computed
+///   weight): `int8` only on integer block formats, `int8-row` only on `int8gK` weights;
 /// - every entry of the layer table names a `weight` node of the graph, each layer has
 ///   exactly one `main` weight, and no node has two roles in one layer.
 pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
@@ -93,6 +96,19 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 if inferred != node.ty {
                     return Err(fail(format!("type is {} but the operands give {inferred}", node.ty)));
                 }
+                if let Op::Linear { activations } = op
+                    && graph.allowed_activations(id, *activations) != *activations
+                {
+                    let weight = match graph.linear_weight(id) {
+                        Some((format, _)) => format!("a weight stored as {format}"),
+                        None => "a computed weight".to_string(),
+                    };
+                    let needs = match activations {
+                        Activations::Int8Row => "int8 weights with one group per row (int8gK, K the row length)",
+                        _ => "a weight stored in an integer block format (q8_0, q4_0, q4_1, intBgG[a])",
+                    };
+                    return Err(fail(format!("activations = {activations} needs {needs}; this linear reads {weight}")));
+                }
             }
         }
     }
@@ -130,6 +146,46 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
 
 #[cfg(test)]
 mod tests {
+    /// A linear's activations must be what its weight's format allows
+    /// (`Activations::for_weight`): `int8` on integer block formats, `int8-row` on `int8gK`.
+    #[test]
+    fn a_linear_takes_only_the_activations_its_weight_allows() {
+        let graph = |format: &str, activations: &str| {
+            let attr = if activations.is_empty() { String::new() } else { format!(" {{activations = {activations}}}") };
+            format!(
+                "graph g {{\n  %0 = input \"x\" : f32[2, 64]\n  %1 = weight \"w\" {format} : f32[4, 64]\n  %2 = linear %0, %1{attr} : f32[2, 4]\n  output \"y\" = %2\n}}\n"
+            )
+        };
+        for (format, activations, ok) in [
+            ("f32", "", true),
+            ("f32", "int8", false),
+            ("f16", "int8", false),
+            ("fp8g64", "int8", false),
+            ("fp8g64", "int8-row", false),
+            ("q4_0", "int8", true),
+            ("q4_0", "int8-row", false),
+            ("int4g32a", "int8", true),
+            ("int8g64", "int8", true),
+            ("int8g64", "int8-row", true),
+            ("int8g32", "int8-row", false),
+            ("int8g32", "int8", true),
+            ("q8_0", "", true),
+        ] {
+            let g = crate::parse(&graph(format, activations)).unwrap();
+            let result = crate::verify(&g);
+            assert_eq!(result.is_ok(), ok, "{format} {{activations = {activations}}}: {result:?}");
+            if let Err(e) = result {
+                assert!(e.to_string().contains(&format!("activations = {activations} needs")), "{e}");
+                assert!(e.to_string().contains(&format!("stored as {format}")), "{e}");
+            }
+        }
+        // A computed weight (here negated) allows f32 only, whatever it is computed from.
+        let computed = "graph g {\n  %0 = input \"x\" : f32[2, 64]\n  %1 = weight \"w\" q8_0 : f32[4, 64]\n  %2 = neg %1 : f32[4, 64]\n  %3 = linear %0, %2 {activations = int8} : f32[2, 4]\n  output \"y\" = %3\n}\n";
+        let err = crate::verify(&crate::parse(computed).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("a computed weight"), "{err}");
+        assert!(crate::verify(&crate::parse(&computed.replace(" {activations = int8}", "")).unwrap()).is_ok());
+    }
+
     #[test]
     fn a_block_may_not_cross_a_row() {
         let graph = |format: &str, row: u32| {

@@ -1,6 +1,6 @@
 //! The IR text form: hand-written IR in, printed IR out, and the verifier's verdicts.
 
-use kiln_ir::{Dim, LayerTable, Op, Role, parse, print, verify};
+use kiln_ir::{Activations, Dim, LayerTable, Op, Role, parse, print, verify};
 
 const BLOCK: &str = r#"graph tiny {
   %0 = input "input_ids" : i64[batch, seq]
@@ -292,4 +292,86 @@ fn a_sparse_weight_means_its_dense_matrix() {
     let err = verify(&g).unwrap_err().to_string();
     assert!(err.contains("tensor `w.mask` is stored as u8 [1, 2]; the weight's mask must be u8 [2, 1]"), "{err}");
     assert!(w.value(&g.store, &[2, 8]).is_err());
+}
+
+/// A linear's activations print as an attribute when not f32 (so graphs without int8
+/// activations print as before) and parse back; names are exactly `Activations`'.
+#[test]
+fn linear_activations_round_trip() {
+    let text = r#"graph w8a8 {
+  %0 = input "x" : f32[batch, 64]
+  %1 = weight "up.weight" q4_1 : f32[128, 64] @up
+  %2 = linear %0, %1 {activations = int8} : f32[batch, 128] @up
+  %3 = weight "down.weight" int8g128 : f32[64, 128] @down
+  %4 = linear %2, %3 {activations = int8-row} : f32[batch, 64] @down
+  %5 = weight "head.weight" f16 : f32[8, 64] @head
+  %6 = linear %4, %5 : f32[batch, 8] @head
+  output "y" = %6
+  layer "down" = main %3
+  layer "head" = main %5
+  layer "up" = main %1
+}
+"#;
+    let g = parse(text).expect("parses");
+    verify(&g).expect("verifies");
+    assert_eq!(print(&g), text);
+    let order = g.topo_order().unwrap();
+    let activations = |i: usize| match g.node(order[i]).op {
+        Op::Linear { activations } => activations,
+        ref op => panic!("%{i} is {op:?}"),
+    };
+    assert_eq!(
+        [activations(2), activations(4), activations(6)],
+        [Activations::Int8, Activations::Int8Row, Activations::F32]
+    );
+    // f32 may be written; it prints as nothing.
+    let explicit = text.replace("%6 = linear %4, %5 :", "%6 = linear %4, %5 {activations = f32} :");
+    assert_eq!(print(&parse(&explicit).unwrap()), text);
+    // Any other name is an error at the value, naming the accepted ones.
+    for bad in ["int8-block", "int8_row", "int4", "INT8"] {
+        let err = parse(&text.replace("{activations = int8}", &format!("{{activations = {bad}}}"))).unwrap_err();
+        assert_eq!(err.line, 4, "{bad}: {err}");
+        assert!(err.message.contains("f32, int8 or int8-row"), "{bad}: {err}");
+    }
+    // Other ops do not take it.
+    let err = parse(&text.replace("%6 = linear %4, %5 :", "%6 = linear %4, %5 {axis = 1} :")).unwrap_err();
+    assert!(err.message.contains("it takes: activations"), "{err}");
+}
+
+/// `set_activations` applies a mode by the rule of `Activations::for_weight`, per linear:
+/// every f32, f16, bf16 or fp8 weight's linear stays f32.
+#[test]
+fn set_activations_follows_each_weight() {
+    let text = r#"graph g {
+  %0 = input "x" : f32[batch, 64]
+  %1 = weight "a" q8_0 : f32[64, 64] @a
+  %2 = linear %0, %1 : f32[batch, 64] @a
+  %3 = weight "b" int8g64 : f32[64, 64] @b
+  %4 = linear %2, %3 : f32[batch, 64] @b
+  %5 = weight "c" fp8g64 : f32[64, 64] @c
+  %6 = linear %4, %5 : f32[batch, 64] @c
+  %7 = weight "d" f32 : f32[64, 64] @d
+  %8 = linear %6, %7 : f32[batch, 64] @d
+  output "y" = %8
+  layer "a" = main %1
+  layer "b" = main %3
+  layer "c" = main %5
+  layer "d" = main %7
+}
+"#;
+    let mut g = parse(text).unwrap();
+    assert_eq!(g.activations(), Activations::F32);
+    assert_eq!(kiln_ir::set_activations(&mut g, Activations::Int8Row), 2);
+    verify(&g).unwrap();
+    let printed = print(&g);
+    assert!(printed.contains("%2 = linear %0, %1 {activations = int8} :"), "{printed}");
+    assert!(printed.contains("%4 = linear %2, %3 {activations = int8-row} :"), "{printed}");
+    assert!(printed.contains("%6 = linear %4, %5 : "), "{printed}");
+    assert!(printed.contains("%8 = linear %6, %7 : "), "{printed}");
+    assert_eq!(g.activations(), Activations::Int8Row);
+    assert_eq!(kiln_ir::set_activations(&mut g, Activations::Int8), 2);
+    assert!(print(&g).contains("%4 = linear %2, %3 {activations = int8} :"));
+    assert_eq!(g.activations(), Activations::Int8);
+    assert_eq!(kiln_ir::set_activations(&mut g, Activations::F32), 0);
+    assert_eq!(print(&g), text);
 }

@@ -30,7 +30,7 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
     unsafe { Engine::with_kernels(graph, options, kernels) }
 }
 
-/// The kernels [`Engine`]s for `graphs` with `options` would compile, for every thread
+/// The kernels [`Engine`]s for `graphs` (the activations their linears take) would compile, for every thread
 /// count in [`kiln_exec::AOT_THREADS`] ([`object_specs`]), written to an object file for
 /// `isa`: the same functions (see [`emit_kernels`]), named with `prefix`, for the GEMMs a
 /// CPU with `isa`'s features runs ([`Host::for_features`]; they decide which epilogues
@@ -43,12 +43,11 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
 /// `{prefix}{name}`, 64-byte aligned, with its length in `{prefix}{name}_len`.
 pub fn emit_object(
     graphs: &[&Graph],
-    options: EngineOptions,
     isa: &HostIsa,
     prefix: &str,
     data: &[(&str, &[u8])],
 ) -> Result<ObjectFile, JitError> {
-    let specs = object_specs(graphs, options.activations)?;
+    let specs = object_specs(graphs)?;
     let features = isa.features();
     let host = Host::for_features(features.avx2, features.fma);
     let mut module = ObjectCodeModule::object(isa, prefix)?;

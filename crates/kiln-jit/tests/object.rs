@@ -189,8 +189,7 @@ fn a_models_kernels_are_the_engines_in_order() {
 ";
     let g = kiln_ir::parse(text).unwrap();
     let isa = HostIsa::native().unwrap();
-    let options = kiln_jit::EngineOptions { threads: 1, activations: kiln_jit::Activations::F32, profile: false };
-    let object = kiln_jit::emit_object(&[&g], options, &isa, "m_", &[]).unwrap();
+    let object = kiln_jit::emit_object(&[&g], &isa, "m_", &[]).unwrap();
     let names: Vec<&str> = object.functions.iter().map(|f| f.name.as_str()).collect();
     let after_gemm = kiln_exec::gemm_f32::available();
     let mut want = vec!["m_epilogue0", "m_linear1"];
@@ -231,7 +230,8 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
   output \"y\" = %10
 }
 ";
-    let mut g = kiln_ir::parse(text).unwrap();
+    let mut base = kiln_ir::parse(text).unwrap();
+    let g = &mut base;
     let mut rng = Rng::new(11);
     for (name, format, n, k) in
         [("w1", Format::F32, 64, 64), ("w2", Format::Q8_0, 1024, 64), ("w3", Format::Q4_1, 64, 1024)]
@@ -242,13 +242,20 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
     for name in ["b1", "b3"] {
         g.store.insert(name, kiln_ir::TensorData::from_f32(vec![64], &rng.vec(64, 0.5)));
     }
-    kiln_ir::verify(&g).unwrap();
+    kiln_ir::verify(g).unwrap();
+    let with = |activations: Activations| {
+        let mut g = base.clone();
+        kiln_ir::set_activations(&mut g, activations);
+        kiln_ir::verify(&g).unwrap();
+        g
+    };
     let isa = HostIsa::native().unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-object-engine-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (i, activations) in [Activations::F32, Activations::Int8].into_iter().enumerate() {
-        let options = |threads| EngineOptions { threads, activations, profile: false };
-        let object = kiln_jit::emit_object(&[&g], options(2), &isa, "kiln_t_", &[]).unwrap();
+        let options = |threads| EngineOptions { threads, profile: false };
+        let g = with(activations);
+        let object = kiln_jit::emit_object(&[&g], &isa, "kiln_t_", &[]).unwrap();
         let (obj, lib) = (dir.join(format!("k{i}.o")), dir.join(format!("libk{i}.so")));
         std::fs::write(&obj, &object.bytes).unwrap();
         let cc = Command::new("cc").arg("-shared").arg(&obj).arg("-o").arg(&lib).output().expect("`cc` runs");
@@ -285,11 +292,10 @@ fn an_engine_runs_on_linked_kernels_with_the_jit_bits() {
                 );
             }
         }
-        // Kernels for the other activations are not these.
-        let other = options(2);
-        let other = EngineOptions { activations: if i == 0 { Activations::Int8 } else { Activations::F32 }, ..other };
+        // Kernels for the graph with the other activations are not these.
+        let other = with(if i == 0 { Activations::Int8 } else { Activations::F32 });
         // SAFETY: as above; the call fails before binding anything.
-        let err = unsafe { Engine::with_kernel_table(&g, other, &linked, lib.clone()) }.err().unwrap();
+        let err = unsafe { Engine::with_kernel_table(&other, options(2), &linked, lib.clone()) }.err().unwrap();
         assert!(err.to_string().contains("no kernel for"), "{err}");
         // Code that may use a CPU feature this build cannot check for is refused.
         let (host, rest) = specs.split_once('\n').unwrap();

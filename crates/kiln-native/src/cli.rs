@@ -235,8 +235,7 @@ fn about(program: &Program) -> String {
     }
     let passes = pass_list(program.artifact.passes());
     s += &format!("Passes: {}\n", if passes.is_empty() { "none".into() } else { passes });
-    let activations = program.artifact.metadata.get(crate::ACTIVATIONS_KEY).map_or("f32", String::as_str);
-    s += &format!("Activations: {activations}\n");
+    s += &format!("Activations: {}\n", program.activations());
     if let Some(target) = meta.get(crate::TARGET_KEY) {
         s += &format!("Kernels compiled for: {target}\n");
     }

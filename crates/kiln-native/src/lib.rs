@@ -22,7 +22,7 @@ use kiln_ir::{Bytes, Graph};
 use kiln_rt::artifact::{self, Artifact};
 use std::sync::Arc;
 
-pub use kiln_rt::artifact::{ACTIVATIONS_KEY, GENERATE_IR_KEY, TARGET_KEY};
+pub use kiln_rt::artifact::{GENERATE_IR_KEY, TARGET_KEY};
 
 /// A compiled model as linked into a program: the symbols `kiln_jit::emit_object` writes,
 /// gathered by the generated C. The layout is C's (the header `kiln compile --emit lib`
@@ -138,9 +138,10 @@ impl Program {
         Ok(Program { artifact, specs, table })
     }
 
-    /// The activations the kernels were compiled for.
+    /// The activations of the program's linears, as one mode ([`Graph::activations`]): what
+    /// its IR says, which the kernels were compiled for.
     pub fn activations(&self) -> Activations {
-        self.artifact.metadata.get(ACTIVATIONS_KEY).and_then(|a| a.parse().ok()).unwrap_or_default()
+        self.artifact.graph.activations()
     }
 
     /// The graph `kiln run` runs.
@@ -156,7 +157,7 @@ impl Program {
     /// An engine for `graph` (this program's, or its generation graph) on `threads` threads,
     /// on the linked kernels.
     pub fn engine<'g>(&self, graph: &'g Graph, threads: usize) -> Result<Engine<'g>, NativeError> {
-        let options = EngineOptions { threads, activations: self.activations(), profile: false };
+        let options = EngineOptions::threads(threads);
         let linked = LinkedKernels { specs: self.specs, table: &self.table };
         // SAFETY: `from_data`'s caller vouched for the table: kernels linked into this
         // program, static code that needs no owner.

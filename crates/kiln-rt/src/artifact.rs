@@ -26,9 +26,11 @@ pub const FORMAT_VERSION: u32 = 1;
 const VERSION_KEY: &str = "kiln.format_version";
 const IR_KEY: &str = "kiln.ir";
 pub const PASSES_KEY: &str = "kiln.passes";
-/// The activations the passes chose for the compiled kernels (`f32`, `int8`, `int8-row`, as
-/// `kiln run --activations` names them); native programs were compiled for them.
-pub const ACTIVATIONS_KEY: &str = "kiln.activations";
+/// Where artifacts written before activations were an attribute of `linear` recorded the
+/// mode the quantize pass chose (`f32`, `int8`, `int8-row`). Reading one applies it to its
+/// linears ([`kiln_ir::set_activations`], the rule the pass applies now) and drops the
+/// entry, so an old artifact runs as it did on the JIT; artifacts carry it in their IR now.
+const LEGACY_ACTIVATIONS_KEY: &str = "kiln.activations";
 /// The tokenizer (a `tokenizer.json`, as the `tokenizers` crate writes it), so that text in
 /// and out needs only the artifact.
 pub const TOKENIZER_KEY: &str = "kiln.tokenizer";
@@ -245,9 +247,19 @@ pub fn read_bytes(whole: Bytes, name: &str, checksums: bool) -> Result<Artifact,
         }
         Some(_) => {}
     }
+    let mut metadata = metadata;
     let ir = metadata.get(IR_KEY).ok_or_else(|| damaged(format!("no `{IR_KEY}` in its metadata")))?;
     let mut graph = kiln_ir::parse(ir).map_err(|e| damaged(format!("its IR does not parse: {e}")))?;
     kiln_ir::verify(&graph).map_err(|e| damaged(format!("its IR does not verify: {e}")))?;
+    // An older artifact: its quantize pass's choice of activations, kept beside the IR, was
+    // what `kiln run` gave the JIT by default. Applied to the linears by the rule the pass
+    // applies now, it runs as it did (and as the interpreter's default too); an unknown
+    // name is damage, not something to guess at.
+    if let Some(mode) = metadata.remove(LEGACY_ACTIVATIONS_KEY) {
+        let mode: kiln_ir::Activations =
+            mode.parse().map_err(|e| damaged(format!("its `{LEGACY_ACTIVATIONS_KEY}`: {e}")))?;
+        kiln_ir::set_activations(&mut graph, mode);
+    }
 
     let infos = header.tensors();
     let data_start = 8 + header_len;
@@ -415,6 +427,40 @@ mod tests {
             [1.0f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
         );
         assert!(read(&temp("det-a")).is_ok());
+    }
+
+    /// An artifact written before activations were an attribute of `linear` recorded them
+    /// in `kiln.activations`: reading it applies them to the linears by the rule, and the
+    /// entry is gone; an unknown mode there is damage.
+    #[test]
+    fn older_artifacts_recorded_activations_become_the_linears_attributes() {
+        let mut g = graph_with(Format::Q8_0, vec![0; Format::Q8_0.byte_len(64).unwrap() as usize]);
+        let w = g.outputs()[0].1;
+        let x = g.add_typed(Op::Input { name: "x".into() }, &[], Type::f32([Dim::Known(1), Dim::Known(32)]), "", None);
+        let y = g.add(Op::Linear { activations: kiln_ir::Activations::F32 }, &[x, w], "", None).unwrap();
+        g.set_output("z", y).unwrap();
+        let activations = |a: &Artifact| match a.graph.node(a.graph.outputs()[1].1).op {
+            Op::Linear { activations } => activations,
+            ref op => panic!("{op:?}"),
+        };
+        let path = temp("legacy-activations");
+        for (recorded, want) in [
+            ("int8", kiln_ir::Activations::Int8),
+            // By the rule: per-row scales are for int8gK weights, q8_0 takes blocks.
+            ("int8-row", kiln_ir::Activations::Int8),
+            ("f32", kiln_ir::Activations::F32),
+        ] {
+            write(&path, &g, &BTreeMap::from([(LEGACY_ACTIVATIONS_KEY.to_string(), recorded.to_string())])).unwrap();
+            let a = read(&path).unwrap();
+            assert_eq!(activations(&a), want, "{recorded}");
+            assert!(!a.metadata.contains_key(LEGACY_ACTIVATIONS_KEY));
+            kiln_ir::verify(&a.graph).unwrap();
+        }
+        write(&path, &g, &BTreeMap::new()).unwrap();
+        assert_eq!(activations(&read(&path).unwrap()), kiln_ir::Activations::F32);
+        write(&path, &g, &BTreeMap::from([(LEGACY_ACTIVATIONS_KEY.to_string(), "int4".to_string())])).unwrap();
+        let err = read(&path).err().unwrap().to_string();
+        assert!(err.contains("is damaged") && err.contains("unknown activations `int4`"), "{err}");
     }
 
     #[test]

@@ -157,7 +157,7 @@ pub fn eval_reference(op: &Op, args: &[Arc<Value>], symbols: &Symbols) -> Result
     Ok(Value::F32(match op {
         Op::Input { .. } | Op::Weight(_) => unreachable!("bound before evaluation"),
         Op::Const { value } => Tensor::scalar(*value),
-        Op::Linear => kernels::linear(f(0)?, f(1)?, if args.len() > 2 { Some(f(2)?) } else { None }),
+        Op::Linear { .. } => kernels::linear(f(0)?, f(1)?, if args.len() > 2 { Some(f(2)?) } else { None }),
         Op::MatMul => kernels::matmul(f(0)?, f(1)?),
         Op::Binary(b) => kernels::binary(*b, f(0)?, f(1)?),
         Op::Unary(u) => kernels::unary(*u, f(0)?),
