@@ -49,6 +49,24 @@ pub struct Calibration {
     pub tokens: u64,
 }
 
+impl Calibration {
+    /// The statistics of a weight read by the linears whose inputs are `inputs` (one entry
+    /// per linear): the sum of their inputs' Gram matrices, since the layer's output error
+    /// is the sum of the errors of every linear that reads it (`trace(dW (H_1 + H_2) dW^T)`).
+    /// Inputs without statistics add nothing; `None` if none has any.
+    pub fn summed(&self, inputs: &[NodeId]) -> Option<Gram> {
+        let mut grams = inputs.iter().filter_map(|x| self.inputs.get(x));
+        let mut sum = grams.next()?.clone();
+        for g in grams {
+            for (s, v) in sum.sum.iter_mut().zip(&g.sum) {
+                *s += v;
+            }
+            sum.rows += g.rows;
+        }
+        Some(sum)
+    }
+}
+
 /// What passes need of a model's activations, computed by whoever can run models: the
 /// engines implement it (`kiln_interp::Calibrator` runs the interpreter for statistics and
 /// takes an engine for probes), so that passes never run a model themselves. The passes ask

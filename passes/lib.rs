@@ -11,13 +11,15 @@
 //!
 //! The pieces every family shares: [`manager`] (the `--passes` syntax, the registry, a
 //! pipeline run with the verifier after every pass), [`options`], [`context`],
-//! [`report`], [`calibration`] (the statistics passes take), [`layers`] (override
+//! [`report`], [`calibration`] (the statistics passes take), [`allocate`] (one choice per
+//! layer under a budget, by dynamic programming), [`layers`] (override
 //! patterns and kinds of layers), [`budget`] (what a budget counts).
 //!
 //! Adding a pass: a file (or a folder, for a family) here, a type implementing [`Pass`]
 //! with an options table, one entry in [`manager::REGISTRY`], and a filetest under
 //! `tests/filetests/` for every option that rewrites differently.
 
+pub mod allocate;
 pub mod budget;
 pub mod calibration;
 pub mod cleanup;

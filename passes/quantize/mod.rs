@@ -55,16 +55,15 @@
 //! The pass replaces the weights' bytes in the tensor store and the formats in their
 //! `weight` nodes; the graph's structure does not change.
 
-pub mod allocate;
 pub mod clip;
 pub mod gptq;
 pub mod lorc;
 
+use crate::allocate::{self, Choice as Candidate, Layer as Knapsack};
 use crate::calibration::{Calibration, Gram};
 use crate::layers::{apply_overrides, kind_of};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport, Probe};
-use allocate::{Choice as Candidate, Layer as Knapsack};
 use clip::Grid;
 use gptq::GptqOptions;
 use half::{bf16, f16};
@@ -703,26 +702,10 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
     }
     if let Some(calibration) = calibration {
         for (layer, inputs) in out.iter_mut().zip(&inputs) {
-            layer.gram = summed_gram(inputs, calibration);
+            layer.gram = calibration.summed(inputs);
         }
     }
     Ok(out)
-}
-
-/// The statistics of a weight read by the linears whose inputs are `inputs` (one entry
-/// per linear): the sum of their inputs' Gram matrices, since the layer's output error is
-/// the sum of the errors of every linear that reads it (`trace(dW (H_1 + H_2) dW^T)`).
-/// Inputs without statistics add nothing; `None` if none has any.
-pub(crate) fn summed_gram(inputs: &[NodeId], calibration: &Calibration) -> Option<Gram> {
-    let mut grams = inputs.iter().filter_map(|x| calibration.inputs.get(x));
-    let mut sum = grams.next()?.clone();
-    for g in grams {
-        for (s, v) in sum.sum.iter_mut().zip(&g.sum) {
-            *s += v;
-        }
-        sum.rows += g.rows;
-    }
-    Some(sum)
 }
 
 /// The output error of `layer` stored as `format`, on the calibration data, estimated from

@@ -1,5 +1,6 @@
-//! `allocate`: choose one storage format per layer so the model fits a budget of storage bits
-//! with the least total sensitivity (the budgeted allocation of a mixed-precision quantizer).
+//! `allocate`: choose one way of storing each layer so the model fits a budget of storage
+//! bits with the least total sensitivity: the formats of `quantize` (the budgeted
+//! allocation of a mixed-precision quantizer), the ranks of `factorize`.
 //!
 //! Layer `l` offers choices `j` with a cost `b[l][j]` (bits to store the layer that way:
 //! weights, scales, zero points) and a sensitivity `s[l][j]` (the output error measured with
