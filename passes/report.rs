@@ -1,6 +1,7 @@
 //! What a pass reports about its work, and its JSON form: the form `kiln compile` stores in
 //! the artifact (`kiln.passes`) and `kiln report` reads.
 
+use crate::factorize::FactorizeReport;
 use crate::manager::PassCall;
 use crate::quantize::QuantizeReport;
 use serde_json::{Value as Json, json};
@@ -9,6 +10,7 @@ use serde_json::{Value as Json, json};
 #[derive(Clone, Debug, PartialEq)]
 pub enum PassReport {
     Quantize(QuantizeReport),
+    Factorize(FactorizeReport),
     /// A clean-up pass: how many nodes it removed or rewrote, and notes.
     Cleanup {
         pass: &'static str,
@@ -22,6 +24,7 @@ impl PassReport {
     pub fn notes(&self) -> &[String] {
         match self {
             PassReport::Quantize(q) => &q.notes,
+            PassReport::Factorize(f) => &f.notes,
             PassReport::Cleanup { notes, .. } => notes,
         }
     }
@@ -30,6 +33,7 @@ impl PassReport {
     pub fn to_json(&self) -> Json {
         match self {
             PassReport::Quantize(q) => quantize_json(q),
+            PassReport::Factorize(f) => factorize_json(f),
             PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
         }
     }
@@ -40,6 +44,24 @@ impl PassReport {
 pub fn pipeline_json(ran: &[(PassCall, PassReport)]) -> String {
     let list: Vec<Json> = ran.iter().map(|(c, r)| json!({"call": c.to_string(), "report": r.to_json()})).collect();
     Json::Array(list).to_string()
+}
+
+fn factorize_json(f: &FactorizeReport) -> Json {
+    let layers: Vec<Json> = f
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "scope": l.name, "n": l.n, "k": l.k, "rank": l.rank,
+                "params_before": l.params_before, "params": l.params,
+                "error": l.error, "relative_error": l.relative_error, "dense_because": l.why_dense,
+            })
+        })
+        .collect();
+    json!({
+        "pass": "factorize", "method": f.method.to_string(), "layers": layers,
+        "params_before": f.params_before, "params": f.params, "notes": f.notes,
+    })
 }
 
 fn quantize_json(q: &QuantizeReport) -> Json {

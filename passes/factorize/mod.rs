@@ -1,3 +1,567 @@
-//! `factorize`: low-rank factorization of linear weights (`W ~ A B`, run as two linears).
+//! `factorize`: low-rank factorization of linear weights. A layer's weight `W [n, k]`
+//! becomes two factors, `W ~ U V` with `U [n, r]` and `V [r, k]`, run as two linears:
+//! `y = linear(linear(x, V), U, b)`. The layer table records `U` and `V` as the layer's
+//! `lowrank_u` and `lowrank_v` in place of its main weight, so overrides and reports still
+//! speak of the layer.
+//!
+//! - **Methods** ([`lowrank`]): `svd` (plain truncated SVD), `whitened` (SVD-LLM: the SVD of
+//!   `W L` with `L L^T` the input Gram, so that the discarded energy is the layer's output
+//!   error on the calibration rows), `asvd` (columns scaled by their input's magnitude).
+//! - **Ranks**: `rank=R` for every layer; `energy=E`, the least rank keeping that fraction
+//!   of the squared singular values; or `keep=F`, the fraction of the factorized layers'
+//!   parameters kept, with ranks allocated across layers by [`crate::allocate`] over each
+//!   layer's error at each rank (a layer may also stay dense there).
+//! - A layer is factored only where its rank saves parameters (`r (n + k) < n k`); the
+//!   others stay dense and the report names them.
+//! - `--override PATTERN=rank:R` fixes a layer's rank, `PATTERN=dense` leaves it alone.
+//!
+//! The candidates are the layers whose main weight is a dense matrix read only by linears
+//! (as their weight): tables read by rows (embeddings, a tied head) stay as they are.
+//! Factors are stored as f32; a later `quantize` stores them in fewer bits.
 
 pub mod lowrank;
+
+use crate::allocate::{self, Choice, Layer as Knapsack};
+use crate::calibration::Gram;
+use crate::layers::apply_overrides;
+use crate::options::{Args, OptionHelp, Options};
+use crate::{Context, Pass, PassError, PassReport};
+use kiln_ir::{Activations, DType, Dim, Format, Graph, Layer, NodeId, Op, Role, TensorData, Type, WeightRef};
+use lowrank::{Spectrum, Whitening, saves};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const PASS: &str = "factorize";
+
+/// The pass as a pipeline names it: `factorize(...)`.
+pub struct Factorize;
+
+impl Pass for Factorize {
+    const NAME: &'static str = PASS;
+    const SUMMARY: &'static str = "replace matrices by two low-rank factors run as two linears: one rank for all (rank=R), by retained energy (energy=E), or ranks allocated under a parameter budget (keep=F); --override PATTERN=rank:R|dense fixes layers";
+    type Options = FactorizeOptions;
+    const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
+
+    fn run(graph: &mut Graph, options: &FactorizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
+        let mut overrides = Vec::new();
+        for (pattern, value) in &ctx.overrides {
+            let fixed = value
+                .parse()
+                .map_err(|e: String| PassError::options(PASS, format!("--override `{pattern}={value}`: {e}")))?;
+            overrides.push((pattern.clone(), fixed));
+        }
+        let calibration = match options.method {
+            Method::Svd => None,
+            _ => Some(ctx.calibration(graph)?.ok_or_else(|| {
+                PassError::not_applicable(
+                    PASS,
+                    format!("method={} needs calibration data: pass --calib", options.method),
+                )
+            })?),
+        };
+        factorize(graph, options, &overrides, calibration.as_deref(), ctx.progress).map(PassReport::Factorize)
+    }
+}
+
+/// How the SVD is whitened (see [`lowrank`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Svd,
+    Whitened,
+    Asvd,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Svd => "svd",
+            Method::Whitened => "whitened",
+            Method::Asvd => "asvd",
+        })
+    }
+}
+
+/// How ranks are chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    Rank(usize),
+    Energy(f64),
+    Keep(f64),
+}
+
+/// An override's value: `rank:R` or `dense`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fixed {
+    Rank(usize),
+    Dense,
+}
+
+impl std::str::FromStr for Fixed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fixed, String> {
+        if s == "dense" {
+            return Ok(Fixed::Dense);
+        }
+        s.strip_prefix("rank:")
+            .and_then(|r| r.parse().ok())
+            .filter(|&r| r > 0)
+            .map(Fixed::Rank)
+            .ok_or_else(|| format!("`{s}` is not `rank:R` (R a positive integer) or `dense`"))
+    }
+}
+
+/// The options of `factorize(...)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FactorizeOptions {
+    pub method: Method,
+    pub target: Target,
+}
+
+impl Options for FactorizeOptions {
+    const HELP: &'static [OptionHelp] = &[
+        OptionHelp {
+            name: "method",
+            values: "svd|whitened|asvd",
+            default: "whitened with --calib, else svd",
+            help: "plain truncated SVD; SVD-LLM's SVD whitened by the input statistics (the discarded energy is the output error on the calibration rows); or ASVD's columns scaled by their input's magnitude",
+        },
+        OptionHelp {
+            name: "keep",
+            values: "F",
+            default: "0.9 when no rank, energy or keep is given",
+            help: "keep a fraction F (0 < F < 1) of the candidate layers' parameters, ranks allocated across layers to least total error",
+        },
+        OptionHelp {
+            name: "rank",
+            values: "R",
+            default: "none",
+            help: "the same rank R for every layer (layers where R saves nothing stay dense)",
+        },
+        OptionHelp {
+            name: "energy",
+            values: "E",
+            default: "none",
+            help: "per layer, the least rank keeping a fraction E (0 < E <= 1) of the squared singular values",
+        },
+    ];
+
+    fn parse(args: &mut Args) -> Result<FactorizeOptions, PassError> {
+        let calibrated = args.calibrated();
+        let method = match args.text("method") {
+            None if calibrated => Method::Whitened,
+            None | Some("svd") => Method::Svd,
+            Some("whitened") => Method::Whitened,
+            Some("asvd") => Method::Asvd,
+            Some(v) => return Err(args.invalid("method", v)),
+        };
+        if method != Method::Svd && !calibrated {
+            return Err(args.error(format!("method={method} whitens by the calibration inputs: pass --calib")));
+        }
+        let fraction = |open_end: bool| {
+            move |v: &str| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|f| *f > 0.0 && (*f < 1.0 || open_end && *f == 1.0))
+                    .ok_or_else(|| format!("expected a fraction in (0, {}", if open_end { "1]" } else { "1)" }))
+            }
+        };
+        let rank = args.get_with("rank", |v| {
+            v.parse::<usize>().ok().filter(|&r| r > 0).ok_or_else(|| "expected a positive rank".to_string())
+        })?;
+        let energy = args.get_with("energy", fraction(true))?;
+        let keep = args.get_with("keep", fraction(false))?;
+        let target = match (rank, energy, keep) {
+            (Some(r), None, None) => Target::Rank(r),
+            (None, Some(e), None) => Target::Energy(e),
+            (None, None, Some(f)) => Target::Keep(f),
+            (None, None, None) => Target::Keep(0.9),
+            _ => return Err(args.error("give one of rank, energy and keep")),
+        };
+        Ok(FactorizeOptions { method, target })
+    }
+}
+
+/// What `factorize` did to one candidate layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FactorLayer {
+    pub name: String,
+    pub n: usize,
+    pub k: usize,
+    /// The rank, or `None` if the layer stayed dense.
+    pub rank: Option<usize>,
+    /// Parameters before and after.
+    pub params_before: u64,
+    pub params: u64,
+    /// The error of the kept rank, as the method measures it (0 when dense), and that
+    /// error as a fraction of the total (all squared singular values).
+    pub error: f64,
+    pub relative_error: f64,
+    /// Why the layer stayed dense, if it did.
+    pub why_dense: Option<String>,
+}
+
+/// The report of a `factorize` call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FactorizeReport {
+    pub method: Method,
+    pub layers: Vec<FactorLayer>,
+    /// Parameters of the candidate layers before and after.
+    pub params_before: u64,
+    pub params: u64,
+    pub notes: Vec<String>,
+}
+
+/// A candidate layer: its name, its main weight, the linears that read it, its values.
+struct Candidate {
+    name: String,
+    weight: NodeId,
+    tensor: String,
+    linears: Vec<NodeId>,
+    n: usize,
+    k: usize,
+    values: Vec<f32>,
+}
+
+/// Factorizes `graph`'s candidate layers as `options` and `overrides` say (see the module
+/// documentation); `calibration` is required by the whitened methods.
+pub fn factorize(
+    graph: &mut Graph,
+    options: &FactorizeOptions,
+    overrides: &[(String, Fixed)],
+    calibration: Option<&crate::calibration::Calibration>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<FactorizeReport, PassError> {
+    let fail = |message: String| PassError::not_applicable(PASS, message);
+    let (candidates, mut notes) = candidates(graph).map_err(fail)?;
+    if candidates.is_empty() {
+        return Err(fail("no layer is a dense matrix read only by linears".into()));
+    }
+    let names: Vec<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
+    let fixed = apply_overrides(&names, overrides).map_err(fail)?;
+
+    // The spectrum of every layer that may be factored, in parallel.
+    let grams: Vec<Option<Gram>> = candidates
+        .iter()
+        .map(|c| {
+            let inputs: Vec<NodeId> = c.linears.iter().map(|&l| graph.operands(l)[0]).collect();
+            calibration.and_then(|cal| cal.summed(&inputs))
+        })
+        .collect();
+    let done = AtomicUsize::new(0);
+    let total = candidates.iter().zip(&fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
+    let spectra: Vec<Option<Spectrum>> = candidates
+        .par_iter()
+        .zip(&grams)
+        .zip(&fixed)
+        .map(|((c, gram), fixed)| {
+            if *fixed == Some(Fixed::Dense) {
+                return Ok(None);
+            }
+            let whitening = match (options.method, gram) {
+                (Method::Svd, _) => Whitening::None,
+                (_, None) => return Err(format!("layer {}: no calibration statistics reached its input", c.name)),
+                (Method::Whitened, Some(g)) => Whitening::Cholesky(g),
+                (Method::Asvd, Some(g)) => Whitening::Columns(g),
+            };
+            let s = Spectrum::new(&c.values, c.n, c.k, whitening).map_err(|e| format!("layer {}: {e}", c.name))?;
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "factorizing");
+            Ok(Some(s))
+        })
+        .collect::<Result<_, String>>()
+        .map_err(fail)?;
+
+    let ranks = choose_ranks(&candidates, &spectra, &fixed, options.target).map_err(fail)?;
+
+    let mut report =
+        FactorizeReport { method: options.method, layers: vec![], params_before: 0, params: 0, notes: vec![] };
+    for (i, c) in candidates.iter().enumerate() {
+        let before = (c.n * c.k) as u64;
+        let (rank, why_dense) = match (ranks[i].clone(), &spectra[i]) {
+            (Ok(r), Some(_)) => (Some(r), None),
+            (Err(why), _) => (None, Some(why)),
+            (Ok(_), None) => (None, Some("--override dense".to_string())),
+        };
+        let (error, relative_error) = match (rank, &spectra[i]) {
+            (Some(r), Some(s)) => (s.error(r), s.error(r) / s.error(0).max(f64::MIN_POSITIVE)),
+            _ => (0.0, 0.0),
+        };
+        if let (Some(r), Some(s)) = (rank, &spectra[i]) {
+            rewrite(graph, c, s, r).map_err(fail)?;
+        }
+        let params = rank.map_or(before, |r| (r * (c.n + c.k)) as u64);
+        report.params_before += before;
+        report.params += params;
+        report.layers.push(FactorLayer {
+            name: c.name.clone(),
+            n: c.n,
+            k: c.k,
+            rank,
+            params_before: before,
+            params,
+            error,
+            relative_error,
+            why_dense,
+        });
+    }
+    graph.remove_dead();
+    let read: std::collections::BTreeSet<String> = graph
+        .node_ids()
+        .flat_map(|n| match &graph.node(n).op {
+            Op::Weight(w) => w.tensors().map(String::from).collect(),
+            _ => vec![],
+        })
+        .collect();
+    for c in &candidates {
+        if !read.contains(&c.tensor) {
+            graph.store.remove(&c.tensor);
+        }
+    }
+    let dense: Vec<&str> = report.layers.iter().filter(|l| l.rank.is_none()).map(|l| l.name.as_str()).collect();
+    if !dense.is_empty() {
+        notes.push(format!("{} of {} layers stay dense: {}", dense.len(), report.layers.len(), dense.join(", ")));
+    }
+    report.notes = notes;
+    kiln_ir::verify(graph).map_err(|e| PassError::Invalid { pass: PASS, message: e.to_string() })?;
+    Ok(report)
+}
+
+/// The candidate layers in the graph's order, and notes on the layers left out.
+fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
+    let order = graph.topo_order().ok_or("the graph has a cycle")?;
+    let position: std::collections::HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut out = Vec::new();
+    let mut by_rows = Vec::new();
+    for (name, layer) in graph.layers.iter() {
+        let Some(weight) = layer.main() else { continue };
+        let Op::Weight(w) = &graph.node(weight).op else { continue };
+        let users = graph.users(weight);
+        let linears: Vec<NodeId> = users
+            .iter()
+            .copied()
+            .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u)[1] == weight)
+            .collect();
+        if linears.is_empty() {
+            continue;
+        }
+        if linears.len() != users.len() || graph.outputs().iter().any(|(_, o)| *o == weight) {
+            by_rows.push(name.to_string());
+            continue;
+        }
+        if layer.weights.len() > 1 {
+            return Err(format!(
+                "layer {name} has weights besides its main one ({}): run factorize before the pass that added them",
+                layer.weights.iter().map(|(r, _)| r.name()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if let Some(s) = &w.sparse {
+            return Err(format!("layer {name} is sparse ({s}): run factorize before pruning"));
+        }
+        let shape: Vec<u64> = graph.node(weight).ty.shape.iter().filter_map(|d| d.known()).collect();
+        let &[n, k] = shape.as_slice() else { continue };
+        let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
+        let tensor = w.tensor.clone();
+        out.push(Candidate { name: name.to_string(), weight, tensor, linears, n: n as usize, k: k as usize, values });
+    }
+    out.sort_by_key(|c| c.linears.iter().map(|l| position[l]).min());
+    let mut notes = Vec::new();
+    if !by_rows.is_empty() {
+        notes.push(format!("left as they are (also read by rows or as an output): {}", by_rows.join(", ")));
+    }
+    Ok((out, notes))
+}
+
+/// Per candidate, the rank to keep or why it stays dense.
+fn choose_ranks(
+    candidates: &[Candidate],
+    spectra: &[Option<Spectrum>],
+    fixed: &[Option<Fixed>],
+    target: Target,
+) -> Result<Vec<Result<usize, String>>, String> {
+    let no_saving = |r: usize, c: &Candidate| {
+        format!("rank {r} saves nothing on a [{}, {}] matrix (it must be below {})", c.n, c.k, c.n * c.k / (c.n + c.k))
+    };
+    let mut out: Vec<Result<usize, String>> = Vec::with_capacity(candidates.len());
+    for (c, f) in candidates.iter().zip(fixed) {
+        out.push(match f {
+            Some(Fixed::Dense) => Err("--override dense".into()),
+            Some(Fixed::Rank(r)) if !saves(*r, c.n, c.k) => {
+                return Err(format!("--override rank:{r} on layer {}: {}", c.name, no_saving(*r, c)));
+            }
+            Some(Fixed::Rank(r)) => Ok(*r),
+            None => Err(String::new()), // decided below
+        });
+    }
+    let free: Vec<usize> = (0..candidates.len()).filter(|&i| fixed[i].is_none()).collect();
+    match target {
+        Target::Rank(_) | Target::Energy(_) => {
+            for &i in &free {
+                let (c, s) = (&candidates[i], spectra[i].as_ref().expect("a free layer has a spectrum"));
+                let r = match target {
+                    Target::Energy(e) => s.rank_for_energy(e),
+                    Target::Rank(r) => r.min(s.full_rank()),
+                    Target::Keep(_) => unreachable!("matched above"),
+                };
+                out[i] = if saves(r, c.n, c.k) { Ok(r) } else { Err(no_saving(r, c)) };
+            }
+        }
+        Target::Keep(keep) => {
+            // Each free layer: dense, or a saving rank on a grid; cost in f32 bits.
+            let budget_params = keep * candidates.iter().map(|c| (c.n * c.k) as f64).sum::<f64>();
+            let fixed_params: u64 = candidates
+                .iter()
+                .zip(&out)
+                .zip(fixed)
+                .filter(|(_, f)| f.is_some())
+                .map(|((c, r), _)| r.as_ref().map_or((c.n * c.k) as u64, |r| (r * (c.n + c.k)) as u64))
+                .sum();
+            let mut grids = Vec::new();
+            let knapsack: Vec<Knapsack> = free
+                .iter()
+                .map(|&i| {
+                    let (c, s) = (&candidates[i], spectra[i].as_ref().expect("a free layer has a spectrum"));
+                    let grid = rank_grid(c.n, c.k);
+                    let mut choices = vec![Choice { bits: 32 * (c.n * c.k) as u64, sensitivity: 0.0 }];
+                    choices.extend(
+                        grid.iter().map(|&r| Choice { bits: 32 * (r * (c.n + c.k)) as u64, sensitivity: s.error(r) }),
+                    );
+                    grids.push(grid);
+                    Knapsack { choices, fixed: None }
+                })
+                .collect();
+            let budget = (budget_params - fixed_params as f64).max(0.0) * 32.0;
+            let picked = allocate::allocate(&knapsack, budget as u64).map_err(|e| format!("keep={keep}: {e}"))?;
+            for ((&i, &pick), grid) in free.iter().zip(&picked.picks).zip(&grids) {
+                out[i] = match pick {
+                    0 => Err(format!("keep={keep}: the allocation keeps it dense")),
+                    p => Ok(grid[p - 1]),
+                };
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The ranks `keep=F` chooses among for an `[n, k]` matrix: every rank that saves
+/// parameters, in steps of 8 (of 1 below 8), at most 64 of them.
+fn rank_grid(n: usize, k: usize) -> Vec<usize> {
+    let most = (n * k).saturating_sub(1) / (n + k);
+    let step = (most / 64).max(8).next_multiple_of(8).min(most.max(1));
+    let mut grid: Vec<usize> = (1..8.min(most + 1)).collect();
+    grid.extend((step..=most).step_by(step));
+    grid.retain(|&r| saves(r, n, k));
+    grid.dedup();
+    grid
+}
+
+/// Replaces the layer's weight by its rank-`r` factors: every linear reading it becomes
+/// `linear(linear(x, V), U, b)`; the layer's entry becomes `lowrank_u U, lowrank_v V`.
+fn rewrite(graph: &mut Graph, c: &Candidate, s: &Spectrum, r: usize) -> Result<(), String> {
+    let (u, v) = s.factors(r);
+    let tensor = &c.tensor;
+    let scope = graph.node(c.weight).scope.clone();
+    let mut add_weight = |name: String, dims: [u64; 2], values: &[f32]| {
+        let data = TensorData::from_f32(dims.to_vec(), values);
+        let op = Op::Weight(WeightRef::dense(name.clone(), Format::F32, Some(data.checksum())));
+        graph.store.insert(name, data);
+        graph.add_typed(op, &[], Type::new(DType::F32, dims.map(Dim::Known)), &scope, None)
+    };
+    let weight_u = add_weight(format!("{tensor}.lowrank_u"), [c.n as u64, r as u64], &u);
+    let weight_v = add_weight(format!("{tensor}.lowrank_v"), [r as u64, c.k as u64], &v);
+    for &linear in &c.linears {
+        let operands = graph.operands(linear);
+        let scope = graph.node(linear).scope.clone();
+        let fail = |e: kiln_ir::GraphError| format!("factorizing {}: {e}", c.name);
+        let f32 = Op::Linear { activations: Activations::F32 };
+        let low = graph.add(f32.clone(), &[operands[0], weight_v], &scope, None).map_err(fail)?;
+        let mut second = vec![low, weight_u];
+        second.extend(operands.get(2));
+        let y = graph.add(f32, &second, &scope, None).map_err(fail)?;
+        graph.replace_uses(linear, y);
+    }
+    let layer = Layer { weights: vec![(Role::LowRankU, weight_u), (Role::LowRankV, weight_v)] };
+    graph.layers.insert(c.name.clone(), layer);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The DP's ranks against every combination, on small cases: no combination within
+    /// the budget has a smaller total error.
+    #[test]
+    fn keep_allocation_matches_brute_force() {
+        let shapes = [(16usize, 12usize), (10, 20), (24, 8)];
+        let mut seed = 5u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let candidates: Vec<Candidate> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, k))| Candidate {
+                name: format!("l{i}"),
+                weight: NodeId::new(i),
+                tensor: format!("w{i}"),
+                linears: vec![],
+                n,
+                k,
+                // Decaying spectra of different speeds per layer.
+                values: (0..n * k).map(|j| next() * (1.0 + (j % (i + 2)) as f32)).collect(),
+            })
+            .collect();
+        let spectra: Vec<Option<Spectrum>> =
+            candidates.iter().map(|c| Some(Spectrum::new(&c.values, c.n, c.k, Whitening::None).unwrap())).collect();
+        let fixed = vec![None; candidates.len()];
+        for keep in [0.3, 0.5, 0.7] {
+            let ranks = choose_ranks(&candidates, &spectra, &fixed, Target::Keep(keep)).unwrap();
+            let cost = |c: &Candidate, r: &Result<usize, String>| r.as_ref().map_or(c.n * c.k, |r| r * (c.n + c.k));
+            let error = |i: usize, r: &Result<usize, String>| {
+                r.as_ref().map_or(0.0, |&r| spectra[i].as_ref().unwrap().error(r))
+            };
+            let budget = keep * candidates.iter().map(|c| (c.n * c.k) as f64).sum::<f64>();
+            let got_cost: usize = candidates.iter().zip(&ranks).map(|(c, r)| cost(c, r)).sum();
+            let got: f64 = ranks.iter().enumerate().map(|(i, r)| error(i, r)).sum();
+            assert!(got_cost as f64 <= budget, "keep={keep}: {got_cost} > {budget}");
+            // Brute force over dense or any grid rank per layer.
+            let options: Vec<Vec<Result<usize, String>>> = candidates
+                .iter()
+                .map(|c| std::iter::once(Err(String::new())).chain(rank_grid(c.n, c.k).into_iter().map(Ok)).collect())
+                .collect();
+            let mut best = f64::INFINITY;
+            for a in &options[0] {
+                for b in &options[1] {
+                    for d in &options[2] {
+                        let pick = [a, b, d];
+                        let c: usize = candidates.iter().zip(pick).map(|(c, r)| cost(c, r)).sum();
+                        if c as f64 <= budget {
+                            best = best.min(pick.iter().enumerate().map(|(i, r)| error(i, r)).sum());
+                        }
+                    }
+                }
+            }
+            assert!(got <= best * (1.0 + 1e-9), "keep={keep}: DP {got} against brute force {best}");
+        }
+    }
+
+    #[test]
+    fn rank_grids_only_save() {
+        assert_eq!(rank_grid(16, 12), [1, 2, 3, 4, 5, 6]);
+        let g = rank_grid(576, 1536);
+        assert!(g.len() <= 72 && g.iter().all(|&r| saves(r, 576, 1536)), "{g:?}");
+        assert_eq!(*g.last().unwrap(), 416);
+        assert!(!saves(419, 576, 1536) && saves(418, 576, 1536));
+    }
+
+    #[test]
+    fn override_values_parse() {
+        assert_eq!("rank:64".parse::<Fixed>(), Ok(Fixed::Rank(64)));
+        assert_eq!("dense".parse::<Fixed>(), Ok(Fixed::Dense));
+        for bad in ["rank:0", "rank:", "64", "sparse"] {
+            assert!(bad.parse::<Fixed>().is_err(), "{bad}");
+        }
+    }
+}

@@ -67,7 +67,7 @@ use crate::{Context, Pass, PassError, PassReport, Probe};
 use clip::Grid;
 use gptq::GptqOptions;
 use half::{bf16, f16};
-use kiln_ir::{Bytes, Format, Graph, IntFormat, NodeId, Op, TensorData};
+use kiln_ir::{Bytes, Format, Graph, IntFormat, NodeId, Op, Role, TensorData};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -638,8 +638,22 @@ pub fn quantize(
 /// `gather` or row `slice` reads, or that is not a matrix, is left alone.
 fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<Layer>, String> {
     let order = graph.topo_order().ok_or("the graph has a cycle")?;
-    let names: BTreeMap<NodeId, &str> =
-        graph.layers.iter().filter_map(|(name, layer)| layer.main().map(|m| (m, name))).collect();
+    // Main weights by their layer's name; a factorized layer's factors as two layers of
+    // their own, `NAME.lowrank_u` and `NAME.lowrank_v`, each with its own input statistics.
+    let mut names: BTreeMap<NodeId, String> = BTreeMap::new();
+    for (name, layer) in graph.layers.iter() {
+        match layer.main() {
+            Some(m) => {
+                names.insert(m, name.to_string());
+            }
+            None if layer.is_factored() => {
+                for role in [Role::LowRankU, Role::LowRankV] {
+                    names.extend(layer.role(role).map(|n| (n, format!("{name}.{role}"))));
+                }
+            }
+            None => {}
+        }
+    }
     let mut layers: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut out: Vec<Layer> = Vec::new();
     // Per layer, the inputs of the linears reading its main weight, in topological order.
@@ -653,7 +667,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
             Op::Gather | Op::Slice { axis: 0, .. } => (graph.operands(id)[0], None),
             _ => continue,
         };
-        let Some(&name) = names.get(&table) else { continue };
+        let Some(name) = names.get(&table) else { continue };
         let Op::Weight(w) = &graph.node(table).op else { continue };
         let shape = &graph.node(table).ty.shape;
         let (Some(n), Some(k)) = (shape.first().and_then(|d| d.known()), shape.get(1).and_then(|d| d.known())) else {

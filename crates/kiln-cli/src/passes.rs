@@ -124,6 +124,16 @@ pub fn summarize(ran: &[Ran]) {
                 let bits = q.bits_per_weight();
                 eprintln!("{call}: {bits:.3} bits per weight overall; layers: {}", formats.join(", "));
             }
+            PassReport::Factorize(f) => {
+                let factored = f.layers.iter().filter(|l| l.rank.is_some()).count();
+                let kept = f.params as f64 / f.params_before.max(1) as f64;
+                eprintln!(
+                    "{call}: {factored} of {} layers factorized ({}), {:.1}% of their parameters kept",
+                    f.layers.len(),
+                    f.method,
+                    100.0 * kept
+                );
+            }
             PassReport::Cleanup { .. } => eprintln!("{call}"),
         }
         for note in report.notes() {

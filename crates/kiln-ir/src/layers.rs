@@ -8,8 +8,9 @@
 //! name, not by node ids or tensor names, so a layer keeps its name while passes replace,
 //! factor or correct its weights. The table lives on the [`Graph`] (`graph.layers`),
 //! prints as `layer` lines in the text form and is checked by the verifier: every entry
-//! names a `weight` node of the graph, each layer has exactly one [`Role::Main`] weight,
-//! and no node has two roles in one layer. One weight node may be read by several nodes
+//! names a `weight` node of the graph, each layer has exactly one [`Role::Main`] weight
+//! (or, factorized, a `lowrank_u` and a `lowrank_v` instead), and no node has two roles
+//! in one layer. One weight node may be read by several nodes
 //! (a tied embedding that is also the output head); it is still one layer.
 //!
 //! # Names
@@ -25,7 +26,9 @@
 //!   `slice` along axis 0 reads by rows (embeddings, position tables).
 //! - `correction_a`, `correction_b`: LoRC's factors `A` (`[n, r]`) and `B` (`[r, k]`) of a
 //!   quantized main weight `[n, k]`; `A (B x)` is added to the main weight's output.
-//! - `lowrank_u`, `lowrank_v`: a factorized weight `W ~ U V` (for the factorize pass).
+//! - `lowrank_u`, `lowrank_v`: the factors `U [n, r]` and `V [r, k]` of a factorized
+//!   weight `W ~ U V`, read by two linears (`U (V x)`); they replace the main weight, so a
+//!   factorized layer has no `main` entry.
 //!
 //! A sparse weight has no role of its own: its mask is one of the tensors of its weight
 //! node ([`crate::sparse`]), so a pruned layer's main weight is simply a sparse weight.
@@ -108,6 +111,11 @@ impl Layer {
         self.role(Role::Main).next()
     }
 
+    /// Whether the layer is factorized: no main weight, one `lowrank_u` and one `lowrank_v`.
+    pub fn is_factored(&self) -> bool {
+        self.main().is_none() && self.role(Role::LowRankU).count() == 1 && self.role(Role::LowRankV).count() == 1
+    }
+
     /// The weights in `role`, in recorded order.
     pub fn role(&self, role: Role) -> impl Iterator<Item = NodeId> + '_ {
         self.weights.iter().filter(move |(r, _)| *r == role).map(|&(_, n)| n)
@@ -181,7 +189,7 @@ impl LayerTable {
         for layer in self.layers.values_mut() {
             layer.weights.retain(|&(_, n)| n != id);
         }
-        self.layers.retain(|_, l| l.main().is_some());
+        self.layers.retain(|_, l| l.main().is_some() || l.is_factored());
     }
 
     /// The main weight of layer `name`.

@@ -30,7 +30,8 @@ pub struct VerifyError {
 ///   stored weight (`activations == activations.for_weight(format, k)`; `f32` on a computed
 ///   weight): `int8` only on integer block formats, `int8-row` only on `int8gK` weights;
 /// - every entry of the layer table names a `weight` node of the graph, each layer has
-///   exactly one `main` weight, and no node has two roles in one layer.
+///   exactly one `main` weight (or, factorized, none and one `lowrank_u` and `lowrank_v`),
+///   and no node has two roles in one layer.
 pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     let order = graph.topo_order().ok_or_else(|| VerifyError {
         location: format!("graph {}", graph.name),
@@ -131,8 +132,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             }
         }
         let mains = layer.role(Role::Main).count();
-        if mains != 1 {
-            return Err(fail(format!("a layer has exactly one main weight, this one has {mains}")));
+        if mains != 1 && !layer.is_factored() {
+            return Err(fail(format!(
+                "a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v), this one has {mains}"
+            )));
         }
     }
     if graph.outputs().is_empty() {
