@@ -6,6 +6,8 @@
 //! One folder per family of passes, one file per pass or piece of one:
 //! - [`quantize`]: mixed-precision lowering (a forced format or a bit budget; RTN or GPTQ;
 //!   searched scales; LoRC corrections; W8A8).
+//! - [`factorize`]: low-rank factorization (plain, whitened or ASVD truncated SVD; one
+//!   rank, retained energy, or ranks allocated under a parameter budget).
 //! - [`cleanup`]: `last_position` (an output at its last sequence position) and
 //!   `dead_code`.
 //!
