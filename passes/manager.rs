@@ -272,7 +272,10 @@ mod tests {
         let check = |text: &str| check(&parse(text).unwrap(), true, &[]).map_err(|e| e.to_string());
         assert!(check("quantize(bits=4.5); last_position(output=logits, axis=1); dead_code").is_ok());
         let err = check("prune(sparsity=0.5)").unwrap_err();
-        assert!(err.contains("unknown pass `prune`") && err.contains("quantize, factorize, last_position, dead_code"), "{err}");
+        assert!(
+            err.contains("unknown pass `prune`") && err.contains("quantize, factorize, last_position, dead_code"),
+            "{err}"
+        );
         let err = check("quantize(bits=4.5, bitz=3)").unwrap_err();
         assert!(err.contains("unknown option `bitz`"), "{err}");
         assert!(err.contains("bits, format, method, act_order, damp, clip, activations, lorc_rank"), "{err}");

@@ -71,13 +71,13 @@ fn last_position_on_smollm2_skips_the_head_for_the_prompt() {
 #[test]
 fn factorize_on_the_tiny_model_computes_the_factors_product() {
     use kiln_ir::{Role, TensorData, WeightRef};
-    use kiln_passes::factorize::{FactorizeOptions, Method, Target, factorize};
+    use kiln_passes::factorize::{Allocation, FactorizeOptions, Method, Target, factorize};
     let dir = temp_dir("passes-factorize");
     let weights = dir.join("tiny.safetensors");
     write_tiny_checkpoint(&weights, 7);
     let (graph, _) = compile_bound("tiny/tiny.kiln", &weights);
     let mut factored = graph.clone();
-    let options = FactorizeOptions { method: Method::Svd, target: Target::Rank(4) };
+    let options = FactorizeOptions { method: Method::Svd, target: Target::Rank(4), allocation: Allocation::Uniform };
     let report = factorize(&mut factored, &options, &[], None, &|_, _, _| {}).expect("factorizes");
     let ranks: Vec<Option<usize>> = report.layers.iter().map(|l| l.rank).collect();
     assert!(ranks.iter().filter(|r| **r == Some(4)).count() >= 10, "{:?}", report.layers);
