@@ -1,7 +1,7 @@
 //! `kiln report ARTIFACT [--json] [--plot FILE.svg]`: what the passes did, layer by layer,
 //! read from the reports stored in the artifact (`kiln.passes`).
 
-use kiln_ir::Op;
+use kiln_ir::{Op, Role};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde_json::{Value as Json, json};
 use std::path::Path;
@@ -98,12 +98,26 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     };
     let mut layers = Vec::new();
     for (name, layer) in graph.layers.iter() {
-        let Some(id) = layer.main() else { continue };
-        let Op::Weight(main) = &graph.node(id).op else { continue };
-        let elements: u64 = graph.node(id).ty.shape.iter().filter_map(|d| d.known()).product();
+        let shape = |id| -> Vec<u64> { graph.node(id).ty.shape.iter().filter_map(|d| d.known()).collect() };
+        // A factorized layer: the shape it had, its factors' format and rank.
+        let (elements, format) =
+            match (layer.main(), layer.role(Role::LowRankU).next(), layer.role(Role::LowRankV).next()) {
+                (Some(id), ..) => match &graph.node(id).op {
+                    Op::Weight(main) => (shape(id).iter().product::<u64>(), main.storage()),
+                    _ => continue,
+                },
+                (None, Some(u), Some(v)) => match &graph.node(u).op {
+                    Op::Weight(w) => {
+                        let (u, v) = (shape(u), shape(v));
+                        (u[0] * v[1], format!("{} rank {}", w.storage(), u[1]))
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            };
         let layer_bytes: u64 = layer.weights.iter().map(|&(_, id)| stored(id)).sum();
         layers.push(json!({
-            "scope": name, "format": main.storage(),
+            "scope": name, "format": format,
             "bits_per_weight": layer_bytes as f64 * 8.0 / elements.max(1) as f64,
             "bytes": layer_bytes, "sensitivity": null, "error": null,
         }));

@@ -1163,6 +1163,12 @@ fn compile_with_quantize_and_report() {
     assert_eq!(layers.len(), 14, "{json}");
     assert!(layers.iter().all(|l| l["format"] == "f32" && l["bits_per_weight"] == 32.0), "{json}");
     assert!(layers.iter().any(|l| l["scope"] == "layers.1.attn.q"), "{json}");
+    // Factorized layers keep their names and show their rank.
+    ok(&args("factorize(rank=4)"));
+    let report = ok(&["report".to_string(), s(&out), "--json".into()]);
+    let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
+    let q = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "layers.1.attn.q").cloned();
+    assert_eq!(q.as_ref().map(|l| l["format"].clone()), Some("f32 rank 4".into()), "{json}");
 
     ok(&args("quantize(format=bf16)"));
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
