@@ -42,9 +42,10 @@ if [ "$which" = minilm ] || [ "$which" = all ]; then
   run "$KILN" eval "$MINILM_SPEC" -w "$MINILM_W" --data "$SPLIT/minilm_eval.safetensors" --json
   for passes in "factorize(keep=0.9)" "factorize(keep=0.9, allocate=errors)" \
     "factorize(keep=0.9, allocate=errors, method=svd)" "factorize(keep=0.75)" \
-    "factorize(keep=0.75, allocate=errors)"; do
+    "factorize(keep=0.75, allocate=errors)" "quantize(bits=4.5)" "factorize(keep=0.9), quantize(bits=4.5)"; do
     section "MiniLM $passes"
     compile minilm-factorize "$MINILM_SPEC" "$MINILM_W" "$passes" "$SPLIT/minilm_calib.safetensors"
+    echo "size: $(stat -c %s "$OUT/minilm-factorize.kiln") bytes"
     run "$KILN" eval "$OUT/minilm-factorize.kiln" --data "$SPLIT/minilm_eval.safetensors" --json
   done
 fi
@@ -55,6 +56,7 @@ if [ "$which" = smollm2 ] || [ "$which" = all ]; then
   for passes in "factorize(keep=0.9)" "factorize(keep=0.9, allocate=errors)"; do
     section "SmolLM2 $passes"
     compile smollm2-factorize "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SPLIT/smollm2_calib.safetensors"
+    echo "size: $(stat -c %s "$OUT/smollm2-factorize.kiln") bytes"
     run "$KILN" eval "$OUT/smollm2-factorize.kiln" --data "$SPLIT/smollm2_eval.safetensors" --json
   done
 fi

@@ -428,7 +428,7 @@ fn choose_ranks(
         Target::Keep(keep) if allocation == Allocation::Uniform => {
             for &i in &free {
                 let c = &candidates[i];
-                let r = (keep * (c.n * c.k) as f64 / (c.n + c.k) as f64).floor() as usize;
+                let r = granular((keep * (c.n * c.k) as f64 / (c.n + c.k) as f64).floor() as usize);
                 out[i] = if r > 0 && saves(r, c.n, c.k) { Ok(r) } else { Err(no_saving(r, c)) };
             }
         }
@@ -480,15 +480,24 @@ fn choose_ranks(
     Ok(out)
 }
 
+/// Ranks `keep=F` chooses are multiples of [`RANK_STEP`] from there up, so that the rows of
+/// `U [n, r]` divide into the groups of quantize's integer formats (a multiple of 32).
+pub const RANK_STEP: usize = 32;
+
+/// `r` rounded down to a multiple of [`RANK_STEP`] if it is at least that.
+fn granular(r: usize) -> usize {
+    if r >= RANK_STEP { r / RANK_STEP * RANK_STEP } else { r }
+}
+
 /// The ranks `keep=F` chooses among for an `[n, k]` matrix: every rank that saves
-/// parameters, in steps of 8 (of 1 below 8), at most 64 of them.
+/// parameters, 1 to 31 and then the multiples of [`RANK_STEP`], in steps of at least 1/64
+/// of the largest.
 fn rank_grid(n: usize, k: usize) -> Vec<usize> {
     let most = (n * k).saturating_sub(1) / (n + k);
-    let step = (most / 64).max(8).next_multiple_of(8).min(most.max(1));
-    let mut grid: Vec<usize> = (1..8.min(most + 1)).collect();
+    let step = (most / 64).next_multiple_of(RANK_STEP).max(RANK_STEP);
+    let mut grid: Vec<usize> = (1..RANK_STEP.min(most + 1)).step_by(4).collect();
     grid.extend((step..=most).step_by(step));
     grid.retain(|&r| saves(r, n, k));
-    grid.dedup();
     grid
 }
 
@@ -588,11 +597,14 @@ mod tests {
 
     #[test]
     fn rank_grids_only_save() {
-        assert_eq!(rank_grid(16, 12), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(rank_grid(16, 12), [1, 5]);
         let g = rank_grid(576, 1536);
-        assert!(g.len() <= 72 && g.iter().all(|&r| saves(r, 576, 1536)), "{g:?}");
+        assert!(g.iter().all(|&r| saves(r, 576, 1536)), "{g:?}");
+        assert_eq!(g[..8], [1, 5, 9, 13, 17, 21, 25, 29]);
+        assert!(g[8..].iter().all(|r| r % RANK_STEP == 0), "{g:?}");
         assert_eq!(*g.last().unwrap(), 416);
         assert!(!saves(419, 576, 1536) && saves(418, 576, 1536));
+        assert_eq!((granular(31), granular(32), granular(172)), (31, 32, 160));
     }
 
     #[test]
