@@ -570,6 +570,12 @@ fn rewrite(graph: &mut Graph, c: &Candidate, s: &Spectrum, r: usize) -> Result<(
 mod tests {
     use super::*;
 
+    /// A candidate named `l{i}` of shape `[n, k]`, outside any graph.
+    fn candidate(i: usize, n: usize, k: usize, values: Vec<f32>) -> Candidate {
+        let (name, tensor) = (format!("l{i}"), format!("w{i}"));
+        Candidate { name, weight: NodeId::new(i), tensor, linears: vec![], n, k, values }
+    }
+
     /// The DP's ranks against every combination, on small cases: no combination within
     /// the budget has a smaller total error.
     #[test]
@@ -585,16 +591,8 @@ mod tests {
         let candidates: Vec<Candidate> = shapes
             .iter()
             .enumerate()
-            .map(|(i, &(n, k))| Candidate {
-                name: format!("l{i}"),
-                weight: NodeId::new(i),
-                tensor: format!("w{i}"),
-                linears: vec![],
-                n,
-                k,
-                // Decaying spectra of different speeds per layer.
-                values: (0..n * k).map(|j| next() * (1.0 + (j % (i + 2)) as f32)).collect(),
-            })
+            // Spectra of different shapes per layer.
+            .map(|(i, &(n, k))| candidate(i, n, k, (0..n * k).map(|j| next() * (1.0 + (j % (i + 2)) as f32)).collect()))
             .collect();
         let spectra: Vec<Option<Spectrum>> =
             candidates.iter().map(|c| Some(Spectrum::new(&c.values, c.n, c.k, Whitening::None).unwrap())).collect();
@@ -636,19 +634,8 @@ mod tests {
     #[test]
     fn uniform_ranks_meet_the_budget_in_steps_of_32() {
         let shapes = [(384, 384), (384, 384), (384, 384), (384, 384), (1536, 384), (384, 1536)];
-        let candidates: Vec<Candidate> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &(n, k))| Candidate {
-                name: format!("l{i}"),
-                weight: NodeId::new(i),
-                tensor: format!("w{i}"),
-                linears: vec![],
-                n,
-                k,
-                values: vec![],
-            })
-            .collect();
+        let candidates: Vec<Candidate> =
+            shapes.iter().enumerate().map(|(i, &(n, k))| candidate(i, n, k, vec![])).collect();
         let (spectra, fixed): (Vec<Option<Spectrum>>, Vec<Option<Fixed>>) = shapes.iter().map(|_| (None, None)).unzip();
         let total: usize = shapes.iter().map(|(n, k)| n * k).sum();
         for keep in [0.9, 0.75, 0.5] {
