@@ -1,5 +1,6 @@
 //! `kiln report ARTIFACT [--json] [--plot FILE.svg]`: what the passes did, layer by layer,
-//! read from the reports stored in the artifact (`kiln.passes`).
+//! read from the reports stored in the artifact (`kiln.passes`): the formats of the last
+//! quantize (or the weights as stored), and the ranks of the last factorize.
 
 use kiln_ir::{Op, Role};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
@@ -27,12 +28,27 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         }
         None => unquantized(&artifact.graph),
     };
+    // The last factorize report: each factorized layer's rank and the error it measured
+    // (relative to the layer's whole spectrum), beside the rows of the layer or its factors
+    // (`NAME.lowrank_u`, `NAME.lowrank_v` once quantized).
+    let factorize = passes.as_array().into_iter().flatten().rev().find(|p| p["report"]["pass"] == "factorize");
+    let factored: std::collections::HashMap<&str, &Json> = factorize
+        .and_then(|f| f["report"]["layers"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["scope"].as_str()?, l)))
+        .collect();
     let summary: Vec<Json> = layers
         .iter()
         .map(|l| {
+            let scope = l["scope"].as_str().unwrap_or_default();
+            let layer = scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
+            let f = factored.get(layer);
             json!({
                 "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
+                "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
+                "rank_error": f.map(|f| f["relative_error"].clone()),
             })
         })
         .collect();
@@ -57,10 +73,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     }
     let calls: Vec<&str> = passes.as_array().into_iter().flatten().filter_map(|p| p["call"].as_str()).collect();
     println!("{}: passes {}", path.display(), if calls.is_empty() { "none".to_string() } else { calls.join("; ") });
-    println!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
+    let ranks = factorize.is_some();
+    let mut header =
+        format!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
+    if ranks {
+        header += &format!(" {:>6} {:>10}", "rank", "rank error");
+    }
+    println!("{header}");
     for l in &summary {
         let num = |v: &Json, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$e}"));
-        println!(
+        let mut row = format!(
             "{:<28} {:<12} {:>6.2} {:>12} {:>12} {:>10}",
             l["scope"].as_str().unwrap_or("?"),
             l["format"].as_str().unwrap_or("?"),
@@ -69,6 +91,29 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             num(&l["sensitivity"], 2),
             num(&l["error"], 2),
         );
+        if ranks {
+            // A rank, "dense" (a candidate left dense), or "-" (not a candidate).
+            let rank = match &l["rank"] {
+                Json::Number(r) => r.to_string(),
+                Json::String(s) => s.clone(),
+                _ => "-".to_string(),
+            };
+            row += &format!(" {rank:>6} {:>10}", num(&l["rank_error"], 2));
+        }
+        println!("{row}");
+    }
+    if let Some(f) = factorize {
+        let (before, after) = (f["report"]["params_before"].as_f64(), f["report"]["params"].as_f64());
+        if let (Some(before), Some(after)) = (before, after) {
+            println!(
+                "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
+                f["report"]["method"].as_str().unwrap_or("?"),
+                100.0 * after / before.max(1.0)
+            );
+        }
+        for note in f["report"]["notes"].as_array().into_iter().flatten() {
+            println!("note: {}", note.as_str().unwrap_or_default());
+        }
     }
     println!("average over all parameters: {:.3} bits per weight", bits.as_f64().unwrap_or(0.0));
     let by_mode: Vec<String> = linears.iter().map(|(mode, n)| format!("{n} {mode}")).collect();

@@ -1169,6 +1169,11 @@ fn compile_with_quantize_and_report() {
     let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
     let q = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "layers.1.attn.q").cloned();
     assert_eq!(q.as_ref().map(|l| l["format"].clone()), Some("f32 rank 4".into()), "{json}");
+    assert_eq!(q.as_ref().map(|l| l["rank"].clone()), Some(4.into()), "{json}");
+    let embed = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "embed").cloned();
+    assert_eq!(embed.map(|l| l["rank"].clone()), Some(serde_json::Value::Null), "a table is no candidate: {json}");
+    let table = ok(&["report".to_string(), s(&out)]);
+    assert!(table.contains("rank error") && table.contains("of the factorized layers' parameters kept"), "{table}");
 
     ok(&args("quantize(format=bf16)"));
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
