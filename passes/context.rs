@@ -46,6 +46,23 @@ impl<'a> Context<'a> {
         Context::new(None, Vec::new(), &|_, _, _| {})
     }
 
+    /// The `--override` values parsed as pass `pass` takes them, in order, with their
+    /// patterns; a value that does not parse is an error naming the override.
+    pub fn overrides_as<T: std::str::FromStr<Err = String>>(
+        &self,
+        pass: &'static str,
+    ) -> Result<Vec<(String, T)>, PassError> {
+        self.overrides
+            .iter()
+            .map(|(pattern, value)| {
+                let parsed = value
+                    .parse()
+                    .map_err(|e: String| PassError::options(pass, format!("--override `{pattern}={value}`: {e}")))?;
+                Ok((pattern.clone(), parsed))
+            })
+            .collect()
+    }
+
     /// Whether calibration inputs were given.
     pub fn calibrated(&self) -> bool {
         self.executor.is_some()

@@ -3,8 +3,7 @@
 //! does not carry them.
 
 use crate::{Context, Pass, PassError, PassReport};
-use kiln_ir::{Graph, Op};
-use std::collections::BTreeSet;
+use kiln_ir::Graph;
 
 /// The pass: see the module documentation.
 pub struct DeadCode;
@@ -16,13 +15,7 @@ impl Pass for DeadCode {
 
     fn run(graph: &mut Graph, _: &Self::Options, _: &Context) -> Result<PassReport, PassError> {
         let nodes = graph.remove_dead();
-        let read: BTreeSet<String> = graph
-            .node_ids()
-            .flat_map(|n| match &graph.node(n).op {
-                Op::Weight(w) => w.tensors().map(String::from).collect(),
-                _ => vec![],
-            })
-            .collect();
+        let read = graph.read_tensors();
         let unread: Vec<String> =
             graph.store.iter().map(|(name, _)| name.to_string()).filter(|n| !read.contains(n)).collect();
         for name in &unread {

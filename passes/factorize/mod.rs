@@ -31,7 +31,7 @@ use crate::calibration::Gram;
 use crate::layers::apply_overrides;
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport};
-use kiln_ir::{Activations, DType, Dim, Format, Graph, Layer, NodeId, Op, Role, TensorData, Type, WeightRef};
+use kiln_ir::{Activations, Graph, Layer, NodeId, Op, Role, TensorData};
 use lowrank::{Spectrum, Whitening, saves};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,13 +48,7 @@ impl Pass for Factorize {
     const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
 
     fn run(graph: &mut Graph, options: &FactorizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
-        let mut overrides = Vec::new();
-        for (pattern, value) in &ctx.overrides {
-            let fixed = value
-                .parse()
-                .map_err(|e: String| PassError::options(PASS, format!("--override `{pattern}={value}`: {e}")))?;
-            overrides.push((pattern.clone(), fixed));
-        }
+        let overrides = ctx.overrides_as::<Fixed>(PASS)?;
         let calibration = match options.method {
             Method::Svd => None,
             _ => Some(ctx.calibration(graph)?.ok_or_else(|| {
@@ -335,13 +329,7 @@ pub fn factorize(
         });
     }
     graph.remove_dead();
-    let read: std::collections::BTreeSet<String> = graph
-        .node_ids()
-        .flat_map(|n| match &graph.node(n).op {
-            Op::Weight(w) => w.tensors().map(String::from).collect(),
-            _ => vec![],
-        })
-        .collect();
+    let read = graph.read_tensors();
     for c in &candidates {
         if !read.contains(&c.tensor) {
             graph.store.remove(&c.tensor);
@@ -542,14 +530,9 @@ fn rewrite(graph: &mut Graph, c: &Candidate, s: &Spectrum, r: usize) -> Result<(
     let (u, v) = s.factors(r);
     let tensor = &c.tensor;
     let scope = graph.node(c.weight).scope.clone();
-    let mut add_weight = |name: String, dims: [u64; 2], values: &[f32]| {
-        let data = TensorData::from_f32(dims.to_vec(), values);
-        let op = Op::Weight(WeightRef::dense(name.clone(), Format::F32, Some(data.checksum())));
-        graph.store.insert(name, data);
-        graph.add_typed(op, &[], Type::new(DType::F32, dims.map(Dim::Known)), &scope, None)
-    };
-    let weight_u = add_weight(format!("{tensor}.lowrank_u"), [c.n as u64, r as u64], &u);
-    let weight_v = add_weight(format!("{tensor}.lowrank_v"), [r as u64, c.k as u64], &v);
+    let (n, k, r) = (c.n as u64, c.k as u64, r as u64);
+    let weight_u = graph.add_weight(&format!("{tensor}.lowrank_u"), TensorData::from_f32(vec![n, r], &u), &scope);
+    let weight_v = graph.add_weight(&format!("{tensor}.lowrank_v"), TensorData::from_f32(vec![r, k], &v), &scope);
     for &linear in &c.linears {
         let operands = graph.operands(linear);
         let scope = graph.node(linear).scope.clone();

@@ -15,7 +15,7 @@
 
 use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Mat, Par, Side};
-use kiln_ir::{BinaryOp, DType, Dim, Format, Graph, NodeId, Op, Role, TensorData, Type, WeightRef};
+use kiln_ir::{BinaryOp, Graph, NodeId, Op, Role, TensorData};
 
 /// The factors `A` (`[n, r]`, row-major) and `B` (`[r, k]`) of the best rank-`rank`
 /// correction of `q` towards `w` (both `[n, k]` row-major) under `h` (`[k, k]`, the sum of
@@ -77,15 +77,8 @@ pub fn attach(
         return Ok(());
     }
     let scope = graph.node(weight).scope.clone();
-    let mut add_weight = |name: String, dims: [u64; 2], values: &[f32]| {
-        let data = TensorData::from_f32(dims.to_vec(), values);
-        let op = Op::Weight(WeightRef::dense(name.clone(), Format::F32, Some(data.checksum())));
-        let ty = Type::new(DType::F32, dims.map(Dim::Known));
-        graph.store.insert(name, data);
-        graph.add_typed(op, &[], ty, &scope, None)
-    };
-    let weight_a = add_weight(format!("{tensor}.lorc_a"), [n, r], &a);
-    let weight_b = add_weight(format!("{tensor}.lorc_b"), [r, k], &b);
+    let weight_a = graph.add_weight(&format!("{tensor}.lorc_a"), TensorData::from_f32(vec![n, r], &a), &scope);
+    let weight_b = graph.add_weight(&format!("{tensor}.lorc_b"), TensorData::from_f32(vec![r, k], &b), &scope);
     if let Some(name) = graph.layers.layer_of_main(weight).map(str::to_string)
         && let Some(layer) = graph.layers.get_mut(&name)
     {

@@ -90,12 +90,7 @@ impl Pass for Quantize {
 
     fn run(graph: &mut Graph, options: &QuantizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
         let mut options = options.clone();
-        for (pattern, value) in &ctx.overrides {
-            let choice: Choice = value
-                .parse()
-                .map_err(|e: String| PassError::options(PASS, format!("--override `{pattern}={value}`: {e}")))?;
-            options.overrides.push((pattern.clone(), choice));
-        }
+        options.overrides.extend(ctx.overrides_as::<Choice>(PASS)?);
         let calibration = ctx.calibration(graph)?;
         let probe = ctx.probe();
         quantize(graph, &options, calibration.as_deref(), probe.as_deref(), ctx.progress).map(PassReport::Quantize)

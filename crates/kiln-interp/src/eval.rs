@@ -49,14 +49,11 @@ impl<'g> Interpreter<'g> {
             let Op::Linear { activations } = graph.node(id).op else { continue };
             let weight = graph.operands(id)[1];
             let Op::Weight(w) = &graph.node(weight).op else { continue };
-            if w.sparse.is_some() {
-                continue; // sparse weights take f32 activations, as in the engine
-            }
             let shape = &graph.node(weight).ty.shape;
             let (Some(n), Some(k)) = (shape[0].known(), shape[1].known()) else { continue };
-            // The attribute, held to this rule by the verifier (and here for graphs that
-            // were not verified), as the engine applies it.
-            let mode = activations.for_weight(w.format, k);
+            // The attribute, held to the rule by the verifier (and here for graphs that were
+            // not verified: f32 on sparse weights too), as the engine applies it.
+            let mode = graph.allowed_activations(id, activations);
             if mode == Activations::F32 {
                 continue;
             }

@@ -3,9 +3,9 @@
 
 use crate::format::Format;
 use crate::layers::LayerTable;
-use crate::op::{Activations, Op, TypeError};
-use crate::store::TensorStore;
-use crate::types::Type;
+use crate::op::{Activations, Op, TypeError, WeightRef};
+use crate::store::{TensorData, TensorStore};
+use crate::types::{Dim, Type};
 use petgraph::Direction;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, NodeIndexable};
@@ -75,6 +75,25 @@ impl Graph {
             self.graph.add_edge(o, id, i as u32);
         }
         id
+    }
+
+    /// Stores `data` as tensor `name` and adds a dense `weight` node reading it, of the
+    /// tensor's shape and format, with its checksum (how passes add the weights they make).
+    pub fn add_weight(&mut self, name: &str, data: TensorData, scope: &str) -> NodeId {
+        let op = Op::Weight(WeightRef::dense(name, data.format, Some(data.checksum())));
+        let ty = Type::f32(data.shape.iter().map(|&d| Dim::Known(d)));
+        self.store.insert(name, data);
+        self.add_typed(op, &[], ty, scope, None)
+    }
+
+    /// Names of the store tensors some `weight` node reads (every tensor of a sparse one).
+    pub fn read_tensors(&self) -> std::collections::BTreeSet<String> {
+        self.node_ids()
+            .flat_map(|n| match &self.node(n).op {
+                Op::Weight(w) => w.tensors().map(String::from).collect(),
+                _ => vec![],
+            })
+            .collect()
     }
 
     pub fn set_output(&mut self, name: &str, id: NodeId) -> Result<(), GraphError> {
