@@ -63,6 +63,11 @@ impl<'a> Context<'a> {
             .collect()
     }
 
+    /// What runs the model for statistics and probes, if calibration inputs were given.
+    pub fn executor(&self) -> Option<&'a dyn Executor> {
+        self.executor
+    }
+
     /// Whether calibration inputs were given.
     pub fn calibrated(&self) -> bool {
         self.executor.is_some()

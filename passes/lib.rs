@@ -7,13 +7,14 @@
 //! - [`quantize`]: mixed-precision lowering (a forced format or a bit budget; RTN or GPTQ;
 //!   searched scales; LoRC corrections; W8A8).
 //! - [`factorize`]: low-rank factorization (plain, whitened or ASVD truncated SVD; one
-//!   rank, retained energy, or ranks allocated under a parameter budget).
+//!   rank, retained energy, or ranks allocated under a parameter budget), healed.
 //! - [`cleanup`]: `last_position` (an output at its last sequence position) and
 //!   `dead_code`.
 //!
 //! The pieces every family shares: [`manager`] (the `--passes` syntax, the registry, a
 //! pipeline run with the verifier after every pass), [`options`], [`context`],
-//! [`report`], [`calibration`] (the statistics passes take), [`allocate`] (one choice per
+//! [`report`], [`calibration`] (the statistics passes take), [`heal`] (refits on the
+//! compressed model's own activations, judged end to end), [`allocate`] (one choice per
 //! layer under a budget, by dynamic programming), [`layers`] (override
 //! patterns and kinds of layers), [`budget`] (what a budget counts).
 //!
@@ -27,6 +28,7 @@ pub mod calibration;
 pub mod cleanup;
 pub mod context;
 pub mod factorize;
+pub mod heal;
 pub mod layers;
 pub mod manager;
 pub mod options;

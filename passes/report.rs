@@ -55,12 +55,16 @@ fn factorize_json(f: &FactorizeReport) -> Json {
                 "scope": l.name, "n": l.n, "k": l.k, "rank": l.rank,
                 "params_before": l.params_before, "params": l.params,
                 "error": l.error, "relative_error": l.relative_error, "dense_because": l.why_dense,
+                "healed": l.healed.as_ref().map(|h| json!({
+                    "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
+                })),
             })
         })
         .collect();
     json!({
         "pass": "factorize", "method": f.method.to_string(), "layers": layers,
         "params_before": f.params_before, "params": f.params, "notes": f.notes,
+        "heal": f.heal.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
     })
 }
 

@@ -9,13 +9,15 @@
 //!   error on the calibration rows), `asvd` (columns scaled by their input's magnitude).
 //! - **Ranks**: `rank=R` for every layer; `energy=E`, the least rank keeping that fraction
 //!   of the squared singular values; or `keep=F`, the fraction of the factorized layers'
-//!   parameters kept: by each layer (`allocate=uniform`, the default), or with ranks
-//!   allocated across layers by [`crate::allocate`] over each layer's error at each rank
-//!   (`allocate=errors`; a layer may also stay dense there). The layers' errors are in
-//!   their own outputs' units, which the model weighs differently: measured on MiniLM and
-//!   SmolLM2 (docs/measurements.md), the allocation by errors wins on MiniLM at keep=0.9
-//!   and loses at 0.75 and on SmolLM2, so uniform is the default until the errors are
-//!   weighed by their effect on the model's output.
+//!   parameters kept: by each layer (`allocate=uniform`), or with ranks allocated across
+//!   layers by [`crate::allocate`] over each layer's error at each rank (`allocate=errors`,
+//!   the default with calibration; a layer may also stay dense there). A layer's error is
+//!   in its own output's units, which the model weighs differently, so with calibration
+//!   each kind of layer's errors are weighed by their measured effect on the model
+//!   ([`probed_allocation`]).
+//! - **Healing** (`heal=true`, the default with calibration): the factors are refitted in
+//!   execution order on the factorized model's own activations, each refit kept only where
+//!   the model's outputs come closer to the original's ([`crate::heal`], [`refit`]).
 //! - A layer is factored only where its rank saves parameters (`r (n + k) < n k`); the
 //!   others stay dense and the report names them.
 //! - `--override PATTERN=rank:R` fixes a layer's rank, `PATTERN=dense` leaves it alone.
@@ -25,15 +27,18 @@
 //! Factors are stored as f32; a later `quantize` stores them in fewer bits.
 
 pub mod lowrank;
+pub mod refit;
 
 use crate::allocate::{self, Choice, Layer as Knapsack};
-use crate::calibration::Gram;
-use crate::layers::apply_overrides;
+use crate::calibration::{Gram, Paired, Weighting};
+use crate::heal::{HealedLayer, Proposal, Site};
+use crate::layers::{apply_overrides, kind_of};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport};
 use kiln_ir::{Activations, Graph, Layer, NodeId, Op, Role, TensorData};
 use lowrank::{Spectrum, Whitening, saves};
 use rayon::prelude::*;
+use refit::Refit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const PASS: &str = "factorize";
@@ -47,8 +52,15 @@ impl Pass for Factorize {
     type Options = FactorizeOptions;
     const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
 
+    /// Healing judges every refit end to end; `allocate=errors` weighs each kind of
+    /// layer's errors by their measured effect on the model.
+    fn probes(options: &FactorizeOptions) -> bool {
+        options.heal.is_some() || options.allocation == Allocation::Errors && options.method != Method::Svd
+    }
+
     fn run(graph: &mut Graph, options: &FactorizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
         let overrides = ctx.overrides_as::<Fixed>(PASS)?;
+        let reference = options.heal.map(|_| graph.clone());
         let calibration = match options.method {
             Method::Svd => None,
             _ => Some(ctx.calibration(graph)?.ok_or_else(|| {
@@ -58,7 +70,12 @@ impl Pass for Factorize {
                 )
             })?),
         };
-        factorize(graph, options, &overrides, calibration.as_deref(), ctx.progress).map(PassReport::Factorize)
+        let probe = ctx.probe();
+        let mut report = factorize(graph, options, &overrides, calibration.as_deref(), probe.as_deref(), ctx.progress)?;
+        if let (Some(how), Some(reference)) = (options.heal, reference) {
+            heal(graph, &reference, &mut report, how, ctx)?;
+        }
+        Ok(PassReport::Factorize(report))
     }
 }
 
@@ -116,6 +133,15 @@ pub struct FactorizeOptions {
     pub target: Target,
     /// How `keep=F` spreads the budget.
     pub allocation: Allocation,
+    /// How the factors are refitted on the factorized model's own activations, if they are.
+    pub heal: Option<Heal>,
+}
+
+/// How [`crate::heal`] refits the factors, and how it weighs tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heal {
+    pub refit: Refit,
+    pub weighting: Weighting,
 }
 
 /// How `keep=F` chooses ranks.
@@ -145,8 +171,26 @@ impl Options for FactorizeOptions {
         OptionHelp {
             name: "allocate",
             values: "uniform|errors",
-            default: "uniform",
-            help: "with keep=F: every layer keeps the fraction F of its parameters, or ranks minimize the sum of the layers' errors by dynamic programming (the errors are not yet weighed by their effect on the model: better on MiniLM at keep=0.9, worse at 0.75 and on SmolLM2; docs/measurements.md)",
+            default: "errors with --calib, else uniform",
+            help: "with keep=F: every layer keeps the fraction F of its parameters, or ranks minimize the sum of the layers' errors by dynamic programming, each kind of layer's errors weighed by its effect on the model's outputs on held-out --calib rows (uniform's ranks are probed too, and the closer allocation kept)",
+        },
+        OptionHelp {
+            name: "heal",
+            values: "true|false",
+            default: "true with --calib",
+            help: "refit the factors layer by layer in execution order on the factorized model's own activations, each refit kept only where it brings the model's outputs closer to the original's on held-out --calib rows",
+        },
+        OptionHelp {
+            name: "refit",
+            values: "own|left",
+            default: "own",
+            help: "with heal: SVD-LLM again on the inputs the layer now sees (own), or then the left factor fitted to the original layer's outputs (left: SVD-LLM's sequential update)",
+        },
+        OptionHelp {
+            name: "tokens",
+            values: "relative|uniform",
+            default: "relative",
+            help: "with heal: each token's squared error relative to its input's size, or summed as it is (where a few tokens with massive activations weigh most)",
         },
         OptionHelp {
             name: "rank",
@@ -195,6 +239,7 @@ impl Options for FactorizeOptions {
             _ => return Err(args.error("give one of rank, energy and keep")),
         };
         let allocation = match args.text("allocate") {
+            None if calibrated && method != Method::Svd && matches!(target, Target::Keep(_)) => Allocation::Errors,
             None | Some("uniform") => Allocation::Uniform,
             Some("errors") => Allocation::Errors,
             Some(v) => return Err(args.invalid("allocate", v)),
@@ -202,7 +247,27 @@ impl Options for FactorizeOptions {
         if allocation == Allocation::Errors && !matches!(target, Target::Keep(_)) {
             return Err(args.error("allocate=errors spreads a keep=F budget: give keep"));
         }
-        Ok(FactorizeOptions { method, target, allocation })
+        let heal = match args.text("heal") {
+            None => calibrated && method != Method::Svd,
+            Some("true") if !calibrated => {
+                return Err(args.error("heal=true refits on calibration inputs: pass --calib"));
+            }
+            Some("true") => true,
+            Some("false") => false,
+            Some(v) => return Err(args.invalid("heal", v)),
+        };
+        let refit = match args.text("refit") {
+            None | Some("own") => Refit::Own,
+            Some("left") => Refit::Left,
+            Some(v) => return Err(args.invalid("refit", v)),
+        };
+        let weighting = match args.text("tokens") {
+            None | Some("relative") => Weighting::Relative,
+            Some("uniform") => Weighting::Uniform,
+            Some(v) => return Err(args.invalid("tokens", v)),
+        };
+        let heal = heal.then_some(Heal { refit, weighting });
+        Ok(FactorizeOptions { method, target, allocation, heal })
     }
 }
 
@@ -223,6 +288,8 @@ pub struct FactorLayer {
     pub relative_error: f64,
     /// Why the layer stayed dense, if it did.
     pub why_dense: Option<String>,
+    /// What healing did to it, if it ran.
+    pub healed: Option<HealedLayer>,
 }
 
 /// The report of a `factorize` call.
@@ -233,6 +300,9 @@ pub struct FactorizeReport {
     /// Parameters of the candidate layers before and after.
     pub params_before: u64,
     pub params: u64,
+    /// The probe's distance before and after healing (KL of next-token distributions, or
+    /// 1 - cosine), if it ran.
+    pub heal: Option<(f64, f64)>,
     pub notes: Vec<String>,
 }
 
@@ -254,6 +324,7 @@ pub fn factorize(
     options: &FactorizeOptions,
     overrides: &[(String, Fixed)],
     calibration: Option<&crate::calibration::Calibration>,
+    probe: Option<&crate::Probe<'_>>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<FactorizeReport, PassError> {
     let fail = |message: String| PassError::not_applicable(PASS, message);
@@ -295,10 +366,24 @@ pub fn factorize(
         .collect::<Result<_, String>>()
         .map_err(fail)?;
 
-    let ranks = choose_ranks(&candidates, &spectra, &fixed, options.target, options.allocation).map_err(fail)?;
+    let ranks = match (options.target, options.allocation, probe) {
+        (Target::Keep(keep), Allocation::Errors, Some(probe)) => {
+            let (ranks, note) =
+                probed_allocation(graph, &candidates, &spectra, &fixed, keep, probe, progress).map_err(fail)?;
+            notes.push(note);
+            ranks
+        }
+        _ => choose_ranks(&candidates, &spectra, &fixed, options.target, options.allocation, None).map_err(fail)?,
+    };
 
-    let mut report =
-        FactorizeReport { method: options.method, layers: vec![], params_before: 0, params: 0, notes: vec![] };
+    let mut report = FactorizeReport {
+        method: options.method,
+        layers: vec![],
+        params_before: 0,
+        params: 0,
+        heal: None,
+        notes: vec![],
+    };
     for (i, c) in candidates.iter().enumerate() {
         let before = (c.n * c.k) as u64;
         let (rank, why_dense) = match (ranks[i].clone(), &spectra[i]) {
@@ -326,6 +411,7 @@ pub fn factorize(
             error,
             relative_error,
             why_dense,
+            healed: None,
         });
     }
     graph.remove_dead();
@@ -389,13 +475,91 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     Ok((out, notes))
 }
 
-/// Per candidate, the rank to keep or why it stays dense.
+/// Rounds of [`probed_allocation`] that measure the kinds' gains anew at the last
+/// allocation.
+const GAIN_ROUNDS: usize = 2;
+
+/// Ranks for `allocate=errors` with a probe. Layers' errors are in their own outputs' units,
+/// which the model weighs very differently (a value projection's against a residual
+/// branch's), so each kind of layer ([`kind_of`]) gets a gain: the probe's distance with
+/// that kind alone factorized, over the sum of its layers' errors. Gains measured at one
+/// allocation hold near it only (errors grow faster than linearly in the model as ranks
+/// fall), so they are measured at `allocate=uniform`'s ranks, then again at the ranks the
+/// DP chose with them; every allocation found, uniform's included, is probed whole, and
+/// the closest to the original model is kept. Returns the ranks and a note saying what was
+/// measured.
+fn probed_allocation(
+    graph: &Graph,
+    candidates: &[Candidate],
+    spectra: &[Option<Spectrum>],
+    fixed: &[Option<Fixed>],
+    keep: f64,
+    probe: &crate::Probe<'_>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<(Vec<Result<usize, String>>, String), String> {
+    let kinds: Vec<String> = candidates.iter().map(|c| kind_of(&c.name)).collect();
+    let mut names: Vec<&String> = kinds.iter().collect();
+    names.sort();
+    names.dedup();
+    let with = |ranks: &[Result<usize, String>], only: Option<&String>| -> Result<Graph, String> {
+        let mut g = graph.clone();
+        for (j, c) in candidates.iter().enumerate() {
+            if let (Ok(r), Some(s), true) = (&ranks[j], &spectra[j], only.is_none_or(|k| kinds[j] == *k)) {
+                rewrite(&mut g, c, s, *r)?;
+            }
+        }
+        Ok(g)
+    };
+    let uniform = choose_ranks(candidates, spectra, fixed, Target::Keep(keep), Allocation::Uniform, None)?;
+    let mut gain_of: std::collections::HashMap<&String, f64> = Default::default();
+    let mut tried = vec![("uniform".to_string(), uniform.clone())];
+    let mut at = uniform;
+    let steps = names.len() * GAIN_ROUNDS + GAIN_ROUNDS + 1;
+    for round in 0..GAIN_ROUNDS {
+        for (i, kind) in names.iter().enumerate() {
+            progress(round * names.len() + i, steps, &format!("probing {kind}"));
+            let error: f64 = (0..candidates.len())
+                .filter(|&j| kinds[j] == **kind)
+                .filter_map(|j| Some(spectra[j].as_ref()?.error(*at[j].as_ref().ok()?)))
+                .sum();
+            // A kind the last allocation left dense keeps its gain.
+            if error > 0.0 {
+                let moved = probe(&with(&at, Some(kind))?)?;
+                gain_of.insert(kind, moved.max(0.0) / error);
+            }
+        }
+        let gains: Vec<f64> = kinds.iter().map(|k| gain_of.get(k).copied().unwrap_or(0.0)).collect();
+        at = choose_ranks(candidates, spectra, fixed, Target::Keep(keep), Allocation::Errors, Some(&gains))?;
+        tried.push((format!("gains of round {}", round + 1), at.clone()));
+    }
+    let mut best: Option<(f64, usize)> = None;
+    let mut measured = Vec::new();
+    for (i, (name, ranks)) in tried.iter().enumerate() {
+        progress(names.len() * GAIN_ROUNDS + i, steps, "probing the allocations");
+        let moved = probe(&with(ranks, None)?)?;
+        measured.push(format!("{name} {moved:.4e}"));
+        if best.is_none_or(|(b, _)| moved < b) {
+            best = Some((moved, i));
+        }
+    }
+    let (_, pick) = best.expect("uniform was tried");
+    let note = format!(
+        "allocate=errors: the probe measured the allocations by {}; {} kept",
+        measured.join(", "),
+        tried[pick].0
+    );
+    Ok((tried.swap_remove(pick).1, note))
+}
+
+/// Per candidate, the rank to keep or why it stays dense. `gains` (per candidate) scale the
+/// errors `allocate=errors` compares.
 fn choose_ranks(
     candidates: &[Candidate],
     spectra: &[Option<Spectrum>],
     fixed: &[Option<Fixed>],
     target: Target,
     allocation: Allocation,
+    gains: Option<&[f64]>,
 ) -> Result<Vec<Result<usize, String>>, String> {
     let no_saving = |r: usize, c: &Candidate| {
         format!("rank {r} saves nothing on a [{}, {}] matrix (it must be below {})", c.n, c.k, c.n * c.k / (c.n + c.k))
@@ -481,9 +645,11 @@ fn choose_ranks(
                 .map(|&i| {
                     let (c, s) = (&candidates[i], spectra[i].as_ref().expect("a free layer has a spectrum"));
                     let grid = rank_grid(c.n, c.k);
+                    let gain = gains.map_or(1.0, |g| g[i]);
                     let mut choices = vec![Choice { bits: 32 * (c.n * c.k) as u64, sensitivity: 0.0 }];
                     choices.extend(
-                        grid.iter().map(|&r| Choice { bits: 32 * (r * (c.n + c.k)) as u64, sensitivity: s.error(r) }),
+                        grid.iter()
+                            .map(|&r| Choice { bits: 32 * (r * (c.n + c.k)) as u64, sensitivity: gain * s.error(r) }),
                     );
                     grids.push(grid);
                     Knapsack { choices, fixed: None }
@@ -500,6 +666,94 @@ fn choose_ranks(
         }
     }
     Ok(out)
+}
+
+/// Heals the factors `factorize` wrote ([`crate::heal`]): one site per input of factored
+/// layers, where each layer's factors are refitted as `how` says.
+fn heal(
+    graph: &mut Graph,
+    reference: &Graph,
+    report: &mut FactorizeReport,
+    how: Heal,
+    ctx: &Context,
+) -> Result<(), PassError> {
+    let fail = |message: String| PassError::not_applicable(PASS, message);
+    // Each factored layer's input in both graphs (the same node, or the node that took the
+    // place of a factored linear), if one linear reads it.
+    let mut sites: Vec<Site> = Vec::new();
+    let mut skipped = Vec::new();
+    for l in report.layers.iter().filter(|l| l.rank.is_some()) {
+        let reads = |g: &Graph, role: Role| -> Vec<NodeId> {
+            let weight = g.layers.get(&l.name).and_then(|layer| layer.weights.iter().find(|(r, _)| *r == role));
+            weight.map_or(vec![], |&(_, w)| g.users(w).iter().map(|&u| g.operands(u)[0]).collect())
+        };
+        let (ours, theirs) = (reads(graph, Role::LowRankV), reads(reference, Role::Main));
+        let (&[input], &[reference]) = (ours.as_slice(), theirs.as_slice()) else {
+            skipped.push(l.name.clone());
+            continue;
+        };
+        match sites.iter_mut().find(|s| s.input == input) {
+            Some(site) => site.layers.push(l.name.clone()),
+            None => sites.push(Site { input, reference, layers: vec![l.name.clone()] }),
+        }
+    }
+    if !skipped.is_empty() {
+        report.notes.push(format!("not healed (read by more than one linear): {}", skipped.join(", ")));
+    }
+    let mut propose = |g: &Graph, site: &Site, paired: &Paired| -> Result<Vec<Proposal>, String> {
+        site.layers.par_iter().map(|name| propose_refit(g, reference, name, paired, how.refit)).collect()
+    };
+    let healed = crate::heal::heal(PASS, graph, reference, &sites, ctx, how.weighting, &mut propose)?;
+    for h in healed.layers {
+        if let Some(l) = report.layers.iter_mut().find(|l| l.name == h.layer) {
+            l.healed = Some(h);
+        }
+    }
+    report.heal = Some((healed.probe_before, healed.probe_after));
+    let kept = report.layers.iter().filter(|l| l.healed.as_ref().is_some_and(|h| h.kept)).count();
+    report.notes.push(format!(
+        "healing ({} refit, tokens {}) kept the refits of {kept} of {} layers: the probe moved from {:.4e} to {:.4e}",
+        how.refit,
+        match how.weighting {
+            Weighting::Relative => "relative",
+            Weighting::Uniform => "uniform",
+        },
+        report.layers.iter().filter(|l| l.healed.is_some()).count(),
+        healed.probe_before,
+        healed.probe_after
+    ));
+    let _ = fail;
+    Ok(())
+}
+
+/// One layer's refit: its weight in `reference`, its factors in `graph`.
+fn propose_refit(g: &Graph, reference: &Graph, name: &str, paired: &Paired, how: Refit) -> Result<Proposal, String> {
+    let value = |g: &Graph, w: NodeId| -> Result<(Vec<f32>, Vec<usize>), String> {
+        let Op::Weight(weight) = &g.node(w).op else { return Err(format!("layer {name}: not a weight")) };
+        let shape: Vec<u64> = g.node(w).ty.shape.iter().filter_map(|d| d.known()).collect();
+        let values = weight.value(&g.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
+        Ok((values, shape.iter().map(|&d| d as usize).collect()))
+    };
+    let role = |g: &Graph, role: Role| {
+        let layer = g.layers.get(name).ok_or_else(|| format!("layer {name}: not in the layer table"))?;
+        layer
+            .weights
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|&(_, w)| w)
+            .ok_or_else(|| format!("layer {name}: no {}", role.name()))
+    };
+    let (w, shape) = value(reference, role(reference, Role::Main)?)?;
+    let (u_node, v_node) = (role(g, Role::LowRankU)?, role(g, Role::LowRankV)?);
+    let ((u, _), (v, v_shape)) = (value(g, u_node)?, value(g, v_node)?);
+    let (n, k, r) = (shape[0], shape[1], v_shape[0]);
+    let fitted = refit::refit(&w, (n, k, r), (&u, &v), paired, how).map_err(|e| format!("layer {name}: {e}"))?;
+    Ok(Proposal {
+        layer: name.to_string(),
+        weights: vec![(u_node, fitted.u), (v_node, fitted.v)],
+        error_before: fitted.error_before,
+        error_after: fitted.error_after,
+    })
 }
 
 /// Ranks `keep=F` chooses are multiples of [`RANK_STEP`] from there up, so that the rows of
@@ -581,7 +835,8 @@ mod tests {
             candidates.iter().map(|c| Some(Spectrum::new(&c.values, c.n, c.k, Whitening::None).unwrap())).collect();
         let fixed = vec![None; candidates.len()];
         for keep in [0.3, 0.5, 0.7] {
-            let ranks = choose_ranks(&candidates, &spectra, &fixed, Target::Keep(keep), Allocation::Errors).unwrap();
+            let ranks =
+                choose_ranks(&candidates, &spectra, &fixed, Target::Keep(keep), Allocation::Errors, None).unwrap();
             let cost = |c: &Candidate, r: &Result<usize, String>| r.as_ref().map_or(c.n * c.k, |r| r * (c.n + c.k));
             let error = |i: usize, r: &Result<usize, String>| {
                 r.as_ref().map_or(0.0, |&r| spectra[i].as_ref().unwrap().error(r))
@@ -622,7 +877,8 @@ mod tests {
         let (spectra, fixed): (Vec<Option<Spectrum>>, Vec<Option<Fixed>>) = shapes.iter().map(|_| (None, None)).unzip();
         let total: usize = shapes.iter().map(|(n, k)| n * k).sum();
         for keep in [0.9, 0.75, 0.5] {
-            let ranks = choose_ranks(&candidates, &spectra, &fixed, Target::Keep(keep), Allocation::Uniform).unwrap();
+            let ranks =
+                choose_ranks(&candidates, &spectra, &fixed, Target::Keep(keep), Allocation::Uniform, None).unwrap();
             let ranks: Vec<usize> = ranks.into_iter().map(|r| r.unwrap()).collect();
             assert!(ranks.iter().all(|r| r % RANK_STEP == 0), "{ranks:?}");
             let kept: usize = candidates.iter().zip(&ranks).map(|(c, r)| r * (c.n + c.k)).sum();

@@ -1014,12 +1014,7 @@ impl Search<'_> {
 /// Stores `bytes` in `format` as the layer's weight in `graph`.
 fn set_weight(graph: &mut Graph, layer: &Layer, format: Format, bytes: Vec<u8>) -> Result<(), kiln_ir::FormatError> {
     let data = TensorData::new(format, vec![layer.n, layer.k], Bytes::from_vec(bytes))?;
-    let checksum = data.checksum();
-    graph.store.insert(layer.tensor.clone(), data);
-    if let Op::Weight(w) = &mut graph.node_mut(layer.node).op {
-        w.format = format;
-        w.checksum = Some(checksum);
-    }
+    graph.set_weight(layer.node, data);
     Ok(())
 }
 

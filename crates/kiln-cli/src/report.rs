@@ -49,6 +49,7 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
                 "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
                 "rank_error": f.map(|f| f["relative_error"].clone()),
+                "healed": f.map(|f| f["healed"].clone()),
             })
         })
         .collect();
@@ -76,8 +77,12 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     let ranks = factorize.is_some();
     let mut header =
         format!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
+    let healed = factorize.is_some_and(|f| !f["report"]["heal"].is_null());
     if ranks {
         header += &format!(" {:>6} {:>10}", "rank", "rank error");
+    }
+    if healed {
+        header += &format!(" {:>13}", "healed error");
     }
     println!("{header}");
     for l in &summary {
@@ -100,6 +105,18 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             };
             row += &format!(" {rank:>6} {:>10}", num(&l["rank_error"], 2));
         }
+        if healed {
+            // The refit's layer-wise error over the one-shot factors' (on the inputs of the
+            // model healed so far), and whether the probe kept it.
+            let h = &l["healed"];
+            let cell = match (h["error_before"].as_f64(), h["error_after"].as_f64(), h["kept"].as_bool()) {
+                (Some(b), Some(a), Some(kept)) => {
+                    format!("{:.3}x {}", a / b.max(f64::MIN_POSITIVE), if kept { "kept" } else { "no" })
+                }
+                _ => "-".to_string(),
+            };
+            row += &format!(" {cell:>13}");
+        }
         println!("{row}");
     }
     if let Some(f) = factorize {
@@ -109,6 +126,12 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
                 f["report"]["method"].as_str().unwrap_or("?"),
                 100.0 * after / before.max(1.0)
+            );
+        }
+        let heal = &f["report"]["heal"];
+        if let (Some(before), Some(after)) = (heal["probe_before"].as_f64(), heal["probe_after"].as_f64()) {
+            println!(
+                "healing: the probe moved from {before:.4e} to {after:.4e}; healed error: the refit's layer-wise error over the one-shot factors' on the same inputs, and whether the probe kept it"
             );
         }
         for note in f["report"]["notes"].as_array().into_iter().flatten() {

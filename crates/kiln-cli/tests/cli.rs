@@ -1172,8 +1172,12 @@ fn compile_with_quantize_and_report() {
     assert_eq!(q.as_ref().map(|l| l["rank"].clone()), Some(4.into()), "{json}");
     let embed = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "embed").cloned();
     assert_eq!(embed.map(|l| l["rank"].clone()), Some(serde_json::Value::Null), "a table is no candidate: {json}");
+    // With --calib, healing ran: each factored layer says whether its refit was kept.
+    let healed = q.as_ref().map(|l| l["healed"].clone()).unwrap_or_default();
+    assert!(healed["kept"].is_boolean() && healed["error_before"].as_f64().is_some_and(|e| e > 0.0), "{json}");
     let table = ok(&["report".to_string(), s(&out)]);
     assert!(table.contains("rank error") && table.contains("of the factorized layers' parameters kept"), "{table}");
+    assert!(table.contains("healed error") && table.contains("healing: the probe moved from"), "{table}");
 
     ok(&args("quantize(format=bf16)"));
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);

@@ -10,7 +10,7 @@
 use crate::Interpreter;
 use kiln_ir::Activations;
 use kiln_ir::{Graph, NodeId, Op};
-use kiln_passes::calibration::{Calibration, Executor, Gram};
+use kiln_passes::calibration::{Calibration, Executor, Gram, Paired, Refit, Weighting};
 use kiln_rt::Value;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -89,6 +89,171 @@ impl Executor for Calibrator {
         let (inputs, want) = self.probe.as_ref().ok_or("no calibration inputs to probe with")?;
         Ok(distance(want, &(self.engine)(graph, inputs)?))
     }
+
+    fn sequential(
+        &self,
+        graph: &Graph,
+        reference: &Graph,
+        pairs: &[(NodeId, NodeId)],
+        weighting: Weighting,
+        refit: &mut Refit<'_>,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<(), String> {
+        sequential(graph, reference, &self.statistics, pairs, weighting, refit, progress)
+    }
+}
+
+/// Most memory [`sequential`] holds of the reference model's inputs at the pairs.
+pub const SEQUENTIAL_BYTES: u64 = 8 << 30;
+
+/// [`Executor::sequential`] on the interpreter: the reference model runs first, a few
+/// sequences at a time, keeping the inputs at the pairs (the rows of every token that
+/// counts); then `graph` runs every row at once, refitting at the pairs.
+pub fn sequential(
+    graph: &Graph,
+    reference: &Graph,
+    inputs: &Inputs,
+    pairs: &[(NodeId, NodeId)],
+    weighting: Weighting,
+    refit: &mut Refit<'_>,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<(), String> {
+    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
+    let width = |g: &Graph, n: NodeId| {
+        let k = g.node(n).ty.shape.last().and_then(|d| d.known());
+        k.map(|k| k as usize).ok_or_else(|| format!("{}: no known last dimension", g.node(n).scope))
+    };
+    let mut widths: HashMap<NodeId, usize> = HashMap::new();
+    for &(x, x_o) in pairs {
+        let k = width(reference, x_o)?;
+        if width(graph, x)? != k {
+            return Err(format!("{}: its width differs from the reference's", graph.node(x).scope));
+        }
+        widths.insert(x_o, k);
+    }
+    let keep = kept_positions(inputs);
+    let tokens = keep.as_ref().map_or_else(
+        || inputs.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
+        |k| k.iter().filter(|&&b| b).count(),
+    );
+    let bytes = 4 * tokens as u64 * widths.values().map(|&k| k as u64).sum::<u64>();
+    if bytes > SEQUENTIAL_BYTES {
+        return Err(format!(
+            "healing would hold {:.1} GiB of reference activations ({tokens} tokens): give fewer calibration rows",
+            bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+
+    // The reference's inputs at the pairs, in row order.
+    let reference = f32_trunk(reference);
+    let interp = Interpreter::new(&reference).map_err(|e| e.to_string())?;
+    let mut kept: HashMap<NodeId, Vec<f32>> = HashMap::new();
+    for start in (0..rows).step_by(BATCH) {
+        let end = (start + BATCH).min(rows);
+        let chunk: Inputs = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
+        let mask = kept_positions(&chunk);
+        interp
+            .run_observed(&chunk, &mut |id, value| {
+                let (Some(&k), Some(x)) = (widths.get(&id), value.as_f32()) else { return };
+                kept.entry(id).or_default().extend(kept_rows(&x.data, k, mask.as_deref()));
+            })
+            .map_err(|e| format!("cannot run the reference model on calibration rows {start}..{end}: {e}"))?;
+    }
+    drop(interp);
+
+    // The compressed model over every row at once, refitting as it goes.
+    let trunk = f32_trunk(graph);
+    let interp = Interpreter::new(&trunk).map_err(|e| e.to_string())?;
+    let by_input: HashMap<NodeId, NodeId> = pairs.iter().copied().collect();
+    let mut done = 0;
+    interp
+        .run_refitting(inputs, &mut |id, value| {
+            let Some(&x_o) = by_input.get(&id) else { return Ok(Vec::new()) };
+            let k = widths[&x_o];
+            let x = value.as_f32().ok_or("a paired input is not f32")?;
+            let mut x_c: Vec<f32> = kept_rows(&x.data, k, keep.as_deref()).collect();
+            let mut x_o = kept.remove(&x_o).unwrap_or_default();
+            if x_o.len() != x_c.len() {
+                return Err(format!("the models saw {} and {} tokens", x_o.len() / k, x_c.len() / k));
+            }
+            if weighting == Weighting::Relative {
+                relative_weights(&mut x_o, &mut x_c, k);
+            }
+            let moment = |a: &[f32], b: Option<&[f32]>| {
+                let mut m = vec![0f32; k * k];
+                match b {
+                    None => kiln_rt::kernels::gram(a, k, &mut m),
+                    Some(b) => kiln_rt::kernels::cross_gram(a, b, k, &mut m),
+                }
+                m.into_iter().map(f64::from).collect::<Vec<f64>>()
+            };
+            let paired = Paired {
+                k,
+                own: moment(&x_c, None),
+                cross: moment(&x_o, Some(&x_c)),
+                reference: moment(&x_o, None),
+                rows: (x_c.len() / k) as u64,
+            };
+            let new = refit(id, &paired)?;
+            done += 1;
+            progress(done, pairs.len());
+            new.into_iter()
+                .map(|(w, values)| {
+                    let shape: Vec<usize> =
+                        trunk.node(w).ty.shape.iter().filter_map(|d| d.known()).map(|d| d as usize).collect();
+                    if shape.iter().product::<usize>() != values.len() {
+                        return Err(format!("{}: a refit of another size", trunk.node(w).scope));
+                    }
+                    Ok((w, Value::F32(kiln_rt::Tensor::new(shape, values))))
+                })
+                .collect()
+        })
+        .map_err(|e| format!("cannot run the compressed model on the calibration rows: {e}"))?;
+    Ok(())
+}
+
+/// Scales the rows of `x_o` and `x_c` (the same tokens) by `sqrt(w_t)`, `w_t = 1 / |x_o,t|^2`
+/// normalized to a mean of 1 ([`Weighting::Relative`]); rows of zeros keep weight 0.
+fn relative_weights(x_o: &mut [f32], x_c: &mut [f32], k: usize) {
+    let inverse: Vec<f64> = x_o
+        .chunks_exact(k)
+        .map(|r| {
+            let norm: f64 = r.iter().map(|&v| (v as f64).powi(2)).sum();
+            if norm > 0.0 { 1.0 / norm } else { 0.0 }
+        })
+        .collect();
+    let mean = inverse.iter().sum::<f64>() / inverse.len().max(1) as f64;
+    for ((o, c), w) in x_o.chunks_exact_mut(k).zip(x_c.chunks_exact_mut(k)).zip(&inverse) {
+        let s = if mean > 0.0 { (w / mean).sqrt() as f32 } else { 0.0 };
+        o.iter_mut().chain(c.iter_mut()).for_each(|v| *v *= s);
+    }
+}
+
+/// The graph as calibration runs it: f32 activations everywhere, and the linears that
+/// compute outputs (a language model's head: a fifth of SmolLM2's multiply-adds over
+/// calibration tokens) not run, their inputs made the outputs. Node ids stay the same.
+fn f32_trunk(graph: &Graph) -> Graph {
+    let mut trimmed = graph.clone();
+    let outputs = trimmed.outputs().to_vec();
+    for (name, id) in outputs {
+        if matches!(trimmed.node(id).op, Op::Linear { .. }) {
+            trimmed.replace_output(&name, trimmed.operands(id)[0]);
+        }
+    }
+    trimmed.remove_dead();
+    kiln_ir::set_activations(&mut trimmed, Activations::F32);
+    trimmed
+}
+
+/// The rows of `x` (`[rows, k]`) that `keep` selects: all if `None`, or if the rows are not
+/// the mask's positions (after `last_position`, one per sequence).
+fn kept_rows<'x>(x: &'x [f32], k: usize, keep: Option<&'x [bool]>) -> impl Iterator<Item = f32> + 'x {
+    let rows = x.len() / k;
+    let keep = keep.filter(|keep| keep.len() == rows);
+    x.chunks_exact(k)
+        .enumerate()
+        .filter(move |(i, _)| keep.is_none_or(|keep| keep[*i]))
+        .flat_map(|(_, r)| r.iter().copied())
 }
 
 /// Runs `inputs` through `graph` on the interpreter and returns `x^T x` of every node in
@@ -108,19 +273,8 @@ pub fn second_moments(
             k.map(|k| (n, k as usize)).ok_or_else(|| format!("{}: no known last dimension", graph.node(n).scope))
         })
         .collect::<Result<_, String>>()?;
-    // Outputs computed by a linear (a language model's head) are not needed, only their
-    // inputs: the graph run ends at those. SmolLM2's head is a fifth of its multiply-adds
-    // over calibration tokens (every position's 49152 logits). Node ids stay the same.
-    let mut trimmed = graph.clone();
-    let outputs = trimmed.outputs().to_vec();
-    for (name, id) in outputs {
-        if matches!(trimmed.node(id).op, Op::Linear { .. }) {
-            trimmed.replace_output(&name, trimmed.operands(id)[0]);
-        }
-    }
-    trimmed.remove_dead();
     // Statistics of the model's f32 values, also where its linears take int8 activations.
-    kiln_ir::set_activations(&mut trimmed, Activations::F32);
+    let trimmed = f32_trunk(graph);
     let interp = Interpreter::new(&trimmed).map_err(|e| e.to_string())?;
     let mut calibration = Calibration::default();
     for start in (0..rows).step_by(BATCH) {
@@ -219,16 +373,13 @@ fn kept_positions(chunk: &Inputs) -> Option<Vec<bool>> {
 /// `x^T x` of the rows of `x` (`[rows, k]`) that `keep` selects (all if `None`, or if the rows
 /// are not the mask's positions, e.g. after `last_position`), and how many rows that was.
 fn gram_of(x: &[f32], k: usize, keep: Option<&[bool]>) -> (Vec<f32>, u64) {
-    let rows = x.len() / k;
     let kept: Vec<f32>;
     let x = match keep {
-        Some(keep) if keep.len() == rows => {
-            kept = x.chunks_exact(k).zip(keep).filter(|(_, keep)| **keep).flat_map(|(r, _)| r).copied().collect();
+        Some(_) => {
+            kept = kept_rows(x, k, keep).collect();
             &kept[..]
         }
-        // Rows that are not the mask's positions (after `last_position`, one per sequence):
-        // every row counts.
-        Some(_) | None => x,
+        None => x,
     };
     let mut xtx = vec![0f32; k * k];
     kiln_rt::kernels::gram(x, k, &mut xtx);

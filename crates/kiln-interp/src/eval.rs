@@ -16,6 +16,9 @@ use std::sync::Arc;
 /// What [`Interpreter::run_observed`] shows every computed value to.
 pub type Observer<'a> = dyn FnMut(NodeId, &Value) + 'a;
 
+/// What [`Interpreter::run_refitting`] calls at its nodes: new values for weights, by node.
+pub type Refitter<'a> = dyn FnMut(NodeId, &Value) -> Result<Vec<(NodeId, Value)>, String> + 'a;
+
 /// Errors of the interpreter are the runtime's.
 pub type InterpError = RunError;
 
@@ -85,7 +88,25 @@ impl<'g> Interpreter<'g> {
         inputs: &HashMap<String, Value>,
         observe: &mut Observer<'_>,
     ) -> Result<Vec<(String, Value)>, InterpError> {
-        self.run_inner(inputs, None, Some(observe))
+        let mut observe = |id, value: &Value| {
+            observe(id, value);
+            Ok(Vec::new())
+        };
+        self.run_inner(inputs, None, Some(&mut observe))
+    }
+
+    /// [`Interpreter::run_observed`] where the observer may also replace weights: the
+    /// values it returns (weight node, new value of the same type) are what those weights
+    /// hold for the rest of the run (in f32: linears taking int8 activations keep the
+    /// integers decoded in [`Interpreter::new`], so run this on graphs set to f32
+    /// activations). How healing refits layers in execution order, each on the inputs the
+    /// refits before it produce.
+    pub fn run_refitting(
+        &self,
+        inputs: &HashMap<String, Value>,
+        refit: &mut Refitter<'_>,
+    ) -> Result<Vec<(String, Value)>, InterpError> {
+        self.run_inner(inputs, None, Some(refit))
     }
 
     /// Runs the graph over new tokens of the sequences held in `cache` (see
@@ -102,18 +123,20 @@ impl<'g> Interpreter<'g> {
         &self,
         inputs: &HashMap<String, Value>,
         mut cache: Option<&mut KvCache>,
-        mut observe: Option<&mut Observer<'_>>,
+        mut observe: Option<&mut Refitter<'_>>,
     ) -> Result<Vec<(String, Value)>, InterpError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
         // Remaining uses of each value, so intermediates are freed as soon as possible.
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
+        // Weights an observer replaced before the run reached them.
+        let mut replaced: HashMap<NodeId, Arc<Value>> = HashMap::new();
         for (&id, operands) in self.order.iter().zip(&self.operands) {
             let node = g.node(id);
             let value: Arc<Value> = match &node.op {
                 Op::Input { name } => Arc::new(inputs[name].clone()),
-                Op::Weight(_) => self.weights[&id].clone(),
+                Op::Weight(_) => replaced.remove(&id).unwrap_or_else(|| self.weights[&id].clone()),
                 op => {
                     let args: Vec<Arc<Value>> = operands.iter().map(|o| values[o].clone()).collect();
                     let value = match self.int8.get(&id) {
@@ -129,7 +152,31 @@ impl<'g> Interpreter<'g> {
                 }
             };
             if let Some(observe) = observe.as_mut() {
-                observe(id, &value);
+                for (weight, new) in observe(id, &value).map_err(|message| InterpError::Node {
+                    op: node.op.name(),
+                    scope: node.scope.clone(),
+                    message,
+                })? {
+                    let node = g.node(weight);
+                    let fits = matches!(node.op, Op::Weight(_))
+                        && new.as_f32().is_some_and(|t| {
+                            t.data.len() as u64 == node.ty.shape.iter().filter_map(|d| d.known()).product::<u64>()
+                        });
+                    if !fits {
+                        return Err(InterpError::Node {
+                            op: node.op.name(),
+                            scope: node.scope.clone(),
+                            message: "a refit replaced something other than an f32 weight of its shape".into(),
+                        });
+                    }
+                    let new = Arc::new(new);
+                    match values.get_mut(&weight) {
+                        Some(v) => *v = new,
+                        None => {
+                            replaced.insert(weight, new);
+                        }
+                    }
+                }
             }
             for o in operands {
                 let left = uses.get_mut(o).expect("counted in new");

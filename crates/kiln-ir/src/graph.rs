@@ -86,6 +86,23 @@ impl Graph {
         self.add_typed(op, &[], ty, scope, None)
     }
 
+    /// Stores `data` as dense weight `node`'s tensor (its format and checksum follow);
+    /// returns the data it held. `None`, and nothing changed, if `node` is not a dense
+    /// weight of `data`'s shape.
+    pub fn set_weight(&mut self, node: NodeId, data: TensorData) -> Option<TensorData> {
+        let shape: Vec<u64> = self.graph[node].ty.shape.iter().filter_map(|d| d.known()).collect();
+        let Op::Weight(w) = &mut self.graph[node].op else { return None };
+        if w.sparse.is_some() || shape != data.shape {
+            return None;
+        }
+        w.format = data.format;
+        w.checksum = Some(data.checksum());
+        let tensor = w.tensor.clone();
+        let old = self.store.get(&tensor).cloned();
+        self.store.insert(&tensor, data);
+        old
+    }
+
     /// Names of the store tensors some `weight` node reads (every tensor of a sparse one).
     pub fn read_tensors(&self) -> std::collections::BTreeSet<String> {
         self.node_ids()

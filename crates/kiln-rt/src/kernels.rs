@@ -246,6 +246,26 @@ pub fn linear_rows(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]
     }
 }
 
+/// `c = a^T b` (`k x k`, row-major) for two row-major `[m, k]` matrices whose rows pair up:
+/// `sum over rows r of a_r b_r^T`, the cross moment of two views of the same tokens. Rows of
+/// `c` are split across threads; each output sums in an order that depends on `m` only.
+pub fn cross_gram(a: &[f32], b: &[f32], k: usize, c: &mut [f32]) {
+    assert_eq!(c.len(), k * k, "cross_gram: the output is not {k} x {k}");
+    let m = a.len().checked_div(k).unwrap_or(0);
+    assert_eq!((a.len(), b.len()), (m * k, m * k), "cross_gram: a and b are not the same rows of {k}");
+    if m == 0 {
+        c.fill(0.0);
+        return;
+    }
+    let rows = k.div_ceil(crate::par::threads().max(1) * 4).max(1);
+    for_each_chunk(c, rows * k, |i, part| {
+        let r0 = i * rows;
+        let len = part.len() / k;
+        // Rows r0.. of a^T (columns r0.. of a: strides 1 and k) times b.
+        gemm(len, m, k, 1.0, &a[r0..], 1, k, b, k, 1, 0.0, part, k, 1);
+    });
+}
+
 /// `g = x^T x` for row-major `x` (`[m, k]`) into row-major `g` (`[k, k]`): the part on and
 /// below the diagonal by sgemm, in bands of rows of equal work spread across threads, the
 /// rest mirrored; a little over half the multiply-adds of the full product. Every entry
@@ -1535,6 +1555,27 @@ mod tests {
         let mut g = vec![f32::NAN; 4];
         gram(&[], 2, &mut g);
         assert_eq!(g, [0.0; 4]);
+    }
+
+    /// `a^T b` of two different matrices: not symmetric, so a transposed or mirrored
+    /// result fails.
+    #[test]
+    fn cross_gram_is_a_transpose_b() {
+        for (m, k) in [(5, 37), (1, 1), (3, 9), (64, 130)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 23) as f32 - 11.0) / 8.0).collect();
+            let b: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 19) as f32 - 7.0) / 4.0).collect();
+            let mut c = vec![f32::NAN; k * k];
+            cross_gram(&a, &b, k, &mut c);
+            for i in 0..k {
+                for j in 0..k {
+                    let want: f64 = (0..m).map(|r| a[r * k + i] as f64 * b[r * k + j] as f64).sum();
+                    assert!(
+                        (c[i * k + j] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "({i}, {j}) of {m} x {k}"
+                    );
+                }
+            }
+        }
     }
     use proptest::prelude::*;
 
