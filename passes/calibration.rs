@@ -91,26 +91,26 @@ pub trait Executor: Sync {
     /// divergence of next-token distributions for logits, 1 - cosine for other outputs).
     fn probe(&self, graph: &Graph) -> Result<f64, String>;
 
-    /// Runs `graph` (a compressed model) over every calibration row at once, node by node,
-    /// beside `reference` (the model before compression) on the same rows. At each pair
-    /// `(x, x_o)` of `pairs` (a node of `graph`, the node of `reference` it stands for),
-    /// once `x` is computed, calls `refit` with [`Paired`] statistics of the two, weighted
-    /// per token as `weighting` says; the weights `refit` returns (node of `graph`, new f32
-    /// values in its shape) replace the old ones for the rest of the run. So each refit
-    /// sees the inputs of the model compressed and refitted so far, in execution order.
-    /// `progress(done, total)` counts pairs.
+    /// Runs `graph` (a compressed model) over every calibration row at once, node by node.
+    /// Once each node of `sites` is computed, calls `refit` with its [`Paired`] statistics,
+    /// weighted per token as `weighting` says; the weights `refit` returns (node of
+    /// `graph`, new f32 values in its shape) replace the old ones for the rest of the run.
+    /// So each refit sees the inputs of the model compressed and refitted so far, in
+    /// execution order. With `reference` (the model before compression, and for each site
+    /// the node of it that the site stands for), that model runs first on the same rows and
+    /// the statistics pair both models' inputs. `progress(done, total)` counts sites.
     fn sequential(
         &self,
         graph: &Graph,
-        reference: &Graph,
-        pairs: &[(NodeId, NodeId)],
+        sites: &[NodeId],
+        reference: Option<(&Graph, &[NodeId])>,
         weighting: Weighting,
         refit: &mut Refit<'_>,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(), String>;
 }
 
-/// What [`Executor::sequential`] calls at each pair of inputs: new values for weights.
+/// What [`Executor::sequential`] calls at each site: new values for weights.
 pub type Refit<'a> = dyn FnMut(NodeId, &Paired) -> Result<Vec<(NodeId, Vec<f32>)>, String> + 'a;
 
 /// How the tokens of a calibration run count in [`Paired`] sums.
@@ -119,23 +119,24 @@ pub enum Weighting {
     /// Every token alike: the sums are of squared errors, where a few tokens with massive
     /// activations (a language model's first position) can outweigh all others.
     Uniform,
-    /// Each token by `1 / |x_o|^2` (its reference input's squared norm), scaled so that
-    /// the weights average 1: every token's error counts relative to its own size.
+    /// Each token by `1 / |x|^2` (the squared norm of its reference input, or of its own
+    /// input without a reference), scaled so that the weights average 1: every token's
+    /// error counts relative to its own size.
     Relative,
 }
 
-/// Second moments of one linear input seen by two models over the same calibration rows:
-/// `x_c` in the compressed model, `x_o` in the reference, each `[k]` per token `t`, with
+/// Second moments of one linear input over the calibration rows: `x_c` in the compressed
+/// model and, with a reference, `x_o` in the reference, each `[k]` per token `t`, with
 /// token weights `w_t` ([`Weighting`]). All `k x k`, row-major.
 #[derive(Clone, Debug)]
 pub struct Paired {
     pub k: usize,
     /// `sum_t w_t x_c x_c^T`.
     pub own: Vec<f64>,
-    /// `sum_t w_t x_o x_c^T` (row index from `x_o`, column from `x_c`).
-    pub cross: Vec<f64>,
-    /// `sum_t w_t x_o x_o^T`.
-    pub reference: Vec<f64>,
+    /// `sum_t w_t x_o x_c^T` (row index from `x_o`, column from `x_c`), with a reference.
+    pub cross: Option<Vec<f64>>,
+    /// `sum_t w_t x_o x_o^T`, with a reference.
+    pub reference: Option<Vec<f64>>,
     pub rows: u64,
 }
 

@@ -6,8 +6,9 @@
 //! at: a linear input and the layers that read it (a block's q, k and v share one). Then:
 //! 1. The compressed model runs over the calibration rows in execution order
 //!    ([`Executor::sequential`]). At each site the family gets [`Paired`] statistics of the
-//!    inputs the compressed model feeds it so far (`x_c`) and the reference's (`x_o`), and
-//!    proposes new weights for the site's layers, with their layer-wise errors.
+//!    inputs the compressed model feeds it so far (`x_c`) and, for refits that aim at the
+//!    reference's outputs, the reference's (`x_o`), and proposes new weights for the site's
+//!    layers, with their layer-wise errors.
 //! 2. The proposal is written into the graph and probed end to end (KL of next-token
 //!    distributions, or 1 - cosine of embeddings, on held-out calibration rows). It is kept
 //!    only if the probe improves; otherwise the old weights come back. Either way the run
@@ -25,8 +26,8 @@ use crate::{Context, PassError};
 use kiln_ir::{Graph, NodeId, Op, TensorData};
 use std::collections::HashMap;
 
-/// Where healing refits: `input` (a node of the compressed graph) stands for `reference`
-/// (a node of the model before the pass); `layers` are read from it.
+/// Where healing refits: `input`, a node of the compressed graph, stands for `reference`,
+/// a node of the model before the pass; `layers` are read from it.
 #[derive(Clone, Debug)]
 pub struct Site {
     pub input: NodeId,
@@ -35,8 +36,9 @@ pub struct Site {
 }
 
 /// A family's refit of one layer: new values for its weights (node, f32 values in its
-/// shape), and its squared output error against the reference's output over the
-/// calibration rows before and after (`||W x_o - W' x_c||^2` summed, token-weighted).
+/// shape), and the layer-wise error its refit minimizes, over the calibration rows,
+/// token-weighted, before and after (e.g. `sum |W x_c - W' x_c|^2`, the output on the inputs
+/// the layer now sees, or `sum |W x_o - W' x_c|^2`, the reference's output).
 #[derive(Clone, Debug)]
 pub struct Proposal {
     pub layer: String,
@@ -72,13 +74,15 @@ pub struct HealReport {
 }
 
 /// Refits `graph` at `sites` in execution order, keeping each site's refit only where the
-/// probe improves (see the module documentation). `reference` is the model the refits aim
-/// at; `propose` is the family's refit. Needs calibration rows held out for probes
-/// ([`crate::Pass::probes`]).
+/// probe improves (see the module documentation). With `reference` (the model before the
+/// pass), the statistics pair the two models' inputs, for refits aimed at the reference's
+/// outputs; without, they hold the compressed model's own inputs only (and the reference
+/// model is not run). `propose` is the family's refit. Needs calibration rows held out for
+/// probes ([`crate::Pass::probes`]).
 pub fn heal(
     pass: &'static str,
     graph: &mut Graph,
-    reference: &Graph,
+    reference: Option<&Graph>,
     sites: &[Site],
     ctx: &Context,
     weighting: Weighting,
@@ -93,7 +97,8 @@ pub fn heal(
     let mut best = probe_before;
     let mut layers = Vec::new();
     let by_input: HashMap<NodeId, &Site> = sites.iter().map(|s| (s.input, s)).collect();
-    let pairs: Vec<(NodeId, NodeId)> = sites.iter().map(|s| (s.input, s.reference)).collect();
+    let inputs: Vec<NodeId> = sites.iter().map(|s| s.input).collect();
+    let at: Vec<NodeId> = sites.iter().map(|s| s.reference).collect();
     // The executor runs its own copy; `graph` takes what is kept, for the probes.
     let running = graph.clone();
     let mut refit = |input: NodeId, paired: &Paired| -> Result<Vec<(NodeId, Vec<f32>)>, String> {
@@ -126,7 +131,8 @@ pub fn heal(
         Ok(new)
     };
     let count = |done: usize, total: usize| progress(done, total, "healing");
-    executor.sequential(&running, reference, &pairs, weighting, &mut refit, &count).map_err(&fail)?;
+    let reference = reference.map(|g| (g, &at[..]));
+    executor.sequential(&running, &inputs, reference, weighting, &mut refit, &count).map_err(&fail)?;
     Ok(HealReport { probe_before, probe_after: best, layers, weighting })
 }
 

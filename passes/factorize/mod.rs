@@ -703,7 +703,9 @@ fn heal(
     let mut propose = |g: &Graph, site: &Site, paired: &Paired| -> Result<Vec<Proposal>, String> {
         site.layers.par_iter().map(|name| propose_refit(g, reference, name, paired, how.refit)).collect()
     };
-    let healed = crate::heal::heal(PASS, graph, reference, &sites, ctx, how.weighting, &mut propose)?;
+    // The own refit needs only the factorized model's inputs: the reference does not run.
+    let aim = (how.refit == Refit::Left).then_some(reference);
+    let healed = crate::heal::heal(PASS, graph, aim, &sites, ctx, how.weighting, &mut propose)?;
     for h in healed.layers {
         if let Some(l) = report.layers.iter_mut().find(|l| l.name == h.layer) {
             l.healed = Some(h);

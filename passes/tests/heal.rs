@@ -73,7 +73,9 @@ fn least_squares(g: &Graph, site: &Site, paired: &Paired) -> Result<Vec<Proposal
     for i in 0..k {
         a[i * k + i] += 1e-9;
     }
-    let mut b: Vec<f64> = paired.cross.clone(); // rows: W's rows (right-hand sides, transposed)
+    let cross = paired.cross.as_ref().ok_or("no reference statistics")?;
+    let reference = paired.reference.as_ref().ok_or("no reference statistics")?;
+    let mut b: Vec<f64> = cross.clone();
     // Solve O X = C^T for X = W^T.
     let mut bt: Vec<f64> = (0..k * k).map(|ij| b[(ij % k) * k + ij / k]).collect();
     for col in 0..k {
@@ -98,8 +100,8 @@ fn least_squares(g: &Graph, site: &Site, paired: &Paired) -> Result<Vec<Proposal
     b = (0..k * k).map(|ij| bt[(ij % k) * k + ij / k]).collect(); // W
     let error = |w: &[f64]| {
         // tr(R) - 2 tr(C^T W^T)... with W2 = I: |x_o|^2 - 2 tr(W C^T) + tr(W O W^T).
-        let tr_r: f64 = (0..k).map(|i| paired.reference[i * k + i]).sum();
-        let cross: f64 = (0..k * k).map(|ij| w[ij] * paired.cross[ij]).sum();
+        let tr_r: f64 = (0..k).map(|i| reference[i * k + i]).sum();
+        let cross: f64 = (0..k * k).map(|ij| w[ij] * cross[ij]).sum();
         let quad: f64 = (0..k)
             .map(|i| {
                 (0..k)
@@ -136,7 +138,7 @@ fn run(inputs: HashMap<String, Value>) -> (kiln_passes::heal::HealReport, Vec<f3
         Ok(proposals)
     };
     let report =
-        heal("test", &mut compressed, &reference, &sites, &ctx, Weighting::Uniform, &mut measure).expect("heals");
+        heal("test", &mut compressed, Some(&reference), &sites, &ctx, Weighting::Uniform, &mut measure).expect("heals");
     let w2 = compressed.store.get("w2").expect("w2").to_f32().expect("f32");
     (report, w2, alone)
 }

@@ -93,27 +93,27 @@ impl Executor for Calibrator {
     fn sequential(
         &self,
         graph: &Graph,
-        reference: &Graph,
-        pairs: &[(NodeId, NodeId)],
+        sites: &[NodeId],
+        reference: Option<(&Graph, &[NodeId])>,
         weighting: Weighting,
         refit: &mut Refit<'_>,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(), String> {
-        sequential(graph, reference, &self.statistics, pairs, weighting, refit, progress)
+        sequential(graph, sites, reference, &self.statistics, weighting, refit, progress)
     }
 }
 
-/// Most memory [`sequential`] holds of the reference model's inputs at the pairs.
+/// Most memory [`sequential`] holds of the reference model's inputs at the sites.
 pub const SEQUENTIAL_BYTES: u64 = 8 << 30;
 
-/// [`Executor::sequential`] on the interpreter: the reference model runs first, a few
-/// sequences at a time, keeping the inputs at the pairs (the rows of every token that
-/// counts); then `graph` runs every row at once, refitting at the pairs.
+/// [`Executor::sequential`] on the interpreter: the reference model, if any, runs first, a
+/// few sequences at a time, keeping its inputs at the sites (the rows of every token that
+/// counts); then `graph` runs every row at once, refitting at the sites.
 pub fn sequential(
     graph: &Graph,
-    reference: &Graph,
+    sites: &[NodeId],
+    reference: Option<(&Graph, &[NodeId])>,
     inputs: &Inputs,
-    pairs: &[(NodeId, NodeId)],
     weighting: Weighting,
     refit: &mut Refit<'_>,
     progress: &(dyn Fn(usize, usize) + Sync),
@@ -123,61 +123,71 @@ pub fn sequential(
         let k = g.node(n).ty.shape.last().and_then(|d| d.known());
         k.map(|k| k as usize).ok_or_else(|| format!("{}: no known last dimension", g.node(n).scope))
     };
-    let mut widths: HashMap<NodeId, usize> = HashMap::new();
-    for &(x, x_o) in pairs {
-        let k = width(reference, x_o)?;
-        if width(graph, x)? != k {
-            return Err(format!("{}: its width differs from the reference's", graph.node(x).scope));
-        }
-        widths.insert(x_o, k);
-    }
+    let widths: HashMap<NodeId, usize> =
+        sites.iter().map(|&x| Ok((x, width(graph, x)?))).collect::<Result<_, String>>()?;
     let keep = kept_positions(inputs);
-    let tokens = keep.as_ref().map_or_else(
-        || inputs.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
-        |k| k.iter().filter(|&&b| b).count(),
-    );
-    let bytes = 4 * tokens as u64 * widths.values().map(|&k| k as u64).sum::<u64>();
-    if bytes > SEQUENTIAL_BYTES {
-        return Err(format!(
-            "healing would hold {:.1} GiB of reference activations ({tokens} tokens): give fewer calibration rows",
-            bytes as f64 / (1u64 << 30) as f64
-        ));
-    }
 
-    // The reference's inputs at the pairs, in row order.
-    let reference = f32_trunk(reference);
-    let interp = Interpreter::new(&reference).map_err(|e| e.to_string())?;
+    // The reference's inputs at the sites, in row order, keyed by the site.
     let mut kept: HashMap<NodeId, Vec<f32>> = HashMap::new();
-    for start in (0..rows).step_by(BATCH) {
-        let end = (start + BATCH).min(rows);
-        let chunk: Inputs = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
-        let mask = kept_positions(&chunk);
-        interp
-            .run_observed(&chunk, &mut |id, value| {
-                let (Some(&k), Some(x)) = (widths.get(&id), value.as_f32()) else { return };
-                kept.entry(id).or_default().extend(kept_rows(&x.data, k, mask.as_deref()));
-            })
-            .map_err(|e| format!("cannot run the reference model on calibration rows {start}..{end}: {e}"))?;
+    if let Some((reference, at)) = reference {
+        if at.len() != sites.len() {
+            return Err("a reference node for every site".into());
+        }
+        let mut site_of: HashMap<NodeId, NodeId> = HashMap::new();
+        for (&x, &x_o) in sites.iter().zip(at) {
+            if width(reference, x_o)? != widths[&x] {
+                return Err(format!("{}: its width differs from the reference's", graph.node(x).scope));
+            }
+            site_of.insert(x_o, x);
+        }
+        let tokens = keep.as_ref().map_or_else(
+            || inputs.values().next().map_or(0, |v| v.shape().iter().take(2).product::<usize>()),
+            |k| k.iter().filter(|&&b| b).count(),
+        );
+        let bytes = 4 * tokens as u64 * widths.values().map(|&k| k as u64).sum::<u64>();
+        if bytes > SEQUENTIAL_BYTES {
+            return Err(format!(
+                "healing would hold {:.1} GiB of reference activations ({tokens} tokens): give fewer calibration rows",
+                bytes as f64 / (1u64 << 30) as f64
+            ));
+        }
+        let reference = f32_trunk(reference);
+        let interp = Interpreter::new(&reference).map_err(|e| e.to_string())?;
+        for start in (0..rows).step_by(BATCH) {
+            let end = (start + BATCH).min(rows);
+            let chunk: Inputs = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
+            let mask = kept_positions(&chunk);
+            interp
+                .run_observed(&chunk, &mut |id, value| {
+                    let (Some(&site), Some(x)) = (site_of.get(&id), value.as_f32()) else { return };
+                    kept.entry(site).or_default().extend(kept_rows(&x.data, widths[&site], mask.as_deref()));
+                })
+                .map_err(|e| format!("cannot run the reference model on calibration rows {start}..{end}: {e}"))?;
+        }
     }
-    drop(interp);
 
     // The compressed model over every row at once, refitting as it goes.
     let trunk = f32_trunk(graph);
+    let present: std::collections::HashSet<NodeId> = trunk.node_ids().collect();
     let interp = Interpreter::new(&trunk).map_err(|e| e.to_string())?;
-    let by_input: HashMap<NodeId, NodeId> = pairs.iter().copied().collect();
     let mut done = 0;
     interp
         .run_refitting(inputs, &mut |id, value| {
-            let Some(&x_o) = by_input.get(&id) else { return Ok(Vec::new()) };
-            let k = widths[&x_o];
-            let x = value.as_f32().ok_or("a paired input is not f32")?;
+            let Some(&k) = widths.get(&id) else { return Ok(Vec::new()) };
+            let x = value.as_f32().ok_or("a site's input is not f32")?;
             let mut x_c: Vec<f32> = kept_rows(&x.data, k, keep.as_deref()).collect();
-            let mut x_o = kept.remove(&x_o).unwrap_or_default();
-            if x_o.len() != x_c.len() {
-                return Err(format!("the models saw {} and {} tokens", x_o.len() / k, x_c.len() / k));
-            }
+            let mut x_o = match reference {
+                Some(_) => {
+                    let x_o = kept.remove(&id).unwrap_or_default();
+                    if x_o.len() != x_c.len() {
+                        return Err(format!("the models saw {} and {} tokens", x_o.len() / k, x_c.len() / k));
+                    }
+                    Some(x_o)
+                }
+                None => None,
+            };
             if weighting == Weighting::Relative {
-                relative_weights(&mut x_o, &mut x_c, k);
+                relative_weights(x_o.as_deref_mut(), &mut x_c, k);
             }
             let moment = |a: &[f32], b: Option<&[f32]>| {
                 let mut m = vec![0f32; k * k];
@@ -190,14 +200,16 @@ pub fn sequential(
             let paired = Paired {
                 k,
                 own: moment(&x_c, None),
-                cross: moment(&x_o, Some(&x_c)),
-                reference: moment(&x_o, None),
+                cross: x_o.as_ref().map(|x_o| moment(x_o, Some(&x_c))),
+                reference: x_o.as_ref().map(|x_o| moment(x_o, None)),
                 rows: (x_c.len() / k) as u64,
             };
             let new = refit(id, &paired)?;
             done += 1;
-            progress(done, pairs.len());
+            progress(done, sites.len());
             new.into_iter()
+                // A weight only an output linear reads (a head) is not in the trunk.
+                .filter(|(w, _)| present.contains(w))
                 .map(|(w, values)| {
                     let shape: Vec<usize> =
                         trunk.node(w).ty.shape.iter().filter_map(|d| d.known()).map(|d| d as usize).collect();
@@ -212,10 +224,13 @@ pub fn sequential(
     Ok(())
 }
 
-/// Scales the rows of `x_o` and `x_c` (the same tokens) by `sqrt(w_t)`, `w_t = 1 / |x_o,t|^2`
-/// normalized to a mean of 1 ([`Weighting::Relative`]); rows of zeros keep weight 0.
-fn relative_weights(x_o: &mut [f32], x_c: &mut [f32], k: usize) {
+/// Scales the rows of `x_o` and `x_c` (the same tokens) by `sqrt(w_t)`, `w_t = 1 / |x_t|^2` of
+/// the reference's input (or the own one, without), normalized to a mean of 1
+/// ([`Weighting::Relative`]); rows of zeros keep weight 0.
+fn relative_weights(mut x_o: Option<&mut [f32]>, x_c: &mut [f32], k: usize) {
     let inverse: Vec<f64> = x_o
+        .as_deref()
+        .unwrap_or(x_c)
         .chunks_exact(k)
         .map(|r| {
             let norm: f64 = r.iter().map(|&v| (v as f64).powi(2)).sum();
@@ -223,9 +238,11 @@ fn relative_weights(x_o: &mut [f32], x_c: &mut [f32], k: usize) {
         })
         .collect();
     let mean = inverse.iter().sum::<f64>() / inverse.len().max(1) as f64;
-    for ((o, c), w) in x_o.chunks_exact_mut(k).zip(x_c.chunks_exact_mut(k)).zip(&inverse) {
-        let s = if mean > 0.0 { (w / mean).sqrt() as f32 } else { 0.0 };
-        o.iter_mut().chain(c.iter_mut()).for_each(|v| *v *= s);
+    let scale: Vec<f32> = inverse.iter().map(|w| if mean > 0.0 { (w / mean).sqrt() as f32 } else { 0.0 }).collect();
+    for x in x_o.iter_mut().map(|x| &mut **x).chain([x_c]) {
+        for (row, s) in x.chunks_exact_mut(k).zip(&scale) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
     }
 }
 
