@@ -91,6 +91,15 @@ pub trait Executor: Sync {
     /// divergence of next-token distributions for logits, 1 - cosine for other outputs).
     fn probe(&self, graph: &Graph) -> Result<f64, String>;
 
+    /// Probes of `graph` as it changes a few weights at a time (healing's search), and the
+    /// distance of `graph` as it is. Executors whose engine can rerun a changed graph from
+    /// an earlier run's values recompute only what the changed weights reach; the default
+    /// probes each graph whole.
+    fn prober<'s>(&'s self, graph: &Graph) -> Result<(Box<dyn Prober + 's>, f64), String> {
+        let whole = move |g: &Graph, _: &[NodeId]| self.probe(g);
+        Ok((Box::new(Whole(whole)), self.probe(graph)?))
+    }
+
     /// Runs `graph` (a compressed model) over every calibration row at once, node by node.
     /// Once each node of `sites` is computed, calls `refit` with its [`Paired`] statistics,
     /// weighted per token as `weighting` says; the weights `refit` returns (node of
@@ -108,6 +117,26 @@ pub trait Executor: Sync {
         refit: &mut Refit<'_>,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(), String>;
+}
+
+/// [`Executor::probe`] on a model that changes a few weights at a time: made by
+/// [`Executor::prober`] for a graph, which is the first *kept* graph.
+pub trait Prober {
+    /// The probe's distance of `graph`, which differs from the graph last kept only in the
+    /// values of the weights `changed`.
+    fn probe(&mut self, graph: &Graph, changed: &[NodeId]) -> Result<f64, String>;
+    /// Makes the graph last probed the one the next probes differ from.
+    fn keep(&mut self);
+}
+
+/// The default [`Prober`]: each graph probed whole.
+struct Whole<F>(F);
+
+impl<F: FnMut(&Graph, &[NodeId]) -> Result<f64, String>> Prober for Whole<F> {
+    fn probe(&mut self, graph: &Graph, changed: &[NodeId]) -> Result<f64, String> {
+        (self.0)(graph, changed)
+    }
+    fn keep(&mut self) {}
 }
 
 /// What [`Executor::sequential`] calls at each site: new values for weights.

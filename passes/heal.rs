@@ -89,11 +89,13 @@ pub fn heal(
     propose: &mut Propose<'_>,
 ) -> Result<HealReport, PassError> {
     let fail = |message: String| PassError::not_applicable(pass, format!("healing: {message}"));
-    let (Some(executor), Some(probe)) = (ctx.executor(), ctx.probe()) else {
+    let Some(executor) = ctx.executor().filter(|e| e.can_probe()) else {
         return Err(fail("needs calibration rows to refit on and to probe with: pass --calib".into()));
     };
     let progress = ctx.progress;
-    let probe_before = probe(graph).map_err(&fail)?;
+    // Each probe differs from the model last kept in one site's weights: the prober reruns
+    // only what they reach.
+    let (mut prober, probe_before) = executor.prober(graph).map_err(&fail)?;
     let mut best = probe_before;
     let mut layers = Vec::new();
     let by_input: HashMap<NodeId, &Site> = sites.iter().map(|s| (s.input, s)).collect();
@@ -112,10 +114,12 @@ pub fn heal(
             .flat_map(|p| &p.weights)
             .map(|(w, values)| write(graph, *w, values))
             .collect::<Result<_, String>>()?;
-        let distance = probe(graph)?;
+        let changed: Vec<NodeId> = old.iter().map(|(w, _)| *w).collect();
+        let distance = prober.probe(graph, &changed)?;
         let kept = distance < best;
         if kept {
             best = distance;
+            prober.keep();
         } else {
             for (w, data) in old {
                 graph.set_weight(w, data);

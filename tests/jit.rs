@@ -556,3 +556,40 @@ fn sparse_weights_run_as_their_dense_matrix() {
         }
     }
 }
+
+/// A rerun from a snapshot recomputes only what the changed weight reaches, and gives the
+/// bits of a whole run of the changed model: healing's probes rely on both.
+#[test]
+fn a_rerun_from_a_snapshot_recomputes_what_a_changed_weight_reaches() {
+    let g = tiny();
+    let inputs = feed(&ROWS);
+    let before = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+    let (outputs, base) = before.run_keeping(&inputs).expect("runs");
+    assert_eq!(outputs, before.run(&inputs).expect("runs"), "keeping the values changes nothing");
+    // Scale the last linear weight of the blocks (not the head, which shares the embedding).
+    let w = g
+        .node_ids()
+        .filter(|&n| matches!(g.node(n).op, kiln_ir::Op::Linear { .. }))
+        .map(|n| g.operands(n)[1])
+        .filter(|&w| matches!(g.node(w).op, kiln_ir::Op::Weight(_)) && g.node(w).scope.starts_with("layers."))
+        .max()
+        .expect("a block linear");
+    let mut changed = g.clone();
+    let shape: Vec<u64> = changed.node(w).ty.shape.iter().filter_map(|d| d.known()).collect();
+    let kiln_ir::Op::Weight(weight) = &changed.node(w).op else { unreachable!("filtered to weights") };
+    let data = weight.value(&changed.store, &shape).expect("decodes");
+    let scaled: Vec<f32> = data.iter().map(|x| x * 1.5).collect();
+    changed.set_weight(w, kiln_ir::TensorData::from_f32(shape, &scaled)).expect("dense weight");
+    let after = kiln_jit::compile(&changed, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+    let whole = after.run(&inputs).expect("runs");
+    assert_ne!(whole, outputs, "the change reaches the outputs");
+    let (rerun, snapshot) = after.rerun(&inputs, &base, &[w]).expect("reruns");
+    assert_eq!(rerun, whole, "a rerun gives the bits of a whole run");
+    // The weight is in the last block: less than half of the model runs again.
+    assert!(
+        snapshot.computed > 0 && snapshot.computed < base.computed / 2,
+        "{} of {}",
+        snapshot.computed,
+        base.computed
+    );
+}

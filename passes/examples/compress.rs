@@ -50,10 +50,7 @@ fn compress(spec: &Path, weights: &Path, calib: &Path, passes: &str, out: &Path)
     let file = kiln_rt::io::decode(&bytes).map_err(|e| format!("{}: {e}", calib.display()))?;
     let inputs = kiln_rt::io::inputs_from(&file, &calib.display().to_string(), &graph).map_err(|e| e.to_string())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let engine: ProbeEngine = Box::new(move |g, inputs| {
-        let engine = kiln_jit::compile(g, kiln_jit::EngineOptions::threads(threads)).map_err(|e| e.to_string())?;
-        engine.run(inputs).map_err(|e| e.to_string())
-    });
+    let engine: ProbeEngine = Box::new(move |g, inputs, base| kiln_jit::run_keeping(g, threads, inputs, base));
     let calibrator = Calibrator::new(&graph, inputs, manager::probes_any(&calls), engine)?;
     let progress = |done: usize, total: usize, what: &str| eprint!("\r{what}: {done}/{total}\x1b[K");
     let ctx = Context::new(Some(&calibrator as &dyn Executor), Vec::new(), &progress);

@@ -8,7 +8,7 @@
 //! rebuild it from feature 0: the layer's error on those rows falls to nothing. In the probe
 //! rows feature 1 is minus feature 0, and the same refit doubles the error there.
 
-use kiln_interp::calibrate::{Calibrator, interpreter_engine};
+use kiln_interp::calibrate::{Calibrator, ProbeEngine, interpreter_engine};
 use kiln_ir::{Graph, NodeId, TensorData};
 use kiln_passes::Context;
 use kiln_passes::calibration::{Executor, Paired, Weighting};
@@ -120,11 +120,12 @@ fn least_squares(g: &Graph, site: &Site, paired: &Paired) -> Result<Vec<Proposal
     }])
 }
 
-/// Heals the compressed model on `inputs`; returns the report and the healed `W2`.
-fn run(inputs: HashMap<String, Value>) -> (kiln_passes::heal::HealReport, Vec<f32>, f64) {
+/// Heals the compressed model on `inputs`, probing on `engine`; returns the report, the
+/// healed `W2`, and the probe of the refit alone, by a whole run.
+fn run_on(inputs: HashMap<String, Value>, engine: ProbeEngine) -> (kiln_passes::heal::HealReport, Vec<f32>, f64) {
     let reference = model([1.0; 4]);
     let mut compressed = model([1.0, 0.0, 1.0, 1.0]);
-    let calibrator = Calibrator::new(&reference, inputs, true, interpreter_engine()).expect("calibrates");
+    let calibrator = Calibrator::new(&reference, inputs, true, engine).expect("calibrates");
     assert!(calibrator.held_out());
     let ctx = Context::new(Some(&calibrator as &dyn Executor), vec![], &|_, _, _| {});
     let sites = [Site { input: node(&compressed, 2), reference: node(&reference, 2), layers: vec!["l2".into()] }];
@@ -141,6 +142,10 @@ fn run(inputs: HashMap<String, Value>) -> (kiln_passes::heal::HealReport, Vec<f3
         heal("test", &mut compressed, Some(&reference), &sites, &ctx, Weighting::Uniform, &mut measure).expect("heals");
     let w2 = compressed.store.get("w2").expect("w2").to_f32().expect("f32");
     (report, w2, alone)
+}
+
+fn run(inputs: HashMap<String, Value>) -> (kiln_passes::heal::HealReport, Vec<f32>, f64) {
+    run_on(inputs, interpreter_engine())
 }
 
 #[test]
@@ -167,4 +172,19 @@ fn a_refit_that_helps_the_model_is_kept() {
     assert_eq!(report.probe_after, alone);
     // W2 now rebuilds feature 1 from feature 0.
     assert!((w2[4] - 1.0).abs() < 1e-3, "{w2:?}");
+}
+
+/// Under the JIT, probes after the first rerun only what the refitted weight reaches, from
+/// the values of the model last kept: the same bits as a whole run (`alone`), so the same
+/// decisions.
+#[test]
+fn probes_that_rerun_from_the_model_last_kept_decide_as_whole_runs() {
+    for sign in [-1.0, 1.0] {
+        let engine: ProbeEngine = Box::new(|g, inputs, base| kiln_jit::run_keeping(g, 2, inputs, base));
+        let (report, _, alone) = run_on(inputs(sign), engine);
+        assert_eq!(report.layers[0].kept, sign > 0.0, "{report:?}");
+        if sign > 0.0 {
+            assert_eq!(report.probe_after, alone, "the rerun's probe is the whole run's");
+        }
+    }
 }

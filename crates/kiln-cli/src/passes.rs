@@ -79,11 +79,7 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
             let inputs = crate::tensors::inputs_from(&crate::tensors::read(path)?, path, graph)?;
             // Probes run changed copies of the model under the JIT, with the activations
             // their linears say.
-            let engine: ProbeEngine = Box::new(move |g, inputs| {
-                let engine =
-                    kiln_jit::compile(g, kiln_jit::EngineOptions::threads(threads)).map_err(|e| e.to_string())?;
-                engine.run(inputs).map_err(|e| e.to_string())
-            });
+            let engine: ProbeEngine = Box::new(move |g, inputs, base| kiln_jit::run_keeping(g, threads, inputs, base));
             let calibrator = Calibrator::new(graph, inputs, manager::probes_any(&calls), engine)
                 .map_err(|e| miette!("--calib {}: {e}", path.display()))?;
             if !calibrator.held_out() {

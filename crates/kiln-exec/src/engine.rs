@@ -37,7 +37,7 @@ use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 pub use kiln_ir::Activations;
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
-use kiln_rt::eval::{RunError, bind_inputs, decode_weights, eval_node};
+use kiln_rt::eval::{RunError, Snapshot, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
 use std::collections::HashMap;
@@ -335,6 +335,13 @@ impl Impl {
             Impl::Int8Row => "int8row",
         }
     }
+}
+
+/// What a rerun takes from its base: every value but the stale ones.
+#[derive(Clone, Copy)]
+struct Reuse<'a> {
+    base: &'a Snapshot,
+    stale: &'a std::collections::HashSet<NodeId>,
 }
 
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
@@ -694,24 +701,59 @@ impl<'g> Engine<'g> {
         cache.step(|cache| self.run_with(inputs, Some(cache)))
     }
 
+    /// Runs the graph as [`Engine::run`] does, keeping every value it computes: the
+    /// [`Snapshot`] that [`Engine::rerun`] starts from.
+    pub fn run_keeping(&self, inputs: &HashMap<String, Value>) -> Result<(Vec<(String, Value)>, Snapshot), RunError> {
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, Some(None)))
+    }
+
+    /// Runs the graph on the inputs `base` was taken on, by an engine on a graph that
+    /// differs from this one only in the values of the weights `changed`: the values that
+    /// do not depend on them come from `base`, the others are computed. The outputs are
+    /// those of [`Engine::run`], bit for bit. This is how a search that changes a few
+    /// layers at a time (healing's probes) pays only for what comes after them.
+    pub fn rerun(
+        &self,
+        inputs: &HashMap<String, Value>,
+        base: &Snapshot,
+        changed: &[NodeId],
+    ) -> Result<(Vec<(String, Value)>, Snapshot), RunError> {
+        let g = self.graph;
+        // A value is stale when any operand in the graph is: that covers the operands a
+        // fused linear reads through the nodes it absorbed.
+        let mut stale: std::collections::HashSet<NodeId> = changed.iter().copied().collect();
+        for &id in &self.order {
+            if g.operands(id).iter().any(|o| stale.contains(o)) {
+                stale.insert(id);
+            }
+        }
+        let reuse = Reuse { base, stale: &stale };
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, Some(Some(reuse))))
+    }
+
     fn run_with(
         &self,
         inputs: &HashMap<String, Value>,
         cache: Option<&mut KvCache>,
     ) -> Result<Vec<(String, Value)>, RunError> {
         // The reference kernels share the pool's threads with the compiled ones.
-        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache))
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache, None).map(|(out, _)| out))
     }
 
+    /// One run. `keep`: `None` frees each value after its last read; `Some(reuse)` keeps
+    /// them all, for the returned [`Snapshot`], and takes the values `reuse` says are
+    /// fresh from its base instead of computing them.
     fn run_on_pool(
         &self,
         inputs: &HashMap<String, Value>,
         mut cache: Option<&mut KvCache>,
-    ) -> Result<Vec<(String, Value)>, RunError> {
+        keep: Option<Option<Reuse<'_>>>,
+    ) -> Result<(Vec<(String, Value)>, Snapshot), RunError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
         let mut uses = self.uses.clone();
         let mut values: HashMap<NodeId, Arc<Value>> = HashMap::new();
+        let mut computed = 0;
         // Int8 activations of values that int8 kernels read, quantized once per value and
         // kind (per row or not): a value may feed per-row and per-block linears alike.
         let mut quantized: HashMap<(NodeId, bool), Quantized> = HashMap::new();
@@ -719,6 +761,13 @@ impl<'g> Engine<'g> {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
             let action = self.actions.get(&id).unwrap_or(&Action::Reference);
+            if let Some(Some(reuse)) = &keep
+                && !reuse.stale.contains(&id)
+                && let Some(v) = reuse.base.values.get(&id)
+            {
+                values.insert(id, v.clone());
+                continue;
+            }
             let started = self.profile.as_ref().map(|_| Instant::now());
             let value = match (action, &node.op) {
                 (Action::Absorbed, _) => continue,
@@ -736,7 +785,7 @@ impl<'g> Engine<'g> {
                     )
                 }
                 // The last read of a value no one else holds: reshape its buffer, no copy.
-                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 => {
+                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 && keep.is_none() => {
                     let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
                     Arc::new(kiln_rt::eval::reshape_owned(x, shape, &symbols).map_err(fail)?)
@@ -768,14 +817,19 @@ impl<'g> Engine<'g> {
                 let left = uses.get_mut(o).expect("counted in use_counts");
                 *left -= 1;
                 if *left == 0 {
-                    values.remove(o);
+                    if keep.is_none() {
+                        values.remove(o);
+                    }
                     quantized.remove(&(*o, false));
                     quantized.remove(&(*o, true));
                 }
             }
             values.insert(id, value);
+            computed += 1;
         }
-        Ok(g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect())
+        let outputs = g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect();
+        let snapshot = Snapshot { values: if keep.is_some() { values } else { HashMap::new() }, computed };
+        Ok((outputs, snapshot))
     }
 
     fn linear(

@@ -10,8 +10,9 @@
 use crate::Interpreter;
 use kiln_ir::Activations;
 use kiln_ir::{Graph, NodeId, Op};
-use kiln_passes::calibration::{Calibration, Executor, Gram, Paired, Refit, Weighting};
+use kiln_passes::calibration::{Calibration, Executor, Gram, Paired, Prober, Refit, Weighting};
 use kiln_rt::Value;
+use kiln_rt::eval::Snapshot;
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -24,13 +25,25 @@ pub const PROBE_TOKENS: usize = 256;
 /// Named inputs, one sequence per row of their first dimension.
 pub type Inputs = HashMap<String, Value>;
 
-/// Runs a graph on inputs, its linears taking the activations their attributes say: what
-/// probes run changed models on.
-pub type ProbeEngine = Box<dyn Fn(&Graph, &Inputs) -> Result<Vec<(String, Value)>, String> + Sync>;
+/// Named outputs of a run.
+pub type Outputs = Vec<(String, Value)>;
 
-/// The interpreter as a probe engine (int8 linears with the engine's W8A8 numerics).
+/// Runs a graph on inputs, its linears taking the activations their attributes say: what
+/// probes run changed models on. With a base, the [`Snapshot`] of a run on the same inputs
+/// of a graph that differs from this one only in the values of the weights listed, the
+/// engine may take from it every value those weights do not reach. It returns the outputs
+/// and the snapshot of this run, for the next; an engine that keeps none returns an empty
+/// one, and is then given no base.
+pub type ProbeEngine =
+    Box<dyn Fn(&Graph, &Inputs, Option<(&Snapshot, &[NodeId])>) -> Result<(Outputs, Snapshot), String> + Sync>;
+
+/// The interpreter as a probe engine (int8 linears with the engine's W8A8 numerics); it
+/// runs every graph whole.
 pub fn interpreter_engine() -> ProbeEngine {
-    Box::new(|g, inputs| Interpreter::new(g).and_then(|i| i.run(inputs)).map_err(|e| e.to_string()))
+    Box::new(|g, inputs, _| {
+        let outputs = Interpreter::new(g).and_then(|i| i.run(inputs)).map_err(|e| e.to_string())?;
+        Ok((outputs, Snapshot::default()))
+    })
 }
 
 /// Calibration inputs and the engine probes run on: see the module documentation.
@@ -38,7 +51,7 @@ pub struct Calibrator {
     /// The rows statistics come from.
     statistics: Inputs,
     /// The rows probes run on, and the unchanged model's outputs on them.
-    probe: Option<(Inputs, Vec<(String, Value)>)>,
+    probe: Option<(Inputs, Wanted)>,
     engine: ProbeEngine,
     held_out: bool,
 }
@@ -60,8 +73,8 @@ impl Calibrator {
         // The model's f32 meaning, whatever activations its linears were given.
         let mut exact = graph.clone();
         kiln_ir::set_activations(&mut exact, Activations::F32);
-        let reference = engine(&exact, &probe_rows).map_err(|e| format!("probe: {e}"))?;
-        Ok(Calibrator { statistics, probe: Some((probe_rows, reference)), engine, held_out })
+        let (reference, _) = engine(&exact, &probe_rows, None).map_err(|e| format!("probe: {e}"))?;
+        Ok(Calibrator { statistics, probe: Some((probe_rows, Wanted::new(reference))), engine, held_out })
     }
 
     /// Whether the probe rows are held out of the statistics (false when the inputs were
@@ -87,7 +100,14 @@ impl Executor for Calibrator {
 
     fn probe(&self, graph: &Graph) -> Result<f64, String> {
         let (inputs, want) = self.probe.as_ref().ok_or("no calibration inputs to probe with")?;
-        Ok(distance(want, &(self.engine)(graph, inputs)?))
+        Ok(distance(want, &(self.engine)(graph, inputs, None)?.0))
+    }
+
+    fn prober<'s>(&'s self, graph: &Graph) -> Result<(Box<dyn Prober + 's>, f64), String> {
+        let (inputs, want) = self.probe.as_ref().ok_or("no calibration inputs to probe with")?;
+        let (outputs, base) = (self.engine)(graph, inputs, None)?;
+        let prober = Rerun { calibrator: self, base, last: None };
+        Ok((Box::new(prober), distance(want, &outputs)))
     }
 
     fn sequential(
@@ -100,6 +120,32 @@ impl Executor for Calibrator {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<(), String> {
         sequential(graph, sites, reference, &self.statistics, weighting, refit, progress)
+    }
+}
+
+/// The [`Prober`] of a [`Calibrator`]: each probe reruns the engine from the snapshot of
+/// the graph last kept.
+struct Rerun<'c> {
+    calibrator: &'c Calibrator,
+    /// The snapshot of the graph last kept (empty if the engine keeps none).
+    base: Snapshot,
+    /// The last probe's snapshot.
+    last: Option<Snapshot>,
+}
+
+impl Prober for Rerun<'_> {
+    fn probe(&mut self, graph: &Graph, changed: &[NodeId]) -> Result<f64, String> {
+        let Some((inputs, want)) = &self.calibrator.probe else { return Err("no probe rows".into()) };
+        let base = (!self.base.values.is_empty()).then_some((&self.base, changed));
+        let (outputs, snapshot) = (self.calibrator.engine)(graph, inputs, base)?;
+        self.last = Some(snapshot);
+        Ok(distance(want, &outputs))
+    }
+
+    fn keep(&mut self) {
+        if let Some(snapshot) = self.last.take() {
+            self.base = snapshot;
+        }
     }
 }
 
@@ -332,20 +378,55 @@ pub fn split_probe(inputs: &Inputs) -> (Inputs, Inputs, bool) {
     }
 }
 
+/// The unchanged model's outputs on the probe rows, with what every probe's KL needs of its
+/// logits computed once: each row's softmax `p` and `sum p a - logsumexp(a)`.
+pub struct Wanted {
+    outputs: Outputs,
+    /// For the `logits` output, if any: `p` of every row, and each row's constant.
+    softmax: Option<(Vec<f32>, Vec<f64>)>,
+}
+
+impl Wanted {
+    pub fn new(outputs: Outputs) -> Wanted {
+        let softmax = outputs.iter().find(|(name, _)| name == "logits").and_then(|(_, v)| v.as_f32()).map(|a| {
+            let d = a.shape.last().copied().unwrap_or(1).max(1);
+            let mut p = a.data.clone();
+            let constants: Vec<f64> = p
+                .par_chunks_exact_mut(d)
+                .zip(a.data.par_chunks_exact(d))
+                .map(|(p, a)| {
+                    let lse = log_sum_exp(a, p);
+                    for (p, &x) in p.iter_mut().zip(a) {
+                        *p = x - lse as f32;
+                    }
+                    kiln_rt::kernels::exp_nonpositive(p);
+                    p.iter().zip(a).map(|(&p, &x)| p as f64 * x as f64).sum::<f64>() - lse
+                })
+                .collect();
+            (p, constants)
+        });
+        Wanted { outputs, softmax }
+    }
+}
+
 /// How far `got` moved from `want` (outputs by name): for `logits`, the mean KL divergence
 /// of the next-token distributions over positions; for other outputs, the mean of
 /// 1 - cosine over rows of the last dimension.
-pub fn distance(want: &[(String, Value)], got: &[(String, Value)]) -> f64 {
+pub fn distance(want: &Wanted, got: &[(String, Value)]) -> f64 {
     let mut total = 0.0;
-    for ((name, a), (_, b)) in want.iter().zip(got) {
+    for ((name, a), (_, b)) in want.outputs.iter().zip(got) {
         let (Some(a), Some(b)) = (a.as_f32(), b.as_f32()) else { continue };
         let d = a.shape.last().copied().unwrap_or(1).max(1);
         let rows = a.data.chunks_exact(d).zip(b.data.chunks_exact(d));
         let n = (a.data.len() / d).max(1) as f64;
-        if name == "logits" {
+        if let (true, Some((p, constants))) = (name == "logits", &want.softmax) {
             // Per row in parallel, summed in order: the same bits on any thread count.
-            let kl: Vec<f64> =
-                a.data.par_chunks_exact(d).zip(b.data.par_chunks_exact(d)).map(|(p, q)| kl_divergence(p, q)).collect();
+            let kl: Vec<f64> = p
+                .par_chunks_exact(d)
+                .zip(b.data.par_chunks_exact(d))
+                .zip(constants)
+                .map(|((p, b), &c)| kl_divergence(p, c, b))
+                .collect();
             total += kl.iter().sum::<f64>() / n;
         } else {
             total += rows
@@ -362,21 +443,24 @@ pub fn distance(want: &[(String, Value)], got: &[(String, Value)]) -> f64 {
     total
 }
 
-/// `KL(softmax(a) || softmax(b))` of two rows of logits, in f64: with `e_i = exp(a_i -
-/// max a)`, it is `sum e_i (a_i - b_i) / sum e_i - logsumexp(a) + logsumexp(b)`, two `exp`s
-/// per logit.
-fn kl_divergence(a: &[f32], b: &[f32]) -> f64 {
-    let max = |x: &[f32]| x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let (ma, mb) = (max(a), max(b));
-    let (mut sa, mut sb, mut cross) = (0.0f64, 0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
-        let e = (x - ma).exp();
-        sa += e;
-        sb += (y - mb).exp();
-        cross += e * (x - y);
+/// `KL(softmax(a) || softmax(b))` of a row of logits `b` against the reference row `a`
+/// given by `p = softmax(a)` and `c = sum p a - logsumexp(a)`: `c - sum p b +
+/// logsumexp(b)`, one `exp` per logit.
+fn kl_divergence(p: &[f32], c: f64, b: &[f32]) -> f64 {
+    let mut scratch = vec![0f32; b.len()];
+    let cross: f64 = p.iter().zip(b).map(|(&p, &y)| p as f64 * y as f64).sum();
+    c - cross + log_sum_exp(b, &mut scratch)
+}
+
+/// `log sum exp(x)` in f64, the exponentials in f32 ([`kiln_rt::kernels::exp_nonpositive`],
+/// 2 ulp) after subtracting the maximum; `scratch` (as long as `x`) takes them.
+fn log_sum_exp(x: &[f32], scratch: &mut [f32]) -> f64 {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for (s, &v) in scratch.iter_mut().zip(x) {
+        *s = v - max;
     }
-    cross / sa - (ma + sa.ln()) + (mb + sb.ln())
+    kiln_rt::kernels::exp_nonpositive(scratch);
+    max as f64 + scratch.iter().map(|&e| e as f64).sum::<f64>().ln()
 }
 
 /// Which token positions count: the attention mask's nonzero ones, if there is a mask.
@@ -417,11 +501,14 @@ mod tests {
         };
         let (la, lb) = (log_softmax(&a), log_softmax(&b));
         let want: f64 = la.iter().zip(&lb).map(|(p, q)| p.exp() * (p - q)).sum();
-        assert!((kl_divergence(&a, &b) - want).abs() < 1e-12, "{} vs {want}", kl_divergence(&a, &b));
-        assert!(kl_divergence(&a, &a).abs() < 1e-12);
+        let logits = |x: &[f32]| vec![("logits".to_string(), Value::F32(kiln_rt::Tensor::new(vec![1, 5], x.to_vec())))];
+        let reference = Wanted::new(logits(&a));
+        let got = distance(&reference, &logits(&b));
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+        assert!(distance(&reference, &logits(&a)).abs() < 1e-12);
         // Shifting logits changes no distribution.
         let shifted: Vec<f32> = b.iter().map(|v| v + 100.0).collect();
-        assert!((kl_divergence(&a, &shifted) - want).abs() < 1e-9);
+        assert!((distance(&reference, &logits(&shifted)) - want).abs() < 1e-5 * want);
     }
 
     fn ids(rows: usize, seq: usize) -> Inputs {

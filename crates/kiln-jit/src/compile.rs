@@ -12,7 +12,10 @@ use crate::linear_i8::{LinearI8Spec, LinearI8Tiles, emit_linear_i8};
 use crate::module::{CodeModule, FunctionId, JitModule, ObjectCodeModule, ObjectFile};
 use kiln_exec::engine::{Code, I8_PANEL, KernelEntries, KernelSpec, kernel_specs_text, object_specs};
 use kiln_exec::{Engine, EngineOptions, Host, Impl};
-use kiln_ir::Graph;
+use kiln_ir::{Graph, NodeId};
+use kiln_rt::Value;
+use kiln_rt::eval::Snapshot;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Plans `graph` for `options`, JIT-compiles one kernel per distinct linear spec for this
@@ -28,6 +31,24 @@ pub fn compile(graph: &Graph, options: EngineOptions) -> Result<Engine<'_>, JitE
     // SAFETY: `emit_kernels` defines, for each spec and `host`, the functions the engine
     // calls, in the module whose code is handed to the engine to keep alive.
     unsafe { Engine::with_kernels(graph, options, kernels) }
+}
+
+/// Compiles `graph` on `threads` threads and runs it once, keeping its values; with `base`
+/// (the snapshot of a run on the same inputs of a graph that differs only in the weights
+/// listed), reruns only what those weights reach ([`Engine::rerun`]). What probes of a
+/// model that changes a few weights at a time run.
+pub fn run_keeping(
+    graph: &Graph,
+    threads: usize,
+    inputs: &HashMap<String, Value>,
+    base: Option<(&Snapshot, &[NodeId])>,
+) -> Result<(Vec<(String, Value)>, Snapshot), String> {
+    let engine = compile(graph, EngineOptions::threads(threads)).map_err(|e| e.to_string())?;
+    match base {
+        Some((base, changed)) => engine.rerun(inputs, base, changed),
+        None => engine.run_keeping(inputs),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// The kernels [`Engine`]s for `graphs` (the activations their linears take) would compile, for every thread

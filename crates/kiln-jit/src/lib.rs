@@ -28,7 +28,7 @@ mod emit;
 #[cfg(test)]
 mod testing;
 
-pub use compile::{compile, emit_object};
+pub use compile::{compile, emit_object, run_keeping};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
 // The engine `compile` returns and the options it and `emit_object` take; everything else
 // of the executor's is used from `kiln_exec`.

@@ -24,6 +24,15 @@ pub enum RunError {
     Cycle,
 }
 
+/// Every value of one run of a graph, by node: what an engine's rerun of a copy of the
+/// graph with a few weights changed starts from (`kiln_exec::Engine::rerun`).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub values: HashMap<NodeId, Arc<Value>>,
+    /// How many nodes the run that took it computed (the others came from its base).
+    pub computed: usize,
+}
+
 /// Sizes of the symbolic dimensions for one run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Symbols(pub HashMap<String, u64>);
