@@ -44,15 +44,25 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             let scope = l["scope"].as_str().unwrap_or_default();
             let layer = scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
             let f = factored.get(layer);
+            let (params_before, params_after) = f.map_or((None, None), |f| params(f));
             json!({
                 "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
                 "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
                 "rank_error": f.map(|f| f["relative_error"].clone()),
                 "healed": f.map(|f| f["healed"].clone()),
+                "params_before": params_before, "params_after": params_after,
             })
         })
         .collect();
+    // The factorized candidates' parameters before and after, over all of them.
+    let candidates: Vec<Json> = factorize.and_then(|f| f["report"]["layers"].as_array().cloned()).unwrap_or_default();
+    let totals = factorize.map(|f| {
+        let sum = |i: usize| candidates.iter().filter_map(|l| [params(l).0, params(l).1][i]).sum::<u64>();
+        let before = f["report"]["params_before"].as_u64().unwrap_or_else(|| sum(0));
+        let after = f["report"]["params"].as_u64().unwrap_or_else(|| sum(1));
+        (before, after, after as f64 / before.max(1) as f64)
+    });
     if let Some(plot) = plot {
         std::fs::write(plot, svg(&summary))
             .into_diagnostic()
@@ -68,7 +78,11 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         }
     }
     if as_json {
-        let json = json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
+        let mut json =
+            json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
+        if let Some((before, after, ratio)) = totals {
+            json["factorized"] = json!({"params_before": before, "params_after": after, "ratio": ratio});
+        }
         println!("{json}");
         return Ok(());
     }
@@ -79,7 +93,7 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         format!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
     let healed = factorize.is_some_and(|f| !f["report"]["heal"].is_null());
     if ranks {
-        header += &format!(" {:>6} {:>10}", "rank", "rank error");
+        header += &format!(" {:>6} {:>13} {:>12} {:>10}", "rank", "params before", "params after", "rank error");
     }
     if healed {
         header += &format!(" {:>13}", "healed error");
@@ -103,7 +117,13 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 Json::String(s) => s.clone(),
                 _ => "-".to_string(),
             };
-            row += &format!(" {rank:>6} {:>10}", num(&l["rank_error"], 2));
+            let count = |v: &Json| v.as_u64().map_or("-".to_string(), |p| p.to_string());
+            row += &format!(
+                " {rank:>6} {:>13} {:>12} {:>10}",
+                count(&l["params_before"]),
+                count(&l["params_after"]),
+                num(&l["rank_error"], 2)
+            );
         }
         if healed {
             // The refit's layer-wise error over the one-shot factors' (on the inputs of the
@@ -119,15 +139,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         }
         println!("{row}");
     }
-    if let Some(f) = factorize {
-        let (before, after) = (f["report"]["params_before"].as_f64(), f["report"]["params"].as_f64());
-        if let (Some(before), Some(after)) = (before, after) {
-            println!(
-                "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
-                f["report"]["method"].as_str().unwrap_or("?"),
-                100.0 * after / before.max(1.0)
-            );
-        }
+    if let (Some(f), Some((before, after, ratio))) = (factorize, totals) {
+        println!(
+            "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
+            f["report"]["method"].as_str().unwrap_or("?"),
+            100.0 * ratio
+        );
+        println!(
+            "parameters of the {} factorize candidates: {before} before, {after} after (ratio {ratio:.4}); params after: rank * (rows + columns), or rows * columns for a candidate left dense",
+            candidates.len()
+        );
         let heal = &f["report"]["heal"];
         if let (Some(before), Some(after)) = (heal["probe_before"].as_f64(), heal["probe_after"].as_f64()) {
             println!(
@@ -191,6 +212,19 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
         }));
     }
     (layers, json!(bytes as f64 * 8.0 / params.max(1) as f64))
+}
+
+/// A factorize candidate's parameters (from its JSON layer) before (rows * columns) and
+/// after (rank * (rows + columns), or as before when it stayed dense), as the pass counted
+/// them, or from its shape and rank in a report that did not record them.
+fn params(layer: &Json) -> (Option<u64>, Option<u64>) {
+    let (n, k) = (layer["n"].as_u64(), layer["k"].as_u64());
+    let before = layer["params_before"].as_u64().or(n.zip(k).map(|(n, k)| n * k));
+    let after = layer["params"].as_u64().or_else(|| match layer["rank"].as_u64() {
+        Some(r) => n.zip(k).map(|(n, k)| r * (n + k)),
+        None => before,
+    });
+    (before, after)
 }
 
 /// Bits per weight as bars and log10 sensitivity as a line, one column per layer.
