@@ -91,7 +91,7 @@ enum Command {
     },
     /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
     #[command(
-        after_help = "Columns: scope, format, bits per weight (scales included), bytes, sensitivity (the\nsearch's estimate of the output error it adds), error (measured output error relative to the\nlayer's output energy on the calibration data).\n\nExample:\n  kiln report minilm-q.kiln.st --plot layers.svg"
+        after_help = "Columns: scope, format, bits per weight (scales included), bytes, sensitivity (the\nsearch's estimate of the output error it adds), error (measured output error relative to the\nlayer's output energy on the calibration data).\n\nAfter factorize, per candidate layer (a factor's rows show its layer's): rank (\"dense\" for a\ncandidate left dense, - for no candidate), params before (rows * columns) and params after\n(rank * (rows + columns), or rows * columns when dense), rank error (the discarded share of the\nlayer's spectrum, whitened by the calibration data for whitened and asvd) and, when healing ran, healed error (the refit's layer-wise error\nover the one-shot factors', and whether the probe kept it); then the candidates' parameters\nbefore and after in total and their ratio. --json gives them as rank, params_before,\nparams_after, rank_error, healed, and the totals as factorized.\n\n--plot FILE.svg draws bits per weight and sensitivity by layer and, after factorize, each\ncandidate's rank as a fraction of its full rank min(rows, columns) (a dense one at 1.0, marked).\n\nExample:\n  kiln report minilm-q.kiln.st --plot layers.svg"
     )]
     Report {
         /// A compiled artifact (`kiln compile`).
@@ -99,7 +99,7 @@ enum Command {
         /// Print one JSON object {"layers": [...], "bits_per_weight": ...}.
         #[arg(long)]
         json: bool,
-        /// Write an SVG plot of bits and sensitivity by layer.
+        /// Write an SVG plot of bits and sensitivity by layer, and of ranks after factorize.
         #[arg(long)]
         plot: Option<PathBuf>,
     },

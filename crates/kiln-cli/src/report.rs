@@ -44,17 +44,28 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             let scope = l["scope"].as_str().unwrap_or_default();
             let layer = scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
             let f = factored.get(layer);
+            let (params_before, params_after) = f.map_or((None, None), |f| params(f));
             json!({
                 "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
                 "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
                 "rank_error": f.map(|f| f["relative_error"].clone()),
                 "healed": f.map(|f| f["healed"].clone()),
+                "params_before": params_before, "params_after": params_after,
             })
         })
         .collect();
+    // The factorized candidates' parameters before and after, over all of them.
+    let candidates: Vec<Json> = factorize.and_then(|f| f["report"]["layers"].as_array().cloned()).unwrap_or_default();
+    let totals = factorize.map(|f| {
+        let sum = |i: usize| candidates.iter().filter_map(|l| [params(l).0, params(l).1][i]).sum::<u64>();
+        let before = f["report"]["params_before"].as_u64().unwrap_or_else(|| sum(0));
+        let after = f["report"]["params"].as_u64().unwrap_or_else(|| sum(1));
+        (before, after, after as f64 / before.max(1) as f64)
+    });
     if let Some(plot) = plot {
-        std::fs::write(plot, svg(&summary))
+        let ranks = factorize.map(|_| candidates.as_slice());
+        std::fs::write(plot, svg(&summary, ranks))
             .into_diagnostic()
             .wrap_err_with(|| format!("cannot write {}", plot.display()))?;
     }
@@ -68,7 +79,11 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         }
     }
     if as_json {
-        let json = json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
+        let mut json =
+            json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
+        if let Some((before, after, ratio)) = totals {
+            json["factorized"] = json!({"params_before": before, "params_after": after, "ratio": ratio});
+        }
         println!("{json}");
         return Ok(());
     }
@@ -79,7 +94,7 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         format!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
     let healed = factorize.is_some_and(|f| !f["report"]["heal"].is_null());
     if ranks {
-        header += &format!(" {:>6} {:>10}", "rank", "rank error");
+        header += &format!(" {:>6} {:>13} {:>12} {:>10}", "rank", "params before", "params after", "rank error");
     }
     if healed {
         header += &format!(" {:>13}", "healed error");
@@ -103,7 +118,13 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 Json::String(s) => s.clone(),
                 _ => "-".to_string(),
             };
-            row += &format!(" {rank:>6} {:>10}", num(&l["rank_error"], 2));
+            let count = |v: &Json| v.as_u64().map_or("-".to_string(), |p| p.to_string());
+            row += &format!(
+                " {rank:>6} {:>13} {:>12} {:>10}",
+                count(&l["params_before"]),
+                count(&l["params_after"]),
+                num(&l["rank_error"], 2)
+            );
         }
         if healed {
             // The refit's layer-wise error over the one-shot factors' (on the inputs of the
@@ -119,15 +140,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         }
         println!("{row}");
     }
-    if let Some(f) = factorize {
-        let (before, after) = (f["report"]["params_before"].as_f64(), f["report"]["params"].as_f64());
-        if let (Some(before), Some(after)) = (before, after) {
-            println!(
-                "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
-                f["report"]["method"].as_str().unwrap_or("?"),
-                100.0 * after / before.max(1.0)
-            );
-        }
+    if let (Some(f), Some((before, after, ratio))) = (factorize, totals) {
+        println!(
+            "factorize ({}): {:.1}% of the factorized layers' parameters kept; rank error: the discarded share of the layer's (whitened) spectrum",
+            f["report"]["method"].as_str().unwrap_or("?"),
+            100.0 * ratio
+        );
+        println!(
+            "parameters of the {} factorize candidates: {before} before, {after} after (ratio {ratio:.4}); params after: rank * (rows + columns), or rows * columns for a candidate left dense",
+            candidates.len()
+        );
         let heal = &f["report"]["heal"];
         if let (Some(before), Some(after)) = (heal["probe_before"].as_f64(), heal["probe_after"].as_f64()) {
             println!(
@@ -193,9 +215,43 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     (layers, json!(bytes as f64 * 8.0 / params.max(1) as f64))
 }
 
-/// Bits per weight as bars and log10 sensitivity as a line, one column per layer.
-fn svg(layers: &[Json]) -> String {
-    let (w, h, pad) = (900.0, 360.0, 50.0);
+/// A factorize candidate's parameters (from its JSON layer) before (rows * columns) and
+/// after (rank * (rows + columns), or as before when it stayed dense), as the pass counted
+/// them, or from its shape and rank in a report that did not record them.
+fn params(layer: &Json) -> (Option<u64>, Option<u64>) {
+    let (n, k) = (layer["n"].as_u64(), layer["k"].as_u64());
+    let before = layer["params_before"].as_u64().or(n.zip(k).map(|(n, k)| n * k));
+    let after = layer["params"].as_u64().or_else(|| match layer["rank"].as_u64() {
+        Some(r) => n.zip(k).map(|(n, k)| r * (n + k)),
+        None => before,
+    });
+    (before, after)
+}
+
+/// `text` with the characters XML gives a meaning escaped.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const WIDTH: f64 = 900.0;
+const PAD: f64 = 50.0;
+
+/// The plot: bits per weight and sensitivity by layer, and below it, after a factorize,
+/// each candidate's rank as a fraction of its full rank.
+fn svg(layers: &[Json], ranks: Option<&[Json]>) -> String {
+    let (bits, bits_height) = bits_panel(layers, 0.0);
+    let (ranks, ranks_height) = ranks.map_or((String::new(), 0.0), |r| rank_panel(r, bits_height));
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{bits}{ranks}</svg>\n",
+        bits_height + ranks_height
+    )
+}
+
+/// Bits per weight as bars and log10 sensitivity as a line, one column per layer, in a
+/// panel whose top is at `top`; returns it and its height.
+fn bits_panel(layers: &[Json], top: f64) -> (String, f64) {
+    let (w, h, pad) = (WIDTH, 360.0, PAD);
     let n = layers.len().max(1) as f64;
     let step = (w - 2.0 * pad) / n;
     let bits: Vec<f64> = layers.iter().map(|l| l["bits_per_weight"].as_f64().unwrap_or(0.0)).collect();
@@ -204,19 +260,18 @@ fn svg(layers: &[Json]) -> String {
         layers.iter().map(|l| l["sensitivity"].as_f64().filter(|s| *s > 0.0).map(f64::log10)).collect();
     let (lo, hi) = logs.iter().flatten().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{pad}\" y=\"20\">bits per weight (bars, left axis, max {max_bits:.1}) and log10 sensitivity (line, right axis) by layer</text>\n"
+        "<text x=\"{pad}\" y=\"{:.0}\">bits per weight (bars, left axis, max {max_bits:.1}) and log10 sensitivity (line, right axis) by layer</text>\n",
+        top + 20.0
     );
-    let y_of = |frac: f64| h - pad - frac * (h - 2.0 * pad);
+    let y_of = |frac: f64| top + h - pad - frac * (h - 2.0 * pad);
     for (i, b) in bits.iter().enumerate() {
         let (x, y) = (pad + i as f64 * step, y_of(b / max_bits));
-        let title = layers[i]["scope"].as_str().unwrap_or("?");
-        let format = layers[i]["format"].as_str().unwrap_or("?");
+        let title = escape(layers[i]["scope"].as_str().unwrap_or("?"));
+        let format = escape(layers[i]["format"].as_str().unwrap_or("?"));
         out += &format!(
             "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#7aa6d6\"><title>{title}: {format}, {b:.2} bits</title></rect>\n",
             (step * 0.8).max(0.5),
-            h - pad - y
+            y_of(0.0) - y
         );
     }
     if lo.is_finite() {
@@ -232,13 +287,98 @@ fn svg(layers: &[Json]) -> String {
             "<polyline points=\"{}\" fill=\"none\" stroke=\"#c0392b\" stroke-width=\"1.5\"/>\n",
             points.join(" ")
         );
-        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{hi:.1}</text>\n", w - 5.0, pad);
-        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{lo:.1}</text>\n", w - 5.0, h - pad);
+        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{hi:.1}</text>\n", w - 5.0, y_of(1.0));
+        out += &format!("<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">1e{lo:.1}</text>\n", w - 5.0, y_of(0.0));
     }
     out += &format!(
-        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"5\" y=\"{pad}\">{max_bits:.1}</text>\n<text x=\"5\" y=\"{0}\">0</text>\n</svg>\n",
-        h - pad,
-        w - pad
+        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"5\" y=\"{2}\">{max_bits:.1}</text>\n<text x=\"5\" y=\"{0}\">0</text>\n",
+        y_of(0.0),
+        w - pad,
+        y_of(1.0)
     );
-    out
+    (out, h)
+}
+
+/// Each factorize candidate's rank over its full rank min(rows, columns), one bar per
+/// candidate in the report's order (a candidate left dense drawn at 1.0 in grey, marked "D"
+/// where there is room), each bar a `class="rank"` element naming its layer in `data-layer`, in a panel
+/// whose top is at `top`; returns it and its height.
+fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
+    let (w, pad, plot_h) = (WIDTH, PAD, 240.0);
+    let n = candidates.len().max(1) as f64;
+    // Every candidate is named below the axis when there is room, else every `every`-th,
+    // slanted at 60 degrees: room below for the longest name (about 5 pixels a character at
+    // this size) and on the left for the first.
+    let every = (candidates.len() as f64 / 80.0).ceil().max(1.0) as usize;
+    let length = |l: &Json| 5.0 * l["scope"].as_str().map_or(1, str::len) as f64;
+    let longest = candidates.iter().step_by(every).map(length).fold(0.0, f64::max);
+    let label_h = (0.87 * longest + 20.0).min(400.0);
+    let left = candidates.first().map_or(pad, |l| pad.max(0.5 * length(l) + 5.0 - 0.5 * (w - 2.0 * pad) / n));
+    let h = pad + plot_h + label_h;
+    let step = (w - left - pad) / n;
+    let y_of = |frac: f64| top + pad + (1.0 - frac) * plot_h;
+    let mut out = format!(
+        "<text x=\"{left:.0}\" y=\"{:.0}\">rank as a fraction of the full rank min(rows, columns), by factorize candidate</text>\n",
+        top + 30.0
+    );
+    // The axis, its ticks and grid lines.
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let y = y_of(tick);
+        out += &format!(
+            "<line x1=\"{left:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\"/>\n<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
+            w - pad,
+            if tick == 0.0 { "black" } else { "#dddddd" },
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    out += &format!(
+        "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">rank / min(rows, columns)</text>\n",
+        left - 36.0,
+        y_of(0.5)
+    );
+    // The legend, top right.
+    let (lx, ly) = (w - pad - 250.0, top + 12.0);
+    out += &format!(
+        "<rect x=\"{lx:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#2e86c1\"/><text x=\"{:.0}\" y=\"{:.0}\">factorized</text>\n\
+         <rect x=\"{:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#bbbbbb\" stroke=\"#555555\"/><text x=\"{:.0}\" y=\"{:.0}\">left dense (at 1.0, D)</text>\n",
+        lx + 14.0,
+        ly + 9.5,
+        lx + 110.0,
+        lx + 124.0,
+        ly + 9.5
+    );
+    for (i, l) in candidates.iter().enumerate() {
+        let name = escape(l["scope"].as_str().unwrap_or("?"));
+        let (rows, cols) = (l["n"].as_u64().unwrap_or(0), l["k"].as_u64().unwrap_or(0));
+        let full = rows.min(cols).max(1);
+        let rank = l["rank"].as_u64();
+        let frac = rank.map_or(1.0, |r| (r as f64 / full as f64).min(1.0));
+        let (x, bar_w) = (left + i as f64 * step + step * 0.1, (step * 0.8).max(0.5));
+        let y = y_of(frac);
+        let (style, what) = match rank {
+            Some(r) => ("fill=\"#2e86c1\"", format!("rank {r} of {full}")),
+            None => ("fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"", format!("dense (full rank {full})")),
+        };
+        let class = if rank.is_some() { "rank" } else { "rank dense" };
+        out += &format!(
+            "<rect class=\"{class}\" data-layer=\"{name}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" {style}><title>{name} [{rows}, {cols}]: {what}</title></rect>\n",
+            y_of(0.0) - y
+        );
+        // The "D" above a dense bar when the bars are wide enough to tell them apart.
+        if rank.is_none() && step >= 7.0 {
+            out += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
+                x + bar_w / 2.0,
+                y - 3.0
+            );
+        }
+        if i % every == 0 {
+            let (lx, ly) = (x + bar_w / 2.0, y_of(0.0) + 8.0);
+            out += &format!(
+                "<text transform=\"translate({lx:.1},{ly:.1}) rotate(-60)\" text-anchor=\"end\" font-size=\"9\">{name}</text>\n"
+            );
+        }
+    }
+    (out, h)
 }

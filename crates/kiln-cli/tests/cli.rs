@@ -1163,8 +1163,10 @@ fn compile_with_quantize_and_report() {
     assert_eq!(layers.len(), 14, "{json}");
     assert!(layers.iter().all(|l| l["format"] == "f32" && l["bits_per_weight"] == 32.0), "{json}");
     assert!(layers.iter().any(|l| l["scope"] == "layers.1.attn.q"), "{json}");
-    // Factorized layers keep their names and show their rank.
-    ok(&args("factorize(rank=4)"));
+    // Factorized layers keep their names and show their rank; overrides give one candidate
+    // another rank and leave one dense.
+    let overrides = ["--override", "layers.1.mlp.up=rank:2", "--override", "layers.0.attn.k=dense"].map(String::from);
+    ok(&[args("factorize(rank=4)"), overrides.to_vec()].concat());
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
     let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
     let q = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "layers.1.attn.q").cloned();
@@ -1178,6 +1180,80 @@ fn compile_with_quantize_and_report() {
     let table = ok(&["report".to_string(), s(&out)]);
     assert!(table.contains("rank error") && table.contains("of the factorized layers' parameters kept"), "{table}");
     assert!(table.contains("healed error") && table.contains("healing: the probe moved from"), "{table}");
+    // Parameters before and after, from the checkpoint's shapes and the ranks asked for:
+    // the candidates are the 2-D weights but the embedding table (read by a gather).
+    let rank_of = |scope: &str| match scope {
+        "layers.1.mlp.up" => Some(2),
+        "layers.0.attn.k" => None,
+        _ => Some(4),
+    };
+    let candidates: Vec<(String, usize, usize)> = read_safetensors(&weights)
+        .into_iter()
+        .filter_map(|(name, _, shape, _)| {
+            let scope = name.strip_suffix(".weight")?;
+            (shape.len() == 2 && scope != "embed").then(|| (scope.to_string(), shape[0], shape[1]))
+        })
+        .collect();
+    assert_eq!(candidates.len(), 13, "{candidates:?}");
+    let rows = json["layers"].as_array().unwrap();
+    let (mut total_before, mut total_after) = (0, 0);
+    for (scope, m, n) in &candidates {
+        let row = rows.iter().find(|l| l["scope"] == scope.as_str()).unwrap_or_else(|| panic!("{scope}: {json}"));
+        let (before, rank) = (m * n, rank_of(scope));
+        let after = rank.map_or(before, |r| r * (m + n));
+        let rank = rank.map_or("dense".to_string(), |r| r.to_string());
+        assert_eq!(row["rank"].to_string().trim_matches('"'), rank, "{row}");
+        assert_eq!(row["params_before"].as_u64(), Some(before as u64), "{row}");
+        assert_eq!(row["params_after"].as_u64(), Some(after as u64), "{row}");
+        let line = table.lines().find(|l| l.starts_with(&format!("{scope} "))).unwrap_or_else(|| panic!("{table}"));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let want = [rank, before.to_string(), after.to_string()];
+        assert!(cells.windows(3).any(|w| w == want), "{want:?} in {line}");
+        total_before += before;
+        total_after += after;
+    }
+    assert_eq!(rows.iter().filter(|l| !l["params_before"].is_null()).count(), 13, "only candidates count: {json}");
+    let ratio = total_after as f64 / total_before as f64;
+    let factorized = &json["factorized"];
+    assert_eq!(factorized["params_before"].as_u64(), Some(total_before as u64), "{json}");
+    assert_eq!(factorized["params_after"].as_u64(), Some(total_after as u64), "{json}");
+    assert!(factorized["ratio"].as_f64().is_some_and(|r| (r - ratio).abs() < 1e-12), "{ratio}: {json}");
+    let total = format!("{total_before} before, {total_after} after (ratio {ratio:.4})");
+    assert!(
+        table.lines().any(|l| l.starts_with("parameters of the 13 factorize candidates") && l.contains(&total)),
+        "{total}: {table}"
+    );
+    // The plot draws one rank mark per candidate, the dense one marked as such, each with
+    // its rank over min(rows, columns).
+    let rank_plot = |out: &Path, rank_of: &dyn Fn(&str) -> Option<usize>| {
+        let plot = dir.join("ranks.svg");
+        ok(&["report".to_string(), s(out), "--plot".into(), s(&plot)]);
+        let svg = std::fs::read_to_string(&plot).unwrap();
+        assert_eq!(svg.matches("class=\"rank").count(), 13, "{svg}");
+        for (scope, m, n) in &candidates {
+            let class = if rank_of(scope).is_some() { "rank" } else { "rank dense" };
+            let mark = format!("<rect class=\"{class}\" data-layer=\"{scope}\" ");
+            assert_eq!(svg.matches(&mark).count(), 1, "{mark} in {svg}");
+            let what = rank_of(scope)
+                .map_or(format!("dense (full rank {})", m.min(n)), |r| format!("rank {r} of {}", m.min(n)));
+            assert!(svg.contains(&format!("{scope} [{m}, {n}]: {what}</title>")), "{scope}: {what} in {svg}");
+        }
+        svg
+    };
+    assert!(rank_plot(&out, &rank_of).contains("bits per weight"), "the bits panel stays");
+    // Quantized after factorize (at rank 4 throughout: overrides reach every pass), a
+    // factor's rows carry its layer's numbers.
+    ok(&args("factorize(rank=4), quantize(format=bf16)"));
+    let json: serde_json::Value =
+        serde_json::from_str(ok(&["report".to_string(), s(&out), "--json".into()]).trim()).unwrap();
+    let (_, m, n) = candidates.iter().find(|c| c.0 == "layers.1.mlp.up").unwrap();
+    for factor in ["u", "v"] {
+        let scope = format!("layers.1.mlp.up.lowrank_{factor}");
+        let row = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == scope.as_str()).cloned();
+        let params = row.map(|l| (l["params_before"].as_u64(), l["params_after"].as_u64()));
+        assert_eq!(params, Some((Some((m * n) as u64), Some((4 * (m + n)) as u64))), "{scope}: {json}");
+    }
+    assert!(rank_plot(&out, &|_| Some(4)).contains("bf16"), "the bits panel shows the formats");
 
     ok(&args("quantize(format=bf16)"));
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
