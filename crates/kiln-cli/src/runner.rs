@@ -128,9 +128,19 @@ impl<'g> Runner<'g> {
             return;
         }
         eprintln!("{:>10} {:>6} {:>9}  work", "ms", "%", "calls");
+        let mut factors = 0.0;
         for (kind, t, calls) in rows {
             let ms = t.as_secs_f64() * 1e3;
             eprintln!("{ms:>10.1} {:>5.1}% {calls:>9}  {kind}", ms / total / 10.0);
+            if kind.ends_with(kiln_jit::FACTOR) {
+                factors += ms;
+            }
+        }
+        if factors > 0.0 {
+            eprintln!(
+                "{factors:>10.1} {:>5.1}%            the linears of low-rank factors, together",
+                factors / total / 10.0
+            );
         }
     }
 

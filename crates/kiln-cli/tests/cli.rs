@@ -1167,6 +1167,20 @@ fn compile_with_quantize_and_report() {
     // another rank and leave one dense.
     let overrides = ["--override", "layers.1.mlp.up=rank:2", "--override", "layers.0.attn.k=dense"].map(String::from);
     ok(&[args("factorize(rank=4)"), overrides.to_vec()].concat());
+    // The profile counts the factors' linears apart and totals them: 12 factorized layers,
+    // two linears each, and the one left dense (and the head) untagged.
+    let bench = ["bench", &s(&out), "--shape", "batch=1,seq=8", "--runs", "2", "--warmup", "0", "--profile"];
+    let profile = kiln(&bench);
+    assert!(profile.status.success(), "{}", describe(&bench, &profile));
+    let profile = String::from_utf8_lossy(&profile.stderr).into_owned();
+    let factor_calls: usize = profile
+        .lines()
+        .filter(|l| l.ends_with("(low-rank factor)"))
+        .map(|l| l.split_whitespace().nth(2).and_then(|c| c.parse::<usize>().ok()).expect("a calls column"))
+        .sum();
+    assert_eq!(factor_calls, 2 * 12 * 2, "two runs of 24 factor linears:\n{profile}");
+    assert!(profile.lines().any(|l| l.contains("  linear ") && !l.ends_with("(low-rank factor)")), "{profile}");
+    assert!(profile.contains("the linears of low-rank factors, together"), "{profile}");
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);
     let json: serde_json::Value = serde_json::from_str(report.trim()).unwrap_or_else(|e| panic!("{e}: {report}"));
     let q = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == "layers.1.attn.q").cloned();

@@ -36,7 +36,7 @@ use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
 pub use kiln_ir::Activations;
-use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, UnaryOp};
+use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, Role, UnaryOp};
 use kiln_rt::eval::{RunError, Snapshot, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
@@ -77,6 +77,18 @@ enum KernelWeight {
     Dense(Arc<Value>),
     /// For per-row int8 linears: `i8` rows and their scales.
     Rows(Arc<RowWeights>),
+    /// For sgemm linears with a short side ([`short`]): the f32 weight transposed, `[K, N]`,
+    /// for [`crate::sgemm_kn`].
+    Transposed(Arc<Vec<f32>>),
+}
+
+/// Whether an f32 linear of `k` inputs and `n` outputs runs faster on its transposed weight
+/// ([`crate::sgemm_kn`]) than on its own ([`crate::sgemm`]): with a short reduction or few
+/// outputs, as the second and first halves of low-rank pairs have (`cargo run --release
+/// -p kiln-exec --example sgemm_timing`, one thread at 128 rows: `K` = 32..128 by 384
+/// outputs 1.05-1.32x, 384 by 96 1.2x; 1536 by 128 0.9x, 160..256 by 1536 0.78-0.86x).
+fn short(k: usize, n: usize) -> bool {
+    k <= 128 || (n <= 96 && k <= 512)
 }
 
 /// Rows per panel of the weights of int8 kernels: the kernels then read their weight
@@ -362,7 +374,13 @@ pub struct Engine<'g> {
     compile_time: Duration,
     /// Time and calls per kind of work, when profiling.
     profile: Option<std::sync::Mutex<HashMap<String, (Duration, usize)>>>,
+    /// The weights that are factors of a low-rank layer ([`Role::LowRankU`],
+    /// [`Role::LowRankV`]): the profile counts their linears apart.
+    factors: std::collections::HashSet<NodeId>,
 }
+
+/// What ends the [`Engine::profile`] kind of a linear on a low-rank factor.
+pub const FACTOR: &str = " (low-rank factor)";
 
 /// Rows below which a linear kernel runs on the calling thread only.
 const MIN_PARALLEL_ROWS: usize = 4;
@@ -592,6 +610,23 @@ impl<'g> Engine<'g> {
                 f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
             }
         }
+        // f32 linears with a short side take the GEMM on the transposed weight (a copy).
+        let mut transposed: HashMap<NodeId, Arc<Vec<f32>>> = HashMap::new();
+        for action in actions.values_mut() {
+            let Action::Linear(f) = action else { continue };
+            let LinearSpec { k, n, .. } = specs[f.kernel].linear;
+            if specs[f.kernel].how != Impl::Sgemm || !crate::sgemm_kn::available() || !short(k, n) {
+                continue;
+            }
+            let w = match &f.data {
+                KernelWeight::Dense(w) => w.as_f32().map(|t| &t.data[..]),
+                KernelWeight::Stored => stored_f32(stored_weight(graph, f.weight)?),
+                _ => None,
+            };
+            let Some(w) = w.filter(|w| w.len() == n * k) else { continue };
+            let wt = transposed.entry(f.weight).or_insert_with(|| Arc::new(crate::sgemm_kn::transpose(k, n, w)));
+            f.data = KernelWeight::Transposed(wt.clone());
+        }
         let kernels = entries
             .iter()
             .zip(specs)
@@ -612,6 +647,11 @@ impl<'g> Engine<'g> {
             pool,
             compile_time,
             profile: profile.then(Default::default),
+            factors: graph
+                .layers
+                .iter()
+                .flat_map(|(_, l)| l.role(Role::LowRankU).chain(l.role(Role::LowRankV)))
+                .collect(),
         };
         engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
         engine.uses = engine.use_counts();
@@ -637,7 +677,8 @@ impl<'g> Engine<'g> {
     }
 
     /// Time and calls per kind of work (each linear shape and format, each other op) since
-    /// the engine was built, most time first; empty unless built with `profile`.
+    /// the engine was built, most time first; empty unless built with `profile`. The kinds
+    /// of the linears of low-rank factors end in [`FACTOR`].
     pub fn profile(&self) -> Vec<(String, Duration, usize)> {
         let Some(p) = &self.profile else { return vec![] };
         let p = p.lock().unwrap_or_else(|e| e.into_inner());
@@ -804,7 +845,8 @@ impl<'g> Engine<'g> {
                             Kernel::I8Row(..) => (format!("int8g{}", spec.k), " (int8 x per row)"),
                             _ => (spec.format.to_string(), ""),
                         };
-                        format!("linear {}x{} {format}{x}", spec.k, spec.n)
+                        let factor = if self.factors.contains(&f.weight) { FACTOR } else { "" };
+                        format!("linear {}x{} {format}{x}{factor}", spec.k, spec.n)
                     }
                     _ => node.op.name().to_string(),
                 };
@@ -849,6 +891,21 @@ impl<'g> Engine<'g> {
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
+        if let (Kernel::Sgemm(_, epilogue), KernelWeight::Transposed(wt)) = (kernel, &f.data) {
+            let (k, n) = (spec.k, spec.n);
+            if wt.len() < n * k || x.data.len() < m * k {
+                return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", wt.len(), x.data.len()));
+            }
+            let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(wt.as_ptr()), SharedPtr(y.as_mut_ptr()));
+            self.columns(n, 8, |cols| {
+                // SAFETY: x holds [m, K] and wt [K, N] values (checked above), y is [m, N];
+                // the column parts are disjoint; the CPU runs `sgemm_kn` (checked at build).
+                unsafe { crate::sgemm_kn::sgemm_kn(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
+            });
+            // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
+            unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         if let Kernel::Sgemm(_, epilogue) = kernel {
             let w: &[f32] = match &f.data {
                 KernelWeight::Dense(w) => &w.as_f32().ok_or("the weight of an sgemm linear is not f32")?.data,

@@ -21,6 +21,7 @@ pub mod linear_i8;
 pub mod linear_i8row;
 pub mod repack;
 pub mod sgemm;
+pub mod sgemm_kn;
 
 pub use activation::Activation;
 pub use engine::{

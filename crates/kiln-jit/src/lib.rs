@@ -32,6 +32,7 @@ pub use compile::{compile, emit_object, run_keeping};
 pub use isa::{HostFeatures, HostIsa, IsaOptions, OptLevel};
 // The engine `compile` returns and the options it and `emit_object` take; everything else
 // of the executor's is used from `kiln_exec`.
+pub use kiln_exec::engine::FACTOR;
 pub use kiln_exec::{Activations, Engine, EngineOptions};
 pub use linear::{LinearFn, LinearKernel, LinearSpec, LinearTiles, Residual, emit_linear};
 pub use linear_i8::{LinearI8Fn, LinearI8Kernel, LinearI8Spec, LinearI8Tiles, QuantizedActivations, emit_linear_i8};
