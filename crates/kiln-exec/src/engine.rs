@@ -86,7 +86,7 @@ enum KernelWeight {
 /// ([`crate::sgemm_kn`]) than on its own ([`crate::sgemm`]): with a short reduction or few
 /// outputs, as the second and first halves of low-rank pairs have (`cargo run --release
 /// -p kiln-exec --example sgemm_timing`, one thread at 128 rows: `K` = 32..128 by 384
-/// outputs 1.05-1.32x, 384 by 96 1.2x; 1536 by 128 0.9x, 160..256 by 1536 0.78-0.86x).
+/// outputs 1.04-1.33x, 384 by 96 1.2x; 1536 by 128 0.9x, 160..256 by 1536 0.78-0.86x).
 fn short(k: usize, n: usize) -> bool {
     k <= 128 || (n <= 96 && k <= 512)
 }
