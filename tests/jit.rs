@@ -593,3 +593,47 @@ fn a_rerun_from_a_snapshot_recomputes_what_a_changed_weight_reaches() {
         base.computed
     );
 }
+
+/// A low-rank pair (`x V^T`, then `U` with a bias, GELU and a residual; `V` long enough for
+/// `sgemm`, `U` short enough for `sgemm_kn`) runs as one pass over blocks of rows when there
+/// are many rows and each half split by columns when there are few: the same bits on any
+/// thread count, and the interpreter's values.
+#[test]
+fn low_rank_pairs_run_as_one_pass_with_the_bits_of_two_linears() {
+    let text = "graph pair {
+  %0 = input \"x\" : f32[b, s, 600]
+  %1 = weight \"v\" f32 : f32[12, 600] @l
+  %2 = linear %0, %1 : f32[b, s, 12] @l
+  %3 = weight \"u\" f32 : f32[600, 12] @l
+  %4 = weight \"bias\" f32 : f32[600] @l
+  %5 = linear %2, %3, %4 : f32[b, s, 600] @l
+  %6 = gelu %5 : f32[b, s, 600] @l
+  %7 = add %0, %6 : f32[b, s, 600] @l
+  output \"y\" = %7
+}
+";
+    let mut g = kiln_ir::parse(text).expect("parses");
+    let mut rng = Rng::new(5);
+    for (name, shape) in [("v", vec![12u64, 600]), ("u", vec![600, 12]), ("bias", vec![600])] {
+        let values: Vec<f32> = (0..shape.iter().product::<u64>()).map(|_| rng.next_f32()).collect();
+        g.store.insert(name, kiln_ir::TensorData::from_f32(shape, &values));
+    }
+    for rows in [1usize, 3, 64] {
+        let x: Vec<f32> = (0..rows * 600).map(|_| rng.next_f32()).collect();
+        let inputs: HashMap<String, Value> =
+            [("x".to_string(), Value::F32(kiln_rt::Tensor::new(vec![1, rows, 600], x)))].into();
+        let profiled = kiln_jit::compile(&g, kiln_jit::EngineOptions { threads: 2, profile: true }).expect("compiles");
+        let two = profiled.run(&inputs).expect("runs");
+        let kinds: Vec<String> = profiled.profile().into_iter().map(|(kind, ..)| kind).collect();
+        assert!(kinds.iter().any(|k| k.starts_with("linear pair 600x12x600")), "{kinds:?}");
+        assert_eq!(kinds.iter().filter(|k| k.starts_with("linear")).count(), 1, "{kinds:?}");
+        for threads in [1, 3] {
+            let engine = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(threads)).expect("compiles");
+            assert_eq!(engine.run(&inputs).expect("runs"), two, "{rows} rows on {threads} threads");
+        }
+        let want = Prepared::new(&g, Exec::Interp).run(&inputs);
+        let (got, want) = (f32s(&two, "y"), f32s(&want, "y"));
+        let (diff, scale) = max_diff(&got, &want);
+        assert!(diff <= 1e-5 * scale.max(1.0), "{rows} rows: max diff {diff} (scale {scale})");
+    }
+}

@@ -1168,7 +1168,7 @@ fn compile_with_quantize_and_report() {
     let overrides = ["--override", "layers.1.mlp.up=rank:2", "--override", "layers.0.attn.k=dense"].map(String::from);
     ok(&[args("factorize(rank=4)"), overrides.to_vec()].concat());
     // The profile counts the factors' linears apart and totals them: 12 factorized layers,
-    // two linears each, and the one left dense (and the head) untagged.
+    // each a pair of linears run as one, and the one left dense (and the head) untagged.
     let bench = ["bench", &s(&out), "--shape", "batch=1,seq=8", "--runs", "2", "--warmup", "0", "--profile"];
     let profile = kiln(&bench);
     assert!(profile.status.success(), "{}", describe(&bench, &profile));
@@ -1178,7 +1178,11 @@ fn compile_with_quantize_and_report() {
         .filter(|l| l.ends_with("(low-rank factor)"))
         .map(|l| l.split_whitespace().nth(2).and_then(|c| c.parse::<usize>().ok()).expect("a calls column"))
         .sum();
-    assert_eq!(factor_calls, 2 * 12 * 2, "two runs of 24 factor linears:\n{profile}");
+    assert_eq!(factor_calls, 2 * 12, "two runs of 12 pairs:\n{profile}");
+    assert!(
+        profile.lines().filter(|l| l.ends_with("(low-rank factor)")).all(|l| l.contains("linear pair ")),
+        "{profile}"
+    );
     assert!(profile.lines().any(|l| l.contains("  linear ") && !l.ends_with("(low-rank factor)")), "{profile}");
     assert!(profile.contains("the linears of low-rank factors, together"), "{profile}");
     let report = ok(&["report".to_string(), s(&out), "--json".into()]);

@@ -61,6 +61,10 @@ struct Fused {
     gemm_q8: Option<Arc<PackedWeight>>,
     bias: Option<NodeId>,
     residual: Option<NodeId>,
+    /// The first half of a low-rank pair ([`Plan::pair`]): a plain f32 linear whose output,
+    /// read by nothing else, is this one's `x`. Both run in one pass over blocks of rows,
+    /// each block's rank-`r` intermediate staying in cache; `x` is then not a value.
+    pre: Option<Box<Fused>>,
 }
 
 /// The weight a linear kernel reads.
@@ -379,6 +383,45 @@ pub struct Engine<'g> {
     factors: std::collections::HashSet<NodeId>,
 }
 
+/// Rows per thread from which a low-rank pair splits its rows across the threads (each
+/// running both halves on its rows) rather than each half's columns.
+const PAIR_ROWS: usize = 8;
+
+/// An f32 linear's GEMM ([`crate::sgemm`], or [`crate::sgemm_kn`] on the transposed weight)
+/// over the weight the engine holds, `K` inputs and `N` outputs.
+#[derive(Clone, Copy)]
+struct F32Gemm {
+    k: usize,
+    n: usize,
+    w: SharedPtr<f32>,
+    transposed: bool,
+}
+
+impl F32Gemm {
+    /// Columns a thread's part is a multiple of.
+    fn group(&self) -> usize {
+        if self.transposed { 8 } else { 3 }
+    }
+
+    /// `y[rows, cols] = x W^T` for `x` of rows of `K` and `y` of rows of `N`.
+    ///
+    /// # Safety
+    /// The CPU runs the kernels ([`crate::sgemm::available`]); `x` holds rows
+    /// `0..rows.end`, `y` rows `0..rows.end` of which no one else touches `rows x cols`
+    /// meanwhile; `cols.end <= N`.
+    unsafe fn run(&self, x: *const f32, y: *mut f32, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+        // SAFETY: the caller's; `w` holds the weight (`F32Gemm` is made from its checked
+        // length).
+        unsafe {
+            if self.transposed {
+                crate::sgemm_kn::sgemm_kn(self.k, self.n, x, self.w.get(), y, rows, cols)
+            } else {
+                crate::sgemm::sgemm(self.k, self.n, x, self.w.get(), y, rows, cols)
+            }
+        }
+    }
+}
+
 /// What ends the [`Engine::profile`] kind of a linear on a low-rank factor.
 pub const FACTOR: &str = " (low-rank factor)";
 
@@ -599,33 +642,38 @@ impl<'g> Engine<'g> {
                 e.insert(Arc::new(RowWeights::from_int8(f, stored.bytes.as_slice(), n, k)?));
             }
         }
-        for action in actions.values_mut() {
-            if let Action::Linear(f) = action {
-                f.data = match (owned.get(&f.weight), dense.get(&f.weight), rows.get(&f.weight)) {
-                    (_, _, Some(r)) => KernelWeight::Rows(r.clone()),
-                    (Some(p), ..) => KernelWeight::Owned(p.clone()),
-                    (None, Some(d), _) => KernelWeight::Dense(d.clone()),
-                    (None, None, None) => KernelWeight::Stored,
-                };
-                f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
-            }
-        }
         // f32 linears with a short side take the GEMM on the transposed weight (a copy).
         let mut transposed: HashMap<NodeId, Arc<Vec<f32>>> = HashMap::new();
-        for action in actions.values_mut() {
-            let Action::Linear(f) = action else { continue };
+        let mut fill = |f: &mut Fused| -> Result<(), ExecError> {
+            f.data = match (owned.get(&f.weight), dense.get(&f.weight), rows.get(&f.weight)) {
+                (_, _, Some(r)) => KernelWeight::Rows(r.clone()),
+                (Some(p), ..) => KernelWeight::Owned(p.clone()),
+                (None, Some(d), _) => KernelWeight::Dense(d.clone()),
+                (None, None, None) => KernelWeight::Stored,
+            };
+            f.gemm_q8 = q8_layouts.get(&f.weight).cloned();
             let LinearSpec { k, n, .. } = specs[f.kernel].linear;
             if specs[f.kernel].how != Impl::Sgemm || !crate::sgemm_kn::available() || !short(k, n) {
-                continue;
+                return Ok(());
             }
             let w = match &f.data {
                 KernelWeight::Dense(w) => w.as_f32().map(|t| &t.data[..]),
                 KernelWeight::Stored => stored_f32(stored_weight(graph, f.weight)?),
                 _ => None,
             };
-            let Some(w) = w.filter(|w| w.len() == n * k) else { continue };
-            let wt = transposed.entry(f.weight).or_insert_with(|| Arc::new(crate::sgemm_kn::transpose(k, n, w)));
-            f.data = KernelWeight::Transposed(wt.clone());
+            if let Some(w) = w.filter(|w| w.len() == n * k) {
+                let wt = transposed.entry(f.weight).or_insert_with(|| Arc::new(crate::sgemm_kn::transpose(k, n, w)));
+                f.data = KernelWeight::Transposed(wt.clone());
+            }
+            Ok(())
+        };
+        for action in actions.values_mut() {
+            if let Action::Linear(f) = action {
+                fill(f)?;
+                if let Some(pre) = &mut f.pre {
+                    fill(pre)?;
+                }
+            }
         }
         let kernels = entries
             .iter()
@@ -707,7 +755,10 @@ impl<'g> Engine<'g> {
     fn reads_of(&self, id: NodeId) -> Vec<NodeId> {
         match self.actions.get(&id).unwrap_or(&Action::Reference) {
             Action::Absorbed => vec![],
-            Action::Linear(f) => [Some(f.x), f.bias, f.residual].into_iter().flatten().collect(),
+            Action::Linear(f) => {
+                let x = f.pre.as_ref().map_or(f.x, |p| p.x);
+                [Some(x), f.bias, f.residual].into_iter().flatten().collect()
+            }
             Action::GatherRows => vec![self.graph.operands(id)[1]],
             Action::Reference => match self.graph.node(id).op {
                 Op::Weight(_) | Op::Input { .. } => vec![],
@@ -846,7 +897,13 @@ impl<'g> Engine<'g> {
                             _ => (spec.format.to_string(), ""),
                         };
                         let factor = if self.factors.contains(&f.weight) { FACTOR } else { "" };
-                        format!("linear {}x{} {format}{x}{factor}", spec.k, spec.n)
+                        match &f.pre {
+                            Some(first) => {
+                                let first = self.kernels[first.kernel].spec();
+                                format!("linear pair {}x{}x{} {format}{x}{factor}", first.k, first.n, spec.n)
+                            }
+                            None => format!("linear {}x{} {format}{x}{factor}", spec.k, spec.n),
+                        }
                     }
                     _ => node.op.name().to_string(),
                 };
@@ -880,6 +937,9 @@ impl<'g> Engine<'g> {
         values: &HashMap<NodeId, Arc<Value>>,
         quantized: &mut HashMap<(NodeId, bool), Quantized>,
     ) -> Result<Value, String> {
+        if let Some(first) = &f.pre {
+            return self.pair(first, f, values);
+        }
         let kernel = &self.kernels[f.kernel];
         let spec = kernel.spec();
         let x = values[&f.x].as_f32().ok_or("the input of a linear must be f32")?;
@@ -891,16 +951,19 @@ impl<'g> Engine<'g> {
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
-        if let (Kernel::Sgemm(_, epilogue), KernelWeight::Transposed(wt)) = (kernel, &f.data) {
+        if let Kernel::Sgemm(_, epilogue) = kernel
+            && crate::sgemm::available()
+        {
             let (k, n) = (spec.k, spec.n);
-            if wt.len() < n * k || x.data.len() < m * k {
-                return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", wt.len(), x.data.len()));
+            if x.data.len() < m * k {
+                return Err(format!("the sgemm linear {k}x{n} has {} inputs", x.data.len()));
             }
-            let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(wt.as_ptr()), SharedPtr(y.as_mut_ptr()));
-            self.columns(n, 8, |cols| {
-                // SAFETY: x holds [m, K] and wt [K, N] values (checked above), y is [m, N];
-                // the column parts are disjoint; the CPU runs `sgemm_kn` (checked at build).
-                unsafe { crate::sgemm_kn::sgemm_kn(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
+            let (xp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr(y.as_mut_ptr()));
+            let gemm = self.f32_gemm(f)?;
+            self.columns(n, gemm.group(), |cols| {
+                // SAFETY: x holds [m, K] values (checked above), y is [m, N]; the column
+                // parts are disjoint.
+                unsafe { gemm.run(xp.get(), out.get(), 0..m, cols) }
             });
             // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
             unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
@@ -916,15 +979,7 @@ impl<'g> Engine<'g> {
             if w.len() < n * k || x.data.len() < m * k {
                 return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", w.len(), x.data.len()));
             }
-            if crate::sgemm::available() {
-                let (xp, wp, out) =
-                    (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
-                self.columns(n, 3, |cols| {
-                    // SAFETY: x holds [m, K] and w [N, K] values (checked above), y is
-                    // [m, N]; the column parts are disjoint; the CPU runs `sgemm` (checked).
-                    unsafe { crate::sgemm::sgemm(k, n, xp.get(), wp.get(), out.get(), 0..m, cols) }
-                });
-            } else {
+            {
                 // One call: it splits the rows across the pool (`run_with` runs under
                 // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
                 kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
@@ -1038,6 +1093,73 @@ impl<'g> Engine<'g> {
 
     /// Runs `gemm` on parts of `0..n` (whole groups of `group` columns) across the pool:
     /// the split of the Rust GEMMs, where each thread reads only its columns' weights.
+    /// The GEMM of an f32 (sgemm) linear on its weight as the engine holds it.
+    fn f32_gemm(&self, f: &Fused) -> Result<F32Gemm, String> {
+        let LinearSpec { k, n, .. } = self.kernels[f.kernel].spec();
+        let (w, transposed): (&[f32], bool) = match &f.data {
+            KernelWeight::Transposed(wt) => (wt, true),
+            KernelWeight::Dense(w) => (&w.as_f32().ok_or("the weight of an sgemm linear is not f32")?.data, false),
+            KernelWeight::Stored => {
+                let stored = stored_weight(self.graph, f.weight).map_err(|e| e.to_string())?;
+                (stored_f32(stored).ok_or("the weight of an sgemm linear is not stored f32")?, false)
+            }
+            _ => return Err("the weight of an sgemm linear is not decoded".into()),
+        };
+        if w.len() != n * k {
+            return Err(format!("the sgemm linear {k}x{n} has {} weights", w.len()));
+        }
+        Ok(F32Gemm { k, n, w: SharedPtr::of(w.as_ptr()), transposed })
+    }
+
+    /// A low-rank pair ([`Plan::pair`]): `first`'s output `t` (`r` wide) feeds `second`,
+    /// whose epilogue follows. Blocks of rows go to the threads, each computing its rows'
+    /// `t` into a buffer of its own, then their outputs; a few rows (decode) run each half
+    /// split by columns instead.
+    fn pair(&self, first: &Fused, second: &Fused, values: &HashMap<NodeId, Arc<Value>>) -> Result<Value, String> {
+        let (a, b) = (self.f32_gemm(first)?, self.f32_gemm(second)?);
+        let Kernel::Sgemm(_, epilogue) = self.kernels[second.kernel] else {
+            return Err("a low-rank pair runs on sgemm kernels".into());
+        };
+        let x = values[&first.x].as_f32().ok_or("the input of a linear must be f32")?;
+        let (k, r, n) = (a.k, a.n, b.n);
+        if b.k != r || x.data.len() % k != 0 {
+            return Err(format!("a low-rank pair {k}x{r}, {}x{n} on {} inputs", b.k, x.data.len()));
+        }
+        let m = x.data.len() / k;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = n;
+        let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
+        let bias = SharedPtr::of(second.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null()));
+        let residual = SharedPtr::of(second.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null()));
+        let mut y = vec![0f32; m * n];
+        let (xp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr(y.as_mut_ptr()));
+        if m < PAIR_ROWS * self.pool.threads() {
+            let mut t = vec![0f32; m * r];
+            let tp = SharedPtr(t.as_mut_ptr());
+            // SAFETY: x is [m, K], t [m, r], y [m, N]; the column parts are disjoint.
+            self.columns(r, a.group(), |cols| unsafe { a.run(xp.get(), tp.get(), 0..m, cols) });
+            let tp = SharedPtr::of(t.as_ptr());
+            self.columns(n, b.group(), |cols| unsafe { b.run(tp.get(), out.get(), 0..m, cols) });
+            // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
+            unsafe { self.epilogue_rows(epilogue, m, y.as_mut_ptr(), bias.get(), residual.get()) };
+        } else {
+            self.pool.for_ranges(m, 1, 2, |rows| {
+                let mut t = vec![0f32; rows.len() * r];
+                // SAFETY: the rows are this part's alone: x's rows are read, t is the
+                // part's own, y's rows are written by this part only; the epilogue's
+                // contract as in `epilogue_rows`.
+                unsafe {
+                    a.run(xp.get().add(rows.start * k), t.as_mut_ptr(), 0..rows.len(), 0..r);
+                    b.run(t.as_ptr(), out.get().add(rows.start * n), 0..rows.len(), 0..n);
+                    if let Some(epilogue) = epilogue {
+                        epilogue(out.get(), bias.get(), residual.get(), rows.start, rows.end);
+                    }
+                }
+            });
+        }
+        Ok(Value::F32(Tensor::new(shape, y)))
+    }
+
     fn columns(&self, n: usize, group: usize, gemm: impl Fn(std::ops::Range<usize>) + Sync) {
         self.pool.for_ranges(n.div_ceil(group), 1, 2, |part| gemm(group * part.start..(group * part.end).min(n)));
     }
@@ -1201,6 +1323,7 @@ impl Plan {
             }
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
+        Plan::pair(graph, order, &specs, &mut actions);
         // Row lookups read the stored rows: the table is never decoded whole (SmolLM2's
         // would take 113 MB as f32; MiniLM's f32 one, copied, 47 MB).
         for &id in order {
@@ -1216,6 +1339,35 @@ impl Plan {
             }
         }
         Plan { actions, specs, to_pack, dense, row_weights }
+    }
+}
+
+impl Plan {
+    /// Joins low-rank pairs: an f32 linear whose input is the output of another f32 linear
+    /// with no epilogue, read by nothing else (the halves `x V^T`, then `U`, that
+    /// `factorize` writes), takes that one as its [`Fused::pre`]. Both kernels stay in the
+    /// plan's specs.
+    fn pair(graph: &Graph, order: &[NodeId], specs: &[KernelSpec], actions: &mut HashMap<NodeId, Action>) {
+        if !crate::sgemm::available() {
+            return;
+        }
+        let plain_f32 = |f: &Fused| specs[f.kernel].how == Impl::Sgemm;
+        for &id in order {
+            let Some(Action::Linear(second)) = actions.get(&id) else { continue };
+            let first_id = second.x;
+            let Some(Action::Linear(first)) = actions.get(&first_id) else { continue };
+            let spec = specs[first.kernel].linear;
+            let alone = graph.users(first_id).len() == 1 && !graph.outputs().iter().any(|(_, o)| *o == first_id);
+            let plain = !spec.bias && !spec.residual && spec.activation == crate::Activation::None;
+            if !(plain_f32(first) && plain_f32(second) && alone && plain && first.pre.is_none()) {
+                continue;
+            }
+            let first = first.clone();
+            actions.insert(first_id, Action::Absorbed);
+            if let Some(Action::Linear(second)) = actions.get_mut(&id) {
+                second.pre = Some(Box::new(first));
+            }
+        }
     }
 }
 
@@ -1410,6 +1562,7 @@ fn plan_linear(
         gemm_q8: None,
         bias: operands.get(2).copied(),
         residual: None,
+        pre: None,
     };
     let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
     let single_user = |n: NodeId| match g.users(n).as_slice() {
