@@ -55,28 +55,41 @@ pub fn run(
     rows: Range<usize>,
     cols: Range<usize>,
 ) -> Result<(), ExecError> {
-    let fail = |why: String| Err(ExecError::Arguments(format!("sgemm K={k} N={n}: {why}")));
+    check("sgemm", "w", k, n, x.len(), w.len(), y.len(), (&rows, &cols))?;
+    // SAFETY: checked.
+    unsafe { sgemm(k, n, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), rows, cols) };
+    Ok(())
+}
+
+/// The checks of [`run`] and [`crate::sgemm_kn::run`]: the CPU runs them, `x` is `[M, K]`
+/// for some `M`, the weight (named `w`) holds `N K` values, `y` is `[M, N]`, and the rows
+/// and columns lie inside.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check(
+    kernel: &str,
+    w: &str,
+    k: usize,
+    n: usize,
+    x_len: usize,
+    w_len: usize,
+    y_len: usize,
+    (rows, cols): (&Range<usize>, &Range<usize>),
+) -> Result<(), ExecError> {
+    let fail = |why: String| Err(ExecError::Arguments(format!("{kernel} K={k} N={n}: {why}")));
     if !available() {
         return fail("this CPU lacks AVX2 or FMA".into());
     }
-    let m = x.len().checked_div(k).unwrap_or(0);
+    let m = x_len.checked_div(k).unwrap_or(0);
     let len = |a: usize, b: usize| a.checked_mul(b);
     if k == 0
-        || len(m, k) != Some(x.len())
-        || len(n, k) != Some(w.len())
-        || len(m, n) != Some(y.len())
+        || len(m, k) != Some(x_len)
+        || len(n, k) != Some(w_len)
+        || len(m, n) != Some(y_len)
         || rows.end > m
         || cols.end > n
     {
-        return fail(format!(
-            "x {} values, w {} values, y {} values, rows {rows:?}, cols {cols:?}",
-            x.len(),
-            w.len(),
-            y.len()
-        ));
+        return fail(format!("x {x_len} values, {w} {w_len} values, y {y_len} values, rows {rows:?}, cols {cols:?}"));
     }
-    // SAFETY: checked above.
-    unsafe { sgemm(k, n, x.as_ptr(), w.as_ptr(), y.as_mut_ptr(), rows, cols) };
     Ok(())
 }
 
@@ -257,11 +270,11 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Values of every magnitude and sign, some cancelling: order-sensitive sums.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {

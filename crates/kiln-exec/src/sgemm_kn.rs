@@ -51,27 +51,8 @@ pub fn run(
     rows: Range<usize>,
     cols: Range<usize>,
 ) -> Result<(), ExecError> {
-    let fail = |why: String| Err(ExecError::Arguments(format!("sgemm_kn K={k} N={n}: {why}")));
-    if !available() {
-        return fail("this CPU lacks AVX2 or FMA".into());
-    }
-    let m = x.len().checked_div(k).unwrap_or(0);
-    let len = |a: usize, b: usize| a.checked_mul(b);
-    if k == 0
-        || len(m, k) != Some(x.len())
-        || len(n, k) != Some(wt.len())
-        || len(m, n) != Some(y.len())
-        || rows.end > m
-        || cols.end > n
-    {
-        return fail(format!(
-            "x {} values, wt {} values, y {} values, rows {rows:?}, cols {cols:?}",
-            x.len(),
-            wt.len(),
-            y.len()
-        ));
-    }
-    // SAFETY: checked above.
+    crate::sgemm::check("sgemm_kn", "wt", k, n, x.len(), wt.len(), y.len(), (&rows, &cols))?;
+    // SAFETY: checked.
     unsafe { sgemm_kn(k, n, x.as_ptr(), wt.as_ptr(), y.as_mut_ptr(), rows, cols) };
     Ok(())
 }
@@ -208,18 +189,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Values of every magnitude and sign, some cancelling: order-sensitive sums.
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let m = ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
-                m * 2f32.powi(((s >> 20) % 16) as i32 - 8)
-            })
-            .collect()
-    }
+    use crate::sgemm::tests::values;
 
     /// The kernel is the contract bit for bit, on every tile shape and tail, and on every
     /// split of rows and columns; and it computes `x w^T` of the untransposed weight.
