@@ -143,7 +143,7 @@ pub fn heal(
 /// Stores `values` as weight `w`'s f32 tensor; returns the old data, to put back with
 /// [`Graph::set_weight`].
 fn write(graph: &mut Graph, w: NodeId, values: &[f32]) -> Result<(NodeId, TensorData), String> {
-    let shape: Vec<u64> = graph.node(w).ty.shape.iter().filter_map(|d| d.known()).collect();
+    let shape = graph.node(w).ty.known_shape().unwrap_or_default();
     let scope = graph.node(w).scope.clone();
     let what = || format!("{scope}: healing refits dense f32 weights of the same shape");
     if shape.iter().product::<u64>() != values.len() as u64

@@ -575,7 +575,7 @@ fn a_rerun_from_a_snapshot_recomputes_what_a_changed_weight_reaches() {
         .max()
         .expect("a block linear");
     let mut changed = g.clone();
-    let shape: Vec<u64> = changed.node(w).ty.shape.iter().filter_map(|d| d.known()).collect();
+    let shape = changed.node(w).ty.known_shape().expect("a weight's shape is known");
     let kiln_ir::Op::Weight(weight) = &changed.node(w).op else { unreachable!("filtered to weights") };
     let data = weight.value(&changed.store, &shape).expect("decodes");
     let scaled: Vec<f32> = data.iter().map(|x| x * 1.5).collect();

@@ -461,7 +461,7 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
         if let Some(s) = &w.sparse {
             return Err(format!("layer {name} is sparse ({s}): run factorize before pruning"));
         }
-        let shape: Vec<u64> = graph.node(weight).ty.shape.iter().filter_map(|d| d.known()).collect();
+        let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
         let &[n, k] = shape.as_slice() else { continue };
         let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
         let tensor = w.tensor.clone();
@@ -732,7 +732,7 @@ fn heal(
 fn propose_refit(g: &Graph, reference: &Graph, name: &str, paired: &Paired, how: Refit) -> Result<Proposal, String> {
     let value = |g: &Graph, w: NodeId| -> Result<(Vec<f32>, Vec<usize>), String> {
         let Op::Weight(weight) = &g.node(w).op else { return Err(format!("layer {name}: not a weight")) };
-        let shape: Vec<u64> = g.node(w).ty.shape.iter().filter_map(|d| d.known()).collect();
+        let shape = g.node(w).ty.known_shape().unwrap_or_default();
         let values = weight.value(&g.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
         Ok((values, shape.iter().map(|&d| d as usize).collect()))
     };

@@ -188,7 +188,7 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     };
     let mut layers = Vec::new();
     for (name, layer) in graph.layers.iter() {
-        let shape = |id| -> Vec<u64> { graph.node(id).ty.shape.iter().filter_map(|d| d.known()).collect() };
+        let shape = |id| -> Vec<u64> { graph.node(id).ty.known_shape().unwrap_or_default() };
         // A factorized layer: the shape it had, its factors' format and rank.
         let (elements, format) =
             match (layer.main(), layer.role(Role::LowRankU).next(), layer.role(Role::LowRankV).next()) {

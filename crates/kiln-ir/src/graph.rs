@@ -90,7 +90,7 @@ impl Graph {
     /// returns the data it held. `None`, and nothing changed, if `node` is not a dense
     /// weight of `data`'s shape.
     pub fn set_weight(&mut self, node: NodeId, data: TensorData) -> Option<TensorData> {
-        let shape: Vec<u64> = self.graph[node].ty.shape.iter().filter_map(|d| d.known()).collect();
+        let shape = self.graph[node].ty.known_shape()?;
         let Op::Weight(w) = &mut self.graph[node].op else { return None };
         if w.sparse.is_some() || shape != data.shape {
             return None;

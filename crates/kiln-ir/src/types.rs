@@ -108,6 +108,12 @@ pub struct Type {
 }
 
 impl Type {
+    /// The shape as sizes, if every dimension is known (a weight's always is: the verifier
+    /// checks it); `None` if a dimension is symbolic.
+    pub fn known_shape(&self) -> Option<Vec<u64>> {
+        self.shape.iter().map(|d| d.known()).collect()
+    }
+
     pub fn new(dtype: DType, shape: impl IntoIterator<Item = Dim>) -> Type {
         Type { dtype, shape: shape.into_iter().collect() }
     }

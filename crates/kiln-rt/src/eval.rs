@@ -51,7 +51,7 @@ pub fn decode_weights(graph: &Graph, nodes: &[NodeId]) -> Result<HashMap<NodeId,
         .map(|&n| {
             let Op::Weight(w) = &graph.node(n).op else { unreachable!("decode_weights takes weight nodes") };
             let fail = |message: String| RunError::Weight { tensor: w.tensor.clone(), message };
-            let shape: Vec<u64> = graph.node(n).ty.shape.iter().filter_map(|d| d.known()).collect();
+            let shape = graph.node(n).ty.known_shape().unwrap_or_default();
             let values = w.value(&graph.store, &shape).map_err(|e| match e {
                 WeightError::Missing(_) => {
                     fail("not bound to a checkpoint (pass --weights, or load an artifact)".into())
