@@ -28,6 +28,7 @@
 
 pub mod lowrank;
 pub mod refit;
+pub mod tt;
 
 use crate::allocate::{self, Choice, Layer as Knapsack};
 use crate::calibration::{Gram, Paired, Weighting};
