@@ -353,11 +353,15 @@ impl Impl {
     }
 }
 
-/// What a rerun takes from its base: every value but the stale ones.
+/// What a run does with the values it computes.
 #[derive(Clone, Copy)]
-struct Reuse<'a> {
-    base: &'a Snapshot,
-    stale: &'a std::collections::HashSet<NodeId>,
+enum Keep<'a> {
+    /// Frees each after its last read.
+    Nothing,
+    /// Keeps them all, for the [`Snapshot`] it returns.
+    All,
+    /// Keeps them all, and takes from `base` every value not `stale` instead of computing it.
+    Reusing { base: &'a Snapshot, stale: &'a std::collections::HashSet<NodeId> },
 }
 
 /// A graph compiled for the host: kernels, the fusion plan, and decoded weights for the ops
@@ -796,7 +800,7 @@ impl<'g> Engine<'g> {
     /// Runs the graph as [`Engine::run`] does, keeping every value it computes: the
     /// [`Snapshot`] that [`Engine::rerun`] starts from.
     pub fn run_keeping(&self, inputs: &HashMap<String, Value>) -> Result<(Vec<(String, Value)>, Snapshot), RunError> {
-        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, Some(None)))
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, Keep::All))
     }
 
     /// Runs the graph on the inputs `base` was taken on, by an engine on a graph that
@@ -819,8 +823,8 @@ impl<'g> Engine<'g> {
                 stale.insert(id);
             }
         }
-        let reuse = Reuse { base, stale: &stale };
-        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, Some(Some(reuse))))
+        let keep = Keep::Reusing { base, stale: &stale };
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, None, keep))
     }
 
     fn run_with(
@@ -829,17 +833,16 @@ impl<'g> Engine<'g> {
         cache: Option<&mut KvCache>,
     ) -> Result<Vec<(String, Value)>, RunError> {
         // The reference kernels share the pool's threads with the compiled ones.
-        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache, None).map(|(out, _)| out))
+        kiln_rt::par::with_pool(&self.pool, || self.run_on_pool(inputs, cache, Keep::Nothing).map(|(out, _)| out))
     }
 
-    /// One run. `keep`: `None` frees each value after its last read; `Some(reuse)` keeps
-    /// them all, for the returned [`Snapshot`], and takes the values `reuse` says are
-    /// fresh from its base instead of computing them.
+    /// One run, keeping its values as `keep` says (an empty [`Snapshot`] with
+    /// [`Keep::Nothing`]).
     fn run_on_pool(
         &self,
         inputs: &HashMap<String, Value>,
         mut cache: Option<&mut KvCache>,
-        keep: Option<Option<Reuse<'_>>>,
+        keep: Keep<'_>,
     ) -> Result<(Vec<(String, Value)>, Snapshot), RunError> {
         let g = self.graph;
         let symbols = bind_inputs(g, inputs)?;
@@ -853,9 +856,9 @@ impl<'g> Engine<'g> {
             let node = g.node(id);
             let fail = |message: String| RunError::Node { op: node.op.name(), scope: node.scope.clone(), message };
             let action = self.actions.get(&id).unwrap_or(&Action::Reference);
-            if let Some(Some(reuse)) = &keep
-                && !reuse.stale.contains(&id)
-                && let Some(v) = reuse.base.values.get(&id)
+            if let Keep::Reusing { base, stale } = keep
+                && !stale.contains(&id)
+                && let Some(v) = base.values.get(&id)
             {
                 values.insert(id, v.clone());
                 continue;
@@ -877,7 +880,7 @@ impl<'g> Engine<'g> {
                     )
                 }
                 // The last read of a value no one else holds: reshape its buffer, no copy.
-                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 && keep.is_none() => {
+                (Action::Reference, Op::Reshape { shape }) if uses[&reads[0]] == 1 && matches!(keep, Keep::Nothing) => {
                     let x = values.remove(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     let x = Arc::try_unwrap(x).unwrap_or_else(|shared| Value::clone(&shared));
                     Arc::new(kiln_rt::eval::reshape_owned(x, shape, &symbols).map_err(fail)?)
@@ -916,7 +919,7 @@ impl<'g> Engine<'g> {
                 let left = uses.get_mut(o).expect("counted in use_counts");
                 *left -= 1;
                 if *left == 0 {
-                    if keep.is_none() {
+                    if matches!(keep, Keep::Nothing) {
                         values.remove(o);
                     }
                     quantized.remove(&(*o, false));
@@ -927,7 +930,8 @@ impl<'g> Engine<'g> {
             computed += 1;
         }
         let outputs = g.outputs().iter().map(|(name, id)| (name.clone(), Value::clone(&values[id]))).collect();
-        let snapshot = Snapshot { values: if keep.is_some() { values } else { HashMap::new() }, computed };
+        let values = if matches!(keep, Keep::Nothing) { HashMap::new() } else { values };
+        let snapshot = Snapshot { values, computed };
         Ok((outputs, snapshot))
     }
 
@@ -979,11 +983,10 @@ impl<'g> Engine<'g> {
             if w.len() < n * k || x.data.len() < m * k {
                 return Err(format!("the sgemm linear {k}x{n} has {} weights and {} inputs", w.len(), x.data.len()));
             }
-            {
-                // One call: it splits the rows across the pool (`run_with` runs under
-                // `par::with_pool`), one sgemm per part, whose sums do not depend on the split.
-                kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
-            }
+            // Without AVX2 and FMA. One call: it splits the rows across the pool (`run_with`
+            // runs under `par::with_pool`), one sgemm per part, whose sums do not depend on
+            // the split.
+            kiln_rt::kernels::linear_rows(&x.data, k, w, n, None, &mut y);
             // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
             unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
             return Ok(Value::F32(Tensor::new(shape, y)));
