@@ -4,6 +4,12 @@
 //! rows. Every other op runs the runtime's reference kernel, so the engine already runs
 //! any graph; ops move to emitted kernels one family at a time.
 //!
+//! A linear whose weight is computed from weights alone (a tensor train's cores rebuilt into
+//! `W` by `reshape`, `matmul` and `transpose`, scaled by a `mul`: any op on weights and
+//! constants only) runs as an f32 linear like any other: the engine evaluates that weight
+//! once, with the reference kernels, when it is built. The chain then runs per call only
+//! where some other op or an output reads its values.
+//!
 //! Linears whose IR attribute says [`Activations::Int8`] (on Q8_0/Q4_0/Q4_1 weights, and
 //! kiln's int formats repacked to those) quantize their input rows
 //! to int8 per block of 32 and run the integer kernels of [`crate::linear_i8`] (llama.cpp's
@@ -40,7 +46,7 @@ use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, Role, UnaryOp};
 use kiln_rt::eval::{RunError, Snapshot, bind_inputs, decode_weights, eval_node};
 use kiln_rt::par::SharedPtr;
 use kiln_rt::{KvCache, Pool, Tensor, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -554,7 +560,7 @@ impl<'g> Engine<'g> {
         let EngineOptions { threads, profile, .. } = options;
         let Host { gemm_i8, .. } = host;
         let pool = Pool::new(threads);
-        let Plan { mut actions, specs, to_pack, mut dense, row_weights } = plan;
+        let Plan { mut actions, specs, to_pack, mut dense, folded, row_weights } = plan;
         let compile_time = start.elapsed();
         // Weights in int formats, repacked once as the GGUF blocks their kernels read.
         // On the pool: a budget search builds an engine per probe, and repacking a whole
@@ -562,6 +568,9 @@ impl<'g> Engine<'g> {
         let mut to_repack: Vec<(NodeId, Format, &[u8])> = Vec::new();
         for action in actions.values() {
             let Action::Linear(f) = action else { continue };
+            if folded.binary_search(&f.weight).is_ok() {
+                continue; // an f32 value, computed below
+            }
             let stored = stored_weight(graph, f.weight)?;
             let repacked = match stored.format {
                 Format::Int(_) => true,
@@ -637,7 +646,10 @@ impl<'g> Engine<'g> {
             }
         }
         dense.retain(|n| !in_place.contains(n));
-        let dense = decode_weights(graph, &dense).map_err(|e| ExecError::Spec(e.to_string()))?;
+        let mut dense = decode_weights(graph, &dense).map_err(|e| ExecError::Spec(e.to_string()))?;
+        // Weights computed from weights (a tensor train's chain): evaluated once, here, and
+        // read by their linears as dense f32 weights.
+        dense.extend(fold_weights(graph, &order, &folded)?);
         let mut rows: HashMap<NodeId, Arc<RowWeights>> = HashMap::new();
         for &(node, n, k) in &row_weights {
             if let std::collections::hash_map::Entry::Vacant(e) = rows.entry(node) {
@@ -705,7 +717,7 @@ impl<'g> Engine<'g> {
                 .flat_map(|(_, l)| l.role(Role::LowRankU).chain(l.role(Role::LowRankV)))
                 .collect(),
         };
-        engine.reads = engine.order.iter().map(|&n| engine.reads_of(n)).collect();
+        engine.reads = engine.order.iter().map(|&n| reads_of(graph, &engine.actions, n)).collect();
         engine.uses = engine.use_counts();
         // Weights that some value reads (not only linear kernels, which read stored bytes).
         let needed: Vec<NodeId> = engine
@@ -753,22 +765,6 @@ impl<'g> Engine<'g> {
     /// Number of linear layers that run as compiled kernels.
     pub fn compiled_linears(&self) -> usize {
         self.actions.values().filter(|a| matches!(a, Action::Linear(_))).count()
-    }
-
-    /// The values each node reads under the fusion plan.
-    fn reads_of(&self, id: NodeId) -> Vec<NodeId> {
-        match self.actions.get(&id).unwrap_or(&Action::Reference) {
-            Action::Absorbed => vec![],
-            Action::Linear(f) => {
-                let x = f.pre.as_ref().map_or(f.x, |p| p.x);
-                [Some(x), f.bias, f.residual].into_iter().flatten().collect()
-            }
-            Action::GatherRows => vec![self.graph.operands(id)[1]],
-            Action::Reference => match self.graph.node(id).op {
-                Op::Weight(_) | Op::Input { .. } => vec![],
-                _ => self.graph.operands(id),
-            },
-        }
     }
 
     fn use_counts(&self) -> HashMap<NodeId, usize> {
@@ -950,7 +946,8 @@ impl<'g> Engine<'g> {
         let m = x.numel() / spec.k;
         let mut shape = x.shape.clone();
         *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = spec.n;
-        let weight = stored_weight(self.graph, f.weight).map_err(|e| e.to_string())?;
+        // The stored weight, for the kernels that read it (a folded weight has none).
+        let weight = || stored_weight(self.graph, f.weight).map_err(|e| e.to_string());
         let f32_of = |id: NodeId| values[&id].as_f32().map(|t| t.data.as_ptr()).ok_or("bias and residual must be f32");
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
@@ -976,7 +973,9 @@ impl<'g> Engine<'g> {
         if let Kernel::Sgemm(_, epilogue) = kernel {
             let w: &[f32] = match &f.data {
                 KernelWeight::Dense(w) => &w.as_f32().ok_or("the weight of an sgemm linear is not f32")?.data,
-                KernelWeight::Stored => stored_f32(weight).ok_or("the weight of an sgemm linear is not stored f32")?,
+                KernelWeight::Stored => {
+                    stored_f32(weight()?).ok_or("the weight of an sgemm linear is not stored f32")?
+                }
                 _ => return Err("the weight of an sgemm linear is not decoded".into()),
             };
             let (k, n) = (spec.k, spec.n);
@@ -1029,7 +1028,7 @@ impl<'g> Engine<'g> {
         if let (Kernel::F32(_, _, Some(epilogue)), true) = (kernel, m >= GEMM_F32_ROWS) {
             let w = match &f.data {
                 KernelWeight::Owned(p) => p.bytes(),
-                _ => weight.bytes.as_slice(),
+                _ => weight()?.bytes.as_slice(),
             };
             let (xp, wp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr::of(w.as_ptr()), SharedPtr(y.as_mut_ptr()));
             let (k, n, format) = (spec.k, spec.n, spec.format);
@@ -1060,7 +1059,7 @@ impl<'g> Engine<'g> {
         };
         let w = match &f.data {
             KernelWeight::Owned(p) => p.bytes().as_ptr(),
-            _ => weight.bytes.as_slice().as_ptr(),
+            _ => weight()?.bytes.as_slice().as_ptr(),
         };
         let wq8 = f.gemm_q8.as_ref().map_or(std::ptr::null(), |p| p.bytes().as_ptr());
         let args = KernelArgs { x: x_ptr, w, wq8, bias, residual, y: y.as_mut_ptr() };
@@ -1263,6 +1262,9 @@ struct Plan {
     to_pack: HashMap<NodeId, LinearI8Spec>,
     /// The weights of sgemm linears, read as f32.
     dense: Vec<NodeId>,
+    /// The weight-only values that sgemm linears read as their weight ([`weight_only`]),
+    /// evaluated once at build ([`fold_weights`]).
+    folded: Vec<NodeId>,
     /// The weights of per-row int8 linears: node, N, K.
     row_weights: Vec<(NodeId, usize, usize)>,
 }
@@ -1273,20 +1275,26 @@ impl Plan {
     fn new(graph: &Graph, order: &[NodeId], threads: usize) -> Plan {
         let mut to_pack: HashMap<NodeId, LinearI8Spec> = HashMap::new();
         let mut dense: Vec<NodeId> = Vec::new();
+        let mut folded: Vec<NodeId> = Vec::new();
+        let weight_only = weight_only(graph, order);
         let mut row_weights: Vec<(NodeId, usize, usize)> = Vec::new();
         let mut specs: Vec<KernelSpec> = Vec::new();
         let mut actions: HashMap<NodeId, Action> = HashMap::new();
         for &id in order {
-            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions) else { continue };
-            let Op::Weight(w) = &graph.node(fused.weight).op else { unreachable!("plan_linear takes weight nodes") };
+            let Some((spec, fused, end, absorbed)) = plan_linear(graph, id, &actions, &weight_only) else { continue };
+            // A folded weight is f32.
+            let stored = match &graph.node(fused.weight).op {
+                Op::Weight(w) => w.format,
+                _ => Format::F32,
+            };
             let Op::Linear { activations: mode } = graph.node(id).op else { unreachable!("plan_linear takes linears") };
             // The verifier holds every linear to this rule (the attribute is what it gives);
             // applied again, an unverified graph never reaches a kernel that cannot read its
             // weight.
-            let mode = mode.for_weight(w.format, spec.k as u64);
+            let mode = mode.for_weight(stored, spec.k as u64);
             let rows = mode == Activations::Int8Row;
             let int8 = mode == Activations::Int8;
-            debug_assert!(!rows || matches!(w.format, Format::Int(f) if RowWeights::supports(f, spec.k)));
+            debug_assert!(!rows || matches!(stored, Format::Int(f) if RowWeights::supports(f, spec.k)));
             debug_assert!(!int8 || LinearI8Spec::supports(spec.format));
             let how = match spec.format {
                 _ if rows => Impl::Int8Row,
@@ -1316,7 +1324,10 @@ impl Plan {
                 to_pack.entry(fused.weight).or_insert(i8spec.packed(I8_PANEL));
             }
             if how == Impl::Sgemm {
-                dense.push(fused.weight);
+                match graph.node(fused.weight).op {
+                    Op::Weight(_) => dense.push(fused.weight),
+                    _ => folded.push(fused.weight),
+                }
             }
             if how == Impl::Int8Row {
                 row_weights.push((fused.weight, spec.n, spec.k));
@@ -1341,7 +1352,21 @@ impl Plan {
                 actions.insert(id, Action::GatherRows);
             }
         }
-        Plan { actions, specs, to_pack, dense, row_weights }
+        // The weight-only values no run reads (the chains that only folded weights read):
+        // never computed per run. Those that other ops or outputs read run as before.
+        let mut read: HashSet<NodeId> = graph.outputs().iter().map(|(_, o)| *o).collect();
+        for &id in order.iter().rev() {
+            if weight_only.contains(&id) && !read.contains(&id) {
+                if !matches!(graph.node(id).op, Op::Weight(_)) {
+                    actions.insert(id, Action::Absorbed);
+                }
+                continue;
+            }
+            read.extend(reads_of(graph, &actions, id));
+        }
+        folded.sort();
+        folded.dedup();
+        Plan { actions, specs, to_pack, dense, folded, row_weights }
     }
 }
 
@@ -1528,31 +1553,43 @@ pub type Code = Arc<dyn std::any::Any + Send + Sync>;
 /// If `id` is a linear the kernels support, its spec, its operands, the node that ends its
 /// fusion group, and the nodes absorbed into it (the linear itself, and an activation
 /// before the end).
+///
+/// The weight operand is a `weight` node, or a weight-only value computed from weights
+/// ([`weight_only`]; a tensor train's chain), which the engine folds to a dense f32 weight at
+/// build: such a linear is an f32 one. A linear that is itself weight-only is part of such a
+/// chain, not a layer: it is not planned.
 fn plan_linear(
     g: &Graph,
     id: NodeId,
     claimed: &HashMap<NodeId, Action>,
+    weight_only: &HashSet<NodeId>,
 ) -> Option<(LinearSpec, Fused, NodeId, Vec<NodeId>)> {
-    if !matches!(g.node(id).op, Op::Linear { .. }) {
+    if !matches!(g.node(id).op, Op::Linear { .. }) || weight_only.contains(&id) {
         return None;
     }
     let operands = g.operands(id);
-    let (x, weight) = (operands[0], operands[1]);
-    let Op::Weight(w) = &g.node(weight).op else { return None };
-    // Sparse weights run on their dense value until pruning brings kernels that read them.
-    if w.sparse.is_some() {
-        return None;
-    }
-    let k = g.node(weight).ty.shape[1].known()? as usize;
-    let n = g.node(weight).ty.shape[0].known()? as usize;
-    if !k.is_multiple_of(w.format.block_len() as usize) {
-        return None;
-    }
-    let format = match w.format {
-        Format::Int(int) => crate::repack::kernel_format(int),
-        // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
-        Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
-        f => f,
+    let (x, weight) = (*operands.first()?, *operands.get(1)?);
+    let shape = &g.node(weight).ty.shape;
+    let (k, n) = match shape[..] {
+        [ref n, ref k] => (k.known()? as usize, n.known()? as usize),
+        _ => return None,
+    };
+    let format = match &g.node(weight).op {
+        Op::Weight(w) => {
+            // Sparse weights run on their dense value until pruning brings kernels that read
+            // them.
+            if w.sparse.is_some() || !k.is_multiple_of(w.format.block_len() as usize) {
+                return None;
+            }
+            match w.format {
+                Format::Int(int) => crate::repack::kernel_format(int),
+                // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
+                Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
+                f => f,
+            }
+        }
+        _ if weight_only.contains(&weight) && g.node(weight).ty.dtype == kiln_ir::DType::F32 => Format::F32,
+        _ => return None,
     };
     let mut spec = LinearSpec::new(k, n, format);
     spec.bias = operands.len() > 2;
@@ -1656,9 +1693,159 @@ fn stored_weight(g: &Graph, id: NodeId) -> Result<&kiln_ir::TensorData, ExecErro
     g.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("weight `{}` is not bound", w.tensor)))
 }
 
+/// The values node `id` reads under the fusion plan `actions` (a linear's weight is not
+/// one: its kernel reads the weight the engine holds).
+fn reads_of(g: &Graph, actions: &HashMap<NodeId, Action>, id: NodeId) -> Vec<NodeId> {
+    match actions.get(&id).unwrap_or(&Action::Reference) {
+        Action::Absorbed => vec![],
+        Action::Linear(f) => {
+            let x = f.pre.as_ref().map_or(f.x, |p| p.x);
+            [Some(x), f.bias, f.residual].into_iter().flatten().collect()
+        }
+        Action::GatherRows => vec![g.operands(id)[1]],
+        Action::Reference => match g.node(id).op {
+            Op::Weight(_) | Op::Input { .. } => vec![],
+            _ => g.operands(id),
+        },
+    }
+}
+
+/// The nodes of `order` (topological) whose value depends on weights alone: `weight` and
+/// `const` nodes, and every other op (not an `input`) all of whose operands are weight-only.
+fn weight_only(g: &Graph, order: &[NodeId]) -> HashSet<NodeId> {
+    let mut set = HashSet::new();
+    for &id in order {
+        let yes = match g.node(id).op {
+            Op::Weight(_) | Op::Const { .. } => true,
+            Op::Input { .. } => false,
+            _ => {
+                let operands = g.operands(id);
+                !operands.is_empty() && operands.iter().all(|o| set.contains(o))
+            }
+        };
+        if yes {
+            set.insert(id);
+        }
+    }
+    set
+}
+
+/// The values of the weight-only nodes `targets` ([`weight_only`]), evaluated once with the
+/// reference kernels from the decoded weights they depend on: the dense f32 weights of the
+/// linears that read them. A value that does not evaluate, or is not an f32 matrix, is an
+/// error naming its node.
+fn fold_weights(g: &Graph, order: &[NodeId], targets: &[NodeId]) -> Result<HashMap<NodeId, Arc<Value>>, ExecError> {
+    if targets.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // Named as the verifier and the printed IR number nodes: by position in `order`.
+    let name = |id: NodeId| {
+        let node = g.node(id);
+        let number = order.iter().position(|&n| n == id).unwrap_or(usize::MAX);
+        let scope = if node.scope.is_empty() { String::new() } else { format!(" @{}", node.scope) };
+        format!("%{number} ({}{scope})", node.op.name())
+    };
+    // The nodes the targets depend on, and how often each is read among them.
+    let mut needed: HashSet<NodeId> = targets.iter().copied().collect();
+    let mut uses: HashMap<NodeId, usize> = HashMap::new();
+    for &id in order.iter().rev() {
+        if needed.contains(&id) && !matches!(g.node(id).op, Op::Weight(_)) {
+            for o in g.operands(id) {
+                needed.insert(o);
+                *uses.entry(o).or_default() += 1;
+            }
+        }
+    }
+    let leaves: Vec<NodeId> =
+        order.iter().copied().filter(|n| needed.contains(n) && matches!(g.node(*n).op, Op::Weight(_))).collect();
+    let mut values = decode_weights(g, &leaves).map_err(|e| ExecError::Spec(format!("folding weights: {e}")))?;
+    let symbols = kiln_rt::eval::Symbols::default();
+    let mut folded = HashMap::new();
+    for &id in order {
+        if !needed.contains(&id) || matches!(g.node(id).op, Op::Weight(_)) {
+            continue;
+        }
+        let node = g.node(id);
+        if matches!(node.op, Op::Input { .. }) {
+            return Err(ExecError::Spec(format!("folding {}: it reads an input", name(id))));
+        }
+        let operands = g.operands(id);
+        let mut args = Vec::with_capacity(operands.len());
+        for o in &operands {
+            let v =
+                values.get(o).ok_or_else(|| ExecError::Spec(format!("folding {}: operand not computed", name(id))))?;
+            args.push(v.clone());
+        }
+        let value = kiln_rt::eval::eval_reference(&node.op, &args, &symbols)
+            .map_err(|e| ExecError::Spec(format!("folding {}: {e}", name(id))))?;
+        drop(args);
+        for o in operands {
+            if let Some(left) = uses.get_mut(&o) {
+                *left -= 1;
+                if *left == 0 {
+                    values.remove(&o);
+                }
+            }
+        }
+        let value = Arc::new(value);
+        if targets.contains(&id) {
+            let matrix = match (value.as_f32(), &node.ty.known_shape()) {
+                (Some(t), Some(shape)) if shape.len() == 2 => {
+                    let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    t.shape == want && t.data.len() == want.iter().product::<usize>()
+                }
+                _ => false,
+            };
+            if !matrix {
+                return Err(ExecError::Spec(format!(
+                    "folding {}: the value is {}{:?}, not the f32 matrix {} a linear reads",
+                    name(id),
+                    value.dtype(),
+                    value.shape(),
+                    node.ty
+                )));
+            }
+            folded.insert(id, value.clone());
+        }
+        values.insert(id, value);
+    }
+    Ok(folded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A weight computed from weights is planned as an f32 linear's folded weight, its chain
+    /// never runs per call, and a chain that does not evaluate is an error naming its node.
+    #[test]
+    fn weights_computed_from_weights_are_folded_or_named_in_errors() {
+        let text = "graph g {
+  %0 = input \"x\" : f32[m, 6]
+  %1 = weight \"a\" f32 : f32[4, 6]
+  %2 = cast %1 {to = i64} : i64[4, 6]
+  %3 = cast %2 {to = f32} : f32[4, 6]
+  %4 = transpose %3 {perm = [1, 0]} : f32[6, 4]
+  %5 = transpose %4 {perm = [1, 0]} : f32[4, 6]
+  %6 = linear %0, %5 : f32[m, 4]
+  output \"y\" = %6
+}
+";
+        let mut g = kiln_ir::parse(text).unwrap();
+        g.store.insert("a", kiln_ir::TensorData::from_f32(vec![4, 6], &[0.5; 24]));
+        let order = g.topo_order().unwrap();
+        let plan = Plan::new(&g, &order, 1);
+        assert_eq!(plan.folded, [order[5]]);
+        assert_eq!(plan.specs.len(), 1);
+        assert_eq!(plan.specs[0].how, Impl::Sgemm);
+        assert_eq!(plan.specs[0].linear.format, Format::F32);
+        for &chain in &order[1..6] {
+            let absorbed = matches!(plan.actions.get(&chain), Some(Action::Absorbed));
+            assert_eq!(absorbed, chain != order[1], "{:?}: only the chain's ops are absorbed", g.node(chain).op);
+        }
+        let Err(e) = fold_weights(&g, &order, &plan.folded) else { panic!("a cast to i64 folds") };
+        assert!(e.to_string().contains("folding %2 (cast)"), "{e}");
+    }
 
     /// A host line names the host it was written for, and nothing else parses as one.
     #[test]
