@@ -637,3 +637,170 @@ fn low_rank_pairs_run_as_one_pass_with_the_bits_of_two_linears() {
         assert!(diff <= 1e-5 * scale.max(1.0), "{rows} rows: max diff {diff} (scale {scale})");
     }
 }
+
+/// Two linears on weights rebuilt from tensor-train cores by chains of `reshape`, `matmul`
+/// and `transpose`, each scaled per column by a `mul`: the first (`x` of `i1 i2` inputs,
+/// `o1 o2` outputs) from two cores, with a bias and a GELU; the second (`o1 o2` inputs, 12
+/// outputs) from three cores, with neither. With `outputs`, the first's weight and the
+/// product of its cores are outputs too. The weights, cores and scales are bound to random
+/// values.
+fn tensor_train_graph((o1, o2): (usize, usize), (i1, i2): (usize, usize), outputs: bool) -> kiln_ir::Graph {
+    let (n, k) = (o1 * o2, i1 * i2);
+    let mut text = format!(
+        "graph tt {{
+  %0 = input \"x\" : f32[m, {k}]
+  %1 = weight \"a1\" f32 : f32[{o1}, {i1}, 2]
+  %2 = weight \"a2\" f32 : f32[2, {o2}, {i2}]
+  %3 = reshape %1 {{shape = [{a1}, 2]}} : f32[{a1}, 2]
+  %4 = reshape %2 {{shape = [2, {a2}]}} : f32[2, {a2}]
+  %5 = matmul %3, %4 : f32[{a1}, {a2}]
+  %6 = reshape %5 {{shape = [{o1}, {i1}, {o2}, {i2}]}} : f32[{o1}, {i1}, {o2}, {i2}]
+  %7 = transpose %6 {{perm = [0, 2, 1, 3]}} : f32[{o1}, {o2}, {i1}, {i2}]
+  %8 = reshape %7 {{shape = [{n}, {k}]}} : f32[{n}, {k}]
+  %9 = weight \"s1\" f32 : f32[1, {k}]
+  %10 = mul %8, %9 : f32[{n}, {k}]
+  %11 = weight \"b1\" f32 : f32[{n}]
+  %12 = linear %0, %10, %11 : f32[m, {n}]
+  %13 = gelu %12 : f32[m, {n}]
+  %14 = weight \"c1\" f32 : f32[2, 2]
+  %15 = weight \"c2\" f32 : f32[2, {b2}, 3]
+  %16 = weight \"c3\" f32 : f32[3, {b3}]
+  %17 = reshape %15 {{shape = [2, {b23}]}} : f32[2, {b23}]
+  %18 = matmul %14, %17 : f32[2, {b23}]
+  %19 = reshape %18 {{shape = [{b12}, 3]}} : f32[{b12}, 3]
+  %20 = matmul %19, %16 : f32[{b12}, {b3}]
+  %21 = reshape %20 {{shape = [2, 1, 2, {o1}, 3, {o2}]}} : f32[2, 1, 2, {o1}, 3, {o2}]
+  %22 = transpose %21 {{perm = [0, 2, 4, 1, 3, 5]}} : f32[2, 2, 3, 1, {o1}, {o2}]
+  %23 = reshape %22 {{shape = [12, {n}]}} : f32[12, {n}]
+  %24 = weight \"s2\" f32 : f32[{n}]
+  %25 = mul %23, %24 : f32[12, {n}]
+  %26 = linear %13, %25 : f32[m, 12]
+  output \"y\" = %26
+",
+        a1 = o1 * i1,
+        a2 = o2 * i2,
+        b2 = 2 * o1,
+        b3 = 3 * o2,
+        b23 = 6 * o1,
+        b12 = 4 * o1,
+    );
+    if outputs {
+        text += "  output \"w\" = %10\n  output \"t\" = %5\n";
+    }
+    let mut g = kiln_ir::parse(&(text + "}\n")).expect("parses");
+    let mut rng = Rng::new(17);
+    for id in g.topo_order().unwrap() {
+        let node = g.node(id);
+        let kiln_ir::Op::Weight(w) = &node.op else { continue };
+        let shape = node.ty.known_shape().unwrap();
+        let values: Vec<f32> = (0..shape.iter().product::<u64>()).map(|_| rng.next_f32()).collect();
+        g.store.insert(w.tensor.clone(), kiln_ir::TensorData::from_f32(shape, &values));
+    }
+    kiln_ir::verify(&g).expect("verifies");
+    g
+}
+
+fn tt_inputs(rows: usize, k: usize, seed: u64) -> HashMap<String, Value> {
+    let mut rng = Rng::new(seed);
+    let x: Vec<f32> = (0..rows * k).map(|_| rng.next_f32()).collect();
+    [("x".to_string(), Value::F32(kiln_rt::Tensor::new(vec![rows, k], x)))].into()
+}
+
+/// A linear whose weight is computed from weights alone (a tensor train's chain) runs as a
+/// compiled f32 linear on that weight, evaluated once when the engine is built: the
+/// interpreter's values (on the transposed-weight GEMM of short sides and the plain one),
+/// with no op of the chain in the profile after several runs, and a fold that cannot be
+/// evaluated (an unbound core) is an error.
+#[test]
+fn weights_computed_from_weights_are_folded_at_build() {
+    for (o, i) in [((3, 5), (3, 4)), ((7, 15), (12, 12))] {
+        let (n, k) = (o.0 * o.1, i.0 * i.1);
+        let g = tensor_train_graph(o, i, false);
+        for threads in [1, 2] {
+            let engine = kiln_jit::compile(&g, kiln_jit::EngineOptions { threads, profile: true }).expect("compiles");
+            assert_eq!(engine.compiled_linears(), 2, "{n}x{k}: both linears run compiled");
+            assert_eq!(engine.decoded_weights(), 1, "{n}x{k}: only the bias is held decoded, not the cores");
+            for rows in [1, 5, 3] {
+                let inputs = tt_inputs(rows, k, rows as u64);
+                let got = engine.run(&inputs).expect("runs");
+                let want = Prepared::new(&g, Exec::Interp).run(&inputs);
+                let (diff, scale) = max_diff(&f32s(&got, "y"), &f32s(&want, "y"));
+                assert!(
+                    diff <= 1e-5 * scale.max(1.0),
+                    "{n}x{k}, {rows} rows, {threads} threads: {diff} (scale {scale})"
+                );
+            }
+            let profile = engine.profile();
+            let kinds: Vec<&str> = profile.iter().map(|(kind, ..)| kind.as_str()).collect();
+            for op in ["matmul", "reshape", "transpose", "mul", "const"] {
+                assert!(!kinds.contains(&op), "{n}x{k}: `{op}` ran per call: {kinds:?}");
+            }
+            let mut linears: Vec<(&str, usize)> = profile
+                .iter()
+                .filter(|(kind, ..)| kind.starts_with("linear"))
+                .map(|(kind, _, calls)| (kind.as_str(), *calls))
+                .collect();
+            linears.sort();
+            let (a, b) = (format!("linear {k}x{n} f32"), format!("linear {n}x12 f32"));
+            let mut want = vec![(a.as_str(), 3), (b.as_str(), 3)];
+            want.sort();
+            assert_eq!(linears, want, "{n}x{k}: two f32 linears, once per run");
+        }
+        let mut unbound = g.clone();
+        unbound.store.remove("c2");
+        match kiln_jit::compile(&unbound, kiln_jit::EngineOptions::threads(1)) {
+            Ok(_) => panic!("{n}x{k}: an engine without the core `c2`"),
+            Err(e) => assert!(e.to_string().contains("c2"), "{n}x{k}: {e}"),
+        }
+    }
+}
+
+/// A weight-only value that an output reads too still computes per run, with the
+/// interpreter's bits, beside the linear that reads it folded.
+#[test]
+fn a_folded_weight_that_is_also_an_output_still_comes_out() {
+    let g = tensor_train_graph((3, 5), (3, 4), true);
+    let engine = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+    assert_eq!(engine.compiled_linears(), 2);
+    let inputs = tt_inputs(4, 12, 9);
+    let got = engine.run(&inputs).expect("runs");
+    let want = Prepared::new(&g, Exec::Interp).run(&inputs);
+    for name in ["w", "t"] {
+        assert!(bits(&got, name) == bits(&want, name), "{name}: not the interpreter's bits");
+    }
+    assert_eq!(f32s(&got, "w").len(), 15 * 12);
+    let (diff, scale) = max_diff(&f32s(&got, "y"), &f32s(&want, "y"));
+    assert!(diff <= 1e-5 * scale.max(1.0), "y: {diff} (scale {scale})");
+    // And the same as the engine of the graph without those outputs.
+    let plain = tensor_train_graph((3, 5), (3, 4), false);
+    let alone = kiln_jit::compile(&plain, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+    assert!(bits(&got, "y") == bits(&alone.run(&inputs).expect("runs"), "y"));
+}
+
+/// A rerun after a change to a core of a folded weight recomputes the linears it reaches
+/// (the chain is folded again when the changed graph's engine is built) and gives the bits
+/// of a whole run.
+#[test]
+fn a_rerun_after_changing_a_core_matches_a_whole_run() {
+    let g = tensor_train_graph((3, 5), (3, 4), false);
+    let inputs = tt_inputs(6, 12, 4);
+    let before = kiln_jit::compile(&g, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+    let (outputs, base) = before.run_keeping(&inputs).expect("runs");
+    assert_eq!(outputs, before.run(&inputs).expect("runs"), "keeping the values changes nothing");
+    for (core, recomputed) in [("a2", 2), ("c3", 1)] {
+        let w = g
+            .node_ids()
+            .find(|&n| matches!(&g.node(n).op, kiln_ir::Op::Weight(w) if w.tensor == core))
+            .expect("the core");
+        let mut changed = g.clone();
+        let shape = changed.node(w).ty.known_shape().unwrap();
+        let scaled: Vec<f32> = changed.store.get(core).unwrap().to_f32().unwrap().iter().map(|x| x * 1.5).collect();
+        changed.set_weight(w, kiln_ir::TensorData::from_f32(shape, &scaled)).expect("dense weight");
+        let after = kiln_jit::compile(&changed, kiln_jit::EngineOptions::threads(2)).expect("compiles");
+        let whole = after.run(&inputs).expect("runs");
+        assert_ne!(whole, outputs, "{core}: the change reaches the output");
+        let (rerun, snapshot) = after.rerun(&inputs, &base, &[w]).expect("reruns");
+        assert!(bits(&rerun, "y") == bits(&whole, "y"), "{core}: a rerun gives the bits of a whole run");
+        assert_eq!(snapshot.computed, recomputed, "{core}: only the linears after it run again");
+    }
+}
