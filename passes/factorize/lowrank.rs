@@ -48,14 +48,7 @@ impl Spectrum {
     pub fn new(w: &[f32], n: usize, k: usize, whitening: Whitening) -> Result<Spectrum, String> {
         assert_eq!(w.len(), n * k, "a weight of another shape");
         let w = Mat::<f64>::from_fn(n, k, |i, j| w[i * k + j] as f64);
-        let gram = |g: &Gram| -> Result<Mat<f64>, String> {
-            if g.k != k {
-                return Err(format!("input statistics of width {} for a weight of {k} columns", g.k));
-            }
-            let mean = g.diagonal().iter().sum::<f64>() / k as f64;
-            let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
-            Ok(Mat::from_fn(k, k, |i, j| g.sum[i * k + j] + if i == j { damp } else { 0.0 }))
-        };
+        let gram = |g: &Gram| damped(g, k);
         // `t` is the whitening, `solve` maps the right factors back: V^T T^-1.
         let (t, upper): (Option<Mat<f64>>, bool) = match whitening {
             Whitening::None => (None, false),
@@ -123,6 +116,17 @@ impl Spectrum {
         let b = (0..r).flat_map(|i| (0..self.k).map(move |j| (i, j))).map(|(i, j)| (root[i] * self.vt[(i, j)]) as f32);
         (a.collect(), b.collect())
     }
+}
+
+/// The input Gram of a weight of `k` columns with [`DAMP`] of its mean diagonal added to
+/// the diagonal.
+pub fn damped(g: &Gram, k: usize) -> Result<Mat<f64>, String> {
+    if g.k != k {
+        return Err(format!("input statistics of width {} for a weight of {k} columns", g.k));
+    }
+    let mean = g.diagonal().iter().sum::<f64>() / k as f64;
+    let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
+    Ok(Mat::from_fn(k, k, |i, j| g.sum[i * k + j] + if i == j { damp } else { 0.0 }))
 }
 
 /// Whether rank `r` stores fewer parameters than the dense `[n, k]` matrix.

@@ -18,9 +18,19 @@
 //! - **Healing** (`heal=true`, the default with calibration): the factors are refitted in
 //!   execution order on the factorized model's own activations, each refit kept only where
 //!   the model's outputs come closer to the original's ([`crate::heal`], [`refit`]).
+//! - **Tensor trains** (`method=tt`, [`tt`]): the weight becomes `cores` (default 3) cores
+//!   `G_j [r_(j-1), o_j, i_j, r_j]` over the factors of its widths (576 = 8 x 8 x 9), with
+//!   bonds of at most `bond=B`, or the largest bond keeping at most `keep=F` of each
+//!   layer's parameters. With calibration the TT-SVD is whitened by a Kronecker-factored
+//!   input Gram and the rebuilt weight carries a scale per column. In the IR the cores are
+//!   `weight`s and ops on the weight side rebuild `W` ([`rewrite_train`]), which the
+//!   layer's linears read; the engine rebuilds it once at build, so a train saves bytes,
+//!   not time. The report gives each train's error beside the whitened SVD's at the same
+//!   parameter count.
 //! - A layer is factored only where its rank saves parameters (`r (n + k) < n k`); the
 //!   others stay dense and the report names them.
-//! - `--override PATTERN=rank:R` fixes a layer's rank, `PATTERN=dense` leaves it alone.
+//! - `--override PATTERN=rank:R` fixes a layer's rank (a train's largest bond),
+//!   `PATTERN=dense` leaves it alone.
 //!
 //! The candidates are the layers whose main weight is a dense matrix read only by linears
 //! (as their weight): tables read by rows (embeddings, a tied head) stay as they are.
@@ -41,6 +51,7 @@ use lowrank::{Spectrum, Whitening, saves};
 use rayon::prelude::*;
 use refit::Refit;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tt::{Kronecker, Train, modes};
 
 const PASS: &str = "factorize";
 
@@ -56,7 +67,8 @@ impl Pass for Factorize {
     /// Healing judges every refit end to end; `allocate=errors` weighs each kind of
     /// layer's errors by their measured effect on the model.
     fn probes(options: &FactorizeOptions) -> bool {
-        options.heal.is_some() || options.allocation == Allocation::Errors && options.method != Method::Svd
+        options.heal.is_some()
+            || options.allocation == Allocation::Errors && !matches!(options.method, Method::Svd | Method::Tt)
     }
 
     fn run(graph: &mut Graph, options: &FactorizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
@@ -64,6 +76,7 @@ impl Pass for Factorize {
         let reference = options.heal.map(|_| graph.clone());
         let calibration = match options.method {
             Method::Svd => None,
+            Method::Tt => ctx.calibration(graph)?,
             _ => Some(ctx.calibration(graph)?.ok_or_else(|| {
                 PassError::not_applicable(
                     PASS,
@@ -86,6 +99,8 @@ pub enum Method {
     Svd,
     Whitened,
     Asvd,
+    /// Tensor trains, whitened when calibration is given.
+    Tt,
 }
 
 impl std::fmt::Display for Method {
@@ -94,6 +109,7 @@ impl std::fmt::Display for Method {
             Method::Svd => "svd",
             Method::Whitened => "whitened",
             Method::Asvd => "asvd",
+            Method::Tt => "tt",
         })
     }
 }
@@ -102,6 +118,8 @@ impl std::fmt::Display for Method {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
     Rank(usize),
+    /// A tensor train's largest bond.
+    Bond(usize),
     Energy(f64),
     Keep(f64),
 }
@@ -136,6 +154,8 @@ pub struct FactorizeOptions {
     pub allocation: Allocation,
     /// How the factors are refitted on the factorized model's own activations, if they are.
     pub heal: Option<Heal>,
+    /// A tensor train's number of cores.
+    pub cores: usize,
 }
 
 /// How [`crate::heal`] refits the factors, and how it weighs tokens.
@@ -159,9 +179,21 @@ impl Options for FactorizeOptions {
     const HELP: &'static [OptionHelp] = &[
         OptionHelp {
             name: "method",
-            values: "svd|whitened|asvd",
+            values: "svd|whitened|asvd|tt",
             default: "whitened with --calib, else svd",
-            help: "plain truncated SVD; SVD-LLM's SVD whitened by the input statistics (the discarded energy is the output error on the calibration rows); or ASVD's columns scaled by their input's magnitude",
+            help: "plain truncated SVD; SVD-LLM's SVD whitened by the input statistics (the discarded energy is the output error on the calibration rows); ASVD's columns scaled by their input's magnitude; or tensor trains (TT-SVD, whitened by a Kronecker-factored input Gram with --calib), stored as cores and rebuilt dense when the model runs",
+        },
+        OptionHelp {
+            name: "bond",
+            values: "B",
+            default: "none",
+            help: "method=tt: the largest bond of every train (layers where it saves nothing stay dense)",
+        },
+        OptionHelp {
+            name: "cores",
+            values: "2|3|4",
+            default: "3",
+            help: "method=tt: the number of cores, over as many factors of each width (576 = 8 x 8 x 9)",
         },
         OptionHelp {
             name: "keep",
@@ -214,11 +246,13 @@ impl Options for FactorizeOptions {
             None | Some("svd") => Method::Svd,
             Some("whitened") => Method::Whitened,
             Some("asvd") => Method::Asvd,
+            Some("tt") => Method::Tt,
             Some(v) => return Err(args.invalid("method", v)),
         };
-        if method != Method::Svd && !calibrated {
+        if !matches!(method, Method::Svd | Method::Tt) && !calibrated {
             return Err(args.error(format!("method={method} whitens by the calibration inputs: pass --calib")));
         }
+        let tt = method == Method::Tt;
         let fraction = |open_end: bool| {
             move |v: &str| {
                 v.parse::<f64>()
@@ -232,15 +266,36 @@ impl Options for FactorizeOptions {
         })?;
         let energy = args.get_with("energy", fraction(true))?;
         let keep = args.get_with("keep", fraction(false))?;
-        let target = match (rank, energy, keep) {
-            (Some(r), None, None) => Target::Rank(r),
-            (None, Some(e), None) => Target::Energy(e),
-            (None, None, Some(f)) => Target::Keep(f),
-            (None, None, None) => Target::Keep(0.9),
+        let bond = args.get_with("bond", |v| {
+            v.parse::<usize>().ok().filter(|&r| r > 0).ok_or_else(|| "expected a positive bond".to_string())
+        })?;
+        let cores = args.get_with("cores", |v| {
+            v.parse::<usize>().ok().filter(|c| (2..=4).contains(c)).ok_or_else(|| "expected 2, 3 or 4".to_string())
+        })?;
+        if !tt && (bond.is_some() || cores.is_some()) {
+            return Err(args.error("bond and cores are options of method=tt"));
+        }
+        if tt && (rank.is_some() || energy.is_some()) {
+            return Err(args.error("method=tt takes bond=B or keep=F (rank and energy are the SVD methods')"));
+        }
+        let target = match (rank, energy, keep, bond) {
+            (Some(r), None, None, None) => Target::Rank(r),
+            (None, Some(e), None, None) => Target::Energy(e),
+            (None, None, Some(f), None) => Target::Keep(f),
+            (None, None, None, Some(b)) => Target::Bond(b),
+            (None, None, None, None) => Target::Keep(0.9),
+            _ if tt => return Err(args.error("give one of bond and keep")),
             _ => return Err(args.error("give one of rank, energy and keep")),
         };
         let allocation = match args.text("allocate") {
-            None if calibrated && method != Method::Svd && matches!(target, Target::Keep(_)) => Allocation::Errors,
+            None if calibrated && !matches!(method, Method::Svd | Method::Tt) && matches!(target, Target::Keep(_)) => {
+                Allocation::Errors
+            }
+            Some("errors") if tt => {
+                return Err(args.error(
+                    "method=tt spreads keep=F by layer (allocate=uniform): its bonds are not allocated across layers yet",
+                ));
+            }
             None | Some("uniform") => Allocation::Uniform,
             Some("errors") => Allocation::Errors,
             Some(v) => return Err(args.invalid("allocate", v)),
@@ -249,7 +304,10 @@ impl Options for FactorizeOptions {
             return Err(args.error("allocate=errors spreads a keep=F budget: give keep"));
         }
         let heal = match args.text("heal") {
-            None => calibrated && method != Method::Svd,
+            None => calibrated && !matches!(method, Method::Svd | Method::Tt),
+            Some("true") if tt => {
+                return Err(args.error("heal=true refits low-rank factors; method=tt's cores are not refitted yet"));
+            }
             Some("true") if !calibrated => {
                 return Err(args.error("heal=true refits on calibration inputs: pass --calib"));
             }
@@ -268,7 +326,7 @@ impl Options for FactorizeOptions {
             Some(v) => return Err(args.invalid("tokens", v)),
         };
         let heal = heal.then_some(Heal { refit, weighting });
-        Ok(FactorizeOptions { method, target, allocation, heal })
+        Ok(FactorizeOptions { method, target, allocation, heal, cores: cores.unwrap_or(3) })
     }
 }
 
@@ -278,8 +336,13 @@ pub struct FactorLayer {
     pub name: String,
     pub n: usize,
     pub k: usize,
-    /// The rank, or `None` if the layer stayed dense.
+    /// The rank (a train's largest bond), or `None` if the layer stayed dense.
     pub rank: Option<usize>,
+    /// A train's bonds `r_1 .. r_(d-1)` (empty for low-rank factors).
+    pub bonds: Vec<usize>,
+    /// A train's error relative to the total, beside the whitened (or, without
+    /// calibration, plain) SVD's at the rank storing at most as many parameters.
+    pub svd_relative_error: Option<f64>,
     /// Parameters before and after.
     pub params_before: u64,
     pub params: u64,
@@ -344,39 +407,6 @@ pub fn factorize(
             calibration.and_then(|cal| cal.summed(&inputs))
         })
         .collect();
-    let done = AtomicUsize::new(0);
-    let total = candidates.iter().zip(&fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
-    let spectra: Vec<Option<Spectrum>> = candidates
-        .par_iter()
-        .zip(&grams)
-        .zip(&fixed)
-        .map(|((c, gram), fixed)| {
-            if *fixed == Some(Fixed::Dense) {
-                return Ok(None);
-            }
-            let whitening = match (options.method, gram) {
-                (Method::Svd, _) => Whitening::None,
-                (_, None) => return Err(format!("layer {}: no calibration statistics reached its input", c.name)),
-                (Method::Whitened, Some(g)) => Whitening::Cholesky(g),
-                (Method::Asvd, Some(g)) => Whitening::Columns(g),
-            };
-            let s = Spectrum::new(&c.values, c.n, c.k, whitening).map_err(|e| format!("layer {}: {e}", c.name))?;
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "factorizing");
-            Ok(Some(s))
-        })
-        .collect::<Result<_, String>>()
-        .map_err(fail)?;
-
-    let ranks = match (options.target, options.allocation, probe) {
-        (Target::Keep(keep), Allocation::Errors, Some(probe)) => {
-            let (ranks, note) =
-                probed_allocation(graph, &candidates, &spectra, &fixed, keep, probe, progress).map_err(fail)?;
-            notes.push(note);
-            ranks
-        }
-        _ => choose_ranks(&candidates, &spectra, &fixed, options.target, options.allocation, None).map_err(fail)?,
-    };
-
     let mut report = FactorizeReport {
         method: options.method,
         layers: vec![],
@@ -385,35 +415,12 @@ pub fn factorize(
         heal: None,
         notes: vec![],
     };
-    for (i, c) in candidates.iter().enumerate() {
-        let before = (c.n * c.k) as u64;
-        let (rank, why_dense) = match (ranks[i].clone(), &spectra[i]) {
-            (Ok(r), Some(_)) => (Some(r), None),
-            (Err(why), _) => (None, Some(why)),
-            (Ok(_), None) => (None, Some("--override dense".to_string())),
-        };
-        let (error, relative_error) = match (rank, &spectra[i]) {
-            (Some(r), Some(s)) => (s.error(r), s.error(r) / s.error(0).max(f64::MIN_POSITIVE)),
-            _ => (0.0, 0.0),
-        };
-        if let (Some(r), Some(s)) = (rank, &spectra[i]) {
-            rewrite(graph, c, s, r).map_err(fail)?;
-        }
-        let params = rank.map_or(before, |r| (r * (c.n + c.k)) as u64);
-        report.params_before += before;
-        report.params += params;
-        report.layers.push(FactorLayer {
-            name: c.name.clone(),
-            n: c.n,
-            k: c.k,
-            rank,
-            params_before: before,
-            params,
-            error,
-            relative_error,
-            why_dense,
-            healed: None,
-        });
+    if options.method == Method::Tt {
+        let note = trains(graph, options, &candidates, &grams, &fixed, progress, &mut report).map_err(fail)?;
+        notes.push(note);
+    } else {
+        low_rank(graph, options, &candidates, &grams, &fixed, probe, progress, &mut notes, &mut report)
+            .map_err(fail)?;
     }
     graph.remove_dead();
     let read = graph.read_tensors();
@@ -429,6 +436,84 @@ pub fn factorize(
     report.notes = notes;
     kiln_ir::verify(graph).map_err(|e| PassError::Invalid { pass: PASS, message: e.to_string() })?;
     Ok(report)
+}
+
+/// The low-rank methods' part of [`factorize`]: spectra, ranks, and the rewrite.
+#[allow(clippy::too_many_arguments)]
+fn low_rank(
+    graph: &mut Graph,
+    options: &FactorizeOptions,
+    candidates: &[Candidate],
+    grams: &[Option<Gram>],
+    fixed: &[Option<Fixed>],
+    probe: Option<&crate::Probe<'_>>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+    notes: &mut Vec<String>,
+    report: &mut FactorizeReport,
+) -> Result<(), String> {
+    let done = AtomicUsize::new(0);
+    let total = candidates.iter().zip(fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
+    let spectra: Vec<Option<Spectrum>> = candidates
+        .par_iter()
+        .zip(grams)
+        .zip(fixed)
+        .map(|((c, gram), fixed)| {
+            if *fixed == Some(Fixed::Dense) {
+                return Ok(None);
+            }
+            let whitening = match (options.method, gram) {
+                (Method::Svd | Method::Tt, _) => Whitening::None,
+                (_, None) => return Err(format!("layer {}: no calibration statistics reached its input", c.name)),
+                (Method::Whitened, Some(g)) => Whitening::Cholesky(g),
+                (Method::Asvd, Some(g)) => Whitening::Columns(g),
+            };
+            let s = Spectrum::new(&c.values, c.n, c.k, whitening).map_err(|e| format!("layer {}: {e}", c.name))?;
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "factorizing");
+            Ok(Some(s))
+        })
+        .collect::<Result<_, String>>()?;
+
+    let ranks = match (options.target, options.allocation, probe) {
+        (Target::Keep(keep), Allocation::Errors, Some(probe)) => {
+            let (ranks, note) = probed_allocation(graph, candidates, &spectra, fixed, keep, probe, progress)?;
+            notes.push(note);
+            ranks
+        }
+        _ => choose_ranks(candidates, &spectra, fixed, options.target, options.allocation, None)?,
+    };
+    for (i, c) in candidates.iter().enumerate() {
+        let before = (c.n * c.k) as u64;
+        let (rank, why_dense) = match (ranks[i].clone(), &spectra[i]) {
+            (Ok(r), Some(_)) => (Some(r), None),
+            (Err(why), _) => (None, Some(why)),
+            (Ok(_), None) => (None, Some("--override dense".to_string())),
+        };
+        let (error, relative_error) = match (rank, &spectra[i]) {
+            (Some(r), Some(s)) => (s.error(r), s.error(r) / s.error(0).max(f64::MIN_POSITIVE)),
+            _ => (0.0, 0.0),
+        };
+        if let (Some(r), Some(s)) = (rank, &spectra[i]) {
+            rewrite(graph, c, s, r)?;
+        }
+        let params = rank.map_or(before, |r| (r * (c.n + c.k)) as u64);
+        report.params_before += before;
+        report.params += params;
+        report.layers.push(FactorLayer {
+            name: c.name.clone(),
+            n: c.n,
+            k: c.k,
+            rank,
+            bonds: vec![],
+            svd_relative_error: None,
+            params_before: before,
+            params,
+            error,
+            relative_error,
+            why_dense,
+            healed: None,
+        });
+    }
+    Ok(())
 }
 
 /// The candidate layers in the graph's order, and notes on the layers left out.
@@ -619,13 +704,14 @@ fn choose_ranks(
                 out[i] = if r > 0 && saves(r, c.n, c.k) { Ok(r) } else { Err(no_saving(r, c)) };
             }
         }
+        Target::Bond(b) => return Err(format!("bond={b} is method=tt's target, not the low-rank methods'")),
         Target::Rank(_) | Target::Energy(_) => {
             for &i in &free {
                 let (c, s) = (&candidates[i], spectra[i].as_ref().expect("a free layer has a spectrum"));
                 let r = match target {
                     Target::Energy(e) => s.rank_for_energy(e),
                     Target::Rank(r) => r.min(s.full_rank()),
-                    Target::Keep(_) => unreachable!("matched below"),
+                    Target::Keep(_) | Target::Bond(_) => unreachable!("matched elsewhere"),
                 };
                 out[i] = if saves(r, c.n, c.k) { Ok(r) } else { Err(no_saving(r, c)) };
             }
@@ -667,6 +753,217 @@ fn choose_ranks(
         }
     }
     Ok(out)
+}
+
+/// One layer's tensor train, made by [`trains`].
+struct Made {
+    train: Train,
+    /// The rebuilt weight's column scale, when whitened.
+    scale: Option<Vec<f32>>,
+    params: usize,
+    /// The train's error and the total, in the layer's error space; the SVD's error at the
+    /// rank storing at most `params`.
+    error: f64,
+    total: f64,
+    svd_error: f64,
+}
+
+/// The tensor trains' part of [`factorize`] (`method=tt`): for each layer the largest bond
+/// within the target, the TT-SVD (whitened when the layer has input statistics), its error
+/// beside the SVD's at the same parameter count, and the rewrite. Returns a note on how the
+/// trains run.
+fn trains(
+    graph: &mut Graph,
+    options: &FactorizeOptions,
+    candidates: &[Candidate],
+    grams: &[Option<Gram>],
+    fixed: &[Option<Fixed>],
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+    report: &mut FactorizeReport,
+) -> Result<String, String> {
+    let d = options.cores;
+    let done = AtomicUsize::new(0);
+    let total = candidates.iter().zip(fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
+    let made: Vec<Result<Made, String>> = candidates
+        .par_iter()
+        .zip(grams)
+        .zip(fixed)
+        .map(|((c, gram), fixed)| -> Result<Result<Made, String>, String> {
+            let (n, k) = (c.n, c.k);
+            let (outs, ins) = (modes(n, d), modes(k, d));
+            if outs.contains(&1) || ins.contains(&1) {
+                return Ok(Err(format!("[{n}, {k}] has no {d} factors above 1 on each side ({outs:?} x {ins:?})")));
+            }
+            let scale_len = if gram.is_some() { k } else { 0 };
+            let params_at = |b: usize| tt::params(&outs, &ins, &tt::bonds(&outs, &ins, b)) + scale_len;
+            let bond = match (fixed, options.target) {
+                (Some(Fixed::Dense), _) => return Ok(Err("--override dense".into())),
+                (Some(Fixed::Rank(b)), _) => *b,
+                (None, Target::Bond(b)) => b,
+                (None, Target::Keep(f)) => {
+                    let budget = f * (n * k) as f64;
+                    let most = n.max(k);
+                    match (1..=most).take_while(|&b| params_at(b) as f64 <= budget).last() {
+                        Some(b) => b,
+                        None => return Ok(Err(format!("keep={f}: bond 1 keeps {} values", params_at(1)))),
+                    }
+                }
+                (None, t) => return Err(format!("method=tt takes bond or keep, not {t:?}")),
+            };
+            let params = params_at(bond);
+            if params >= n * k {
+                return Ok(Err(format!("bond {bond} saves nothing on a [{n}, {k}] matrix ({params} values)")));
+            }
+            let h = gram.as_ref().map(|g| lowrank::damped(g, k)).transpose()?;
+            let name = &c.name;
+            let (train, scale) = match &h {
+                Some(h) => {
+                    let flat: Vec<f64> = (0..k * k).map(|at| h[(at / k, at % k)]).collect();
+                    let kron = Kronecker::new(&flat, &ins).map_err(|e| format!("layer {name}: {e}"))?;
+                    let (t, s) = Train::whitened(&c.values, &outs, &ins, bond, &kron)
+                        .map_err(|e| format!("layer {name}: {e}"))?;
+                    (t, Some(s))
+                }
+                None => (Train::new(&c.values, &outs, &ins, bond).map_err(|e| format!("layer {name}: {e}"))?, None),
+            };
+            // The errors in the layer's error space: `|dW L|^2` with `L L^T = H`.
+            let rebuilt = train.weight();
+            let column = |j: usize| scale.as_ref().map_or(1.0, |s| s[j] as f64);
+            let w = faer::Mat::<f64>::from_fn(n, k, |i, j| c.values[i * k + j] as f64);
+            let dw = faer::Mat::<f64>::from_fn(n, k, |i, j| w[(i, j)] - rebuilt[i * k + j] * column(j));
+            let (dw, w) = match &h {
+                Some(h) => {
+                    let llt =
+                        h.llt(faer::Side::Lower).map_err(|e| format!("layer {name}: no Cholesky factor: {e:?}"))?;
+                    (&dw * llt.L(), &w * llt.L())
+                }
+                None => (dw, w),
+            };
+            let sigma = w.singular_values().map_err(|e| format!("layer {name}: the SVD did not converge: {e:?}"))?;
+            let rank = params / (n + k);
+            let svd_error = sigma.iter().skip(rank).map(|s| s * s).sum();
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "tensor trains");
+            Ok(Ok(Made { train, scale, params, error: dw.squared_norm_l2(), total: w.squared_norm_l2(), svd_error }))
+        })
+        .collect::<Result<_, String>>()?;
+    let (mut chain, mut dense_macs) = (0u64, 0u64);
+    for (c, made) in candidates.iter().zip(made) {
+        let before = (c.n * c.k) as u64;
+        let layer = match made {
+            Ok(m) => {
+                rewrite_train(graph, c, &m.train, m.scale.as_deref())?;
+                chain += m.train.chain_macs() as u64;
+                dense_macs += before;
+                let relative = |e: f64| e / m.total.max(f64::MIN_POSITIVE);
+                FactorLayer {
+                    name: c.name.clone(),
+                    n: c.n,
+                    k: c.k,
+                    rank: m.train.cores.iter().map(|g| g.right).max(),
+                    bonds: m.train.cores[..m.train.cores.len() - 1].iter().map(|g| g.right).collect(),
+                    svd_relative_error: Some(relative(m.svd_error)),
+                    params_before: before,
+                    params: m.params as u64,
+                    error: m.error,
+                    relative_error: relative(m.error),
+                    why_dense: None,
+                    healed: None,
+                }
+            }
+            Err(why) => FactorLayer {
+                name: c.name.clone(),
+                n: c.n,
+                k: c.k,
+                rank: None,
+                bonds: vec![],
+                svd_relative_error: None,
+                params_before: before,
+                params: before,
+                error: 0.0,
+                relative_error: 0.0,
+                why_dense: Some(why),
+                healed: None,
+            },
+        };
+        report.params_before += layer.params_before;
+        report.params += layer.params;
+        report.layers.push(layer);
+    }
+    Ok(format!(
+        "method=tt: the cores are stored, and the engine rebuilds each weight once when it is built and runs it as a \
+         dense linear: contracting the cores with the activations instead would take {:.1}x the dense layers' \
+         multiply-adds per token ({chain} against {dense_macs})",
+        chain as f64 / dense_macs.max(1) as f64
+    ))
+}
+
+/// Replaces the layer's weight by its tensor train: the cores (and the column scale) become
+/// weights, and ops on them rebuild `W [n, k]`, which every linear that read the weight
+/// reads instead. For cores `G_1 .. G_d`:
+///
+/// ```text
+/// acc = reshape(G_1, [o_1 i_1, r_1])
+/// acc = reshape(matmul(acc, reshape(G_j, [r_(j-1), o_j i_j r_j])), [.. o_j i_j, r_j])   j = 2 .. d
+///       (the last matmul's `[.., o_d i_d]` not reshaped)
+/// W   = reshape(transpose(reshape(acc, [o_1, i_1, .., o_d, i_d]), [outs, then ins]), [n, k])
+/// W   = mul(W, s)                                                          with a scale s [k]
+/// ```
+///
+/// The layer's entry becomes its `tt_core`s in order, and its `column_scale`.
+fn rewrite_train(graph: &mut Graph, c: &Candidate, train: &Train, scale: Option<&[f32]>) -> Result<(), String> {
+    let tensor = &c.tensor;
+    let scope = graph.node(c.weight).scope.clone();
+    let fail = |e: kiln_ir::GraphError| format!("factorizing {} as a tensor train: {e}", c.name);
+    let dims = |d: &[usize]| -> kiln_ir::Shape { d.iter().map(|&x| kiln_ir::Dim::Known(x as u64)).collect() };
+    let mut weights = Vec::new();
+    let mut acc: Option<(NodeId, usize)> = None; // the value so far, and its rows (o_1 i_1 .. o_j i_j)
+    for (j, g) in train.cores.iter().enumerate() {
+        let values: Vec<f32> = g.values.iter().map(|&v| v as f32).collect();
+        let shape = vec![g.left as u64, g.out as u64, g.inp as u64, g.right as u64];
+        let core = graph.add_weight(&format!("{tensor}.tt_core{j}"), TensorData::from_f32(shape, &values), &scope);
+        weights.push((Role::TtCore, core));
+        let size = g.out * g.inp;
+        acc = Some(match acc {
+            None => {
+                let a =
+                    graph.add(Op::Reshape { shape: dims(&[size, g.right]) }, &[core], &scope, None).map_err(fail)?;
+                (a, size)
+            }
+            Some((a, rows)) => {
+                let b = graph
+                    .add(Op::Reshape { shape: dims(&[g.left, size * g.right]) }, &[core], &scope, None)
+                    .map_err(fail)?;
+                let ab = graph.add(Op::MatMul, &[a, b], &scope, None).map_err(fail)?;
+                if j + 1 == train.cores.len() {
+                    (ab, rows * size) // `[.., o_d i_d]`: reshaped whole below
+                } else {
+                    let shape = dims(&[rows * size, g.right]);
+                    (graph.add(Op::Reshape { shape }, &[ab], &scope, None).map_err(fail)?, rows * size)
+                }
+            }
+        });
+    }
+    let (acc, _) = acc.ok_or_else(|| format!("layer {}: a train without cores", c.name))?;
+    let d = train.cores.len();
+    let interleaved: Vec<usize> = train.cores.iter().flat_map(|g| [g.out, g.inp]).collect();
+    let t = graph.add(Op::Reshape { shape: dims(&interleaved) }, &[acc], &scope, None).map_err(fail)?;
+    let perm: Vec<usize> = (0..d).map(|j| 2 * j).chain((0..d).map(|j| 2 * j + 1)).collect();
+    let t = graph.add(Op::Transpose { perm }, &[t], &scope, None).map_err(fail)?;
+    let mut w = graph.add(Op::Reshape { shape: dims(&[c.n, c.k]) }, &[t], &scope, None).map_err(fail)?;
+    if let Some(s) = scale {
+        let s = graph.add_weight(&format!("{tensor}.column_scale"), TensorData::from_f32(vec![c.k as u64], s), &scope);
+        weights.push((Role::ColumnScale, s));
+        w = graph.add(Op::Binary(kiln_ir::BinaryOp::Mul), &[w, s], &scope, None).map_err(fail)?;
+    }
+    for &linear in &c.linears {
+        let mut operands = graph.operands(linear);
+        operands[1] = w;
+        let scope = graph.node(linear).scope.clone();
+        let y = graph.add(Op::Linear { activations: Activations::F32 }, &operands, &scope, None).map_err(fail)?;
+        graph.replace_uses(linear, y);
+    }
+    graph.layers.insert(c.name.clone(), Layer { weights });
+    Ok(())
 }
 
 /// Heals the factors `factorize` wrote ([`crate::heal`]): one site per input of factored

@@ -9,8 +9,8 @@
 //! factor or correct its weights. The table lives on the [`Graph`] (`graph.layers`),
 //! prints as `layer` lines in the text form and is checked by the verifier: every entry
 //! names a `weight` node of the graph, each layer has exactly one [`Role::Main`] weight
-//! (or, factorized, a `lowrank_u` and a `lowrank_v` instead), and no node has two roles
-//! in one layer. One weight node may be read by several nodes
+//! (or, factorized, a `lowrank_u` and a `lowrank_v`, or a tensor train's `tt_core`s,
+//! instead), and no node has two roles in one layer. One weight node may be read by several nodes
 //! (a tied embedding that is also the output head); it is still one layer.
 //!
 //! # Names
@@ -29,6 +29,11 @@
 //! - `lowrank_u`, `lowrank_v`: the factors `U [n, r]` and `V [r, k]` of a factorized
 //!   weight `W ~ U V`, read by two linears (`U (V x)`); they replace the main weight, so a
 //!   factorized layer has no `main` entry.
+//! - `tt_core`, `column_scale`: a tensor train's cores `G_j [r_(j-1), o_j, i_j, r_j]`, in
+//!   the order they contract, and an optional scale `s [in]` of the rebuilt weight's
+//!   columns; ops on the weight side rebuild `W [out, in]` from them, which the layer's
+//!   linears read (`factorize(method=tt)` documents the chain). They replace the main
+//!   weight too.
 //!
 //! A sparse weight has no role of its own: its mask is one of the tensors of its weight
 //! node ([`crate::sparse`]), so a pruned layer's main weight is simply a sparse weight.
@@ -55,10 +60,12 @@ pub enum Role {
     CorrectionB,
     SharedBase,
     Delta,
+    TtCore,
+    ColumnScale,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 9] = [
         Role::Main,
         Role::LowRankU,
         Role::LowRankV,
@@ -66,6 +73,8 @@ impl Role {
         Role::CorrectionB,
         Role::SharedBase,
         Role::Delta,
+        Role::TtCore,
+        Role::ColumnScale,
     ];
 
     /// The role's stable name in the text form.
@@ -78,6 +87,8 @@ impl Role {
             Role::CorrectionB => "correction_b",
             Role::SharedBase => "shared_base",
             Role::Delta => "delta",
+            Role::TtCore => "tt_core",
+            Role::ColumnScale => "column_scale",
         }
     }
 
@@ -114,6 +125,11 @@ impl Layer {
     /// Whether the layer is factorized: no main weight, one `lowrank_u` and one `lowrank_v`.
     pub fn is_factored(&self) -> bool {
         self.main().is_none() && self.role(Role::LowRankU).count() == 1 && self.role(Role::LowRankV).count() == 1
+    }
+
+    /// Whether the layer is a tensor train: no main weight, and at least two `tt_core`s.
+    pub fn is_train(&self) -> bool {
+        self.main().is_none() && self.role(Role::TtCore).count() >= 2
     }
 
     /// The weights in `role`, in recorded order.
@@ -189,7 +205,7 @@ impl LayerTable {
         for layer in self.layers.values_mut() {
             layer.weights.retain(|&(_, n)| n != id);
         }
-        self.layers.retain(|_, l| l.main().is_some() || l.is_factored());
+        self.layers.retain(|_, l| l.main().is_some() || l.is_factored() || l.is_train());
     }
 
     /// The main weight of layer `name`.

@@ -191,11 +191,11 @@ fn verifier_checks_the_layer_table() {
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = main %10, main %6\n")),
-        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v), this one has 2"
+        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores), this one has 2"
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = delta %10\n")),
-        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v), this one has 0"
+        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores), this one has 0"
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = main %10, shared_base %10\n")),
