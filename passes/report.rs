@@ -53,6 +53,7 @@ fn factorize_json(f: &FactorizeReport) -> Json {
         .map(|l| {
             json!({
                 "scope": l.name, "n": l.n, "k": l.k, "rank": l.rank,
+                "bonds": (!l.bonds.is_empty()).then_some(&l.bonds), "svd_relative_error": l.svd_relative_error,
                 "params_before": l.params_before, "params": l.params,
                 "error": l.error, "relative_error": l.relative_error, "dense_because": l.why_dense,
                 "healed": l.healed.as_ref().map(|h| json!({

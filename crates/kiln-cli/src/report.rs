@@ -1,6 +1,7 @@
 //! `kiln report ARTIFACT [--json] [--plot FILE.svg]`: what the passes did, layer by layer,
 //! read from the reports stored in the artifact (`kiln.passes`): the formats of the last
-//! quantize (or the weights as stored), and the ranks of the last factorize.
+//! quantize (or the weights as stored), and the ranks (or a tensor train's bonds) of the
+//! last factorize.
 
 use kiln_ir::{Op, Role};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
@@ -49,7 +50,9 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
                 "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
+                "bonds": f.map(|f| f["bonds"].clone()),
                 "rank_error": f.map(|f| f["relative_error"].clone()),
+                "svd_error": f.map(|f| f["svd_relative_error"].clone()),
                 "healed": f.map(|f| f["healed"].clone()),
                 "params_before": params_before, "params_after": params_after,
             })
@@ -90,11 +93,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     let calls: Vec<&str> = passes.as_array().into_iter().flatten().filter_map(|p| p["call"].as_str()).collect();
     println!("{}: passes {}", path.display(), if calls.is_empty() { "none".to_string() } else { calls.join("; ") });
     let ranks = factorize.is_some();
+    let trains = factorize.is_some_and(|f| f["report"]["method"] == "tt");
     let mut header =
         format!("{:<28} {:<12} {:>6} {:>12} {:>12} {:>10}", "scope", "format", "bits", "bytes", "sensitivity", "error");
     let healed = factorize.is_some_and(|f| !f["report"]["heal"].is_null());
     if ranks {
-        header += &format!(" {:>6} {:>13} {:>12} {:>10}", "rank", "params before", "params after", "rank error");
+        let rank = if trains { "bonds" } else { "rank" };
+        header += &format!(" {rank:>6} {:>13} {:>12} {:>10}", "params before", "params after", "rank error");
+    }
+    if trains {
+        header += &format!(" {:>10}", "SVD error");
     }
     if healed {
         header += &format!(" {:>13}", "healed error");
@@ -112,8 +120,12 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             num(&l["error"], 2),
         );
         if ranks {
-            // A rank, "dense" (a candidate left dense), or "-" (not a candidate).
+            // A rank, a train's bonds, "dense" (a candidate left dense), or "-" (not a
+            // candidate).
+            let bonds: Vec<String> =
+                l["bonds"].as_array().into_iter().flatten().filter_map(|b| Some(b.as_u64()?.to_string())).collect();
             let rank = match &l["rank"] {
+                Json::Number(_) if !bonds.is_empty() => bonds.join("x"),
                 Json::Number(r) => r.to_string(),
                 Json::String(s) => s.clone(),
                 _ => "-".to_string(),
@@ -125,6 +137,9 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 count(&l["params_after"]),
                 num(&l["rank_error"], 2)
             );
+        }
+        if trains {
+            row += &format!(" {:>10}", num(&l["svd_error"], 2));
         }
         if healed {
             // The refit's layer-wise error over the one-shot factors' (on the inputs of the
@@ -146,10 +161,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             f["report"]["method"].as_str().unwrap_or("?"),
             100.0 * ratio
         );
+        let counted = if trains { "the cores' values and the column scale" } else { "rank * (rows + columns)" };
         println!(
-            "parameters of the {} factorize candidates: {before} before, {after} after (ratio {ratio:.4}); params after: rank * (rows + columns), or rows * columns for a candidate left dense",
+            "parameters of the {} factorize candidates: {before} before, {after} after (ratio {ratio:.4}); params after: {counted}, or rows * columns for a candidate left dense",
             candidates.len()
         );
+        if trains {
+            println!(
+                "bonds: a tensor train's bonds between its cores; SVD error: the rank error of the SVD (whitened as the train is) at the rank storing at most the train's parameters"
+            );
+        }
         let heal = &f["report"]["heal"];
         if let (Some(before), Some(after)) = (heal["probe_before"].as_f64(), heal["probe_after"].as_f64()) {
             println!(
@@ -203,6 +224,15 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
                     }
                     _ => continue,
                 },
+                // A tensor train: cores [r, o, i, r'], the shape their products make.
+                _ if layer.is_train() => {
+                    let cores: Vec<Vec<u64>> = layer.role(Role::TtCore).map(shape).collect();
+                    let (n, k) =
+                        cores.iter().fold((1, 1), |(n, k), c| (n * c.get(1).unwrap_or(&1), k * c.get(2).unwrap_or(&1)));
+                    let bonds: Vec<String> =
+                        cores.iter().skip(1).map(|c| c.first().unwrap_or(&0).to_string()).collect();
+                    (n * k, format!("f32 train {}", bonds.join("x")))
+                }
                 _ => continue,
             };
         let layer_bytes: u64 = layer.weights.iter().map(|&(_, id)| stored(id)).sum();
@@ -353,10 +383,21 @@ fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
         let (rows, cols) = (l["n"].as_u64().unwrap_or(0), l["k"].as_u64().unwrap_or(0));
         let full = rows.min(cols).max(1);
         let rank = l["rank"].as_u64();
-        let frac = rank.map_or(1.0, |r| (r as f64 / full as f64).min(1.0));
+        // A train: its parameters over the layer's, as a rank's over the full rank's.
+        let bonds: Vec<String> =
+            l["bonds"].as_array().into_iter().flatten().filter_map(|b| Some(b.as_u64()?.to_string())).collect();
+        let kept = match (l["params"].as_u64(), l["params_before"].as_u64()) {
+            (Some(a), Some(b)) if !bonds.is_empty() => Some(a as f64 / b.max(1) as f64),
+            _ => None,
+        };
+        let frac = kept.unwrap_or_else(|| rank.map_or(1.0, |r| r as f64 / full as f64)).min(1.0);
         let (x, bar_w) = (left + i as f64 * step + step * 0.1, (step * 0.8).max(0.5));
         let y = y_of(frac);
         let (style, what) = match rank {
+            Some(_) if !bonds.is_empty() => (
+                "fill=\"#2e86c1\"",
+                format!("train of bonds {}: {:.1}% of the parameters", bonds.join("x"), 100.0 * frac),
+            ),
             Some(r) => ("fill=\"#2e86c1\"", format!("rank {r} of {full}")),
             None => ("fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"", format!("dense (full rank {full})")),
         };

@@ -1010,6 +1010,83 @@ fn the_interpreter_runs_int8_activations_as_the_jit() {
     assert!(table.contains("quantized weights: int8-row (linears: 2 int8-row)"), "{table}");
 }
 
+/// `factorize(method=tt)` end to end: the artifact stores the cores, both engines run the
+/// train (the JIT on the weight it rebuilds at build, with no op of the chain per run), and
+/// the report gives each layer's bonds, its parameters as the artifact stores them, and the
+/// SVD's error beside the train's.
+#[test]
+fn tensor_trains_compile_run_and_report() {
+    let dir = scratch("tensor-train");
+    let model = dir.join("mlp.kiln");
+    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
+    std::fs::write(&model, source).unwrap();
+    let mut rng = kiln_tests::Rng::new(5);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let weights = dir.join("mlp.safetensors");
+    write_safetensors(
+        &weights,
+        &[
+            f32s("up.weight", &[96, 64], &values(96 * 64)),
+            f32s("up.bias", &[96], &values(96)),
+            f32s("down.weight", &[64, 96], &values(64 * 96)),
+            f32s("down.bias", &[64], &values(64)),
+        ],
+    );
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let artifact = dir.join("mlp-tt.kiln");
+    let run = |extra: &[&str]| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&[&["run", &s(&artifact), "-i", &s(&input), "-o", &s(&out)][..], extra].concat());
+        as_f32(&read_safetensors(&out)[0])
+    };
+    ok(&["compile", &s(&model), "-w", &s(&weights), "-o", &s(&artifact)]);
+    let dense = run(&[]);
+    ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", "factorize(method=tt, bond=3)", "-o", &s(&artifact)]);
+    let (interp, jit) = (run(&["--engine", "interp"]), run(&["--engine", "jit"]));
+    let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "the JIT's train is {worst} from the interpreter's");
+    let moved = interp.iter().zip(&dense).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-2, "bond 3 changes the model ({moved})");
+
+    // The stored cores: 96 = 4 x 4 x 6 by 64 = 4 x 4 x 4, bonds 3 and 3.
+    let ir = ok(&["ir", &s(&artifact)]);
+    let stored = |layer: &str| -> u64 {
+        ir.lines()
+            .filter(|l| l.contains(&format!("weight \"{layer}.weight.tt_core")))
+            .map(|l| {
+                let dims = l.rsplit_once("f32[").and_then(|(_, d)| d.split_once(']')).map(|(d, _)| d).unwrap_or("");
+                dims.split(", ").map(|d| d.parse::<u64>().unwrap_or(0)).product::<u64>()
+            })
+            .sum()
+    };
+    assert_eq!(stored("up"), 4 * 4 * 3 + 3 * 4 * 4 * 3 + 3 * 6 * 4, "{ir}");
+    assert_eq!(stored("down"), 4 * 4 * 3 + 3 * 4 * 4 * 3 + 3 * 4 * 6, "{ir}");
+    let json: serde_json::Value = serde_json::from_str(ok(&["report", &s(&artifact), "--json"]).trim()).unwrap();
+    for (layer, n, k) in [("up", 96u64, 64u64), ("down", 64, 96)] {
+        let row = json["layers"].as_array().unwrap().iter().find(|l| l["scope"] == layer).cloned().unwrap_or_default();
+        assert_eq!(row["format"], "f32 train 3x3", "{json}");
+        assert_eq!(row["bonds"], serde_json::json!([3, 3]), "{json}");
+        assert_eq!(row["params_before"].as_u64(), Some(n * k), "{json}");
+        assert_eq!(row["params_after"].as_u64(), Some(stored(layer)), "{json}");
+        let (tt, svd) = (row["rank_error"].as_f64().unwrap_or(0.0), row["svd_error"].as_f64().unwrap_or(0.0));
+        assert!(tt > 0.0 && tt < 1.0 && svd > 0.0 && svd < 1.0, "{json}");
+    }
+    let table = ok(&["report", &s(&artifact)]);
+    assert!(table.contains("bonds") && table.contains("SVD error") && table.contains(" 3x3 "), "{table}");
+    assert!(table.contains("the engine rebuilds each weight once"), "the report says how trains run: {table}");
+    // The chain runs once, at build: the profile has the two linears and no op of it.
+    let path = s(&artifact);
+    let bench = ["bench", path.as_str(), "--shape", "batch=2", "--runs", "3", "--warmup", "0", "--profile"];
+    let profile = kiln(&bench);
+    assert!(profile.status.success(), "{}", describe(&bench, &profile));
+    let profile = String::from_utf8_lossy(&profile.stderr).into_owned();
+    for op in ["matmul", "reshape", "transpose", " mul "] {
+        assert!(!profile.contains(op), "{op} runs per call:\n{profile}");
+    }
+    assert_eq!(profile.lines().filter(|l| l.contains("  linear ")).count(), 2, "{profile}");
+}
+
 /// The fixture's prompt, as text through the GGUF's tokenizer, continues greedily into
 /// PyTorch's tokens; the same holds from the prompt's ids.
 #[test]
