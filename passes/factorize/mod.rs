@@ -67,8 +67,7 @@ impl Pass for Factorize {
     /// Healing judges every refit end to end; `allocate=errors` weighs each kind of
     /// layer's errors by their measured effect on the model.
     fn probes(options: &FactorizeOptions) -> bool {
-        options.heal.is_some()
-            || options.allocation == Allocation::Errors && !matches!(options.method, Method::Svd | Method::Tt)
+        options.heal.is_some() || options.allocation == Allocation::Errors && options.method != Method::Svd
     }
 
     fn run(graph: &mut Graph, options: &FactorizeOptions, ctx: &Context) -> Result<PassReport, PassError> {
@@ -288,14 +287,7 @@ impl Options for FactorizeOptions {
             _ => return Err(args.error("give one of rank, energy and keep")),
         };
         let allocation = match args.text("allocate") {
-            None if calibrated && !matches!(method, Method::Svd | Method::Tt) && matches!(target, Target::Keep(_)) => {
-                Allocation::Errors
-            }
-            Some("errors") if tt => {
-                return Err(args.error(
-                    "method=tt spreads keep=F by layer (allocate=uniform): its bonds are not allocated across layers yet",
-                ));
-            }
+            None if calibrated && method != Method::Svd && matches!(target, Target::Keep(_)) => Allocation::Errors,
             None | Some("uniform") => Allocation::Uniform,
             Some("errors") => Allocation::Errors,
             Some(v) => return Err(args.invalid("allocate", v)),
@@ -416,8 +408,7 @@ pub fn factorize(
         notes: vec![],
     };
     if options.method == Method::Tt {
-        let note = trains(graph, options, &candidates, &grams, &fixed, progress, &mut report).map_err(fail)?;
-        notes.push(note);
+        trains(graph, options, &candidates, &grams, &fixed, probe, progress, &mut notes, &mut report).map_err(fail)?;
     } else {
         low_rank(graph, options, &candidates, &grams, &fixed, probe, progress, &mut notes, &mut report)
             .map_err(fail)?;
@@ -475,7 +466,8 @@ fn low_rank(
 
     let ranks = match (options.target, options.allocation, probe) {
         (Target::Keep(keep), Allocation::Errors, Some(probe)) => {
-            let (ranks, note) = probed_allocation(graph, candidates, &spectra, fixed, keep, probe, progress)?;
+            let ranks = Ranks { candidates, spectra: &spectra, fixed, keep };
+            let (ranks, note) = probed_allocation(graph, candidates, &ranks, probe, progress)?;
             notes.push(note);
             ranks
         }
@@ -577,9 +569,7 @@ const GAIN_ROUNDS: usize = 2;
 fn probed_allocation(
     graph: &Graph,
     candidates: &[Candidate],
-    spectra: &[Option<Spectrum>],
-    fixed: &[Option<Fixed>],
-    keep: f64,
+    allocator: &dyn Allocator,
     probe: &crate::Probe<'_>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<(Vec<Result<usize, String>>, String), String> {
@@ -588,15 +578,24 @@ fn probed_allocation(
     names.sort();
     names.dedup();
     let with = |ranks: &[Result<usize, String>], only: Option<&String>| -> Result<Graph, String> {
+        let picked: Vec<Result<usize, String>> = ranks
+            .iter()
+            .enumerate()
+            .map(|(j, r)| match r {
+                Ok(r) if only.is_none_or(|k| kinds[j] == *k) => Ok(*r),
+                _ => Err(String::new()),
+            })
+            .collect();
+        allocator.prepare(&picked)?;
         let mut g = graph.clone();
         for (j, c) in candidates.iter().enumerate() {
-            if let (Ok(r), Some(s), true) = (&ranks[j], &spectra[j], only.is_none_or(|k| kinds[j] == *k)) {
-                rewrite(&mut g, c, s, *r)?;
+            if let Ok(r) = picked[j] {
+                allocator.rewrite(&mut g, c, j, r)?;
             }
         }
         Ok(g)
     };
-    let uniform = choose_ranks(candidates, spectra, fixed, Target::Keep(keep), Allocation::Uniform, None)?;
+    let uniform = allocator.allocate(None)?;
     let mut gain_of: std::collections::HashMap<&String, f64> = Default::default();
     let mut tried = vec![("uniform".to_string(), uniform.clone())];
     let mut at = uniform;
@@ -606,7 +605,7 @@ fn probed_allocation(
             progress(round * names.len() + i, steps, &format!("probing {kind}"));
             let error: f64 = (0..candidates.len())
                 .filter(|&j| kinds[j] == **kind)
-                .filter_map(|j| Some(spectra[j].as_ref()?.error(*at[j].as_ref().ok()?)))
+                .filter_map(|j| allocator.error(j, *at[j].as_ref().ok()?))
                 .sum();
             // A kind the last allocation left dense keeps its gain.
             if error > 0.0 {
@@ -615,7 +614,7 @@ fn probed_allocation(
             }
         }
         let gains: Vec<f64> = kinds.iter().map(|k| gain_of.get(k).copied().unwrap_or(0.0)).collect();
-        at = choose_ranks(candidates, spectra, fixed, Target::Keep(keep), Allocation::Errors, Some(&gains))?;
+        at = allocator.allocate(Some(&gains))?;
         tried.push((format!("gains of round {}", round + 1), at.clone()));
     }
     let mut best: Option<(f64, usize)> = None;
@@ -635,6 +634,41 @@ fn probed_allocation(
         tried[pick].0
     );
     Ok((tried.swap_remove(pick).1, note))
+}
+
+/// What [`probed_allocation`] needs of a method: each layer's error at a choice (a rank, or
+/// a train's largest bond), allocations under the budget (`None`: the uniform one), and the
+/// rewrite of one layer at one choice.
+trait Allocator: Sync {
+    fn error(&self, layer: usize, choice: usize) -> Option<f64>;
+    fn allocate(&self, gains: Option<&[f64]>) -> Result<Vec<Result<usize, String>>, String>;
+    /// Makes ready what rewriting these choices needs (in parallel, where that is slow).
+    fn prepare(&self, _choices: &[Result<usize, String>]) -> Result<(), String> {
+        Ok(())
+    }
+    fn rewrite(&self, graph: &mut Graph, c: &Candidate, layer: usize, choice: usize) -> Result<(), String>;
+}
+
+/// The low-rank methods' [`Allocator`]: ranks by [`choose_ranks`] on the layers' spectra.
+struct Ranks<'a> {
+    candidates: &'a [Candidate],
+    spectra: &'a [Option<Spectrum>],
+    fixed: &'a [Option<Fixed>],
+    keep: f64,
+}
+
+impl Allocator for Ranks<'_> {
+    fn error(&self, layer: usize, rank: usize) -> Option<f64> {
+        Some(self.spectra[layer].as_ref()?.error(rank))
+    }
+    fn allocate(&self, gains: Option<&[f64]>) -> Result<Vec<Result<usize, String>>, String> {
+        let how = if gains.is_some() { Allocation::Errors } else { Allocation::Uniform };
+        choose_ranks(self.candidates, self.spectra, self.fixed, Target::Keep(self.keep), how, gains)
+    }
+    fn rewrite(&self, graph: &mut Graph, c: &Candidate, layer: usize, rank: usize) -> Result<(), String> {
+        let s = self.spectra[layer].as_ref().ok_or_else(|| format!("layer {}: no spectrum", c.name))?;
+        rewrite(graph, c, s, rank)
+    }
 }
 
 /// Per candidate, the rank to keep or why it stays dense. `gains` (per candidate) scale the
@@ -755,83 +789,246 @@ fn choose_ranks(
     Ok(out)
 }
 
-/// One layer's tensor train, made by [`trains`].
-struct Made {
-    train: Train,
-    /// The rebuilt weight's column scale, when whitened.
-    scale: Option<Vec<f32>>,
-    params: usize,
-    /// The train's error and the total, in the layer's error space; the SVD's error at the
-    /// rank storing at most `params`.
-    error: f64,
-    total: f64,
-    svd_error: f64,
+/// What one layer's trains are made from: its modes, its input Gram (damped) and the
+/// Kronecker whitening of it, and with `allocate=errors` the spectra of its unfoldings.
+struct Setup {
+    outs: Vec<usize>,
+    ins: Vec<usize>,
+    gram: Option<faer::Mat<f64>>,
+    whitening: Option<Kronecker>,
+    unfoldings: Vec<Vec<f64>>,
 }
 
-/// The tensor trains' part of [`factorize`] (`method=tt`): for each layer the largest bond
-/// within the target, the TT-SVD (whitened when the layer has input statistics), its error
-/// beside the SVD's at the same parameter count, and the rewrite. Returns a note on how the
-/// trains run.
+impl Setup {
+    /// The values stored at largest bond `b`: the cores, and the column scale if whitened.
+    fn params(&self, b: usize) -> usize {
+        tt::params(&self.outs, &self.ins, &tt::bonds(&self.outs, &self.ins, b))
+            + self.whitening.as_ref().map_or(0, |w| w.columns.len())
+    }
+
+    /// The largest bond whose train stores at most `budget` values.
+    fn bond_within(&self, budget: f64) -> Option<usize> {
+        let most = self.outs.iter().product::<usize>().max(self.ins.iter().product());
+        (1..=most).take_while(|&b| self.params(b) as f64 <= budget).last()
+    }
+
+    /// The train at largest bond `b`, and its column scale.
+    fn make(&self, c: &Candidate, b: usize) -> Result<(Train, Option<Vec<f32>>), String> {
+        let name = &c.name;
+        match &self.whitening {
+            Some(w) => Train::whitened(&c.values, &self.outs, &self.ins, b, w)
+                .map(|(t, s)| (t, Some(s)))
+                .map_err(|e| format!("layer {name}: {e}")),
+            None => {
+                Ok((Train::new(&c.values, &self.outs, &self.ins, b).map_err(|e| format!("layer {name}: {e}"))?, None))
+            }
+        }
+    }
+}
+
+/// The trains' [`Allocator`]: largest bonds under the budget, errors estimated from the
+/// layers' unfoldings, trains made once per layer and bond.
+struct Bonds<'a> {
+    candidates: &'a [Candidate],
+    setups: &'a [Result<Setup, String>],
+    fixed: &'a [Option<Fixed>],
+    keep: f64,
+    made: std::sync::Mutex<std::collections::HashMap<(usize, usize), Made>>,
+}
+
+/// A train and its column scale (when whitened), shared by the graphs of the probes.
+type Made = std::sync::Arc<(Train, Option<Vec<f32>>)>;
+
+impl Bonds<'_> {
+    fn train(&self, layer: usize, bond: usize) -> Result<Made, String> {
+        let key = (layer, bond);
+        if let Some(t) = self.made.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(t.clone());
+        }
+        let setup =
+            self.setups[layer].as_ref().map_err(|why| format!("layer {}: {why}", self.candidates[layer].name))?;
+        let t = std::sync::Arc::new(setup.make(&self.candidates[layer], bond)?);
+        self.made.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// Per layer, the fixed bond or why it stays dense, `None` where the allocation chooses.
+    fn pinned(&self, layer: usize) -> Option<Result<usize, String>> {
+        match (&self.setups[layer], self.fixed[layer]) {
+            (Err(why), _) => Some(Err(why.clone())),
+            (_, Some(Fixed::Dense)) => Some(Err("--override dense".into())),
+            (Ok(_), Some(Fixed::Rank(b))) => Some(Ok(b)),
+            (Ok(_), None) => None,
+        }
+    }
+}
+
+impl Allocator for Bonds<'_> {
+    fn error(&self, layer: usize, bond: usize) -> Option<f64> {
+        let s = self.setups[layer].as_ref().ok()?;
+        Some(tt::estimate(&s.unfoldings, &tt::bonds(&s.outs, &s.ins, bond)))
+    }
+
+    fn allocate(&self, gains: Option<&[f64]>) -> Result<Vec<Result<usize, String>>, String> {
+        let n = self.candidates.len();
+        let dense = |j: usize| (self.candidates[j].n * self.candidates[j].k) as f64;
+        let mut out: Vec<Option<Result<usize, String>>> = (0..n).map(|j| self.pinned(j)).collect();
+        let Some(gains) = gains else {
+            // Uniform: each layer's largest bond within the fraction of its own parameters.
+            return Ok((0..n)
+                .map(|j| match out[j].take() {
+                    Some(r) => r,
+                    None => {
+                        let s = self.setups[j].as_ref().expect("a free layer has a setup");
+                        s.bond_within(self.keep * dense(j))
+                            .ok_or_else(|| format!("keep={}: bond 1 keeps {} values", self.keep, s.params(1)))
+                    }
+                })
+                .collect());
+        };
+        let spent = |j: usize, r: &Result<usize, String>| match (r, &self.setups[j]) {
+            (Ok(b), Ok(s)) => s.params(*b) as f64,
+            _ => dense(j),
+        };
+        let fixed: f64 = (0..n).filter_map(|j| out[j].as_ref().map(|r| spent(j, r))).sum();
+        let budget = (self.keep * (0..n).map(dense).sum::<f64>() - fixed).max(0.0) * 32.0;
+        let free: Vec<usize> = (0..n).filter(|&j| out[j].is_none()).collect();
+        let mut grids = Vec::new();
+        let knapsack: Vec<Knapsack> = free
+            .iter()
+            .map(|&j| {
+                let s = self.setups[j].as_ref().expect("a free layer has a setup");
+                // Bonds 1 to 7, then every 4th, while the train saves; one bond per size.
+                let mut grid: Vec<usize> =
+                    (1..8).chain((8..).step_by(4)).take_while(|&b| s.params(b) < dense(j) as usize).collect();
+                grid.dedup_by_key(|b| s.params(*b));
+                let mut choices = vec![Choice { bits: 32 * dense(j) as u64, sensitivity: 0.0 }];
+                choices.extend(grid.iter().map(|&b| Choice {
+                    bits: 32 * s.params(b) as u64,
+                    sensitivity: gains[j] * self.error(j, b).unwrap_or(f64::INFINITY),
+                }));
+                grids.push(grid);
+                Knapsack { choices, fixed: None }
+            })
+            .collect();
+        let picked = allocate::allocate(&knapsack, budget as u64).map_err(|e| format!("keep={}: {e}", self.keep))?;
+        for ((&j, &pick), grid) in free.iter().zip(&picked.picks).zip(&grids) {
+            out[j] = Some(match pick {
+                0 => Err(format!("keep={}: the allocation keeps it dense", self.keep)),
+                p => Ok(grid[p - 1]),
+            });
+        }
+        Ok(out.into_iter().map(|r| r.expect("every layer decided")).collect())
+    }
+
+    fn prepare(&self, choices: &[Result<usize, String>]) -> Result<(), String> {
+        choices
+            .par_iter()
+            .enumerate()
+            .filter_map(|(j, b)| Some((j, *b.as_ref().ok()?)))
+            .try_for_each(|(j, b)| self.train(j, b).map(|_| ()))
+    }
+
+    fn rewrite(&self, graph: &mut Graph, c: &Candidate, layer: usize, bond: usize) -> Result<(), String> {
+        let made = self.train(layer, bond)?;
+        rewrite_train(graph, c, &made.0, made.1.as_deref())
+    }
+}
+
+/// The tensor trains' part of [`factorize`] (`method=tt`): each layer's largest bond (the
+/// target's, or allocated under `keep=F` as the low-rank methods' ranks are), the TT-SVD
+/// (whitened when the layer has input statistics), its error beside the SVD's at the same
+/// parameter count, and the rewrite. Returns a note on how the trains run.
+#[allow(clippy::too_many_arguments)]
 fn trains(
     graph: &mut Graph,
     options: &FactorizeOptions,
     candidates: &[Candidate],
     grams: &[Option<Gram>],
     fixed: &[Option<Fixed>],
+    probe: Option<&crate::Probe<'_>>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
+    notes: &mut Vec<String>,
     report: &mut FactorizeReport,
-) -> Result<String, String> {
+) -> Result<(), String> {
     let d = options.cores;
+    let allocating = matches!(options.target, Target::Keep(_)) && options.allocation == Allocation::Errors;
     let done = AtomicUsize::new(0);
     let total = candidates.iter().zip(fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
-    let made: Vec<Result<Made, String>> = candidates
+    let setups: Vec<Result<Setup, String>> = candidates
         .par_iter()
         .zip(grams)
         .zip(fixed)
-        .map(|((c, gram), fixed)| -> Result<Result<Made, String>, String> {
+        .map(|((c, gram), fixed)| -> Result<Result<Setup, String>, String> {
             let (n, k) = (c.n, c.k);
             let (outs, ins) = (modes(n, d), modes(k, d));
+            if *fixed == Some(Fixed::Dense) {
+                return Ok(Err("--override dense".into()));
+            }
             if outs.contains(&1) || ins.contains(&1) {
                 return Ok(Err(format!("[{n}, {k}] has no {d} factors above 1 on each side ({outs:?} x {ins:?})")));
             }
-            let scale_len = if gram.is_some() { k } else { 0 };
-            let params_at = |b: usize| tt::params(&outs, &ins, &tt::bonds(&outs, &ins, b)) + scale_len;
-            let bond = match (fixed, options.target) {
-                (Some(Fixed::Dense), _) => return Ok(Err("--override dense".into())),
-                (Some(Fixed::Rank(b)), _) => *b,
-                (None, Target::Bond(b)) => b,
-                (None, Target::Keep(f)) => {
-                    let budget = f * (n * k) as f64;
-                    let most = n.max(k);
-                    match (1..=most).take_while(|&b| params_at(b) as f64 <= budget).last() {
-                        Some(b) => b,
-                        None => return Ok(Err(format!("keep={f}: bond 1 keeps {} values", params_at(1)))),
-                    }
-                }
-                (None, t) => return Err(format!("method=tt takes bond or keep, not {t:?}")),
-            };
-            let params = params_at(bond);
-            if params >= n * k {
-                return Ok(Err(format!("bond {bond} saves nothing on a [{n}, {k}] matrix ({params} values)")));
-            }
-            let h = gram.as_ref().map(|g| lowrank::damped(g, k)).transpose()?;
             let name = &c.name;
-            let (train, scale) = match &h {
+            let gram = gram.as_ref().map(|g| lowrank::damped(g, k)).transpose()?;
+            let whitening = match &gram {
                 Some(h) => {
                     let flat: Vec<f64> = (0..k * k).map(|at| h[(at / k, at % k)]).collect();
-                    let kron = Kronecker::new(&flat, &ins).map_err(|e| format!("layer {name}: {e}"))?;
-                    let (t, s) = Train::whitened(&c.values, &outs, &ins, bond, &kron)
-                        .map_err(|e| format!("layer {name}: {e}"))?;
-                    (t, Some(s))
+                    Some(Kronecker::new(&flat, &ins).map_err(|e| format!("layer {name}: {e}"))?)
                 }
-                None => (Train::new(&c.values, &outs, &ins, bond).map_err(|e| format!("layer {name}: {e}"))?, None),
+                None => None,
             };
-            // The errors in the layer's error space: `|dW L|^2` with `L L^T = H`.
-            let rebuilt = train.weight();
-            let column = |j: usize| scale.as_ref().map_or(1.0, |s| s[j] as f64);
-            let w = faer::Mat::<f64>::from_fn(n, k, |i, j| c.values[i * k + j] as f64);
-            let dw = faer::Mat::<f64>::from_fn(n, k, |i, j| w[(i, j)] - rebuilt[i * k + j] * column(j));
-            let (dw, w) = match &h {
+            let unfoldings = if allocating {
+                tt::unfoldings(&c.values, &outs, &ins, whitening.as_ref()).map_err(|e| format!("layer {name}: {e}"))?
+            } else {
+                vec![]
+            };
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "tensor trains");
+            Ok(Ok(Setup { outs, ins, gram, whitening, unfoldings }))
+        })
+        .collect::<Result<_, String>>()?;
+    let keep = match options.target {
+        Target::Keep(f) => f,
+        _ => 1.0,
+    };
+    let bonds = Bonds { candidates, setups: &setups, fixed, keep, made: Default::default() };
+    let chosen: Vec<Result<usize, String>> = match (options.target, probe) {
+        (Target::Keep(_), Some(probe)) if allocating => {
+            let (chosen, note) = probed_allocation(graph, candidates, &bonds, probe, progress)?;
+            notes.push(note);
+            chosen
+        }
+        (Target::Keep(_), _) => bonds.allocate(None)?,
+        (Target::Bond(b), _) => (0..candidates.len()).map(|j| bonds.pinned(j).unwrap_or(Ok(b))).collect(),
+        (t, _) => return Err(format!("method=tt takes bond or keep, not {t:?}")),
+    };
+    // A bond that saves nothing leaves the layer dense.
+    let chosen: Vec<Result<usize, String>> = chosen
+        .into_iter()
+        .enumerate()
+        .map(|(j, r)| {
+            let (c, b) = (&candidates[j], r?);
+            let params = setups[j].as_ref().map_err(Clone::clone)?.params(b);
+            if params >= c.n * c.k {
+                return Err(format!("bond {b} saves nothing on a [{}, {}] matrix ({params} values)", c.n, c.k));
+            }
+            Ok(b)
+        })
+        .collect();
+    bonds.prepare(&chosen)?;
+    // The errors in the layer's error space, `|dW L|^2` with `L L^T = H`, the train's and the
+    // SVD's at the rank storing at most as many values.
+    let errors: Vec<Option<(f64, f64, f64)>> = candidates
+        .par_iter()
+        .enumerate()
+        .map(|(j, c)| -> Result<Option<(f64, f64, f64)>, String> {
+            let (Ok(b), Ok(setup)) = (&chosen[j], &setups[j]) else { return Ok(None) };
+            let made = bonds.train(j, *b)?;
+            let (n, k, name) = (c.n, c.k, &c.name);
+            let rebuilt = made.0.weight();
+            let column = |i: usize| made.1.as_ref().map_or(1.0, |s| s[i] as f64);
+            let w = faer::Mat::<f64>::from_fn(n, k, |r, i| c.values[r * k + i] as f64);
+            let dw = faer::Mat::<f64>::from_fn(n, k, |r, i| w[(r, i)] - rebuilt[r * k + i] * column(i));
+            let (dw, w) = match &setup.gram {
                 Some(h) => {
                     let llt =
                         h.llt(faer::Side::Lower).map_err(|e| format!("layer {name}: no Cholesky factor: {e:?}"))?;
@@ -840,37 +1037,39 @@ fn trains(
                 None => (dw, w),
             };
             let sigma = w.singular_values().map_err(|e| format!("layer {name}: the SVD did not converge: {e:?}"))?;
-            let rank = params / (n + k);
-            let svd_error = sigma.iter().skip(rank).map(|s| s * s).sum();
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "tensor trains");
-            Ok(Ok(Made { train, scale, params, error: dw.squared_norm_l2(), total: w.squared_norm_l2(), svd_error }))
+            let rank = setup.params(*b) / (n + k);
+            let svd = sigma.iter().skip(rank).map(|s| s * s).sum();
+            Ok(Some((dw.squared_norm_l2(), w.squared_norm_l2(), svd)))
         })
         .collect::<Result<_, String>>()?;
     let (mut chain, mut dense_macs) = (0u64, 0u64);
-    for (c, made) in candidates.iter().zip(made) {
+    for (j, c) in candidates.iter().enumerate() {
         let before = (c.n * c.k) as u64;
-        let layer = match made {
-            Ok(m) => {
-                rewrite_train(graph, c, &m.train, m.scale.as_deref())?;
-                chain += m.train.chain_macs() as u64;
+        let layer = match (&chosen[j], errors[j]) {
+            (Ok(b), Some((error, total, svd))) => {
+                let made = bonds.train(j, *b)?;
+                let train = &made.0;
+                rewrite_train(graph, c, train, made.1.as_deref())?;
+                chain += train.chain_macs() as u64;
                 dense_macs += before;
-                let relative = |e: f64| e / m.total.max(f64::MIN_POSITIVE);
+                let relative = |e: f64| e / total.max(f64::MIN_POSITIVE);
+                let params = setups[j].as_ref().map_err(Clone::clone)?.params(*b) as u64;
                 FactorLayer {
                     name: c.name.clone(),
                     n: c.n,
                     k: c.k,
-                    rank: m.train.cores.iter().map(|g| g.right).max(),
-                    bonds: m.train.cores[..m.train.cores.len() - 1].iter().map(|g| g.right).collect(),
-                    svd_relative_error: Some(relative(m.svd_error)),
+                    rank: Some(*b),
+                    bonds: train.cores[..train.cores.len() - 1].iter().map(|g| g.right).collect(),
+                    svd_relative_error: Some(relative(svd)),
                     params_before: before,
-                    params: m.params as u64,
-                    error: m.error,
-                    relative_error: relative(m.error),
+                    params,
+                    error,
+                    relative_error: relative(error),
                     why_dense: None,
                     healed: None,
                 }
             }
-            Err(why) => FactorLayer {
+            (r, _) => FactorLayer {
                 name: c.name.clone(),
                 n: c.n,
                 k: c.k,
@@ -881,7 +1080,7 @@ fn trains(
                 params: before,
                 error: 0.0,
                 relative_error: 0.0,
-                why_dense: Some(why),
+                why_dense: Some(r.clone().err().unwrap_or_default()),
                 healed: None,
             },
         };
@@ -889,12 +1088,13 @@ fn trains(
         report.params += layer.params;
         report.layers.push(layer);
     }
-    Ok(format!(
+    notes.push(format!(
         "method=tt: the cores are stored, and the engine rebuilds each weight once when it is built and runs it as a \
          dense linear: contracting the cores with the activations instead would take {:.1}x the dense layers' \
          multiply-adds per token ({chain} against {dense_macs})",
         chain as f64 / dense_macs.max(1) as f64
-    ))
+    ));
+    Ok(())
 }
 
 /// Replaces the layer's weight by its tensor train: the cores (and the column scale) become

@@ -86,17 +86,7 @@ impl Train {
         max_bond: usize,
         whitening: &Kronecker,
     ) -> Result<(Train, Vec<f32>), String> {
-        let k: usize = in_modes.iter().product();
-        if whitening.factors.len() != in_modes.len() || whitening.columns.len() != k {
-            return Err(format!(
-                "a whitening for {} columns in other modes than {in_modes:?}",
-                whitening.columns.len()
-            ));
-        }
-        let mut x: Vec<f64> = w.iter().enumerate().map(|(at, &v)| v as f64 * whitening.columns[at % k]).collect();
-        for (j, l) in whitening.factors.iter().enumerate() {
-            along_mode(&mut x, in_modes, j, l);
-        }
+        let x = whitening.apply(w, in_modes)?;
         let mut train = Train::of(&x, out_modes, in_modes, max_bond)?;
         for (core, l) in train.cores.iter_mut().zip(&whitening.factors) {
             let inverse = l.partial_piv_lu().inverse();
@@ -267,6 +257,53 @@ impl Kronecker {
         }
         Ok(Kronecker { columns, factors })
     }
+}
+
+impl Kronecker {
+    /// `W D (L_1 x ... x L_d)`, row-major `[n, k]`.
+    pub fn apply(&self, w: &[f32], in_modes: &[usize]) -> Result<Vec<f64>, String> {
+        let k: usize = in_modes.iter().product();
+        if self.factors.len() != in_modes.len() || self.columns.len() != k {
+            return Err(format!("a whitening for {} columns in other modes than {in_modes:?}", self.columns.len()));
+        }
+        let mut x: Vec<f64> = w.iter().enumerate().map(|(at, &v)| v as f64 * self.columns[at % k]).collect();
+        for (j, l) in self.factors.iter().enumerate() {
+            along_mode(&mut x, in_modes, j, l);
+        }
+        Ok(x)
+    }
+}
+
+/// The squared singular values of the tensor's unfolding at each cut, `[o_1 i_1 .. o_j i_j,
+/// rest]` for `j = 1 .. d-1`, of `w` (whitened by `whitening`, if given): the spectra
+/// TT-SVD cuts. [`estimate`] reads errors at any bonds from them.
+pub fn unfoldings(
+    w: &[f32],
+    out_modes: &[usize],
+    in_modes: &[usize],
+    whitening: Option<&Kronecker>,
+) -> Result<Vec<Vec<f64>>, String> {
+    let x = match whitening {
+        Some(wh) => wh.apply(w, in_modes)?,
+        None => w.iter().map(|&v| v as f64).collect(),
+    };
+    let t = interleave(&x, out_modes, in_modes);
+    let mut out = Vec::new();
+    let mut rows = 1;
+    for j in 0..out_modes.len().saturating_sub(1) {
+        rows *= out_modes[j] * in_modes[j];
+        let cols = t.len() / rows;
+        let m = Mat::<f64>::from_fn(rows, cols, |r, c| t[r * cols + c]);
+        let sigma = m.singular_values().map_err(|e| format!("the SVD did not converge: {e:?}"))?;
+        out.push(sigma.iter().map(|s| s * s).collect());
+    }
+    Ok(out)
+}
+
+/// The error of a train with these bonds, estimated from the [`unfoldings`]: the sum over
+/// cuts of the energy each cut's bond leaves out (TT-SVD's bound; exact for one cut).
+pub fn estimate(unfoldings: &[Vec<f64>], bonds: &[usize]) -> f64 {
+    unfoldings.iter().zip(bonds).map(|(s, &b)| s.iter().skip(b).sum::<f64>()).sum()
 }
 
 /// `x`, read as a row-major tensor of dims `modes` (and any leading dims before them),
@@ -469,6 +506,26 @@ mod tests {
         let t = Train::new(&values(24 * 12, 3), &[2, 3, 4], &[3, 2, 2], 2).expect("decomposes");
         // Contracting x [3, 2, 2] core by core: 1*3*2*2 * (2*2), then 2*2*2*3*2 * 2, then 2*3*2*2*4.
         assert_eq!(t.chain_macs(), 12 * 2 * 2 + 2 * 2 * 2 * 3 * 2 * 2 + 2 * 3 * 2 * 2 * 4);
+    }
+
+    /// With one cut the estimate is TT-SVD's error exactly; with two, it bounds it.
+    #[test]
+    fn estimates_from_the_unfoldings_bound_the_error() {
+        let w = values(24 * 12, 21);
+        let error = |t: &Train| w.iter().zip(t.weight()).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>();
+        let one = unfoldings(&w, &[4, 6], &[3, 4], None).expect("spectra");
+        assert_eq!(one.len(), 1);
+        for bond in [1, 3, 7] {
+            let t = Train::new(&w, &[4, 6], &[3, 4], bond).expect("decomposes");
+            let e = estimate(&one, &bonds(&[4, 6], &[3, 4], bond));
+            assert!((error(&t) - e).abs() <= 1e-9 * e.max(1.0), "bond {bond}: {} against {e}", error(&t));
+        }
+        let two = unfoldings(&w, &[2, 3, 4], &[3, 2, 2], None).expect("spectra");
+        for bond in [1, 2, 4] {
+            let t = Train::new(&w, &[2, 3, 4], &[3, 2, 2], bond).expect("decomposes");
+            let e = estimate(&two, &bonds(&[2, 3, 4], &[3, 2, 2], bond));
+            assert!(error(&t) <= e * (1.0 + 1e-9), "bond {bond}: {} above {e}", error(&t));
+        }
     }
 
     #[test]
