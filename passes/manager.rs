@@ -307,6 +307,38 @@ mod tests {
         assert!(o.gptq.act_order && o.gptq.clip, "act-order and searched scales by default");
     }
 
+    /// `factorize(method=tt)`'s options: its targets, its defaults with and without
+    /// calibration, and the options of other methods refused rather than ignored.
+    #[test]
+    fn tensor_train_options_parse_or_say_why_not() {
+        use crate::factorize::{Allocation, Factorize, Method, Target};
+        let parse_tt = |text: &str, calibrated: bool| {
+            let call = &parse(text).unwrap()[0];
+            parse_options::<Factorize>(call, calibrated).map_err(|e| e.to_string())
+        };
+        let o = parse_tt("factorize(method=tt)", true).unwrap();
+        assert_eq!(
+            (o.method, o.target, o.allocation, o.heal, o.cores),
+            (Method::Tt, Target::Keep(0.9), Allocation::Errors, None, 3)
+        );
+        let o = parse_tt("factorize(method=tt, bond=16, cores=4)", false).unwrap();
+        assert_eq!((o.target, o.allocation, o.cores), (Target::Bond(16), Allocation::Uniform, 4));
+        for (text, says) in [
+            ("factorize(method=tt, bond=8, keep=0.5)", "one of bond and keep"),
+            ("factorize(method=tt, rank=8)", "bond=B or keep=F"),
+            ("factorize(method=tt, energy=0.9)", "bond=B or keep=F"),
+            ("factorize(method=tt, cores=5)", "cores=5: expected 2, 3 or 4"),
+            ("factorize(method=tt, bond=0)", "expected a positive bond"),
+            ("factorize(method=tt, heal=true)", "method=tt's cores are not refitted"),
+            ("factorize(method=tt, refit=left)", "method=tt does not heal"),
+            ("factorize(method=whitened, bond=8)", "options of method=tt"),
+            ("factorize(cores=2)", "options of method=tt"),
+        ] {
+            let err = parse_tt(text, true).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
     /// `kiln passes` shows every pass and every option of each, with its default.
     #[test]
     fn help_lists_every_pass_and_option() {

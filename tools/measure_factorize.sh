@@ -36,7 +36,9 @@ if [ "$which" = minilm ] || [ "$which" = all ]; then
   for passes in "factorize(keep=0.9)" "factorize(keep=0.9, heal=false)" \
     "factorize(keep=0.9, allocate=uniform, heal=false)" "factorize(keep=0.9, allocate=uniform)" \
     "factorize(keep=0.75)" "factorize(keep=0.75, allocate=uniform, heal=false)" \
-    "quantize(bits=4.5)" "factorize(keep=0.9), quantize(bits=4.5)"; do
+    "quantize(bits=4.5)" "factorize(keep=0.9), quantize(bits=4.5)" \
+    "factorize(method=tt, keep=0.9)" "factorize(method=tt, keep=0.9, allocate=uniform)" \
+    "factorize(method=tt, keep=0.75)"; do
     section "MiniLM $passes"
     compile minilm-factorize "$MINILM_SPEC" "$MINILM_W" "$passes" "$MINILM_CALIB"
     run "$KILN" eval "$OUT/minilm-factorize.kiln" --data "$HELDOUT/minilm_heldout.safetensors" --json
@@ -49,7 +51,9 @@ if [ "$which" = smollm2 ] || [ "$which" = all ]; then
   for passes in "factorize(keep=0.9)" "factorize(keep=0.9, heal=false)" \
     "factorize(keep=0.9, allocate=uniform, heal=false)" "factorize(keep=0.75)" \
     "factorize(keep=0.75, allocate=uniform, heal=false)" "factorize(keep=0.8), quantize(bits=4)" \
-    "quantize(bits=4)" "quantize(bits=4.5)"; do
+    "quantize(bits=4)" "quantize(bits=4.5)" \
+    "factorize(method=tt, keep=0.9)" "factorize(method=tt, keep=0.9, allocate=uniform)" \
+    "factorize(method=tt, keep=0.75)"; do
     section "SmolLM2 $passes"
     compile smollm2-factorize "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
     run "$KILN" eval "$OUT/smollm2-factorize.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json

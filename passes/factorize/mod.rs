@@ -20,21 +20,24 @@
 //!   the model's outputs come closer to the original's ([`crate::heal`], [`refit`]).
 //! - **Tensor trains** (`method=tt`, [`tt`]): the weight becomes `cores` (default 3) cores
 //!   `G_j [r_(j-1), o_j, i_j, r_j]` over the factors of its widths (576 = 8 x 8 x 9), with
-//!   bonds of at most `bond=B`, or the largest bond keeping at most `keep=F` of each
-//!   layer's parameters. With calibration the TT-SVD is whitened by a Kronecker-factored
-//!   input Gram and the rebuilt weight carries a scale per column. In the IR the cores are
-//!   `weight`s and ops on the weight side rebuild `W` ([`rewrite_train`]), which the
-//!   layer's linears read; the engine rebuilds it once at build, so a train saves bytes,
-//!   not time. The report gives each train's error beside the whitened SVD's at the same
-//!   parameter count.
-//! - A layer is factored only where its rank saves parameters (`r (n + k) < n k`); the
-//!   others stay dense and the report names them.
+//!   bonds of at most `bond=B`, or under `keep=F` as ranks are: the largest bond within
+//!   each layer's share (`allocate=uniform`), or bonds allocated across layers over each
+//!   layer's error estimated from the spectra of its unfoldings ([`tt::estimate`]). With
+//!   calibration the TT-SVD is whitened by a Kronecker-factored input Gram and the rebuilt
+//!   weight carries a scale per column. In the IR the cores are `weight`s and ops on the
+//!   weight side rebuild `W` ([`rewrite_train`]), which the layer's linears read; the
+//!   engine rebuilds it once at build, so a train saves bytes, not time. The report gives
+//!   each train's error beside the SVD's (whitened when the train is) at the same
+//!   parameter count. Trains are not healed, and a later `quantize` leaves the cores f32.
+//! - A layer is factored only where its rank saves parameters (`r (n + k) < n k`; for a
+//!   train, its cores and column scale fewer than `n k`); the others stay dense and the
+//!   report names them.
 //! - `--override PATTERN=rank:R` fixes a layer's rank (a train's largest bond),
 //!   `PATTERN=dense` leaves it alone.
 //!
 //! The candidates are the layers whose main weight is a dense matrix read only by linears
 //! (as their weight): tables read by rows (embeddings, a tied head) stay as they are.
-//! Factors are stored as f32; a later `quantize` stores them in fewer bits.
+//! Factors are stored as f32; a later `quantize` stores low-rank factors in fewer bits.
 
 pub mod lowrank;
 pub mod refit;
@@ -60,7 +63,7 @@ pub struct Factorize;
 
 impl Pass for Factorize {
     const NAME: &'static str = PASS;
-    const SUMMARY: &'static str = "replace matrices by two low-rank factors run as two linears: one rank for all (rank=R), by retained energy (energy=E), or ranks allocated under a parameter budget (keep=F); --override PATTERN=rank:R|dense fixes layers";
+    const SUMMARY: &'static str = "replace matrices by two low-rank factors run as two linears: one rank for all (rank=R), by retained energy (energy=E), or ranks allocated under a parameter budget (keep=F); or by tensor trains (method=tt, bond=B or keep=F, cores=D); --override PATTERN=rank:R|dense fixes layers";
     type Options = FactorizeOptions;
     const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
 
@@ -198,7 +201,7 @@ impl Options for FactorizeOptions {
             name: "keep",
             values: "F",
             default: "0.9 when no rank, energy or keep is given",
-            help: "keep a fraction F (0 < F < 1) of the candidate layers' parameters, ranks allocated across layers to least total error",
+            help: "keep a fraction F (0 < F < 1) of the candidate layers' parameters, ranks (a train's bonds) allocated as allocate= says",
         },
         OptionHelp {
             name: "allocate",
@@ -209,7 +212,7 @@ impl Options for FactorizeOptions {
         OptionHelp {
             name: "heal",
             values: "true|false",
-            default: "true with --calib",
+            default: "true with --calib, except for method=tt",
             help: "refit the factors layer by layer in execution order on the factorized model's own activations, each refit kept only where it brings the model's outputs closer to the original's on held-out --calib rows",
         },
         OptionHelp {
@@ -317,6 +320,9 @@ impl Options for FactorizeOptions {
             Some("uniform") => Weighting::Uniform,
             Some(v) => return Err(args.invalid("tokens", v)),
         };
+        if tt && (args.text("refit").is_some() || args.text("tokens").is_some()) {
+            return Err(args.error("refit and tokens are healing's options, and method=tt does not heal"));
+        }
         let heal = heal.then_some(Heal { refit, weighting });
         Ok(FactorizeOptions { method, target, allocation, heal, cores: cores.unwrap_or(3) })
     }
@@ -953,6 +959,7 @@ fn trains(
 ) -> Result<(), String> {
     let d = options.cores;
     let allocating = matches!(options.target, Target::Keep(_)) && options.allocation == Allocation::Errors;
+    let calibrated = grams.iter().any(Option::is_some);
     let done = AtomicUsize::new(0);
     let total = candidates.iter().zip(fixed).filter(|(_, f)| **f != Some(Fixed::Dense)).count();
     let setups: Vec<Result<Setup, String>> = candidates
@@ -969,7 +976,11 @@ fn trains(
                 return Ok(Err(format!("[{n}, {k}] has no {d} factors above 1 on each side ({outs:?} x {ins:?})")));
             }
             let name = &c.name;
-            let gram = gram.as_ref().map(|g| lowrank::damped(g, k)).transpose()?;
+            if calibrated && gram.is_none() {
+                return Err(format!("layer {name}: no calibration statistics reached its input"));
+            }
+            let gram =
+                gram.as_ref().map(|g| lowrank::damped(g, k).map_err(|e| format!("layer {name}: {e}"))).transpose()?;
             let whitening = match &gram {
                 Some(h) => {
                     let flat: Vec<f64> = (0..k * k).map(|at| h[(at / k, at % k)]).collect();
@@ -990,6 +1001,20 @@ fn trains(
         Target::Keep(f) => f,
         _ => 1.0,
     };
+    // An override's bond must save, as an override's rank must.
+    for ((c, f), setup) in candidates.iter().zip(fixed).zip(&setups) {
+        if let (Some(Fixed::Rank(b)), Ok(s)) = (f, setup)
+            && s.params(*b) >= c.n * c.k
+        {
+            return Err(format!(
+                "--override rank:{b} on layer {}: a train of bond {b} stores {} values, no fewer than the [{}, {}] matrix",
+                c.name,
+                s.params(*b),
+                c.n,
+                c.k
+            ));
+        }
+    }
     let bonds = Bonds { candidates, setups: &setups, fixed, keep, made: Default::default() };
     let chosen: Vec<Result<usize, String>> = match (options.target, probe) {
         (Target::Keep(_), Some(probe)) if allocating => {
@@ -997,6 +1022,8 @@ fn trains(
             notes.push(note);
             chosen
         }
+        // Without a probe, the errors as they are.
+        (Target::Keep(_), None) if allocating => bonds.allocate(Some(&vec![1.0; candidates.len()]))?,
         (Target::Keep(_), _) => bonds.allocate(None)?,
         (Target::Bond(b), _) => (0..candidates.len()).map(|j| bonds.pinned(j).unwrap_or(Ok(b))).collect(),
         (t, _) => return Err(format!("method=tt takes bond or keep, not {t:?}")),
@@ -1058,7 +1085,7 @@ fn trains(
                     name: c.name.clone(),
                     n: c.n,
                     k: c.k,
-                    rank: Some(*b),
+                    rank: train.cores.iter().map(|g| g.right).max(),
                     bonds: train.cores[..train.cores.len() - 1].iter().map(|g| g.right).collect(),
                     svd_relative_error: Some(relative(svd)),
                     params_before: before,

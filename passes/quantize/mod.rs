@@ -432,6 +432,16 @@ pub fn quantize(
     kiln_ir::set_activations(graph, Activations::F32);
     let mut layers = find_layers(graph, calibration).map_err(fail)?;
     let mut notes = Vec::new();
+    // Tensor trains are ops on their cores, not matrices a linear reads: their cores stay
+    // f32, counted in the budget as stored, like the weights outside layers.
+    let trains: Vec<&str> = graph.layers.iter().filter(|(_, l)| l.is_train()).map(|(n, _)| n).collect();
+    if !trains.is_empty() {
+        notes.push(format!(
+            "{} layers are tensor trains, whose cores stay f32 (counted in the budget as stored): {}",
+            trains.len(),
+            trains.join(", ")
+        ));
+    }
 
     // Overrides first: every pattern must name a layer.
     let names: Vec<&str> = layers.iter().map(|l| l.scope.as_str()).collect();

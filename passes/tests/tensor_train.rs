@@ -76,3 +76,49 @@ fn the_ops_on_the_cores_rebuild_the_trains_weight() {
     assert!(worst < 1e-5, "the interpreter's outputs are {worst} from the train's");
     assert!(from_dense > 1e-2, "bond 2 changes the layer (max {from_dense} from the dense outputs)");
 }
+
+/// A width with no three factors above 1 leaves its layer dense, with the reason in the
+/// report; an override's bond that saves nothing is an error, as an override's rank is.
+#[test]
+fn layers_trains_cannot_take_stay_dense_and_say_why() {
+    const TWO: &str = "graph g {
+  %0 = input \"x\" : f32[r, 12]
+  %1 = weight \"w1\" f32 : f32[24, 12] @a
+  %2 = linear %0, %1 : f32[r, 24] @a
+  %3 = input \"z\" : f32[r, 13]
+  %4 = weight \"w2\" f32 : f32[24, 13] @b
+  %5 = linear %3, %4 : f32[r, 24] @b
+  output \"y\" = %2
+  output \"u\" = %5
+}
+";
+    let graph = || {
+        let mut g = kiln_ir::parse(TWO).expect("the test IR parses");
+        g.store.insert("w1", TensorData::from_f32(vec![24, 12], &values(24 * 12, 4)));
+        g.store.insert("w2", TensorData::from_f32(vec![24, 13], &values(24 * 13, 5)));
+        g
+    };
+    let run = |overrides: Vec<(String, String)>| {
+        let mut g = graph();
+        let calls = manager::parse("factorize(method=tt, bond=2)").expect("the pipeline parses");
+        let ctx = Context::new(None, overrides, &|_, _, _| {});
+        manager::run(&mut g, &calls, &ctx, &mut |_, _| {}).map(|r| (g, r)).map_err(|e| e.to_string())
+    };
+    let (g, reports) = run(vec![]).expect("factorize runs");
+    let [PassReport::Factorize(report)] = reports.as_slice() else { panic!("one factorize report") };
+    let b = report.layers.iter().find(|l| l.name == "b").expect("layer b is reported");
+    assert_eq!(b.rank, None);
+    assert!(b.why_dense.as_deref().is_some_and(|w| w.contains("no 3 factors above 1")), "{b:?}");
+    assert!(report.notes.iter().any(|n| n.contains("1 of 2 layers stay dense: b")), "{:?}", report.notes);
+    assert!(
+        g.layers.get("a").is_some_and(kiln_ir::Layer::is_train)
+            && g.layers.get("b").is_some_and(|l| l.main().is_some())
+    );
+    // 24 x 12 as 2 x 3 x 4 by 2 x 2 x 3: bond 12 keeps bonds 4 and 12, 16 + 288 + 144 = 448
+    // values against 288.
+    let err = run(vec![("a".into(), "rank:12".into())]).unwrap_err();
+    assert!(
+        err.contains("--override rank:12 on layer a") && err.contains("no fewer than the [24, 12] matrix"),
+        "{err}"
+    );
+}

@@ -23,12 +23,31 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     // The last quantize report describes the stored formats; without one, every matrix is
     // listed as stored.
     let quantize = passes.as_array().into_iter().flatten().rev().find(|p| p["report"]["pass"] == "quantize");
-    let (layers, bits) = match quantize {
+    let (mut layers, bits) = match quantize {
         Some(q) => {
             (q["report"]["layers"].as_array().cloned().unwrap_or_default(), q["report"]["bits_per_weight"].clone())
         }
         None => unquantized(&artifact.graph),
     };
+    // A quantize leaves tensor trains alone, so its report does not list them: their rows
+    // as stored, and then every row in name order.
+    if quantize.is_some() {
+        let listed: std::collections::HashSet<String> =
+            layers.iter().filter_map(|l| l["scope"].as_str().map(String::from)).collect();
+        let trains: Vec<Json> = unquantized(&artifact.graph)
+            .0
+            .into_iter()
+            .filter(|l| {
+                l["scope"].as_str().is_some_and(|s| {
+                    !listed.contains(s) && artifact.graph.layers.get(s).is_some_and(kiln_ir::Layer::is_train)
+                })
+            })
+            .collect();
+        if !trains.is_empty() {
+            layers.extend(trains);
+            layers.sort_by(|a, b| a["scope"].as_str().cmp(&b["scope"].as_str()));
+        }
+    }
     // The last factorize report: each factorized layer's rank and the error it measured
     // (relative to the layer's whole spectrum), beside the rows of the layer or its factors
     // (`NAME.lowrank_u`, `NAME.lowrank_v` once quantized).

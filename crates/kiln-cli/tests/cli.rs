@@ -1085,6 +1085,21 @@ fn tensor_trains_compile_run_and_report() {
         assert!(!profile.contains(op), "{op} runs per call:\n{profile}");
     }
     assert_eq!(profile.lines().filter(|l| l.contains("  linear ")).count(), 2, "{profile}");
+    // A quantize after leaves the cores f32, says so, and the report still lists the trains.
+    let passes = "factorize(method=tt, bond=3), quantize(format=bf16)";
+    ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", passes, "-o", &s(&artifact)]);
+    let json: serde_json::Value = serde_json::from_str(ok(&["report", &s(&artifact), "--json"]).trim()).unwrap();
+    let rows = json["layers"].as_array().unwrap();
+    for layer in ["up", "down"] {
+        let row = rows.iter().find(|l| l["scope"] == layer).cloned().unwrap_or_default();
+        assert_eq!(
+            (row["format"].as_str(), row["bonds"].clone()),
+            (Some("f32 train 3x3"), serde_json::json!([3, 3])),
+            "{json}"
+        );
+    }
+    let table = ok(&["report", &s(&artifact)]);
+    assert!(table.contains("2 layers are tensor trains, whose cores stay f32"), "{table}");
 }
 
 /// The fixture's prompt, as text through the GGUF's tokenizer, continues greedily into
