@@ -77,8 +77,13 @@ fn factorize_on_the_tiny_model_computes_the_factors_product() {
     write_tiny_checkpoint(&weights, 7);
     let (graph, _) = compile_bound("tiny/tiny.kiln", &weights);
     let mut factored = graph.clone();
-    let options =
-        FactorizeOptions { method: Method::Svd, target: Target::Rank(4), allocation: Allocation::Uniform, heal: None };
+    let options = FactorizeOptions {
+        method: Method::Svd,
+        target: Target::Rank(4),
+        allocation: Allocation::Uniform,
+        heal: None,
+        cores: 3,
+    };
     let report = factorize(&mut factored, &options, &[], None, None, &|_, _, _| {}).expect("factorizes");
     let ranks: Vec<Option<usize>> = report.layers.iter().map(|l| l.rank).collect();
     assert!(ranks.iter().filter(|r| **r == Some(4)).count() >= 10, "{:?}", report.layers);
