@@ -208,7 +208,7 @@ fn layer_lines_parse_errors() {
     let err = |t: &str| parse(t).expect_err("must not parse").to_string();
     assert_eq!(
         err(&LAYERS.replace("main %10", "base %10")),
-        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, shared_base, delta)"
+        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, shared_base, delta, tt_core, column_scale)"
     );
     assert_eq!(
         err(&LAYERS.replace("\"down\" = main %10", "\"embd\" = main %10")),
