@@ -8,6 +8,8 @@
 //!   searched scales; LoRC corrections; W8A8).
 //! - [`factorize`]: low-rank factorization (plain, whitened or ASVD truncated SVD; one
 //!   rank, retained energy, or ranks allocated under a parameter budget), healed.
+//! - [`prune`]: sparsity (unstructured per row or N:M; magnitude or Wanda scores), stored
+//!   as kept values and a bitmask.
 //! - [`cleanup`]: `last_position` (an output at its last sequence position) and
 //!   `dead_code`.
 //!
@@ -32,6 +34,7 @@ pub mod heal;
 pub mod layers;
 pub mod manager;
 pub mod options;
+pub mod prune;
 pub mod quantize;
 pub mod report;
 

@@ -47,7 +47,7 @@ pub fn parse(text: &str) -> Result<Vec<PassCall>, PipelineError> {
     };
     let word = |i: &mut usize| {
         let start = *i;
-        while *i < bytes.len() && (bytes[*i].is_ascii_alphanumeric() || b"_.-*?".contains(&bytes[*i])) {
+        while *i < bytes.len() && (bytes[*i].is_ascii_alphanumeric() || b"_.-*?:".contains(&bytes[*i])) {
             *i += 1;
         }
         &text[start..*i]
@@ -159,6 +159,7 @@ fn probes<P: Pass>(call: &PassCall) -> bool {
 pub const REGISTRY: &[Entry] = &[
     entry::<crate::quantize::Quantize>(),
     entry::<crate::factorize::Factorize>(),
+    entry::<crate::prune::Prune>(),
     entry::<crate::cleanup::LastPosition>(),
     entry::<crate::cleanup::DeadCode>(),
 ];
@@ -271,9 +272,9 @@ mod tests {
     fn unknown_passes_and_options_are_errors_that_list_the_known_ones() {
         let check = |text: &str| check(&parse(text).unwrap(), true, &[]).map_err(|e| e.to_string());
         assert!(check("quantize(bits=4.5); last_position(output=logits, axis=1); dead_code").is_ok());
-        let err = check("prune(sparsity=0.5)").unwrap_err();
+        let err = check("drop(blocks=3)").unwrap_err();
         assert!(
-            err.contains("unknown pass `prune`") && err.contains("quantize, factorize, last_position, dead_code"),
+            err.contains("unknown pass `drop`") && err.contains("quantize, factorize, prune, last_position, dead_code"),
             "{err}"
         );
         let err = check("quantize(bits=4.5, bitz=3)").unwrap_err();
@@ -337,6 +338,38 @@ mod tests {
             let err = parse_tt(text, true).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    /// `prune`'s options: `N:M` patterns parse in a pipeline, the method's default follows
+    /// `--calib`, and wanda without it, both targets at once, or a bad pattern are refused.
+    #[test]
+    fn prune_options_parse_or_say_why_not() {
+        use crate::prune::{Method, Prune, Target};
+        let parse_prune = |text: &str, calibrated: bool| {
+            let call = &parse(text).unwrap()[0];
+            parse_options::<Prune>(call, calibrated).map_err(|e| e.to_string())
+        };
+        let o = parse_prune("prune(pattern=2:4)", true).unwrap();
+        assert_eq!((o.method, o.target), (Method::Wanda, Target::Pattern(2, 4)));
+        let o = parse_prune("prune", false).unwrap();
+        assert_eq!((o.method, o.target), (Method::Magnitude, Target::Sparsity(0.5)));
+        let o = parse_prune("prune(sparsity=0.7, method=magnitude)", true).unwrap();
+        assert_eq!((o.method, o.target), (Method::Magnitude, Target::Sparsity(0.7)));
+        for (text, says) in [
+            ("prune(method=wanda)", "pass --calib"),
+            ("prune(sparsity=0.5, pattern=2:4)", "not both"),
+            ("prune(pattern=4:4)", "1 <= N < M"),
+            ("prune(pattern=24)", "expected N:M"),
+            ("prune(sparsity=1)", "fraction in (0, 1)"),
+            ("prune(method=sparsegpt)", "expected magnitude|wanda"),
+        ] {
+            let err = parse_prune(text, false).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let o = |p: &str, v: &str| vec![(p.to_string(), v.to_string())];
+        assert!(check(&parse("prune(sparsity=0.5)").unwrap(), false, &o("blk.*", "0.3")).is_ok());
+        let err = check(&parse("prune(sparsity=0.5)").unwrap(), false, &o("blk.*", "rank:3")).unwrap_err();
+        assert!(err.to_string().contains("is not a sparsity"), "{err}");
     }
 
     /// `kiln passes` shows every pass and every option of each, with its default.

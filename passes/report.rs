@@ -3,6 +3,7 @@
 
 use crate::factorize::FactorizeReport;
 use crate::manager::PassCall;
+use crate::prune::PruneReport;
 use crate::quantize::QuantizeReport;
 use serde_json::{Value as Json, json};
 
@@ -11,6 +12,7 @@ use serde_json::{Value as Json, json};
 pub enum PassReport {
     Quantize(QuantizeReport),
     Factorize(FactorizeReport),
+    Prune(PruneReport),
     /// A clean-up pass: how many nodes it removed or rewrote, and notes.
     Cleanup {
         pass: &'static str,
@@ -25,6 +27,7 @@ impl PassReport {
         match self {
             PassReport::Quantize(q) => &q.notes,
             PassReport::Factorize(f) => &f.notes,
+            PassReport::Prune(p) => &p.notes,
             PassReport::Cleanup { notes, .. } => notes,
         }
     }
@@ -34,6 +37,7 @@ impl PassReport {
         match self {
             PassReport::Quantize(q) => quantize_json(q),
             PassReport::Factorize(f) => factorize_json(f),
+            PassReport::Prune(p) => prune_json(p),
             PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
         }
     }
@@ -66,6 +70,26 @@ fn factorize_json(f: &FactorizeReport) -> Json {
         "pass": "factorize", "method": f.method.to_string(), "layers": layers,
         "params_before": f.params_before, "params": f.params, "notes": f.notes,
         "heal": f.heal.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
+    })
+}
+
+fn prune_json(p: &PruneReport) -> Json {
+    let layers: Vec<Json> = p
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "scope": l.name, "rows": l.rows, "cols": l.cols, "pattern": l.pattern, "kept": l.kept,
+                "params_before": l.params_before, "params": l.params,
+                "bytes_before": l.bytes_before, "bytes": l.bytes,
+                "bits_per_weight": l.bits_per_weight, "dense_because": l.why_dense,
+            })
+        })
+        .collect();
+    json!({
+        "pass": "prune", "method": p.method.to_string(), "target": p.target.to_string(), "layers": layers,
+        "sparsity": p.sparsity(), "params_before": p.params_before, "params": p.params,
+        "bytes_before": p.bytes_before, "bytes": p.bytes, "notes": p.notes,
     })
 }
 

@@ -130,6 +130,17 @@ pub fn summarize(ran: &[Ran]) {
                     100.0 * kept
                 );
             }
+            PassReport::Prune(p) => {
+                eprintln!(
+                    "{call}: {} of {} layers pruned ({}), {:.1}% of their weights removed; {} -> {} bytes, masks included",
+                    p.pruned(),
+                    p.layers.len(),
+                    p.method,
+                    100.0 * p.sparsity(),
+                    p.bytes_before,
+                    p.bytes
+                );
+            }
             PassReport::Cleanup { .. } => eprintln!("{call}"),
         }
         for note in report.notes() {

@@ -192,7 +192,7 @@ fn passes_are_listed_and_printed_after() {
     assert!(sections[1].contains("slice") && !sections[0].contains("slice"), "{all}");
     let one = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline, "--print-after", "last_position"]);
     assert_eq!(one, format!("; after last_position(output=logits)\n{}", sections[1]));
-    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "prune"], &["unknown pass `prune`"]);
+    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "drop"], &["unknown pass `drop`"]);
     fails(
         &["ir", &tiny_spec(), "--passes", "quantize(format=bf16, bitz=3)"],
         &["unknown option `bitz`", "kiln passes"],
@@ -1496,4 +1496,59 @@ fn the_compress_example_writes_kiln_compiles_bytes() {
     assert!(a == b, "the artifacts differ ({} and {} bytes)", a.len(), b.len());
     // And the pass did its work: a 4.5-bit model, not the f32 one.
     assert!(a.len() < 15_000_000, "{} bytes", a.len());
+}
+
+/// `prune` end to end: compile prints the pass's summary line, the artifact stores each
+/// layer's kept values and mask, and both engines run it alike, differently from the dense
+/// model.
+#[test]
+fn pruned_models_compile_and_run() {
+    let dir = scratch("prune");
+    let model = dir.join("mlp.kiln");
+    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
+    std::fs::write(&model, source).unwrap();
+    let mut rng = kiln_tests::Rng::new(6);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let weights = dir.join("mlp.safetensors");
+    write_safetensors(
+        &weights,
+        &[
+            f32s("up.weight", &[96, 64], &values(96 * 64)),
+            f32s("up.bias", &[96], &values(96)),
+            f32s("down.weight", &[64, 96], &values(64 * 96)),
+            f32s("down.bias", &[64], &values(64)),
+        ],
+    );
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let artifact = dir.join("mlp-pruned.kiln");
+    let run = |extra: &[&str]| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&[&["run", &s(&artifact), "-i", &s(&input), "-o", &s(&out)][..], extra].concat());
+        as_f32(&read_safetensors(&out)[0])
+    };
+    ok(&["compile", &s(&model), "-w", &s(&weights), "-o", &s(&artifact)]);
+    let dense = run(&[]);
+    let args = ["compile", &s(&model), "-w", &s(&weights), "--passes", "prune(pattern=2:4)", "-o", &s(&artifact)];
+    let out = kiln(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // up: 96 x 64 f32 = 24,576 bytes, down the same; 2:4 stores half the values and a
+    // bit per weight: 12,288 + 768 each.
+    assert!(
+        stderr.contains(
+            "prune(pattern=2:4): 2 of 2 layers pruned (magnitude), 50.0% of their weights removed; 49152 -> 26112 bytes"
+        ),
+        "{stderr}"
+    );
+    let (interp, jit) = (run(&["--engine", "interp"]), run(&["--engine", "jit"]));
+    let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "the JIT's pruned model is {worst} from the interpreter's");
+    let moved = interp.iter().zip(&dense).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-2, "2:4 changes the model ({moved})");
+    let ir = ok(&["ir", &s(&artifact)]);
+    for layer in ["up", "down"] {
+        let line = format!("weight \"{layer}.weight.values\" f32");
+        assert!(ir.lines().any(|l| l.contains(&line) && l.contains("sparse 2:4")), "{ir}");
+    }
 }

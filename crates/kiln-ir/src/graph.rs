@@ -4,6 +4,7 @@
 use crate::format::Format;
 use crate::layers::LayerTable;
 use crate::op::{Activations, Op, TypeError, WeightRef};
+use crate::sparse::{Sparse, SparseError};
 use crate::store::{TensorData, TensorStore};
 use crate::types::{Dim, Type};
 use petgraph::Direction;
@@ -84,6 +85,56 @@ impl Graph {
         let ty = Type::f32(data.shape.iter().map(|&d| Dim::Known(d)));
         self.store.insert(name, data);
         self.add_typed(op, &[], ty, scope, None)
+    }
+
+    /// Stores a sparse weight of logical shape `[rows, cols]` and pattern `n:m` (see
+    /// [`crate::sparse`]) and adds the `weight` node reading it: `values` (its format any,
+    /// its shape `[rows, cols / m * n]`) as tensor `{name}.values` and `mask` (the bits of
+    /// [`crate::sparse::pack`]) as `u8[rows, cols / 8]` tensor `{name}.mask`, both with their
+    /// checksums (how pruning passes write the weights they sparsify). Errors, storing
+    /// nothing, if the pattern cannot hold over rows of `cols` or a tensor has the wrong size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_sparse_weight(
+        &mut self,
+        name: &str,
+        (n, m): (u64, u64),
+        rows: u64,
+        cols: u64,
+        values: TensorData,
+        mask: Vec<u8>,
+        scope: &str,
+    ) -> Result<NodeId, SparseError> {
+        Sparse::check(n, m, cols)?;
+        let expected = vec![rows, cols / m * n];
+        if values.shape != expected {
+            let (expected, found) = (expected.iter().product(), values.shape.iter().product());
+            return Err(SparseError::Size { what: "values", rows, cols, expected, found });
+        }
+        if mask.len() as u64 != rows * cols / 8 {
+            return Err(SparseError::Size {
+                what: "mask",
+                rows,
+                cols,
+                expected: rows * cols / 8,
+                found: mask.len() as u64,
+            });
+        }
+        let mask = TensorData {
+            format: Format::U8,
+            shape: Sparse::mask_shape(rows, cols),
+            bytes: crate::store::Bytes::from_vec(mask),
+        };
+        let (values_name, mask_name) = (format!("{name}.values"), format!("{name}.mask"));
+        let sparse = Sparse { n, m, mask: mask_name.clone(), mask_checksum: Some(mask.checksum()) };
+        let op = Op::Weight(WeightRef {
+            tensor: values_name.clone(),
+            format: values.format,
+            checksum: Some(values.checksum()),
+            sparse: Some(sparse),
+        });
+        self.store.insert(values_name, values);
+        self.store.insert(mask_name, mask);
+        Ok(self.add_typed(op, &[], Type::f32([Dim::Known(rows), Dim::Known(cols)]), scope, None))
     }
 
     /// Stores `data` as dense weight `node`'s tensor (its format and checksum follow);

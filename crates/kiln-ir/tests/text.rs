@@ -375,3 +375,33 @@ fn set_activations_follows_each_weight() {
     assert_eq!(kiln_ir::set_activations(&mut g, Activations::F32), 0);
     assert_eq!(print(&g), text);
 }
+
+/// `Graph::add_sparse_weight` stores `NAME.values` and `NAME.mask` with their checksums
+/// under one weight node that verifies and means the packed matrix; wrong sizes and
+/// patterns the rows cannot take are errors that store nothing.
+#[test]
+fn add_sparse_weight_stores_values_and_mask() {
+    use kiln_ir::{Format, Graph, TensorData};
+    let dense: Vec<f32> = (1..=16).map(|v| v as f32).collect();
+    let keep: Vec<bool> = (0..16).map(|i| i % 4 == 1 || i % 4 == 2).collect();
+    let (values, mask) = kiln_ir::sparse::pack(2, 4, 2, 8, &dense, &keep).unwrap();
+    let mut g = Graph::new("g");
+    let data = TensorData::from_f32(vec![2, 4], &values);
+    let id = g.add_sparse_weight("w", (2, 4), 2, 8, data, mask.clone(), "l").unwrap();
+    g.set_output("y", id).unwrap();
+    verify(&g).expect("verifies");
+    let Op::Weight(w) = &g.node(id).op else { panic!("a weight") };
+    let s = w.sparse.as_ref().unwrap();
+    assert_eq!((w.tensor.as_str(), s.mask.as_str(), s.n, s.m), ("w.values", "w.mask", 2, 4));
+    assert_eq!(g.store.get("w.mask").unwrap().format, Format::U8);
+    assert_eq!(s.mask_checksum, Some(g.store.get("w.mask").unwrap().checksum()));
+    assert_eq!(w.checksum, Some(g.store.get("w.values").unwrap().checksum()));
+    let want: Vec<f32> = (0..16).map(|i| if keep[i] { dense[i] } else { 0.0 }).collect();
+    assert_eq!(w.value(&g.store, &[2, 8]).unwrap(), want);
+    let bad = TensorData::from_f32(vec![2, 3], &values[..6]);
+    assert!(g.add_sparse_weight("v", (2, 4), 2, 8, bad, mask.clone(), "l").is_err());
+    let data = TensorData::from_f32(vec![2, 4], &values);
+    assert!(g.add_sparse_weight("v", (2, 4), 2, 8, data.clone(), mask[..1].to_vec(), "l").is_err());
+    assert!(g.add_sparse_weight("v", (2, 3), 2, 6, data, vec![0; 2], "l").is_err());
+    assert!(g.store.get("v.values").is_none() && g.store.get("v.mask").is_none());
+}

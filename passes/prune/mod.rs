@@ -1,0 +1,662 @@
+//! `prune`: sparsity in linear weights. A layer's weight `W [rows, cols]` becomes a sparse
+//! weight ([`kiln_ir::sparse`]): the values it keeps, and a bitmask saying where they are.
+//! The node keeps the layer's name and its `main` role; the linears that read it are
+//! unchanged.
+//!
+//! - **Unstructured** (`sparsity=S`): per output row, as Wanda compares weights within each
+//!   row, the `ceil((1 - S) cols)` highest-scoring weights are kept. The weight's pattern is
+//!   `n:cols` with `n` that count, the format's unstructured form.
+//! - **N:M** (`pattern=2:4`, `4:8`, any `N:M`): in every group of `M` consecutive weights
+//!   along a row, the `N` highest-scoring are kept.
+//! - **Scores** (`method=`): `magnitude`, `|W_ij|`; or `wanda`, `|W_ij| ||X_j||_2`, with
+//!   `||X_j||_2` the norm of input column `j` over the calibration rows (the square root of
+//!   the diagonal of the input's Gram matrix). Wanda is the default with `--calib`, and
+//!   needs it. Ties go to the lower column.
+//! - **Overrides**: `--override PATTERN=dense` leaves a layer alone; `PATTERN=0.3` prunes it
+//!   unstructured at that sparsity whatever the call says.
+//! - **Uniform only, for now.** Every layer gets the call's sparsity or pattern. Layer-adaptive
+//!   sparsity (a DP over each layer's measured distortion) and SparseGPT (GPTQ's machinery
+//!   choosing the mask and updating the kept weights) are later increments of this family;
+//!   the report says so in a note.
+//!
+//! The candidates are the layers whose main weight is a dense matrix read only by linears
+//! (as their weight): tables read by rows (embeddings, a tied head) stay, with a note naming
+//! them. A layer whose rows the pattern cannot split (the mask stores whole bytes, so 8 must
+//! divide `cols`, and so must `M`) stays dense and the report says why. Factorized and
+//! already sparse layers are left as they are, with a note; a layer that carries weights
+//! besides its main one (LoRC corrections), or whose weight is quantized, is an error: prune
+//! runs before `quantize`.
+//!
+//! Kept values are stored in the weight's own float format (f32, f16 or bf16). Until sparse
+//! kernels exist, engines run a sparse linear on its dense value: the weight is smaller,
+//! not faster, and the report says so.
+
+use crate::calibration::Calibration;
+use crate::layers::apply_overrides;
+use crate::options::{Args, OptionHelp, Options};
+use crate::{Context, Pass, PassError, PassReport};
+use kiln_ir::sparse::pack;
+use kiln_ir::{Format, Graph, Layer, NodeId, Op, Sparse, TensorData};
+use rayon::prelude::*;
+
+const PASS: &str = "prune";
+
+/// The pass as a pipeline names it: `prune(...)`.
+pub struct Prune;
+
+impl Pass for Prune {
+    const NAME: &'static str = PASS;
+    const SUMMARY: &'static str = "sparsify linear weights, stored as kept values and a bitmask: unstructured per output row (sparsity=S) or N of every M along a row (pattern=2:4|4:8|N:M), scored by magnitude or Wanda (|w| times the input's norm); uniform across layers; --override PATTERN=S|dense fixes layers";
+    type Options = PruneOptions;
+    const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
+
+    fn run(graph: &mut Graph, options: &PruneOptions, ctx: &Context) -> Result<PassReport, PassError> {
+        let overrides = ctx.overrides_as::<Fixed>(PASS)?;
+        let calibration = match options.method {
+            Method::Magnitude => None,
+            Method::Wanda => Some(ctx.calibration(graph)?.ok_or_else(|| {
+                PassError::not_applicable(PASS, "method=wanda scores weights by their inputs' norms: pass --calib")
+            })?),
+        };
+        Ok(PassReport::Prune(prune(graph, options, &overrides, calibration.as_deref())?))
+    }
+}
+
+/// How weights are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// `|W_ij|`.
+    Magnitude,
+    /// `|W_ij| ||X_j||_2` over the calibration rows.
+    Wanda,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Magnitude => "magnitude",
+            Method::Wanda => "wanda",
+        })
+    }
+}
+
+/// What every pruned layer keeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Target {
+    /// Unstructured: each row keeps `ceil((1 - S) cols)` weights.
+    Sparsity(f64),
+    /// `n` of every `m` consecutive weights along a row.
+    Pattern(u64, u64),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Sparsity(s) => write!(f, "sparsity={s}"),
+            Target::Pattern(n, m) => write!(f, "pattern={n}:{m}"),
+        }
+    }
+}
+
+/// An override's value: a sparsity `S` (unstructured) or `dense`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fixed {
+    Sparsity(f64),
+    Dense,
+}
+
+impl std::str::FromStr for Fixed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fixed, String> {
+        if s == "dense" {
+            return Ok(Fixed::Dense);
+        }
+        sparsity(s).map(Fixed::Sparsity).map_err(|_| format!("`{s}` is not a sparsity S (0 < S < 1) or `dense`"))
+    }
+}
+
+/// A sparsity: a fraction strictly between 0 and 1.
+fn sparsity(v: &str) -> Result<f64, String> {
+    v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s < 1.0).ok_or_else(|| "expected a fraction in (0, 1)".to_string())
+}
+
+/// The options of `prune(...)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PruneOptions {
+    pub method: Method,
+    pub target: Target,
+}
+
+impl Options for PruneOptions {
+    const HELP: &'static [OptionHelp] = &[
+        OptionHelp {
+            name: "sparsity",
+            values: "S",
+            default: "0.5 when no pattern is given",
+            help: "unstructured: every row of every pruned layer keeps its ceil((1 - S) x cols) highest-scoring weights (0 < S < 1), the same S for every layer",
+        },
+        OptionHelp {
+            name: "pattern",
+            values: "2:4|4:8|N:M",
+            default: "none",
+            help: "semi-structured: in every group of M consecutive weights along a row, keep the N highest-scoring (layers whose rows M or 8 does not divide stay dense)",
+        },
+        OptionHelp {
+            name: "method",
+            values: "magnitude|wanda",
+            default: "wanda with --calib, else magnitude",
+            help: "score weights by their magnitude |w|, or by Wanda's |w| x ||x||, the norm of the input column they multiply over the calibration rows",
+        },
+    ];
+
+    fn parse(args: &mut Args) -> Result<PruneOptions, PassError> {
+        let calibrated = args.calibrated();
+        let method = match args.text("method") {
+            None if calibrated => Method::Wanda,
+            None | Some("magnitude") => Method::Magnitude,
+            Some("wanda") => Method::Wanda,
+            Some(v) => return Err(args.invalid("method", v)),
+        };
+        if method == Method::Wanda && !calibrated {
+            return Err(args.error("method=wanda scores weights by their inputs' norms: pass --calib"));
+        }
+        let s = args.get_with("sparsity", sparsity)?;
+        let pattern = args.get_with("pattern", |v| {
+            let (n, m) = v.split_once(':').ok_or("expected N:M, e.g. 2:4")?;
+            let (n, m) = (n.parse::<u64>().ok(), m.parse::<u64>().ok());
+            match (n, m) {
+                (Some(n), Some(m)) if n >= 1 && n < m => Ok((n, m)),
+                _ => Err("expected N:M with 1 <= N < M, e.g. 2:4".to_string()),
+            }
+        })?;
+        let target = match (s, pattern) {
+            (Some(_), Some(_)) => return Err(args.error("give sparsity or pattern, not both")),
+            (Some(s), None) => Target::Sparsity(s),
+            (None, Some((n, m))) => Target::Pattern(n, m),
+            (None, None) => Target::Sparsity(0.5),
+        };
+        Ok(PruneOptions { method, target })
+    }
+}
+
+/// What `prune` did to one candidate layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneLayer {
+    pub name: String,
+    pub rows: u64,
+    pub cols: u64,
+    /// The stored pattern (`2:4`, or `192:384` for unstructured), `None` if dense.
+    pub pattern: Option<String>,
+    /// The fraction of the weights kept (1 when dense).
+    pub kept: f64,
+    /// Stored values before and after (`rows x cols`, then the values tensor's size).
+    pub params_before: u64,
+    pub params: u64,
+    /// Bytes of the weight's tensors before and after (the mask's included).
+    pub bytes_before: u64,
+    pub bytes: u64,
+    /// Bits per weight as stored ([`Sparse::bits_per_weight`]; the format's when dense).
+    pub bits_per_weight: f64,
+    /// Why the layer stayed dense, if it did.
+    pub why_dense: Option<String>,
+}
+
+/// The report of a `prune` call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneReport {
+    pub method: Method,
+    pub target: Target,
+    pub layers: Vec<PruneLayer>,
+    /// Over the candidate layers: stored values and bytes before and after.
+    pub params_before: u64,
+    pub params: u64,
+    pub bytes_before: u64,
+    pub bytes: u64,
+    pub notes: Vec<String>,
+}
+
+impl PruneReport {
+    /// Layers made sparse.
+    pub fn pruned(&self) -> usize {
+        self.layers.iter().filter(|l| l.pattern.is_some()).count()
+    }
+
+    /// The fraction of the candidate layers' weights removed.
+    pub fn sparsity(&self) -> f64 {
+        let total: f64 = self.layers.iter().map(|l| (l.rows * l.cols) as f64).sum();
+        let kept: f64 = self.layers.iter().map(|l| l.kept * (l.rows * l.cols) as f64).sum();
+        if total == 0.0 { 0.0 } else { 1.0 - kept / total }
+    }
+}
+
+/// A candidate layer: its name, its main weight, the linears that read it, its values.
+struct Candidate {
+    name: String,
+    weight: NodeId,
+    tensor: String,
+    format: Format,
+    linears: Vec<NodeId>,
+    rows: u64,
+    cols: u64,
+    values: Vec<f32>,
+}
+
+/// Prunes `graph`'s candidate layers as `options` and `overrides` say (see the module
+/// documentation); `calibration` is required by `method=wanda`.
+pub fn prune(
+    graph: &mut Graph,
+    options: &PruneOptions,
+    overrides: &[(String, Fixed)],
+    calibration: Option<&Calibration>,
+) -> Result<PruneReport, PassError> {
+    let fail = |message: String| PassError::not_applicable(PASS, message);
+    let (candidates, mut notes) = candidates(graph).map_err(fail)?;
+    if candidates.is_empty() {
+        return Err(fail("no layer is a dense matrix read only by linears".into()));
+    }
+    let names: Vec<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
+    let fixed = apply_overrides(&names, overrides).map_err(fail)?;
+    let mut report = PruneReport {
+        method: options.method,
+        target: options.target,
+        layers: vec![],
+        params_before: 0,
+        params: 0,
+        bytes_before: 0,
+        bytes: 0,
+        notes: vec![],
+    };
+    for (c, fixed) in candidates.iter().zip(&fixed) {
+        let bytes_before = graph.store.get(&c.tensor).map_or(0, |t| t.bytes.len() as u64);
+        let mut layer = PruneLayer {
+            name: c.name.clone(),
+            rows: c.rows,
+            cols: c.cols,
+            pattern: None,
+            kept: 1.0,
+            params_before: c.rows * c.cols,
+            params: c.rows * c.cols,
+            bytes_before,
+            bytes: bytes_before,
+            bits_per_weight: c.format.bits_per_weight(),
+            why_dense: None,
+        };
+        let target = match fixed {
+            Some(Fixed::Dense) => Err("--override says dense".to_string()),
+            Some(Fixed::Sparsity(s)) => Ok(Target::Sparsity(*s)),
+            None => Ok(options.target),
+        };
+        let pattern = target.and_then(|t| pattern_of(t, c.cols));
+        match pattern {
+            Err(why) => layer.why_dense = Some(why),
+            Ok((n, m)) => {
+                let scores = match options.method {
+                    Method::Magnitude => c.values.iter().map(|w| w.abs() as f64).collect(),
+                    Method::Wanda => {
+                        let inputs: Vec<NodeId> = c.linears.iter().map(|&l| graph.operands(l)[0]).collect();
+                        let gram = calibration.and_then(|cal| cal.summed(&inputs)).ok_or_else(|| {
+                            fail(format!("layer {}: the calibration runs gathered no statistics of its input", c.name))
+                        })?;
+                        wanda_scores(&c.values, c.cols as usize, &gram.diagonal())
+                    }
+                };
+                let keep = choose(&scores, c.cols as usize, n as usize, m as usize);
+                let kept = keep.iter().filter(|&&k| k).count();
+                let sparse = Sparse { n, m, mask: String::new(), mask_checksum: None };
+                rewrite(graph, c, (n, m), &keep).map_err(fail)?;
+                let new = graph.layers.get(&c.name).and_then(Layer::main).expect("the layer's new weight");
+                let Op::Weight(w) = &graph.node(new).op else { unreachable!("a weight") };
+                layer.bytes = w.stored_bytes(&graph.store);
+                layer.params = c.rows * (c.cols / m * n);
+                layer.pattern = Some(sparse.pattern());
+                layer.kept = kept as f64 / (c.rows * c.cols) as f64;
+                layer.bits_per_weight = sparse.bits_per_weight(c.format);
+            }
+        }
+        report.params_before += layer.params_before;
+        report.params += layer.params;
+        report.bytes_before += layer.bytes_before;
+        report.bytes += layer.bytes;
+        report.layers.push(layer);
+    }
+    graph.remove_dead();
+    let read = graph.read_tensors();
+    for c in &candidates {
+        if !read.contains(&c.tensor) {
+            graph.store.remove(&c.tensor);
+        }
+    }
+    let dense: Vec<String> =
+        report.layers.iter().filter_map(|l| l.why_dense.as_ref().map(|why| format!("{} ({why})", l.name))).collect();
+    if !dense.is_empty() {
+        notes.push(format!("{} of {} layers stay dense: {}", dense.len(), report.layers.len(), dense.join(", ")));
+    }
+    notes.push(format!(
+        "uniform {}: every pruned layer gets the same {}; layer-adaptive sparsity and SparseGPT's weight updates are not built yet",
+        match options.target {
+            Target::Sparsity(_) => "sparsity",
+            Target::Pattern(..) => "pattern",
+        },
+        options.target
+    ));
+    notes.push(
+        "sparse linears run on their dense value until sparse kernels exist: the weights are smaller, not faster"
+            .into(),
+    );
+    report.notes = notes;
+    kiln_ir::verify(graph).map_err(|e| PassError::Invalid { pass: PASS, message: e.to_string() })?;
+    Ok(report)
+}
+
+/// The stored pattern of `target` over rows of `cols`: `n:m`, or why the layer stays dense.
+fn pattern_of(target: Target, cols: u64) -> Result<(u64, u64), String> {
+    let (n, m) = match target {
+        // The epsilon keeps 0.5 of 64 at 32, whatever the rounding of 1 - S.
+        Target::Sparsity(s) => (((1.0 - s) * cols as f64 - 1e-9).ceil().max(1.0) as u64, cols),
+        Target::Pattern(n, m) => (n, m),
+    };
+    if let Target::Sparsity(s) = target
+        && n >= cols
+    {
+        return Err(format!("sparsity {s} keeps every weight of a row of {cols}"));
+    }
+    Sparse::check(n, m, cols).map_err(|e| e.to_string())?;
+    Ok((n, m))
+}
+
+/// Wanda's scores of a row-major `[rows, cols]` weight: `|W_ij| sqrt(diagonal_j)`, where
+/// `diagonal` holds each input column's sum of squares over the calibration rows.
+pub fn wanda_scores(values: &[f32], cols: usize, diagonal: &[f64]) -> Vec<f64> {
+    assert_eq!(diagonal.len(), cols, "the statistics of another width");
+    let norms: Vec<f64> = diagonal.iter().map(|d| d.max(0.0).sqrt()).collect();
+    values.iter().enumerate().map(|(i, w)| w.abs() as f64 * norms[i % cols]).collect()
+}
+
+/// Which weights of a row-major matrix with rows of `cols` to keep: in every group of `m`
+/// consecutive weights along a row (`m = cols`: the whole row), the `n` highest `scores`,
+/// ties to the lower column.
+pub fn choose(scores: &[f64], cols: usize, n: usize, m: usize) -> Vec<bool> {
+    assert!(n < m && cols.is_multiple_of(m), "{n}:{m} over rows of {cols}");
+    let mut keep = vec![false; scores.len()];
+    keep.par_chunks_mut(cols).zip(scores.par_chunks(cols)).for_each(|(keep, scores)| {
+        let mut order: Vec<usize> = Vec::with_capacity(m);
+        for (keep, scores) in keep.chunks_mut(m).zip(scores.chunks(m)) {
+            order.clear();
+            order.extend(0..m);
+            order.select_nth_unstable_by(n, |&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            for &j in &order[..n] {
+                keep[j] = true;
+            }
+        }
+    });
+    keep
+}
+
+/// The layers `prune` may sparsify, in name order, and notes on those it leaves.
+fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
+    let mut out = Vec::new();
+    let (mut by_rows, mut factored, mut sparse) = (vec![], vec![], vec![]);
+    for (name, layer) in graph.layers.iter() {
+        let Some(weight) = layer.main() else {
+            if layer.is_factored() || layer.is_train() {
+                factored.push(name.to_string());
+            }
+            continue;
+        };
+        let Op::Weight(w) = &graph.node(weight).op else { continue };
+        let users = graph.users(weight);
+        let linears: Vec<NodeId> = users
+            .iter()
+            .copied()
+            .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u)[1] == weight)
+            .collect();
+        if linears.is_empty() {
+            continue;
+        }
+        if linears.len() != users.len() || graph.outputs().iter().any(|(_, o)| *o == weight) {
+            by_rows.push(name.to_string());
+            continue;
+        }
+        if let Some(s) = &w.sparse {
+            sparse.push(format!("{name} ({s})"));
+            continue;
+        }
+        if layer.weights.len() > 1 {
+            return Err(format!(
+                "layer {name} has weights besides its main one ({}): run prune before the pass that added them",
+                layer.weights.iter().map(|(r, _)| r.name()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if !matches!(w.format, Format::F32 | Format::F16 | Format::BF16) {
+            return Err(format!("layer {name} is stored as {}: run prune before quantize", w.format));
+        }
+        let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
+        let &[rows, cols] = shape.as_slice() else { continue };
+        let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
+        out.push(Candidate {
+            name: name.to_string(),
+            weight,
+            tensor: w.tensor.clone(),
+            format: w.format,
+            linears,
+            rows,
+            cols,
+            values,
+        });
+    }
+    let mut notes = Vec::new();
+    if !by_rows.is_empty() {
+        notes.push(format!("left as they are (also read by rows or as an output): {}", by_rows.join(", ")));
+    }
+    if !factored.is_empty() {
+        notes.push(format!("left as they are (factorized; pruning factors is not built yet): {}", factored.join(", ")));
+    }
+    if !sparse.is_empty() {
+        notes.push(format!("left as they are (already sparse): {}", sparse.join(", ")));
+    }
+    Ok((out, notes))
+}
+
+/// Replaces the layer's weight by the sparse weight keeping `keep`: values in the weight's
+/// format as `{tensor}.values`, the mask as `{tensor}.mask`; every linear reads it, and the
+/// layer's main weight is it.
+fn rewrite(graph: &mut Graph, c: &Candidate, (n, m): (u64, u64), keep: &[bool]) -> Result<(), String> {
+    let fail = |e: kiln_ir::SparseError| format!("layer {}: {e}", c.name);
+    let (values, mask) = pack(n, m, c.rows, c.cols, &c.values, keep).map_err(fail)?;
+    let shape = vec![c.rows, c.cols / m * n];
+    let data = match c.format {
+        Format::F16 => encoded(Format::F16, shape, values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
+        Format::BF16 => {
+            encoded(Format::BF16, shape, values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()))
+        }
+        _ => TensorData::from_f32(shape, &values),
+    };
+    let scope = graph.node(c.weight).scope.clone();
+    let new = graph.add_sparse_weight(&c.tensor, (n, m), c.rows, c.cols, data, mask, &scope).map_err(fail)?;
+    graph.replace_uses(c.weight, new);
+    graph.layers.insert(c.name.clone(), Layer::new(new));
+    Ok(())
+}
+
+fn encoded(format: Format, shape: Vec<u64>, bytes: impl Iterator<Item = u8>) -> TensorData {
+    TensorData::new(format, shape, kiln_ir::Bytes::from_vec(bytes.collect())).expect("two bytes per value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calibration::Gram;
+    use kiln_ir::sparse::densify;
+
+    /// A small deterministic generator of values in [-0.5, 0.5).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// One linear `y = x W^T` with `W [rows, cols]` named `w` in layer `l`.
+    fn one_linear(rows: u64, cols: u64, w: &[f32]) -> Graph {
+        let text = format!(
+            "graph g {{\n  %0 = input \"x\" : f32[r, {cols}]\n  %1 = weight \"w\" f32 : f32[{rows}, {cols}] @l\n  %2 = linear %0, %1 : f32[r, {rows}] @l\n  output \"y\" = %2\n}}\n"
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        g.store.insert("w", TensorData::from_f32(vec![rows, cols], w));
+        g.layers = kiln_ir::LayerTable::derive(&g);
+        g
+    }
+
+    /// The pruned layer's weight: its pattern, and its dense value read through the mask.
+    fn pruned(g: &Graph) -> ((u64, u64), Vec<f32>) {
+        let id = g.layers.get("l").and_then(Layer::main).expect("the layer keeps a main weight");
+        let Op::Weight(w) = &g.node(id).op else { panic!("a weight") };
+        let s = w.sparse.as_ref().expect("sparse");
+        let shape = g.node(id).ty.known_shape().unwrap();
+        let values = g.store.get(&w.tensor).unwrap().to_f32().unwrap();
+        let mask = g.store.get(&s.mask).unwrap().bytes.as_slice().to_vec();
+        let dense = densify(s.n, s.m, shape[0], shape[1], &values, &mask).unwrap();
+        assert_eq!(dense, w.value(&g.store, &shape).unwrap());
+        ((s.n, s.m), dense)
+    }
+
+    fn options(method: Method, target: Target) -> PruneOptions {
+        PruneOptions { method, target }
+    }
+
+    /// Every row keeps exactly its count (unstructured), every group exactly N (N:M), and
+    /// what is kept is the original weight, the largest magnitudes of its row or group.
+    #[test]
+    fn rows_and_groups_keep_their_counts() {
+        let (rows, cols) = (6u64, 24u64);
+        let w = values((rows * cols) as usize, 7);
+        for (target, group, count) in [
+            (Target::Sparsity(0.3), 24, 17), // ceil(0.7 x 24) = 16.8 -> 17
+            (Target::Sparsity(0.5), 24, 12),
+            (Target::Pattern(2, 4), 4, 2),
+            (Target::Pattern(4, 8), 8, 4),
+        ] {
+            let mut g = one_linear(rows, cols, &w);
+            let report = prune(&mut g, &options(Method::Magnitude, target), &[], None).unwrap();
+            let ((n, m), dense) = pruned(&g);
+            assert_eq!((n, m as usize), (count, group), "{target}");
+            assert!(g.store.get("w").is_none(), "the dense tensor is gone");
+            for (gi, (got, orig)) in dense.chunks(group).zip(w.chunks(group)).enumerate() {
+                let kept: Vec<usize> = (0..group).filter(|&j| got[j] != 0.0).collect();
+                assert_eq!(kept.len() as u64, count, "{target}: group {gi}");
+                let smallest_kept = kept.iter().map(|&j| orig[j].abs()).fold(f32::INFINITY, f32::min);
+                for j in 0..group {
+                    if kept.contains(&j) {
+                        assert_eq!(got[j], orig[j], "{target}: a kept weight is the original");
+                    } else {
+                        assert!(orig[j].abs() <= smallest_kept, "{target}: group {gi} drops a larger weight");
+                    }
+                }
+            }
+            let l = &report.layers[0];
+            assert_eq!(l.params, rows * (cols / m * n));
+            assert_eq!(l.bytes, l.params * 4 + rows * cols / 8);
+            assert_eq!(l.bits_per_weight, n as f64 / m as f64 * 32.0 + 1.0);
+            assert!((l.kept - count as f64 / group as f64).abs() < 1e-12);
+        }
+    }
+
+    /// Wanda weighs each weight by its input column's norm: with one column's inputs 100
+    /// times larger, its small weights outrank larger ones that magnitude keeps.
+    #[test]
+    fn wanda_keeps_what_a_dominant_input_needs() {
+        let (rows, cols) = (2u64, 8u64);
+        // Column 5 holds each row's smallest weight.
+        let w: Vec<f32> =
+            [[0.9, -0.8, 0.7, -0.6, 0.5, 0.01, 0.4, -0.3], [-0.2, 0.3, 0.8, -0.9, 0.6, -0.02, 0.5, 0.7]].concat();
+        let diag: Vec<f64> = (0..cols).map(|j| if j == 5 { 1e4 } else { 1.0 }).collect();
+        let run = |method: Method| {
+            let mut g = one_linear(rows, cols, &w);
+            let linear = g.node_ids().find(|&n| matches!(g.node(n).op, Op::Linear { .. })).unwrap();
+            let input = g.operands(linear)[0];
+            let mut gram = Gram::new(cols as usize);
+            for (j, d) in diag.iter().enumerate() {
+                gram.sum[j * cols as usize + j] = *d;
+            }
+            let mut calibration = Calibration::default();
+            calibration.inputs.insert(input, gram);
+            prune(&mut g, &options(method, Target::Pattern(2, 4)), &[], Some(&calibration)).unwrap();
+            pruned(&g).1.iter().map(|v| *v != 0.0).collect::<Vec<bool>>()
+        };
+        let (magnitude, wanda) = (run(Method::Magnitude), run(Method::Wanda));
+        for r in 0..rows as usize {
+            assert!(!magnitude[r * 8 + 5], "magnitude drops row {r}'s smallest weight");
+            assert!(wanda[r * 8 + 5], "wanda keeps row {r}'s weight on the dominant input");
+        }
+        assert_ne!(magnitude, wanda);
+        // Wanda's other choices are magnitude's: the other norms are equal.
+        assert_eq!(wanda[..4], magnitude[..4]);
+    }
+
+    /// Overrides fix one layer's sparsity or leave it dense; a width the mask cannot store
+    /// stays dense with the reason in the report.
+    #[test]
+    fn overrides_and_widths_that_stay_dense() {
+        let text = "graph g {
+  %0 = input \"x\" : f32[r, 16]
+  %1 = weight \"a\" f32 : f32[4, 16] @a
+  %2 = linear %0, %1 : f32[r, 4] @a
+  %3 = weight \"b\" f32 : f32[16, 16] @b
+  %4 = linear %0, %3 : f32[r, 16] @b
+  %5 = input \"z\" : f32[r, 12]
+  %6 = weight \"c\" f32 : f32[4, 12] @c
+  %7 = linear %5, %6 : f32[r, 4] @c
+  output \"y\" = %2
+  output \"u\" = %4
+  output \"v\" = %7
+}
+";
+        let mut g = kiln_ir::parse(text).unwrap();
+        for (name, rows, cols, seed) in [("a", 4, 16, 1), ("b", 16, 16, 2), ("c", 4, 12, 3)] {
+            g.store.insert(name, TensorData::from_f32(vec![rows, cols], &values((rows * cols) as usize, seed)));
+        }
+        g.layers = kiln_ir::LayerTable::derive(&g);
+        let overrides = vec![("a".to_string(), Fixed::Dense), ("b".to_string(), Fixed::Sparsity(0.25))];
+        let report = prune(&mut g, &options(Method::Magnitude, Target::Pattern(2, 4)), &overrides, None).unwrap();
+        let by = |n: &str| report.layers.iter().find(|l| l.name == n).unwrap();
+        assert_eq!(by("a").why_dense.as_deref(), Some("--override says dense"));
+        assert_eq!(by("b").pattern.as_deref(), Some("12:16"));
+        let why = by("c").why_dense.as_deref().unwrap();
+        assert!(why.contains("multiple of 8"), "{why}");
+        assert_eq!((by("a").params, by("c").params), (64, 48));
+        assert!(g.store.get("a").is_some() && g.store.get("c").is_some() && g.store.get("b").is_none());
+        assert!(report.notes.iter().any(|n| n.contains("2 of 3 layers stay dense")), "{:?}", report.notes);
+        assert!(report.notes.iter().any(|n| n.contains("uniform pattern") && n.contains("SparseGPT")));
+        // The JSON `kiln compile` stores, layers in name order.
+        let json = PassReport::Prune(report.clone()).to_json();
+        assert_eq!((json["pass"].as_str(), json["method"].as_str()), (Some("prune"), Some("magnitude")));
+        assert_eq!(json["layers"][0]["dense_because"], "--override says dense");
+        assert_eq!(json["layers"][1]["pattern"], "12:16");
+        assert_eq!(json["layers"][1]["bits_per_weight"], 12.0 / 16.0 * 32.0 + 1.0);
+        assert_eq!(json["bytes"], 64 * 4 + (16 * 12 * 4 + 16 * 2) + 48 * 4);
+        let err = prune(&mut g.clone(), &options(Method::Magnitude, Target::Sparsity(0.5)), &overrides, None);
+        assert!(err.unwrap_err().to_string().contains("`b` matches no layer"), "b is sparse now");
+    }
+
+    /// Ties go to the lower column, in every group and in a whole row.
+    #[test]
+    fn ties_keep_the_lower_columns() {
+        let scores = [1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0];
+        let keep = choose(&scores, 8, 2, 4);
+        assert_eq!(keep, [true, true, false, false, false, true, true, false]);
+        let keep = choose(&scores, 8, 5, 8);
+        assert_eq!(keep, [true, true, false, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn override_values_parse() {
+        assert_eq!("dense".parse::<Fixed>(), Ok(Fixed::Dense));
+        assert_eq!("0.3".parse::<Fixed>(), Ok(Fixed::Sparsity(0.3)));
+        for bad in ["0", "1", "1.5", "-0.2", "2:4", "sparse"] {
+            assert!(bad.parse::<Fixed>().is_err(), "{bad}");
+        }
+    }
+}
