@@ -24,10 +24,12 @@
 //! them. A layer whose rows the pattern cannot split (the mask stores whole bytes, so 8 must
 //! divide `cols`, and so must `M`) stays dense and the report says why. Factorized and
 //! already sparse layers are left as they are, with a note; a layer that carries weights
-//! besides its main one (LoRC corrections), or whose weight is quantized, is an error: prune
-//! runs before `quantize`.
+//! besides its main one (LoRC corrections) is an error: prune runs before the pass that
+//! added them.
 //!
-//! Kept values are stored in the weight's own float format (f32, f16 or bf16). Until sparse
+//! Kept values are stored in the weight's own float format (f32, f16 or bf16); a weight the
+//! checkpoint stores in an integer format (a GGUF's Q4_1) is decoded and its kept values
+//! stored f32, with a note (quantizing sparse values is not built yet). Until sparse
 //! kernels exist, engines run a sparse linear on its dense value: the weight is smaller,
 //! not faster, and the report says so.
 
@@ -234,7 +236,9 @@ struct Candidate {
     name: String,
     weight: NodeId,
     tensor: String,
+    /// The weight's stored format, and the format its kept values are stored in.
     format: Format,
+    values_format: Format,
     linears: Vec<NodeId>,
     rows: u64,
     cols: u64,
@@ -310,7 +314,7 @@ pub fn prune(
                 layer.params = c.rows * (c.cols / m * n);
                 layer.pattern = Some(sparse.pattern());
                 layer.kept = kept as f64 / (c.rows * c.cols) as f64;
-                layer.bits_per_weight = sparse.bits_per_weight(c.format);
+                layer.bits_per_weight = sparse.bits_per_weight(c.values_format);
             }
         }
         report.params_before += layer.params_before;
@@ -395,7 +399,7 @@ pub fn choose(scores: &[f64], cols: usize, n: usize, m: usize) -> Vec<bool> {
 /// The layers `prune` may sparsify, in name order, and notes on those it leaves.
 fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     let mut out = Vec::new();
-    let (mut by_rows, mut factored, mut sparse) = (vec![], vec![], vec![]);
+    let (mut by_rows, mut factored, mut sparse, mut decoded) = (vec![], vec![], vec![], vec![]);
     for (name, layer) in graph.layers.iter() {
         let Some(weight) = layer.main() else {
             if layer.is_factored() || layer.is_train() {
@@ -427,9 +431,15 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
                 layer.weights.iter().map(|(r, _)| r.name()).collect::<Vec<_>>().join(", ")
             ));
         }
-        if !matches!(w.format, Format::F32 | Format::F16 | Format::BF16) {
-            return Err(format!("layer {name} is stored as {}: run prune before quantize", w.format));
-        }
+        // Kept values stay in a float format; a weight stored in another (a GGUF's Q4_1)
+        // is decoded, and its kept values stored f32.
+        let values_format = match w.format {
+            f @ (Format::F32 | Format::F16 | Format::BF16) => f,
+            f => {
+                decoded.push(format!("{name} ({f})"));
+                Format::F32
+            }
+        };
         let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
         let &[rows, cols] = shape.as_slice() else { continue };
         let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
@@ -438,6 +448,7 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
             weight,
             tensor: w.tensor.clone(),
             format: w.format,
+            values_format,
             linears,
             rows,
             cols,
@@ -454,6 +465,13 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     if !sparse.is_empty() {
         notes.push(format!("left as they are (already sparse): {}", sparse.join(", ")));
     }
+    if !decoded.is_empty() {
+        notes.push(format!(
+            "{} layers stored in integer formats were decoded; their kept values are stored f32 (quantizing sparse values is not built yet): {}",
+            decoded.len(),
+            decoded.join(", ")
+        ));
+    }
     Ok((out, notes))
 }
 
@@ -464,7 +482,7 @@ fn rewrite(graph: &mut Graph, c: &Candidate, (n, m): (u64, u64), keep: &[bool]) 
     let fail = |e: kiln_ir::SparseError| format!("layer {}: {e}", c.name);
     let (values, mask) = pack(n, m, c.rows, c.cols, &c.values, keep).map_err(fail)?;
     let shape = vec![c.rows, c.cols / m * n];
-    let data = match c.format {
+    let data = match c.values_format {
         Format::F16 => encoded(Format::F16, shape, values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
         Format::BF16 => {
             encoded(Format::BF16, shape, values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()))
@@ -521,6 +539,35 @@ mod tests {
         let dense = densify(s.n, s.m, shape[0], shape[1], &values, &mask).unwrap();
         assert_eq!(dense, w.value(&g.store, &shape).unwrap());
         ((s.n, s.m), dense)
+    }
+
+    /// A weight the checkpoint stores in an integer format is decoded: the kept values are
+    /// its decoded values, stored f32, and a note says so.
+    #[test]
+    fn integer_weights_are_decoded_and_kept_as_f32() {
+        let (rows, cols) = (4u64, 32u64);
+        let w = values((rows * cols) as usize, 9);
+        let int8 = kiln_ir::IntFormat::new(8, 32, false).unwrap();
+        let text = format!(
+            "graph g {{\n  %0 = input \"x\" : f32[r, {cols}]\n  %1 = weight \"w\" {} : f32[{rows}, {cols}] @l\n  %2 = linear %0, %1 : f32[r, {rows}] @l\n  output \"y\" = %2\n}}\n",
+            Format::Int(int8)
+        );
+        let mut g = kiln_ir::parse(&text).unwrap();
+        let data =
+            TensorData::new(Format::Int(int8), vec![rows, cols], kiln_ir::Bytes::from_vec(int8.quantize(&w))).unwrap();
+        let decoded = data.to_f32().unwrap();
+        assert_ne!(decoded, w, "int8 rounds the values");
+        g.store.insert("w", data);
+        g.layers = kiln_ir::LayerTable::derive(&g);
+        let report = prune(&mut g, &options(Method::Magnitude, Target::Pattern(2, 4)), &[], None).unwrap();
+        let (_, dense) = pruned(&g);
+        for (got, want) in dense.iter().zip(&decoded) {
+            assert!(*got == 0.0 || got == want, "a kept value is the decoded one: {got} against {want}");
+        }
+        let id = g.layers.get("l").and_then(Layer::main).unwrap();
+        let Op::Weight(sw) = &g.node(id).op else { panic!("a weight") };
+        assert_eq!(g.store.get(&sw.tensor).unwrap().format, Format::F32);
+        assert!(report.notes.iter().any(|n| n.contains("decoded") && n.contains("l (int8g32)")), "{:?}", report.notes);
     }
 
     fn options(method: Method, target: Target) -> PruneOptions {
