@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Pruning: the commands of docs/measurements.md, section 7 (size and held-out fidelity of
+# prune pipelines).
+#
+#   tools/measure_prune.sh [minilm|smollm2|all]      (default: all)
+#
+# Needs examples/fetch.sh, a release build and the held-out sets of tools/heldout_sets.py in
+# $KILN_HELDOUT. Calibration on the dev fixtures, evaluation on the held-out sets, as
+# tools/measure_factorize.sh does. Prints each command, then its output.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+source tools/measure_common.sh
+which=${1:-all}
+MINILM_CALIB=$HELDOUT/minilm_calib.safetensors
+SMOLLM2_CALIB=$FIXTURES/smollm2_dev.safetensors
+TIMEFORMAT="compile: %R s"
+mkdir -p "$OUT"
+
+compile() { # NAME SPEC WEIGHTS PASSES CALIB
+  echo "+ $KILN compile $2 -w $3 --passes \"$4\" --calib $5 -o $OUT/$1.kiln" >&2
+  time "$KILN" compile "$2" -w "$3" --passes "$4" --calib "$5" -o "$OUT/$1.kiln"
+  echo "size: $(stat -c %s "$OUT/$1.kiln") bytes"
+}
+
+PIPELINES=("prune(sparsity=0.5, method=magnitude)" "prune(sparsity=0.5)" "prune(pattern=2:4)")
+if [ "$which" = minilm ] || [ "$which" = all ]; then
+  for passes in "${PIPELINES[@]}"; do
+    section "MiniLM $passes"
+    compile minilm-prune "$MINILM_SPEC" "$MINILM_W" "$passes" "$MINILM_CALIB"
+    run "$KILN" eval "$OUT/minilm-prune.kiln" --data "$HELDOUT/minilm_heldout.safetensors" --json
+  done
+fi
+if [ "$which" = smollm2 ] || [ "$which" = all ]; then
+  for passes in "${PIPELINES[@]}"; do
+    section "SmolLM2 $passes"
+    compile smollm2-prune "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
+    run "$KILN" eval "$OUT/smollm2-prune.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
+  done
+fi
