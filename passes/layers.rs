@@ -1,7 +1,10 @@
 //! What every family needs to address layers by name: `--override` patterns (globs over
 //! layer names, each of which must match), and kinds (the same projection in every block,
 //! `blk.*.attn_q`), which per-kind measurements group by. The layers themselves are the
-//! IR's table (`kiln_ir::LayerTable`, `graph.layers`).
+//! IR's table (`kiln_ir::LayerTable`, `graph.layers`). [`read_by_linears`] finds the
+//! layers whose matrix a family may rewrite.
+
+use kiln_ir::{Graph, Layer, NodeId, Op, WeightRef};
 
 /// The value each layer gets from `overrides` (`(pattern, value)` in the order given; a
 /// later pattern wins where two match), for layers named `names`. A pattern that matches no
@@ -56,6 +59,47 @@ pub fn kind_of(scope: &str) -> String {
     let parts: Vec<&str> =
         scope.split('.').map(|c| if c.bytes().all(|b| b.is_ascii_digit()) { "*" } else { c }).collect();
     parts.join(".")
+}
+
+/// A layer whose main weight is a matrix that only linears read, as their weight.
+pub struct ReadByLinears<'g> {
+    pub name: &'g str,
+    pub layer: &'g Layer,
+    pub weight: NodeId,
+    pub w: &'g WeightRef,
+    pub linears: Vec<NodeId>,
+    pub rows: u64,
+    pub cols: u64,
+}
+
+/// The layers whose main weight is a matrix of known shape that only linears read (as
+/// their weight), in name order: what the families that rewrite a layer's matrix may take.
+/// Also a note naming the layers whose main weight something else reads too (a tied
+/// embedding gathered by rows and read by the head, an output), which they leave alone.
+pub fn read_by_linears(graph: &Graph) -> (Vec<ReadByLinears<'_>>, Option<String>) {
+    let (mut out, mut by_rows) = (Vec::new(), Vec::new());
+    for (name, layer) in graph.layers.iter() {
+        let Some(weight) = layer.main() else { continue };
+        let Op::Weight(w) = &graph.node(weight).op else { continue };
+        let users = graph.users(weight);
+        let linears: Vec<NodeId> = users
+            .iter()
+            .copied()
+            .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u)[1] == weight)
+            .collect();
+        if linears.is_empty() {
+            continue;
+        }
+        if linears.len() != users.len() || graph.outputs().iter().any(|(_, o)| *o == weight) {
+            by_rows.push(name);
+            continue;
+        }
+        let Some(&[rows, cols]) = graph.node(weight).ty.known_shape().as_deref() else { continue };
+        out.push(ReadByLinears { name, layer, weight, w, linears, rows, cols });
+    }
+    let note = (!by_rows.is_empty())
+        .then(|| format!("left as they are (also read by rows or as an output): {}", by_rows.join(", ")));
+    (out, note)
 }
 
 #[cfg(test)]

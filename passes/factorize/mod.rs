@@ -46,7 +46,7 @@ pub mod tt;
 use crate::allocate::{self, Choice, Layer as Knapsack};
 use crate::calibration::{Gram, Paired, Weighting};
 use crate::heal::{HealedLayer, Proposal, Site};
-use crate::layers::{apply_overrides, kind_of};
+use crate::layers::{ReadByLinears, apply_overrides, kind_of, read_by_linears};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport};
 use kiln_ir::{Activations, Graph, Layer, NodeId, Op, Role, TensorData};
@@ -518,24 +518,9 @@ fn low_rank(
 fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     let order = graph.topo_order().ok_or("the graph has a cycle")?;
     let position: std::collections::HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let (layers, note) = read_by_linears(graph);
     let mut out = Vec::new();
-    let mut by_rows = Vec::new();
-    for (name, layer) in graph.layers.iter() {
-        let Some(weight) = layer.main() else { continue };
-        let Op::Weight(w) = &graph.node(weight).op else { continue };
-        let users = graph.users(weight);
-        let linears: Vec<NodeId> = users
-            .iter()
-            .copied()
-            .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u)[1] == weight)
-            .collect();
-        if linears.is_empty() {
-            continue;
-        }
-        if linears.len() != users.len() || graph.outputs().iter().any(|(_, o)| *o == weight) {
-            by_rows.push(name.to_string());
-            continue;
-        }
+    for ReadByLinears { name, layer, weight, w, linears, rows, cols } in layers {
         if layer.weights.len() > 1 {
             return Err(format!(
                 "layer {name} has weights besides its main one ({}): run factorize before the pass that added them",
@@ -545,18 +530,12 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
         if let Some(s) = &w.sparse {
             return Err(format!("layer {name} is sparse ({s}): run factorize before pruning"));
         }
-        let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
-        let &[n, k] = shape.as_slice() else { continue };
-        let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
-        let tensor = w.tensor.clone();
-        out.push(Candidate { name: name.to_string(), weight, tensor, linears, n: n as usize, k: k as usize, values });
+        let values = w.value(&graph.store, &[rows, cols]).map_err(|e| format!("layer {name}: {e}"))?;
+        let (n, k, tensor) = (rows as usize, cols as usize, w.tensor.clone());
+        out.push(Candidate { name: name.to_string(), weight, tensor, linears, n, k, values });
     }
     out.sort_by_key(|c| c.linears.iter().map(|l| position[l]).min());
-    let mut notes = Vec::new();
-    if !by_rows.is_empty() {
-        notes.push(format!("left as they are (also read by rows or as an output): {}", by_rows.join(", ")));
-    }
-    Ok((out, notes))
+    Ok((out, note.into_iter().collect()))
 }
 
 /// Rounds of [`probed_allocation`] that measure the kinds' gains anew at the last
@@ -795,12 +774,11 @@ fn choose_ranks(
     Ok(out)
 }
 
-/// What one layer's trains are made from: its modes, its input Gram (damped) and the
-/// Kronecker whitening of it, and with `allocate=errors` the spectra of its unfoldings.
+/// What one layer's trains are made from: its modes, the Kronecker whitening of its input
+/// Gram, and with `allocate=errors` the spectra of its unfoldings.
 struct Setup {
     outs: Vec<usize>,
     ins: Vec<usize>,
-    gram: Option<faer::Mat<f64>>,
     whitening: Option<Kronecker>,
     unfoldings: Vec<Vec<f64>>,
 }
@@ -994,7 +972,7 @@ fn trains(
                 vec![]
             };
             progress(done.fetch_add(1, Ordering::Relaxed) + 1, total, "tensor trains");
-            Ok(Ok(Setup { outs, ins, gram, whitening, unfoldings }))
+            Ok(Ok(Setup { outs, ins, whitening, unfoldings }))
         })
         .collect::<Result<_, String>>()?;
     let keep = match options.target {
@@ -1055,7 +1033,10 @@ fn trains(
             let column = |i: usize| made.1.as_ref().map_or(1.0, |s| s[i] as f64);
             let w = faer::Mat::<f64>::from_fn(n, k, |r, i| c.values[r * k + i] as f64);
             let dw = faer::Mat::<f64>::from_fn(n, k, |r, i| w[(r, i)] - rebuilt[r * k + i] * column(i));
-            let (dw, w) = match &setup.gram {
+            // The damped Gram again (held for every layer, it would weigh as much as the
+            // statistics themselves).
+            let gram = grams[j].as_ref().map(|g| lowrank::damped(g, k)).transpose()?;
+            let (dw, w) = match &gram {
                 Some(h) => {
                     let llt =
                         h.llt(faer::Side::Lower).map_err(|e| format!("layer {name}: no Cholesky factor: {e:?}"))?;

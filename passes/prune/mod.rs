@@ -34,7 +34,7 @@
 //! not faster, and the report says so.
 
 use crate::calibration::Calibration;
-use crate::layers::apply_overrides;
+use crate::layers::{ReadByLinears, apply_overrides, read_by_linears};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport};
 use kiln_ir::sparse::pack;
@@ -399,28 +399,11 @@ pub fn choose(scores: &[f64], cols: usize, n: usize, m: usize) -> Vec<bool> {
 /// The layers `prune` may sparsify, in name order, and notes on those it leaves.
 fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     let mut out = Vec::new();
-    let (mut by_rows, mut factored, mut sparse, mut decoded) = (vec![], vec![], vec![], vec![]);
-    for (name, layer) in graph.layers.iter() {
-        let Some(weight) = layer.main() else {
-            if layer.is_factored() || layer.is_train() {
-                factored.push(name.to_string());
-            }
-            continue;
-        };
-        let Op::Weight(w) = &graph.node(weight).op else { continue };
-        let users = graph.users(weight);
-        let linears: Vec<NodeId> = users
-            .iter()
-            .copied()
-            .filter(|&u| matches!(graph.node(u).op, Op::Linear { .. }) && graph.operands(u)[1] == weight)
-            .collect();
-        if linears.is_empty() {
-            continue;
-        }
-        if linears.len() != users.len() || graph.outputs().iter().any(|(_, o)| *o == weight) {
-            by_rows.push(name.to_string());
-            continue;
-        }
+    let (mut sparse, mut decoded) = (vec![], vec![]);
+    let factored: Vec<&str> =
+        graph.layers.iter().filter(|(_, l)| l.is_factored() || l.is_train()).map(|(name, _)| name).collect();
+    let (layers, by_rows) = read_by_linears(graph);
+    for ReadByLinears { name, layer, weight, w, linears, rows, cols } in layers {
         if let Some(s) = &w.sparse {
             sparse.push(format!("{name} ({s})"));
             continue;
@@ -440,9 +423,7 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
                 Format::F32
             }
         };
-        let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
-        let &[rows, cols] = shape.as_slice() else { continue };
-        let values = w.value(&graph.store, &shape).map_err(|e| format!("layer {name}: {e}"))?;
+        let values = w.value(&graph.store, &[rows, cols]).map_err(|e| format!("layer {name}: {e}"))?;
         out.push(Candidate {
             name: name.to_string(),
             weight,
@@ -455,10 +436,7 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
             values,
         });
     }
-    let mut notes = Vec::new();
-    if !by_rows.is_empty() {
-        notes.push(format!("left as they are (also read by rows or as an output): {}", by_rows.join(", ")));
-    }
+    let mut notes: Vec<String> = by_rows.into_iter().collect();
     if !factored.is_empty() {
         notes.push(format!("left as they are (factorized; pruning factors is not built yet): {}", factored.join(", ")));
     }
@@ -504,18 +482,8 @@ fn encoded(format: Format, shape: Vec<u64>, bytes: impl Iterator<Item = u8>) -> 
 mod tests {
     use super::*;
     use crate::calibration::Gram;
+    use crate::testing::values;
     use kiln_ir::sparse::densify;
-
-    /// A small deterministic generator of values in [-0.5, 0.5).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// One linear `y = x W^T` with `W [rows, cols]` named `w` in layer `l`.
     fn one_linear(rows: u64, cols: u64, w: &[f32]) -> Graph {
