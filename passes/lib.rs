@@ -37,6 +37,8 @@ pub mod options;
 pub mod prune;
 pub mod quantize;
 pub mod report;
+#[cfg(test)]
+mod testing;
 
 pub use context::{Context, Probe};
 pub use manager::{PassCall, PipelineError};

@@ -356,16 +356,7 @@ fn tensor_index(row: usize, col: usize, out_modes: &[usize], in_modes: &[usize])
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::testing::values;
 
     #[test]
     fn modes_are_as_even_as_the_factors_allow() {

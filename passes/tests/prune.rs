@@ -2,6 +2,9 @@
 //! writes, and its outputs are `x W_masked^T + b` with the mask computed here, apart from
 //! the pass, from the magnitudes of each row.
 
+mod common;
+
+use common::values;
 use kiln_interp::{Interpreter, Tensor, Value};
 use kiln_ir::TensorData;
 use kiln_passes::{Context, PassReport, manager};
@@ -15,16 +18,6 @@ const MODEL: &str = "graph g {
   output \"y\" = %3
 }
 ";
-
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
 
 #[test]
 fn the_interpreter_runs_the_pruned_weight_as_its_masked_matrix() {

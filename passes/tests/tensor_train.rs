@@ -2,6 +2,9 @@
 //! rebuild exactly the weight TT-SVD gives (computed here from the public [`Train`]), the
 //! interpreter runs them, and the report counts the train's parameters and error.
 
+mod common;
+
+use common::values;
 use kiln_interp::{Interpreter, Tensor, Value};
 use kiln_ir::TensorData;
 use kiln_passes::factorize::tt::{Train, modes};
@@ -16,16 +19,6 @@ const MODEL: &str = "graph g {
   output \"y\" = %3
 }
 ";
-
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
 
 #[test]
 fn the_ops_on_the_cores_rebuild_the_trains_weight() {

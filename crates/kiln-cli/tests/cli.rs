@@ -953,23 +953,7 @@ fn generate_errors() {
 #[test]
 fn the_interpreter_runs_int8_activations_as_the_jit() {
     let dir = scratch("interp-w8a8");
-    let model = dir.join("mlp.kiln");
-    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
-    std::fs::write(&model, source).unwrap();
-    let mut rng = kiln_tests::Rng::new(3);
-    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    let weights = dir.join("mlp.safetensors");
-    write_safetensors(
-        &weights,
-        &[
-            f32s("up.weight", &[96, 64], &values(96 * 64)),
-            f32s("up.bias", &[96], &values(96)),
-            f32s("down.weight", &[64, 96], &values(64 * 96)),
-            f32s("down.bias", &[64], &values(64)),
-        ],
-    );
-    let input = dir.join("in.safetensors");
-    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let Mlp { model, weights, input } = write_mlp(&dir, 3);
     let artifact = dir.join("mlp-q.kiln");
     let run = |extra: &[&str]| -> Vec<f32> {
         let out = dir.join("out.safetensors");
@@ -1017,23 +1001,7 @@ fn the_interpreter_runs_int8_activations_as_the_jit() {
 #[test]
 fn tensor_trains_compile_run_and_report() {
     let dir = scratch("tensor-train");
-    let model = dir.join("mlp.kiln");
-    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
-    std::fs::write(&model, source).unwrap();
-    let mut rng = kiln_tests::Rng::new(5);
-    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    let weights = dir.join("mlp.safetensors");
-    write_safetensors(
-        &weights,
-        &[
-            f32s("up.weight", &[96, 64], &values(96 * 64)),
-            f32s("up.bias", &[96], &values(96)),
-            f32s("down.weight", &[64, 96], &values(64 * 96)),
-            f32s("down.bias", &[64], &values(64)),
-        ],
-    );
-    let input = dir.join("in.safetensors");
-    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let Mlp { model, weights, input } = write_mlp(&dir, 5);
     let artifact = dir.join("mlp-tt.kiln");
     let run = |extra: &[&str]| -> Vec<f32> {
         let out = dir.join("out.safetensors");
@@ -1504,23 +1472,7 @@ fn the_compress_example_writes_kiln_compiles_bytes() {
 #[test]
 fn pruned_models_compile_and_run() {
     let dir = scratch("prune");
-    let model = dir.join("mlp.kiln");
-    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
-    std::fs::write(&model, source).unwrap();
-    let mut rng = kiln_tests::Rng::new(6);
-    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    let weights = dir.join("mlp.safetensors");
-    write_safetensors(
-        &weights,
-        &[
-            f32s("up.weight", &[96, 64], &values(96 * 64)),
-            f32s("up.bias", &[96], &values(96)),
-            f32s("down.weight", &[64, 96], &values(64 * 96)),
-            f32s("down.bias", &[64], &values(64)),
-        ],
-    );
-    let input = dir.join("in.safetensors");
-    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let Mlp { model, weights, input } = write_mlp(&dir, 6);
     let artifact = dir.join("mlp-pruned.kiln");
     let run = |extra: &[&str]| -> Vec<f32> {
         let out = dir.join("out.safetensors");

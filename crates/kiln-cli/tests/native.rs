@@ -222,23 +222,7 @@ fn tiny_executable_rejects_bad_input_as_kiln_run_does() {
 #[test]
 fn compile_exe_keeps_the_activations_the_passes_chose() {
     let dir = scratch("native-activations");
-    let model = dir.join("mlp.kiln");
-    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
-    std::fs::write(&model, source).unwrap();
-    let mut rng = kiln_tests::Rng::new(5);
-    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    let weights = dir.join("mlp.safetensors");
-    write_safetensors(
-        &weights,
-        &[
-            f32s("up.weight", &[96, 64], &values(96 * 64)),
-            f32s("up.bias", &[96], &values(96)),
-            f32s("down.weight", &[64, 96], &values(64 * 96)),
-            f32s("down.bias", &[64], &values(64)),
-        ],
-    );
-    let input = dir.join("in.safetensors");
-    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    let Mlp { model, weights, input } = write_mlp(&dir, 5);
     let passes = "quantize(format=int4g32, activations=int8-block)";
     let artifact = dir.join("mlp.kiln.st");
     ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", passes, "-o", &s(&artifact)]);

@@ -118,6 +118,36 @@ pub fn scratch(name: &str) -> Scratch {
 }
 
 /// A temp dir with the tiny checkpoint in it: `(dir, weights)`.
+/// A two-layer MLP written to `dir`: the spec `mlp.kiln` (`up` 64 -> 96 with a relu,
+/// `down` 96 -> 64, a residual), its weights with biases drawn from `seed`
+/// (`mlp.safetensors`), and a 3-row input `x` (`in.safetensors`).
+pub struct Mlp {
+    pub model: PathBuf,
+    pub weights: PathBuf,
+    pub input: PathBuf,
+}
+
+pub fn write_mlp(dir: &Path, seed: u64) -> Mlp {
+    let model = dir.join("mlp.kiln");
+    let source = "model mlp\n\ninput x: f32[batch, 64]\n\nlet h = relu(Linear(x, 64, 96) as \"up\")\nlet d = Linear(h, 96, 64) as \"down\"\noutput y: f32[batch, 64] = d + x\n";
+    std::fs::write(&model, source).unwrap();
+    let mut rng = kiln_tests::Rng::new(seed);
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32()).collect::<Vec<f32>>();
+    let weights = dir.join("mlp.safetensors");
+    write_safetensors(
+        &weights,
+        &[
+            f32s("up.weight", &[96, 64], &values(96 * 64)),
+            f32s("up.bias", &[96], &values(96)),
+            f32s("down.weight", &[64, 96], &values(64 * 96)),
+            f32s("down.bias", &[64], &values(64)),
+        ],
+    );
+    let input = dir.join("in.safetensors");
+    write_safetensors(&input, &[f32s("x", &[3, 64], &values(3 * 64))]);
+    Mlp { model, weights, input }
+}
+
 pub fn tiny_setup(name: &str) -> (Scratch, PathBuf) {
     let dir = scratch(name);
     let weights = dir.join("tiny.safetensors");
