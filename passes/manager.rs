@@ -341,7 +341,7 @@ mod tests {
     }
 
     /// `prune`'s options: `N:M` patterns parse in a pipeline, the method's default follows
-    /// `--calib`, and wanda without it, both targets at once, or a bad pattern are refused.
+    /// `--calib`, and wanda or sparsegpt without it, both targets at once, or a bad pattern are refused.
     #[test]
     fn prune_options_parse_or_say_why_not() {
         use crate::prune::{Method, Prune, Target};
@@ -350,7 +350,15 @@ mod tests {
             parse_options::<Prune>(call, calibrated).map_err(|e| e.to_string())
         };
         let o = parse_prune("prune(pattern=2:4)", true).unwrap();
-        assert_eq!((o.method, o.target), (Method::Wanda, Target::Pattern(2, 4)));
+        assert_eq!((o.method, o.target), (Method::SparseGpt, Target::Pattern(2, 4)));
+        let o = parse_prune("prune(method=wanda)", true).unwrap();
+        assert_eq!((o.method, o.target), (Method::Wanda, Target::Sparsity(0.5)));
+        assert_eq!(parse_prune("prune", true).unwrap().damp, crate::prune::DAMP);
+        assert_eq!(parse_prune("prune(damp=0.01)", true).unwrap().damp, 0.01);
+        for (text, says) in [("prune(damp=0.01, method=wanda)", "method=wanda has none"), ("prune(damp=-1)", ">= 0")] {
+            let err = parse_prune(text, true).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
         let o = parse_prune("prune", false).unwrap();
         assert_eq!((o.method, o.target), (Method::Magnitude, Target::Sparsity(0.5)));
         let o = parse_prune("prune(sparsity=0.7, method=magnitude)", true).unwrap();
@@ -361,7 +369,8 @@ mod tests {
             ("prune(pattern=4:4)", "1 <= N < M"),
             ("prune(pattern=24)", "expected N:M"),
             ("prune(sparsity=1)", "fraction in (0, 1)"),
-            ("prune(method=sparsegpt)", "expected magnitude|wanda"),
+            ("prune(method=sparsegpt)", "pass --calib"),
+            ("prune(method=obs)", "expected sparsegpt|wanda|magnitude"),
         ] {
             let err = parse_prune(text, false).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");

@@ -82,7 +82,7 @@ fn prune_json(p: &PruneReport) -> Json {
                 "scope": l.name, "rows": l.rows, "cols": l.cols, "pattern": l.pattern, "kept": l.kept,
                 "params_before": l.params_before, "params": l.params,
                 "bytes_before": l.bytes_before, "bytes": l.bytes,
-                "bits_per_weight": l.bits_per_weight, "dense_because": l.why_dense,
+                "bits_per_weight": l.bits_per_weight, "error": l.error, "dense_because": l.why_dense,
             })
         })
         .collect();

@@ -277,6 +277,18 @@ impl Factored {
         Ok(Factored { k, opts: opts.clone(), dead, perm, m, damp, importance })
     }
 
+    /// `M`, row-major `[k, k]` f32, upper triangular: `M M^T` is the damped `H` (columns in
+    /// processing order, natural without act-order), and `1 / M_ii` the diagonal of the upper
+    /// Cholesky factor of `H^-1` (see the module documentation). SparseGPT sweeps with it.
+    pub(crate) fn factor(&self) -> &[f32] {
+        &self.m
+    }
+
+    /// Inputs never active in calibration (`H_ii == 0`), in natural order.
+    pub(crate) fn dead(&self) -> &[bool] {
+        &self.dead
+    }
+
     /// GPTQ of `w` (`[n, k]` row-major) to `format`: the stored bytes, and the output error
     /// `trace((W - Q) H (W - Q)^T)` under the damped `H`, as the sweep tracked it.
     pub fn quantize(&self, w: &[f32], n: usize, format: IntFormat) -> Result<(Vec<u8>, f64), GptqError> {
