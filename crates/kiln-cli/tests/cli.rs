@@ -1650,13 +1650,12 @@ fn pruned_layers_in_the_report() {
     // today, so its report is put in the artifact by hand): the layers it does not list
     // are listed as stored, with their prune columns.
     ok(&["compile", &s(&model), "-w", &s(&weights), "--passes", "prune(pattern=2:4)", "-o", &s(&artifact)]);
-    append_pass_report(
-        &artifact,
-        serde_json::json!({"call": "quantize(format=bf16)", "report": {
+    edit_pass_reports(&artifact, |passes| {
+        passes.push(serde_json::json!({"call": "quantize(format=bf16)", "report": {
             "pass": "quantize", "layers": [], "params": 0, "bytes": 0, "bits_per_weight": 16.0,
             "notes": ["a note of the quantize"], "activations": "f32",
-        }}),
-    );
+        }}))
+    });
     let json = report();
     for layer in ["up", "down"] {
         let l = row(&json, layer);
@@ -1670,6 +1669,28 @@ fn pruned_layers_in_the_report() {
         assert!(line.contains(&format!(" 2:4    50.0% {dense:>12} {sparse:>11} ")), "{layer}: {table}");
     }
 
+    // A layer's error and kernel, when the prune report gives them, in their columns; "-"
+    // when null or absent.
+    edit_pass_reports(&artifact, |passes| {
+        for l in passes[0]["report"]["layers"].as_array_mut().into_iter().flatten() {
+            if l["scope"] == "up" {
+                l["error"] = serde_json::json!(0.0123);
+                l["kernel"] = serde_json::json!("sparse24");
+            } else if let Some(l) = l.as_object_mut() {
+                l.insert("error".into(), serde_json::Value::Null);
+                l.remove("kernel");
+            }
+        }
+    });
+    let json = report();
+    let (up, down) = (row(&json, "up"), row(&json, "down"));
+    assert_eq!((up["prune"]["error"].as_f64(), up["prune"]["kernel"].as_str()), (Some(0.0123), Some("sparse24")));
+    assert!(down["prune"]["error"].is_null() && down["prune"]["kernel"].is_null(), "{json}");
+    let table = ok(&["report", &s(&artifact)]);
+    let line = |layer: &str| table.lines().find(|l| l.split_whitespace().next() == Some(layer)).unwrap_or_default();
+    assert!(line("up").ends_with(" 17.00     1.23e-2 sparse24  -"), "{table}");
+    assert!(line("down").ends_with(" 17.00           -        -  -"), "{table}");
+
     // Without a prune there is no panel.
     ok(&["compile", &s(&model), "-w", &s(&weights), "-o", &s(&artifact)]);
     ok(&["report", &s(&artifact), "--plot", &s(&plot)]);
@@ -1677,19 +1698,19 @@ fn pruned_layers_in_the_report() {
     assert!(!svg.contains("class=\"sparsity"), "{svg}");
 }
 
-/// Appends `pass` to the pass reports in an artifact's metadata (`kiln.passes`), its
-/// tensors untouched: the safetensors header is rewritten, the data after it copied.
-fn append_pass_report(artifact: &Path, pass: serde_json::Value) {
+/// Edits the pass reports in an artifact's metadata (`kiln.passes`), its tensors
+/// untouched: the safetensors header is rewritten, the data after it copied.
+fn edit_pass_reports(artifact: &Path, edit: impl FnOnce(&mut Vec<serde_json::Value>)) {
     let bytes = std::fs::read(artifact).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let passes = header["__metadata__"]["kiln.passes"].as_str().expect("the artifact's pass reports");
     let mut passes: Vec<serde_json::Value> = serde_json::from_str(passes).unwrap();
-    passes.push(pass);
+    edit(&mut passes);
     header["__metadata__"]["kiln.passes"] = serde_json::Value::String(serde_json::to_string(&passes).unwrap());
     let mut text = serde_json::to_vec(&header).unwrap();
     // The data stays 8-byte aligned, as the header's length was.
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
