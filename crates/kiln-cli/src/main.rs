@@ -91,7 +91,7 @@ enum Command {
     },
     /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
     #[command(
-        after_help = "Columns: scope, format, bits per weight (scales included), bytes, sensitivity (the\nsearch's estimate of the output error it adds), error (measured output error relative to the\nlayer's output energy on the calibration data).\n\nAfter factorize, per candidate layer (a factor's rows show its layer's): rank (\"dense\" for a\ncandidate left dense, - for no candidate), params before (rows * columns) and params after\n(rank * (rows + columns), or rows * columns when dense), rank error (the discarded share of the\nlayer's spectrum, whitened by the calibration data for whitened and asvd) and, when healing ran, healed error (the refit's layer-wise error\nover the one-shot factors', and whether the probe kept it); then the candidates' parameters\nbefore and after in total and their ratio. --json gives them as rank, params_before,\nparams_after, rank_error, healed, and the totals as factorized.\n\n--plot FILE.svg draws bits per weight and sensitivity by layer and, after factorize, each\ncandidate's rank as a fraction of its full rank min(rows, columns) (a dense one at 1.0, marked).\n\nExample:\n  kiln report minilm-q.kiln.st --plot layers.svg"
+        after_help = "Columns: scope, format, bits per weight (scales included), bytes, sensitivity (the\nsearch's estimate of the output error it adds), error (measured output error relative to the\nlayer's output energy on the calibration data).\n\nAfter factorize, per candidate layer (a factor's rows show its layer's): rank (\"dense\" for a\ncandidate left dense, - for no candidate), params before (rows * columns) and params after\n(rank * (rows + columns), or rows * columns when dense), rank error (the discarded share of the\nlayer's spectrum, whitened by the calibration data for whitened and asvd) and, when healing ran, healed error (the refit's layer-wise error\nover the one-shot factors', and whether the probe kept it); then the candidates' parameters\nbefore and after in total and their ratio. --json gives them as rank, params_before,\nparams_after, rank_error, healed, and the totals as factorized.\n\nAfter prune, per candidate layer: pattern (N kept of every M weights along a row, N:columns\nwhen unstructured, \"dense\" for a candidate left dense, - for no candidate), sparsity (the share\nof its weights removed), bytes before and after (the weight's, its mask included), pruned bits\n(bits per weight as pruned), prune error (the layer's output error relative to its output\nenergy on the calibration data, when measured), kernel (what runs it, when given) and why it\nstayed dense; then the pass's sparsity, bytes before and after, and notes. --json gives them\nper layer under prune, and the totals as pruned.\n\n--plot FILE.svg draws bits per weight and sensitivity by layer; after factorize, each\ncandidate's rank as a fraction of its full rank min(rows, columns) (a dense one at 1.0, marked);\nafter prune, each candidate's sparsity (a dense one at 0, marked).\n\nExample:\n  kiln report minilm-q.kiln.st --plot layers.svg"
     )]
     Report {
         /// A compiled artifact (`kiln compile`).
@@ -99,7 +99,8 @@ enum Command {
         /// Print one JSON object {"layers": [...], "bits_per_weight": ...}.
         #[arg(long)]
         json: bool,
-        /// Write an SVG plot of bits and sensitivity by layer, and of ranks after factorize.
+        /// Write an SVG plot of bits and sensitivity by layer, of ranks after factorize, and
+        /// of sparsity after prune.
         #[arg(long)]
         plot: Option<PathBuf>,
     },

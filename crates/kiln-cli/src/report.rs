@@ -1,7 +1,11 @@
 //! `kiln report ARTIFACT [--json] [--plot FILE.svg]`: what the passes did, layer by layer,
 //! read from the reports stored in the artifact (`kiln.passes`): the formats of the last
-//! quantize (or the weights as stored), and the ranks (or a tensor train's bonds) of the
-//! last factorize.
+//! quantize (or the weights as stored), the ranks (or a tensor train's bonds) of the last
+//! factorize, and the patterns or sparsity of the last prune: per candidate layer its
+//! weight's bytes before and after, bits per weight, output error and kernel (when the
+//! pass gave them) and why it stayed dense, then the pass's summary and notes; with
+//! `--plot`, a panel of sparsity by candidate. A layer a quantize report does not list (a
+//! tensor train, a sparse weight) or lists from before a later prune is listed as stored.
 
 use kiln_ir::{Op, Role};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
@@ -20,31 +24,49 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     let passes: Json = serde_json::from_str(artifact.passes())
         .into_diagnostic()
         .wrap_err_with(|| format!("{}: the pass reports are not valid JSON", path.display()))?;
+    let reports: Vec<&Json> = passes.as_array().into_iter().flatten().collect();
+    let last = |pass: &str| reports.iter().rposition(|p| p["report"]["pass"] == pass);
+    let (quantize_at, prune_at) = (last("quantize"), last("prune"));
     // The last quantize report describes the stored formats; without one, every matrix is
     // listed as stored.
-    let quantize = passes.as_array().into_iter().flatten().rev().find(|p| p["report"]["pass"] == "quantize");
+    let quantize = quantize_at.map(|i| reports[i]);
+    let prune = prune_at.map(|i| reports[i]);
+    // A prune after the last quantize stored its layers anew (float values and a mask), so
+    // the quantize report's average no longer holds: the artifact's is given instead.
+    let pruned_since = matches!((quantize_at, prune_at), (Some(q), Some(p)) if p > q);
     let (mut layers, bits) = match quantize {
-        Some(q) => {
+        Some(q) if !pruned_since => {
             (q["report"]["layers"].as_array().cloned().unwrap_or_default(), q["report"]["bits_per_weight"].clone())
         }
+        Some(q) => (q["report"]["layers"].as_array().cloned().unwrap_or_default(), unquantized(&artifact.graph).1),
         None => unquantized(&artifact.graph),
     };
-    // A quantize leaves tensor trains alone, so its report does not list them: their rows
-    // as stored, and then every row in name order.
+    // A quantize leaves tensor trains and sparse weights alone, so its report does not list
+    // them: their rows as stored, and then every row in name order. A layer a later prune
+    // made sparse is listed as stored too, in place of the format the quantize gave it.
     if quantize.is_some() {
+        let graph = &artifact.graph;
+        let sparse = |name: &str| {
+            graph
+                .layers
+                .main_of(name)
+                .is_some_and(|id| matches!(&graph.node(id).op, Op::Weight(w) if w.sparse.is_some()))
+        };
         let listed: std::collections::HashSet<String> =
             layers.iter().filter_map(|l| l["scope"].as_str().map(String::from)).collect();
-        let trains: Vec<Json> = unquantized(&artifact.graph)
+        let stored: Vec<Json> = unquantized(graph)
             .0
             .into_iter()
             .filter(|l| {
-                l["scope"].as_str().is_some_and(|s| {
-                    !listed.contains(s) && artifact.graph.layers.get(s).is_some_and(kiln_ir::Layer::is_train)
+                l["scope"].as_str().is_some_and(|s| match listed.contains(s) {
+                    true => pruned_since && sparse(s),
+                    false => sparse(s) || graph.layers.get(s).is_some_and(kiln_ir::Layer::is_train),
                 })
             })
             .collect();
-        if !trains.is_empty() {
-            layers.extend(trains);
+        if !stored.is_empty() {
+            layers.retain(|l| !stored.iter().any(|s| s["scope"] == l["scope"]));
+            layers.extend(stored);
             layers.sort_by(|a, b| a["scope"].as_str().cmp(&b["scope"].as_str()));
         }
     }
@@ -54,6 +76,15 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     let factorize = passes.as_array().into_iter().flatten().rev().find(|p| p["report"]["pass"] == "factorize");
     let factored: std::collections::HashMap<&str, &Json> = factorize
         .and_then(|f| f["report"]["layers"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["scope"].as_str()?, l)))
+        .collect();
+    // The last prune report: each candidate's pattern (or why it stayed dense), its
+    // weight's bytes before and after, bits per weight and, where the pass gave them, its
+    // output error and the kernel that runs it.
+    let pruned: std::collections::HashMap<&str, &Json> = prune
+        .and_then(|p| p["report"]["layers"].as_array())
         .into_iter()
         .flatten()
         .filter_map(|l| Some((l["scope"].as_str()?, l)))
@@ -74,6 +105,7 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
                 "svd_error": f.map(|f| f["svd_relative_error"].clone()),
                 "healed": f.map(|f| f["healed"].clone()),
                 "params_before": params_before, "params_after": params_after,
+                "prune": pruned.get(scope).map(|p| prune_row(p)),
             })
         })
         .collect();
@@ -85,9 +117,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         let after = f["report"]["params"].as_u64().unwrap_or_else(|| sum(1));
         (before, after, after as f64 / before.max(1) as f64)
     });
+    let prune_candidates: Vec<Json> = prune
+        .and_then(|p| p["report"]["layers"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|l| json!({"scope": l["scope"], "rows": l["rows"], "cols": l["cols"], "prune": prune_row(l)}))
+        .collect();
     if let Some(plot) = plot {
         let ranks = factorize.map(|_| candidates.as_slice());
-        std::fs::write(plot, svg(&summary, ranks))
+        let sparsity = prune.map(|_| prune_candidates.as_slice());
+        std::fs::write(plot, svg(&summary, ranks, sparsity))
             .into_diagnostic()
             .wrap_err_with(|| format!("cannot write {}", plot.display()))?;
     }
@@ -105,6 +144,15 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             json!({"layers": summary, "bits_per_weight": bits, "activations": activations, "linears": linears});
         if let Some((before, after, ratio)) = totals {
             json["factorized"] = json!({"params_before": before, "params_after": after, "ratio": ratio});
+        }
+        if let Some(p) = prune {
+            let r = &p["report"];
+            json["pruned"] = json!({
+                "method": r["method"], "target": r["target"], "sparsity": r["sparsity"],
+                "candidates": prune_candidates.len(), "pruned": pruned_count(&prune_candidates),
+                "params_before": r["params_before"], "params_after": r["params"],
+                "bytes_before": r["bytes_before"], "bytes_after": r["bytes"],
+            });
         }
         println!("{json}");
         return Ok(());
@@ -125,6 +173,19 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
     }
     if healed {
         header += &format!(" {:>13}", "healed error");
+    }
+    if prune.is_some() {
+        header += &format!(
+            " {:>9} {:>8} {:>12} {:>11} {:>11} {:>11} {:>8}  {}",
+            "pattern",
+            "sparsity",
+            "bytes before",
+            "bytes after",
+            "pruned bits",
+            "prune error",
+            "kernel",
+            "dense because"
+        );
     }
     println!("{header}");
     for l in &summary {
@@ -172,7 +233,25 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             };
             row += &format!(" {cell:>13}");
         }
-        println!("{row}");
+        if prune.is_some() {
+            // A prune candidate's pattern ("dense" when left dense) and the rest, or "-" in
+            // every column for a layer that was not one.
+            let p = &l["prune"];
+            let text = |v: &Json| v.as_str().map_or("-".to_string(), String::from);
+            let count = |v: &Json| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+            row += &format!(
+                " {:>9} {:>8} {:>12} {:>11} {:>11} {:>11} {:>8}  {}",
+                text(&p["pattern"]),
+                p["sparsity"].as_f64().map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s)),
+                count(&p["bytes_before"]),
+                count(&p["bytes_after"]),
+                p["bits_per_weight"].as_f64().map_or("-".to_string(), |b| format!("{b:.2}")),
+                num(&p["error"], 2),
+                text(&p["kernel"]),
+                text(&p["dense_because"]),
+            );
+        }
+        println!("{}", row.trim_end());
     }
     if let (Some(f), Some((before, after, ratio))) = (factorize, totals) {
         println!(
@@ -197,6 +276,26 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             );
         }
         for note in f["report"]["notes"].as_array().into_iter().flatten() {
+            println!("note: {}", note.as_str().unwrap_or_default());
+        }
+    }
+    if let Some(p) = prune {
+        let r = &p["report"];
+        let count = |v: &Json| v.as_u64().map_or("?".to_string(), |n| n.to_string());
+        println!(
+            "prune ({}, {}): {} of {} layers pruned, {:.1}% of their weights removed; {} -> {} bytes, masks included",
+            r["method"].as_str().unwrap_or("?"),
+            r["target"].as_str().unwrap_or("?"),
+            pruned_count(&prune_candidates),
+            prune_candidates.len(),
+            100.0 * r["sparsity"].as_f64().unwrap_or(0.0),
+            count(&r["bytes_before"]),
+            count(&r["bytes"]),
+        );
+        println!(
+            "pattern: N kept of every M weights along a row (N:columns when unstructured), dense for a candidate left dense; sparsity: the share of its weights removed; bytes before and after: the weight's, its mask included; prune error: the layer's output error relative to its output energy on the calibration data"
+        );
+        for note in r["notes"].as_array().into_iter().flatten() {
             println!("note: {}", note.as_str().unwrap_or_default());
         }
     }
@@ -264,6 +363,24 @@ fn unquantized(graph: &kiln_ir::Graph) -> (Vec<Json>, Json) {
     (layers, json!(bytes as f64 * 8.0 / params.max(1) as f64))
 }
 
+/// A prune report's layer as the report's rows give it: its pattern ("dense" when left
+/// dense), the share of its weights removed, its weight's bytes before and after, bits per
+/// weight, and the output error, kernel and reason for staying dense when given (null
+/// otherwise).
+fn prune_row(l: &Json) -> Json {
+    json!({
+        "pattern": if l["pattern"].is_null() { json!("dense") } else { l["pattern"].clone() },
+        "sparsity": l["kept"].as_f64().map(|k| 1.0 - k), "kept": l["kept"],
+        "bytes_before": l["bytes_before"], "bytes_after": l["bytes"], "bits_per_weight": l["bits_per_weight"],
+        "error": l["error"], "kernel": l["kernel"], "dense_because": l["dense_because"],
+    })
+}
+
+/// How many of the prune candidates (as [`prune_row`] gives them) were made sparse.
+fn pruned_count(candidates: &[Json]) -> usize {
+    candidates.iter().filter(|l| l["prune"]["pattern"].as_str().is_some_and(|p| p != "dense")).count()
+}
+
 /// A factorize candidate's parameters (from its JSON layer) before (rows * columns) and
 /// after (rank * (rows + columns), or as before when it stayed dense), as the pass counted
 /// them, or from its shape and rank in a report that did not record them.
@@ -285,15 +402,18 @@ fn escape(text: &str) -> String {
 const WIDTH: f64 = 900.0;
 const PAD: f64 = 50.0;
 
-/// The plot: bits per weight and sensitivity by layer, and below it, after a factorize,
-/// each candidate's rank as a fraction of its full rank.
-fn svg(layers: &[Json], ranks: Option<&[Json]>) -> String {
+/// The plot: bits per weight and sensitivity by layer, below it, after a factorize, each
+/// candidate's rank as a fraction of its full rank, and below that, after a prune, each
+/// candidate's sparsity.
+fn svg(layers: &[Json], ranks: Option<&[Json]>, sparsity: Option<&[Json]>) -> String {
     let (bits, bits_height) = bits_panel(layers, 0.0);
     let (ranks, ranks_height) = ranks.map_or((String::new(), 0.0), |r| rank_panel(r, bits_height));
+    let (sparsity, sparsity_height) =
+        sparsity.map_or((String::new(), 0.0), |p| sparsity_panel(p, bits_height + ranks_height));
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{bits}{ranks}</svg>\n",
-        bits_height + ranks_height
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{bits}{ranks}{sparsity}</svg>\n",
+        bits_height + ranks_height + sparsity_height
     )
 }
 
@@ -427,6 +547,101 @@ fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
         );
         // The "D" above a dense bar when the bars are wide enough to tell them apart.
         if rank.is_none() && step >= 7.0 {
+            out += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
+                x + bar_w / 2.0,
+                y - 3.0
+            );
+        }
+        if i % every == 0 {
+            let (lx, ly) = (x + bar_w / 2.0, y_of(0.0) + 8.0);
+            out += &format!(
+                "<text transform=\"translate({lx:.1},{ly:.1}) rotate(-60)\" text-anchor=\"end\" font-size=\"9\">{name}</text>\n"
+            );
+        }
+    }
+    (out, h)
+}
+
+/// Each prune candidate's sparsity (the share of its weights removed), one bar per
+/// candidate in the report's order (a candidate left dense drawn as a grey stub at 0,
+/// marked "D" where there is room), each bar a `class="sparsity"` element naming its layer
+/// in `data-layer`, its title giving the pattern and the bytes before and after, in a panel
+/// whose top is at `top`; returns it and its height.
+fn sparsity_panel(candidates: &[Json], top: f64) -> (String, f64) {
+    let (w, pad, plot_h) = (WIDTH, PAD, 240.0);
+    let n = candidates.len().max(1) as f64;
+    // Names below the axis as the rank panel places them.
+    let every = (candidates.len() as f64 / 80.0).ceil().max(1.0) as usize;
+    let length = |l: &Json| 5.0 * l["scope"].as_str().map_or(1, str::len) as f64;
+    let longest = candidates.iter().step_by(every).map(length).fold(0.0, f64::max);
+    let label_h = (0.87 * longest + 20.0).min(400.0);
+    let left = candidates.first().map_or(pad, |l| pad.max(0.5 * length(l) + 5.0 - 0.5 * (w - 2.0 * pad) / n));
+    let h = pad + plot_h + label_h;
+    let step = (w - left - pad) / n;
+    let y_of = |frac: f64| top + pad + (1.0 - frac) * plot_h;
+    let mut out = format!(
+        "<text x=\"{left:.0}\" y=\"{:.0}\">sparsity (the share of the weights removed), by prune candidate</text>\n",
+        top + 30.0
+    );
+    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let y = y_of(tick);
+        out += &format!(
+            "<line x1=\"{left:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\"/>\n<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
+            w - pad,
+            if tick == 0.0 { "black" } else { "#dddddd" },
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    out += &format!(
+        "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">sparsity</text>\n",
+        left - 36.0,
+        y_of(0.5)
+    );
+    let (lx, ly) = (w - pad - 250.0, top + 12.0);
+    out += &format!(
+        "<rect x=\"{lx:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#27ae60\"/><text x=\"{:.0}\" y=\"{:.0}\">pruned</text>\n\
+         <rect x=\"{:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#bbbbbb\" stroke=\"#555555\"/><text x=\"{:.0}\" y=\"{:.0}\">left dense (at 0, D)</text>\n",
+        lx + 14.0,
+        ly + 9.5,
+        lx + 110.0,
+        lx + 124.0,
+        ly + 9.5
+    );
+    for (i, l) in candidates.iter().enumerate() {
+        let name = escape(l["scope"].as_str().unwrap_or("?"));
+        let (rows, cols) = (l["rows"].as_u64().unwrap_or(0), l["cols"].as_u64().unwrap_or(0));
+        let p = &l["prune"];
+        let pattern = p["pattern"].as_str().filter(|p| *p != "dense");
+        let frac = p["sparsity"].as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
+        let bytes = |v: &Json| v.as_u64().map_or("?".to_string(), |b| b.to_string());
+        let (x, bar_w) = (left + i as f64 * step + step * 0.1, (step * 0.8).max(0.5));
+        let (class, style, what, y) = match pattern {
+            Some(pattern) => (
+                "sparsity",
+                "fill=\"#27ae60\"",
+                format!(
+                    "{pattern}, {:.1}% removed, {} -> {} bytes",
+                    100.0 * frac,
+                    bytes(&p["bytes_before"]),
+                    bytes(&p["bytes_after"])
+                ),
+                y_of(frac),
+            ),
+            None => (
+                "sparsity dense",
+                "fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"",
+                format!("dense: {}", p["dense_because"].as_str().unwrap_or("left dense")),
+                y_of(0.0) - 3.0,
+            ),
+        };
+        out += &format!(
+            "<rect class=\"{class}\" data-layer=\"{name}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" {style}><title>{name} [{rows}, {cols}]: {}</title></rect>\n",
+            y_of(0.0) - y,
+            escape(&what)
+        );
+        if pattern.is_none() && step >= 7.0 {
             out += &format!(
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
                 x + bar_w / 2.0,
