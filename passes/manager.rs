@@ -52,6 +52,23 @@ pub fn parse(text: &str) -> Result<Vec<PassCall>, PipelineError> {
         }
         &text[start..*i]
     };
+    // A list value, `[...]` with nested brackets, as written.
+    let bracketed = |i: &mut usize| -> Result<&str, PipelineError> {
+        let (start, mut depth) = (*i, 0usize);
+        while *i < bytes.len() {
+            match bytes[*i] {
+                b'[' => depth += 1,
+                b']' => depth -= 1,
+                b'(' | b')' | b';' => break,
+                _ => {}
+            }
+            *i += 1;
+            if depth == 0 {
+                return Ok(&text[start..*i]);
+            }
+        }
+        Err(err(start, "a `[` without its `]`".into()))
+    };
     loop {
         skip(&mut i);
         if i == bytes.len() {
@@ -84,7 +101,7 @@ pub fn parse(text: &str) -> Result<Vec<PassCall>, PipelineError> {
                 i += 1;
                 skip(&mut i);
                 let at = i;
-                let value = word(&mut i);
+                let value = if bytes.get(i) == Some(&b'[') { bracketed(&mut i)? } else { word(&mut i) };
                 if value.is_empty() {
                     return Err(err(at, format!("expected a value for `{key}`")));
                 }
@@ -160,6 +177,7 @@ pub const REGISTRY: &[Entry] = &[
     entry::<crate::quantize::Quantize>(),
     entry::<crate::factorize::Factorize>(),
     entry::<crate::prune::Prune>(),
+    entry::<crate::prune::drop::Drop>(),
     entry::<crate::cleanup::LastPosition>(),
     entry::<crate::cleanup::DeadCode>(),
 ];
@@ -264,6 +282,8 @@ mod tests {
         assert!(!probes("quantize(format=int8, activations=int8-row)"));
         assert!(!probes("quantize(format=int8, activations=int8-block)"));
         assert!(!probes("prune(sparsity=0.5)"));
+        assert!(probes("drop(blocks=2)"));
+        assert!(!probes("drop(blocks=[2])"));
     }
 
     /// Names and options are checked against the registry's tables before anything runs,
@@ -272,9 +292,10 @@ mod tests {
     fn unknown_passes_and_options_are_errors_that_list_the_known_ones() {
         let check = |text: &str| check(&parse(text).unwrap(), true, &[]).map_err(|e| e.to_string());
         assert!(check("quantize(bits=4.5); last_position(output=logits, axis=1); dead_code").is_ok());
-        let err = check("drop(blocks=3)").unwrap_err();
+        let err = check("tie(keep=0.9)").unwrap_err();
         assert!(
-            err.contains("unknown pass `drop`") && err.contains("quantize, factorize, prune, last_position, dead_code"),
+            err.contains("unknown pass `tie`")
+                && err.contains("quantize, factorize, prune, drop, last_position, dead_code"),
             "{err}"
         );
         let err = check("quantize(bits=4.5, bitz=3)").unwrap_err();
@@ -336,6 +357,35 @@ mod tests {
             ("factorize(cores=2)", "options of method=tt"),
         ] {
             let err = parse_tt(text, true).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    /// A list value in brackets is one value, spaces and commas included; `drop` takes
+    /// a count or a list, and a list or count it cannot use is refused.
+    #[test]
+    fn lists_parse_as_one_value() {
+        use crate::prune::drop::{Blocks, Drop};
+        let calls = parse("drop(blocks=[3, 7]), quantize(bits=4)").unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].args, [("blocks".to_string(), "[3, 7]".to_string())]);
+        assert_eq!(parse(&calls[0].to_string()).unwrap()[0].args, calls[0].args, "it prints as it parses");
+        assert_eq!(parse("tie(groups=[[1,2],[3,4]])").unwrap()[0].args[0].1, "[[1,2],[3,4]]");
+        let err = parse("drop(blocks=[3, 7)").unwrap_err();
+        assert!(err.message.contains("without its `]`"), "{}", err.message);
+        let drop = |text: &str, calibrated: bool| {
+            parse_options::<Drop>(&parse(text).unwrap()[0], calibrated).map(|o| o.blocks).map_err(|e| e.to_string())
+        };
+        assert_eq!(drop("drop(blocks=[7,3])", false), Ok(Blocks::Forced(vec![3, 7])));
+        assert_eq!(drop("drop(blocks=3)", true), Ok(Blocks::Count(3)));
+        for (text, calibrated, says) in [
+            ("drop(blocks=3)", false, "pass --calib"),
+            ("drop(blocks=0)", true, "K >= 1"),
+            ("drop(blocks=[3,3])", true, "listed twice"),
+            ("drop(blocks=[a])", true, "`a` is not a block index"),
+            ("drop", true, "give blocks="),
+        ] {
+            let err = drop(text, calibrated).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");
         }
     }

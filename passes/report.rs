@@ -4,6 +4,7 @@
 use crate::factorize::FactorizeReport;
 use crate::manager::PassCall;
 use crate::prune::PruneReport;
+use crate::prune::drop::DropReport;
 use crate::quantize::QuantizeReport;
 use serde_json::{Value as Json, json};
 
@@ -13,6 +14,7 @@ pub enum PassReport {
     Quantize(QuantizeReport),
     Factorize(FactorizeReport),
     Prune(PruneReport),
+    Drop(DropReport),
     /// A clean-up pass: how many nodes it removed or rewrote, and notes.
     Cleanup {
         pass: &'static str,
@@ -28,6 +30,7 @@ impl PassReport {
             PassReport::Quantize(q) => &q.notes,
             PassReport::Factorize(f) => &f.notes,
             PassReport::Prune(p) => &p.notes,
+            PassReport::Drop(d) => &d.notes,
             PassReport::Cleanup { notes, .. } => notes,
         }
     }
@@ -38,6 +41,7 @@ impl PassReport {
             PassReport::Quantize(q) => quantize_json(q),
             PassReport::Factorize(f) => factorize_json(f),
             PassReport::Prune(p) => prune_json(p),
+            PassReport::Drop(d) => drop_json(d),
             PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
         }
     }
@@ -90,6 +94,23 @@ fn prune_json(p: &PruneReport) -> Json {
         "pass": "prune", "method": p.method.to_string(), "target": p.target.to_string(), "layers": layers,
         "sparsity": p.sparsity(), "params_before": p.params_before, "params": p.params,
         "bytes_before": p.bytes_before, "bytes": p.bytes, "notes": p.notes,
+    })
+}
+
+fn drop_json(d: &DropReport) -> Json {
+    let dropped: Vec<Json> = d
+        .dropped
+        .iter()
+        .map(|b| json!({"block": b.index, "scope": b.prefix, "params": b.params, "probe": b.probe}))
+        .collect();
+    let rounds: Vec<Json> = d
+        .rounds
+        .iter()
+        .map(|r| Json::Array(r.iter().map(|(i, p)| json!({"block": i, "probe": p})).collect()))
+        .collect();
+    json!({
+        "pass": "drop", "blocks": d.blocks, "dropped": dropped, "rounds": rounds,
+        "params": d.dropped.iter().map(|b| b.params).sum::<u64>(), "notes": d.notes,
     })
 }
 

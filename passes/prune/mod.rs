@@ -51,6 +51,7 @@ use kiln_ir::sparse::pack;
 use kiln_ir::{Format, Graph, Layer, NodeId, Op, Sparse, TensorData};
 use rayon::prelude::*;
 
+pub mod drop;
 pub mod sparsegpt;
 
 const PASS: &str = "prune";

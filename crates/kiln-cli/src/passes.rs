@@ -141,6 +141,23 @@ pub fn summarize(ran: &[Ran]) {
                     p.bytes
                 );
             }
+            PassReport::Drop(d) => {
+                let dropped: Vec<String> = d
+                    .dropped
+                    .iter()
+                    .map(|b| match b.probe {
+                        Some(p) => format!("{} (probe {p:.4e})", b.prefix),
+                        None => b.prefix.clone(),
+                    })
+                    .collect();
+                let params: u64 = d.dropped.iter().map(|b| b.params).sum();
+                eprintln!(
+                    "{call}: dropped {} of {} blocks: {}; {params} parameters removed",
+                    d.dropped.len(),
+                    d.blocks,
+                    dropped.join(", ")
+                );
+            }
             PassReport::Cleanup { .. } => eprintln!("{call}"),
         }
         for note in report.notes() {
