@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pruning: the commands of docs/measurements.md, section 7 (size and held-out fidelity of
-# prune pipelines).
+# prune and drop pipelines).
 #
-#   tools/measure_prune.sh [minilm|smollm2|all]      (default: all)
+#   tools/measure_prune.sh [minilm|smollm2|drop|all]      (default: all)
 #
 # Needs examples/fetch.sh, a release build and the held-out sets of tools/heldout_sets.py in
 # $KILN_HELDOUT. Calibration on the dev fixtures, evaluation on the held-out sets, as
@@ -23,7 +23,15 @@ compile() { # NAME SPEC WEIGHTS PASSES CALIB
   echo "size: $(stat -c %s "$OUT/$1.kiln") bytes"
 }
 
-PIPELINES=("prune(sparsity=0.5, method=magnitude)" "prune(sparsity=0.5)" "prune(pattern=2:4)")
+PIPELINES=(
+  "prune(sparsity=0.5, method=magnitude)"
+  "prune(sparsity=0.5, method=wanda)"
+  "prune(sparsity=0.5)"
+  "prune(sparsity=0.5, damp=0.01)"
+  "prune(pattern=2:4, method=wanda)"
+  "prune(pattern=2:4)"
+  "prune(pattern=2:4, damp=0.01)"
+)
 if [ "$which" = minilm ] || [ "$which" = all ]; then
   for passes in "${PIPELINES[@]}"; do
     section "MiniLM $passes"
@@ -36,5 +44,14 @@ if [ "$which" = smollm2 ] || [ "$which" = all ]; then
     section "SmolLM2 $passes"
     compile smollm2-prune "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
     run "$KILN" eval "$OUT/smollm2-prune.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
+    # The calibration text itself: how closely the method fits the rows it saw.
+    run "$KILN" eval "$OUT/smollm2-prune.kiln" --data "$SMOLLM2_CALIB" --json
+  done
+fi
+if [ "$which" = drop ] || [ "$which" = all ]; then
+  for passes in "drop(blocks=3)" "drop(blocks=6)"; do
+    section "SmolLM2 $passes"
+    compile smollm2-drop "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
+    run "$KILN" eval "$OUT/smollm2-drop.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
   done
 fi

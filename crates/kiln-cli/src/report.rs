@@ -145,6 +145,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         if let Some((before, after, ratio)) = totals {
             json["factorized"] = json!({"params_before": before, "params_after": after, "ratio": ratio});
         }
+        let drops: Vec<Json> = passes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["report"]["pass"] == "drop")
+            .map(|p| json!({"blocks": p["report"]["blocks"], "dropped": p["report"]["dropped"]}))
+            .collect();
+        if !drops.is_empty() {
+            json["dropped"] = Json::Array(drops);
+        }
         if let Some(p) = prune {
             let r = &p["report"];
             json["pruned"] = json!({
@@ -294,6 +304,32 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         );
         println!(
             "pattern: N kept of every M weights along a row (N:columns when unstructured), dense for a candidate left dense; sparsity: the share of its weights removed; bytes before and after: the weight's, its mask included; prune error: the layer's output error relative to its output energy on the calibration data"
+        );
+        for note in r["notes"].as_array().into_iter().flatten() {
+            println!("note: {}", note.as_str().unwrap_or_default());
+        }
+    }
+    // Each drop: the blocks it removed, in the order chosen, with the probe's distance.
+    for d in passes.as_array().into_iter().flatten().filter(|p| p["report"]["pass"] == "drop") {
+        let r = &d["report"];
+        let dropped: Vec<String> = r["dropped"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let scope = b["scope"].as_str().unwrap_or("?");
+                match b["probe"].as_f64() {
+                    Some(p) => format!("{scope} (probe {p:.4e})"),
+                    None => scope.to_string(),
+                }
+            })
+            .collect();
+        println!(
+            "drop: {} of {} blocks removed: {}; {} parameters",
+            dropped.len(),
+            r["blocks"].as_u64().unwrap_or(0),
+            dropped.join(", "),
+            r["params"].as_u64().unwrap_or(0)
         );
         for note in r["notes"].as_array().into_iter().flatten() {
             println!("note: {}", note.as_str().unwrap_or_default());

@@ -1718,3 +1718,37 @@ fn edit_pass_reports(artifact: &Path, edit: impl FnOnce(&mut Vec<serde_json::Val
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(artifact, out).unwrap();
 }
+
+/// `drop(blocks=[1])` on the tiny decoder: its second layer's nodes, layers and tensors are
+/// gone, both engines run the model that is left alike, and it differs from the whole
+/// model; the compile summary and `kiln report` name the block.
+#[test]
+fn dropped_blocks_compile_run_and_report() {
+    let (dir, weights) = tiny_setup("drop");
+    let input = dir.join("in.safetensors");
+    let ids = [i64s("input_ids", &[2, 4], &[1, 2, 3, 4, 5, 6, 7, 8]), i64s("attention_mask", &[2, 4], &[1; 8])];
+    write_safetensors(&input, &ids);
+    let run = |artifact: &Path, engine: &str| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&["run", &s(artifact), "-i", &s(&input), "-o", &s(&out), "--engine", engine]);
+        as_f32(&read_safetensors(&out)[0])
+    };
+    let (whole, dropped) = (dir.join("whole.kiln"), dir.join("dropped.kiln"));
+    ok(&["compile", &tiny_spec(), "-w", &s(&weights), "-o", &s(&whole)]);
+    let out = kiln(&["compile", &tiny_spec(), "-w", &s(&weights), "--passes", "drop(blocks=[1])", "-o", &s(&dropped)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("drop(blocks=[1]): dropped 1 of 2 blocks: layers.1;"), "{stderr}");
+    let ir = ok(&["ir", &s(&dropped)]);
+    assert!(!ir.contains("@layers.1") && ir.contains("@layers.0"), "{ir}");
+    assert!(!ir.contains("\"layers.1."), "no tensor of layers.1 is left: {ir}");
+    let (interp, jit) = (run(&dropped, "interp"), run(&dropped, "jit"));
+    let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "the engines differ by {worst}");
+    let moved = interp.iter().zip(&run(&whole, "interp")).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-3, "dropping a layer changes the model ({moved})");
+    let table = ok(&["report", &s(&dropped)]);
+    assert!(table.contains("drop: 1 of 2 blocks removed: layers.1;"), "{table}");
+    let err = kiln(&["compile", &tiny_spec(), "-w", &s(&weights), "--passes", "drop(blocks=1)", "-o", &s(&dropped)]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("pass --calib"), "a chosen drop needs calibration");
+}
