@@ -350,7 +350,9 @@ pub fn prune(
             sequential(graph, &candidates, &patterns, options.damp, executor, progress).map_err(fail)?
         }
         (Method::SparseGpt, _) => {
-            return Err(fail("method=sparsegpt runs on the inputs of each layer: pass --calib".into()));
+            return Err(fail(
+                "method=sparsegpt runs the model layer by layer: it needs an executor (pass --calib)".into(),
+            ));
         }
         (method, statistics) => {
             let calibration = match statistics {
