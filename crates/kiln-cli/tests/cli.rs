@@ -192,7 +192,8 @@ fn passes_are_listed_and_printed_after() {
     assert!(sections[1].contains("slice") && !sections[0].contains("slice"), "{all}");
     let one = ok(&["ir", &tiny_spec(), "-w", &s(&weights), "--passes", pipeline, "--print-after", "last_position"]);
     assert_eq!(one, format!("; after last_position(output=logits)\n{}", sections[1]));
-    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "drop"], &["unknown pass `drop`"]);
+    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "tie"], &["unknown pass `tie`"]);
+    fails(&["ir", &tiny_spec(), "--passes", pipeline, "--print-after", "drop"], &["does not run drop"]);
     fails(
         &["ir", &tiny_spec(), "--passes", "quantize(format=bf16, bitz=3)"],
         &["unknown option `bitz`", "kiln passes"],
