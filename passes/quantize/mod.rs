@@ -520,6 +520,28 @@ pub fn quantize(
     let names: Vec<&str> = layers.iter().map(|l| l.scope.as_str()).collect();
     let fixed: Vec<Option<Choice>> = apply_overrides(&names, &options.overrides).map_err(fail)?;
 
+    // An unstructured sparse layer (`n:cols`) whose rows of `n` values no group of its
+    // choice divides gets more slots (to a multiple of 32 under a budget, whose int
+    // candidates all have such groups): `n':cols` with zeros in the added slots has the
+    // same meaning (see `kiln_ir::sparse`).
+    for (layer, fixed) in layers.iter_mut().zip(&fixed) {
+        let Some(s) = &layer.sparse else { continue };
+        let fits = |slots: u64| match (*fixed, options.target) {
+            (Some(c), _) | (None, Target::Format(c)) => c.resolve(slots, layer.format).is_some(),
+            (None, Target::Bits(_)) => slots.is_multiple_of(32),
+        };
+        if s.m != s.cols || fits(layer.k) {
+            continue;
+        }
+        if let Some(slots) = (layer.k + 1..s.m).find(|&w| fits(w)) {
+            notes.push(format!(
+                "{}: rows of {} kept values ({}:{}) fit no group; stored as {slots}:{} (zeros in the added slots)",
+                layer.scope, layer.k, s.n, s.m, s.m
+            ));
+            widen(layer, slots);
+        }
+    }
+
     // Parameters and bytes that no layer accounts for (norms, biases).
     let (other_params, other_bytes) = crate::budget::outside_layers(graph, |n| layers.iter().any(|l| l.node == n));
 
@@ -1158,14 +1180,36 @@ impl Search<'_> {
 }
 
 /// Stores `bytes` in `format` as the layer's weight in `graph`.
-/// A sparse layer's bytes are its values': its mask and pattern stay.
+/// A sparse layer's bytes are its values': its mask stays, and its pattern unless [`widen`]
+/// gave its rows more slots.
 fn set_weight(graph: &mut Graph, layer: &Layer, format: Format, bytes: Vec<u8>) -> Result<(), kiln_ir::FormatError> {
     let data = TensorData::new(format, vec![layer.n, layer.k], Bytes::from_vec(bytes))?;
-    match layer.sparse {
-        Some(_) => graph.set_sparse_values(layer.node, data),
+    match &layer.sparse {
+        Some(s) => {
+            if let Op::Weight(w) = &mut graph.node_mut(layer.node).op
+                && let Some(pattern) = &mut w.sparse
+            {
+                pattern.n = s.n;
+            }
+            graph.set_sparse_values(layer.node, data)
+        }
         None => graph.set_weight(layer.node, data),
     };
     Ok(())
+}
+
+/// Gives an unstructured sparse layer (`n:cols`) rows of `slots` values, the added slots
+/// zeros (unread: the mask is the same).
+fn widen(layer: &mut Layer, slots: u64) {
+    let Some(s) = &mut layer.sparse else { return };
+    let (k, w) = (layer.k as usize, slots as usize);
+    let mut values = vec![0f32; layer.n as usize * w];
+    for (to, from) in values.chunks_exact_mut(w).zip(layer.values.chunks_exact(k)) {
+        to[..k].copy_from_slice(from);
+    }
+    layer.values = values;
+    layer.k = slots;
+    s.n = slots;
 }
 
 /// The stored bytes of `values` in `format` by rounding to nearest.
@@ -1412,6 +1456,50 @@ mod tests {
         assert_eq!(report.layers[0].format.to_string(), "int4g64");
         assert_eq!(report.notes, ["fc: rows of 64 kept values (2:4) take groups of 64, not 128"]);
         assert_eq!(report.layers[0].bytes, 4 * (2 + 32) + 64);
+    }
+
+    /// An unstructured layer of 48 values in rows of 96 (48:96) fits no int8 group: it
+    /// gets 64 slots (64:96), the added ones zeros, and keeps its meaning and mask.
+    #[test]
+    fn an_unstructured_layer_is_widened_to_a_group() {
+        let text = "graph g {\n  %0 = input \"x\" : f32[2, 96]\n  %1 = weight \"w.values\" f32 sparse 48:96 \"w.mask\" : f32[2, 96] @fc\n  %2 = linear %0, %1 : f32[2, 2] @fc\n  output \"y\" = %2\n}\n";
+        let mut graph = kiln_ir::parse(text).unwrap();
+        let dense: Vec<f32> = (0..192).map(|i| ((i * 29 % 97) as f32 - 48.0) / 10.0).collect();
+        // Row 0 keeps its even columns, row 1 its first 48.
+        let keep: Vec<bool> = (0..192).map(|i| if i < 96 { i % 2 == 0 } else { i < 96 + 48 }).collect();
+        let (values, mask) = kiln_ir::sparse::pack(48, 96, 2, 96, &dense, &keep).unwrap();
+        graph.store.insert("w.values", TensorData::from_f32(vec![2, 48], &values));
+        graph.store.insert(
+            "w.mask",
+            TensorData { format: Format::U8, shape: vec![2, 12], bytes: Bytes::from_vec(mask.clone()) },
+        );
+        kiln_ir::verify(&graph).unwrap();
+        let report = quantize(&mut graph, &rtn(Choice::Int8), None, None, &|_, _, _| {}).unwrap();
+        assert_eq!(
+            report.notes,
+            ["fc: rows of 48 kept values (48:96) fit no group; stored as 64:96 (zeros in the added slots)"]
+        );
+        let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+        let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+        assert_eq!((w.format.to_string(), w.sparse.as_ref().map(|s| (s.n, s.m))), ("int8g64".into(), Some((64, 96))));
+        assert_eq!(graph.store.get("w.mask").unwrap().bytes.as_slice(), &mask[..]);
+        // Rows of 64 values: the 48 kept, then 16 zeros, rounded with one scale per row.
+        let widened: Vec<f32> = values.chunks(48).flat_map(|r| r.iter().copied().chain([0.0; 16])).collect();
+        let int8g64 = IntFormat::new(8, 64, false).unwrap();
+        let rounded = Format::Int(int8g64).dequantize(&int8g64.quantize(&widened), 128).unwrap();
+        let meaning = w.value(&graph.store, &[2, 96]).unwrap();
+        for r in 0..2 {
+            let mut j = 0;
+            for c in 0..96 {
+                let i = r * 96 + c;
+                let expected = if keep[i] { rounded[r * 64 + j] } else { 0.0 };
+                j += keep[i] as usize;
+                assert_eq!(meaning[i], expected, "({r}, {c})");
+            }
+        }
+        // 2 rows of a 2-byte scale and 64 codes, and 2 x 96 / 8 bytes of mask.
+        assert_eq!(report.layers[0].bytes, 2 * (2 + 64) + 24);
+        kiln_ir::verify(&graph).unwrap();
     }
 
     /// W8A8 does not reach a sparse linear: its activations stay f32, and a note says so.
