@@ -52,8 +52,26 @@
 //! from [`clip::fit`]'s search, weighted by `H_ii`, instead of the group's full
 //! range; the search's errors are measured the same way.
 //!
+//! **Sparse layers** (after `prune`; see [`kiln_ir::sparse`]). A sparse layer's matrix is
+//! its stored values, `[rows, slots]`: the format applies to them, groups running along a
+//! row of values (`int8` is one scale per row of values; a group that does not divide the
+//! slots falls back as above). The mask stays as it is; the `weight` node keeps its
+//! pattern and takes the values' new format and checksum. An unstructured layer (`n:cols`)
+//! whose `n` no group of its format divides (50% of 96-wide rows is 48) is stored as
+//! `n':cols` with the next `n'` that fits (a multiple of 32 under a budget), the added
+//! slots zeros (the same meaning), with a note; an `n:m` layer so placed stays as it is,
+//! with a note. Its values are rounded to nearest (with `clip`, scales weighted by each
+//! kept value's column's `H_jj`): GPTQ on the kept columns is not built, and under
+//! `method=gptq` a note says which layers were rounded. Its bytes, in the report and the
+//! budget, are the values' in the format plus the mask's `rows * cols / 8`; its parameters
+//! are the dense `rows * cols`, as [`kiln_ir::Sparse::bits_per_weight`] counts (a 50%
+//! int8 layer is about 5 bits per weight). Its errors are measured over its dense rows.
+//! Sparse linears run on their dense value with f32 activations
+//! ([`kiln_ir::Graph::allowed_activations`]), so `activations=int8` leaves them f32, and
+//! `lorc_rank` gives them no correction; notes say so.
+//!
 //! The pass replaces the weights' bytes in the tensor store and the formats in their
-//! `weight` nodes; the graph's structure does not change.
+//! `weight` nodes (and widened patterns); the graph's structure does not change.
 
 pub mod clip;
 pub mod gptq;
