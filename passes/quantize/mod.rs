@@ -1520,6 +1520,47 @@ mod tests {
         kiln_ir::verify(&graph).unwrap();
     }
 
+    /// Under GPTQ a sparse layer is rounded to nearest, with a note, and its error is
+    /// measured over its dense rows against the dense `H`.
+    #[test]
+    fn a_sparse_layer_under_gptq_is_rounded_and_its_error_measured_densely() {
+        let (mut graph, dense, keep, values, _) = sparse_graph();
+        let x = graph.inputs()[0];
+        // H = diag(1 + j) + 0.1: positive definite, with correlated columns.
+        let mut gram = Gram::new(128);
+        gram.sum =
+            (0..128 * 128).map(|i| if i / 128 == i % 128 { 1.0 + (i / 128) as f64 } else { 0.0 } + 0.1).collect();
+        gram.rows = 16;
+        let calibration = Calibration { inputs: [(x, gram.clone())].into_iter().collect(), tokens: 16 };
+        let options = QuantizeOptions { method: Method::Gptq, ..rtn(Choice::Int8) };
+        let report = quantize(&mut graph, &options, Some(&calibration), None, &|_, _, _| {}).unwrap();
+        assert_eq!(
+            report.notes,
+            ["1 sparse layers were rounded to nearest: GPTQ on a sparse layer's kept values is not built (e.g. fc)"]
+        );
+        let int8g64 = IntFormat::new(8, 64, false).unwrap();
+        assert_eq!(graph.store.get("w.values").unwrap().bytes.as_slice(), &int8g64.quantize(&values)[..]);
+        // The error over the dense rows, by hand: trace(dW H dW^T) / trace(W H W^T) with
+        // W the pruned weight and dW its meaning's difference from it.
+        let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+        let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+        let q = w.value(&graph.store, &[4, 128]).unwrap();
+        let pruned: Vec<f64> = dense.iter().zip(&keep).map(|(&v, &k)| if k { v as f64 } else { 0.0 }).collect();
+        let quad = |v: &[f64]| -> f64 {
+            (0..128).flat_map(|i| (0..128).map(move |j| (i, j))).map(|(i, j)| v[i] * gram.sum[i * 128 + j] * v[j]).sum()
+        };
+        let (mut error, mut energy) = (0.0, 0.0);
+        for r in 0..4 {
+            let row = &pruned[r * 128..(r + 1) * 128];
+            let d: Vec<f64> = row.iter().zip(&q[r * 128..(r + 1) * 128]).map(|(&w, &q)| q as f64 - w).collect();
+            error += quad(&d);
+            energy += quad(row);
+        }
+        let got = report.layers[0].error.expect("an error with calibration");
+        assert!((got - error / energy).abs() <= 1e-6 * (error / energy), "{got} against {}", error / energy);
+        assert!(got > 0.0);
+    }
+
     /// W8A8 does not reach a sparse linear: its activations stay f32, and a note says so.
     #[test]
     fn a_sparse_linear_keeps_f32_activations() {
