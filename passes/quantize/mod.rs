@@ -52,8 +52,26 @@
 //! from [`clip::fit`]'s search, weighted by `H_ii`, instead of the group's full
 //! range; the search's errors are measured the same way.
 //!
+//! **Sparse layers** (after `prune`; see [`kiln_ir::sparse`]). A sparse layer's matrix is
+//! its stored values, `[rows, slots]`: the format applies to them, groups running along a
+//! row of values (`int8` is one scale per row of values; a group that does not divide the
+//! slots falls back as above). The mask stays as it is; the `weight` node keeps its
+//! pattern and takes the values' new format and checksum. An unstructured layer (`n:cols`)
+//! whose `n` no group of its format divides (50% of 96-wide rows is 48) is stored as
+//! `n':cols` with the next `n'` that fits (a multiple of 32 under a budget), the added
+//! slots zeros (the same meaning), with a note; an `n:m` layer so placed stays as it is,
+//! with a note. Its values are rounded to nearest (with `clip`, scales weighted by each
+//! kept value's column's `H_jj`): GPTQ on the kept columns is not built, and under
+//! `method=gptq` a note says which layers were rounded. Its bytes, in the report and the
+//! budget, are the values' in the format plus the mask's `rows * cols / 8`; its parameters
+//! are the dense `rows * cols`, as [`kiln_ir::Sparse::bits_per_weight`] counts (a 50%
+//! int8 layer is about 5 bits per weight). Its errors are measured over its dense rows.
+//! Sparse linears run on their dense value with f32 activations
+//! ([`kiln_ir::Graph::allowed_activations`]), so `activations=int8` leaves them f32, and
+//! `lorc_rank` gives them no correction; notes say so.
+//!
 //! The pass replaces the weights' bytes in the tensor store and the formats in their
-//! `weight` nodes; the graph's structure does not change.
+//! `weight` nodes (and widened patterns); the graph's structure does not change.
 
 pub mod clip;
 pub mod gptq;
@@ -415,6 +433,79 @@ struct Layer {
     gathered: bool,
     /// Read by a linear (as its weight).
     linear: bool,
+    /// For a sparse weight: `values` are its stored values, `[n, k]` with `k` the slots of a
+    /// row, and this is its pattern, mask and dense statistics.
+    sparse: Option<SparseLayer>,
+}
+
+/// The layout of a sparse layer (see [`kiln_ir::sparse`]), which quantizing keeps.
+struct SparseLayer {
+    n: u64,
+    m: u64,
+    /// The dense rows' length.
+    cols: u64,
+    /// The mask's bytes, `[rows, cols / 8]`.
+    mask: Vec<u8>,
+    /// The input statistics of the linears reading it, over the dense columns
+    /// (`[cols, cols]`); the layer's own `gram` is `None`, its values having no columns of
+    /// their own.
+    gram: Option<Gram>,
+}
+
+impl SparseLayer {
+    /// The dense column of each slot of row `row` (`None` for a slot its group leaves
+    /// unused), as [`kiln_ir::sparse::densify`] reads them.
+    fn columns(&self, row: usize) -> Vec<Option<usize>> {
+        let (n, m, cols) = (self.n as usize, self.m as usize, self.cols as usize);
+        let bits = &self.mask[row * cols / 8..(row + 1) * cols / 8];
+        let mut out = vec![None; cols / m * n];
+        for g in 0..cols / m {
+            let set = (g * m..(g + 1) * m).filter(|&c| bits[c / 8] >> (c % 8) & 1 == 1);
+            for (j, c) in set.take(n).enumerate() {
+                out[g * n + j] = Some(c);
+            }
+        }
+        out
+    }
+
+    /// The dense row of `values`, the stored values of row `row`.
+    fn densify_row(&self, row: usize, values: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; self.cols as usize];
+        for (slot, c) in self.columns(row).into_iter().enumerate() {
+            if let Some(c) = c {
+                out[c] = values[slot];
+            }
+        }
+        out
+    }
+}
+
+impl Layer {
+    /// Its parameters: the dense `rows x cols`, for a sparse layer too (what
+    /// [`kiln_ir::Sparse::bits_per_weight`] and budgets count bits over).
+    fn params(&self) -> u64 {
+        self.n * self.sparse.as_ref().map_or(self.k, |s| s.cols)
+    }
+
+    /// Its storage bits with its values in `format`, a sparse layer's mask included.
+    fn bits(&self, format: Format) -> Result<u64, kiln_ir::FormatError> {
+        let mask = self.sparse.as_ref().map_or(0, |s| s.mask.len() as u64);
+        Ok((format.byte_len(self.n * self.k)? + mask) * 8)
+    }
+
+    /// The input energy `H_jj` each stored value's error is weighted by, for the stored rows
+    /// `rows`: the diagonal of `H` (`k` values, every row's) for a dense layer; for a
+    /// sparse one, each slot's column's, row after row (`0` for unused slots). `None`
+    /// without statistics.
+    fn importance(&self, rows: impl Iterator<Item = usize>) -> Option<Vec<f64>> {
+        match &self.sparse {
+            None => self.gram.as_ref().map(|g| g.diagonal()),
+            Some(s) => {
+                let diag = s.gram.as_ref()?.diagonal();
+                Some(rows.flat_map(|r| s.columns(r).into_iter().map(|c| c.map_or(0.0, |c| diag[c]))).collect())
+            }
+        }
+    }
 }
 
 /// Runs the pass: see the module documentation. `progress(done, total, what)` is called as
@@ -447,9 +538,36 @@ pub fn quantize(
     let names: Vec<&str> = layers.iter().map(|l| l.scope.as_str()).collect();
     let fixed: Vec<Option<Choice>> = apply_overrides(&names, &options.overrides).map_err(fail)?;
 
+    // An unstructured sparse layer (`n:cols`) whose rows of `n` values no group of its
+    // choice divides gets more slots (to a multiple of 32 under a budget, whose int
+    // candidates all have such groups): `n':cols` with zeros in the added slots has the
+    // same meaning (see `kiln_ir::sparse`).
+    for (layer, fixed) in layers.iter_mut().zip(&fixed) {
+        let Some(s) = &layer.sparse else { continue };
+        let fits = |slots: u64| match (*fixed, options.target) {
+            (Some(c), _) | (None, Target::Format(c)) => c.resolve(slots, layer.format).is_some(),
+            (None, Target::Bits(_)) => slots.is_multiple_of(32),
+        };
+        if s.m != s.cols || fits(layer.k) {
+            continue;
+        }
+        if let Some(slots) = (layer.k + 1..s.m).find(|&w| fits(w)) {
+            notes.push(format!(
+                "{}: rows of {} kept values ({}:{}) fit no group; stored as {slots}:{} (zeros in the added slots)",
+                layer.scope, layer.k, s.n, s.m, s.m
+            ));
+            widen(layer, slots);
+        }
+    }
+
     // Parameters and bytes that no layer accounts for (norms, biases).
     let (other_params, other_bytes) = crate::budget::outside_layers(graph, |n| layers.iter().any(|l| l.node == n));
 
+    // A sparse layer's rows are its stored values'.
+    let rows_of = |layer: &Layer| match &layer.sparse {
+        Some(s) => format!("rows of {} kept values ({}:{})", layer.k, s.n, s.m),
+        None => format!("rows of {}", layer.k),
+    };
     let resolve = |choice: Choice, layer: &Layer, notes: &mut Vec<String>| -> Format {
         match choice.resolve(layer.k, layer.format) {
             Some(f) => {
@@ -457,16 +575,21 @@ pub fn quantize(
                     && want.group != got.group
                 {
                     notes.push(format!(
-                        "{}: rows of {} take groups of {}, not {}",
-                        layer.scope, layer.k, got.group, want.group
+                        "{}: {} take groups of {}, not {}",
+                        layer.scope,
+                        rows_of(layer),
+                        got.group,
+                        want.group
                     ));
                 }
                 f
             }
             None => {
                 notes.push(format!(
-                    "{}: rows of {} fit no {choice} group; left as {}",
-                    layer.scope, layer.k, layer.format
+                    "{}: {} fit no {choice} group; left as {}",
+                    layer.scope,
+                    rows_of(layer),
+                    layer.format
                 ));
                 layer.format
             }
@@ -496,7 +619,7 @@ pub fn quantize(
                     "quantize(bits=...) measures each layer's sensitivity on calibration data: pass --calib".into(),
                 ));
             };
-            let total_params = other_params + layers.iter().map(|l| l.n * l.k).sum::<u64>();
+            let total_params = other_params + layers.iter().map(Layer::params).sum::<u64>();
             let budget = (bits * total_params as f64).floor() as u64;
             let lorc_bits: u64 =
                 layers.iter().filter(|l| lorc_applies(l, options)).map(|l| lorc_bits(l, options)).sum();
@@ -550,11 +673,32 @@ pub fn quantize(
     if options.method == Method::Gptq && fp8 > 0 {
         notes.push(format!("{fp8} fp8 layers were rounded to nearest: GPTQ applies to int formats only"));
     }
+    let sparse: Vec<&str> = layers
+        .iter()
+        .zip(&formats)
+        .filter(|(l, f)| l.sparse.is_some() && **f != l.format)
+        .map(|(l, _)| l.scope.as_str())
+        .collect();
+    if options.method == Method::Gptq && !sparse.is_empty() {
+        notes.push(format!(
+            "{} sparse layers were rounded to nearest: GPTQ on a sparse layer's kept values is not built (e.g. {})",
+            sparse.len(),
+            sparse[0]
+        ));
+    }
+    if options.lorc_rank > 0 && !sparse.is_empty() {
+        notes.push(format!(
+            "lorc_rank={}: {} sparse layers carry no correction (e.g. {})",
+            options.lorc_rank,
+            sparse.len(),
+            sparse[0]
+        ));
+    }
     if options.activations != Activations::F32 {
         let exact: Vec<&str> = layers
             .iter()
             .zip(&formats)
-            .filter(|(l, f)| l.linear && !matches!(f, Format::Int(_)))
+            .filter(|(l, f)| l.linear && l.sparse.is_none() && !matches!(f, Format::Int(_)))
             .map(|(l, _)| l.scope.as_str())
             .collect();
         if !exact.is_empty() {
@@ -565,12 +709,25 @@ pub fn quantize(
                 exact[0]
             ));
         }
+        // `Graph::allowed_activations`: a sparse weight runs on its dense value, in f32.
+        let sparse: Vec<&str> =
+            layers.iter().filter(|l| l.linear && l.sparse.is_some()).map(|l| l.scope.as_str()).collect();
+        if !sparse.is_empty() {
+            notes.push(format!(
+                "activations={}: {} sparse linears keep f32 activations, sparse weights running on their dense value (e.g. {})",
+                options.activations,
+                sparse.len(),
+                sparse[0]
+            ));
+        }
     }
     let mut report = QuantizeReport { notes, activations: options.activations, ..Default::default() };
     let mut corrected = 0;
     // Whether per-row activation scales apply to any linear (int8, one scale per row).
-    let per_channel_int8 =
-        layers.iter().zip(&formats).any(|(l, f)| l.linear && matches!(f, Format::Int(i) if i.is_int8_per_row(l.k)));
+    let per_channel_int8 = layers
+        .iter()
+        .zip(&formats)
+        .any(|(l, f)| l.linear && l.sparse.is_none() && matches!(f, Format::Int(i) if i.is_int8_per_row(l.k)));
     for ((layer, format), (result, sensitivity)) in
         layers.iter_mut().zip(&formats).zip(results.into_iter().zip(sensitivities))
     {
@@ -578,7 +735,9 @@ pub fn quantize(
         if let Some(bytes) = changed {
             set_weight(graph, layer, *format, bytes).map_err(|e| fail(format!("{}: {e}", layer.scope)))?;
         }
-        let mut bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64);
+        // A sparse layer's bytes are its values' and its mask's.
+        let mask = layer.sparse.as_ref().map_or(0, |s| s.mask.len() as u64);
+        let mut bytes = graph.store.get(&layer.tensor).map_or(0, |t| t.bytes.len() as u64) + mask;
         if let Some((a, b)) = correction {
             bytes += 4 * (a.len() + b.len()) as u64;
             corrected += 1;
@@ -589,7 +748,7 @@ pub fn quantize(
             scope: layer.scope.clone(),
             tensor: layer.tensor.clone(),
             format: *format,
-            params: layer.n * layer.k,
+            params: layer.params(),
             bytes,
             sensitivity,
             error,
@@ -684,14 +843,25 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
         let l = match layers.get(&table) {
             Some(&l) => l,
             None => {
-                if let Some(sparse) = &w.sparse {
-                    return Err(format!(
-                        "layer {name} is sparse ({sparse}); quantizing a sparse weight's values is not built yet: \
-                         run quantize before the pass that sparsifies it"
-                    ));
-                }
                 let data = graph.store.get(&w.tensor).ok_or_else(|| format!("weight `{}` is not bound", w.tensor))?;
                 let values = data.to_f32().map_err(|e| format!("weight `{}`: {e}", w.tensor))?;
+                // A sparse layer's matrix is its stored values, `[n, slots]`.
+                let (k, sparse) = match &w.sparse {
+                    None => (k, None),
+                    Some(s) => {
+                        kiln_ir::Sparse::check(s.n, s.m, k).map_err(|e| format!("weight `{}`: {e}", w.tensor))?;
+                        let slots = s.values_shape(n, k)[1];
+                        let mask = graph.store.get(&s.mask).ok_or_else(|| format!("mask `{}` is not bound", s.mask))?;
+                        if values.len() as u64 != n * slots || mask.bytes.len() as u64 != n * k / 8 {
+                            return Err(format!(
+                                "sparse weight `{}` ({s}) of [{n}, {k}]: values or mask of the wrong size",
+                                w.tensor
+                            ));
+                        }
+                        let mask = mask.bytes.as_slice().to_vec();
+                        (slots, Some(SparseLayer { n: s.n, m: s.m, cols: k, mask, gram: None }))
+                    }
+                };
                 let scope = &graph.node(table).scope;
                 out.push(Layer {
                     node: table,
@@ -705,6 +875,7 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
                     gram: None,
                     gathered: false,
                     linear: false,
+                    sparse,
                 });
                 inputs.push(Vec::new());
                 layers.insert(table, out.len() - 1);
@@ -721,7 +892,10 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
     }
     if let Some(calibration) = calibration {
         for (layer, inputs) in out.iter_mut().zip(&inputs) {
-            layer.gram = calibration.summed(inputs);
+            match &mut layer.sparse {
+                Some(s) => s.gram = calibration.summed(inputs),
+                None => layer.gram = calibration.summed(inputs),
+            }
         }
     }
     Ok(out)
@@ -738,8 +912,9 @@ fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&
     let sample: Vec<f32> = layer.values.chunks_exact(k).step_by(sample_step(n)).flatten().copied().collect();
     let rows = sample.len() / k.max(1);
     let scale = n as f64 / rows.max(1) as f64;
-    let diag = layer.gram.as_ref().map(|g| g.diagonal());
-    let bits = format.byte_len(layer.n * layer.k).map_or(u64::MAX / 4, |b| b * 8);
+    // The diagonal of `H` (every row's), or a sparse layer's per sampled row.
+    let diag = layer.importance((0..n).step_by(sample_step(n)));
+    let bits = layer.bits(format).unwrap_or(u64::MAX / 4);
     let mut measured = Measured { format, bits, absolute: f64::INFINITY, relative: f64::INFINITY, sample: None };
     let (bytes, loss) = match (format, gptq) {
         (Format::Int(f), Some(factored)) => match factored.quantize(&sample, rows, f) {
@@ -755,7 +930,8 @@ fn errors(layer: &Layer, format: Format, tokens: u64, clip: bool, gptq: Option<&
     let (mut absolute, mut relative) = (0.0, 0.0);
     if let Some(diag) = &diag {
         let (mut error, mut energy) = (0.0, 0.0);
-        for (row_w, row_q) in sample.chunks_exact(k).zip(q.chunks_exact(k)) {
+        for (i, (row_w, row_q)) in sample.chunks_exact(k).zip(q.chunks_exact(k)).enumerate() {
+            let diag = if diag.len() == k { &diag[..] } else { &diag[i * k..(i + 1) * k] };
             for ((&w, &q), h) in row_w.iter().zip(row_q).zip(diag) {
                 error += h * ((w - q) as f64).powi(2);
                 energy += h * (w as f64).powi(2);
@@ -850,7 +1026,7 @@ impl Search<'_> {
                     if b < floor || b > ceiling || out.iter().any(|m| m.format == f) {
                         continue;
                     }
-                    if f.byte_len(layer.n * layer.k).is_err() {
+                    if layer.bits(f).is_err() {
                         continue;
                     }
                     out.push(errors(layer, f, self.tokens, clip, factored.as_ref()));
@@ -873,7 +1049,7 @@ impl Search<'_> {
         let cost = |formats: &[Format]| -> (u64, f64) {
             let mut total = (0u64, 0.0f64);
             for ((layer, f), m) in layers.iter().zip(formats).zip(&measured) {
-                total.0 += f.byte_len(layer.n * layer.k).map_or(u64::MAX / 4, |b| b * 8);
+                total.0 += layer.bits(*f).unwrap_or(u64::MAX / 4);
                 total.1 += m.iter().find(|m| m.format == *f).map_or(0.0, |m| m.relative);
             }
             total
@@ -965,7 +1141,7 @@ impl Search<'_> {
                     measured[l].iter().map(|m| (m.format, m.bits, sensitivity(l, m))).collect();
                 if !opts.iter().any(|o| o.0 == base[l]) {
                     // Fixed, or the uniform format is below the search's floor.
-                    let bits = base[l].byte_len(layers[l].n * layers[l].k).map_err(|e| e.to_string())? * 8;
+                    let bits = layers[l].bits(base[l]).map_err(|e| e.to_string())?;
                     opts.push((base[l], bits, 0.0));
                 }
                 Ok(opts)
@@ -1022,10 +1198,36 @@ impl Search<'_> {
 }
 
 /// Stores `bytes` in `format` as the layer's weight in `graph`.
+/// A sparse layer's bytes are its values': its mask stays, and its pattern unless [`widen`]
+/// gave its rows more slots.
 fn set_weight(graph: &mut Graph, layer: &Layer, format: Format, bytes: Vec<u8>) -> Result<(), kiln_ir::FormatError> {
     let data = TensorData::new(format, vec![layer.n, layer.k], Bytes::from_vec(bytes))?;
-    graph.set_weight(layer.node, data);
+    match &layer.sparse {
+        Some(s) => {
+            if let Op::Weight(w) = &mut graph.node_mut(layer.node).op
+                && let Some(pattern) = &mut w.sparse
+            {
+                pattern.n = s.n;
+            }
+            graph.set_sparse_values(layer.node, data)
+        }
+        None => graph.set_weight(layer.node, data),
+    };
     Ok(())
+}
+
+/// Gives an unstructured sparse layer (`n:cols`) rows of `slots` values, the added slots
+/// zeros (unread: the mask is the same).
+fn widen(layer: &mut Layer, slots: u64) {
+    let Some(s) = &mut layer.sparse else { return };
+    let (k, w) = (layer.k as usize, slots as usize);
+    let mut values = vec![0f32; layer.n as usize * w];
+    for (to, from) in values.chunks_exact_mut(w).zip(layer.values.chunks_exact(k)) {
+        to[..k].copy_from_slice(from);
+    }
+    layer.values = values;
+    layer.k = slots;
+    s.n = slots;
 }
 
 /// The stored bytes of `values` in `format` by rounding to nearest.
@@ -1043,7 +1245,8 @@ fn encode_rtn(values: &[f32], format: Format) -> Result<Vec<u8>, kiln_ir::Format
 }
 
 /// The stored bytes of the layer in `format` by rounding to nearest, with scales searched
-/// on `clip`'s grid (weighted by the diagonal of its input's `H`, if any) when given.
+/// on `clip`'s grid (weighted by the diagonal of its input's `H`, if any: `k` values that
+/// every row shares, or one per value) when given.
 fn round(
     values: &[f32],
     diag: Option<&[f64]>,
@@ -1109,13 +1312,8 @@ fn encode(
         (Format::Int(f), Method::Gptq, Some(g), None) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
-        _ => round(
-            &layer.values,
-            layer.gram.as_ref().map(|g| g.diagonal()).as_deref(),
-            format,
-            opts.clip.then_some(Grid::Fine),
-        )
-        .map_err(|e| e.to_string())?,
+        _ => round(&layer.values, layer.importance(0..n).as_deref(), format, opts.clip.then_some(Grid::Fine))
+            .map_err(|e| e.to_string())?,
     };
     Ok(Some(bytes))
 }
@@ -1131,8 +1329,9 @@ fn relative_error(
     bytes: Option<&[u8]>,
     correction: Option<&Correction>,
 ) -> Result<Option<f64>, String> {
-    let (Some(g), Some(bytes)) = (&layer.gram, bytes) else {
-        return Ok(layer.gram.as_ref().map(|_| 0.0));
+    let gram = layer.gram.as_ref().or(layer.sparse.as_ref().and_then(|s| s.gram.as_ref()));
+    let (Some(g), Some(bytes)) = (gram, bytes) else {
+        return Ok(gram.map(|_| 0.0));
     };
     let (n, k) = (layer.n as usize, layer.k as usize);
     // Only the sampled rows are decoded (a tied head has 49152 rows for 256 sampled).
@@ -1150,15 +1349,233 @@ fn relative_error(
                 }
             }
         }
-        w.extend_from_slice(&layer.values[row * k..(row + 1) * k]);
-        q.extend(values);
+        let stored = &layer.values[row * k..(row + 1) * k];
+        match &layer.sparse {
+            // Over the dense rows: the statistics are the dense columns'.
+            Some(s) => {
+                w.extend(s.densify_row(row, stored));
+                q.extend(s.densify_row(row, &values));
+            }
+            None => {
+                w.extend_from_slice(stored);
+                q.extend(values);
+            }
+        }
     }
+    let k = g.k;
     Ok(Some(gptq::relative_output_error(&w, &q, w.len() / k, k, &g.sum)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 2:4 sparse weight `w` of `[4, 128]` read by a linear: its dense value, which of
+    /// its values are kept (the 2 largest magnitudes of each group of 4), and the graph
+    /// holding its values (`[4, 64]`, f32) and mask (`u8[4, 16]`).
+    fn sparse_graph() -> (Graph, Vec<f32>, Vec<bool>, Vec<f32>, Vec<u8>) {
+        let (rows, cols) = (4u64, 128u64);
+        let text = "graph g {\n  %0 = input \"x\" : f32[2, 128]\n  %1 = weight \"w.values\" f32 sparse 2:4 \"w.mask\" : f32[4, 128] @fc\n  %2 = linear %0, %1 : f32[2, 4] @fc\n  output \"y\" = %2\n}\n";
+        let mut graph = kiln_ir::parse(text).unwrap();
+        // Values of several magnitudes, rows of different ranges.
+        let dense: Vec<f32> =
+            (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 * (1.0 + (i / cols) as f32)).collect();
+        let mut keep = vec![false; dense.len()];
+        for (g, group) in dense.chunks(4).enumerate() {
+            let mut order = [0, 1, 2, 3];
+            order.sort_by(|&a, &b| group[b].abs().total_cmp(&group[a].abs()));
+            keep[g * 4 + order[0]] = true;
+            keep[g * 4 + order[1]] = true;
+        }
+        let (values, mask) = kiln_ir::sparse::pack(2, 4, rows, cols, &dense, &keep).unwrap();
+        graph.store.insert("w.values", TensorData::from_f32(vec![rows, cols / 2], &values));
+        let mask_data =
+            TensorData { format: Format::U8, shape: vec![rows, cols / 8], bytes: Bytes::from_vec(mask.clone()) };
+        graph.store.insert("w.mask", mask_data);
+        kiln_ir::verify(&graph).unwrap();
+        (graph, dense, keep, values, mask)
+    }
+
+    fn rtn(target: Choice) -> QuantizeOptions {
+        QuantizeOptions {
+            target: Target::Format(target),
+            method: Method::Rtn,
+            overrides: Vec::new(),
+            gptq: GptqOptions { clip: false, ..GptqOptions::default() },
+            activations: Activations::F32,
+            measure_activations: false,
+            lorc_rank: 0,
+        }
+    }
+
+    /// Quantizing a sparse weight rounds its kept values (groups along the values' rows of
+    /// 64 slots), keeps its mask, and counts the mask in its bytes.
+    #[test]
+    fn a_sparse_weight_quantizes_its_values() {
+        // (choice, the format of 64-slot rows, stored bytes worked out by hand: per row,
+        // blocks of a 2-byte f16 scale and the codes; plus the mask's 4 x 128 / 8 = 64).
+        let int8g64 = IntFormat::new(8, 64, false).unwrap();
+        let int4g32 = IntFormat::new(4, 32, false).unwrap();
+        for (choice, format, bytes) in
+            [(Choice::Int8, int8g64, 4 * (2 + 64) + 64), (Choice::Int(int4g32), int4g32, 4 * 2 * (2 + 16) + 64)]
+        {
+            let (mut graph, dense, keep, values, mask) = sparse_graph();
+            let report = quantize(&mut graph, &rtn(choice), None, None, &|_, _, _| {}).unwrap();
+            assert!(report.notes.is_empty(), "{choice}: {:?}", report.notes);
+
+            // The node keeps its pattern and mask, with the new format and checksum.
+            let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+            let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+            let s = w.sparse.as_ref().expect("still sparse");
+            assert_eq!((s.n, s.m, s.mask.as_str()), (2, 4, "w.mask"));
+            assert_eq!(w.format, Format::Int(format), "{choice}");
+            let stored = graph.store.get("w.values").unwrap();
+            assert_eq!(stored.shape, [4, 64]);
+            assert_eq!(w.checksum, Some(stored.checksum()));
+            assert_eq!(graph.store.get("w.mask").unwrap().bytes.as_slice(), &mask[..], "{choice}: the mask changed");
+
+            // The stored values are the values tensor rounded to nearest.
+            let expected = format.quantize(&values);
+            assert_eq!(stored.bytes.as_slice(), &expected[..], "{choice}");
+            let rounded = Format::Int(format).dequantize(&expected, values.len() as u64).unwrap();
+            // Its meaning: the j-th kept position of a row holds the row's j-th rounded value.
+            let meaning = w.value(&graph.store, &[4, 128]).unwrap();
+            for r in 0..4 {
+                let mut j = 0;
+                for c in 0..128 {
+                    let i = r * 128 + c;
+                    if keep[i] {
+                        assert_eq!(meaning[i], rounded[r * 64 + j], "{choice} at ({r}, {c})");
+                        assert!((meaning[i] - dense[i]).abs() <= dense[i].abs() * 0.2 + 0.2, "{choice} at ({r}, {c})");
+                        j += 1;
+                    } else {
+                        assert_eq!(meaning[i], 0.0, "{choice} at ({r}, {c})");
+                    }
+                }
+            }
+
+            // Bytes as stored: values in the format, and the mask.
+            let layer = &report.layers[0];
+            assert_eq!((layer.scope.as_str(), layer.format, layer.params), ("fc", Format::Int(format), 4 * 128));
+            assert_eq!(layer.bytes, bytes, "{choice}");
+            assert_eq!((report.params, report.bytes), (512, bytes));
+            assert_eq!(report.bits_per_weight(), bytes as f64 * 8.0 / 512.0);
+            kiln_ir::verify(&graph).unwrap();
+        }
+    }
+
+    /// A group that does not divide a sparse layer's 64 slots falls back to one that does,
+    /// with a note.
+    #[test]
+    fn a_sparse_weight_falls_back_on_its_values_rows() {
+        let (mut graph, ..) = sparse_graph();
+        let int4g128 = IntFormat::new(4, 128, false).unwrap();
+        let report = quantize(&mut graph, &rtn(Choice::Int(int4g128)), None, None, &|_, _, _| {}).unwrap();
+        assert_eq!(report.layers[0].format.to_string(), "int4g64");
+        assert_eq!(report.notes, ["fc: rows of 64 kept values (2:4) take groups of 64, not 128"]);
+        assert_eq!(report.layers[0].bytes, 4 * (2 + 32) + 64);
+    }
+
+    /// An unstructured layer of 48 values in rows of 96 (48:96) fits no int8 group: it
+    /// gets 64 slots (64:96), the added ones zeros, and keeps its meaning and mask.
+    #[test]
+    fn an_unstructured_layer_is_widened_to_a_group() {
+        let text = "graph g {\n  %0 = input \"x\" : f32[2, 96]\n  %1 = weight \"w.values\" f32 sparse 48:96 \"w.mask\" : f32[2, 96] @fc\n  %2 = linear %0, %1 : f32[2, 2] @fc\n  output \"y\" = %2\n}\n";
+        let mut graph = kiln_ir::parse(text).unwrap();
+        let dense: Vec<f32> = (0..192).map(|i| ((i * 29 % 97) as f32 - 48.0) / 10.0).collect();
+        // Row 0 keeps its even columns, row 1 its first 48.
+        let keep: Vec<bool> = (0..192).map(|i| if i < 96 { i % 2 == 0 } else { i < 96 + 48 }).collect();
+        let (values, mask) = kiln_ir::sparse::pack(48, 96, 2, 96, &dense, &keep).unwrap();
+        graph.store.insert("w.values", TensorData::from_f32(vec![2, 48], &values));
+        graph.store.insert(
+            "w.mask",
+            TensorData { format: Format::U8, shape: vec![2, 12], bytes: Bytes::from_vec(mask.clone()) },
+        );
+        kiln_ir::verify(&graph).unwrap();
+        let report = quantize(&mut graph, &rtn(Choice::Int8), None, None, &|_, _, _| {}).unwrap();
+        assert_eq!(
+            report.notes,
+            ["fc: rows of 48 kept values (48:96) fit no group; stored as 64:96 (zeros in the added slots)"]
+        );
+        let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+        let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+        assert_eq!((w.format.to_string(), w.sparse.as_ref().map(|s| (s.n, s.m))), ("int8g64".into(), Some((64, 96))));
+        assert_eq!(graph.store.get("w.mask").unwrap().bytes.as_slice(), &mask[..]);
+        // Rows of 64 values: the 48 kept, then 16 zeros, rounded with one scale per row.
+        let widened: Vec<f32> = values.chunks(48).flat_map(|r| r.iter().copied().chain([0.0; 16])).collect();
+        let int8g64 = IntFormat::new(8, 64, false).unwrap();
+        let rounded = Format::Int(int8g64).dequantize(&int8g64.quantize(&widened), 128).unwrap();
+        let meaning = w.value(&graph.store, &[2, 96]).unwrap();
+        for r in 0..2 {
+            let mut j = 0;
+            for c in 0..96 {
+                let i = r * 96 + c;
+                let expected = if keep[i] { rounded[r * 64 + j] } else { 0.0 };
+                j += keep[i] as usize;
+                assert_eq!(meaning[i], expected, "({r}, {c})");
+            }
+        }
+        // 2 rows of a 2-byte scale and 64 codes, and 2 x 96 / 8 bytes of mask.
+        assert_eq!(report.layers[0].bytes, 2 * (2 + 64) + 24);
+        kiln_ir::verify(&graph).unwrap();
+    }
+
+    /// Under GPTQ a sparse layer is rounded to nearest, with a note, and its error is
+    /// measured over its dense rows against the dense `H`.
+    #[test]
+    fn a_sparse_layer_under_gptq_is_rounded_and_its_error_measured_densely() {
+        let (mut graph, dense, keep, values, _) = sparse_graph();
+        let x = graph.inputs()[0];
+        // H = diag(1 + j) + 0.1: positive definite, with correlated columns.
+        let mut gram = Gram::new(128);
+        gram.sum =
+            (0..128 * 128).map(|i| if i / 128 == i % 128 { 1.0 + (i / 128) as f64 } else { 0.0 } + 0.1).collect();
+        gram.rows = 16;
+        let calibration = Calibration { inputs: [(x, gram.clone())].into_iter().collect(), tokens: 16 };
+        let options = QuantizeOptions { method: Method::Gptq, ..rtn(Choice::Int8) };
+        let report = quantize(&mut graph, &options, Some(&calibration), None, &|_, _, _| {}).unwrap();
+        assert_eq!(
+            report.notes,
+            ["1 sparse layers were rounded to nearest: GPTQ on a sparse layer's kept values is not built (e.g. fc)"]
+        );
+        let int8g64 = IntFormat::new(8, 64, false).unwrap();
+        assert_eq!(graph.store.get("w.values").unwrap().bytes.as_slice(), &int8g64.quantize(&values)[..]);
+        // The error over the dense rows, by hand: trace(dW H dW^T) / trace(W H W^T) with
+        // W the pruned weight and dW its meaning's difference from it.
+        let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+        let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+        let q = w.value(&graph.store, &[4, 128]).unwrap();
+        let pruned: Vec<f64> = dense.iter().zip(&keep).map(|(&v, &k)| if k { v as f64 } else { 0.0 }).collect();
+        let quad = |v: &[f64]| -> f64 {
+            (0..128).flat_map(|i| (0..128).map(move |j| (i, j))).map(|(i, j)| v[i] * gram.sum[i * 128 + j] * v[j]).sum()
+        };
+        let (mut error, mut energy) = (0.0, 0.0);
+        for r in 0..4 {
+            let row = &pruned[r * 128..(r + 1) * 128];
+            let d: Vec<f64> = row.iter().zip(&q[r * 128..(r + 1) * 128]).map(|(&w, &q)| q as f64 - w).collect();
+            error += quad(&d);
+            energy += quad(row);
+        }
+        let got = report.layers[0].error.expect("an error with calibration");
+        assert!((got - error / energy).abs() <= 1e-6 * (error / energy), "{got} against {}", error / energy);
+        assert!(got > 0.0);
+    }
+
+    /// W8A8 does not reach a sparse linear: its activations stay f32, and a note says so.
+    #[test]
+    fn a_sparse_linear_keeps_f32_activations() {
+        let (mut graph, ..) = sparse_graph();
+        let options = QuantizeOptions { activations: Activations::Int8, ..rtn(Choice::Int8) };
+        let report = quantize(&mut graph, &options, None, None, &|_, _, _| {}).unwrap();
+        assert_eq!(
+            report.notes,
+            [
+                "activations=int8: 1 sparse linears keep f32 activations, sparse weights running on their dense value (e.g. fc)"
+            ]
+        );
+        let linear = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Linear { .. })).unwrap();
+        assert_eq!(graph.node(linear).op, Op::Linear { activations: Activations::F32 });
+    }
 
     /// A weight read by two linears with different inputs is one layer whose statistics
     /// are the sum of both inputs' Gram matrices.

@@ -1506,6 +1506,67 @@ fn pruned_models_compile_and_run() {
     }
 }
 
+/// `prune(...), quantize(format=int8)` composes: the pruned layers' kept values are int8,
+/// their masks kept, and the artifact is smaller than `quantize(format=int8)` alone. At
+/// 50%, up (`[96, 64]`) keeps 32 values a row, int8g32: 96 x (2 + 32) + 768 mask bytes =
+/// 4,032; down (`[64, 96]`) keeps 48, which no int8 group fits, so it is stored as 64:96,
+/// int8g64: 64 x (2 + 64) + 768 = 4,992. Dense int8 is 96 x (2 + 64) + 64 x (2 + 96) =
+/// 12,608 bytes for both. Both artifacts run on the JIT as the interpreter means them.
+#[test]
+fn pruned_then_quantized_models_are_smaller() {
+    let dir = scratch("prune-quantize");
+    let Mlp { model, weights, input } = write_mlp(&dir, 8);
+    let run = |artifact: &std::path::Path, engine: &str| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&["run", &s(artifact), "-i", &s(&input), "-o", &s(&out), "--engine", engine]);
+        as_f32(&read_safetensors(&out)[0])
+    };
+    let compile = |passes: &str, name: &str| -> (std::path::PathBuf, String) {
+        let artifact = dir.join(name);
+        let args = ["compile", &s(&model), "-w", &s(&weights), "--passes", passes, "-o", &s(&artifact)];
+        let out = kiln(&args);
+        assert!(out.status.success(), "{passes}: {}", String::from_utf8_lossy(&out.stderr));
+        (artifact, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (sparse, stderr) = compile("prune(sparsity=0.5, method=magnitude), quantize(format=int8)", "sparse.kiln");
+    assert!(stderr.contains("stored as 64:96"), "{stderr}");
+    let (dense, _) = compile("quantize(format=int8)", "dense.kiln");
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    let (sparse_bytes, dense_bytes) = (size(&sparse), size(&dense));
+    eprintln!("artifact bytes: pruned + int8 {sparse_bytes}, int8 {dense_bytes}");
+    // The weights differ by 12,608 - 9,024 = 3,584 bytes, less the prune report's
+    // metadata in the first (about 1.3 KB).
+    assert!(sparse_bytes + 1500 < dense_bytes, "pruned + int8 {sparse_bytes} bytes, int8 {dense_bytes}");
+
+    let ir = ok(&["ir", &s(&sparse)]);
+    for (layer, storage) in [("up", "int8g32 #"), ("down", "int8g64 #")] {
+        let values = format!("weight \"{layer}.weight.values\" {storage}");
+        let line = ir.lines().find(|l| l.contains(&values)).unwrap_or_else(|| panic!("{layer}: {ir}"));
+        let pattern = if layer == "up" { "sparse 32:64" } else { "sparse 64:96" };
+        assert!(line.contains(pattern), "{line}");
+    }
+    // The report's bytes per layer: values in int8 and the mask; bits over the dense
+    // parameters (4,032 x 8 / 6,144 = 5.25; 4,992 x 8 / 6,144 = 6.5).
+    let text = ok(&["report", &s(&sparse), "--json"]);
+    let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let rows = json["layers"].as_array().cloned().unwrap_or_default();
+    for (layer, format, bytes, bits) in [("up", "int8g32", 4032, 5.25), ("down", "int8g64", 4992, 6.5)] {
+        let row = rows.iter().find(|l| l["scope"] == layer).unwrap_or_else(|| panic!("{layer}: {json}"));
+        assert_eq!((row["format"].as_str(), row["bytes"].as_u64()), (Some(format), Some(bytes)), "{layer}: {json}");
+        assert_eq!(row["bits_per_weight"].as_f64(), Some(bits), "{layer}: {json}");
+    }
+    let mut outputs = Vec::new();
+    for artifact in [&sparse, &dense] {
+        let (interp, jit) = (run(artifact, "interp"), run(artifact, "jit"));
+        let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{}: the JIT is {worst} from the interpreter", artifact.display());
+        outputs.push(interp);
+    }
+    // Pruning moved the model; int8 alone barely.
+    let moved = outputs[0].iter().zip(&outputs[1]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-2, "pruning changes the model ({moved})");
+}
+
 /// `kiln report` after `prune`: per candidate layer its pattern (or "dense" and why), its
 /// sparsity, its weight's bytes before and after, bits per weight; the pass's summary and
 /// notes under the table; a sparsity panel in the plot. The numbers are the MLP's shapes':

@@ -154,6 +154,25 @@ impl Graph {
         old
     }
 
+    /// Stores `data` as the values of sparse weight `node` (see [`crate::sparse`]): its
+    /// format and checksum follow, its pattern and mask stay. Returns the values it held.
+    /// `None`, and nothing changed, if `node` is not a sparse weight whose values have
+    /// `data`'s shape (`[rows, cols / m * n]`).
+    pub fn set_sparse_values(&mut self, node: NodeId, data: TensorData) -> Option<TensorData> {
+        let shape = self.graph[node].ty.known_shape()?;
+        let Op::Weight(w) = &mut self.graph[node].op else { return None };
+        let (&[rows, cols], Some(s)) = (&shape[..], &w.sparse) else { return None };
+        if s.values_shape(rows, cols) != data.shape {
+            return None;
+        }
+        w.format = data.format;
+        w.checksum = Some(data.checksum());
+        let tensor = w.tensor.clone();
+        let old = self.store.get(&tensor).cloned();
+        self.store.insert(&tensor, data);
+        old
+    }
+
     /// Names of the store tensors some `weight` node reads (every tensor of a sparse one).
     pub fn read_tensors(&self) -> std::collections::BTreeSet<String> {
         self.node_ids()
