@@ -2,7 +2,7 @@
 # Pruning: the commands of docs/measurements.md, section 7 (size and held-out fidelity of
 # prune and drop pipelines).
 #
-#   tools/measure_prune.sh [minilm|smollm2|drop|all]      (default: all)
+#   tools/measure_prune.sh [minilm|smollm2|drop|size|all]      (default: all)
 #
 # Needs examples/fetch.sh, a release build and the held-out sets of tools/heldout_sets.py in
 # $KILN_HELDOUT. Calibration on the dev fixtures, evaluation on the held-out sets, as
@@ -53,5 +53,17 @@ if [ "$which" = drop ] || [ "$which" = all ]; then
     section "SmolLM2 $passes"
     compile smollm2-drop "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
     run "$KILN" eval "$OUT/smollm2-drop.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
+  done
+fi
+if [ "$which" = size ] || [ "$which" = all ]; then
+  # Sizes only (no calibration): each pruned pipeline beside the dense one of the same format.
+  for passes in "quantize(format=int8)" "prune(sparsity=0.5, method=magnitude), quantize(format=int8)" \
+    "quantize(format=int4g64a)" "prune(pattern=2:4, method=magnitude), quantize(format=int4g64a)"; do
+    for model in minilm smollm2; do
+      section "$model $passes (size)"
+      if [ $model = minilm ]; then spec=$MINILM_SPEC w=$MINILM_W; else spec=$SMOLLM2_SPEC w=$SMOLLM2_W; fi
+      run "$KILN" compile "$spec" -w "$w" --passes "$passes" -o "$OUT/$model-size.kiln"
+      echo "size: $(stat -c %s "$OUT/$model-size.kiln") bytes"
+    done
   done
 fi

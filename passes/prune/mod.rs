@@ -38,7 +38,7 @@
 //!
 //! Kept values are stored in the weight's own float format (f32, f16 or bf16); a weight the
 //! checkpoint stores in an integer format (a GGUF's Q4_1) is decoded and its kept values
-//! stored f32, with a note (quantizing sparse values is not built yet). Until sparse
+//! stored f32, with a note (a `quantize` after it stores them in an integer format). Until sparse
 //! kernels exist, engines run a sparse linear on its dense value: the weight is smaller,
 //! not faster, and the report says so.
 
@@ -642,7 +642,7 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     }
     if !decoded.is_empty() {
         notes.push(format!(
-            "{} layers stored in integer formats were decoded; their kept values are stored f32 (quantizing sparse values is not built yet): {}",
+            "{} layers stored in integer formats were decoded; their kept values are stored f32 (a quantize after prune stores them in an integer format): {}",
             decoded.len(),
             decoded.join(", ")
         ));
