@@ -96,8 +96,21 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             let layer = scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
             let f = factored.get(layer);
             let (params_before, params_after) = f.map_or((None, None), |f| params(f));
+            // A sparse weight's pattern as stored (a quantize may have given its rows more
+            // slots than prune chose), beside a format that does not say it.
+            let stored =
+                artifact.graph.layers.get(layer).and_then(kiln_ir::Layer::main).and_then(|w| {
+                    match &artifact.graph.node(w).op {
+                        Op::Weight(w) => w.sparse.as_ref().map(|s| s.pattern()),
+                        _ => None,
+                    }
+                });
+            let format = match (l["format"].as_str(), stored) {
+                (Some(f), Some(p)) if !f.contains(':') => json!(format!("{f} {p}")),
+                _ => l["format"].clone(),
+            };
             json!({
-                "scope": l["scope"], "format": l["format"], "bits_per_weight": l["bits_per_weight"],
+                "scope": l["scope"], "format": format, "bits_per_weight": l["bits_per_weight"],
                 "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
                 "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
                 "bonds": f.map(|f| f["bonds"].clone()),
