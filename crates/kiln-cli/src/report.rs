@@ -517,54 +517,118 @@ fn bits_panel(layers: &[Json], top: f64) -> (String, f64) {
     (out, h)
 }
 
+/// A panel of one bar per candidate on a 0..1 axis (the rank and sparsity panels): where
+/// the bars go, and their drawing.
+struct Bars {
+    top: f64,
+    left: f64,
+    step: f64,
+    /// Every `every`-th candidate is named below the axis.
+    every: usize,
+}
+
+impl Bars {
+    const PLOT_H: f64 = 240.0;
+
+    /// Lays out `candidates` (named by `scope`) in a panel whose top is at `top`: the
+    /// panel's frame (title, ticks and grid, the axis named `axis`, a legend of the bars'
+    /// colour `colour` for `made` and grey for `dense`), and its height.
+    fn new(
+        candidates: &[Json],
+        top: f64,
+        title: &str,
+        axis: &str,
+        (colour, made): (&str, &str),
+        dense: &str,
+    ) -> (Bars, String, f64) {
+        let (w, pad) = (WIDTH, PAD);
+        let n = candidates.len().max(1) as f64;
+        // Every candidate is named below the axis when there is room, else every `every`-th,
+        // slanted at 60 degrees: room below for the longest name (about 5 pixels a character
+        // at this size) and on the left for the first.
+        let every = (candidates.len() as f64 / 80.0).ceil().max(1.0) as usize;
+        let length = |l: &Json| 5.0 * l["scope"].as_str().map_or(1, str::len) as f64;
+        let longest = candidates.iter().step_by(every).map(length).fold(0.0, f64::max);
+        let label_h = (0.87 * longest + 20.0).min(400.0);
+        let left = candidates.first().map_or(pad, |l| pad.max(0.5 * length(l) + 5.0 - 0.5 * (w - 2.0 * pad) / n));
+        let bars = Bars { top, left, step: (w - left - pad) / n, every };
+        let mut out = format!("<text x=\"{left:.0}\" y=\"{:.0}\">{title}</text>\n", top + 30.0);
+        // The axis, its ticks and grid lines.
+        for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let y = bars.y(tick);
+            out += &format!(
+                "<line x1=\"{left:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\"/>\n<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
+                w - pad,
+                if tick == 0.0 { "black" } else { "#dddddd" },
+                left - 6.0,
+                y + 4.0
+            );
+        }
+        out += &format!(
+            "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">{axis}</text>\n",
+            left - 36.0,
+            bars.y(0.5)
+        );
+        // The legend, top right.
+        let (lx, ly) = (w - pad - 250.0, top + 12.0);
+        out += &format!(
+            "<rect x=\"{lx:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"{colour}\"/><text x=\"{:.0}\" y=\"{:.0}\">{made}</text>\n\
+             <rect x=\"{:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#bbbbbb\" stroke=\"#555555\"/><text x=\"{:.0}\" y=\"{:.0}\">{dense}</text>\n",
+            lx + 14.0,
+            ly + 9.5,
+            lx + 110.0,
+            lx + 124.0,
+            ly + 9.5
+        );
+        (bars, out, pad + Self::PLOT_H + label_h)
+    }
+
+    /// The height on the page of `frac` on the axis.
+    fn y(&self, frac: f64) -> f64 {
+        self.top + PAD + (1.0 - frac) * Self::PLOT_H
+    }
+
+    /// Candidate `i`'s bar from the axis up to `y`, of `class` and `style`, titled, with a
+    /// "D" above it when `dense` and the bars are wide enough to tell apart, and its name
+    /// below the axis.
+    fn bar(&self, i: usize, name: &str, (class, style): (&str, &str), title: &str, y: f64, dense: bool) -> String {
+        let (x, bar_w) = (self.left + i as f64 * self.step + self.step * 0.1, (self.step * 0.8).max(0.5));
+        let mut out = format!(
+            "<rect class=\"{class}\" data-layer=\"{name}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" {style}><title>{title}</title></rect>\n",
+            self.y(0.0) - y
+        );
+        if dense && self.step >= 7.0 {
+            out += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
+                x + bar_w / 2.0,
+                y - 3.0
+            );
+        }
+        if i.is_multiple_of(self.every) {
+            let (lx, ly) = (x + bar_w / 2.0, self.y(0.0) + 8.0);
+            out += &format!(
+                "<text transform=\"translate({lx:.1},{ly:.1}) rotate(-60)\" text-anchor=\"end\" font-size=\"9\">{name}</text>\n"
+            );
+        }
+        out
+    }
+}
+
+/// Grey, for a candidate left dense.
+const DENSE: &str = "fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"";
+
 /// Each factorize candidate's rank over its full rank min(rows, columns), one bar per
 /// candidate in the report's order (a candidate left dense drawn at 1.0 in grey, marked "D"
 /// where there is room), each bar a `class="rank"` element naming its layer in `data-layer`, in a panel
 /// whose top is at `top`; returns it and its height.
 fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
-    let (w, pad, plot_h) = (WIDTH, PAD, 240.0);
-    let n = candidates.len().max(1) as f64;
-    // Every candidate is named below the axis when there is room, else every `every`-th,
-    // slanted at 60 degrees: room below for the longest name (about 5 pixels a character at
-    // this size) and on the left for the first.
-    let every = (candidates.len() as f64 / 80.0).ceil().max(1.0) as usize;
-    let length = |l: &Json| 5.0 * l["scope"].as_str().map_or(1, str::len) as f64;
-    let longest = candidates.iter().step_by(every).map(length).fold(0.0, f64::max);
-    let label_h = (0.87 * longest + 20.0).min(400.0);
-    let left = candidates.first().map_or(pad, |l| pad.max(0.5 * length(l) + 5.0 - 0.5 * (w - 2.0 * pad) / n));
-    let h = pad + plot_h + label_h;
-    let step = (w - left - pad) / n;
-    let y_of = |frac: f64| top + pad + (1.0 - frac) * plot_h;
-    let mut out = format!(
-        "<text x=\"{left:.0}\" y=\"{:.0}\">rank as a fraction of the full rank min(rows, columns), by factorize candidate</text>\n",
-        top + 30.0
-    );
-    // The axis, its ticks and grid lines.
-    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let y = y_of(tick);
-        out += &format!(
-            "<line x1=\"{left:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\"/>\n<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
-            w - pad,
-            if tick == 0.0 { "black" } else { "#dddddd" },
-            left - 6.0,
-            y + 4.0
-        );
-    }
-    out += &format!(
-        "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">rank / min(rows, columns)</text>\n",
-        left - 36.0,
-        y_of(0.5)
-    );
-    // The legend, top right.
-    let (lx, ly) = (w - pad - 250.0, top + 12.0);
-    out += &format!(
-        "<rect x=\"{lx:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#2e86c1\"/><text x=\"{:.0}\" y=\"{:.0}\">factorized</text>\n\
-         <rect x=\"{:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#bbbbbb\" stroke=\"#555555\"/><text x=\"{:.0}\" y=\"{:.0}\">left dense (at 1.0, D)</text>\n",
-        lx + 14.0,
-        ly + 9.5,
-        lx + 110.0,
-        lx + 124.0,
-        ly + 9.5
+    let (bars, mut out, h) = Bars::new(
+        candidates,
+        top,
+        "rank as a fraction of the full rank min(rows, columns), by factorize candidate",
+        "rank / min(rows, columns)",
+        ("#2e86c1", "factorized"),
+        "left dense (at 1.0, D)",
     );
     for (i, l) in candidates.iter().enumerate() {
         let name = escape(l["scope"].as_str().unwrap_or("?"));
@@ -579,35 +643,17 @@ fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
             _ => None,
         };
         let frac = kept.unwrap_or_else(|| rank.map_or(1.0, |r| r as f64 / full as f64)).min(1.0);
-        let (x, bar_w) = (left + i as f64 * step + step * 0.1, (step * 0.8).max(0.5));
-        let y = y_of(frac);
         let (style, what) = match rank {
             Some(_) if !bonds.is_empty() => (
                 "fill=\"#2e86c1\"",
                 format!("train of bonds {}: {:.1}% of the parameters", bonds.join("x"), 100.0 * frac),
             ),
             Some(r) => ("fill=\"#2e86c1\"", format!("rank {r} of {full}")),
-            None => ("fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"", format!("dense (full rank {full})")),
+            None => (DENSE, format!("dense (full rank {full})")),
         };
         let class = if rank.is_some() { "rank" } else { "rank dense" };
-        out += &format!(
-            "<rect class=\"{class}\" data-layer=\"{name}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" {style}><title>{name} [{rows}, {cols}]: {what}</title></rect>\n",
-            y_of(0.0) - y
-        );
-        // The "D" above a dense bar when the bars are wide enough to tell them apart.
-        if rank.is_none() && step >= 7.0 {
-            out += &format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
-                x + bar_w / 2.0,
-                y - 3.0
-            );
-        }
-        if i % every == 0 {
-            let (lx, ly) = (x + bar_w / 2.0, y_of(0.0) + 8.0);
-            out += &format!(
-                "<text transform=\"translate({lx:.1},{ly:.1}) rotate(-60)\" text-anchor=\"end\" font-size=\"9\">{name}</text>\n"
-            );
-        }
+        let title = format!("{name} [{rows}, {cols}]: {what}");
+        out += &bars.bar(i, &name, (class, style), &title, bars.y(frac), rank.is_none());
     }
     (out, h)
 }
@@ -618,45 +664,13 @@ fn rank_panel(candidates: &[Json], top: f64) -> (String, f64) {
 /// in `data-layer`, its title giving the pattern and the bytes before and after, in a panel
 /// whose top is at `top`; returns it and its height.
 fn sparsity_panel(candidates: &[Json], top: f64) -> (String, f64) {
-    let (w, pad, plot_h) = (WIDTH, PAD, 240.0);
-    let n = candidates.len().max(1) as f64;
-    // Names below the axis as the rank panel places them.
-    let every = (candidates.len() as f64 / 80.0).ceil().max(1.0) as usize;
-    let length = |l: &Json| 5.0 * l["scope"].as_str().map_or(1, str::len) as f64;
-    let longest = candidates.iter().step_by(every).map(length).fold(0.0, f64::max);
-    let label_h = (0.87 * longest + 20.0).min(400.0);
-    let left = candidates.first().map_or(pad, |l| pad.max(0.5 * length(l) + 5.0 - 0.5 * (w - 2.0 * pad) / n));
-    let h = pad + plot_h + label_h;
-    let step = (w - left - pad) / n;
-    let y_of = |frac: f64| top + pad + (1.0 - frac) * plot_h;
-    let mut out = format!(
-        "<text x=\"{left:.0}\" y=\"{:.0}\">sparsity (the share of the weights removed), by prune candidate</text>\n",
-        top + 30.0
-    );
-    for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let y = y_of(tick);
-        out += &format!(
-            "<line x1=\"{left:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{}\"/>\n<text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick:.2}</text>\n",
-            w - pad,
-            if tick == 0.0 { "black" } else { "#dddddd" },
-            left - 6.0,
-            y + 4.0
-        );
-    }
-    out += &format!(
-        "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">sparsity</text>\n",
-        left - 36.0,
-        y_of(0.5)
-    );
-    let (lx, ly) = (w - pad - 250.0, top + 12.0);
-    out += &format!(
-        "<rect x=\"{lx:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#27ae60\"/><text x=\"{:.0}\" y=\"{:.0}\">pruned</text>\n\
-         <rect x=\"{:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"#bbbbbb\" stroke=\"#555555\"/><text x=\"{:.0}\" y=\"{:.0}\">left dense (at 0, D)</text>\n",
-        lx + 14.0,
-        ly + 9.5,
-        lx + 110.0,
-        lx + 124.0,
-        ly + 9.5
+    let (bars, mut out, h) = Bars::new(
+        candidates,
+        top,
+        "sparsity (the share of the weights removed), by prune candidate",
+        "sparsity",
+        ("#27ae60", "pruned"),
+        "left dense (at 0, D)",
     );
     for (i, l) in candidates.iter().enumerate() {
         let name = escape(l["scope"].as_str().unwrap_or("?"));
@@ -665,7 +679,6 @@ fn sparsity_panel(candidates: &[Json], top: f64) -> (String, f64) {
         let pattern = p["pattern"].as_str().filter(|p| *p != "dense");
         let frac = p["sparsity"].as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
         let bytes = |v: &Json| v.as_u64().map_or("?".to_string(), |b| b.to_string());
-        let (x, bar_w) = (left + i as f64 * step + step * 0.1, (step * 0.8).max(0.5));
         let (class, style, what, y) = match pattern {
             Some(pattern) => (
                 "sparsity",
@@ -676,33 +689,17 @@ fn sparsity_panel(candidates: &[Json], top: f64) -> (String, f64) {
                     bytes(&p["bytes_before"]),
                     bytes(&p["bytes_after"])
                 ),
-                y_of(frac),
+                bars.y(frac),
             ),
             None => (
                 "sparsity dense",
-                "fill=\"#bbbbbb\" stroke=\"#555555\" stroke-width=\"0.5\"",
+                DENSE,
                 format!("dense: {}", p["dense_because"].as_str().unwrap_or("left dense")),
-                y_of(0.0) - 3.0,
+                bars.y(0.0) - 3.0,
             ),
         };
-        out += &format!(
-            "<rect class=\"{class}\" data-layer=\"{name}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\" {style}><title>{name} [{rows}, {cols}]: {}</title></rect>\n",
-            y_of(0.0) - y,
-            escape(&what)
-        );
-        if pattern.is_none() && step >= 7.0 {
-            out += &format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">D</text>\n",
-                x + bar_w / 2.0,
-                y - 3.0
-            );
-        }
-        if i % every == 0 {
-            let (lx, ly) = (x + bar_w / 2.0, y_of(0.0) + 8.0);
-            out += &format!(
-                "<text transform=\"translate({lx:.1},{ly:.1}) rotate(-60)\" text-anchor=\"end\" font-size=\"9\">{name}</text>\n"
-            );
-        }
+        let title = format!("{name} [{rows}, {cols}]: {}", escape(&what));
+        out += &bars.bar(i, &name, (class, style), &title, y, pattern.is_none());
     }
     (out, h)
 }

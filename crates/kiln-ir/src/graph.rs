@@ -146,12 +146,7 @@ impl Graph {
         if w.sparse.is_some() || shape != data.shape {
             return None;
         }
-        w.format = data.format;
-        w.checksum = Some(data.checksum());
-        let tensor = w.tensor.clone();
-        let old = self.store.get(&tensor).cloned();
-        self.store.insert(&tensor, data);
-        old
+        self.replace_tensor(node, data)
     }
 
     /// Stores `data` as the values of sparse weight `node` (see [`crate::sparse`]): its
@@ -165,6 +160,13 @@ impl Graph {
         if s.values_shape(rows, cols) != data.shape {
             return None;
         }
+        self.replace_tensor(node, data)
+    }
+
+    /// Stores `data` as weight `node`'s tensor, checked by the caller to fit: its format and
+    /// checksum follow. Returns the data it held.
+    fn replace_tensor(&mut self, node: NodeId, data: TensorData) -> Option<TensorData> {
+        let Op::Weight(w) = &mut self.graph[node].op else { return None };
         w.format = data.format;
         w.checksum = Some(data.checksum());
         let tensor = w.tensor.clone();
