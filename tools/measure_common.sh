@@ -20,3 +20,8 @@ run() { # prints a command, then runs it
   "$@"
 }
 section() { printf '\n== %s\n' "$*"; }
+compile() { # NAME SPEC WEIGHTS PASSES CALIB: compiles to $OUT/NAME.kiln, timed, and prints its size
+  echo "+ $KILN compile $2 -w $3 --passes \"$4\" --calib $5 -o $OUT/$1.kiln" >&2
+  time "$KILN" compile "$2" -w "$3" --passes "$4" --calib "$5" -o "$OUT/$1.kiln"
+  echo "size: $(stat -c %s "$OUT/$1.kiln") bytes"
+}

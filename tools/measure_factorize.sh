@@ -24,11 +24,6 @@ done
 mkdir -p "$OUT"
 
 # compile NAME SPEC WEIGHTS PASSES CALIB: writes $OUT/NAME.kiln; prints its time and size.
-compile() {
-  echo "+ $KILN compile $2 -w $3 --passes \"$4\" --calib $5 -o $OUT/$1.kiln" >&2
-  time "$KILN" compile "$2" -w "$3" --passes "$4" --calib "$5" -o "$OUT/$1.kiln"
-  echo "size: $(stat -c %s "$OUT/$1.kiln") bytes"
-}
 
 if [ "$which" = minilm ] || [ "$which" = all ]; then
   section "MiniLM f32 on the held-out sentences"

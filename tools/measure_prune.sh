@@ -17,11 +17,6 @@ SMOLLM2_CALIB=$FIXTURES/smollm2_dev.safetensors
 TIMEFORMAT="compile: %R s"
 mkdir -p "$OUT"
 
-compile() { # NAME SPEC WEIGHTS PASSES CALIB
-  echo "+ $KILN compile $2 -w $3 --passes \"$4\" --calib $5 -o $OUT/$1.kiln" >&2
-  time "$KILN" compile "$2" -w "$3" --passes "$4" --calib "$5" -o "$OUT/$1.kiln"
-  echo "size: $(stat -c %s "$OUT/$1.kiln") bytes"
-}
 
 PIPELINES=(
   "prune(sparsity=0.5, method=magnitude)"

@@ -259,8 +259,9 @@ fn drop_blocks(
 }
 
 /// Blocks each round after the first tries again (at least; twice the count asked for if
-/// that is more): the best of the round before. A probe of SmolLM2 costs about a second, so
-/// every block in every round would cost minutes at `blocks=3`.
+/// that is more): the best of the round before. Probes of SmolLM2 took 1.5-3 s each on a
+/// busy machine (docs/measurements.md, section 7); every block in every round would be 87
+/// probes at `blocks=3` rather than 46.
 const FOLLOW: usize = 8;
 
 /// `blocks=K`: K rounds, each dropping the block whose removal the probe measures closest
