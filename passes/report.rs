@@ -5,6 +5,7 @@ use crate::factorize::FactorizeReport;
 use crate::manager::PassCall;
 use crate::prune::PruneReport;
 use crate::prune::drop::DropReport;
+use crate::prune::structured::StructuredReport;
 use crate::quantize::QuantizeReport;
 use serde_json::{Value as Json, json};
 
@@ -15,6 +16,8 @@ pub enum PassReport {
     Factorize(FactorizeReport),
     Prune(PruneReport),
     Drop(DropReport),
+    /// A structured `prune` (heads and channels).
+    Structured(StructuredReport),
     /// A clean-up pass: how many nodes it removed or rewrote, and notes.
     Cleanup {
         pass: &'static str,
@@ -31,6 +34,7 @@ impl PassReport {
             PassReport::Factorize(f) => &f.notes,
             PassReport::Prune(p) => &p.notes,
             PassReport::Drop(d) => &d.notes,
+            PassReport::Structured(s) => &s.notes,
             PassReport::Cleanup { notes, .. } => notes,
         }
     }
@@ -42,6 +46,7 @@ impl PassReport {
             PassReport::Factorize(f) => factorize_json(f),
             PassReport::Prune(p) => prune_json(p),
             PassReport::Drop(d) => drop_json(d),
+            PassReport::Structured(s) => structured_json(s),
             PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
         }
     }
@@ -111,6 +116,29 @@ fn drop_json(d: &DropReport) -> Json {
     json!({
         "pass": "drop", "blocks": d.blocks, "dropped": dropped, "rounds": rounds,
         "params": d.dropped.iter().map(|b| b.params).sum::<u64>(), "notes": d.notes,
+    })
+}
+
+fn structured_json(s: &StructuredReport) -> Json {
+    let groups: Vec<Json> = s
+        .groups
+        .iter()
+        .map(|g| {
+            json!({
+                "scope": g.name, "kind": g.kind.to_string(), "units": g.units, "kept": g.kept,
+                "params_before": g.params_before, "params": g.params, "error": g.error,
+                "unchanged_because": g.why_unchanged,
+                "healed": g.healed.as_ref().map(|h| json!({
+                    "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "pass": "prune", "structured": true, "heads": s.options.heads, "channels": s.options.channels,
+        "refit": s.options.refit.to_string(), "groups": groups,
+        "params_before": s.params_before, "params": s.params, "notes": s.notes,
+        "heal": s.heal.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
     })
 }
 

@@ -50,9 +50,11 @@ use crate::{Context, Pass, PassError, PassReport};
 use kiln_ir::sparse::pack;
 use kiln_ir::{Format, Graph, Layer, NodeId, Op, Sparse, TensorData};
 use rayon::prelude::*;
+use structured::{Refit, Structured};
 
 pub mod drop;
 pub mod sparsegpt;
+pub mod structured;
 
 const PASS: &str = "prune";
 
@@ -65,8 +67,15 @@ impl Pass for Prune {
     type Options = PruneOptions;
     const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
 
+    fn probes(options: &PruneOptions) -> bool {
+        options.structured.is_some_and(|s| s.refit != Refit::None)
+    }
+
     fn run(graph: &mut Graph, options: &PruneOptions, ctx: &Context) -> Result<PassReport, PassError> {
         let overrides = ctx.overrides_as::<Fixed>(PASS)?;
+        if let Some(s) = &options.structured {
+            return Ok(PassReport::Structured(structured::prune_structured(graph, s, &overrides, ctx)?));
+        }
         let needs =
             |what: &str| PassError::not_applicable(PASS, format!("method={} {what}: pass --calib", options.method));
         let progress = |done: usize, total: usize| (ctx.progress)(done, total, "pruning");
@@ -158,6 +167,8 @@ pub struct PruneOptions {
     pub target: Target,
     /// SparseGPT's damping of `H`, relative to its mean diagonal ([`DAMP`]).
     pub damp: f64,
+    /// `heads=` and `channels=`: whole units removed instead ([`structured`]).
+    pub structured: Option<Structured>,
 }
 
 impl Options for PruneOptions {
@@ -181,6 +192,24 @@ impl Options for PruneOptions {
             help: "sparsegpt: choose the mask by GPTQ's sweep and update the kept weights to make up for the removed ones, layer by layer on the inputs of the model pruned so far; wanda: keep the largest |w| x ||x||, ||x|| the norm of the input column over the calibration rows; magnitude: keep the largest |w|",
         },
         OptionHelp {
+            name: "heads",
+            values: "F",
+            default: "none",
+            help: "structured: remove that fraction of every attention's heads (with grouped key/value heads, query heads, the same number per group), the lowest-contributing on the calibration rows; q, k, v and the output projection shrink",
+        },
+        OptionHelp {
+            name: "channels",
+            values: "F",
+            default: "none",
+            help: "structured: remove that fraction of every FFN's hidden channels (a multiple of 32 stays), the lowest-contributing; the up/gate and down projections shrink",
+        },
+        OptionHelp {
+            name: "refit",
+            values: "reference|own|none",
+            default: "reference with --calib, else none",
+            help: "structured: refit each consumer of removed units (output or down projection) by least squares on the pruned model's inputs, to the original model's output of the layer (reference) or to its own weight's output on those inputs (own); each refit is kept only where the end-to-end probe improves",
+        },
+        OptionHelp {
             name: "damp",
             values: "D",
             default: "0.1",
@@ -190,6 +219,45 @@ impl Options for PruneOptions {
 
     fn parse(args: &mut Args) -> Result<PruneOptions, PassError> {
         let calibrated = args.calibrated();
+        let fraction = |v: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|f| *f > 0.0 && *f < 1.0)
+                .ok_or_else(|| "expected a fraction in (0, 1)".to_string())
+        };
+        let heads = args.get_with("heads", fraction)?;
+        let channels = args.get_with("channels", fraction)?;
+        if heads.is_some() || channels.is_some() {
+            for other in ["sparsity", "pattern", "method", "damp"] {
+                if args.text(other).is_some() {
+                    return Err(args.error(format!(
+                        "{other}= is for masks within rows; heads= and channels= remove whole units (for both, run two calls: prune(channels=..), prune(sparsity=..))"
+                    )));
+                }
+            }
+            let refit = match args.text("refit") {
+                None if calibrated => Refit::Reference,
+                None | Some("none") => Refit::None,
+                Some(r @ ("own" | "reference")) if !calibrated => {
+                    return Err(args.error(format!("refit={r} fits on calibration inputs: pass --calib")));
+                }
+                Some("own") => Refit::Own,
+                Some("reference") => Refit::Reference,
+                Some(v) => return Err(args.invalid("refit", v)),
+            };
+            let structured = Some(Structured { heads, channels, refit });
+            return Ok(PruneOptions {
+                method: Method::Magnitude,
+                target: Target::Sparsity(0.0),
+                damp: DAMP,
+                structured,
+            });
+        }
+        if args.text("refit").is_some() {
+            return Err(
+                args.error("refit= refits the consumers of removed heads and channels: give heads= or channels=")
+            );
+        }
         let method = match args.text("method") {
             None if calibrated => Method::SparseGpt,
             None | Some("magnitude") => Method::Magnitude,
@@ -224,7 +292,7 @@ impl Options for PruneOptions {
             (None, Some((n, m))) => Target::Pattern(n, m),
             (None, None) => Target::Sparsity(0.5),
         };
-        Ok(PruneOptions { method, target, damp: damp.unwrap_or(DAMP) })
+        Ok(PruneOptions { method, target, damp: damp.unwrap_or(DAMP), structured: None })
     }
 }
 
@@ -736,7 +804,7 @@ mod tests {
     }
 
     fn options(method: Method, target: Target) -> PruneOptions {
-        PruneOptions { method, target, damp: DAMP }
+        PruneOptions { method, target, damp: DAMP, structured: None }
     }
 
     /// Every row keeps exactly its count (unstructured), every group exactly N (N:M), and

@@ -6,6 +6,7 @@ use kiln_interp::calibrate::ProbeEngine;
 use kiln_ir::Graph;
 use kiln_passes::calibration::Executor;
 use kiln_passes::manager::{self, PassCall};
+use kiln_passes::prune::structured::Kind;
 use kiln_passes::{Context, PassReport};
 use miette::{Result, miette};
 use std::path::PathBuf;
@@ -156,6 +157,21 @@ pub fn summarize(ran: &[Ran]) {
                     d.dropped.len(),
                     d.blocks,
                     dropped.join(", ")
+                );
+            }
+            PassReport::Structured(s) => {
+                let by_kind = |kind: Kind| {
+                    let (units, kept) =
+                        s.groups.iter().filter(|g| g.kind == kind).fold((0, 0), |(u, k), g| (u + g.units, k + g.kept));
+                    (units > 0).then(|| format!("{kind}: {kept} of {units} kept"))
+                };
+                let kinds: Vec<String> = [Kind::Heads, Kind::Channels].into_iter().filter_map(by_kind).collect();
+                eprintln!(
+                    "{call}: {}; {} -> {} parameters in the {} groups",
+                    kinds.join(", "),
+                    s.params_before,
+                    s.params,
+                    s.groups.len()
                 );
             }
             PassReport::Cleanup { .. } => eprintln!("{call}"),

@@ -25,7 +25,9 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         .into_diagnostic()
         .wrap_err_with(|| format!("{}: the pass reports are not valid JSON", path.display()))?;
     let reports: Vec<&Json> = passes.as_array().into_iter().flatten().collect();
-    let last = |pass: &str| reports.iter().rposition(|p| p["report"]["pass"] == pass);
+    // A structured prune (heads, channels) has lines of its own, not the mask columns.
+    let structured = |p: &Json| p["report"]["structured"] == true;
+    let last = |pass: &str| reports.iter().rposition(|p| p["report"]["pass"] == pass && !structured(p));
     let (quantize_at, prune_at) = (last("quantize"), last("prune"));
     // The last quantize report describes the stored formats; without one, every matrix is
     // listed as stored.
@@ -167,6 +169,14 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             .collect();
         if !drops.is_empty() {
             json["dropped"] = Json::Array(drops);
+        }
+        let groups: Vec<Json> = reports
+            .iter()
+            .filter(|p| structured(p))
+            .flat_map(|p| p["report"]["groups"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if !groups.is_empty() {
+            json["structured"] = Json::Array(groups);
         }
         if let Some(p) = prune {
             let r = &p["report"];
@@ -344,6 +354,31 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             dropped.join(", "),
             r["params"].as_u64().unwrap_or(0)
         );
+        for note in r["notes"].as_array().into_iter().flatten() {
+            println!("note: {}", note.as_str().unwrap_or_default());
+        }
+    }
+    // Each structured prune: per consumer, the units kept, the parameters of the weights
+    // around them, the measured error and whether the refit was kept.
+    for p in reports.iter().filter(|p| structured(p)) {
+        let r = &p["report"];
+        for g in r["groups"].as_array().into_iter().flatten() {
+            let error = g["error"].as_f64().map_or("-".to_string(), |e| format!("{e:.4}"));
+            let refit = match g["healed"]["kept"].as_bool() {
+                Some(true) => "refit kept",
+                Some(false) => "refit dropped (the probe did not improve)",
+                None => "not refit",
+            };
+            println!(
+                "prune: {} {} of {} {} kept; {} -> {} parameters; error {error}; {refit}",
+                g["scope"].as_str().unwrap_or("?"),
+                g["kept"].as_u64().unwrap_or(0),
+                g["units"].as_u64().unwrap_or(0),
+                g["kind"].as_str().unwrap_or("?"),
+                g["params_before"].as_u64().unwrap_or(0),
+                g["params"].as_u64().unwrap_or(0),
+            );
+        }
         for note in r["notes"].as_array().into_iter().flatten() {
             println!("note: {}", note.as_str().unwrap_or_default());
         }

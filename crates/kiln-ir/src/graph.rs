@@ -149,6 +149,41 @@ impl Graph {
         self.replace_tensor(node, data)
     }
 
+    /// Stores `data` as dense weight `node`'s tensor whatever its shape: the node's type
+    /// becomes `f32[data.shape]` and its format and checksum follow. Returns the data it held,
+    /// `None` (nothing changed) if `node` is not a dense weight. The nodes that read it keep
+    /// their old types until [`Graph::retype`]: how structural passes shrink a matrix.
+    pub fn resize_weight(&mut self, node: NodeId, data: TensorData) -> Option<TensorData> {
+        let Op::Weight(w) = &self.graph[node].op else { return None };
+        if w.sparse.is_some() {
+            return None;
+        }
+        self.graph[node].ty = Type::f32(data.shape.iter().map(|&d| Dim::Known(d)));
+        self.replace_tensor(node, data)
+    }
+
+    /// Infers the type of every node computed from others anew from its operands, in
+    /// topological order (inputs, weights and constants keep theirs), after a pass changed
+    /// shapes: a resized weight, a reshape's new shape. Errors on the first node whose
+    /// operands no longer fit its op, naming it; the graph then holds the types inferred so
+    /// far.
+    pub fn retype(&mut self) -> Result<(), GraphError> {
+        let order = self.topo_order().expect("a graph is acyclic");
+        for n in order {
+            if matches!(self.graph[n].op, Op::Input { .. } | Op::Weight(_) | Op::Const { .. }) {
+                continue;
+            }
+            let operands = self.operands(n);
+            let types: Vec<&Type> = operands.iter().map(|&o| &self.graph[o].ty).collect();
+            let ty = self.graph[n].op.infer(&types).map_err(|e| {
+                let scope = &self.graph[n].scope;
+                TypeError { op: e.op, message: format!("{} (node %{} in `{scope}`)", e.message, n.index()) }
+            })?;
+            self.graph[n].ty = ty;
+        }
+        Ok(())
+    }
+
     /// Stores `data` as the values of sparse weight `node` (see [`crate::sparse`]): its
     /// format and checksum follow, its pattern and mask stay. Returns the values it held.
     /// `None`, and nothing changed, if `node` is not a sparse weight whose values have
