@@ -282,6 +282,8 @@ mod tests {
         assert!(!probes("quantize(format=int8, activations=int8-row)"));
         assert!(!probes("quantize(format=int8, activations=int8-block)"));
         assert!(!probes("prune(sparsity=0.5)"));
+        assert!(probes("prune(heads=0.25)"), "a structured prune heals with calibration");
+        assert!(!probes("prune(channels=0.25, refit=none)"));
         assert!(probes("drop(blocks=2)"));
         assert!(!probes("drop(blocks=[2])"));
     }

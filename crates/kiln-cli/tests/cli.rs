@@ -1815,3 +1815,74 @@ fn dropped_blocks_compile_run_and_report() {
     let err = kiln(&["compile", &tiny_spec(), "-w", &s(&weights), "--passes", "drop(blocks=1)", "-o", &s(&dropped)]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("pass --calib"), "a chosen drop needs calibration");
 }
+
+/// `prune(heads=, channels=)` on the tiny decoder (grouped key/value heads, one gated and one
+/// GELU MLP): the matrices shrink, both engines run the result alike, the model changes, and
+/// `kiln report` lists what each consumer kept; with calibration the consumers are refit.
+#[test]
+fn heads_and_channels_shrink_compile_run_and_report() {
+    let (dir, weights) = tiny_setup("structured");
+    let input = dir.join("in.safetensors");
+    let ids = [i64s("input_ids", &[2, 4], &[1, 2, 3, 4, 5, 6, 7, 8]), i64s("attention_mask", &[2, 4], &[1; 8])];
+    write_safetensors(&input, &ids);
+    let calib = dir.join("calib.safetensors");
+    let rows: Vec<i64> = (0..192).map(|i| (i * 7 % 32) as i64).collect();
+    write_safetensors(&calib, &[i64s("input_ids", &[16, 12], &rows), i64s("attention_mask", &[16, 12], &[1; 192])]);
+    let run = |artifact: &Path, engine: &str| -> Vec<f32> {
+        let out = dir.join("out.safetensors");
+        ok(&["run", &s(artifact), "-i", &s(&input), "-o", &s(&out), "--engine", engine]);
+        as_f32(&read_safetensors(&out)[0])
+    };
+    let (whole, pruned) = (dir.join("whole.kiln"), dir.join("pruned.kiln"));
+    ok(&["compile", &tiny_spec(), "-w", &s(&weights), "-o", &s(&whole)]);
+    let passes = "prune(heads=0.5, channels=0.5)";
+    let out = kiln(&["compile", &tiny_spec(), "-w", &s(&weights), "--passes", passes, "-o", &s(&pruned)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // 4 query heads in 2 groups lose one each; 24 and 40 channels keep 16 and 24 (multiples of 8).
+    assert!(stderr.contains("heads: 4 of 8 kept, channels: 40 of 64 kept"), "{stderr}");
+    let ir = ok(&["ir", &s(&pruned)]);
+    assert!(ir.contains("reshape") && ir.contains("[batch, seq, 2, 4]"), "two query heads per layer: {ir}");
+    assert!(ir.contains("f32[16, 8] @layers.0.attn.o") && ir.contains("f32[16, 24] @layers.1.mlp.down"), "{ir}");
+    let (interp, jit) = (run(&pruned, "interp"), run(&pruned, "jit"));
+    let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "the engines differ by {worst}");
+    let moved = interp.iter().zip(&run(&whole, "interp")).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-3, "removing heads and channels changes the model ({moved})");
+    let table = ok(&["report", &s(&pruned)]);
+    assert!(table.contains("prune: layers.0.attn.o 2 of 4 heads kept;"), "{table}");
+    assert!(
+        table.contains("prune: layers.1.mlp.down 24 of 40 channels kept;") && table.contains("not refit"),
+        "{table}"
+    );
+
+    let out = kiln(&[
+        "compile",
+        &tiny_spec(),
+        "-w",
+        &s(&weights),
+        "--passes",
+        passes,
+        "--calib",
+        &s(&calib),
+        "-o",
+        &s(&pruned),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("the refit (reference) was kept for"), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(ok(&["report", &s(&pruned), "--json"]).trim()).unwrap();
+    let groups = json["structured"].as_array().expect("the groups");
+    assert_eq!(groups.len(), 4, "{json}");
+    assert!(groups.iter().all(|g| g["error"].as_f64().is_some_and(|e| e > 0.0) && g["healed"].is_object()), "{json}");
+    let err = kiln(&[
+        "compile",
+        &tiny_spec(),
+        "-w",
+        &s(&weights),
+        "--passes",
+        "prune(heads=0.5, sparsity=0.5)",
+        "-o",
+        &s(&pruned),
+    ]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("run two calls"), "structured and masks are two calls");
+}
