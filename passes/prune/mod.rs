@@ -206,8 +206,8 @@ impl Options for PruneOptions {
         OptionHelp {
             name: "refit",
             values: "reference|own|none",
-            default: "reference with --calib, else none",
-            help: "structured: refit each consumer of removed units (output or down projection) by least squares on the pruned model's inputs, to the original model's output of the layer (reference) or to its own weight's output on those inputs (own); each refit is kept only where the end-to-end probe improves",
+            default: "own with --calib, else none",
+            help: "structured: refit each consumer of removed units (output or down projection) by least squares on the pruned model's inputs, to its original weight's output on those inputs (own) or to the original model's output of the layer (reference; it fits the calibration text more closely and did worse on other text); each refit is kept only where the end-to-end probe improves",
         },
         OptionHelp {
             name: "damp",
@@ -236,7 +236,7 @@ impl Options for PruneOptions {
                 }
             }
             let refit = match args.text("refit") {
-                None if calibrated => Refit::Reference,
+                None if calibrated => Refit::Own,
                 None | Some("none") => Refit::None,
                 Some(r @ ("own" | "reference")) if !calibrated => {
                     return Err(args.error(format!("refit={r} fits on calibration inputs: pass --calib")));

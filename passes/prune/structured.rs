@@ -31,14 +31,18 @@
 //! With calibration (and `refit=` not `none`) the consumers are refit by healing
 //! ([`crate::heal`]): in execution order, on the pruned model's own inputs `x_c`, a
 //! consumer's kept columns `S` become the least-squares fit of
-//! - `refit=own`: the consumer's original weight applied to the inputs it now sees,
+//! - `refit=own` (the default): the consumer's original weight applied to the inputs it
+//!   now sees,
 //!   `W_S' = W Σ_{:,S} (Σ_SS + λ)^-1` with `Σ = Σ_t x_c x_c^T` (the removed columns' share
 //!   of the output carried by the kept ones);
 //! - `refit=reference`: the original model's output of the layer, `W_S' = W C_{:,S}
 //!   (Σ_SS + λ)^-1` with `C = Σ_t x_o x_c^T`, `x_o` the original model's input.
 //!
 //! with `λ` [`REFIT_DAMP`] of the mean diagonal of `Σ_SS`. Each refit is kept only where the
-//! end-to-end probe improves.
+//! end-to-end probe improves. `own` is the default: on MiniLM with `heads=0.25,
+//! channels=0.25`, held-out cosine was 0.858 with it, 0.830 with `reference` and 0.832
+//! without a refit; `reference` fits the calibration text more closely (docs/measurements.md,
+//! section 7).
 //!
 //! # The rewrite
 //! While units are chosen and refit, the graph keeps its shapes: the removed units are zero

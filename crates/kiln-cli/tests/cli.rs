@@ -1869,7 +1869,7 @@ fn heads_and_channels_shrink_compile_run_and_report() {
         &s(&pruned),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.contains("the refit (reference) was kept for"), "{stderr}");
+    assert!(out.status.success() && stderr.contains("the refit (own) was kept for"), "{stderr}");
     let json: serde_json::Value = serde_json::from_str(ok(&["report", &s(&pruned), "--json"]).trim()).unwrap();
     let groups = json["structured"].as_array().expect("the groups");
     assert_eq!(groups.len(), 4, "{json}");
