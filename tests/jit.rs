@@ -493,16 +493,24 @@ fn a_value_read_by_per_row_and_per_block_linears_is_quantized_both_ways() {
     }
 }
 
-/// A sparse weight (2:4 over int4 values; 5:16 over f16) means its dense matrix: the
-/// interpreter gives exactly the outputs of the same graph with that matrix stored densely
-/// as f32, and the engine (which runs sparse linears on their dense value until sparse
-/// kernels exist, with f32 activations under any mode) agrees with it.
+/// A sparse weight (2:4 over int4 and int8 values, 4:8 over f32, 5:16 over f16) means its
+/// dense matrix: the interpreter gives exactly the outputs of the same graph with that
+/// matrix stored densely as f32, and the engine agrees with it, with the same bits for any
+/// thread count. The half-sparse ones run the sparse kernel on one row and the dense value
+/// on six ([`kiln_exec::engine::SPARSE_ROWS`]); 5:16 runs the dense value; f32 activations
+/// under any mode.
 #[test]
 fn sparse_weights_run_as_their_dense_matrix() {
     let (n, k) = (40, 128);
     let mut rng = Rng::new(11);
     let mut values = |len: usize| (0..len).map(|_| rng.next_f32()).collect::<Vec<f32>>();
-    for (format, pattern, (sn, sm)) in [("int4g32", "2:4", (2u64, 4u64)), ("f16", "5:16", (5, 16))] {
+    let patterns = [
+        ("int4g32", "2:4", (2u64, 4u64)),
+        ("int8g32", "2:4", (2, 4)),
+        ("f32", "4:8", (4, 8)),
+        ("f16", "5:16", (5, 16)),
+    ];
+    for (format, pattern, (sn, sm)) in patterns {
         let text = |weight: &str| {
             format!(
                 "graph g {{\n  %0 = input \"x\" : f32[m, {k}]\n  %1 = {weight} : f32[{n}, {k}]\n  %2 = weight \"b\" f32 : f32[{n}]\n  %3 = linear %0, %1, %2 : f32[m, {n}]\n  output \"y\" = %3\n}}\n"
@@ -520,6 +528,7 @@ fn sparse_weights_run_as_their_dense_matrix() {
         let (kept, mask) = kiln_ir::sparse::pack(sn, sm, n as u64, k as u64, &dense, &keep).unwrap();
         let stored = match f {
             kiln_ir::Format::Int(i) => i.quantize(&kept),
+            kiln_ir::Format::F32 => kept.iter().flat_map(|&v| v.to_le_bytes()).collect(),
             _ => kept.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         };
         let mut g = kiln_ir::parse(&text(&format!("weight \"w\" {format} sparse {pattern} \"w.mask\""))).unwrap();
@@ -544,6 +553,9 @@ fn sparse_weights_run_as_their_dense_matrix() {
         d.store.insert("w", kiln_ir::TensorData::from_f32(vec![n as u64, k as u64], &matrix));
         d.store.insert("b", kiln_ir::TensorData::from_f32(vec![n as u64], &bias));
 
+        if let Prepared::Jit(e) = Prepared::new(&g, Exec::Jit { threads: 2 }) {
+            assert_eq!(e.sparse_linears(), usize::from(sn * 2 == sm), "{format} {pattern}: the sparse kernel");
+        }
         for m in [1, 6] {
             let x = Value::F32(kiln_rt::Tensor::new(vec![m, k], values(m * k)));
             let inputs: HashMap<String, Value> = [("x".to_string(), x)].into();
@@ -551,7 +563,8 @@ fn sparse_weights_run_as_their_dense_matrix() {
             assert_eq!(Prepared::new(&g, Exec::Interp).run(&inputs), want, "{pattern}, m = {m}");
             let jit = Prepared::new(&g, Exec::Jit { threads: 2 }).run(&inputs);
             let (diff, scale) = max_diff(&f32s(&jit, "y"), &f32s(&want, "y"));
-            assert!(diff <= 1e-5 * scale.max(1.0), "{pattern}, m = {m}: JIT vs interpreter {diff}");
+            assert!(diff <= 1e-5 * scale.max(1.0), "{format} {pattern}, m = {m}: JIT vs interpreter {diff}");
+            assert_eq!(Prepared::new(&g, Exec::Jit { threads: 1 }).run(&inputs), jit, "{format} {pattern}: threads");
             assert_eq!(Prepared::new(&g, Exec::JitInt8 { threads: 1 }).run(&inputs), jit, "{pattern}: f32 activations");
         }
     }

@@ -38,9 +38,10 @@
 //!
 //! Kept values are stored in the weight's own float format (f32, f16 or bf16); a weight the
 //! checkpoint stores in an integer format (a GGUF's Q4_1) is decoded and its kept values
-//! stored f32, with a note (a `quantize` after it stores them in an integer format). Until sparse
-//! kernels exist, engines run a sparse linear on its dense value: the weight is smaller,
-//! not faster, and the report says so.
+//! stored f32, with a note (a `quantize` after it stores them in an integer format). The
+//! engines run N:2N patterns over rows of a multiple of 32 by a sparse kernel for the few
+//! rows of decode (`kiln_exec::sparse`), and every other sparse linear on its dense value:
+//! smaller, not faster; the report says which.
 
 use crate::calibration::{Calibration, Executor, Paired, Weighting};
 use crate::layers::{ReadByLinears, apply_overrides, read_by_linears};
@@ -504,7 +505,7 @@ pub fn prune(
         options.target
     ));
     notes.push(
-        "sparse linears run on their dense value until sparse kernels exist: the weights are smaller, not faster"
+        "N:2N patterns (2:4, 4:8, 8:16) over rows of a multiple of 32 run the sparse kernel for up to 4 rows (decode) and their dense value for more; other patterns (unstructured rows) always run their dense value: smaller, not faster"
             .into(),
     );
     report.notes = notes;
@@ -710,9 +711,10 @@ fn candidates(graph: &Graph) -> Result<(Vec<Candidate>, Vec<String>), String> {
     }
     if !decoded.is_empty() {
         notes.push(format!(
-            "{} layers stored in integer formats were decoded; their kept values are stored f32 (a quantize after prune stores them in an integer format): {}",
+            "{} layers stored in integer formats were decoded; their kept values are stored f32 (a quantize after prune stores them in an integer format): {}{}",
             decoded.len(),
-            decoded.join(", ")
+            decoded[..decoded.len().min(3)].join(", "),
+            if decoded.len() > 3 { ", ..." } else { "" }
         ));
     }
     Ok((out, notes))

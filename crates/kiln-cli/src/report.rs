@@ -91,39 +91,50 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         .flatten()
         .filter_map(|l| Some((l["scope"].as_str()?, l)))
         .collect();
-    let summary: Vec<Json> = layers
-        .iter()
-        .map(|l| {
-            let scope = l["scope"].as_str().unwrap_or_default();
-            let layer = scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
-            let f = factored.get(layer);
-            let (params_before, params_after) = f.map_or((None, None), |f| params(f));
-            // A sparse weight's pattern as stored (a quantize may have given its rows more
-            // slots than prune chose), beside a format that does not say it.
-            let stored =
-                artifact.graph.layers.get(layer).and_then(kiln_ir::Layer::main).and_then(|w| {
+    let summary: Vec<Json> =
+        layers
+            .iter()
+            .map(|l| {
+                let scope = l["scope"].as_str().unwrap_or_default();
+                let layer =
+                    scope.strip_suffix(".lowrank_u").or_else(|| scope.strip_suffix(".lowrank_v")).unwrap_or(scope);
+                let f = factored.get(layer);
+                let (params_before, params_after) = f.map_or((None, None), |f| params(f));
+                // A sparse weight's pattern as stored (a quantize may have given its rows more
+                // slots than prune chose), beside a format that does not say it.
+                let sparse = artifact.graph.layers.get(layer).and_then(kiln_ir::Layer::main).and_then(|w| {
+                    let cols = artifact.graph.node(w).ty.known_shape().and_then(|s| s.last().copied()).unwrap_or(0);
                     match &artifact.graph.node(w).op {
-                        Op::Weight(w) => w.sparse.as_ref().map(|s| s.pattern()),
+                        Op::Weight(w) => w.sparse.as_ref().map(|s| (s.pattern(), s.n, s.m, cols)),
                         _ => None,
                     }
                 });
-            let format = match (l["format"].as_str(), stored) {
-                (Some(f), Some(p)) if !f.contains(':') => json!(format!("{f} {p}")),
-                _ => l["format"].clone(),
-            };
-            json!({
-                "scope": l["scope"], "format": format, "bits_per_weight": l["bits_per_weight"],
-                "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
-                "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
-                "bonds": f.map(|f| f["bonds"].clone()),
-                "rank_error": f.map(|f| f["relative_error"].clone()),
-                "svd_error": f.map(|f| f["svd_relative_error"].clone()),
-                "healed": f.map(|f| f["healed"].clone()),
-                "params_before": params_before, "params_after": params_after,
-                "prune": pruned.get(scope).map(|p| prune_row(p)),
+                let stored = sparse.as_ref().map(|(p, ..)| p.clone());
+                // Which kernel the engine runs a sparse weight with (kiln_exec::sparse).
+                let kernel = sparse.as_ref().map(|&(_, n, m, cols)| {
+                    if kiln_exec::sparse::SparseWeight::fits(n, m, cols) { "sparse" } else { "dense" }
+                });
+                let format = match (l["format"].as_str(), stored) {
+                    (Some(f), Some(p)) if !f.contains(':') => json!(format!("{f} {p}")),
+                    _ => l["format"].clone(),
+                };
+                json!({
+                    "scope": l["scope"], "format": format, "bits_per_weight": l["bits_per_weight"],
+                    "bytes": l["bytes"], "sensitivity": l["sensitivity"], "error": l["error"],
+                    "rank": f.map(|f| if f["rank"].is_null() { json!("dense") } else { f["rank"].clone() }),
+                    "bonds": f.map(|f| f["bonds"].clone()),
+                    "rank_error": f.map(|f| f["relative_error"].clone()),
+                    "svd_error": f.map(|f| f["svd_relative_error"].clone()),
+                    "healed": f.map(|f| f["healed"].clone()),
+                    "params_before": params_before, "params_after": params_after,
+                    "prune": pruned.get(scope).map(|p| {
+                        let mut row = prune_row(p);
+                        row["kernel"] = json!(kernel);
+                        row
+                    }),
+                })
             })
-        })
-        .collect();
+            .collect();
     // The factorized candidates' parameters before and after, over all of them.
     let candidates: Vec<Json> = factorize.and_then(|f| f["report"]["layers"].as_array().cloned()).unwrap_or_default();
     let totals = factorize.map(|f| {
@@ -326,7 +337,7 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             count(&r["bytes"]),
         );
         println!(
-            "pattern: N kept of every M weights along a row (N:columns when unstructured), dense for a candidate left dense; sparsity: the share of its weights removed; bytes before and after: the weight's, its mask included; prune error: the layer's output error relative to its output energy on the calibration data"
+            "pattern: N kept of every M weights along a row (N:columns when unstructured), dense for a candidate left dense; sparsity: the share of its weights removed; bytes before and after: the weight's, its mask included; prune error: the layer's output error relative to its output energy on the calibration data; kernel: sparse = the sparse kernel for up to 4 rows (decode), the dense value for more; dense = always the dense value"
         );
         for note in r["notes"].as_array().into_iter().flatten() {
             println!("note: {}", note.as_str().unwrap_or_default());

@@ -41,6 +41,7 @@ use crate::epilogue::EpilogueFn;
 use crate::linear::{LinearFn, LinearSpec};
 use crate::linear_i8::{LinearI8Fn, LinearI8Spec, MAX_PANEL, QuantizedActivations, pack_weight, quantize_rows};
 use crate::linear_i8row::{RowQuantized, RowWeights, quantize_per_row};
+use crate::sparse::SparseWeight;
 pub use kiln_ir::Activations;
 use kiln_ir::{BinaryOp, Format, Graph, NodeId, Op, Role, UnaryOp};
 use kiln_rt::eval::{RunError, Snapshot, bind_inputs, decode_weights, eval_node};
@@ -251,7 +252,25 @@ enum Action {
     /// A row lookup in a table stored in a block format (an embedding, the tied head's
     /// table): decode only the rows it reads, from the stored bytes.
     GatherRows,
+    /// A linear on a half-sparse weight ([`crate::sparse`]): the sparse kernel for up to
+    /// [`SPARSE_ROWS`] rows, the reference kernel on the weight's dense value for more.
+    Sparse(SparseLinear),
 }
+
+/// A linear the sparse kernel runs: its input, weight and bias, and the weight's layout
+/// (made when the engine is assembled).
+#[derive(Clone, Debug)]
+struct SparseLinear {
+    x: NodeId,
+    weight: NodeId,
+    bias: Option<NodeId>,
+    layout: Option<Arc<SparseWeight>>,
+}
+
+/// Rows up to which a half-sparse linear runs its sparse kernel. It does half the products
+/// of the dense one, one row at a time; more rows take the reference GEMM on the weight's
+/// dense value, whose blocking reuses each weight across rows.
+pub const SPARSE_ROWS: usize = 4;
 
 /// What an [`Engine`] is built with. The activations of each linear are the graph's (its
 /// `activations` attribute); to run other ones, set them on the graph first
@@ -717,6 +736,26 @@ impl<'g> Engine<'g> {
                 .flat_map(|(_, l)| l.role(Role::LowRankU).chain(l.role(Role::LowRankV)))
                 .collect(),
         };
+        // Half-sparse weights laid out for the sparse kernel, once per weight node.
+        let mut layouts: HashMap<NodeId, Arc<SparseWeight>> = HashMap::new();
+        for action in engine.actions.values_mut() {
+            let Action::Sparse(s) = action else { continue };
+            if let Some(l) = layouts.get(&s.weight) {
+                s.layout = Some(l.clone());
+                continue;
+            }
+            let Op::Weight(w) = &graph.node(s.weight).op else { unreachable!("planned for weight nodes") };
+            let shape = graph.node(s.weight).ty.known_shape().unwrap_or_default();
+            let (Some(sp), &[n, k]) = (&w.sparse, &shape[..]) else { unreachable!("planned for sparse matrices") };
+            let values =
+                graph.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("no tensor `{}`", w.tensor)))?;
+            let mask = graph.store.get(&sp.mask).ok_or_else(|| ExecError::Spec(format!("no mask `{}`", sp.mask)))?;
+            let layout = SparseWeight::new(sp.n, sp.m, n as usize, k as usize, values, mask.bytes.as_slice())
+                .map_err(|e| ExecError::Spec(format!("weight `{}`: {e}", w.tensor)))?;
+            let layout = Arc::new(layout);
+            layouts.insert(s.weight, layout.clone());
+            s.layout = Some(layout);
+        }
         engine.reads = engine.order.iter().map(|&n| reads_of(graph, &engine.actions, n)).collect();
         engine.uses = engine.use_counts();
         // Weights that some value reads (not only linear kernels, which read stored bytes).
@@ -765,6 +804,12 @@ impl<'g> Engine<'g> {
     /// Number of linear layers that run as compiled kernels.
     pub fn compiled_linears(&self) -> usize {
         self.actions.values().filter(|a| matches!(a, Action::Linear(_))).count()
+    }
+
+    /// Number of linears on half-sparse weights, which run the sparse kernel for up to
+    /// [`SPARSE_ROWS`] rows.
+    pub fn sparse_linears(&self) -> usize {
+        self.actions.values().filter(|a| matches!(a, Action::Sparse(_))).count()
     }
 
     fn use_counts(&self) -> HashMap<NodeId, usize> {
@@ -868,6 +913,19 @@ impl<'g> Engine<'g> {
                     None => continue, // read only by compiled kernels, in its stored format
                 },
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
+                (Action::Sparse(s), op) => {
+                    let x = values
+                        .get(&s.x)
+                        .and_then(|x| x.as_f32())
+                        .ok_or_else(|| fail("the input must be f32".into()))?;
+                    let layout = s.layout.as_ref().expect("laid out when the engine was assembled");
+                    if x.numel() / layout.k <= SPARSE_ROWS {
+                        Arc::new(self.sparse_linear(layout, x, s.bias.map(|b| &values[&b])).map_err(fail)?)
+                    } else {
+                        let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
+                        Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)
+                    }
+                }
                 (Action::GatherRows, _) => {
                     let ids = values.get(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     Arc::new(
@@ -904,6 +962,12 @@ impl<'g> Engine<'g> {
                             None => format!("linear {}x{} {format}{x}{factor}", spec.k, spec.n),
                         }
                     }
+                    Action::Sparse(s) => {
+                        let x = values.get(&s.x).and_then(|x| x.as_f32()).map_or(0, |x| x.numel());
+                        let l = s.layout.as_ref().expect("laid out");
+                        let how = if x / l.k <= SPARSE_ROWS { "sparse kernel" } else { "dense value" };
+                        format!("linear {}x{} half-sparse ({how})", l.k, l.n)
+                    }
                     _ => node.op.name().to_string(),
                 };
                 let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
@@ -929,6 +993,34 @@ impl<'g> Engine<'g> {
         let values = if matches!(keep, Keep::Nothing) { HashMap::new() } else { values };
         let snapshot = Snapshot { values, computed };
         Ok((outputs, snapshot))
+    }
+
+    /// A half-sparse linear on `x`'s rows, by the sparse kernel, split by columns.
+    fn sparse_linear(&self, w: &SparseWeight, x: &Tensor, bias: Option<&Arc<Value>>) -> Result<Value, String> {
+        let m = x.numel() / w.k;
+        if x.numel() != m * w.k {
+            return Err(format!("{} inputs for rows of {}", x.numel(), w.k));
+        }
+        let bias = match bias {
+            Some(b) => {
+                let b = b.as_f32().ok_or("the bias must be f32")?;
+                if b.numel() != w.n {
+                    return Err(format!("a bias of {} for {} outputs", b.numel(), w.n));
+                }
+                b.data.as_ptr()
+            }
+            None => std::ptr::null(),
+        };
+        let mut shape = x.shape.clone();
+        *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = w.n;
+        let mut y = vec![0f32; m * w.n];
+        let (xp, yp, bp) = (SharedPtr::of(x.data.as_ptr()), SharedPtr(y.as_mut_ptr()), SharedPtr::of(bias));
+        self.columns(w.n, 8, |cols| {
+            // SAFETY: x is [m, k] and y [m, n] (checked above), the bias null or [n]; the
+            // column parts are disjoint.
+            unsafe { w.run(xp.get(), m, yp.get(), bp.get(), cols) }
+        });
+        Ok(Value::F32(Tensor::new(shape, y)))
     }
 
     fn linear(
@@ -1338,6 +1430,24 @@ impl Plan {
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
         Plan::pair(graph, order, &specs, &mut actions);
+        // Linears on half-sparse weights, with f32 activations.
+        for &id in order {
+            if actions.contains_key(&id) || graph.node(id).op != (Op::Linear { activations: Activations::F32 }) {
+                continue;
+            }
+            let operands = graph.operands(id);
+            let (x, weight) = (operands[0], operands[1]);
+            let Op::Weight(w) = &graph.node(weight).op else { continue };
+            let (Some(sp), Some(&[_, k])) = (&w.sparse, graph.node(weight).ty.known_shape().as_deref()) else {
+                continue;
+            };
+            if SparseWeight::fits(sp.n, sp.m, k) {
+                actions.insert(
+                    id,
+                    Action::Sparse(SparseLinear { x, weight, bias: operands.get(2).copied(), layout: None }),
+                );
+            }
+        }
         // Row lookups read the stored rows: the table is never decoded whole (SmolLM2's
         // would take 113 MB as f32; MiniLM's f32 one, copied, 47 MB).
         for &id in order {
@@ -1576,8 +1686,8 @@ fn plan_linear(
     };
     let format = match &g.node(weight).op {
         Op::Weight(w) => {
-            // Sparse weights run on their dense value until pruning brings kernels that read
-            // them.
+            // Sparse weights are not this kernel's: half-sparse ones take the sparse kernel
+            // (planned below), the others their dense value.
             if w.sparse.is_some() || !k.is_multiple_of(w.format.block_len() as usize) {
                 return None;
             }
@@ -1703,6 +1813,8 @@ fn reads_of(g: &Graph, actions: &HashMap<NodeId, Action>, id: NodeId) -> Vec<Nod
             [Some(x), f.bias, f.residual].into_iter().flatten().collect()
         }
         Action::GatherRows => vec![g.operands(id)[1]],
+        // The weight's dense value too, for batches of more than SPARSE_ROWS rows.
+        Action::Sparse(s) => [Some(s.x), Some(s.weight), s.bias].into_iter().flatten().collect(),
         Action::Reference => match g.node(id).op {
             Op::Weight(_) | Op::Input { .. } => vec![],
             _ => g.operands(id),

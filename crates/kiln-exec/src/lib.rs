@@ -22,6 +22,7 @@ pub mod linear_i8row;
 pub mod repack;
 pub mod sgemm;
 pub mod sgemm_kn;
+pub mod sparse;
 
 pub use activation::Activation;
 pub use engine::{

@@ -371,7 +371,7 @@ impl Graph {
 
     /// The activations `linear` node `id` is allowed under `mode`: what
     /// [`Activations::for_weight`] gives its stored weight, `F32` on a computed or a sparse
-    /// weight (which runs on its dense value until sparse kernels exist).
+    /// weight (whose kernels, sparse or on its dense value, take f32 activations).
     pub fn allowed_activations(&self, id: NodeId, mode: Activations) -> Activations {
         let sparse =
             self.operands(id).get(1).is_some_and(|&w| matches!(&self.node(w).op, Op::Weight(w) if w.sparse.is_some()));
