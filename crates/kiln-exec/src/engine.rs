@@ -72,6 +72,9 @@ struct Fused {
     /// read by nothing else, is this one's `x`. Both run in one pass over blocks of rows,
     /// each block's rank-`r` intermediate staying in cache; `x` is then not a value.
     pre: Option<Box<Fused>>,
+    /// A sparse weight's layout for the sparse kernel, which takes calls of up to
+    /// [`SPARSE_ROWS`] rows (the f32 GEMM on its dense value takes the others).
+    sparse: Option<Arc<SparseWeight>>,
 }
 
 /// The weight a linear kernel reads.
@@ -252,24 +255,12 @@ enum Action {
     /// A row lookup in a table stored in a block format (an embedding, the tied head's
     /// table): decode only the rows it reads, from the stored bytes.
     GatherRows,
-    /// A linear on a half-sparse weight ([`crate::sparse`]): the sparse kernel for up to
-    /// [`SPARSE_ROWS`] rows, the reference kernel on the weight's dense value for more.
-    Sparse(SparseLinear),
 }
 
-/// A linear the sparse kernel runs: its input, weight and bias, and the weight's layout
-/// (made when the engine is assembled).
-#[derive(Clone, Debug)]
-struct SparseLinear {
-    x: NodeId,
-    weight: NodeId,
-    bias: Option<NodeId>,
-    layout: Option<Arc<SparseWeight>>,
-}
-
-/// Rows up to which a half-sparse linear runs its sparse kernel. It does half the products
-/// of the dense one, one row at a time; more rows take the reference GEMM on the weight's
-/// dense value, whose blocking reuses each weight across rows.
+/// Rows up to which a linear on a half-sparse weight runs the sparse kernel
+/// ([`crate::sparse`]). It does half the products of the dense one, one row at a time; more
+/// rows take the f32 GEMM on the weight's dense value, whose blocking reuses each weight
+/// across rows.
 pub const SPARSE_ROWS: usize = 4;
 
 /// What an [`Engine`] is built with. The activations of each linear are the graph's (its
@@ -587,7 +578,7 @@ impl<'g> Engine<'g> {
         let mut to_repack: Vec<(NodeId, Format, &[u8])> = Vec::new();
         for action in actions.values() {
             let Action::Linear(f) = action else { continue };
-            if folded.binary_search(&f.weight).is_ok() {
+            if folded.binary_search(&f.weight).is_ok() || is_sparse(graph, f.weight) {
                 continue; // an f32 value, computed below
             }
             let stored = stored_weight(graph, f.weight)?;
@@ -660,7 +651,7 @@ impl<'g> Engine<'g> {
         // program's data): decoding would copy them, most of a small model's start-up.
         let mut in_place = Vec::new();
         for &node in &dense {
-            if stored_f32(stored_weight(graph, node)?).is_some() {
+            if !is_sparse(graph, node) && stored_f32(stored_weight(graph, node)?).is_some() {
                 in_place.push(node);
             }
         }
@@ -702,6 +693,29 @@ impl<'g> Engine<'g> {
             }
             Ok(())
         };
+        // Half-sparse weights laid out for the sparse kernel, once per weight node.
+        let mut layouts: HashMap<NodeId, Arc<SparseWeight>> = HashMap::new();
+        for action in actions.values_mut() {
+            let Action::Linear(f) = action else { continue };
+            let Op::Weight(w) = &graph.node(f.weight).op else { continue };
+            let Some(sp) = &w.sparse else { continue };
+            let shape = graph.node(f.weight).ty.known_shape().unwrap_or_default();
+            let &[n, k] = &shape[..] else { continue };
+            if !SparseWeight::fits(sp.n, sp.m, k) {
+                continue;
+            }
+            if let Some(l) = layouts.get(&f.weight) {
+                f.sparse = Some(l.clone());
+                continue;
+            }
+            let values = graph.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("no tensor `{}`", w.tensor)))?;
+            let mask = graph.store.get(&sp.mask).ok_or_else(|| ExecError::Spec(format!("no mask `{}`", sp.mask)))?;
+            let layout = SparseWeight::new(sp.n, sp.m, n as usize, k as usize, values, mask.bytes.as_slice())
+                .map_err(|e| ExecError::Spec(format!("weight `{}`: {e}", w.tensor)))?;
+            let layout = Arc::new(layout);
+            layouts.insert(f.weight, layout.clone());
+            f.sparse = Some(layout);
+        }
         for action in actions.values_mut() {
             if let Action::Linear(f) = action {
                 fill(f)?;
@@ -736,26 +750,6 @@ impl<'g> Engine<'g> {
                 .flat_map(|(_, l)| l.role(Role::LowRankU).chain(l.role(Role::LowRankV)))
                 .collect(),
         };
-        // Half-sparse weights laid out for the sparse kernel, once per weight node.
-        let mut layouts: HashMap<NodeId, Arc<SparseWeight>> = HashMap::new();
-        for action in engine.actions.values_mut() {
-            let Action::Sparse(s) = action else { continue };
-            if let Some(l) = layouts.get(&s.weight) {
-                s.layout = Some(l.clone());
-                continue;
-            }
-            let Op::Weight(w) = &graph.node(s.weight).op else { unreachable!("planned for weight nodes") };
-            let shape = graph.node(s.weight).ty.known_shape().unwrap_or_default();
-            let (Some(sp), &[n, k]) = (&w.sparse, &shape[..]) else { unreachable!("planned for sparse matrices") };
-            let values =
-                graph.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("no tensor `{}`", w.tensor)))?;
-            let mask = graph.store.get(&sp.mask).ok_or_else(|| ExecError::Spec(format!("no mask `{}`", sp.mask)))?;
-            let layout = SparseWeight::new(sp.n, sp.m, n as usize, k as usize, values, mask.bytes.as_slice())
-                .map_err(|e| ExecError::Spec(format!("weight `{}`: {e}", w.tensor)))?;
-            let layout = Arc::new(layout);
-            layouts.insert(s.weight, layout.clone());
-            s.layout = Some(layout);
-        }
         engine.reads = engine.order.iter().map(|&n| reads_of(graph, &engine.actions, n)).collect();
         engine.uses = engine.use_counts();
         // Weights that some value reads (not only linear kernels, which read stored bytes).
@@ -809,7 +803,7 @@ impl<'g> Engine<'g> {
     /// Number of linears on half-sparse weights, which run the sparse kernel for up to
     /// [`SPARSE_ROWS`] rows.
     pub fn sparse_linears(&self) -> usize {
-        self.actions.values().filter(|a| matches!(a, Action::Sparse(_))).count()
+        self.actions.values().filter(|a| matches!(a, Action::Linear(f) if f.sparse.is_some())).count()
     }
 
     fn use_counts(&self) -> HashMap<NodeId, usize> {
@@ -913,19 +907,6 @@ impl<'g> Engine<'g> {
                     None => continue, // read only by compiled kernels, in its stored format
                 },
                 (Action::Linear(f), _) => Arc::new(self.linear(f, &values, &mut quantized).map_err(fail)?),
-                (Action::Sparse(s), op) => {
-                    let x = values
-                        .get(&s.x)
-                        .and_then(|x| x.as_f32())
-                        .ok_or_else(|| fail("the input must be f32".into()))?;
-                    let layout = s.layout.as_ref().expect("laid out when the engine was assembled");
-                    if x.numel() / layout.k <= SPARSE_ROWS {
-                        Arc::new(self.sparse_linear(layout, x, s.bias.map(|b| &values[&b])).map_err(fail)?)
-                    } else {
-                        let args: Vec<Arc<Value>> = reads.iter().map(|o| values[o].clone()).collect();
-                        Arc::new(eval_node(id, op, &args, &symbols, cache.as_deref_mut()).map_err(fail)?)
-                    }
-                }
                 (Action::GatherRows, _) => {
                     let ids = values.get(&reads[0]).ok_or_else(|| fail("operand not computed".into()))?;
                     Arc::new(
@@ -954,6 +935,12 @@ impl<'g> Engine<'g> {
                             _ => (spec.format.to_string(), ""),
                         };
                         let factor = if self.factors.contains(&f.weight) { FACTOR } else { "" };
+                        let rows = values.get(&f.x).and_then(|x| x.as_f32()).map_or(0, |x| x.numel()) / spec.k.max(1);
+                        let (format, x) = match (&f.sparse, is_sparse(g, f.weight)) {
+                            (Some(_), _) if rows <= SPARSE_ROWS => ("half-sparse".to_string(), " (sparse kernel)"),
+                            (_, true) => ("sparse".to_string(), " (dense value)"),
+                            _ => (format, x),
+                        };
                         match &f.pre {
                             Some(first) => {
                                 let first = self.kernels[first.kernel].spec();
@@ -961,12 +948,6 @@ impl<'g> Engine<'g> {
                             }
                             None => format!("linear {}x{} {format}{x}{factor}", spec.k, spec.n),
                         }
-                    }
-                    Action::Sparse(s) => {
-                        let x = values.get(&s.x).and_then(|x| x.as_f32()).map_or(0, |x| x.numel());
-                        let l = s.layout.as_ref().expect("laid out");
-                        let how = if x / l.k <= SPARSE_ROWS { "sparse kernel" } else { "dense value" };
-                        format!("linear {}x{} half-sparse ({how})", l.k, l.n)
                     }
                     _ => node.op.name().to_string(),
                 };
@@ -995,34 +976,6 @@ impl<'g> Engine<'g> {
         Ok((outputs, snapshot))
     }
 
-    /// A half-sparse linear on `x`'s rows, by the sparse kernel, split by columns.
-    fn sparse_linear(&self, w: &SparseWeight, x: &Tensor, bias: Option<&Arc<Value>>) -> Result<Value, String> {
-        let m = x.numel() / w.k;
-        if x.numel() != m * w.k {
-            return Err(format!("{} inputs for rows of {}", x.numel(), w.k));
-        }
-        let bias = match bias {
-            Some(b) => {
-                let b = b.as_f32().ok_or("the bias must be f32")?;
-                if b.numel() != w.n {
-                    return Err(format!("a bias of {} for {} outputs", b.numel(), w.n));
-                }
-                b.data.as_ptr()
-            }
-            None => std::ptr::null(),
-        };
-        let mut shape = x.shape.clone();
-        *shape.last_mut().ok_or("the input of a linear must have rank >= 1")? = w.n;
-        let mut y = vec![0f32; m * w.n];
-        let (xp, yp, bp) = (SharedPtr::of(x.data.as_ptr()), SharedPtr(y.as_mut_ptr()), SharedPtr::of(bias));
-        self.columns(w.n, 8, |cols| {
-            // SAFETY: x is [m, k] and y [m, n] (checked above), the bias null or [n]; the
-            // column parts are disjoint.
-            unsafe { w.run(xp.get(), m, yp.get(), bp.get(), cols) }
-        });
-        Ok(Value::F32(Tensor::new(shape, y)))
-    }
-
     fn linear(
         &self,
         f: &Fused,
@@ -1044,6 +997,22 @@ impl<'g> Engine<'g> {
         let bias = f.bias.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let residual = f.residual.map(f32_of).transpose()?.unwrap_or(std::ptr::null());
         let mut y = vec![0f32; m * spec.n];
+        if let (Kernel::Sgemm(_, epilogue), Some(w)) = (kernel, &f.sparse)
+            && m <= SPARSE_ROWS
+        {
+            if x.data.len() < m * w.k || w.n != spec.n {
+                return Err(format!("the sparse linear {}x{} has {} inputs", w.k, w.n, x.data.len()));
+            }
+            let (xp, out) = (SharedPtr::of(x.data.as_ptr()), SharedPtr(y.as_mut_ptr()));
+            self.columns(w.n, 8, |cols| {
+                // SAFETY: x holds [m, K] values (checked above), y is [m, N]; the column
+                // parts are disjoint; the bias is the epilogue's.
+                unsafe { w.run(xp.get(), m, out.get(), std::ptr::null(), cols) }
+            });
+            // SAFETY: y is [m, N]; bias and residual are the spec's (the plan checked them).
+            unsafe { self.epilogue_rows(*epilogue, m, y.as_mut_ptr(), bias, residual) };
+            return Ok(Value::F32(Tensor::new(shape, y)));
+        }
         if let Kernel::Sgemm(_, epilogue) = kernel
             && crate::sgemm::available()
         {
@@ -1430,24 +1399,6 @@ impl Plan {
             actions.insert(end, Action::Linear(Fused { kernel, columns, ..fused }));
         }
         Plan::pair(graph, order, &specs, &mut actions);
-        // Linears on half-sparse weights, with f32 activations.
-        for &id in order {
-            if actions.contains_key(&id) || graph.node(id).op != (Op::Linear { activations: Activations::F32 }) {
-                continue;
-            }
-            let operands = graph.operands(id);
-            let (x, weight) = (operands[0], operands[1]);
-            let Op::Weight(w) = &graph.node(weight).op else { continue };
-            let (Some(sp), Some(&[_, k])) = (&w.sparse, graph.node(weight).ty.known_shape().as_deref()) else {
-                continue;
-            };
-            if SparseWeight::fits(sp.n, sp.m, k) {
-                actions.insert(
-                    id,
-                    Action::Sparse(SparseLinear { x, weight, bias: operands.get(2).copied(), layout: None }),
-                );
-            }
-        }
         // Row lookups read the stored rows: the table is never decoded whole (SmolLM2's
         // would take 113 MB as f32; MiniLM's f32 one, copied, 47 MB).
         for &id in order {
@@ -1489,7 +1440,7 @@ impl Plan {
         if !crate::sgemm::available() {
             return;
         }
-        let plain_f32 = |f: &Fused| specs[f.kernel].how == Impl::Sgemm;
+        let plain_f32 = |f: &Fused| specs[f.kernel].how == Impl::Sgemm && !is_sparse(graph, f.weight);
         for &id in order {
             let Some(Action::Linear(second)) = actions.get(&id) else { continue };
             let first_id = second.x;
@@ -1686,16 +1637,19 @@ fn plan_linear(
     };
     let format = match &g.node(weight).op {
         Op::Weight(w) => {
-            // Sparse weights are not this kernel's: half-sparse ones take the sparse kernel
-            // (planned below), the others their dense value.
-            if w.sparse.is_some() || !k.is_multiple_of(w.format.block_len() as usize) {
+            // A sparse weight runs as an f32 linear on its dense value (decoded at build),
+            // and half-sparse ones take the sparse kernel for few rows.
+            if w.sparse.is_some() {
+                Format::F32
+            } else if !k.is_multiple_of(w.format.block_len() as usize) {
                 return None;
-            }
-            match w.format {
-                Format::Int(int) => crate::repack::kernel_format(int),
-                // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
-                Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
-                f => f,
+            } else {
+                match w.format {
+                    Format::Int(int) => crate::repack::kernel_format(int),
+                    // fp8 runs in groups of 32 (repacked at build: the group's scale in each block).
+                    Format::Fp8(_) => Format::Fp8(kiln_ir::Fp8Format { group: 32 }),
+                    f => f,
+                }
             }
         }
         _ if weight_only.contains(&weight) && g.node(weight).ty.dtype == kiln_ir::DType::F32 => Format::F32,
@@ -1713,6 +1667,7 @@ fn plan_linear(
         bias: operands.get(2).copied(),
         residual: None,
         pre: None,
+        sparse: None,
     };
     let is_output = |n: NodeId| g.outputs().iter().any(|(_, o)| *o == n);
     let single_user = |n: NodeId| match g.users(n).as_slice() {
@@ -1814,12 +1769,16 @@ fn reads_of(g: &Graph, actions: &HashMap<NodeId, Action>, id: NodeId) -> Vec<Nod
         }
         Action::GatherRows => vec![g.operands(id)[1]],
         // The weight's dense value too, for batches of more than SPARSE_ROWS rows.
-        Action::Sparse(s) => [Some(s.x), Some(s.weight), s.bias].into_iter().flatten().collect(),
         Action::Reference => match g.node(id).op {
             Op::Weight(_) | Op::Input { .. } => vec![],
             _ => g.operands(id),
         },
     }
+}
+
+/// Whether `id` is a sparse weight node.
+fn is_sparse(g: &Graph, id: NodeId) -> bool {
+    matches!(&g.node(id).op, Op::Weight(w) if w.sparse.is_some())
 }
 
 /// The nodes of `order` (topological) whose value depends on weights alone: `weight` and
