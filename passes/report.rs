@@ -115,6 +115,10 @@ fn drop_json(d: &DropReport) -> Json {
         .collect();
     json!({
         "pass": "drop", "blocks": d.blocks, "dropped": dropped, "rounds": rounds,
+        "refit": d.refit.iter().map(|h| json!({
+            "scope": h.layer, "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
+        })).collect::<Vec<Json>>(),
+        "probe_refit": d.probe_refit.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
         "params": d.dropped.iter().map(|b| b.params).sum::<u64>(), "notes": d.notes,
     })
 }

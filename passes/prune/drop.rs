@@ -20,12 +20,22 @@
 //!   which says nothing of what later blocks make of it.
 //! - `blocks=[3,7]`: those blocks, by index, without calibration.
 //!
-//! Not built yet: refitting the block after each gap (the healing of the next
-//! block on the dropped model's activations); the report says so.
+//!
+//! **Refit after each gap** (`refit=true`, the default with `blocks=K`). The first block
+//! after each run of dropped blocks now reads a stream the original model never gave it.
+//! Its linears are refit by healing ([`crate::heal`]): in execution order, on the dropped
+//! model's own inputs `x_c`, each weight becomes the least-squares fit of the original
+//! model's output of the layer, `W' = W C (Σ + λ)^-1` with `C = Σ_t x_o x_c^T` and
+//! `Σ = Σ_t x_c x_c^T` (the structured prune's `refit=reference` with every column kept),
+//! kept only where the end-to-end probe improves. A refit weight is stored f32; a weight
+//! whose refit is not kept keeps its stored format.
 
+use super::structured::{Refit, layer_error, refit};
+use crate::calibration::{Paired, Weighting};
+use crate::heal::{HealedLayer, Proposal, Site, heal};
 use crate::options::{Args, OptionHelp, Options};
 use crate::{Context, Pass, PassError, PassReport};
-use kiln_ir::{Graph, NodeId, Op};
+use kiln_ir::{Graph, Layer, NodeId, Op, TensorData};
 use std::collections::{BTreeMap, HashSet};
 
 const PASS: &str = "drop";
@@ -39,13 +49,14 @@ impl Pass for Drop {
     type Options = DropOptions;
 
     fn probes(options: &DropOptions) -> bool {
-        matches!(options.blocks, Blocks::Count(_))
+        matches!(options.blocks, Blocks::Count(_)) || options.refit
     }
 
     fn run(graph: &mut Graph, options: &DropOptions, ctx: &Context) -> Result<PassReport, PassError> {
         let fail = |message: String| PassError::not_applicable(PASS, message);
         let blocks = find_blocks(graph).map_err(fail)?;
-        let report = match &options.blocks {
+        let reference = options.refit.then(|| graph.clone());
+        let mut report = match &options.blocks {
             Blocks::Forced(indices) => {
                 for i in indices {
                     if !blocks.iter().any(|b| b.index == *i) {
@@ -62,6 +73,9 @@ impl Pass for Drop {
                 greedy(graph, &blocks, *k, &*probe, ctx.progress).map_err(fail)?
             }
         };
+        if let Some(reference) = &reference {
+            refit_gaps(graph, reference, &blocks, &mut report, ctx)?;
+        }
         kiln_ir::verify(graph).map_err(|e| PassError::Invalid { pass: PASS, message: e.to_string() })?;
         Ok(PassReport::Drop(report))
     }
@@ -80,15 +94,25 @@ pub enum Blocks {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropOptions {
     pub blocks: Blocks,
+    /// Refit the block after each gap.
+    pub refit: bool,
 }
 
 impl Options for DropOptions {
-    const HELP: &'static [OptionHelp] = &[OptionHelp {
-        name: "blocks",
-        values: "K|[i,j,...]",
-        default: "required",
-        help: "K: drop K blocks, each round the one whose removal moves the outputs least on held-out calibration rows (needs --calib); [i,j,...]: drop those blocks by index",
-    }];
+    const HELP: &'static [OptionHelp] = &[
+        OptionHelp {
+            name: "blocks",
+            values: "K|[i,j,...]",
+            default: "required",
+            help: "K: drop K blocks, each round the one whose removal moves the outputs least on held-out calibration rows (needs --calib); [i,j,...]: drop those blocks by index",
+        },
+        OptionHelp {
+            name: "refit",
+            values: "true|false",
+            default: "true with --calib, else false",
+            help: "refit the linears of the first block after each gap by least squares, on the dropped model's inputs, to the original model's outputs of each layer; each refit kept only where the end-to-end probe improves",
+        },
+    ];
 
     fn parse(args: &mut Args) -> Result<DropOptions, PassError> {
         let blocks = args.get_with("blocks", |v| {
@@ -114,7 +138,16 @@ impl Options for DropOptions {
         if matches!(blocks, Blocks::Count(_)) && !args.calibrated() {
             return Err(args.error("blocks=K measures each removal end to end: pass --calib (or force blocks=[i,j])"));
         }
-        Ok(DropOptions { blocks })
+        let refit = match args.text("refit") {
+            None => args.calibrated(),
+            Some("true") if !args.calibrated() => {
+                return Err(args.error("refit=true fits on calibration inputs: pass --calib"));
+            }
+            Some("true") => true,
+            Some("false") => false,
+            Some(v) => return Err(args.invalid("refit", v)),
+        };
+        Ok(DropOptions { blocks, refit })
     }
 }
 
@@ -148,6 +181,9 @@ pub struct DropReport {
     pub dropped: Vec<DroppedBlock>,
     /// With `blocks=K`, each round's probe distance for every block it tried, by index.
     pub rounds: Vec<Vec<(usize, f64)>>,
+    /// The refit of the blocks after the gaps: each layer's, and the probe before and after.
+    pub refit: Vec<HealedLayer>,
+    pub probe_refit: Option<(f64, f64)>,
     pub notes: Vec<String>,
 }
 
@@ -252,10 +288,7 @@ fn drop_blocks(
     for t in before.difference(&read) {
         graph.store.remove(t);
     }
-    let notes = vec![
-        "the blocks after each gap are not refit yet: the model runs on as it was trained, minus the blocks".into(),
-    ];
-    Ok(DropReport { blocks: blocks.len(), dropped, rounds, notes })
+    Ok(DropReport { blocks: blocks.len(), dropped, rounds, refit: vec![], probe_refit: None, notes: vec![] })
 }
 
 /// Blocks each round after the first tries again (at least; twice the count asked for if
@@ -314,6 +347,110 @@ fn greedy(
     }
     progress(total, total, "probing blocks");
     drop_blocks(graph, blocks, &chosen, rounds, Some(&distances))
+}
+
+/// Refits the linears of the first block after each gap (see the module documentation).
+fn refit_gaps(
+    graph: &mut Graph,
+    reference: &Graph,
+    blocks: &[Block],
+    report: &mut DropReport,
+    ctx: &Context,
+) -> Result<(), PassError> {
+    let dropped: HashSet<usize> = report.dropped.iter().map(|b| b.index).collect();
+    let mut after: Vec<&Block> = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        if !dropped.contains(&b.index) && i > 0 && dropped.contains(&blocks[i - 1].index) {
+            after.push(b);
+        }
+    }
+    if after.is_empty() {
+        report.notes.push("no block follows a gap (only the last blocks were dropped): nothing to refit".into());
+        return Ok(());
+    }
+    // The block's linears on dense weights that they alone read, by input.
+    let mut sites: Vec<Site> = Vec::new();
+    let mut stored: Vec<(NodeId, TensorData)> = Vec::new();
+    for n in graph.topo_order().unwrap_or_default() {
+        let inside =
+            |scope: &str| after.iter().any(|b| scope == b.prefix || scope.starts_with(&format!("{}.", b.prefix)));
+        if !matches!(graph.node(n).op, Op::Linear { .. }) || !inside(&graph.node(n).scope) {
+            continue;
+        }
+        let (input, w) = (graph.operands(n)[0], graph.operands(n)[1]);
+        let Op::Weight(weight) = &graph.node(w).op else { continue };
+        let Some((name, _)) = graph.layers.iter().find(|(_, l)| l.main() == Some(w) && l.weights.len() == 1) else {
+            continue;
+        };
+        if weight.sparse.is_some() || graph.users(w).len() != 1 {
+            continue;
+        }
+        let name = name.to_string();
+        // The linear is the same node in the reference; its input there may not be (a block
+        // that reads the stream itself reads, in the reference, the dropped block's output).
+        let theirs = reference.operands(n)[0];
+        match sites.iter_mut().find(|s| s.input == input && s.reference == theirs) {
+            Some(site) => site.layers.push(name),
+            None => sites.push(Site { input, reference: theirs, layers: vec![name] }),
+        }
+        stored.push((
+            w,
+            graph
+                .store
+                .get(&weight.tensor)
+                .cloned()
+                .ok_or_else(|| PassError::not_applicable(PASS, format!("weight `{}` is not bound", weight.tensor)))?,
+        ));
+    }
+    // Healing writes f32 weights: those it does not keep get their stored data back.
+    for (w, data) in &stored {
+        let values = data.to_f32().map_err(|e| PassError::not_applicable(PASS, e.to_string()))?;
+        graph.set_weight(*w, TensorData::from_f32(data.shape.clone(), &values));
+    }
+    let mut propose = |now: &Graph, site: &Site, paired: &Paired| -> Result<Vec<Proposal>, String> {
+        site.layers
+            .iter()
+            .map(|name| {
+                let w = now.layers.get(name).and_then(Layer::main).ok_or_else(|| format!("layer {name}: no weight"))?;
+                let value = |g: &Graph| -> Result<(Vec<f32>, usize, usize), String> {
+                    let shape = g.node(w).ty.known_shape().unwrap_or_default();
+                    let Op::Weight(r) = &g.node(w).op else { return Err(format!("layer {name}: not a weight")) };
+                    let &[n, k] = &shape[..] else { return Err(format!("layer {name}: not a matrix")) };
+                    Ok((r.value(&g.store, &shape).map_err(|e| e.to_string())?, n as usize, k as usize))
+                };
+                let (original, n, k) = value(reference)?;
+                let (current, ..) = value(now)?;
+                let columns: Vec<usize> = (0..k).collect();
+                let fitted = refit(&original, n, k, &columns, paired, Refit::Reference)?;
+                let error = |m: &[f32]| layer_error(&original, m, n, k, paired, Refit::Reference);
+                Ok(Proposal {
+                    layer: name.clone(),
+                    error_before: error(&current),
+                    error_after: error(&fitted),
+                    weights: vec![(w, fitted)],
+                })
+            })
+            .collect()
+    };
+    let healed = heal(PASS, graph, Some(reference), &sites, ctx, Weighting::Relative, &mut propose)?;
+    let kept: HashSet<&str> = healed.layers.iter().filter(|h| h.kept).map(|h| h.layer.as_str()).collect();
+    for (w, data) in stored {
+        let name = graph.layers.iter().find(|(_, l)| l.main() == Some(w)).map(|(n, _)| n.to_string());
+        if !name.is_some_and(|n| kept.contains(n.as_str())) {
+            graph.set_weight(w, data);
+        }
+    }
+    report.notes.push(format!(
+        "the refit of the blocks after the gaps ({}) was kept for {} of {} layers: the probe moved from {:.4e} to {:.4e}",
+        after.iter().map(|b| b.prefix.as_str()).collect::<Vec<_>>().join(", "),
+        kept.len(),
+        healed.layers.len(),
+        healed.probe_before,
+        healed.probe_after
+    ));
+    report.probe_refit = Some((healed.probe_before, healed.probe_after));
+    report.refit = healed.layers;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -400,7 +400,14 @@ fn mask_columns(w: &[f32], n: usize, k: usize, unit: usize, kept: &[usize]) -> V
 
 /// The refit of the consumer `w [n, k]` on the kept `columns` (see the module
 /// documentation), full width with the other columns zero.
-fn refit(w: &[f32], n: usize, k: usize, columns: &[usize], paired: &Paired, how: Refit) -> Result<Vec<f32>, String> {
+pub(crate) fn refit(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    columns: &[usize],
+    paired: &Paired,
+    how: Refit,
+) -> Result<Vec<f32>, String> {
     if paired.k != k {
         return Err(format!("input statistics of width {} for a consumer of {k} columns", paired.k));
     }
@@ -432,7 +439,7 @@ fn refit(w: &[f32], n: usize, k: usize, columns: &[usize], paired: &Paired, how:
 
 /// The layer-wise error a refit minimizes, of consumer weights `m` against the original
 /// `w`: `Σ_t |W x_c - M x_c|^2` (own) or `Σ_t |W x_o - M x_c|^2` (reference).
-fn layer_error(w: &[f32], m: &[f32], n: usize, k: usize, paired: &Paired, how: Refit) -> f64 {
+pub(crate) fn layer_error(w: &[f32], m: &[f32], n: usize, k: usize, paired: &Paired, how: Refit) -> f64 {
     let quad = |a: &[f32], g: &[f64], b: &[f32]| -> f64 {
         // Σ_rows a_r^T G b_r.
         let mut total = 0.0;

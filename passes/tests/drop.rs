@@ -142,3 +142,32 @@ fn forced_blocks_drop_without_calibration() {
     let err = manager::run(&mut graph, &calls, &Context::empty(), &mut |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("pass --calib"), "{err}");
 }
+
+/// With calibration, the first block after the gap is refit, each layer kept only where the
+/// probe improves; with `refit=false` its weights are the original ones.
+#[test]
+fn the_block_after_a_gap_is_refit() {
+    let (original, weights) = stack([1.0, 1.0, 1.0]);
+    let x = values(64 * WIDTH, 5);
+    let inputs = HashMap::from([("x".to_string(), Value::F32(Tensor::new(vec![64, WIDTH], x.clone())))]);
+    let calibrator = Calibrator::new(&original, inputs, true, interpreter_engine()).expect("calibrates");
+    let weight = |g: &kiln_ir::Graph, name: &str| g.store.get(name).unwrap().to_f32().unwrap();
+
+    let mut plain = original.clone();
+    let report = run(&mut plain, "drop(blocks=[0], refit=false)", Some(&calibrator));
+    assert!(report.refit.is_empty() && report.probe_refit.is_none());
+    assert_eq!((weight(&plain, "blk.1.up"), weight(&plain, "blk.1.down")), weights[1].clone());
+
+    let mut refit = original.clone();
+    let report = run(&mut refit, "drop(blocks=[0])", Some(&calibrator));
+    let layers: Vec<&str> = report.refit.iter().map(|h| h.layer.as_str()).collect();
+    assert_eq!(layers, ["blk.1.up", "blk.1.down"], "block 1 follows the gap; block 2 does not");
+    let (before, after) = report.probe_refit.expect("probed");
+    assert!(after <= before, "healing never makes the probe worse: {before} -> {after}");
+    for h in &report.refit {
+        let changed = weight(&refit, &h.layer) != weight(&plain, &h.layer);
+        assert_eq!(changed, h.kept, "{}: the weight changes exactly when its refit is kept", h.layer);
+        assert!(h.error_after < h.error_before, "{}: the refit lowers its layer-wise error: {h:?}", h.layer);
+    }
+    assert_eq!(weight(&refit, "blk.2.up"), weights[2].0, "the other blocks stay");
+}

@@ -708,7 +708,8 @@ impl<'g> Engine<'g> {
                 f.sparse = Some(l.clone());
                 continue;
             }
-            let values = graph.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("no tensor `{}`", w.tensor)))?;
+            let values =
+                graph.store.get(&w.tensor).ok_or_else(|| ExecError::Spec(format!("no tensor `{}`", w.tensor)))?;
             let mask = graph.store.get(&sp.mask).ok_or_else(|| ExecError::Spec(format!("no mask `{}`", sp.mask)))?;
             let layout = SparseWeight::new(sp.n, sp.m, n as usize, k as usize, values, mask.bytes.as_slice())
                 .map_err(|e| ExecError::Spec(format!("weight `{}`: {e}", w.tensor)))?;
