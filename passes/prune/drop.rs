@@ -45,7 +45,7 @@ pub struct Drop;
 
 impl Pass for Drop {
     const NAME: &'static str = PASS;
-    const SUMMARY: &'static str = "remove whole blocks: blocks=K chosen greedily, each the one whose removal moves the outputs least end to end on held-out calibration rows, or blocks=[i,j] forced";
+    const SUMMARY: &'static str = "remove whole blocks: blocks=K chosen greedily, each the one whose removal moves the outputs least end to end on held-out calibration rows, or blocks=[i,j] forced; with --calib the first block after each gap is refit";
     type Options = DropOptions;
 
     fn probes(options: &DropOptions) -> bool {

@@ -24,6 +24,8 @@
 //!   method used (the model before the pass for magnitude and Wanda).
 //! - **Overrides**: `--override PATTERN=dense` leaves a layer alone; `PATTERN=0.3` prunes it
 //!   unstructured at that sparsity whatever the call says.
+//! - **Structured** (`heads=F`, `channels=F`): whole attention heads and FFN channels go and
+//!   the matrices around them shrink ([`structured`]); a separate call from the masks.
 //! - **Uniform only, for now.** Every layer gets the call's sparsity or pattern. Layer-adaptive
 //!   sparsity (a DP over each layer's measured distortion) is a later increment of this
 //!   family; the report says so in a note.
@@ -64,7 +66,7 @@ pub struct Prune;
 
 impl Pass for Prune {
     const NAME: &'static str = PASS;
-    const SUMMARY: &'static str = "sparsify linear weights, stored as kept values and a bitmask: unstructured per output row (sparsity=S) or N of every M along a row (pattern=2:4|4:8|N:M), by SparseGPT (masks and weight updates layer by layer on the pruned model's inputs), Wanda (|w| times the input's norm) or magnitude; uniform across layers; --override PATTERN=S|dense fixes layers";
+    const SUMMARY: &'static str = "sparsify linear weights, stored as kept values and a bitmask: unstructured per output row (sparsity=S) or N of every M along a row (pattern=2:4|4:8|N:M), by SparseGPT (masks and weight updates layer by layer on the pruned model's inputs), Wanda (|w| times the input's norm) or magnitude; uniform across layers; or whole attention heads and FFN channels (heads=F, channels=F), the matrices shrinking and their consumers refit; --override PATTERN=S|dense fixes layers";
     type Options = PruneOptions;
     const OVERRIDES: Option<crate::OverrideCheck> = Some(|v| v.parse::<Fixed>().map(|_| ()));
 
