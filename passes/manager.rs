@@ -285,8 +285,8 @@ mod tests {
         assert!(probes("prune(heads=0.25)"), "a structured prune heals with calibration");
         assert!(!probes("prune(channels=0.25, refit=none)"));
         assert!(probes("drop(blocks=2)"));
-        assert!(probes("drop(blocks=[2])"), "with calibration the block after the gap is refit");
-        assert!(!probes("drop(blocks=[2], refit=false)"));
+        assert!(!probes("drop(blocks=[2])"));
+        assert!(probes("drop(blocks=[2], refit=true)"), "the refit after the gap probes");
     }
 
     /// Names and options are checked against the registry's tables before anything runs,

@@ -44,7 +44,7 @@ if [ "$which" = smollm2 ] || [ "$which" = all ]; then
   done
 fi
 if [ "$which" = drop ] || [ "$which" = all ]; then
-  for passes in "drop(blocks=3)" "drop(blocks=3, refit=false)" "drop(blocks=6)"; do
+  for passes in "drop(blocks=3)" "drop(blocks=3, refit=true)" "drop(blocks=6)"; do
     section "SmolLM2 $passes"
     compile smollm2-drop "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
     run "$KILN" eval "$OUT/smollm2-drop.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json

@@ -143,8 +143,8 @@ fn forced_blocks_drop_without_calibration() {
     assert!(err.to_string().contains("pass --calib"), "{err}");
 }
 
-/// With calibration, the first block after the gap is refit, each layer kept only where the
-/// probe improves; with `refit=false` its weights are the original ones.
+/// With `refit=true`, the first block after the gap is refit, each layer kept only where the
+/// probe improves; by default its weights are the original ones.
 #[test]
 fn the_block_after_a_gap_is_refit() {
     let (original, weights) = stack([1.0, 1.0, 1.0]);
@@ -154,12 +154,12 @@ fn the_block_after_a_gap_is_refit() {
     let weight = |g: &kiln_ir::Graph, name: &str| g.store.get(name).unwrap().to_f32().unwrap();
 
     let mut plain = original.clone();
-    let report = run(&mut plain, "drop(blocks=[0], refit=false)", Some(&calibrator));
+    let report = run(&mut plain, "drop(blocks=[0])", Some(&calibrator));
     assert!(report.refit.is_empty() && report.probe_refit.is_none());
     assert_eq!((weight(&plain, "blk.1.up"), weight(&plain, "blk.1.down")), weights[1].clone());
 
     let mut refit = original.clone();
-    let report = run(&mut refit, "drop(blocks=[0])", Some(&calibrator));
+    let report = run(&mut refit, "drop(blocks=[0], refit=true)", Some(&calibrator));
     let layers: Vec<&str> = report.refit.iter().map(|h| h.layer.as_str()).collect();
     assert_eq!(layers, ["blk.1.up", "blk.1.down"], "block 1 follows the gap; block 2 does not");
     let (before, after) = report.probe_refit.expect("probed");
