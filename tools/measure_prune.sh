@@ -23,6 +23,7 @@ PIPELINES=(
   "prune(sparsity=0.5, method=wanda)"
   "prune(sparsity=0.5)"
   "prune(sparsity=0.5, damp=0.01)"
+  "prune(sparsity=0.5, adaptive=true)"
   "prune(pattern=2:4, method=wanda)"
   "prune(pattern=2:4)"
   "prune(pattern=2:4, damp=0.01)"
