@@ -1069,7 +1069,9 @@ mod tests {
         assert_eq!((by("a").params, by("c").params), (64, 48));
         assert!(g.store.get("a").is_some() && g.store.get("c").is_some() && g.store.get("b").is_none());
         assert!(report.notes.iter().any(|n| n.contains("2 of 3 layers stay dense")), "{:?}", report.notes);
-        assert!(report.notes.iter().any(|n| n.contains("uniform pattern") && n.contains("layer-adaptive")));
+        assert!(
+            report.notes.iter().any(|n| n.contains("uniform pattern: every pruned layer gets the same pattern=2:4"))
+        );
         // The JSON `kiln compile` stores, layers in name order.
         let json = PassReport::Prune(report.clone()).to_json();
         assert_eq!((json["pass"].as_str(), json["method"].as_str()), (Some("prune"), Some("magnitude")));
