@@ -2,6 +2,7 @@
 //! the artifact (`kiln.passes`) and `kiln report` reads.
 
 use crate::factorize::FactorizeReport;
+use crate::heal::HealedLayer;
 use crate::manager::PassCall;
 use crate::prune::PruneReport;
 use crate::prune::drop::DropReport;
@@ -59,6 +60,17 @@ pub fn pipeline_json(ran: &[(PassCall, PassReport)]) -> String {
     Json::Array(list).to_string()
 }
 
+/// What healing did to one layer: whether its refit was kept, its layer-wise error before
+/// and after.
+fn healed_json(h: &HealedLayer) -> Json {
+    json!({"kept": h.kept, "error_before": h.error_before, "error_after": h.error_after})
+}
+
+/// The probe's distance before and after a refit.
+fn probes_json((before, after): (f64, f64)) -> Json {
+    json!({"probe_before": before, "probe_after": after})
+}
+
 fn factorize_json(f: &FactorizeReport) -> Json {
     let layers: Vec<Json> = f
         .layers
@@ -69,16 +81,14 @@ fn factorize_json(f: &FactorizeReport) -> Json {
                 "bonds": (!l.bonds.is_empty()).then_some(&l.bonds), "svd_relative_error": l.svd_relative_error,
                 "params_before": l.params_before, "params": l.params,
                 "error": l.error, "relative_error": l.relative_error, "dense_because": l.why_dense,
-                "healed": l.healed.as_ref().map(|h| json!({
-                    "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
-                })),
+                "healed": l.healed.as_ref().map(healed_json),
             })
         })
         .collect();
     json!({
         "pass": "factorize", "method": f.method.to_string(), "layers": layers,
         "params_before": f.params_before, "params": f.params, "notes": f.notes,
-        "heal": f.heal.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
+        "heal": f.heal.map(probes_json),
     })
 }
 
@@ -115,10 +125,12 @@ fn drop_json(d: &DropReport) -> Json {
         .collect();
     json!({
         "pass": "drop", "blocks": d.blocks, "dropped": dropped, "rounds": rounds,
-        "refit": d.refit.iter().map(|h| json!({
-            "scope": h.layer, "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
-        })).collect::<Vec<Json>>(),
-        "probe_refit": d.probe_refit.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
+        "refit": d.refit.iter().map(|h| {
+            let mut j = healed_json(h);
+            j["scope"] = json!(h.layer);
+            j
+        }).collect::<Vec<Json>>(),
+        "probe_refit": d.probe_refit.map(probes_json),
         "params": d.dropped.iter().map(|b| b.params).sum::<u64>(), "notes": d.notes,
     })
 }
@@ -132,9 +144,7 @@ fn structured_json(s: &StructuredReport) -> Json {
                 "scope": g.name, "kind": g.kind.to_string(), "units": g.units, "kept": g.kept,
                 "params_before": g.params_before, "params": g.params, "error": g.error,
                 "unchanged_because": g.why_unchanged,
-                "healed": g.healed.as_ref().map(|h| json!({
-                    "kept": h.kept, "error_before": h.error_before, "error_after": h.error_after,
-                })),
+                "healed": g.healed.as_ref().map(healed_json),
             })
         })
         .collect();
@@ -142,7 +152,7 @@ fn structured_json(s: &StructuredReport) -> Json {
         "pass": "prune", "structured": true, "heads": s.options.heads, "channels": s.options.channels,
         "refit": s.options.refit.to_string(), "groups": groups,
         "params_before": s.params_before, "params": s.params, "notes": s.notes,
-        "heal": s.heal.map(|(before, after)| json!({"probe_before": before, "probe_after": after})),
+        "heal": s.heal.map(probes_json),
     })
 }
 

@@ -33,7 +33,7 @@
 //! perplexity on held-out text of another kind went from 1.296x to 1.322x (the refit fits
 //! the calibration text; docs/measurements.md, section 7.3).
 
-use super::structured::{Refit, layer_error, refit};
+use super::structured::{Refit, layer_error, matrix, refit};
 use crate::calibration::{Paired, Weighting};
 use crate::heal::{HealedLayer, Proposal, Site, heal};
 use crate::options::{Args, OptionHelp, Options};
@@ -414,14 +414,8 @@ fn refit_gaps(
             .iter()
             .map(|name| {
                 let w = now.layers.get(name).and_then(Layer::main).ok_or_else(|| format!("layer {name}: no weight"))?;
-                let value = |g: &Graph| -> Result<(Vec<f32>, usize, usize), String> {
-                    let shape = g.node(w).ty.known_shape().unwrap_or_default();
-                    let Op::Weight(r) = &g.node(w).op else { return Err(format!("layer {name}: not a weight")) };
-                    let &[n, k] = &shape[..] else { return Err(format!("layer {name}: not a matrix")) };
-                    Ok((r.value(&g.store, &shape).map_err(|e| e.to_string())?, n as usize, k as usize))
-                };
-                let (original, n, k) = value(reference)?;
-                let (current, ..) = value(now)?;
+                let (original, n, k) = matrix(reference, w).map_err(|e| format!("layer {name}: {e}"))?;
+                let (current, ..) = matrix(now, w).map_err(|e| format!("layer {name}: {e}"))?;
                 let columns: Vec<usize> = (0..k).collect();
                 let fitted = refit(&original, n, k, &columns, paired, Refit::Reference)?;
                 let error = |m: &[f32]| layer_error(&original, m, n, k, paired, Refit::Reference);

@@ -466,7 +466,7 @@ pub(crate) fn layer_error(w: &[f32], m: &[f32], n: usize, k: usize, paired: &Pai
 }
 
 /// A dense weight's value as `[n, k]`.
-fn matrix(graph: &Graph, weight: NodeId) -> Result<(Vec<f32>, usize, usize), String> {
+pub(crate) fn matrix(graph: &Graph, weight: NodeId) -> Result<(Vec<f32>, usize, usize), String> {
     let shape = graph.node(weight).ty.known_shape().unwrap_or_default();
     let Op::Weight(w) = &graph.node(weight).op else { return Err("not a weight".into()) };
     let values = w.value(&graph.store, &shape).map_err(|e| e.to_string())?;

@@ -49,7 +49,12 @@ pub struct SparseWeight {
     values: Values,
     /// Per row and window, the column (within the window) of each slot.
     index: Vec<u8>,
+    /// The lane sums for this host, chosen once when the layout is made.
+    lanes: LanesFn,
 }
+
+/// A row's 16 lane sums: [`lanes_portable`] or a vector path with its bits.
+type LanesFn = fn(&[f32], &[u8], Vals<'_>) -> [f32; SLOTS];
 
 impl SparseWeight {
     /// Whether a sparse weight of pattern `pn:pm` over `k` columns has this layout.
@@ -114,7 +119,7 @@ impl SparseWeight {
                 Values::F32(v)
             }
         };
-        Ok(SparseWeight { n, k, values, index })
+        Ok(SparseWeight { n, k, values, index, lanes: host_lanes() })
     }
 
     /// Bytes the kernel reads per call and row: values, scales and indices.
@@ -142,9 +147,11 @@ impl SparseWeight {
                 let lanes = match &self.values {
                     Values::I8 { q, scales } => {
                         let (q, s) = (&q[o * windows * SLOTS..(o + 1) * windows * SLOTS], &scales[o * windows..]);
-                        lanes(xr, index, Vals::I8(q, &s[..windows]))
+                        (self.lanes)(xr, index, Vals::I8(q, &s[..windows]))
                     }
-                    Values::F32(v) => lanes(xr, index, Vals::F32(&v[o * windows * SLOTS..(o + 1) * windows * SLOTS])),
+                    Values::F32(v) => {
+                        (self.lanes)(xr, index, Vals::F32(&v[o * windows * SLOTS..(o + 1) * windows * SLOTS]))
+                    }
                 };
                 let mut sum = reduce(lanes);
                 if !bias.is_null() {
@@ -165,23 +172,24 @@ enum Vals<'a> {
     F32(&'a [f32]),
 }
 
-/// The 16 lane sums, lane `j` over slot `j` of every window.
-fn lanes(x: &[f32], index: &[u8], vals: Vals<'_>) -> [f32; SLOTS] {
+/// The widest path this host runs for the 16 lane sums (lane `j` over slot `j` of every
+/// window), detected once per layout rather than once per output.
+fn host_lanes() -> LanesFn {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present; the slices are a row's (checked by the caller).
-            return unsafe { x86::lanes_avx512(x, index, vals) };
+            return |x, index, vals| unsafe { x86::lanes_avx512(x, index, vals) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: AVX2 and FMA are present.
-            return unsafe { x86::lanes_avx2(x, index, vals) };
+            return |x, index, vals| unsafe { x86::lanes_avx2(x, index, vals) };
         }
     }
-    lanes_portable(x, index, vals)
+    lanes_portable
 }
 
-/// [`lanes`] in plain Rust, the definition the vector paths match bit for bit.
+/// The lane sums in plain Rust, the definition the vector paths match bit for bit.
 fn lanes_portable(x: &[f32], index: &[u8], vals: Vals<'_>) -> [f32; SLOTS] {
     let mut acc = [0f32; SLOTS];
     for (w, idx) in index.chunks_exact(SLOTS).enumerate() {
