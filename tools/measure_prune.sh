@@ -2,7 +2,7 @@
 # Pruning: the commands of docs/measurements.md, section 7 (size and held-out fidelity of
 # prune and drop pipelines).
 #
-#   tools/measure_prune.sh [minilm|smollm2|drop|size|structured|speed|all]   (default: all)
+#   tools/measure_prune.sh [minilm|smollm2|drop|size|compose|structured|speed|all]   (default: all)
 #
 # Needs examples/fetch.sh, a release build and the held-out sets of tools/heldout_sets.py in
 # $KILN_HELDOUT. Calibration on the dev fixtures, evaluation on the held-out sets, as
@@ -61,6 +61,20 @@ if [ "$which" = size ] || [ "$which" = all ]; then
       run "$KILN" compile "$spec" -w "$w" --passes "$passes" -o "$OUT/$model-size.kiln"
       echo "size: $(stat -c %s "$OUT/$model-size.kiln") bytes"
     done
+  done
+fi
+if [ "$which" = compose ] || [ "$which" = all ]; then
+  # Pruned, then quantized with calibration: GPTQ on the kept values (quantize's default
+  # with --calib) against rounding them to nearest, beside the dense model so quantized.
+  for passes in "quantize(format=int4g64a)" "prune(pattern=2:4), quantize(format=int4g64a)" \
+    "prune(pattern=2:4), quantize(format=int4g64a, method=rtn)" "prune(sparsity=0.5), quantize(format=int4g64a)" \
+    "prune(sparsity=0.5), quantize(format=int4g64a, method=rtn)"; do
+    section "MiniLM $passes"
+    compile minilm-compose "$MINILM_SPEC" "$MINILM_W" "$passes" "$MINILM_CALIB"
+    run "$KILN" eval "$OUT/minilm-compose.kiln" --data "$HELDOUT/minilm_heldout.safetensors" --json
+    section "SmolLM2 $passes"
+    compile smollm2-compose "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
+    run "$KILN" eval "$OUT/smollm2-compose.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
   done
 fi
 if [ "$which" = structured ] || [ "$which" = all ]; then

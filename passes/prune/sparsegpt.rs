@@ -30,6 +30,12 @@
 //! column's correction reaches the rest of the block at once (rank-1 updates), and the
 //! block's reach the later columns as one product when it ends. Ties go to the lower column.
 //!
+//! # Quantizing kept weights
+//!
+//! [`round_kept`] runs the same sweep with a given mask and rounds each kept weight, as its
+//! column comes, to the value it will be stored as: GPTQ on the kept weights (the paper's
+//! joint pruning and quantization), which the quantize pass runs on pruned layers.
+//!
 //! Rows are independent given `H`: chunks of rows run in parallel, each column major so
 //! that a column's step is vector work over the rows.
 
@@ -66,21 +72,54 @@ pub fn sparsegpt(
     (n, m): (usize, usize),
     damp: f64,
 ) -> Result<Pruned, GptqError> {
-    if w.len() != rows * cols {
-        return Err(GptqError::WeightShape { n: rows, k: cols, found: w.len() });
-    }
     if n == 0 || n >= m || m > cols || !cols.is_multiple_of(m) {
         return Err(GptqError::Options("the pattern keeps 1 <= n < m of every m columns, m dividing the row"));
+    }
+    let block = if m == cols || BLOCK.is_multiple_of(m) { BLOCK } else { (BLOCK / m).max(1) * m }.min(cols);
+    sweep(w, rows, cols, h, damp, block, Rule::Choose(&units(cols, block, n, m)))
+}
+
+/// GPTQ on the kept weights of a sparse layer (SparseGPT's joint pruning and quantization,
+/// with the mask given): the sweep keeps the weights `keep` marks (`[rows, cols]`
+/// row-major), each rounded by `round(row, col, x)` to the value it will store, sets the
+/// others to 0, and spreads each one's error onto the columns not yet visited. `w` is the
+/// dense weight (removed weights 0, or not: they are removed either way).
+pub fn round_kept(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    keep: &[bool],
+    damp: f64,
+    round: &(dyn Fn(usize, usize, f32) -> f32 + Sync),
+) -> Result<Pruned, GptqError> {
+    if keep.len() != rows * cols {
+        return Err(GptqError::WeightShape { n: rows, k: cols, found: keep.len() });
+    }
+    sweep(w, rows, cols, h, damp, BLOCK.min(cols), Rule::Round { keep, round })
+}
+
+/// The sweep over every row of `w`, in parallel chunks of rows.
+fn sweep(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    damp: f64,
+    block: usize,
+    rule: Rule<'_>,
+) -> Result<Pruned, GptqError> {
+    if w.len() != rows * cols {
+        return Err(GptqError::WeightShape { n: rows, k: cols, found: w.len() });
     }
     if !w.iter().all(|x| x.is_finite()) {
         return Err(GptqError::NonFinite("weight"));
     }
     let factored = Factored::new(h, cols, &GptqOptions { damp, block: BLOCK, act_order: false, clip: false })?;
-    let block = if m == cols || BLOCK.is_multiple_of(m) { BLOCK } else { (BLOCK / m).max(1) * m }.min(cols);
-    let units = units(cols, block, n, m);
-    let sweep = Sweep { k: cols, block, m: factored.factor(), dead: factored.dead(), units: &units };
+    let sweep = Sweep { k: cols, block, m: factored.factor(), dead: factored.dead(), rule };
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).clamp(16, 128);
-    let parts: Vec<Pruned> = w.par_chunks(chunk * cols).map(|wc| sweep.rows(wc)).collect();
+    let parts: Vec<Pruned> =
+        w.par_chunks(chunk * cols.max(1)).enumerate().map(|(i, wc)| sweep.rows(wc, i * chunk)).collect();
     let mut out = Pruned { values: Vec::with_capacity(w.len()), keep: Vec::with_capacity(w.len()), loss: 0.0 };
     for p in parts {
         out.values.extend(p.values);
@@ -108,6 +147,16 @@ fn units(cols: usize, block: usize, n: usize, m: usize) -> Vec<(usize, usize, us
     blocks.iter().zip(share).map(|(&(s, e), c)| (s, e, c)).collect()
 }
 
+/// What the sweep does with each weight when its column comes.
+enum Rule<'a> {
+    /// Choose the mask over these units (`(start, end, kept per row)`, in column order) as
+    /// the sweep reaches each, and keep the chosen weights as corrected.
+    Choose(&'a [(usize, usize, usize)]),
+    /// Keep the weights of a given mask (`[rows, cols]` row-major), each rounded by
+    /// `round(row, col, x)`.
+    Round { keep: &'a [bool], round: &'a (dyn Fn(usize, usize, f32) -> f32 + Sync) },
+}
+
 /// The per-layer state of the sweep, shared by the chunks of rows.
 struct Sweep<'a> {
     k: usize,
@@ -115,7 +164,7 @@ struct Sweep<'a> {
     /// The factor of the damped `H` ([`Factored::factor`]).
     m: &'a [f32],
     dead: &'a [bool],
-    units: &'a [(usize, usize, usize)],
+    rule: Rule<'a>,
 }
 
 impl Sweep<'_> {
@@ -163,8 +212,9 @@ impl Sweep<'_> {
         }
     }
 
-    /// Prunes the rows `w` (row-major, natural order).
-    fn rows(&self, w: &[f32]) -> Pruned {
+    /// Prunes the rows `w` (row-major, natural order), the first of which is the layer's
+    /// row `row0`.
+    fn rows(&self, w: &[f32], row0: usize) -> Pruned {
         // This thread may have run faer's kernels for another call.
         clear_upper_ymm();
         let (k, m) = (self.k, self.m);
@@ -179,8 +229,19 @@ impl Sweep<'_> {
         }
         let mut acc = vec![0f32; k * rows];
         let mut keep = vec![false; k * rows];
+        let (units, round) = match self.rule {
+            Rule::Choose(units) => (units, None),
+            Rule::Round { keep: given, round } => {
+                for r in 0..rows {
+                    for c in 0..k {
+                        keep[c * rows + r] = given[(row0 + r) * k + c];
+                    }
+                }
+                (&[][..], Some(round))
+            }
+        };
         let mut delta = vec![0f32; self.block * rows];
-        let mut units = self.units.iter().peekable();
+        let mut units = units.iter().peekable();
         let mut loss = 0.0f64;
         for i1 in (0..k).step_by(self.block) {
             let i2 = (i1 + self.block).min(k);
@@ -196,7 +257,11 @@ impl Sweep<'_> {
                 let d = &mut delta[(i - i1) * rows..(i - i1 + 1) * rows];
                 for r in 0..rows {
                     let x = column[r] + done[r] / mii;
-                    let v = if kept[r] { x } else { 0.0 };
+                    let v = match (kept[r], round) {
+                        (false, _) => 0.0,
+                        (true, None) => x,
+                        (true, Some(round)) => round(row0 + r, i, x),
+                    };
                     let e = mii * (x - v);
                     loss += e as f64 * e as f64;
                     d[r] = column[r] - v;
@@ -383,6 +448,43 @@ mod tests {
             assert!(e_sparse < 0.8 * e_wanda, "{n}:{m}: SparseGPT {e_sparse} against Wanda {e_wanda}");
             assert!(e_wanda < e_mag, "{n}:{m}: Wanda {e_wanda} against magnitude {e_mag}");
         }
+    }
+
+    /// With the mask SparseGPT chose fixed and nothing rounded, the sweep computes what
+    /// SparseGPT computed, bit for bit (37 rows: chunks that start past row 0).
+    #[test]
+    fn a_fixed_mask_reproduces_the_chosen_one() {
+        let (rows, k) = (37, 320);
+        let w = values(rows * k, 13);
+        let h = correlated(k, 600, 4);
+        for (n, m) in [(2, 4), (160, 320)] {
+            let p = sparsegpt(&w, rows, k, &h, (n, m), 0.01).unwrap();
+            let q = round_kept(&w, rows, k, &h, &p.keep, 0.01, &|_, _, x| x).unwrap();
+            assert_eq!(q, p, "{n}:{m}");
+        }
+    }
+
+    /// GPTQ on kept values: every kept value lands on the grid, every removed weight stays
+    /// 0, and the output error is well below that of rounding the kept values to nearest.
+    #[test]
+    fn rounding_kept_values_spreads_their_error() {
+        let (rows, k) = (24, 256);
+        let w = values(rows * k, 19);
+        let h = correlated(k, 512, 7);
+        let p = sparsegpt(&w, rows, k, &h, (2, 4), 0.01).unwrap();
+        // int4-like: 16 steps per row, the largest kept value at -8 or 7 steps.
+        let step: Vec<f32> = p.values.chunks(k).map(|r| r.iter().fold(0f32, |a, &b| a.max(b.abs())) / 7.0).collect();
+        let grid = |r: usize, _: usize, x: f32| (x / step[r]).round().clamp(-8.0, 7.0) * step[r];
+        let nearest: Vec<f32> =
+            p.values.iter().enumerate().map(|(i, &v)| if p.keep[i] { grid(i / k, 0, v) } else { 0.0 }).collect();
+        let q = round_kept(&p.values, rows, k, &h, &p.keep, 0.01, &grid).unwrap();
+        assert_eq!(q.keep, p.keep);
+        for (i, &v) in q.values.iter().enumerate() {
+            assert_eq!(v, if p.keep[i] { grid(i / k, 0, v) } else { 0.0 }, "at {i}");
+        }
+        let [e_nearest, e_swept] = [nearest, q.values].map(|v| output_error(&p.values, &v, rows, k, &h));
+        assert!(e_swept < 0.7 * e_nearest, "GPTQ {e_swept} against rounding {e_nearest}");
+        assert!(round_kept(&p.values, rows, k, &h, &p.keep[1..], 0.01, &grid).is_err());
     }
 
     #[test]

@@ -60,9 +60,13 @@
 //! whose `n` no group of its format divides (50% of 96-wide rows is 48) is stored as
 //! `n':cols` with the next `n'` that fits (a multiple of 32 under a budget), the added
 //! slots zeros (the same meaning), with a note; an `n:m` layer so placed stays as it is,
-//! with a note. Its values are rounded to nearest (with `clip`, scales weighted by each
-//! kept value's column's `H_jj`): GPTQ on the kept columns is not built, and under
-//! `method=gptq` a note says which layers were rounded. Its bytes, in the report and the
+//! with a note. Under `method=gptq` with statistics, its kept values are rounded by GPTQ
+//! over the dense columns with the mask fixed ([`crate::prune::sparsegpt::round_kept`]: each
+//! kept value's error spread onto the kept values of later columns, the removed weights
+//! held at 0), under scales fixed beforehand as rounding to nearest fits them; otherwise
+//! to nearest. Either way, with `clip` the scales are searched with each kept value
+//! weighted by its column's `H_jj`; the budget search measures a sparse layer's candidate
+//! formats rounded to nearest. Its bytes, in the report and the
 //! budget, are the values' in the format plus the mask's `rows * cols / 8`; its parameters
 //! are the dense `rows * cols`, as [`kiln_ir::Sparse::bits_per_weight`] counts (a 50%
 //! int8 layer is about 5 bits per weight). Its errors are measured over its dense rows.
@@ -81,6 +85,7 @@ use crate::allocate::{self, Choice as Candidate, Layer as Knapsack};
 use crate::calibration::{Calibration, Gram};
 use crate::layers::{apply_overrides, kind_of};
 use crate::options::{Args, OptionHelp, Options};
+use crate::prune::sparsegpt;
 use crate::{Context, Pass, PassError, PassReport, Probe};
 use clip::Grid;
 use gptq::GptqOptions;
@@ -679,13 +684,6 @@ pub fn quantize(
         .filter(|(l, f)| l.sparse.is_some() && **f != l.format)
         .map(|(l, _)| l.scope.as_str())
         .collect();
-    if options.method == Method::Gptq && !sparse.is_empty() {
-        notes.push(format!(
-            "{} sparse layers were rounded to nearest: GPTQ on a sparse layer's kept values is not built (e.g. {})",
-            sparse.len(),
-            sparse[0]
-        ));
-    }
     if options.lorc_rank > 0 && !sparse.is_empty() {
         notes.push(format!(
             "lorc_rank={}: {} sparse layers carry no correction (e.g. {})",
@@ -1312,10 +1310,68 @@ fn encode(
         (Format::Int(f), Method::Gptq, Some(g), None) => {
             gptq::gptq(&layer.values, n, k, &g.sum, f, opts).map_err(|e| e.to_string())?
         }
+        (Format::Int(f), Method::Gptq, None, _) if layer.sparse.as_ref().is_some_and(|s| s.gram.is_some()) => {
+            sparse_gptq(layer, f, opts)?
+        }
         _ => round(&layer.values, layer.importance(0..n).as_deref(), format, opts.clip.then_some(Grid::Fine))
             .map_err(|e| e.to_string())?,
     };
     Ok(Some(bytes))
+}
+
+/// GPTQ on a sparse layer's kept values ([`sparsegpt::round_kept`]), over its dense rows.
+/// The scales are rounding to nearest's (searched on `clip`'s grid when it is on), fixed
+/// before the sweep: a group of slots spans columns that differ from row to row, so no
+/// column of the sweep starts them all. Each kept value is then rounded under its group's
+/// scales when the sweep reaches its column, and its error spread onto the columns after
+/// it; the removed weights stay 0. Unused slots keep rounding's codes.
+fn sparse_gptq(layer: &Layer, f: IntFormat, opts: &GptqOptions) -> Result<Vec<u8>, String> {
+    let (Some(s), n, slots) = (&layer.sparse, layer.n as usize, layer.k as usize) else {
+        return Err("not a sparse layer".into());
+    };
+    let g = s.gram.as_ref().ok_or("no statistics")?;
+    let (cols, group) = (s.cols as usize, f.group as usize);
+    let rtn = round(&layer.values, layer.importance(0..n).as_deref(), Format::Int(f), opts.clip.then_some(Grid::Fine))
+        .map_err(|e| e.to_string())?;
+    let mut codes = vec![0u8; n * slots];
+    let scales: Vec<kiln_ir::BlockScales> = rtn
+        .chunks_exact(f.block_bytes())
+        .zip(codes.chunks_exact_mut(group))
+        .map(|(block, codes)| f.unpack_block(block, codes))
+        .collect();
+    if scales.len() * group != n * slots {
+        return Err(format!("{} blocks of scales for {n} rows of {slots} values", scales.len()));
+    }
+    // Each kept weight's slot, and the dense rows.
+    let mut slot = vec![u32::MAX; n * cols];
+    let mut dense = vec![0f32; n * cols];
+    let mut keep = vec![false; n * cols];
+    for r in 0..n {
+        for (j, c) in s.columns(r).into_iter().enumerate() {
+            if let Some(c) = c {
+                slot[r * cols + c] = j as u32;
+                dense[r * cols + c] = layer.values[r * slots + j];
+                keep[r * cols + c] = true;
+            }
+        }
+    }
+    let scale = |r: usize, c: usize| scales[(r * slots + slot[r * cols + c] as usize) / group];
+    let round = |r: usize, c: usize, x: f32| {
+        let s = scale(r, c);
+        f.value(s, f.code(s, x))
+    };
+    let swept = sparsegpt::round_kept(&dense, n, cols, &g.sum, &keep, opts.damp, &round).map_err(|e| e.to_string())?;
+    for (i, (&v, &j)) in swept.values.iter().zip(&slot).enumerate() {
+        if j != u32::MAX {
+            let (r, c) = (i / cols, i % cols);
+            codes[r * slots + j as usize] = f.code(scale(r, c), v);
+        }
+    }
+    let mut bytes = Vec::with_capacity(rtn.len());
+    for (s, c) in scales.iter().zip(codes.chunks_exact(group)) {
+        f.pack_block(*s, c, &mut bytes);
+    }
+    Ok(bytes)
 }
 
 /// The layer's output error relative to its output's energy, `|dW X|^2 / |W X|^2` over the
@@ -1520,45 +1576,83 @@ mod tests {
         kiln_ir::verify(&graph).unwrap();
     }
 
-    /// Under GPTQ a sparse layer is rounded to nearest, with a note, and its error is
-    /// measured over its dense rows against the dense `H`.
+    /// Under GPTQ a sparse layer's kept values are rounded by the masked sweep: no note,
+    /// rounding's scales and the mask stay, the removed weights stay 0, every kept value is
+    /// on its group's grid, and the output error over the dense rows (by hand, against the
+    /// dense `H`) is what the report says and well below rounding to nearest's.
     #[test]
-    fn a_sparse_layer_under_gptq_is_rounded_and_its_error_measured_densely() {
-        let (mut graph, dense, keep, values, _) = sparse_graph();
-        let x = graph.inputs()[0];
-        // H = diag(1 + j) + 0.1: positive definite, with correlated columns.
+    fn a_sparse_layer_under_gptq_spreads_its_errors_over_its_kept_values() {
+        // H = X^T X of inputs mixed from a few sources: strongly correlated columns.
+        let (t, sources) = (256, 6);
+        let (z, mix) = (crate::testing::values(t * sources, 3), crate::testing::values(sources * 128, 4));
+        let noise = crate::testing::values(t * 128, 5);
+        let x: Vec<f64> = (0..t * 128)
+            .map(|i| {
+                let (r, j) = (i / 128, i % 128);
+                (0..sources).map(|s| z[r * sources + s] as f64 * mix[s * 128 + j] as f64).sum::<f64>()
+                    + 0.1 * noise[i] as f64
+            })
+            .collect();
         let mut gram = Gram::new(128);
-        gram.sum =
-            (0..128 * 128).map(|i| if i / 128 == i % 128 { 1.0 + (i / 128) as f64 } else { 0.0 } + 0.1).collect();
-        gram.rows = 16;
-        let calibration = Calibration { inputs: [(x, gram.clone())].into_iter().collect(), tokens: 16 };
-        let options = QuantizeOptions { method: Method::Gptq, ..rtn(Choice::Int8) };
-        let report = quantize(&mut graph, &options, Some(&calibration), None, &|_, _, _| {}).unwrap();
-        assert_eq!(
-            report.notes,
-            ["1 sparse layers were rounded to nearest: GPTQ on a sparse layer's kept values is not built (e.g. fc)"]
-        );
-        let int8g64 = IntFormat::new(8, 64, false).unwrap();
-        assert_eq!(graph.store.get("w.values").unwrap().bytes.as_slice(), &int8g64.quantize(&values)[..]);
-        // The error over the dense rows, by hand: trace(dW H dW^T) / trace(W H W^T) with
-        // W the pruned weight and dW its meaning's difference from it.
-        let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
-        let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
-        let q = w.value(&graph.store, &[4, 128]).unwrap();
-        let pruned: Vec<f64> = dense.iter().zip(&keep).map(|(&v, &k)| if k { v as f64 } else { 0.0 }).collect();
-        let quad = |v: &[f64]| -> f64 {
-            (0..128).flat_map(|i| (0..128).map(move |j| (i, j))).map(|(i, j)| v[i] * gram.sum[i * 128 + j] * v[j]).sum()
+        gram.sum = (0..128 * 128).map(|i| (0..t).map(|r| x[r * 128 + i / 128] * x[r * 128 + i % 128]).sum()).collect();
+        gram.rows = t as u64;
+        let int4g32 = IntFormat::new(4, 32, false).unwrap();
+        let run = |method: Method| {
+            let (mut graph, dense, keep, values, mask) = sparse_graph();
+            let input = graph.inputs()[0];
+            let calibration = Calibration { inputs: [(input, gram.clone())].into_iter().collect(), tokens: t as u64 };
+            let options = QuantizeOptions { method, ..rtn(Choice::Int(int4g32)) };
+            let report = quantize(&mut graph, &options, Some(&calibration), None, &|_, _, _| {}).unwrap();
+            assert!(report.notes.is_empty(), "{method:?}: {:?}", report.notes);
+            assert_eq!(graph.store.get("w.mask").unwrap().bytes.as_slice(), &mask[..]);
+            let node = graph.node_ids().find(|&n| matches!(graph.node(n).op, Op::Weight(_))).unwrap();
+            let Op::Weight(w) = &graph.node(node).op else { unreachable!() };
+            let q = w.value(&graph.store, &[4, 128]).unwrap();
+            let stored = graph.store.get("w.values").unwrap().bytes.as_slice().to_vec();
+            // Every kept value is a code of its group's scales; removed weights are 0.
+            for r in 0..4 {
+                let mut slot = 0;
+                for c in 0..128 {
+                    let i = r * 128 + c;
+                    if !keep[i] {
+                        assert_eq!(q[i], 0.0, "{method:?} at ({r}, {c})");
+                        continue;
+                    }
+                    let block = &stored[(r * 2 + slot / 32) * 18..][..18];
+                    let scales = int4g32.unpack_block(block, &mut [0u8; 32]);
+                    assert_eq!(int4g32.value(scales, int4g32.code(scales, q[i])), q[i], "{method:?} at ({r}, {c})");
+                    slot += 1;
+                }
+            }
+            // The error over the dense rows, by hand: trace(dW H dW^T) / trace(W H W^T).
+            let pruned: Vec<f64> = dense.iter().zip(&keep).map(|(&v, &k)| if k { v as f64 } else { 0.0 }).collect();
+            let quad = |v: &[f64]| -> f64 {
+                (0..128)
+                    .flat_map(|i| (0..128).map(move |j| (i, j)))
+                    .map(|(i, j)| v[i] * gram.sum[i * 128 + j] * v[j])
+                    .sum()
+            };
+            let (mut error, mut energy) = (0.0, 0.0);
+            for r in 0..4 {
+                let row = &pruned[r * 128..(r + 1) * 128];
+                let d: Vec<f64> = row.iter().zip(&q[r * 128..(r + 1) * 128]).map(|(&w, &q)| q as f64 - w).collect();
+                error += quad(&d);
+                energy += quad(row);
+            }
+            let got = report.layers[0].error.expect("an error with calibration");
+            assert!((got - error / energy).abs() <= 1e-6 * (error / energy), "{got} against {}", error / energy);
+            assert_eq!(values.len(), 256);
+            (got, stored)
         };
-        let (mut error, mut energy) = (0.0, 0.0);
-        for r in 0..4 {
-            let row = &pruned[r * 128..(r + 1) * 128];
-            let d: Vec<f64> = row.iter().zip(&q[r * 128..(r + 1) * 128]).map(|(&w, &q)| q as f64 - w).collect();
-            error += quad(&d);
-            energy += quad(row);
+        let (rounded, rtn_bytes) = run(Method::Rtn);
+        let (swept, gptq_bytes) = run(Method::Gptq);
+        assert_eq!(rtn_bytes, int4g32.quantize(&sparse_graph().3), "rounding to nearest");
+        // The same scales (each block's first two bytes), other codes.
+        for (a, b) in rtn_bytes.chunks(18).zip(gptq_bytes.chunks(18)) {
+            assert_eq!(a[..2], b[..2]);
         }
-        let got = report.layers[0].error.expect("an error with calibration");
-        assert!((got - error / energy).abs() <= 1e-6 * (error / energy), "{got} against {}", error / energy);
-        assert!(got > 0.0);
+        assert_ne!(rtn_bytes, gptq_bytes);
+        assert!(swept < 0.7 * rounded, "GPTQ {swept} against rounding {rounded}");
     }
 
     /// W8A8 does not reach a sparse linear: its activations stay f32, and a note says so.
