@@ -83,6 +83,22 @@ pub trait Executor: Sync {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Calibration, String>;
 
+    /// Runs `graph` over the calibration rows and returns the value of every node in
+    /// `nodes` as rows of its last dimension (positions the inputs mark as padding left
+    /// out), the same tokens for every node, at most `max_rows` of them (the first),
+    /// keyed by those nodes. Analyses that compare activations token by token take these;
+    /// the default has none to give.
+    fn activations(
+        &self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        max_rows: usize,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<HashMap<NodeId, Vec<f32>>, String> {
+        let _ = (graph, nodes, max_rows, progress);
+        Err("this executor keeps no activations".into())
+    }
+
     /// Whether the executor has rows to probe with (held out of the statistics).
     fn can_probe(&self) -> bool;
 

@@ -10,6 +10,7 @@
 //!   rank, retained energy, or ranks allocated under a parameter budget), healed.
 //! - [`prune`]: sparsity (unstructured per row or N:M; magnitude or Wanda scores), stored
 //!   as kept values and a bitmask.
+//! - [`tie`]: layer tying; so far the similarity of blocks that it chooses groups from.
 //! - [`cleanup`]: `last_position` (an output at its last sequence position) and
 //!   `dead_code`.
 //!
@@ -39,6 +40,7 @@ pub mod quantize;
 pub mod report;
 #[cfg(test)]
 mod testing;
+pub mod tie;
 
 pub use context::{Context, Probe};
 pub use manager::{PassCall, PipelineError};

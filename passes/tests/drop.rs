@@ -7,71 +7,23 @@ mod common;
 use common::values;
 use kiln_interp::calibrate::{Calibrator, interpreter_engine};
 use kiln_interp::{Interpreter, Tensor, Value};
-use kiln_ir::TensorData;
 use kiln_passes::{Context, PassReport, manager};
 use std::collections::HashMap;
 
-const WIDTH: usize = 8;
-const HIDDEN: usize = 16;
-
-fn block(i: usize, input: usize) -> String {
-    let n = input + 1;
-    format!(
-        "  %{w1} = weight \"blk.{i}.up\" f32 : f32[{HIDDEN}, {WIDTH}] @blk.{i}.up
-  %{a} = linear %{input}, %{w1} : f32[r, {HIDDEN}] @blk.{i}.up
-  %{b} = relu %{a} : f32[r, {HIDDEN}] @blk.{i}
-  %{w2} = weight \"blk.{i}.down\" f32 : f32[{WIDTH}, {HIDDEN}] @blk.{i}.down
-  %{c} = linear %{b}, %{w2} : f32[r, {WIDTH}] @blk.{i}.down
-  %{d} = add %{input}, %{c} : f32[r, {WIDTH}] @blk.{i}
-",
-        w1 = n,
-        a = n + 1,
-        b = n + 2,
-        w2 = n + 3,
-        c = n + 4,
-        d = n + 5
-    )
-}
-
-/// A block's up and down weights.
-type Weights = (Vec<f32>, Vec<f32>);
+use common::stack::{HIDDEN, WIDTH, Weights, by_hand, residual_stack};
 
 /// Three blocks whose down projections are scaled by `scales`, and their weights.
 fn stack(scales: [f32; 3]) -> (kiln_ir::Graph, Vec<Weights>) {
-    let mut text = format!("graph g {{\n  %0 = input \"x\" : f32[r, {WIDTH}]\n");
-    for i in 0..3 {
-        text.push_str(&block(i, i * 6));
-    }
-    text.push_str("  output \"y\" = %18\n}\n");
-    let mut graph = kiln_ir::parse(&text).expect("the test IR parses");
-    let mut weights = Vec::new();
-    for (i, scale) in scales.iter().enumerate() {
-        let up = values(HIDDEN * WIDTH, 10 + i as u64);
-        let down: Vec<f32> = values(WIDTH * HIDDEN, 20 + i as u64).iter().map(|v| v * scale).collect();
-        graph.store.insert(format!("blk.{i}.up"), TensorData::from_f32(vec![HIDDEN as u64, WIDTH as u64], &up));
-        graph.store.insert(format!("blk.{i}.down"), TensorData::from_f32(vec![WIDTH as u64, HIDDEN as u64], &down));
-        weights.push((up, down));
-    }
-    graph.layers = kiln_ir::LayerTable::derive(&graph);
-    (graph, weights)
-}
-
-/// The stack by hand, running only the blocks in `kept`.
-fn by_hand(x: &[f32], weights: &[Weights], kept: &[usize]) -> Vec<f32> {
-    let mut out = Vec::new();
-    for row in x.chunks(WIDTH) {
-        let mut h = row.to_vec();
-        for &i in kept {
-            let (up, down) = &weights[i];
-            let a: Vec<f32> =
-                (0..HIDDEN).map(|o| (0..WIDTH).map(|j| up[o * WIDTH + j] * h[j]).sum::<f32>().max(0.0)).collect();
-            for (o, h) in h.iter_mut().enumerate() {
-                *h += (0..HIDDEN).map(|j| down[o * HIDDEN + j] * a[j]).sum::<f32>();
-            }
-        }
-        out.extend(h);
-    }
-    out
+    let weights: Vec<Weights> = scales
+        .iter()
+        .enumerate()
+        .map(|(i, scale)| {
+            let up = values(HIDDEN * WIDTH, 10 + i as u64);
+            let down: Vec<f32> = values(WIDTH * HIDDEN, 20 + i as u64).iter().map(|v| v * scale).collect();
+            (up, down)
+        })
+        .collect();
+    (residual_stack(&weights), weights)
 }
 
 fn run(

@@ -1,5 +1,6 @@
 //! `kiln`: the command-line compiler. Thin: it parses flags and calls the crates.
 
+mod analyze;
 mod bench;
 mod compile;
 mod eval;
@@ -88,6 +89,38 @@ enum Command {
         /// artifact), mapped when it starts, instead of inside it.
         #[arg(long)]
         weights_beside: bool,
+    },
+    /// Analyze a model before compressing it: --similarity compares its blocks pair by pair.
+    #[command(after_help = "--similarity: for every pair of blocks (the model's stack, `blk.3` or `encoder.layer.3`),
+the cosine of their matrices of each role (a layer PREFIX.ROLE of each block, flattened),
+and with --calib, of the blocks' output deltas (what each block adds to the residual stream,
+token by token): their mean cosine over tokens, and linear CKA (alike up to rotation and
+scale). Up to 1024 calibration tokens are compared. It is what `tie` chooses groups from.
+
+The text gives each table as a matrix and its five most alike pairs; --json gives the tables
+as {\"blocks\", \"tokens\", \"weights\": {ROLE: [[...]]}, \"outputs\": {\"cosine\", \"cka\"}} (null:
+no value, e.g. matrices of different shapes); --plot FILE.svg draws one heatmap per table.
+
+Example:
+  kiln analyze smollm2.kiln -w model.gguf --calib calib.safetensors --similarity --plot similarity.svg")]
+    Analyze {
+        /// The model spec (.kiln source) or a compiled artifact (`kiln compile`).
+        spec: PathBuf,
+        /// Checkpoint (safetensors or GGUF); not with an artifact.
+        #[arg(long, short)]
+        weights: Option<PathBuf>,
+        /// Calibration inputs (safetensors, one sequence per row), for the output comparisons.
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Compare the blocks pair by pair.
+        #[arg(long)]
+        similarity: bool,
+        /// Write the heatmaps as SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what the passes did to an artifact: per layer its format, bits, bytes and error.
     #[command(
@@ -307,6 +340,9 @@ fn main() -> Result<()> {
                 activations,
                 weights_beside,
             })?;
+        }
+        Command::Analyze { spec, weights, calib, similarity, plot, json } => {
+            analyze::analyze(analyze::AnalyzeArgs { spec, weights, calib, similarity, plot, json })?;
         }
         Command::Report { artifact, json, plot } => report::report(&artifact, json, plot.as_deref())?,
         Command::Run { spec, weights, input, output, text, tokenizer, exec } => {

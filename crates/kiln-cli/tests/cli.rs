@@ -1889,3 +1889,56 @@ fn heads_and_channels_shrink_compile_run_and_report() {
     ]);
     assert!(String::from_utf8_lossy(&err.stderr).contains("run two calls"), "structured and masks are two calls");
 }
+
+/// `kiln analyze --similarity` on the tiny decoder (two blocks whose MLPs differ in width):
+/// JSON tables that are symmetric with 1 on the diagonal, null for matrices of different
+/// shapes and for a role one block lacks, output tables over the calibration tokens; the
+/// text names the tables; the plot is an SVG of one heatmap per table. Without
+/// --similarity, an error that says what to ask for.
+#[test]
+fn analyze_similarity_prints_tables_and_plots() {
+    let (dir, weights) = tiny_setup("similarity");
+    let calib = dir.join("calib.safetensors");
+    let rows: Vec<i64> = (0..96).map(|i| (i * 5 % 32) as i64).collect();
+    let mut mask = vec![1i64; 96];
+    mask[95] = 0; // one padded position: not a token
+    write_safetensors(&calib, &[i64s("input_ids", &[8, 12], &rows), i64s("attention_mask", &[8, 12], &mask)]);
+    let svg = dir.join("similarity.svg");
+    let spec = tiny_spec();
+    let out = ok(&[
+        "analyze",
+        &spec,
+        "-w",
+        &s(&weights),
+        "--calib",
+        &s(&calib),
+        "--similarity",
+        "--json",
+        "--plot",
+        &s(&svg),
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert_eq!(json["blocks"], serde_json::json!(["layers.0", "layers.1"]));
+    assert_eq!(json["tokens"], 95);
+    let weights_tables = json["weights"].as_object().expect("weights");
+    let roles: Vec<&str> = weights_tables.keys().map(|k| k.as_str()).collect();
+    assert!(roles.contains(&"attn.q") && roles.contains(&"mlp.down"), "{roles:?}");
+    // Same-shape attention matrices compare; the MLPs (24 and 40 wide) do not.
+    let q = &weights_tables["attn.q"];
+    assert_eq!(q[0][0], 1.0);
+    assert_eq!(q[0][1], q[1][0]);
+    assert!(q[0][1].as_f64().is_some_and(|c| c.abs() < 0.99), "{q}");
+    assert!(weights_tables["mlp.up"][0][1].is_null(), "{}", weights_tables["mlp.up"]);
+    for name in ["cosine", "cka"] {
+        let t = &json["outputs"][name];
+        assert!((t[1][1].as_f64().unwrap() - 1.0).abs() < 1e-6, "{name}: {t}");
+        assert_eq!(t[0][1], t[1][0], "{name}");
+    }
+    let plot = std::fs::read_to_string(&svg).expect("the plot is written");
+    assert!(plot.starts_with("<svg") && plot.contains("outputs: cka") && plot.contains("weights: attn.q"));
+
+    let text = ok(&["analyze", &spec, "-w", &s(&weights), "--similarity"]);
+    assert!(text.contains("weight cosine: attn.q") && text.contains("most alike: 0~1"), "{text}");
+    assert!(text.contains("--calib compares the blocks' outputs too"), "{text}");
+    fails(&["analyze", &spec, "-w", &s(&weights)], &["--similarity"]);
+}

@@ -94,6 +94,16 @@ impl Executor for Calibrator {
         second_moments(graph, &self.statistics, nodes, progress)
     }
 
+    fn activations(
+        &self,
+        graph: &Graph,
+        nodes: &[NodeId],
+        max_rows: usize,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<HashMap<NodeId, Vec<f32>>, String> {
+        activations(graph, &self.statistics, nodes, max_rows, progress)
+    }
+
     fn can_probe(&self) -> bool {
         self.probe.is_some()
     }
@@ -359,6 +369,54 @@ pub fn second_moments(
         progress(end, rows);
     }
     Ok(calibration)
+}
+
+/// [`Executor::activations`] on the interpreter: `inputs` run a few sequences at a time
+/// until `max_rows` tokens (padding left out) are in, and every node of `nodes` keeps its
+/// value's rows of those tokens.
+pub fn activations(
+    graph: &Graph,
+    inputs: &Inputs,
+    nodes: &[NodeId],
+    max_rows: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<HashMap<NodeId, Vec<f32>>, String> {
+    let rows = inputs.values().next().and_then(|v| v.shape().first().copied()).unwrap_or(0);
+    let mut widths: HashMap<NodeId, usize> = HashMap::new();
+    for &n in nodes {
+        let k = graph.node(n).ty.shape.last().and_then(|d| d.known());
+        widths.insert(n, k.ok_or_else(|| format!("{}: no known last dimension", graph.node(n).scope))? as usize);
+    }
+    let trimmed = f32_trunk(graph);
+    let interp = Interpreter::new(&trimmed).map_err(|e| e.to_string())?;
+    let mut out: HashMap<NodeId, Vec<f32>> = nodes.iter().map(|&n| (n, Vec::new())).collect();
+    let mut taken = 0;
+    for start in (0..rows).step_by(BATCH) {
+        if taken >= max_rows {
+            break;
+        }
+        let end = (start + BATCH).min(rows);
+        let chunk: Inputs = inputs.iter().map(|(k, v)| (k.clone(), v.rows(start, end))).collect();
+        let keep = kept_positions(&chunk);
+        let room = max_rows - taken;
+        let mut got = 0;
+        interp
+            .run_observed(&chunk, &mut |id, value| {
+                let (Some(&k), Some(x)) = (widths.get(&id), value.as_f32()) else { return };
+                let rows: Vec<f32> = kept_rows(&x.data, k, keep.as_deref()).take(room * k).collect();
+                got = rows.len() / k;
+                out.entry(id).or_default().extend(rows);
+            })
+            .map_err(|e| format!("cannot run calibration rows {start}..{end}: {e}"))?;
+        taken += got;
+        progress(end, rows);
+    }
+    for (&n, v) in &out {
+        if v.len() != taken * widths[&n] {
+            return Err(format!("{}: not one row per token (a value of another shape)", graph.node(n).scope));
+        }
+    }
+    Ok(out)
 }
 
 /// The calibration inputs split in two: the first rows, about [`PROBE_TOKENS`] tokens, that
