@@ -178,6 +178,7 @@ pub const REGISTRY: &[Entry] = &[
     entry::<crate::factorize::Factorize>(),
     entry::<crate::prune::Prune>(),
     entry::<crate::prune::drop::Drop>(),
+    entry::<crate::tie::Tie>(),
     entry::<crate::cleanup::LastPosition>(),
     entry::<crate::cleanup::DeadCode>(),
 ];
@@ -295,10 +296,10 @@ mod tests {
     fn unknown_passes_and_options_are_errors_that_list_the_known_ones() {
         let check = |text: &str| check(&parse(text).unwrap(), true, &[]).map_err(|e| e.to_string());
         assert!(check("quantize(bits=4.5); last_position(output=logits, axis=1); dead_code").is_ok());
-        let err = check("tie(keep=0.9)").unwrap_err();
+        let err = check("merge(keep=0.9)").unwrap_err();
         assert!(
-            err.contains("unknown pass `tie`")
-                && err.contains("quantize, factorize, prune, drop, last_position, dead_code"),
+            err.contains("unknown pass `merge`")
+                && err.contains("quantize, factorize, prune, drop, tie, last_position, dead_code"),
             "{err}"
         );
         let err = check("quantize(bits=4.5, bitz=3)").unwrap_err();

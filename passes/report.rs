@@ -8,6 +8,7 @@ use crate::prune::PruneReport;
 use crate::prune::drop::DropReport;
 use crate::prune::structured::StructuredReport;
 use crate::quantize::QuantizeReport;
+use crate::tie::TieReport;
 use serde_json::{Value as Json, json};
 
 /// What a pass reports about its work.
@@ -17,6 +18,7 @@ pub enum PassReport {
     Factorize(FactorizeReport),
     Prune(PruneReport),
     Drop(DropReport),
+    Tie(TieReport),
     /// A structured `prune` (heads and channels).
     Structured(StructuredReport),
     /// A clean-up pass: how many nodes it removed or rewrote, and notes.
@@ -35,6 +37,7 @@ impl PassReport {
             PassReport::Factorize(f) => &f.notes,
             PassReport::Prune(p) => &p.notes,
             PassReport::Drop(d) => &d.notes,
+            PassReport::Tie(t) => &t.notes,
             PassReport::Structured(s) => &s.notes,
             PassReport::Cleanup { notes, .. } => notes,
         }
@@ -47,6 +50,7 @@ impl PassReport {
             PassReport::Factorize(f) => factorize_json(f),
             PassReport::Prune(p) => prune_json(p),
             PassReport::Drop(d) => drop_json(d),
+            PassReport::Tie(t) => tie_json(t),
             PassReport::Structured(s) => structured_json(s),
             PassReport::Cleanup { pass, nodes, notes } => json!({"pass": pass, "nodes": nodes, "notes": notes}),
         }
@@ -132,6 +136,23 @@ fn drop_json(d: &DropReport) -> Json {
         }).collect::<Vec<Json>>(),
         "probe_refit": d.probe_refit.map(probes_json),
         "params": d.dropped.iter().map(|b| b.params).sum::<u64>(), "notes": d.notes,
+    })
+}
+
+fn tie_json(t: &TieReport) -> Json {
+    let tied: Vec<Json> = t
+        .tied
+        .iter()
+        .map(|r| {
+            json!({
+                "role": r.role, "layers": r.layers, "rows": r.rows, "cols": r.cols, "rank": r.rank,
+                "params_before": r.params_before, "params": r.params, "errors": r.errors,
+            })
+        })
+        .collect();
+    json!({
+        "pass": "tie", "delta_rank": t.delta_rank, "tied": tied,
+        "params_before": t.params_before(), "params": t.params(), "notes": t.notes,
     })
 }
 

@@ -813,6 +813,14 @@ fn find_layers(graph: &Graph, calibration: Option<&Calibration>) -> Result<Vec<L
                     names.extend(layer.role(role).map(|n| (n, format!("{name}.{role}"))));
                 }
             }
+            // A shared weight is named after the first of its layers and quantized once.
+            None if layer.is_tied() => {
+                for role in [Role::SharedBase, Role::DeltaA, Role::DeltaB] {
+                    for n in layer.role(role) {
+                        names.entry(n).or_insert_with(|| format!("{name}.{role}"));
+                    }
+                }
+            }
             None => {}
         }
     }

@@ -159,6 +159,15 @@ pub fn summarize(ran: &[Ran]) {
                     dropped.join(", ")
                 );
             }
+            PassReport::Tie(t) => {
+                eprintln!(
+                    "{call}: {} roles tied (delta rank {}); {} -> {} parameters in the tied layers",
+                    t.tied.len(),
+                    t.delta_rank,
+                    t.params_before(),
+                    t.params()
+                );
+            }
             PassReport::Structured(s) => {
                 let by_kind = |kind: Kind| {
                     let (units, kept) =

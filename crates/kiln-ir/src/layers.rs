@@ -37,8 +37,12 @@
 //!
 //! A sparse weight has no role of its own: its mask is one of the tensors of its weight
 //! node ([`crate::sparse`]), so a pruned layer's main weight is simply a sparse weight.
-//! - `shared_base`, `delta`: a tied weight shared between layers and this layer's low-rank
-//!   delta from it (for the tie pass).
+//! - `shared_base`, `delta_a`, `delta_b`: a tied layer (the `tie` pass). Its linears read
+//!   the `shared_base` weight `S [n, k]`, one node that every layer of its group lists
+//!   (the one weight node several layers name), instead of a main weight of their own; the
+//!   layer's own low-rank delta, `A [n, r]` and `B [r, k]`, adds `A (B x)` to each of its
+//!   linears' outputs (the layer's matrix is `S + A B`). A tied layer has no `main` entry
+//!   and at most one delta.
 //!
 //! # Where the table comes from
 //! The front end fills it with [`LayerTable::derive`]. Passes that add weights to a layer
@@ -59,20 +63,22 @@ pub enum Role {
     CorrectionA,
     CorrectionB,
     SharedBase,
-    Delta,
+    DeltaA,
+    DeltaB,
     TtCore,
     ColumnScale,
 }
 
 impl Role {
-    pub const ALL: [Role; 9] = [
+    pub const ALL: [Role; 10] = [
         Role::Main,
         Role::LowRankU,
         Role::LowRankV,
         Role::CorrectionA,
         Role::CorrectionB,
         Role::SharedBase,
-        Role::Delta,
+        Role::DeltaA,
+        Role::DeltaB,
         Role::TtCore,
         Role::ColumnScale,
     ];
@@ -86,7 +92,8 @@ impl Role {
             Role::CorrectionA => "correction_a",
             Role::CorrectionB => "correction_b",
             Role::SharedBase => "shared_base",
-            Role::Delta => "delta",
+            Role::DeltaA => "delta_a",
+            Role::DeltaB => "delta_b",
             Role::TtCore => "tt_core",
             Role::ColumnScale => "column_scale",
         }
@@ -130,6 +137,13 @@ impl Layer {
     /// Whether the layer is a tensor train: no main weight, and at least two `tt_core`s.
     pub fn is_train(&self) -> bool {
         self.main().is_none() && self.role(Role::TtCore).count() >= 2
+    }
+
+    /// Whether the layer is tied: no main weight, one `shared_base`, and at most one delta
+    /// (`delta_a` with `delta_b`).
+    pub fn is_tied(&self) -> bool {
+        let (a, b) = (self.role(Role::DeltaA).count(), self.role(Role::DeltaB).count());
+        self.main().is_none() && self.role(Role::SharedBase).count() == 1 && a == b && a <= 1
     }
 
     /// The weights in `role`, in recorded order.
@@ -205,7 +219,7 @@ impl LayerTable {
         for layer in self.layers.values_mut() {
             layer.weights.retain(|&(_, n)| n != id);
         }
-        self.layers.retain(|_, l| l.main().is_some() || l.is_factored() || l.is_train());
+        self.layers.retain(|_, l| l.main().is_some() || l.is_factored() || l.is_train() || l.is_tied());
     }
 
     /// The main weight of layer `name`.

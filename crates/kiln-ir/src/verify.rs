@@ -132,9 +132,9 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             }
         }
         let mains = layer.role(Role::Main).count();
-        if mains != 1 && !layer.is_factored() && !layer.is_train() {
+        if mains != 1 && !layer.is_factored() && !layer.is_train() && !layer.is_tied() {
             return Err(fail(format!(
-                "a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores), this one has {mains}"
+                "a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores, or, tied, one shared_base and at most one delta_a and delta_b), this one has {mains}"
             )));
         }
     }

@@ -186,16 +186,16 @@ fn remove_dead_drops_the_entries_of_removed_nodes() {
 fn verifier_checks_the_layer_table() {
     let with = |layers: &str| LAYERS.replace("  layer \"down\" = main %10\n", layers);
     assert_eq!(
-        verify_error(&with("  layer \"down\" = main %10, delta %11\n")),
-        "layer \"down\": its delta entry %11 is a linear, not a weight"
+        verify_error(&with("  layer \"down\" = main %10, delta_a %11\n")),
+        "layer \"down\": its delta_a entry %11 is a linear, not a weight"
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = main %10, main %6\n")),
-        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores), this one has 2"
+        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores, or, tied, one shared_base and at most one delta_a and delta_b), this one has 2"
     );
     assert_eq!(
-        verify_error(&with("  layer \"down\" = delta %10\n")),
-        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores), this one has 0"
+        verify_error(&with("  layer \"down\" = delta_a %10\n")),
+        "layer \"down\": a layer has exactly one main weight (or, factorized, one lowrank_u and one lowrank_v, or two or more tt_cores, or, tied, one shared_base and at most one delta_a and delta_b), this one has 0"
     );
     assert_eq!(
         verify_error(&with("  layer \"down\" = main %10, shared_base %10\n")),
@@ -208,7 +208,7 @@ fn layer_lines_parse_errors() {
     let err = |t: &str| parse(t).expect_err("must not parse").to_string();
     assert_eq!(
         err(&LAYERS.replace("main %10", "base %10")),
-        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, shared_base, delta, tt_core, column_scale)"
+        "17:18: unknown role `base` (expected one of main, lowrank_u, lowrank_v, correction_a, correction_b, shared_base, delta_a, delta_b, tt_core, column_scale)"
     );
     assert_eq!(
         err(&LAYERS.replace("\"down\" = main %10", "\"embd\" = main %10")),
