@@ -181,6 +181,16 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
         if !drops.is_empty() {
             json["dropped"] = Json::Array(drops);
         }
+        let tied: Vec<Json> = passes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["report"]["pass"] == "tie")
+            .flat_map(|p| p["report"]["tied"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if !tied.is_empty() {
+            json["tied"] = Json::Array(tied);
+        }
         let groups: Vec<Json> = reports
             .iter()
             .filter(|p| structured(p))
@@ -365,6 +375,33 @@ pub fn report(path: &Path, as_json: bool, plot: Option<&Path>) -> Result<()> {
             dropped.join(", "),
             r["params"].as_u64().unwrap_or(0)
         );
+        for note in r["notes"].as_array().into_iter().flatten() {
+            println!("note: {}", note.as_str().unwrap_or_default());
+        }
+    }
+    // Each tie: per role tied across a group, its members, the shared weight's shape, the
+    // deltas' rank, the parameters before and after and each member's measured error.
+    for t in passes.as_array().into_iter().flatten().filter(|p| p["report"]["pass"] == "tie") {
+        let r = &t["report"];
+        for g in r["tied"].as_array().into_iter().flatten() {
+            let members: Vec<&str> = g["layers"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
+            let errors: Vec<String> = g["errors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e.as_f64().map_or("-".to_string(), |e| format!("{e:.4}")))
+                .collect();
+            println!(
+                "tie: {} share [{}, {}] with deltas of rank {}; {} -> {} parameters; errors {}",
+                members.join(" + "),
+                g["rows"].as_u64().unwrap_or(0),
+                g["cols"].as_u64().unwrap_or(0),
+                g["rank"].as_u64().unwrap_or(0),
+                g["params_before"].as_u64().unwrap_or(0),
+                g["params"].as_u64().unwrap_or(0),
+                errors.join(", ")
+            );
+        }
         for note in r["notes"].as_array().into_iter().flatten() {
             println!("note: {}", note.as_str().unwrap_or_default());
         }

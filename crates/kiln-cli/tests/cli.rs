@@ -1983,6 +1983,13 @@ fn tied_blocks_compile_run_and_store_once() {
     let (interp, jit) = (run("interp"), run("jit"));
     let worst = interp.iter().zip(&jit).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(worst < 1e-3, "the engines differ by {worst}");
+    let table = ok(&["report", &s(&tied)]);
+    assert!(
+        table.contains("tie: layers.0.attn.q + layers.1.attn.q share [16, 16] with deltas of rank 2; 512 -> 384 parameters; errors 0."),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(ok(&["report", &s(&tied), "--json"]).trim()).expect("JSON");
+    assert_eq!(json["tied"].as_array().map(|t| t.len()), Some(4), "{json}");
     // The weights' bytes (on a model this small the IR text and reports weigh more): the
     // four shared matrices are stored once, 3072 bytes, and each block's rank-2 deltas take
     // 896, so 1280 bytes fewer.
