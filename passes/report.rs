@@ -152,6 +152,9 @@ fn tie_json(t: &TieReport) -> Json {
         .collect();
     json!({
         "pass": "tie", "delta_rank": t.delta_rank, "tied": tied,
+        "candidates": t.candidates.iter().map(|c| json!({
+            "blocks": c.blocks, "cosine": c.cosine, "probe": c.probe, "saved": c.saved, "chosen": c.chosen,
+        })).collect::<Vec<Json>>(),
         "params_before": t.params_before(), "params": t.params(), "notes": t.notes,
     })
 }

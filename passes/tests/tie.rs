@@ -39,8 +39,8 @@ fn tie(graph: &mut kiln_ir::Graph, pipeline: &str, calibrator: Option<&Calibrato
     report.clone()
 }
 
-/// `S` minimizes `sum_l |(W_l - S) X_l|^2 + damp |S|^2`: the gradient
-/// `sum_l (S - W_l) H_l + damp S` vanishes.
+/// `S` minimizes `sum_l |(W_l - S) X_l|^2 + damp |S - M|^2`, `M` the mean: the gradient
+/// `sum_l (S - W_l) H_l + damp (S - M)` vanishes.
 #[test]
 fn the_shared_weight_is_the_least_squares_fit() {
     let (n, k, t) = (5, 12, 40);
@@ -71,7 +71,8 @@ fn the_shared_weight_is_the_least_squares_fit() {
     let scale = s.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * total.iter().fold(0f64, |m, &v| m.max(v.abs()));
     for i in 0..n {
         for j in 0..k {
-            let mut gradient = damp * s[i * k + j] as f64;
+            let mean = ws.iter().map(|w| w[i * k + j] as f64).sum::<f64>() / ws.len() as f64;
+            let mut gradient = damp * (s[i * k + j] as f64 - mean);
             for (w, g) in ws.iter().zip(&grams) {
                 gradient += (0..k).map(|c| (s[i * k + c] - w[i * k + c]) as f64 * g.sum[c * k + j]).sum::<f64>();
             }
@@ -145,4 +146,36 @@ fn bad_groups_are_errors() {
             .unwrap_err();
         assert!(err.contains(message), "{pipeline}: {err}");
     }
+}
+
+/// `keep=F` with one pair needed: of the three pairs, tying blocks 0 and 2 (the same
+/// weights) changes nothing, so the probe chooses them, and the model computes what it
+/// did.
+#[test]
+fn keep_chooses_the_pair_the_probe_finds_closest() {
+    let mut weights: Vec<Weights> =
+        (0..3).map(|i| (values(HIDDEN * WIDTH, 30 + i), values(WIDTH * HIDDEN, 40 + i))).collect();
+    weights[2] = weights[0].clone();
+    let mut graph = residual_stack(&weights);
+    let x = values(64 * WIDTH, 6);
+    let calibrator = Calibrator::new(&graph, inputs(&x), true, interpreter_engine()).expect("calibrates");
+    // 3 blocks of 256 parameters; one pair without deltas saves 256, and keep=0.7 needs 231.
+    let report = tie(&mut graph, "tie(keep=0.7, delta_rank=0)", Some(&calibrator));
+    assert_eq!(report.candidates.len(), 3, "every pair is measured");
+    let chosen: Vec<[usize; 2]> = report.candidates.iter().filter(|c| c.chosen).map(|c| c.blocks).collect();
+    assert_eq!(chosen, [[0, 2]]);
+    let probe = |a: usize, b: usize| report.candidates.iter().find(|c| c.blocks == [a, b]).unwrap().probe;
+    let (p02, p01, p12) = (probe(0, 2), probe(0, 1), probe(1, 2));
+    assert!(p02 < 1e-9 && p01.min(p12) > 1e-6, "{p02} against {p01}, {p12}");
+    assert_eq!(report.params_before() - report.params(), 256);
+    // The fit of two equal weights is that weight.
+    let want = by_hand(&x, &weights, &[0, 1, 2]);
+    let got = outputs(&graph, &x);
+    assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5));
+
+    // Without calibration, keep=F is refused before anything runs.
+    let (mut graph, _) = stack();
+    let calls = manager::parse("tie(keep=0.7)").unwrap();
+    let err = manager::run(&mut graph, &calls, &Context::empty(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("pass --calib"), "{err}");
 }

@@ -7,12 +7,18 @@
 //!   `PREFIX.ROLE` of each block: `attn_q`, `ffn_down`) that every member has as a dense
 //!   matrix of one shape, read only by linears, is tied. A role that some member lacks, or
 //!   has in another shape or form (factorized, sparse, tied), stays as it is, with a note.
-//!   Choosing the groups from the similarity and the probe (`keep=F`) is not built yet.
+//! - **Chosen pairs** (`keep=F`, with `--calib`): pairs of blocks, adjacent or not, until the
+//!   blocks store the fraction `F` of their parameters (shared weights once, deltas
+//!   counted). The candidates are the pairs whose output deltas are most alike
+//!   ([`similarity`]'s mean cosine), each tied alone on a copy and measured end to end by
+//!   the probe; the closest go first, disjoint ([`choose_pairs`]). Groups of more than two
+//!   are only forced so far.
 //! - **The shared weight** of members with weights `W_l` and input Grams `H_l` is the
 //!   least-squares fit over the group, `S = (sum_l W_l H_l) (sum_l H_l)^-1`, which
 //!   minimizes `sum_l |(W_l - S) X_l|^2`, the members' output errors summed over the
-//!   calibration rows (the Gram damped by [`DAMP`] of its mean diagonal). Without
-//!   calibration, the mean of the `W_l` (the same fit with every `H_l = I`).
+//!   calibration rows, plus `d |S - M|^2` toward their mean `M` (`d` is [`DAMP`] of the
+//!   summed Gram's mean diagonal). Without calibration, the mean (the same fit with every
+//!   `H_l = I`).
 //! - **Deltas** (`delta_rank=R`, default 64): each member keeps `W_l - S` truncated to rank
 //!   `R` by an SVD whitened by its own inputs (`factorize`'s [`Spectrum`]; plain without
 //!   calibration), as `A [n, R]` and `B [R, k]` in f32: its matrix is `S + A B`, which at
@@ -25,8 +31,9 @@
 //!   outputs (the form of LoRC's corrections). The members' own weights and tensors go, so
 //!   an artifact stores `S` once.
 //!
-//! Not built yet: healing the deltas on the tied model's own activations, the choice of
-//! groups, and kernels that run a member as the shared kernel and its delta in one pass.
+//! Not built yet: healing the deltas on the tied model's own activations, deltas' ranks
+//! allocated under the budget, and kernels that run a member as the shared kernel and its
+//! delta in one pass.
 
 pub mod similarity;
 
@@ -55,10 +62,24 @@ impl Pass for Tie {
     const SUMMARY: &'static str = "share weights between blocks: groups=[[i,j],...] ties each matrix role the blocks of a group have alike to one least-squares shared weight, each block keeping a whitened low-rank delta (delta_rank=R)";
     type Options = TieOptions;
 
+    fn probes(options: &TieOptions) -> bool {
+        matches!(options.groups, Groups::Keep(_))
+    }
+
     fn run(graph: &mut Graph, options: &TieOptions, ctx: &Context) -> Result<PassReport, PassError> {
+        let fail = |e: String| PassError::not_applicable(PASS, e);
         let calibration = ctx.calibration(graph)?;
-        let report = tie(graph, options, calibration.as_deref(), ctx.progress)
-            .map_err(|e| PassError::not_applicable(PASS, e))?;
+        let (groups, candidates) = match &options.groups {
+            Groups::Forced(groups) => (groups.clone(), Vec::new()),
+            Groups::Keep(keep) => {
+                let executor = ctx.executor().ok_or_else(|| fail("keep=F needs --calib".into()))?;
+                let probe = ctx.probe().ok_or_else(|| fail("keep=F needs calibration rows to probe with".into()))?;
+                let choice = Choice { keep: *keep, delta_rank: options.delta_rank };
+                choose_pairs(graph, &choice, executor, calibration.as_deref(), &*probe, ctx.progress).map_err(fail)?
+            }
+        };
+        let mut report = tie(graph, &groups, options.delta_rank, calibration.as_deref(), ctx.progress).map_err(fail)?;
+        report.candidates = candidates;
         Ok(PassReport::Tie(report))
     }
 }
@@ -66,10 +87,18 @@ impl Pass for Tie {
 /// `tie`'s options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TieOptions {
-    /// Groups of block indices, each of two or more, no block in two.
-    pub groups: Vec<Vec<usize>>,
+    pub groups: Groups,
     /// The rank of each member's delta (0: none).
     pub delta_rank: usize,
+}
+
+/// Which blocks share weights.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Groups {
+    /// Groups of block indices, each of two or more, no block in two.
+    Forced(Vec<Vec<usize>>),
+    /// Pairs chosen until the blocks store this fraction of their parameters.
+    Keep(f64),
 }
 
 impl Options for TieOptions {
@@ -81,6 +110,12 @@ impl Options for TieOptions {
             help: "groups of blocks, by index, that share their weights: each matrix role the members have alike becomes one least-squares fit over the group (over their calibration inputs, or the mean without --calib)",
         },
         OptionHelp {
+            name: "keep",
+            values: "F",
+            default: "-",
+            help: "instead of groups: pairs of blocks chosen until the blocks store the fraction F of their parameters (shared weights counted once, deltas counted); the candidates are the pairs whose output deltas are most alike on the calibration rows, each tied alone and measured end to end by the probe, the closest taken first (needs --calib)",
+        },
+        OptionHelp {
             name: "delta_rank",
             values: "R",
             default: "64",
@@ -90,7 +125,21 @@ impl Options for TieOptions {
 
     fn parse(args: &mut Args) -> Result<TieOptions, PassError> {
         let groups = args.get_with("groups", parse_groups)?;
-        let groups = groups.ok_or_else(|| args.error("give groups=[[i,j],...]: the blocks that share weights"))?;
+        let keep = args.get_with("keep", |v| match v.parse::<f64>() {
+            Ok(f) if f > 0.0 && f < 1.0 => Ok(f),
+            _ => Err("expected a fraction 0 < F < 1".to_string()),
+        })?;
+        let groups = match (groups, keep) {
+            (Some(g), None) => Groups::Forced(g),
+            (None, Some(_)) if !args.calibrated() => {
+                return Err(args.error(
+                    "keep=F measures each candidate pair end to end: pass --calib (or force groups=[[i,j],...])",
+                ));
+            }
+            (None, Some(f)) => Groups::Keep(f),
+            (Some(_), Some(_)) => return Err(args.error("give groups= or keep=, not both")),
+            (None, None) => return Err(args.error("give groups=[[i,j],...] or keep=F: the blocks that share weights")),
+        };
         let delta_rank = args.get::<usize>("delta_rank")?.unwrap_or(64);
         Ok(TieOptions { groups, delta_rank })
     }
@@ -132,6 +181,9 @@ fn parse_groups(v: &str) -> Result<Vec<Vec<usize>>, String> {
 pub struct TieReport {
     /// One entry per tied role of each group.
     pub tied: Vec<TiedRole>,
+    /// With `keep=F`: the candidate pairs, their output deltas' mean cosine and the
+    /// probe's distance with that pair alone tied, in the order measured.
+    pub candidates: Vec<Candidate>,
     /// The delta rank asked for.
     pub delta_rank: usize,
     pub notes: Vec<String>,
@@ -166,16 +218,18 @@ pub struct TiedRole {
     pub errors: Vec<Option<f64>>,
 }
 
-/// Ties `graph`'s blocks as `options` say: see the module documentation.
+/// Ties `graph`'s blocks in `groups`, each member keeping a delta of rank `delta_rank`: see
+/// the module documentation.
 pub fn tie(
     graph: &mut Graph,
-    options: &TieOptions,
+    groups: &[Vec<usize>],
+    delta_rank: usize,
     calibration: Option<&Calibration>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<TieReport, String> {
     let blocks = find_blocks(graph)?;
     let prefix_of: BTreeMap<usize, String> = blocks.iter().map(|b| (b.index, b.prefix.clone())).collect();
-    for &b in options.groups.iter().flatten() {
+    for &b in groups.iter().flatten() {
         if !prefix_of.contains_key(&b) {
             let known: Vec<String> = blocks.iter().map(|b| b.index.to_string()).collect();
             return Err(format!("there is no block {b}: the blocks are {}", known.join(", ")));
@@ -183,12 +237,12 @@ pub fn tie(
     }
     // The candidate matrices by layer name: dense, read only by linears.
     let (candidates, _) = read_by_linears(graph);
-    let candidates: BTreeMap<String, Candidate> = candidates
+    let candidates: BTreeMap<String, Matrix> = candidates
         .iter()
         .filter(|c| c.w.sparse.is_none() && c.layer.weights.len() == 1)
         .map(|c| {
             let inputs = c.linears.iter().map(|&l| graph.operands(l)[0]).collect();
-            let candidate = Candidate {
+            let candidate = Matrix {
                 weight: c.weight,
                 tensor: c.w.tensor.clone(),
                 rows: c.rows,
@@ -205,14 +259,14 @@ pub fn tie(
         graph.layers.iter().filter_map(|(name, _)| name.strip_prefix(&stem).map(str::to_string)).collect()
     };
 
-    let mut report = TieReport { delta_rank: options.delta_rank, ..TieReport::default() };
+    let mut report = TieReport { delta_rank, ..TieReport::default() };
     let mut plans = Vec::new();
-    for group in &options.groups {
+    for group in groups {
         let prefixes: Vec<&str> = group.iter().map(|b| prefix_of[b].as_str()).collect();
         let all: BTreeSet<String> = prefixes.iter().flat_map(|p| roles_of(p)).collect();
         let mut untied = Vec::new();
         for role in &all {
-            let members: Option<Vec<(String, &Candidate)>> = prefixes
+            let members: Option<Vec<(String, &Matrix)>> = prefixes
                 .iter()
                 .map(|p| {
                     let name = format!("{p}.{role}");
@@ -229,7 +283,7 @@ pub fn tie(
                 continue;
             }
             let g = members.len() as u64;
-            let rank = (options.delta_rank as u64).min(n.min(k));
+            let rank = (delta_rank as u64).min(n.min(k));
             let (before, after) = (g * n * k, n * k + g * rank * (n + k));
             if after >= before {
                 report.notes.push(format!(
@@ -298,9 +352,123 @@ pub fn tie(
     Ok(report)
 }
 
+/// A pair of blocks that `keep=F` measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub blocks: [usize; 2],
+    /// The mean cosine of their output deltas on the calibration rows.
+    pub cosine: f64,
+    /// The probe's distance with this pair alone tied.
+    pub probe: f64,
+    /// Parameters tying the pair saves.
+    pub saved: u64,
+    /// Whether it is one of the pairs tied.
+    pub chosen: bool,
+}
+
+/// What `keep=F` chooses pairs for.
+struct Choice {
+    keep: f64,
+    delta_rank: usize,
+}
+
+/// `keep=F`: pairs of blocks until the blocks store the fraction `keep` of their
+/// parameters. The candidates are the pairs whose output deltas are most alike (mean
+/// cosine over the calibration tokens, [`similarity`]), a block in at most two of them,
+/// three times as many as the target needs (and two more, and four more at a time while
+/// the disjoint ones fall short); each is tied alone on a copy of the graph and probed end
+/// to end. Then the closest are taken first, disjoint, until the saving reaches the target.
+fn choose_pairs(
+    graph: &Graph,
+    choice: &Choice,
+    executor: &dyn crate::calibration::Executor,
+    calibration: Option<&Calibration>,
+    probe: &crate::Probe<'_>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<(Vec<Vec<usize>>, Vec<Candidate>), String> {
+    let blocks = find_blocks(graph)?;
+    let total: u64 = blocks.iter().map(|b| b.params).sum();
+    let target = ((1.0 - choice.keep) * total as f64).ceil() as u64;
+    let s = similarity::similarity(graph, Some(executor), progress)?;
+    let cosine = s.outputs.iter().find(|t| t.name == "cosine").ok_or("no similarity of outputs")?;
+    let n = s.blocks.len();
+    let index: Vec<usize> = blocks.iter().map(|b| b.index).collect();
+    let mut pairs: Vec<(f64, usize, usize)> =
+        (0..n).flat_map(|i| (i + 1..n).filter_map(move |j| Some((cosine.get(n, i, j)?, i, j)))).collect();
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    let mut candidates: Vec<Candidate> = Vec::new();
+    // Pairs in order of likeness, a block in at most two candidates (else a few alike
+    // blocks fill the list with pairs that exclude each other); more are measured while
+    // the disjoint ones found fall short of the target.
+    let (mut uses, mut next, mut limit) = (BTreeMap::<usize, usize>::new(), 0, 1);
+    loop {
+        while candidates.len() < limit && next < pairs.len() {
+            let (cos, i, j) = pairs[next];
+            next += 1;
+            let (a, b) = (index[i], index[j]);
+            if uses.get(&a).copied().unwrap_or(0) >= 2 || uses.get(&b).copied().unwrap_or(0) >= 2 {
+                continue;
+            }
+            *uses.entry(a).or_default() += 1;
+            *uses.entry(b).or_default() += 1;
+            progress(candidates.len(), limit, &format!("keep: blocks {a} and {b} tied alone"));
+            let mut tied = graph.clone();
+            let report = tie(&mut tied, &[vec![a, b]], choice.delta_rank, calibration, &|_, _, _| {})?;
+            let saved = report.params_before().saturating_sub(report.params());
+            if candidates.is_empty() {
+                if saved == 0 {
+                    return Err(format!("tying a pair saves nothing with deltas of rank {}", choice.delta_rank));
+                }
+                limit = 3 * target.div_ceil(saved) as usize + 2;
+            }
+            let distance = probe(&tied)?;
+            candidates.push(Candidate { blocks: [a, b], cosine: cos, probe: distance, saved, chosen: false });
+        }
+        let (groups, saved) = closest_disjoint(&mut candidates, target);
+        if saved >= target {
+            let mut groups = groups;
+            groups.sort();
+            return Ok((groups, candidates));
+        }
+        if next >= pairs.len() {
+            return Err(format!(
+                "keep={}: the {} disjoint pairs found save {saved} of the {target} parameters it needs; raise keep or lower delta_rank",
+                choice.keep,
+                groups.len()
+            ));
+        }
+        limit += 4;
+    }
+}
+
+/// The candidates of least probe distance, disjoint, until they save `target` parameters
+/// (marked chosen); the groups and what they save.
+fn closest_disjoint(candidates: &mut [Candidate], target: u64) -> (Vec<Vec<usize>>, u64) {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&x, &y| candidates[x].probe.total_cmp(&candidates[y].probe));
+    let (mut used, mut saved, mut groups) = (BTreeSet::new(), 0u64, Vec::new());
+    for c in &mut *candidates {
+        c.chosen = false;
+    }
+    for c in order {
+        if saved >= target {
+            break;
+        }
+        let [a, b] = candidates[c].blocks;
+        if used.contains(&a) || used.contains(&b) {
+            continue;
+        }
+        used.extend([a, b]);
+        saved += candidates[c].saved;
+        candidates[c].chosen = true;
+        groups.push(vec![a, b]);
+    }
+    (groups, saved)
+}
+
 /// A matrix that may be tied.
 #[derive(Clone, Debug)]
-struct Candidate {
+struct Matrix {
     weight: NodeId,
     tensor: String,
     rows: u64,
@@ -320,8 +488,10 @@ fn weight_values(graph: &Graph, node: NodeId) -> Result<Vec<f32>, String> {
     w.value(&graph.store, &shape).map_err(|e| e.to_string())
 }
 
-/// The least-squares shared weight `S = (sum_l W_l H_l)(sum_l H_l)^-1` (see the module
-/// documentation), or the mean of the `W_l` without Grams.
+/// The least-squares shared weight `S = (sum_l W_l H_l + d M)(sum_l H_l + d I)^-1` (see the
+/// module documentation), `M` the mean of the `W_l` and `d` [`DAMP`] of the summed Gram's
+/// mean diagonal, which pulls the fit toward the mean where the inputs say little; the
+/// mean itself without Grams.
 pub fn shared_weight(weights: &[Vec<f32>], grams: Option<&[Gram]>, n: usize, k: usize) -> Result<Vec<f32>, String> {
     let g = weights.len() as f64;
     let Some(grams) = grams else {
@@ -339,10 +509,15 @@ pub fn shared_weight(weights: &[Vec<f32>], grams: Option<&[Gram]>, n: usize, k: 
         h += &hl;
         rhs += &hl * &wt;
     }
+    // Damped toward the members' mean, not toward zero: the members' equal weights are
+    // their own fit.
     let mean = (0..k).map(|i| h[(i, i)]).sum::<f64>() / k as f64;
     let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
     for i in 0..k {
         h[(i, i)] += damp;
+        for j in 0..n {
+            rhs[(i, j)] += damp * weights.iter().map(|w| w[j * k + i] as f64).sum::<f64>() / g;
+        }
     }
     let llt = h.llt(Side::Lower).map_err(|e| format!("the summed input Gram has no Cholesky factor: {e:?}"))?;
     let st = llt.solve(&rhs);
@@ -377,7 +552,7 @@ fn member_error(
 /// Rewrites one tied role: the shared weight replaces the members' own, their deltas join.
 fn rewrite(
     graph: &mut Graph,
-    members: &[(String, Candidate)],
+    members: &[(String, Matrix)],
     shared: Vec<f32>,
     deltas: Vec<Option<(Vec<f32>, Vec<f32>)>>,
 ) -> Result<(), String> {

@@ -43,11 +43,7 @@ pub fn analyze(args: AnalyzeArgs) -> Result<()> {
         None => None,
     };
     let bar = crate::progress::bar(0, "steps");
-    let progress = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    };
+    let progress = crate::progress::steps(&bar);
     let executor = calibrator.as_ref().map(|c| c as &dyn Executor);
     let s = similarity(graph, executor, &progress).map_err(|e| miette!("similarity: {e}"))?;
     bar.finish_and_clear();

@@ -93,11 +93,7 @@ pub fn apply(graph: &mut Graph, args: &PassArgs, after: &mut dyn FnMut(&PassCall
         None => None,
     };
     let bar = crate::progress::bar(0, "steps");
-    let progress = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
-    };
+    let progress = crate::progress::steps(&bar);
     let executor = calibrator.as_ref().map(|c| c as &dyn Executor);
     let ctx = Context::new(executor, overrides, &progress);
     let mut after = |call: &PassCall, g: &Graph| {
@@ -160,6 +156,15 @@ pub fn summarize(ran: &[Ran]) {
                 );
             }
             PassReport::Tie(t) => {
+                let chosen: Vec<String> = t
+                    .candidates
+                    .iter()
+                    .filter(|c| c.chosen)
+                    .map(|c| format!("{}+{} (probe {:.4e})", c.blocks[0], c.blocks[1], c.probe))
+                    .collect();
+                if !t.candidates.is_empty() {
+                    eprintln!("{call}: {} pairs measured, tied: {}", t.candidates.len(), chosen.join(", "));
+                }
                 eprintln!(
                     "{call}: {} roles tied (delta rank {}); {} -> {} parameters in the tied layers",
                     t.tied.len(),

@@ -8,3 +8,12 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
     ProgressBar::new(len)
         .with_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "))
 }
+
+/// `progress(done, total, what)` as the passes and analyses report it, shown on `bar`.
+pub fn steps(bar: &ProgressBar) -> impl Fn(usize, usize, &str) + Sync + '_ {
+    move |done, total, what| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_string());
+    }
+}
