@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch reference for tie: blocks of SmolLM2 tied in groups, each matrix role's shared
-weight the least-squares fit S = (sum_l W_l H_l + d M)(sum_l H_l + d I)^-1 over the group
-(M the members' mean, d 1% of the summed Gram's mean diagonal), each
+weight the least-squares fit S = (sum_l W_l H_l)(sum_l H_l + damp)^-1 over the group, each
 member keeping its residual W_l - S truncated to rank R by an SVD whitened by chol(H_l)
 (damped by 1% of its mean diagonal), the tied model's weight W_l' = S + delta_l. H_l is the
 Gram of layer l's inputs on the 16 x 128 dev tokens of the fixtures, from the original
@@ -61,10 +60,8 @@ with torch.no_grad():
             group = [f"model.layers.{a}.{r}", f"model.layers.{a + 1}.{r}"]
             ws = [mods[n].weight.double() for n in group]
             hs = [grams[n] for n in group]
-            total = sum(hs)
-            d = 0.01 * total.diagonal().mean()
-            mean = sum(ws) / len(ws)
-            s = torch.linalg.solve(damped(total, 0.01), sum(hl @ w.T for w, hl in zip(ws, hs)) + d * mean.T).T
+            h = damped(sum(hs), 0.01)
+            s = torch.linalg.solve(h, sum(hl @ w.T for w, hl in zip(ws, hs))).T
             for n, w, hl in zip(group, ws, hs):
                 l = torch.linalg.cholesky(damped(hl, 0.01))
                 u, sv, vt = torch.linalg.svd((w - s) @ l, full_matrices=False)

@@ -39,8 +39,8 @@ fn tie(graph: &mut kiln_ir::Graph, pipeline: &str, calibrator: Option<&Calibrato
     report.clone()
 }
 
-/// `S` minimizes `sum_l |(W_l - S) X_l|^2 + damp |S - M|^2`, `M` the mean: the gradient
-/// `sum_l (S - W_l) H_l + damp (S - M)` vanishes.
+/// `S` minimizes `sum_l |(W_l - S) X_l|^2 + damp |S|^2`: the gradient
+/// `sum_l (S - W_l) H_l + damp S` vanishes.
 #[test]
 fn the_shared_weight_is_the_least_squares_fit() {
     let (n, k, t) = (5, 12, 40);
@@ -71,8 +71,7 @@ fn the_shared_weight_is_the_least_squares_fit() {
     let scale = s.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)) * total.iter().fold(0f64, |m, &v| m.max(v.abs()));
     for i in 0..n {
         for j in 0..k {
-            let mean = ws.iter().map(|w| w[i * k + j] as f64).sum::<f64>() / ws.len() as f64;
-            let mut gradient = damp * (s[i * k + j] as f64 - mean);
+            let mut gradient = damp * s[i * k + j] as f64;
             for (w, g) in ws.iter().zip(&grams) {
                 gradient += (0..k).map(|c| (s[i * k + c] - w[i * k + c]) as f64 * g.sum[c * k + j]).sum::<f64>();
             }
@@ -149,8 +148,8 @@ fn bad_groups_are_errors() {
 }
 
 /// `keep=F` with one pair needed: of the three pairs, tying blocks 0 and 2 (the same
-/// weights) changes nothing, so the probe chooses them, and the model computes what it
-/// did.
+/// weights) changes least, so the probe chooses them, and the model computes nearly what
+/// it did.
 #[test]
 fn keep_chooses_the_pair_the_probe_finds_closest() {
     let mut weights: Vec<Weights> =
@@ -166,12 +165,15 @@ fn keep_chooses_the_pair_the_probe_finds_closest() {
     assert_eq!(chosen, [[0, 2]]);
     let probe = |a: usize, b: usize| report.candidates.iter().find(|c| c.blocks == [a, b]).unwrap().probe;
     let (p02, p01, p12) = (probe(0, 2), probe(0, 1), probe(1, 2));
-    assert!(p02 < 1e-9 && p01.min(p12) > 1e-6, "{p02} against {p01}, {p12}");
+    assert!(p02 < 0.05 * p01.min(p12), "{p02} against {p01}, {p12}");
     assert_eq!(report.params_before() - report.params(), 256);
-    // The fit of two equal weights is that weight.
+    // The fit of two equal weights is that weight, but for the damping's pull toward zero
+    // (1% of the Gram's mean diagonal, on inputs 8 wide).
     let want = by_hand(&x, &weights, &[0, 1, 2]);
     let got = outputs(&graph, &x);
-    assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5));
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    assert!(worst < 0.05 * scale, "{worst} against {scale}");
 
     // Without calibration, keep=F is refused before anything runs.
     let (mut graph, _) = stack();

@@ -16,9 +16,8 @@
 //! - **The shared weight** of members with weights `W_l` and input Grams `H_l` is the
 //!   least-squares fit over the group, `S = (sum_l W_l H_l) (sum_l H_l)^-1`, which
 //!   minimizes `sum_l |(W_l - S) X_l|^2`, the members' output errors summed over the
-//!   calibration rows, plus `d |S - M|^2` toward their mean `M` (`d` is [`DAMP`] of the
-//!   summed Gram's mean diagonal). Without calibration, the mean (the same fit with every
-//!   `H_l = I`).
+//!   calibration rows, plus `d |S|^2` (`d` is [`DAMP`] of the summed Gram's mean
+//!   diagonal). Without calibration, the mean (the same fit with every `H_l = I`).
 //! - **Deltas** (`delta_rank=R`, default 64): each member keeps `W_l - S` truncated to rank
 //!   `R` by an SVD whitened by its own inputs (`factorize`'s [`Spectrum`]; plain without
 //!   calibration), as `A [n, R]` and `B [R, k]` in f32: its matrix is `S + A B`, which at
@@ -488,10 +487,9 @@ fn weight_values(graph: &Graph, node: NodeId) -> Result<Vec<f32>, String> {
     w.value(&graph.store, &shape).map_err(|e| e.to_string())
 }
 
-/// The least-squares shared weight `S = (sum_l W_l H_l + d M)(sum_l H_l + d I)^-1` (see the
-/// module documentation), `M` the mean of the `W_l` and `d` [`DAMP`] of the summed Gram's
-/// mean diagonal, which pulls the fit toward the mean where the inputs say little; the
-/// mean itself without Grams.
+/// The least-squares shared weight `S = (sum_l W_l H_l)(sum_l H_l + d I)^-1` (see the
+/// module documentation), `d` [`DAMP`] of the summed Gram's mean diagonal; the mean of the
+/// `W_l` without Grams.
 pub fn shared_weight(weights: &[Vec<f32>], grams: Option<&[Gram]>, n: usize, k: usize) -> Result<Vec<f32>, String> {
     let g = weights.len() as f64;
     let Some(grams) = grams else {
@@ -509,15 +507,13 @@ pub fn shared_weight(weights: &[Vec<f32>], grams: Option<&[Gram]>, n: usize, k: 
         h += &hl;
         rhs += &hl * &wt;
     }
-    // Damped toward the members' mean, not toward zero: the members' equal weights are
-    // their own fit.
+    // Damped toward zero. Damping toward the members' mean (which makes equal weights
+    // their own fit) measured worse on SmolLM2, 8 pairs at rank 64: held-out perplexity
+    // 132.39 against 127.26, calibration text 105.85 against 103.19.
     let mean = (0..k).map(|i| h[(i, i)]).sum::<f64>() / k as f64;
     let damp = DAMP * if mean > 0.0 { mean } else { 1.0 };
     for i in 0..k {
         h[(i, i)] += damp;
-        for j in 0..n {
-            rhs[(i, j)] += damp * weights.iter().map(|w| w[j * k + i] as f64).sum::<f64>() / g;
-        }
     }
     let llt = h.llt(Side::Lower).map_err(|e| format!("the summed input Gram has no Cholesky factor: {e:?}"))?;
     let st = llt.solve(&rhs);
