@@ -26,13 +26,15 @@ if [ "$which" = similarity ] || [ "$which" = all ]; then
   run "$KILN" analyze "$SMOLLM2_SPEC" -w "$SMOLLM2_W" --calib "$SMOLLM2_CALIB" --similarity --plot "$OUT/smollm2-similarity.svg"
 fi
 if [ "$which" = quality ] || [ "$which" = all ]; then
-  for passes in "tie(groups=$PAIRS, delta_rank=64)" "tie(groups=$PAIRS, delta_rank=128)" "tie(groups=$PAIRS, delta_rank=0)"; do
+  for passes in "tie(groups=$PAIRS, delta_rank=64)" "tie(groups=$PAIRS, delta_rank=128)" "tie(groups=$PAIRS, delta_rank=0)" \
+    "tie(keep=0.87)"; do
     section "SmolLM2 $passes"
     compile smollm2-tie "$SMOLLM2_SPEC" "$SMOLLM2_W" "$passes" "$SMOLLM2_CALIB"
     run "$KILN" eval "$OUT/smollm2-tie.kiln" --data "$HELDOUT/smollm2_heldout.safetensors" --json
     run "$KILN" eval "$OUT/smollm2-tie.kiln" --data "$SMOLLM2_CALIB" --json
   done
-  for passes in "tie(groups=[[4,5]], delta_rank=64)" "tie(groups=[[2,3],[4,5]], delta_rank=64)" "tie(groups=[[2,3],[4,5]], delta_rank=128)"; do
+  for passes in "tie(groups=[[4,5]], delta_rank=64)" "tie(groups=[[2,3],[4,5]], delta_rank=64)" \
+    "tie(groups=[[2,3],[4,5]], delta_rank=128)" "tie(keep=0.9)"; do
     section "MiniLM $passes"
     compile minilm-tie "$MINILM_SPEC" "$MINILM_W" "$passes" "$MINILM_CALIB"
     run "$KILN" eval "$OUT/minilm-tie.kiln" --data "$HELDOUT/minilm_heldout.safetensors" --json
