@@ -58,7 +58,7 @@ pub struct Tie;
 
 impl Pass for Tie {
     const NAME: &'static str = PASS;
-    const SUMMARY: &'static str = "share weights between blocks: groups=[[i,j],...] ties each matrix role the blocks of a group have alike to one least-squares shared weight, each block keeping a whitened low-rank delta (delta_rank=R)";
+    const SUMMARY: &'static str = "share weights between blocks: groups=[[i,j],...] (or pairs chosen by keep=F) tie each matrix role the blocks of a group have alike to one least-squares shared weight, each block keeping a whitened low-rank delta (delta_rank=R)";
     type Options = TieOptions;
 
     fn probes(options: &TieOptions) -> bool {
@@ -105,13 +105,13 @@ impl Options for TieOptions {
         OptionHelp {
             name: "groups",
             values: "[[i,j,...],...]",
-            default: "required",
+            default: "this or keep=F",
             help: "groups of blocks, by index, that share their weights: each matrix role the members have alike becomes one least-squares fit over the group (over their calibration inputs, or the mean without --calib)",
         },
         OptionHelp {
             name: "keep",
             values: "F",
-            default: "-",
+            default: "this or groups",
             help: "instead of groups: pairs of blocks chosen until the blocks store the fraction F of their parameters (shared weights counted once, deltas counted); the candidates are the pairs whose output deltas are most alike on the calibration rows, each tied alone and measured end to end by the probe, the closest taken first (needs --calib)",
         },
         OptionHelp {
