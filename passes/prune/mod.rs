@@ -458,8 +458,7 @@ fn prune_with(
             None => pattern_of(options.target, c.cols),
         })
         .collect();
-    let mut adapted = false;
-    if let (true, Target::Sparsity(s)) = (options.adaptive, options.target) {
+    let adapted = if let (true, Target::Sparsity(s)) = (options.adaptive, options.target) {
         let calibration = adaptive_statistics.ok_or_else(|| {
             fail("adaptive=true measures each layer's error on calibration inputs: pass --calib".into())
         })?;
@@ -474,8 +473,10 @@ fn prune_with(
             "layer-adaptive sparsity: from {:.2} to {:.2} across layers, {s} over the pruned weights (dynamic programming over each layer's error at 9 levels)",
             range.0, range.1
         ));
-        adapted = true;
-    }
+        true
+    } else {
+        false
+    };
     let outcomes = match (options.method, statistics) {
         (Method::SparseGpt, Statistics::Sequential(executor, progress)) => {
             sequential(graph, &candidates, &patterns, options.damp, executor, progress).map_err(fail)?
@@ -687,10 +688,15 @@ fn sequential(
 }
 
 /// The stored pattern of `target` over rows of `cols`: `n:m`, or why the layer stays dense.
+/// The weights a row of `cols` keeps at sparsity `s`: `ceil((1 - s) cols)`, at least 1.
+fn kept_per_row(s: f64, cols: u64) -> u64 {
+    // The epsilon keeps 0.5 of 64 at 32, whatever the rounding of 1 - S.
+    ((1.0 - s) * cols as f64 - 1e-9).ceil().max(1.0) as u64
+}
+
 fn pattern_of(target: Target, cols: u64) -> Result<(u64, u64), String> {
     let (n, m) = match target {
-        // The epsilon keeps 0.5 of 64 at 32, whatever the rounding of 1 - S.
-        Target::Sparsity(s) => (((1.0 - s) * cols as f64 - 1e-9).ceil().max(1.0) as u64, cols),
+        Target::Sparsity(s) => (kept_per_row(s, cols), cols),
         Target::Pattern(n, m) => (n, m),
     };
     if let Target::Sparsity(s) = target
@@ -755,7 +761,7 @@ fn adaptive_counts(
                 .iter()
                 .map(|l| (s + l).clamp(0.05, 0.95))
                 .map(|sl| {
-                    let keep = (((1.0 - sl) * cols as f64 - 1e-9).ceil() as usize).clamp(1, cols - 1);
+                    let keep = (kept_per_row(sl, cols as u64) as usize).min(cols - 1);
                     let removed = cols - keep;
                     let error: f64 = (0..rows).map(|r| prefix[r * (cols + 1) + removed]).sum();
                     ((rows * keep) as u64, error / total)

@@ -85,18 +85,28 @@ pub fn attach(
         layer.weights.extend([(Role::CorrectionA, weight_a), (Role::CorrectionB, weight_b)]);
     }
     for linear in linears {
-        let x = graph.operands(linear)[0];
         let scope = graph.node(linear).scope.clone();
-        let fail = |e: kiln_ir::GraphError| format!("LoRC on {scope}: {e}");
-        let low = graph
-            .add(Op::Linear { activations: kiln_ir::Activations::F32 }, &[x, weight_b], &scope, None)
-            .map_err(fail)?;
-        let correction = graph
-            .add(Op::Linear { activations: kiln_ir::Activations::F32 }, &[low, weight_a], &scope, None)
-            .map_err(fail)?;
-        let sum = graph.add(Op::Binary(BinaryOp::Add), &[linear, correction], &scope, None).map_err(fail)?;
-        graph.replace_uses_except(linear, sum, sum);
+        add_low_rank(graph, linear, weight_a, weight_b).map_err(|e| format!("LoRC on {scope}: {e}"))?;
     }
+    Ok(())
+}
+
+/// Adds `A (B x)` to the output of `linear` (reading `x`): two f32 linears on its input,
+/// `weight_b` (`[r, k]`) then `weight_a` (`[n, r]`), and an `add` whose result replaces the
+/// linear's everywhere. LoRC's corrections and `tie`'s deltas take this form.
+pub fn add_low_rank(
+    graph: &mut Graph,
+    linear: NodeId,
+    weight_a: NodeId,
+    weight_b: NodeId,
+) -> Result<(), kiln_ir::GraphError> {
+    let x = graph.operands(linear)[0];
+    let scope = graph.node(linear).scope.clone();
+    let f32 = Op::Linear { activations: kiln_ir::Activations::F32 };
+    let low = graph.add(f32.clone(), &[x, weight_b], &scope, None)?;
+    let correction = graph.add(f32, &[low, weight_a], &scope, None)?;
+    let sum = graph.add(Op::Binary(BinaryOp::Add), &[linear, correction], &scope, None)?;
+    graph.replace_uses_except(linear, sum, sum);
     Ok(())
 }
 

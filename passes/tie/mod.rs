@@ -41,10 +41,11 @@ use crate::factorize::lowrank::{Spectrum, Whitening};
 use crate::layers::read_by_linears;
 use crate::options::{Args, OptionHelp, Options};
 use crate::prune::drop::find_blocks;
+use crate::quantize::lorc::add_low_rank;
 use crate::{Context, Pass, PassError, PassReport};
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
-use kiln_ir::{BinaryOp, Graph, Layer, NodeId, Op, Role, TensorData};
+use kiln_ir::{Graph, Layer, NodeId, Op, Role, TensorData};
 use std::collections::{BTreeMap, BTreeSet};
 
 const PASS: &str = "tie";
@@ -388,9 +389,9 @@ fn choose_pairs(
     let blocks = find_blocks(graph)?;
     let total: u64 = blocks.iter().map(|b| b.params).sum();
     let target = ((1.0 - choice.keep) * total as f64).ceil() as u64;
-    let s = similarity::similarity(graph, Some(executor), progress)?;
-    let cosine = s.outputs.iter().find(|t| t.name == "cosine").ok_or("no similarity of outputs")?;
-    let n = s.blocks.len();
+    let (tables, _) = similarity::outputs(graph, &blocks, executor, false, progress)?;
+    let cosine = &tables[0];
+    let n = blocks.len();
     let index: Vec<usize> = blocks.iter().map(|b| b.index).collect();
     let mut pairs: Vec<(f64, usize, usize)> =
         (0..n).flat_map(|i| (i + 1..n).filter_map(move |j| Some((cosine.get(n, i, j)?, i, j)))).collect();
@@ -529,19 +530,18 @@ fn member_error(
     n: usize,
     k: usize,
 ) -> f64 {
-    let mut d: Vec<f32> = w.iter().zip(shared).map(|(w, s)| w - s).collect();
+    let mut tied = shared.to_vec();
     if let Some((a, b)) = delta {
         let r = a.len() / n.max(1);
         for i in 0..n {
             for t in 0..r {
                 let ait = a[i * r + t];
-                for (dj, &bj) in d[i * k..(i + 1) * k].iter_mut().zip(&b[t * k..(t + 1) * k]) {
-                    *dj -= ait * bj;
+                for (x, &bj) in tied[i * k..(i + 1) * k].iter_mut().zip(&b[t * k..(t + 1) * k]) {
+                    *x += ait * bj;
                 }
             }
         }
     }
-    let tied: Vec<f32> = w.iter().zip(&d).map(|(w, d)| w - d).collect();
     crate::quantize::gptq::relative_output_error(w, &tied, n, k, &gram.sum)
 }
 
@@ -566,14 +566,7 @@ fn rewrite(
             let wb = graph.add_weight(&format!("{}.delta_b", c.tensor), TensorData::from_f32(vec![r, k], &b), &wscope);
             layer.weights.extend([(Role::DeltaA, wa), (Role::DeltaB, wb)]);
             for &linear in &c.linears {
-                let x = graph.operands(linear)[0];
-                let lscope = graph.node(linear).scope.clone();
-                let fail = |e: kiln_ir::GraphError| format!("{name}: {e}");
-                let f32 = Op::Linear { activations: kiln_ir::Activations::F32 };
-                let low = graph.add(f32.clone(), &[x, wb], &lscope, None).map_err(fail)?;
-                let correction = graph.add(f32, &[low, wa], &lscope, None).map_err(fail)?;
-                let sum = graph.add(Op::Binary(BinaryOp::Add), &[linear, correction], &lscope, None).map_err(fail)?;
-                graph.replace_uses_except(linear, sum, sum);
+                add_low_rank(graph, linear, wa, wb).map_err(|e| format!("{name}: {e}"))?;
             }
         }
         graph.layers.insert(name.clone(), layer);

@@ -21,7 +21,7 @@
 //! holds a `T x T` matrix per block).
 
 use crate::calibration::Executor;
-use crate::prune::drop::find_blocks;
+use crate::prune::drop::{Block, find_blocks};
 use crate::quantize::gptq::clear_upper_ymm;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -101,6 +101,21 @@ pub fn similarity(
     };
     let Some(executor) = executor else { return Ok(out) };
 
+    let (outputs, tokens) = outputs(graph, &blocks, executor, true, progress)?;
+    out.outputs = outputs;
+    out.tokens = tokens;
+    Ok(out)
+}
+
+/// The output tables of `blocks` on the executor's calibration rows: `cosine`, and `cka`
+/// when asked; and the tokens compared.
+pub fn outputs(
+    graph: &Graph,
+    blocks: &[Block],
+    executor: &dyn Executor,
+    cka: bool,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<(Vec<Table>, usize), String> {
     let ends: Vec<Option<(NodeId, NodeId)>> = blocks.iter().map(|b| b.ends.as_ref().ok().copied()).collect();
     let nodes: Vec<NodeId> = ends.iter().flatten().flat_map(|&(i, o)| [i, o]).collect();
     progress(0, 1, "outputs: running the calibration rows");
@@ -108,16 +123,17 @@ pub fn similarity(
     let deltas: Vec<Option<Vec<f32>>> =
         ends.iter().map(|e| e.map(|(i, o)| acts[&o].iter().zip(&acts[&i]).map(|(o, i)| o - i).collect())).collect();
     let width = ends.iter().flatten().next().and_then(|&(i, _)| graph.node(i).ty.shape.last()?.known()).unwrap_or(1);
-    let tokens = deltas.iter().flatten().next().map_or(0, |d| d.len() / width as usize);
+    let width = width as usize;
+    let tokens = deltas.iter().flatten().next().map_or(0, |d| d.len() / width);
     if tokens == 0 {
         return Err("the calibration rows gave no tokens".into());
     }
-    progress(0, 2, "outputs: cosine");
-    out.outputs.push(Table { name: "cosine".into(), values: mean_cosines(&deltas, width as usize) });
-    progress(1, 2, "outputs: cka");
-    out.outputs.push(Table { name: "cka".into(), values: linear_cka(&deltas, width as usize) });
-    out.tokens = tokens;
-    Ok(out)
+    let mut tables = vec![Table { name: "cosine".into(), values: mean_cosines(&deltas, width) }];
+    if cka {
+        progress(0, 1, "outputs: cka");
+        tables.push(Table { name: "cka".into(), values: linear_cka(&deltas, width) });
+    }
+    Ok((tables, tokens))
 }
 
 /// A matrix flattened: its shape, its values and their norm.

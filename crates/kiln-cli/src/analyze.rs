@@ -150,7 +150,7 @@ fn svg(s: &Similarity) -> String {
             out,
             "<text x=\"{x0}\" y=\"{}\" font-size=\"12\">{kind}: {}</text><text x=\"{x0}\" y=\"{}\">white {lo:.3}, dark red {hi:.3}</text>",
             y0 - 20.0,
-            escape(&t.name),
+            crate::report::escape(&t.name),
             y0 - 6.0
         );
         for i in 0..n {
@@ -193,9 +193,4 @@ fn svg(s: &Similarity) -> String {
     }
     out.push_str("</svg>\n");
     out
-}
-
-/// `text` with the characters XML gives a meaning escaped.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }

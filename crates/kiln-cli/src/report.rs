@@ -527,7 +527,7 @@ fn params(layer: &Json) -> (Option<u64>, Option<u64>) {
 }
 
 /// `text` with the characters XML gives a meaning escaped.
-fn escape(text: &str) -> String {
+pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
